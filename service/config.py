@@ -1,0 +1,95 @@
+"""Every runtime knob of the service, read from ``FACEGATE_*`` environment variables.
+
+One ``Settings`` object is built per process (``get_settings()``) and handed to the
+app factory; nothing reads the environment anywhere else.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing import Annotated
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MANIFEST_PATH = REPO_ROOT / "models" / "manifest.json"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACEGATE_", extra="ignore")
+
+    # --- server -----------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    log_level: str = "info"
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated; empty disables auth"
+    )
+
+    # --- storage ----------------------------------------------------------------
+    data_dir: Path = Path("var/data")
+    store_url: str = Field("", description="empty: sqlite file in data_dir; or postgresql://...")
+    store_images: bool = False
+    sync_interval_s: float = Field(0.25, description="change-log polling period")
+    index_type: str = Field("flat", description="flat | ivf | hnsw")
+    faiss_gpu: bool = True
+
+    # --- models -----------------------------------------------------------------
+    models_dir: Path = Path("var/models")
+    manifest: Path = MANIFEST_PATH
+    detector: str = "mtcnn"
+    recognizer: str = "dlib_resnet_v1"
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                 "CPUExecutionProvider"],
+        description="ONNX Runtime providers in order of preference; unavailable ones are skipped",
+    )
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    flip_augment: bool = False
+
+    # --- detection / quality ----------------------------------------------------
+    det_size: int = Field(640, description="detector input side for fixed-size detectors")
+    det_threshold: float = 0.5
+    nms_threshold: float = 0.4
+    min_face_size: int = 20
+    max_faces: int = 32
+    enroll_min_face_size: int = 40
+    enroll_min_det_score: float = 0.8
+
+    # --- request limits ---------------------------------------------------------
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_request_bytes: int = 25 * 1024 * 1024
+
+    # --- batching ---------------------------------------------------------------
+    batching: bool = True
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+
+    # --- decisions --------------------------------------------------------------
+    operating_point: str = "fmr_1e-3"
+    top_k_max: int = 100
+
+    @field_validator("api_keys", "providers", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{(self.data_dir / 'gallery.sqlite3').resolve()}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

