@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Docker smoke test: build the CPU image, run it, use it, restart it, check the compose file.
+#
+#   bash docker/smoke.sh                   # from anywhere; ../shared must sit beside the repo
+#
+# 1. makes the local base images (../shared/tools/docker-local-base.sh: dockerd, no registry)
+# 2. builds docker/Dockerfile.cpu on local/python:3.11-slim (--network host: pip and PyPI)
+# 3. runs it with --network host on 127.0.0.1:<free port> with a named volume, waits for
+#    /readyz and for Docker's HEALTHCHECK to report healthy, checks it runs as non-root
+#    without torch
+# 4. enrols and verifies real LFW photos, identifies held-out ones, sends a bad upload,
+#    scrapes /metrics (every metric the Grafana dashboard reads must be exported)
+# 5. replaces the container by a fresh one on the same volume: the gallery must be intact
+# 6. validates docker-compose.yml for each profile (docker-compose config) and the
+#    Prometheus / Grafana / nginx files; no registry image is pulled or run
+#
+# Environment:
+#   FACEGATE_SHARED         the shared tree (default: ../shared beside the repo)
+#   FACEGATE_SMOKE_MODELS   installed (default: the image's own models from `facegate models
+#                           install`) | shared (reference models of ../shared/models mounted
+#                           read-only, yunet_2023mar + mobilefacenet_peer_128d)
+#   FACEGATE_SMOKE_GPU=1    also build the GPU image docker/Dockerfile (large; not run here)
+#   FACEGATE_SMOKE_KEEP=1   keep the container and volume for inspection
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+shared=$(realpath "${FACEGATE_SHARED:-$repo/../shared}")
+models_mode=${FACEGATE_SMOKE_MODELS:-installed}
+base_image=local/python:3.11-slim
+image=facegate:cpu-smoke
+run_id=facegate-smoke-$$
+volume=$run_id-data
+tmp=$(mktemp -d)
+t0=$(date +%s)
+containers=()
+
+log() { echo "[smoke +$(( $(date +%s) - t0 ))s] $*"; }
+fail() { echo "[smoke] FAIL: $*" >&2; exit 1; }
+
+cleanup() {
+  local rc=$?
+  for c in "${containers[@]}"; do
+    if [ "$rc" -ne 0 ] && docker inspect "$c" >/dev/null 2>&1; then
+      echo "--- last log lines of $c ---" >&2
+      docker logs --tail 60 "$c" >&2 2>&1 || true
+    fi
+    [ "${FACEGATE_SMOKE_KEEP:-0}" = 1 ] || docker rm -f "$c" >/dev/null 2>&1 || true
+  done
+  [ "${FACEGATE_SMOKE_KEEP:-0}" = 1 ] || docker volume rm -f "$volume" >/dev/null 2>&1 || true
+  rm -rf "$tmp"
+  [ "$rc" -eq 0 ] && log "PASS" || echo "[smoke] failed after $(( $(date +%s) - t0 ))s" >&2
+}
+trap cleanup EXIT
+
+[ -d "$shared/data/lfw/images" ] || fail "LFW not found under $shared/data/lfw"
+
+# --- 1. base images and daemon -----------------------------------------------------------
+log "local base images"
+bash "$shared/tools/docker-local-base.sh" >/dev/null
+
+# --- 2. images -------------------------------------------------------------------------
+log "building $image (docker/Dockerfile.cpu)"
+docker build -q --network host --build-arg BASE_IMAGE=$base_image \
+  -f docker/Dockerfile.cpu -t "$image" . >/dev/null
+log "built $image: $(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}')"
+if [ "${FACEGATE_SMOKE_GPU:-0}" = 1 ]; then
+  log "building facegate:gpu-smoke (docker/Dockerfile)"
+  docker build -q --network host --build-arg BASE_IMAGE=$base_image \
+    -f docker/Dockerfile -t facegate:gpu-smoke . >/dev/null
+  log "built facegate:gpu-smoke: $(docker image inspect -f '{{.Size}}' facegate:gpu-smoke \
+    | awk '{printf "%.0f MB", $1/1e6}')"
+fi
+
+# --- 3. run ----------------------------------------------------------------------------
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+url=http://127.0.0.1:$port
+run_args=(--network host -v "$volume:/var/lib/facegate"
+          -e FACEGATE_HOST=127.0.0.1 -e FACEGATE_PORT="$port"
+          --health-interval 2s --health-start-period 120s)
+case "$models_mode" in
+  installed) ;;
+  shared) run_args+=(-v "$shared/models:/models:ro" -e FACEGATE_MODELS_DIR=/models
+                     -e FACEGATE_DETECTOR=yunet_2023mar -e FACEGATE_RECOGNIZER=mobilefacenet_peer_128d) ;;
+  *) fail "FACEGATE_SMOKE_MODELS must be installed or shared, not $models_mode" ;;
+esac
+
+start_container() {  # name
+  containers+=("$1")
+  docker run -d --name "$1" "${run_args[@]}" "$image" >/dev/null
+  python3 docker/smoke_client.py ready "$url" 180
+  for _ in $(seq 60); do
+    [ "$(docker inspect -f '{{.State.Health.Status}}' "$1")" = healthy ] && return 0
+    sleep 1
+  done
+  fail "$1: HEALTHCHECK never reported healthy ($(docker inspect -f '{{json .State.Health}}' "$1"))"
+}
+
+log "starting $run_id-a on $url (models: $models_mode)"
+start_container "$run_id-a"
+log "ready and healthy"
+uid=$(docker exec "$run_id-a" id -u)
+[ "$uid" != 0 ] || fail "the service runs as root"
+docker exec "$run_id-a" python -c \
+  'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is not None)' \
+  || fail "torch is installed in the service image"
+
+# --- 4. use it -------------------------------------------------------------------------
+log "enrol, verify, identify, metrics"
+python3 docker/smoke_client.py populate "$url" "$shared/data/lfw/images" "$tmp/state.json" \
+  docker/grafana/dashboards/facegate.json
+
+# --- 5. a fresh container on the same volume ------------------------------------------------
+log "replacing the container (same volume)"
+docker rm -f "$run_id-a" >/dev/null
+start_container "$run_id-b"
+python3 docker/smoke_client.py persisted "$url" "$shared/data/lfw/images" "$tmp/state.json"
+
+# --- 6. compose and monitoring configuration --------------------------------------------------
+log "docker-compose config"
+docker-compose -f docker-compose.yml config -q
+expect_services() {  # profile, expected services (sorted, space separated)
+  local got
+  got=$(docker-compose -f docker-compose.yml --profile "$1" config --services | sort | xargs)
+  [ "$got" = "$2" ] || fail "profile $1 has services '$got', expected '$2'"
+}
+expect_services gpu "facegate grafana prometheus"
+expect_services cpu "facegate-cpu grafana prometheus"
+expect_services postgres-replicas "facegate-replica grafana nginx postgres prometheus"
+docker-compose -f docker-compose.yml --profile gpu config > "$tmp/gpu.yml"
+grep -q "driver: nvidia" "$tmp/gpu.yml" && grep -q "capabilities:" "$tmp/gpu.yml" \
+  || fail "the GPU service reserves no NVIDIA device"
+FACEGATE_REPLICAS=4 docker-compose -f docker-compose.yml --profile postgres-replicas config \
+  > "$tmp/replicas.yml"
+grep -q "replicas: 4" "$tmp/replicas.yml" || fail "FACEGATE_REPLICAS does not set the replica count"
+docker run --rm --network none -v "$repo:/repo:ro" "$image" \
+  python /repo/docker/check_configs.py /repo
+log "compose, Prometheus, Grafana and nginx configuration valid"
