@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     sync_interval_s: float = Field(0.25, description="change-log polling period")
     index_type: str = Field("flat", description="flat | ivf | hnsw")
     faiss_gpu: bool = True
+    gallery_snapshots: bool = Field(
+        True, description="write FAISS snapshots on stop; load them (verified) on start"
+    )
 
     # --- models -----------------------------------------------------------------
     models_dir: Path = Path("var/models")

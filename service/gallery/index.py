@@ -1,0 +1,354 @@
+"""A gallery's FAISS index: face ids are FAISS ids, subjects are found by best face.
+
+One :class:`GalleryIndex` per gallery holds the FAISS index together with the
+face -> subject mapping (owned here, next to the index, not in a parallel
+global).  Scores are inner products of L2-normalised vectors, i.e. cosine
+similarities.
+
+Index types (``settings.index_type``):
+
+``flat`` (default)
+    ``IndexIDMap2`` over ``IndexFlatIP``: exact search, recall 1.0; cost is
+    linear in gallery size (see BENCHMARKS.md for measured latency).
+``ivf``
+    ``IndexIVFFlat`` with ``nlist = 4·sqrt(n)`` lists, probing ``IVF_NPROBE``
+    of them: sub-linear search, recall below 1.0 (a true match in an unprobed
+    list is missed).  The gallery stays exact (flat) until it holds
+    ``IVF_MIN_TRAIN`` faces, is then trained on its own vectors, and is
+    re-trained whenever it has grown ``IVF_RETRAIN_GROWTH``-fold since.
+    Deletes are native (``remove_ids``).
+``hnsw``
+    ``IndexIDMap2`` over ``IndexHNSWFlat`` (M = ``HNSW_M``): the fastest search
+    at high recall, but the most memory per vector and slow inserts.  HNSW
+    cannot remove vectors, so deleted faces become *tombstones*: they stay in
+    the graph, are filtered out of results (the search over-fetches to make up
+    for them), and the graph is rebuilt from the live vectors once tombstones
+    exceed ``HNSW_REBUILD_FRACTION`` of it.
+
+Search returns, per query, up to ``top_k`` **subjects**: each subject is scored
+by its best face (max fusion).  The index over-fetches faces and widens the
+fetch until it has ``top_k`` distinct subjects or has seen every face.
+
+With ``gpu=True`` (set when ``faiss.get_num_gpus() > 0`` and
+``settings.faiss_gpu``) a flat index is mirrored onto the GPU for search; the
+CPU index stays the source of the mirror, which is refreshed after changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+INDEX_TYPES = ("flat", "ivf", "hnsw")
+IVF_MIN_TRAIN = 10_000
+IVF_RETRAIN_GROWTH = 8
+IVF_NPROBE = 32
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128
+HNSW_REBUILD_FRACTION = 0.2
+OVERFETCH = 4
+SNAPSHOT_FORMAT = 1
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot is missing, corrupt, or does not fit this configuration."""
+
+
+class _RWLock:
+    """Many concurrent searches, or one mutation at a time."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _flat_vectors(flat: faiss.Index) -> np.ndarray:
+    """A copy of the vectors stored in an ``IndexFlat``."""
+    flat = faiss.downcast_index(flat)
+    return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(
+        flat.ntotal, flat.d).copy()
+
+
+def _ivf_contents(ivf: faiss.IndexIVFFlat) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) held by an ``IndexIVFFlat``, read from its inverted lists."""
+    lists = ivf.invlists
+    ids, vectors = [], []
+    for list_no in range(ivf.nlist):
+        size = lists.list_size(list_no)
+        if size:
+            ids.append(faiss.rev_swig_ptr(lists.get_ids(list_no), size).copy())
+            codes = faiss.rev_swig_ptr(lists.get_codes(list_no), size * ivf.code_size)
+            vectors.append(np.frombuffer(codes.copy().tobytes(), dtype=np.float32)
+                           .reshape(size, ivf.d))
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros((0, ivf.d), np.float32)
+    return np.concatenate(ids), np.concatenate(vectors)
+
+
+class GalleryIndex:
+    """The searchable, derived state of one gallery."""
+
+    def __init__(self, dim: int, model_id: str, kind: str = "flat", gpu: bool = False) -> None:
+        if kind not in INDEX_TYPES:
+            raise ValueError(f"unknown index type {kind!r}; expected one of {INDEX_TYPES}")
+        self.dim = int(dim)
+        self.model_id = model_id
+        self.kind = kind
+        self.gpu = bool(gpu) and kind == "flat" and faiss.get_num_gpus() > 0
+        self._index = self._empty()
+        self._trained_at = 0  # ivf: gallery size when the coarse quantiser was trained
+        self._subject_of: dict[int, str] = {}
+        self._faces_of: dict[str, set[int]] = {}
+        self._tombstones: set[int] = set()
+        self._lock = _RWLock()
+        self._gpu_index = None
+        self._gpu_lock = threading.Lock()
+
+    # --- construction -----------------------------------------------------------
+    def _empty(self) -> faiss.Index:
+        if self.kind == "hnsw":
+            index = faiss.index_factory(self.dim, f"IDMap2,HNSW{HNSW_M},Flat",
+                                        faiss.METRIC_INNER_PRODUCT)
+            faiss.downcast_index(index.index).hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+            return index
+        return faiss.index_factory(self.dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
+
+    def _train_ivf(self) -> None:
+        """(Re)build the ivf index from the vectors it holds, training a new quantiser."""
+        if isinstance(self._index, faiss.IndexIVFFlat):
+            ids, vectors = _ivf_contents(self._index)
+        else:
+            ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            vectors = _flat_vectors(self._index.index)
+        n = len(ids)
+        nlist = int(min(65536, max(16, 4 * math.sqrt(n))))
+        index = faiss.index_factory(self.dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        sample = vectors if n <= 256 * nlist else vectors[rng.choice(n, 256 * nlist, replace=False)]
+        index.train(sample)
+        index.add_with_ids(vectors, ids)
+        self._index = index
+        self._trained_at = n
+
+    def _rebuild_hnsw(self) -> None:
+        """Rebuild the HNSW graph from its live vectors, dropping tombstones."""
+        ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        vectors = _flat_vectors(faiss.downcast_index(self._index.index).storage)
+        keep = ~np.isin(ids, np.fromiter(self._tombstones, np.int64, len(self._tombstones)))
+        index = self._empty()
+        if keep.any():
+            index.add_with_ids(vectors[keep], ids[keep])
+        self._index = index
+        self._tombstones.clear()
+
+    # --- mutation ---------------------------------------------------------------
+    def add(self, face_ids, subject_ids: list[str], vectors: np.ndarray) -> int:
+        """Add faces (ids already present are skipped); return how many were added."""
+        face_ids = np.asarray(face_ids, dtype=np.int64).reshape(-1)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(face_ids), self.dim)
+        with self._lock.write():
+            fresh = np.array([int(f) not in self._subject_of for f in face_ids], dtype=bool)
+            if not fresh.any():
+                return 0
+            self._index.add_with_ids(vectors[fresh], face_ids[fresh])
+            for face_id, subject_id, new in zip(face_ids.tolist(), subject_ids, fresh):
+                if new:
+                    self._subject_of[face_id] = subject_id
+                    self._faces_of.setdefault(subject_id, set()).add(face_id)
+            if self.kind == "ivf":
+                size = len(self._subject_of)
+                if size >= max(IVF_MIN_TRAIN, IVF_RETRAIN_GROWTH * self._trained_at):
+                    self._train_ivf()
+            self._gpu_index = None
+            return int(fresh.sum())
+
+    def remove(self, face_ids) -> int:
+        """Remove faces by id (unknown ids are ignored); return how many were removed."""
+        with self._lock.write():
+            return self._remove_locked([int(f) for f in face_ids])
+
+    def remove_subject(self, subject_id: str) -> int:
+        """Remove every face of a subject; return how many were removed."""
+        with self._lock.write():
+            return self._remove_locked(list(self._faces_of.get(subject_id, ())))
+
+    def _remove_locked(self, face_ids: list[int]) -> int:
+        present = [f for f in face_ids if f in self._subject_of]
+        if not present:
+            return 0
+        for face_id in present:
+            subject_id = self._subject_of.pop(face_id)
+            faces = self._faces_of[subject_id]
+            faces.discard(face_id)
+            if not faces:
+                del self._faces_of[subject_id]
+        if self.kind == "hnsw":
+            self._tombstones.update(present)
+            if len(self._tombstones) > HNSW_REBUILD_FRACTION * self._index.ntotal:
+                self._rebuild_hnsw()
+        else:
+            self._index.remove_ids(np.array(present, dtype=np.int64))
+        self._gpu_index = None
+        return len(present)
+
+    # --- queries ----------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._subject_of)
+
+    @property
+    def subjects(self) -> int:
+        return len(self._faces_of)
+
+    def face_ids(self) -> np.ndarray:
+        """Sorted ids of the live faces."""
+        with self._lock.read():
+            return np.array(sorted(self._subject_of), dtype=np.int64)
+
+    def subject_of(self, face_id: int) -> str | None:
+        return self._subject_of.get(int(face_id))
+
+    def _search_index(self):
+        if not self.gpu:
+            return self._index
+        with self._gpu_lock:
+            if self._gpu_index is None:
+                resources = faiss.StandardGpuResources()
+                self._gpu_index = faiss.index_cpu_to_gpu(resources, 0, self._index)
+                self._gpu_resources = resources
+            return self._gpu_index
+
+    def _params(self, k: int):
+        if isinstance(self._index, faiss.IndexIVFFlat):
+            return faiss.SearchParametersIVF(nprobe=min(IVF_NPROBE, self._index.nlist))
+        if self.kind == "hnsw":
+            return faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, k))
+        return None
+
+    def search(self, queries: np.ndarray, top_k: int) -> list[list[dict]]:
+        """Per query, up to ``top_k`` subjects ``{subject_id, similarity, face_id}``, best first."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        with self._lock.read():
+            total = self._index.ntotal
+            if total == 0 or top_k <= 0 or not self._subject_of:
+                return [[] for _ in range(len(queries))]
+            index = self._search_index()
+            k = min(total, top_k * OVERFETCH + len(self._tombstones))
+            while True:
+                scores, ids = index.search(queries, k, params=self._params(k))
+                results = [self._fuse(s, i, top_k) for s, i in zip(scores, ids)]
+                if k >= total or all(len(r) >= top_k for r in results):
+                    return results
+                k = min(total, k * OVERFETCH)
+
+    def _fuse(self, scores: np.ndarray, ids: np.ndarray, top_k: int) -> list[dict]:
+        """Best face per subject, in score order (faiss returns faces best first)."""
+        seen: set[str] = set()
+        hits = []
+        for score, face_id in zip(scores.tolist(), ids.tolist()):
+            subject_id = self._subject_of.get(face_id)
+            if subject_id is None or subject_id in seen:
+                continue  # -1 padding, tombstone, or a worse face of a listed subject
+            seen.add(subject_id)
+            hits.append({"subject_id": subject_id, "similarity": float(score),
+                         "face_id": int(face_id)})
+            if len(hits) == top_k:
+                break
+        return hits
+
+    # --- snapshots --------------------------------------------------------------
+    def save(self, prefix: Path, seq: int, gallery: str) -> None:
+        """Write ``<prefix>.faiss`` and its sidecar ``<prefix>.json`` (tagged with ``seq``).
+
+        Both are written to temporary names and renamed; the sidecar, which
+        carries the index file's sha256, is renamed last and so marks a
+        complete snapshot.
+        """
+        prefix = Path(prefix)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock.read():
+            data = faiss.serialize_index(self._index).tobytes()
+            sidecar = {
+                "format": SNAPSHOT_FORMAT,
+                "gallery": gallery,
+                "seq": int(seq),
+                "kind": self.kind,
+                "dim": self.dim,
+                "model_id": self.model_id,
+                "count": len(self._subject_of),
+                "ntotal": int(self._index.ntotal),
+                "trained_at": self._trained_at,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "face_ids": list(self._subject_of),
+                "subject_ids": list(self._subject_of.values()),
+                "tombstones": sorted(self._tombstones),
+            }
+        for suffix, payload in ((".faiss", data), (".json", json.dumps(sidecar).encode())):
+            tmp = prefix.with_suffix(suffix + ".tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, prefix.with_suffix(suffix))
+
+    @classmethod
+    def load(cls, prefix: Path, kind: str, gpu: bool = False) -> tuple["GalleryIndex", dict]:
+        """Read a snapshot; return (index, sidecar).  Raises :class:`SnapshotError`."""
+        prefix = Path(prefix)
+        try:
+            sidecar = json.loads(prefix.with_suffix(".json").read_text())
+            data = prefix.with_suffix(".faiss").read_bytes()
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(f"cannot read snapshot {prefix}: {exc}") from None
+        if sidecar.get("format") != SNAPSHOT_FORMAT or sidecar.get("kind") != kind:
+            raise SnapshotError(f"snapshot {prefix} has another format or index type")
+        if hashlib.sha256(data).hexdigest() != sidecar.get("sha256"):
+            raise SnapshotError(f"snapshot {prefix} does not match its checksum")
+        index = cls(sidecar["dim"], sidecar["model_id"], kind, gpu)
+        index._index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        index._trained_at = int(sidecar["trained_at"])
+        face_ids, subject_ids = sidecar["face_ids"], sidecar["subject_ids"]
+        if (len(face_ids) != len(subject_ids) or len(face_ids) != sidecar["count"]
+                or index._index.ntotal != len(face_ids) + len(sidecar["tombstones"])):
+            raise SnapshotError(f"snapshot {prefix} is inconsistent (counts differ)")
+        for face_id, subject_id in zip(face_ids, subject_ids):
+            index._subject_of[int(face_id)] = subject_id
+            index._faces_of.setdefault(subject_id, set()).add(int(face_id))
+        index._tombstones = {int(f) for f in sidecar["tombstones"]}
+        return index, sidecar

@@ -1,0 +1,110 @@
+"""Versioned schema migrations for both store backends.
+
+A deliberately small scheme instead of Alembic: ``schema_version`` holds one
+row with the current version, and ``MIGRATIONS[dialect]`` lists, per version,
+the statements that lead from the previous version to it.  ``migrate`` (in
+:mod:`service.gallery.sql`) applies the missing versions in order, each in its
+own transaction together with the version bump, so a crash mid-migration leaves
+the previous version intact.  To change the schema, append a new version to
+both dialects; never edit a released one.
+
+Tables:
+
+* ``galleries``  (name, model_id, dim — set by the first face, created_at)
+* ``subjects``   (gallery, subject_id, metadata JSON text, created_at, updated_at)
+* ``faces``      (face_id — never reused, gallery, subject_id, embedding float32
+  bytes, model_id, quality JSON text, optional image, created_at)
+* ``changes``    (seq, gallery, op, face_id, subject_id, created_at) — the log
+* ``log_head``   (one row: the newest seq; every write locks it first)
+
+PostgreSQL text keys use the "C" collation so that ordering (and keyset
+pagination) is by code point, as in SQLite.
+"""
+
+from __future__ import annotations
+
+SQLITE: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE galleries (
+            name TEXT PRIMARY KEY,
+            model_id TEXT NOT NULL,
+            dim INTEGER,
+            created_at REAL NOT NULL)""",
+        """CREATE TABLE subjects (
+            gallery TEXT NOT NULL REFERENCES galleries(name) ON DELETE CASCADE,
+            subject_id TEXT NOT NULL,
+            metadata TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (gallery, subject_id))""",
+        """CREATE TABLE faces (
+            face_id INTEGER PRIMARY KEY AUTOINCREMENT,
+            gallery TEXT NOT NULL,
+            subject_id TEXT NOT NULL,
+            embedding BLOB NOT NULL,
+            model_id TEXT NOT NULL,
+            quality TEXT NOT NULL DEFAULT '{}',
+            image BLOB,
+            created_at REAL NOT NULL,
+            FOREIGN KEY (gallery, subject_id) REFERENCES subjects(gallery, subject_id)
+                ON DELETE CASCADE)""",
+        "CREATE INDEX faces_by_subject ON faces (gallery, subject_id)",
+        """CREATE TABLE changes (
+            seq INTEGER PRIMARY KEY,
+            gallery TEXT NOT NULL,
+            op TEXT NOT NULL CHECK (op IN ('add', 'delete_face', 'delete_subject',
+                                           'delete_gallery')),
+            face_id INTEGER,
+            subject_id TEXT,
+            created_at REAL NOT NULL)""",
+        """CREATE TABLE log_head (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            seq INTEGER NOT NULL)""",
+        "INSERT INTO log_head (id, seq) VALUES (1, 0)",
+    ],
+}
+
+POSTGRES: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE galleries (
+            name TEXT COLLATE "C" PRIMARY KEY,
+            model_id TEXT NOT NULL,
+            dim INTEGER,
+            created_at DOUBLE PRECISION NOT NULL)""",
+        """CREATE TABLE subjects (
+            gallery TEXT COLLATE "C" NOT NULL REFERENCES galleries(name) ON DELETE CASCADE,
+            subject_id TEXT COLLATE "C" NOT NULL,
+            metadata TEXT NOT NULL DEFAULT '{}',
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (gallery, subject_id))""",
+        """CREATE TABLE faces (
+            face_id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            gallery TEXT COLLATE "C" NOT NULL,
+            subject_id TEXT COLLATE "C" NOT NULL,
+            embedding BYTEA NOT NULL,
+            model_id TEXT NOT NULL,
+            quality TEXT NOT NULL DEFAULT '{}',
+            image BYTEA,
+            created_at DOUBLE PRECISION NOT NULL,
+            FOREIGN KEY (gallery, subject_id) REFERENCES subjects(gallery, subject_id)
+                ON DELETE CASCADE)""",
+        "CREATE INDEX faces_by_subject ON faces (gallery, subject_id)",
+        """CREATE TABLE changes (
+            seq BIGINT PRIMARY KEY,
+            gallery TEXT COLLATE "C" NOT NULL,
+            op TEXT NOT NULL CHECK (op IN ('add', 'delete_face', 'delete_subject',
+                                           'delete_gallery')),
+            face_id BIGINT,
+            subject_id TEXT,
+            created_at DOUBLE PRECISION NOT NULL)""",
+        """CREATE TABLE log_head (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            seq BIGINT NOT NULL)""",
+        "INSERT INTO log_head (id, seq) VALUES (1, 0)",
+    ],
+}
+
+MIGRATIONS = {"sqlite": SQLITE, "postgresql": POSTGRES}
+LATEST = max(SQLITE)
+assert set(SQLITE) == set(POSTGRES), "both dialects must define the same versions"

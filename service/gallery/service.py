@@ -1,0 +1,487 @@
+"""``GalleryService``: the durable store plus one FAISS index per gallery, kept in sync.
+
+Reads of records (galleries, subjects) go to the store; ``search`` goes to the
+in-memory indexes.  The indexes are derived state, rebuilt from the store at
+start-up (or loaded from a snapshot verified against it) and then kept fresh
+by applying the store's change log strictly in ``seq`` order:
+
+* a write made through this service commits (rows + log entry in one
+  transaction) and is then applied to this service's indexes before the call
+  returns, so it is visible to ``search`` here immediately;
+* a background follower applies everybody else's entries: it wakes every
+  ``settings.sync_interval_s`` (and at once on a PostgreSQL ``NOTIFY``) and
+  applies every entry after ``applied_seq``.
+
+Entries are applied exactly once and in order; both paths share one lock and
+the ``applied_seq`` counter.  The log is gap-free by construction, so a gap
+means the log was tampered with: the service logs it and rebuilds every index
+from the store rather than skipping anything.
+
+Every public method is synchronous and thread-safe.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from service.gallery.errors import (
+    GalleryModelMismatch,
+    InvalidEmbedding,
+    InvalidInput,
+)
+from service.gallery.index import INDEX_TYPES, GalleryIndex, SnapshotError
+from service.gallery.store import Change, GalleryStore, open_store
+
+log = logging.getLogger(__name__)
+
+NORM_TOLERANCE = 1e-3
+MAX_NAME_LENGTH = 128
+MAX_PAGE = 1000
+LOG_BATCH = 1000
+
+
+class LogGap(RuntimeError):
+    """The change log skipped a sequence number."""
+
+
+def check_name(value: object, what: str) -> str:
+    """A gallery name or subject id: 1-128 printable characters."""
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME_LENGTH:
+        raise InvalidInput(f"{what} must be a string of 1 to {MAX_NAME_LENGTH} characters")
+    if not value.isprintable():
+        raise InvalidInput(f"{what} must not contain control characters")
+    return value
+
+
+def check_vectors(value: object, dim: int | None = None, *, batch: bool) -> np.ndarray:
+    """A float32 copy of one embedding (``batch=False``) or an ``(n, dim)`` batch.
+
+    Refuses wrong shapes, non-float dtypes, non-finite values, a dimension other
+    than ``dim`` and vectors whose L2 norm is not 1 (within ``NORM_TOLERANCE``).
+    """
+    array = np.asarray(value)
+    want = 2 if batch else 1
+    if array.ndim != want or array.size == 0:
+        shape = "(n, dim)" if batch else "(dim,)"
+        raise InvalidEmbedding(f"expected an embedding array of shape {shape}, got {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise InvalidEmbedding(f"embeddings must be floating point, got {array.dtype}")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if dim is not None and array.shape[-1] != dim:
+        raise InvalidEmbedding(f"expected {dim}-d embeddings, got {array.shape[-1]}-d")
+    if not np.isfinite(array).all():
+        raise InvalidEmbedding("embeddings must be finite")
+    norms = np.linalg.norm(array, axis=-1)
+    if np.abs(norms - 1.0).max() > NORM_TOLERANCE:
+        raise InvalidEmbedding("embeddings must be L2-normalised (norm 1)")
+    return array
+
+
+def encode_cursor(subject_id: str) -> str:
+    return base64.urlsafe_b64encode(subject_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        return base64.urlsafe_b64decode(padded.encode("ascii")).decode()
+    except (ValueError, UnicodeError, binascii.Error):
+        raise InvalidInput("invalid pagination cursor") from None
+
+
+class GalleryService:
+    """The gallery API used by the REST layer (see ``service/gallery/__init__.py``)."""
+
+    def __init__(self, settings, store: GalleryStore | None = None) -> None:
+        if settings.index_type not in INDEX_TYPES:
+            raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {settings.index_type!r}")
+        self.settings = settings
+        self.store_url = settings.resolved_store_url
+        self._store = store
+        self._indexes: dict[str, GalleryIndex] = {}
+        self._apply_lock = threading.RLock()
+        self._applied_seq = 0
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._gpu = bool(settings.faiss_gpu) and faiss.get_num_gpus() > 0
+        self.source = ""  # where the indexes came from at start: "snapshot" or "store"
+        digest = hashlib.sha256(self.store_url.encode()).hexdigest()[:16]
+        self.snapshot_dir = Path(settings.data_dir) / "snapshots" / digest
+
+    # --- lifecycle --------------------------------------------------------------
+    @property
+    def store(self) -> GalleryStore:
+        if self._store is None:
+            raise RuntimeError("the gallery service is not started")
+        return self._store
+
+    def start(self) -> None:
+        """Open the store, migrate, build or load the indexes, start following the log."""
+        if self._store is None:
+            self._store = open_store(self.store_url)
+        self._store.migrate()
+        with self._apply_lock:
+            if self._snapshots_enabled() and self._load_snapshots():
+                self.source = "snapshot"
+            else:
+                self._rebuild()
+                self.source = "store"
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._follow, name="gallery-follower", daemon=True)
+        self._thread.start()
+        self._ready.set()
+
+    def stop(self) -> None:
+        """Stop the follower, write snapshots (if enabled) and close the store."""
+        self._ready.clear()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        if self._store is not None:
+            if self._snapshots_enabled():
+                try:
+                    self.write_snapshots()
+                except Exception:  # a failed snapshot only costs a rebuild later
+                    log.exception("writing gallery snapshots failed")
+            self._store.close()
+            self._store = None
+
+    def ready(self) -> bool:
+        return self._ready.is_set() and self._thread is not None and self._thread.is_alive()
+
+    def sync_status(self) -> dict:
+        """``applied_seq`` (this replica), ``head_seq`` (the store) and ``lag`` between them."""
+        applied = self._applied_seq
+        try:
+            head = self.store.head_seq()
+        except Exception as exc:  # reported, not raised: this feeds /readyz
+            return {"ready": False, "applied_seq": applied, "head_seq": None, "lag": None,
+                    "error": f"store unavailable: {type(exc).__name__}"}
+        return {"ready": self.ready(), "applied_seq": applied, "head_seq": head,
+                "lag": max(0, head - applied)}
+
+    # --- galleries --------------------------------------------------------------
+    def create_gallery(self, name: str, model_id: str) -> dict:
+        """Create a gallery; idempotent for the same model id, else ``GalleryModelMismatch``."""
+        gallery, _ = self.store.create_gallery(check_name(name, "gallery"),
+                                               check_name(model_id, "model_id"))
+        return gallery
+
+    def get_gallery(self, name: str) -> dict:
+        return self.store.get_gallery(check_name(name, "gallery"))
+
+    def list_galleries(self) -> list[dict]:
+        return self.store.list_galleries()
+
+    def delete_gallery(self, name: str) -> None:
+        seq = self.store.delete_gallery(check_name(name, "gallery"))
+        self._apply_own(Change(seq, name, "delete_gallery", None, None))
+
+    # --- subjects ---------------------------------------------------------------
+    def upsert_subject(
+        self, gallery: str, subject_id: str, metadata: dict | None, model_id: str
+    ) -> tuple[dict, bool]:
+        """Create a subject (and the gallery, with ``model_id``, on first use).
+
+        Idempotent: for an existing subject it returns that subject unchanged
+        with ``created=False`` (``metadata`` is then ignored; metadata changes
+        go through :meth:`update_subject`).  ``metadata`` is still validated.
+        """
+        return self.store.upsert_subject(
+            check_name(gallery, "gallery"), check_name(subject_id, "subject_id"), metadata,
+            check_name(model_id, "model_id"),
+        )
+
+    def get_subject(self, gallery: str, subject_id: str) -> dict:
+        return self.store.get_subject(check_name(gallery, "gallery"),
+                                      check_name(subject_id, "subject_id"))
+
+    def update_subject(self, gallery: str, subject_id: str, metadata: dict) -> dict:
+        """Merge ``metadata`` into the subject's (top-level keys; a ``None`` value removes a key)."""
+        return self.store.update_subject(check_name(gallery, "gallery"),
+                                         check_name(subject_id, "subject_id"), metadata)
+
+    def delete_subject(self, gallery: str, subject_id: str) -> int:
+        """Delete a subject and its faces; return how many faces were removed."""
+        removed, seq = self.store.delete_subject(check_name(gallery, "gallery"),
+                                                 check_name(subject_id, "subject_id"))
+        self._apply_own(Change(seq, gallery, "delete_subject", None, subject_id))
+        return removed
+
+    def list_subjects(
+        self, gallery: str, limit: int = 100, cursor: str | None = None
+    ) -> tuple[list[dict], str | None]:
+        """A page of subjects ordered by subject_id, and the cursor of the next page (or None)."""
+        if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be an integer from 1 to {MAX_PAGE}")
+        after = None if cursor is None else decode_cursor(cursor)
+        subjects, more = self.store.list_subjects(check_name(gallery, "gallery"), limit, after)
+        next_cursor = encode_cursor(subjects[-1]["subject_id"]) if more and subjects else None
+        return subjects, next_cursor
+
+    # --- faces ------------------------------------------------------------------
+    def add_face(
+        self,
+        gallery: str,
+        subject_id: str,
+        embedding: np.ndarray,
+        model_id: str,
+        quality: dict,
+        image: bytes | None = None,
+    ) -> dict:
+        """Store one face (committed before this returns) and index it here at once.
+
+        The image is kept only when ``settings.store_images`` is set.
+        """
+        vector = check_vectors(embedding, batch=False)
+        face, seq = self.store.add_face(
+            check_name(gallery, "gallery"), check_name(subject_id, "subject_id"), vector,
+            check_name(model_id, "model_id"), quality,
+            image if self.settings.store_images else None,
+        )
+        self._apply_own(Change(seq, gallery, "add", face["face_id"], subject_id, vector,
+                               model_id, vector.size))
+        return face
+
+    def delete_face(self, gallery: str, face_id: int) -> None:
+        if isinstance(face_id, bool) or not isinstance(face_id, (int, np.integer)):
+            raise InvalidInput("face_id must be an integer")
+        subject_id, seq = self.store.delete_face(check_name(gallery, "gallery"), int(face_id))
+        self._apply_own(Change(seq, gallery, "delete_face", int(face_id), subject_id))
+
+    def search(
+        self, gallery: str, queries: np.ndarray, top_k: int, model_id: str
+    ) -> list[list[dict]]:
+        """Per query, up to ``top_k`` subjects ``{subject_id, similarity, face_id}``.
+
+        Subjects are ranked by cosine similarity of their best face (max
+        fusion); ``face_id`` names that face.
+        """
+        check_name(gallery, "gallery")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise InvalidInput("top_k must be a positive integer")
+        if np.asarray(queries).size == 0:  # no faces in the probe image
+            self._check_model(gallery, model_id)
+            return []
+        vectors = check_vectors(queries, batch=True)
+        index = self._indexes.get(gallery)
+        if index is None:  # no faces indexed here (yet): the store says whether it exists
+            info = self.store.get_gallery(gallery)
+            if info["model_id"] != model_id:
+                raise GalleryModelMismatch(gallery, info["model_id"], model_id)
+            if info["dim"] is not None and vectors.shape[1] != info["dim"]:
+                raise InvalidEmbedding(f"expected {info['dim']}-d embeddings, "
+                                       f"got {vectors.shape[1]}-d")
+            return [[] for _ in range(len(vectors))]
+        if index.model_id != model_id:
+            raise GalleryModelMismatch(gallery, index.model_id, model_id)
+        if vectors.shape[1] != index.dim:
+            raise InvalidEmbedding(f"expected {index.dim}-d embeddings, got {vectors.shape[1]}-d")
+        return index.search(vectors, top_k)
+
+    def _check_model(self, gallery: str, model_id: str) -> None:
+        index = self._indexes.get(gallery)
+        current = index.model_id if index is not None else self.store.get_gallery(gallery)["model_id"]
+        if current != model_id:
+            raise GalleryModelMismatch(gallery, current, model_id)
+
+    def stats(self) -> dict:
+        """Galleries with their sizes in the store and in this replica's index."""
+        galleries = self.store.stats()
+        for gallery in galleries:
+            index = self._indexes.get(gallery["name"])
+            gallery["indexed"] = 0 if index is None else len(index)
+        return {
+            "backend": self.store.backend,
+            "index_type": self.settings.index_type,
+            "gpu": self._gpu,
+            "applied_seq": self._applied_seq,
+            "source": self.source,
+            "galleries": galleries,
+            "subjects": sum(g["subjects"] for g in galleries),
+            "faces": sum(g["faces"] for g in galleries),
+        }
+
+    def index_face_ids(self, gallery: str) -> np.ndarray:
+        """Sorted face ids this replica's index holds for ``gallery`` (for checks and tests)."""
+        index = self._indexes.get(gallery)
+        return np.zeros(0, np.int64) if index is None else index.face_ids()
+
+    # --- applying the change log ------------------------------------------------
+    def _new_index(self, dim: int, model_id: str) -> GalleryIndex:
+        return GalleryIndex(dim, model_id, self.settings.index_type, self._gpu)
+
+    def _apply(self, change: Change) -> None:
+        """Apply one log entry to the indexes (caller holds the apply lock)."""
+        name = change.gallery
+        if change.op == "add":
+            if change.embedding is None:
+                return  # deleted again by a later entry
+            index = self._indexes.get(name)
+            if index is None:
+                index = self._new_index(change.dim, change.model_id)
+                self._indexes[name] = index
+            index.add([change.face_id], [change.subject_id], change.embedding[None, :])
+        elif change.op == "delete_face":
+            if name in self._indexes:
+                self._indexes[name].remove([change.face_id])
+        elif change.op == "delete_subject":
+            if name in self._indexes:
+                self._indexes[name].remove_subject(change.subject_id)
+        elif change.op == "delete_gallery":
+            self._indexes.pop(name, None)
+        else:
+            raise ValueError(f"unknown change-log op {change.op!r} at seq {change.seq}")
+
+    def _apply_own(self, change: Change) -> None:
+        """Apply a write this service just committed (and anything before it first)."""
+        with self._apply_lock:
+            if self._applied_seq >= change.seq:
+                return
+            if self._applied_seq == change.seq - 1:
+                self._apply(change)
+                self._applied_seq = change.seq
+            else:
+                self._catch_up(upto=change.seq)
+
+    def catch_up(self) -> int:
+        """Apply every committed entry not applied yet; return the new ``applied_seq``."""
+        with self._apply_lock:
+            self._catch_up()
+            return self._applied_seq
+
+    def _catch_up(self, upto: int | None = None) -> None:
+        try:
+            while True:
+                changes = self.store.changes_after(self._applied_seq, LOG_BATCH, upto)
+                for change in changes:
+                    if change.seq != self._applied_seq + 1:
+                        raise LogGap(f"change log jumps from seq {self._applied_seq} "
+                                     f"to {change.seq}")
+                    self._apply(change)
+                    self._applied_seq = change.seq
+                if len(changes) < LOG_BATCH:
+                    return
+        except LogGap:
+            log.error("gallery change log has a gap; rebuilding every index from the store",
+                      exc_info=True)
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Build every index from the store, in one consistent read."""
+        head, galleries = self.store.load_all()
+        indexes = {}
+        for gallery in galleries:
+            if gallery.dim is None:
+                continue  # no face ever added: nothing to index yet
+            index = self._new_index(gallery.dim, gallery.model_id)
+            if len(gallery.face_ids):
+                index.add(gallery.face_ids, gallery.subject_ids, gallery.embeddings)
+            indexes[gallery.name] = index
+        self._indexes = indexes
+        self._applied_seq = head
+        log.info("gallery indexes built from the store at seq %d (%d galleries)",
+                 head, len(indexes))
+
+    def _follow(self) -> None:
+        interval = float(self.settings.sync_interval_s)
+        while not self._stop.is_set():
+            try:
+                self.store.wait_for_change(interval, self._stop)
+                if self._stop.is_set():
+                    return
+                self.catch_up()
+            except Exception:
+                log.exception("gallery change-log follower failed; retrying")
+                self._stop.wait(interval)
+
+    # --- snapshots --------------------------------------------------------------
+    def _snapshots_enabled(self) -> bool:
+        return bool(self.settings.gallery_snapshots)
+
+    def _prefix(self, name: str) -> Path:
+        return self.snapshot_dir / hashlib.sha256(name.encode()).hexdigest()[:24]
+
+    def write_snapshots(self) -> int:
+        """Write every index with the seq it reflects; return that seq.
+
+        ``manifest.json`` (written last, atomically) names the snapshot set; a
+        set is only ever loaded after verification against the store.
+        """
+        with self._apply_lock:
+            seq = self._applied_seq
+            files = {}
+            for name, index in self._indexes.items():
+                index.save(self._prefix(name), seq, name)
+                files[name] = self._prefix(name).name
+            self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+            manifest = self.snapshot_dir / "manifest.json"
+            tmp = manifest.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"seq": seq, "index_type": self.settings.index_type,
+                                       "galleries": files}))
+            os.replace(tmp, manifest)
+        return seq
+
+    def _load_snapshots(self) -> bool:
+        """Load the snapshot set, catch it up from the log and verify it; False to rebuild."""
+        manifest = self.snapshot_dir / "manifest.json"
+        if not manifest.is_file():
+            return False
+        try:
+            spec = json.loads(manifest.read_text())
+            seq = int(spec["seq"])
+            if spec.get("index_type") != self.settings.index_type:
+                raise SnapshotError("snapshot was written for another index type")
+            if seq > self.store.head_seq():
+                raise SnapshotError(f"snapshot seq {seq} is ahead of the store's log")
+            indexes = {}
+            for name, prefix in spec["galleries"].items():
+                index, sidecar = GalleryIndex.load(self.snapshot_dir / prefix,
+                                                   self.settings.index_type, self._gpu)
+                if sidecar["seq"] != seq or sidecar["gallery"] != name:
+                    raise SnapshotError(f"snapshot of {name!r} does not belong to this set")
+                indexes[name] = index
+        except (SnapshotError, KeyError, ValueError, TypeError) as exc:
+            log.warning("ignoring gallery snapshot: %s", exc)
+            return False
+        self._indexes = indexes
+        self._applied_seq = seq
+        self._catch_up()
+        for _ in range(3):
+            if self._verify():
+                log.info("gallery indexes loaded from snapshot seq %d, caught up to %d",
+                         seq, self._applied_seq)
+                return True
+            self._catch_up()  # the store may have moved on while we compared
+        log.warning("gallery snapshot disagrees with the store; rebuilding")
+        return False
+
+    def _verify(self) -> bool:
+        """Does every index hold exactly the store's faces (count and ids)?"""
+        stored = {g["name"]: g for g in self.store.stats()}
+        for name, index in self._indexes.items():
+            if name not in stored:
+                return False
+        for name, gallery in stored.items():
+            index = self._indexes.get(name)
+            if index is None:
+                if gallery["faces"]:
+                    return False
+                continue
+            if len(index) != gallery["faces"]:
+                return False
+            if not np.array_equal(index.face_ids(), self.store.face_ids(name)):
+                return False
+        return True

@@ -1,0 +1,450 @@
+"""The store's SQL, written once for both backends.
+
+Backends supply connections and transactions (:meth:`SQLStore._write`,
+:meth:`SQLStore._read`, :meth:`SQLStore._ddl`); statements here use ``?``
+placeholders, which the PostgreSQL backend rewrites to ``%s``.  Every write
+runs inside ``_write``, which serialises writers on the ``log_head`` row (see
+:mod:`service.gallery.store`), and every write that changes an index appends
+its change-log entry through :meth:`SQLStore._log` in the same transaction.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import time
+from contextlib import AbstractContextManager
+from datetime import datetime, timezone
+
+import numpy as np
+
+from service.gallery.errors import (
+    FaceNotFound,
+    GalleryModelMismatch,
+    GalleryNotFound,
+    InvalidEmbedding,
+    InvalidInput,
+    SubjectNotFound,
+)
+from service.gallery.schema import LATEST, MIGRATIONS
+from service.gallery.store import Change, GalleryFaces, GalleryStore
+
+MAX_JSON_BYTES = 64 * 1024
+
+
+def iso(ts: float) -> str:
+    """Epoch seconds as an ISO-8601 UTC string."""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+
+
+def dump_json(value: dict, what: str) -> str:
+    """A JSON object as text, refusing anything else (or anything too large)."""
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a JSON object")
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{what} is not JSON-serialisable: {exc}") from None
+    if len(text.encode()) > MAX_JSON_BYTES:
+        raise InvalidInput(f"{what} is larger than {MAX_JSON_BYTES} bytes")
+    return text
+
+
+class Cursor:
+    """A DB-API cursor that takes ``?`` placeholders on every backend."""
+
+    def __init__(self, cursor, qmark: bool) -> None:
+        self._cursor = cursor
+        self._qmark = qmark
+
+    def execute(self, sql: str, params: tuple | list = ()) -> "Cursor":
+        if not self._qmark:
+            sql = sql.replace("?", "%s")
+        self._cursor.execute(sql, tuple(params))
+        return self
+
+    def fetchone(self):
+        return self._cursor.fetchone()
+
+    def fetchall(self):
+        return self._cursor.fetchall()
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+
+class SQLStore(GalleryStore):
+    """The shared implementation of :class:`GalleryStore` over a SQL connection."""
+
+    dialect: str = ""
+
+    # --- backend hooks ----------------------------------------------------------
+    @abc.abstractmethod
+    def _write(self) -> AbstractContextManager[Cursor]:
+        """A write transaction holding the writer lock; commits on clean exit."""
+
+    @abc.abstractmethod
+    def _read(self) -> AbstractContextManager[Cursor]:
+        """A read transaction that sees one consistent snapshot."""
+
+    @abc.abstractmethod
+    def _ddl(self) -> AbstractContextManager[Cursor]:
+        """A transaction for migrations, exclusive against other migrators."""
+
+    def _notify(self, cur: Cursor, seq: int) -> None:
+        """Announce ``seq`` to other replicas when the transaction commits."""
+
+    # --- schema -----------------------------------------------------------------
+    def migrate(self) -> int:
+        steps = MIGRATIONS[self.dialect]
+        with self._ddl() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = cur.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                cur.execute("INSERT INTO schema_version (version) VALUES (0)")
+                current = 0
+            else:
+                current = int(row[0])
+            if current > LATEST:
+                raise RuntimeError(
+                    f"store schema version {current} is newer than this code's {LATEST}"
+                )
+            for version in range(current + 1, LATEST + 1):
+                for statement in steps[version]:
+                    cur.execute(statement)
+                cur.execute("UPDATE schema_version SET version = ?", (version,))
+        return LATEST
+
+    def schema_version(self) -> int:
+        with self._ddl() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = cur.execute("SELECT version FROM schema_version").fetchone()
+        return int(row[0]) if row else 0
+
+    # --- helpers ----------------------------------------------------------------
+    def _log(
+        self, cur: Cursor, gallery: str, op: str, face_id: int | None, subject_id: str | None
+    ) -> int:
+        seq = int(cur.execute(
+            "UPDATE log_head SET seq = seq + 1 WHERE id = 1 RETURNING seq"
+        ).fetchone()[0])
+        cur.execute(
+            "INSERT INTO changes (seq, gallery, op, face_id, subject_id, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (seq, gallery, op, face_id, subject_id, time.time()),
+        )
+        self._notify(cur, seq)
+        return seq
+
+    @staticmethod
+    def _gallery_row(cur: Cursor, name: str):
+        return cur.execute(
+            "SELECT name, model_id, dim, created_at FROM galleries WHERE name = ?", (name,)
+        ).fetchone()
+
+    def _require_gallery(self, cur: Cursor, name: str):
+        row = self._gallery_row(cur, name)
+        if row is None:
+            raise GalleryNotFound(f"gallery {name!r} does not exist")
+        return row
+
+    @staticmethod
+    def _gallery_dict(cur: Cursor, row) -> dict:
+        subjects, faces = cur.execute(
+            "SELECT (SELECT COUNT(*) FROM subjects WHERE gallery = ?), "
+            "(SELECT COUNT(*) FROM faces WHERE gallery = ?)",
+            (row[0], row[0]),
+        ).fetchone()
+        return {
+            "name": row[0],
+            "model_id": row[1],
+            "dim": row[2],
+            "subjects": int(subjects),
+            "faces": int(faces),
+            "created_at": iso(row[3]),
+        }
+
+    @staticmethod
+    def _faces_of(cur: Cursor, gallery: str, subject_ids: list[str]) -> dict[str, list[dict]]:
+        faces: dict[str, list[dict]] = {sid: [] for sid in subject_ids}
+        if not subject_ids:
+            return faces
+        marks = ", ".join("?" * len(subject_ids))
+        rows = cur.execute(
+            f"SELECT subject_id, face_id, created_at, quality FROM faces "
+            f"WHERE gallery = ? AND subject_id IN ({marks}) ORDER BY face_id",
+            (gallery, *subject_ids),
+        ).fetchall()
+        for subject_id, face_id, created_at, quality in rows:
+            faces[subject_id].append(
+                {"face_id": int(face_id), "created_at": iso(created_at),
+                 "quality": json.loads(quality)}
+            )
+        return faces
+
+    @staticmethod
+    def _subject_dict(row, faces: list[dict]) -> dict:
+        return {
+            "subject_id": row[0],
+            "metadata": json.loads(row[1]),
+            "faces": faces,
+            "created_at": iso(row[2]),
+            "updated_at": iso(row[3]),
+        }
+
+    def _require_subject(self, cur: Cursor, gallery: str, subject_id: str):
+        self._require_gallery(cur, gallery)
+        row = cur.execute(
+            "SELECT subject_id, metadata, created_at, updated_at FROM subjects "
+            "WHERE gallery = ? AND subject_id = ?",
+            (gallery, subject_id),
+        ).fetchone()
+        if row is None:
+            raise SubjectNotFound(f"subject {subject_id!r} does not exist in gallery {gallery!r}")
+        return row
+
+    def _load_subject(self, cur: Cursor, gallery: str, subject_id: str) -> dict:
+        row = self._require_subject(cur, gallery, subject_id)
+        return self._subject_dict(row, self._faces_of(cur, gallery, [subject_id])[subject_id])
+
+    # --- galleries --------------------------------------------------------------
+    def create_gallery(self, name: str, model_id: str) -> tuple[dict, bool]:
+        with self._write() as cur:
+            row = self._gallery_row(cur, name)
+            created = row is None
+            if created:
+                cur.execute(
+                    "INSERT INTO galleries (name, model_id, dim, created_at) VALUES (?, ?, NULL, ?)",
+                    (name, model_id, time.time()),
+                )
+                row = self._gallery_row(cur, name)
+            elif row[1] != model_id:
+                raise GalleryModelMismatch(name, row[1], model_id)
+            return self._gallery_dict(cur, row), created
+
+    def get_gallery(self, name: str) -> dict:
+        with self._read() as cur:
+            return self._gallery_dict(cur, self._require_gallery(cur, name))
+
+    def list_galleries(self) -> list[dict]:
+        with self._read() as cur:
+            rows = cur.execute(
+                "SELECT name, model_id, dim, created_at FROM galleries ORDER BY name"
+            ).fetchall()
+            return [self._gallery_dict(cur, row) for row in rows]
+
+    def delete_gallery(self, name: str) -> int:
+        with self._write() as cur:
+            self._require_gallery(cur, name)
+            cur.execute("DELETE FROM faces WHERE gallery = ?", (name,))
+            cur.execute("DELETE FROM subjects WHERE gallery = ?", (name,))
+            cur.execute("DELETE FROM galleries WHERE name = ?", (name,))
+            return self._log(cur, name, "delete_gallery", None, None)
+
+    # --- subjects ---------------------------------------------------------------
+    def upsert_subject(
+        self, gallery: str, subject_id: str, metadata: dict | None, model_id: str
+    ) -> tuple[dict, bool]:
+        text = None if metadata is None else dump_json(metadata, "metadata")
+        with self._write() as cur:
+            row = self._gallery_row(cur, gallery)
+            now = time.time()
+            if row is None:
+                cur.execute(
+                    "INSERT INTO galleries (name, model_id, dim, created_at) VALUES (?, ?, NULL, ?)",
+                    (gallery, model_id, now),
+                )
+            elif row[1] != model_id:
+                raise GalleryModelMismatch(gallery, row[1], model_id)
+            exists = cur.execute(
+                "SELECT 1 FROM subjects WHERE gallery = ? AND subject_id = ?", (gallery, subject_id)
+            ).fetchone()
+            if exists is None:
+                cur.execute(
+                    "INSERT INTO subjects (gallery, subject_id, metadata, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (gallery, subject_id, text or "{}", now, now),
+                )
+            return self._load_subject(cur, gallery, subject_id), exists is None
+
+    def get_subject(self, gallery: str, subject_id: str) -> dict:
+        with self._read() as cur:
+            return self._load_subject(cur, gallery, subject_id)
+
+    def update_subject(self, gallery: str, subject_id: str, metadata: dict) -> dict:
+        dump_json(metadata, "metadata")
+        with self._write() as cur:
+            row = self._require_subject(cur, gallery, subject_id)
+            merged = json.loads(row[1])
+            for key, value in metadata.items():
+                if value is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = value
+            cur.execute(
+                "UPDATE subjects SET metadata = ?, updated_at = ? "
+                "WHERE gallery = ? AND subject_id = ?",
+                (dump_json(merged, "metadata"), time.time(), gallery, subject_id),
+            )
+            return self._load_subject(cur, gallery, subject_id)
+
+    def delete_subject(self, gallery: str, subject_id: str) -> tuple[int, int]:
+        with self._write() as cur:
+            self._require_subject(cur, gallery, subject_id)
+            removed = cur.execute(
+                "DELETE FROM faces WHERE gallery = ? AND subject_id = ?", (gallery, subject_id)
+            ).rowcount
+            cur.execute(
+                "DELETE FROM subjects WHERE gallery = ? AND subject_id = ?", (gallery, subject_id)
+            )
+            return int(removed), self._log(cur, gallery, "delete_subject", None, subject_id)
+
+    def list_subjects(
+        self, gallery: str, limit: int, after: str | None
+    ) -> tuple[list[dict], bool]:
+        with self._read() as cur:
+            self._require_gallery(cur, gallery)
+            sql = "SELECT subject_id, metadata, created_at, updated_at FROM subjects WHERE gallery = ?"
+            params: list = [gallery]
+            if after is not None:
+                sql += " AND subject_id > ?"
+                params.append(after)
+            sql += " ORDER BY subject_id LIMIT ?"
+            params.append(limit + 1)
+            rows = cur.execute(sql, params).fetchall()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            faces = self._faces_of(cur, gallery, [row[0] for row in rows])
+            return [self._subject_dict(row, faces[row[0]]) for row in rows], more
+
+    # --- faces ------------------------------------------------------------------
+    def add_face(
+        self,
+        gallery: str,
+        subject_id: str,
+        embedding: np.ndarray,
+        model_id: str,
+        quality: dict,
+        image: bytes | None,
+    ) -> tuple[dict, int]:
+        quality_text = dump_json(quality or {}, "quality")
+        vector = np.ascontiguousarray(embedding, dtype="<f4")
+        with self._write() as cur:
+            row = self._require_gallery(cur, gallery)
+            if row[1] != model_id:
+                raise GalleryModelMismatch(gallery, row[1], model_id)
+            if row[2] is None:
+                cur.execute("UPDATE galleries SET dim = ? WHERE name = ?", (vector.size, gallery))
+            elif row[2] != vector.size:
+                raise InvalidEmbedding(
+                    f"gallery {gallery!r} holds {row[2]}-d embeddings, got {vector.size}-d"
+                )
+            self._require_subject(cur, gallery, subject_id)
+            now = time.time()
+            face_id = int(cur.execute(
+                "INSERT INTO faces (gallery, subject_id, embedding, model_id, quality, image, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING face_id",
+                (gallery, subject_id, vector.tobytes(), model_id, quality_text, image, now),
+            ).fetchone()[0])
+            seq = self._log(cur, gallery, "add", face_id, subject_id)
+        face = {"face_id": face_id, "subject_id": subject_id,
+                "quality": json.loads(quality_text), "created_at": iso(now)}
+        return face, seq
+
+    def delete_face(self, gallery: str, face_id: int) -> tuple[str, int]:
+        with self._write() as cur:
+            self._require_gallery(cur, gallery)
+            row = cur.execute(
+                "SELECT subject_id FROM faces WHERE face_id = ? AND gallery = ?",
+                (int(face_id), gallery),
+            ).fetchone()
+            if row is None:
+                raise FaceNotFound(f"face {face_id} does not exist in gallery {gallery!r}")
+            cur.execute("DELETE FROM faces WHERE face_id = ?", (int(face_id),))
+            return row[0], self._log(cur, gallery, "delete_face", int(face_id), row[0])
+
+    def get_face_image(self, gallery: str, face_id: int) -> bytes | None:
+        with self._read() as cur:
+            self._require_gallery(cur, gallery)
+            row = cur.execute(
+                "SELECT image FROM faces WHERE face_id = ? AND gallery = ?", (int(face_id), gallery)
+            ).fetchone()
+        if row is None:
+            raise FaceNotFound(f"face {face_id} does not exist in gallery {gallery!r}")
+        return None if row[0] is None else bytes(row[0])
+
+    # --- change log and index building -----------------------------------------
+    def head_seq(self) -> int:
+        with self._read() as cur:
+            return int(cur.execute("SELECT seq FROM log_head WHERE id = 1").fetchone()[0])
+
+    def changes_after(self, seq: int, limit: int = 1000, upto: int | None = None) -> list[Change]:
+        sql = (
+            "SELECT c.seq, c.gallery, c.op, c.face_id, c.subject_id, f.embedding, g.model_id, g.dim "
+            "FROM changes c "
+            "LEFT JOIN faces f ON c.op = 'add' AND f.face_id = c.face_id "
+            "LEFT JOIN galleries g ON c.op = 'add' AND g.name = c.gallery "
+            "WHERE c.seq > ?"
+        )
+        params: list = [int(seq)]
+        if upto is not None:
+            sql += " AND c.seq <= ?"
+            params.append(int(upto))
+        sql += " ORDER BY c.seq LIMIT ?"
+        params.append(int(limit))
+        with self._read() as cur:
+            rows = cur.execute(sql, params).fetchall()
+        return [
+            Change(
+                seq=int(s), gallery=g, op=op,
+                face_id=None if fid is None else int(fid), subject_id=sid,
+                embedding=None if emb is None else np.frombuffer(bytes(emb), dtype="<f4"),
+                model_id=model_id, dim=None if dim is None else int(dim),
+            )
+            for s, g, op, fid, sid, emb, model_id, dim in rows
+        ]
+
+    def load_all(self) -> tuple[int, list[GalleryFaces]]:
+        with self._read() as cur:
+            head = int(cur.execute("SELECT seq FROM log_head WHERE id = 1").fetchone()[0])
+            galleries = cur.execute(
+                "SELECT name, model_id, dim FROM galleries ORDER BY name"
+            ).fetchall()
+            result = []
+            for name, model_id, dim in galleries:
+                rows = cur.execute(
+                    "SELECT face_id, subject_id, embedding FROM faces WHERE gallery = ? "
+                    "ORDER BY face_id",
+                    (name,),
+                ).fetchall()
+                width = int(dim or 0)
+                face_ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+                blob = b"".join(bytes(r[2]) for r in rows)
+                vectors = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+                result.append(GalleryFaces(
+                    name=name, model_id=model_id, dim=dim, face_ids=face_ids,
+                    subject_ids=[r[1] for r in rows],
+                    embeddings=vectors.reshape(len(rows), width),
+                ))
+        return head, result
+
+    def face_ids(self, gallery: str) -> np.ndarray:
+        with self._read() as cur:
+            rows = cur.execute(
+                "SELECT face_id FROM faces WHERE gallery = ? ORDER BY face_id", (gallery,)
+            ).fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def stats(self) -> list[dict]:
+        with self._read() as cur:
+            rows = cur.execute(
+                "SELECT g.name, g.model_id, g.dim, "
+                "(SELECT COUNT(*) FROM subjects s WHERE s.gallery = g.name), "
+                "(SELECT COUNT(*) FROM faces f WHERE f.gallery = g.name) "
+                "FROM galleries g ORDER BY g.name"
+            ).fetchall()
+        return [
+            {"name": n, "model_id": m, "dim": d, "subjects": int(s), "faces": int(f)}
+            for n, m, d, s, f in rows
+        ]

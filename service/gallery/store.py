@@ -1,0 +1,194 @@
+"""The durable gallery store: one interface, two backends (SQLite, PostgreSQL).
+
+The store is the source of truth; the FAISS index is derived from it.  Every
+write that changes what an index holds (adding or deleting faces, subjects,
+galleries) commits its rows **and** one change-log entry in the same
+transaction.  Change-log sequence numbers come from a single counter row that
+every write transaction locks first, so
+
+* writes are serialised (one writer at a time, like SQLite itself),
+* sequence numbers are gap-free (a rolled-back write also rolls back its
+  increment), and
+* they are assigned in commit order, so a reader that sees ``seq = n`` also
+  sees every entry before it.
+
+A follower can therefore apply the log strictly in order and treat any gap as
+an error rather than something to skip.
+
+Timestamps are seconds since the epoch (float) in the tables and ISO-8601 UTC
+strings in the dicts returned to callers.  Metadata and quality are JSON
+objects.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+OPS = ("add", "delete_face", "delete_subject", "delete_gallery")
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change-log entry, joined with what a follower needs to apply it.
+
+    For ``add`` entries ``embedding`` is the face's vector if the face still
+    exists (``None`` when a later entry already deleted it), and ``model_id`` /
+    ``dim`` describe the gallery as it is now.
+    """
+
+    seq: int
+    gallery: str
+    op: str
+    face_id: int | None
+    subject_id: str | None
+    embedding: np.ndarray | None = None
+    model_id: str | None = None
+    dim: int | None = None
+
+
+@dataclass
+class GalleryFaces:
+    """Every face of one gallery, as read in one consistent snapshot."""
+
+    name: str
+    model_id: str
+    dim: int | None
+    face_ids: np.ndarray  # (n,) int64
+    subject_ids: list[str]
+    embeddings: np.ndarray  # (n, dim) float32
+
+
+class GalleryStore(abc.ABC):
+    """What the gallery service needs from a durable store.
+
+    Methods that mutate return the change-log ``seq`` they committed (``None``
+    for writes that do not touch the index).  Methods raise the typed errors of
+    :mod:`service.gallery.errors` for unknown galleries, subjects and faces and
+    for model-id mismatches.
+    """
+
+    #: a short name for logs and stats ("sqlite", "postgresql")
+    backend: str = ""
+
+    # --- lifecycle ------------------------------------------------------------
+    @abc.abstractmethod
+    def migrate(self) -> int:
+        """Bring the schema to the newest version; return that version."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release every connection."""
+
+    @abc.abstractmethod
+    def schema_version(self) -> int:
+        """The schema version recorded in the store (0 when empty)."""
+
+    # --- galleries --------------------------------------------------------------
+    @abc.abstractmethod
+    def create_gallery(self, name: str, model_id: str) -> tuple[dict, bool]:
+        """Create a gallery or return the existing one (model ids must agree)."""
+
+    @abc.abstractmethod
+    def get_gallery(self, name: str) -> dict:
+        """``name``, ``model_id``, ``dim``, ``subjects``, ``faces``, ``created_at``."""
+
+    @abc.abstractmethod
+    def list_galleries(self) -> list[dict]:
+        """Every gallery, by name."""
+
+    @abc.abstractmethod
+    def delete_gallery(self, name: str) -> int:
+        """Delete a gallery with its subjects and faces; return the seq."""
+
+    # --- subjects ---------------------------------------------------------------
+    @abc.abstractmethod
+    def upsert_subject(
+        self, gallery: str, subject_id: str, metadata: dict | None, model_id: str
+    ) -> tuple[dict, bool]:
+        """Create (and the gallery if needed) or return the existing subject unchanged."""
+
+    @abc.abstractmethod
+    def get_subject(self, gallery: str, subject_id: str) -> dict:
+        """The subject with its faces."""
+
+    @abc.abstractmethod
+    def update_subject(self, gallery: str, subject_id: str, metadata: dict) -> dict:
+        """Merge ``metadata`` into the subject's metadata (``None`` values remove keys)."""
+
+    @abc.abstractmethod
+    def delete_subject(self, gallery: str, subject_id: str) -> tuple[int, int]:
+        """Delete a subject and its faces; return (faces removed, seq)."""
+
+    @abc.abstractmethod
+    def list_subjects(
+        self, gallery: str, limit: int, after: str | None
+    ) -> tuple[list[dict], bool]:
+        """Up to ``limit`` subjects with ``subject_id > after``; and whether more follow."""
+
+    # --- faces ------------------------------------------------------------------
+    @abc.abstractmethod
+    def add_face(
+        self,
+        gallery: str,
+        subject_id: str,
+        embedding: np.ndarray,
+        model_id: str,
+        quality: dict,
+        image: bytes | None,
+    ) -> tuple[dict, int]:
+        """Insert one face; return (face dict, seq)."""
+
+    @abc.abstractmethod
+    def delete_face(self, gallery: str, face_id: int) -> tuple[str, int]:
+        """Delete one face; return (its subject id, seq)."""
+
+    @abc.abstractmethod
+    def get_face_image(self, gallery: str, face_id: int) -> bytes | None:
+        """The stored image of a face (``None`` if images are not stored)."""
+
+    # --- change log and index building -----------------------------------------
+    @abc.abstractmethod
+    def head_seq(self) -> int:
+        """The newest committed change-log seq (0 when the log is empty)."""
+
+    @abc.abstractmethod
+    def changes_after(self, seq: int, limit: int = 1000, upto: int | None = None) -> list[Change]:
+        """Entries with ``seq < s <= upto`` (all when ``upto`` is None), oldest first."""
+
+    @abc.abstractmethod
+    def load_all(self) -> tuple[int, list[GalleryFaces]]:
+        """(head seq, every gallery's faces), read in one consistent snapshot."""
+
+    @abc.abstractmethod
+    def face_ids(self, gallery: str) -> np.ndarray:
+        """Sorted face ids of one gallery (for verifying an index against the store)."""
+
+    @abc.abstractmethod
+    def stats(self) -> list[dict]:
+        """Per gallery: ``name``, ``model_id``, ``subjects``, ``faces``."""
+
+    # --- waking the follower ----------------------------------------------------
+    def wait_for_change(self, timeout: float, stop: threading.Event) -> None:
+        """Block until another writer may have committed, ``timeout`` passes or ``stop`` is set.
+
+        The default polls (waits on ``stop`` for ``timeout``); PostgreSQL wakes
+        early on ``NOTIFY``.
+        """
+        stop.wait(timeout)
+
+
+def open_store(url: str, *, pool_size: int = 8) -> GalleryStore:
+    """The store for ``url``: ``sqlite:///path/to/file`` or ``postgresql://...``."""
+    if url.startswith("sqlite:///"):
+        from service.gallery.sqlite import SQLiteStore
+
+        return SQLiteStore(url[len("sqlite:///"):])
+    if url.startswith(("postgresql://", "postgres://")):
+        from service.gallery.postgres import PostgresStore
+
+        return PostgresStore(url, pool_size=pool_size)
+    raise ValueError(f"unsupported store url {url!r}: expected sqlite:///... or postgresql://...")
