@@ -45,9 +45,16 @@ class Settings(BaseSettings):
     gallery_snapshots: bool = Field(
         True, description="write FAISS snapshots on stop; load them (verified) on start"
     )
+    faiss_threads: int = Field(
+        1, description="OpenMP threads per FAISS call (requests already run in parallel); 0 = all"
+    )
 
     # --- models -----------------------------------------------------------------
     models_dir: Path = Path("var/models")
+    sources_dir: Path | None = Field(
+        None, description="cache of downloaded model source packages "
+                          "(`facegate models install`); default ~/.cache/facegate/sources"
+    )
     manifest: Path = MANIFEST_PATH
     detector: str = "mtcnn"
     recognizer: str = "dlib_resnet_v1"

@@ -128,6 +128,11 @@ class GalleryService:
 
     def start(self) -> None:
         """Open the store, migrate, build or load the indexes, start following the log."""
+        if self.settings.faiss_threads > 0:
+            # Process-wide; FAISS is the service's only OpenMP user.  Searches come
+            # a few queries at a time from many request threads, where extra OpenMP
+            # threads only add overhead (see BENCHMARKS.md).
+            faiss.omp_set_num_threads(self.settings.faiss_threads)
         if self._store is None:
             self._store = open_store(self.store_url)
         self._store.migrate()
