@@ -2,6 +2,8 @@
 
     python docker/check_configs.py REPO_ROOT
 
+- each compose profile starts the services it should (docker-compose 1.29, the one
+  packaged here, validates ``profiles:`` but does not filter ``config`` by them);
 - Prometheus scrapes ``/metrics`` on port 8000 of the name every facegate service
   carries as a network alias in ``docker-compose.yml``;
 - Grafana's provisioned data source is the one the dashboard's panels use, and the
@@ -25,6 +27,14 @@ import yaml
 from service.config import Settings
 
 
+#: The services ``docker compose --profile <name> up`` must start.
+PROFILES = {
+    "gpu": ["facegate", "grafana", "prometheus"],
+    "cpu": ["facegate-cpu", "grafana", "prometheus"],
+    "postgres-replicas": ["facegate-replica", "grafana", "nginx", "postgres", "prometheus"],
+}
+
+
 def fail(message: str) -> None:
     raise SystemExit(f"config check failed: {message}")
 
@@ -32,6 +42,11 @@ def fail(message: str) -> None:
 def main(root: Path) -> None:
     compose = yaml.safe_load((root / "docker-compose.yml").read_text())
     services = compose["services"]
+    for profile, expected in PROFILES.items():
+        started = sorted(n for n, s in services.items()
+                         if not s.get("profiles") or profile in s["profiles"])
+        if started != expected:
+            fail(f"profile {profile} starts {started}, expected {expected}")
     facegate_services = [n for n, s in services.items()
                          if str(s.get("image", "")).startswith("facegate:")]
     if not facegate_services:
@@ -85,7 +100,8 @@ def main(root: Path) -> None:
     size = re.search(r"client_max_body_size\s+(\d+)m;", nginx)
     if not size or int(size.group(1)) * 1024 * 1024 < limit:
         fail(f"nginx client_max_body_size is below the service's request limit ({limit} bytes)")
-    print(f"configs consistent: services {facegate_services}, data sources {sorted(uids)}")
+    print(f"configs consistent: profiles {sorted(PROFILES)}, services {facegate_services}, "
+          f"data sources {sorted(uids)}")
 
 
 if __name__ == "__main__":
