@@ -1,0 +1,33 @@
+"""Options shared by the pipeline sub-commands (models directory, model choice, settings)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_model_options(parser: argparse.ArgumentParser, detector: bool = True,
+                      recognizer: bool = True) -> None:
+    parser.add_argument("--models-dir", type=Path, default=None,
+                        help="models directory (default: FACEGATE_MODELS_DIR or var/models)")
+    if detector:
+        parser.add_argument("--detector", default=None,
+                            help="detector: manifest name or .onnx path (default: FACEGATE_DETECTOR)")
+        parser.add_argument("--det-size", type=int, default=None,
+                            help="largest detector input side (default: FACEGATE_DET_SIZE)")
+    if recognizer:
+        parser.add_argument("--recognizer", default=None,
+                            help="recognizer: manifest name or .onnx path "
+                                 "(default: FACEGATE_RECOGNIZER)")
+
+
+def settings_from_args(args: argparse.Namespace, **extra):
+    """``Settings`` from the environment, overridden by the options given on the command line."""
+    from service.config import Settings
+
+    overrides = dict(extra)
+    for field in ("models_dir", "detector", "recognizer", "det_size"):
+        value = getattr(args, field, None)
+        if value is not None:
+            overrides[field] = value
+    return Settings(**overrides)

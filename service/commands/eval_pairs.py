@@ -1,0 +1,154 @@
+"""``facegate eval-pairs``: the LFW pair-verification protocol, end to end.
+
+Every image referenced by the pairs file is decoded, its main face detected,
+aligned and embedded; pairs are scored by cosine; accuracy is the 10-fold mean
+and std (threshold chosen on the other folds). With ``--limit-folds 1`` the
+threshold is fitted on the fold itself (reported as ``protocol``). When no face
+is found, the image's central square (``NO_FACE_FRACTION`` of the shorter side)
+is aligned as if it were the face and the image is counted in ``no_face``.
+Thresholds at FMR 1e-2/1e-3/1e-4 come from the scores of every pair of evaluated
+images with different identities.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ._options import add_model_options, settings_from_args
+
+#: Side of the fallback face square, as a fraction of the image's shorter side.
+NO_FACE_FRACTION = 0.56
+
+
+def fallback_landmarks(shape: tuple[int, ...], template: np.ndarray,
+                       crop_size: tuple[int, int]) -> np.ndarray:
+    """Template landmarks placed in the image's central square (the no-face fallback)."""
+    h, w = shape[:2]
+    side = NO_FACE_FRACTION * min(h, w)
+    scale = side / max(crop_size)
+    offset = np.array([(w - side) / 2, (h - side) / 2], dtype=np.float32)
+    return np.asarray(template, np.float32) * scale + offset
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval-pairs", help="LFW-style pair verification accuracy",
+                                   description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=Path, required=True, help="pairs.txt")
+    parser.add_argument("--images", type=Path, required=True,
+                        help="directory holding <Name>/<Name>_<nnnn>.jpg")
+    add_model_options(parser)
+    parser.add_argument("--flip", action="store_true", help="flip-augmented embeddings")
+    parser.add_argument("--limit-folds", type=int, default=None, help="only the first K folds")
+    parser.add_argument("--workers", type=int, default=1, help="images processed in parallel")
+    parser.add_argument("--json", action="store_true", help="print only the JSON report")
+    parser.set_defaults(func=run)
+
+
+def embed_images(pipeline, paths: list[Path], flip: bool, workers: int
+                 ) -> tuple[np.ndarray, list[bool]]:
+    """(N, dim) embeddings of each image's main face, and whether the fallback was used."""
+    from service.pipeline.pipeline import primary_face
+
+    def one(path: Path) -> tuple[np.ndarray, bool]:
+        image = pipeline.decode(path.read_bytes())
+        detections = pipeline.detect(image)
+        index = primary_face(detections, image.shape)
+        if index is None:
+            landmarks = fallback_landmarks(image.shape, pipeline.template, pipeline.crop_size)
+        else:
+            landmarks = detections[index].landmarks
+        crops = pipeline.align(image, [_Landmarks(landmarks)])
+        return pipeline.embedder.embed(crops, flip=flip)[0], index is None
+
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(one, paths))
+    else:
+        results = [one(p) for p in paths]
+    return np.stack([r[0] for r in results]), [r[1] for r in results]
+
+
+class _Landmarks:
+    """Minimal stand-in for a Detection where only landmarks are needed."""
+
+    def __init__(self, landmarks: np.ndarray):
+        self.landmarks = landmarks
+
+
+def evaluate(pipeline, pairs_path: Path, images_dir: Path, flip: bool = False,
+             limit_folds: int | None = None, workers: int = 1) -> dict:
+    """The full report as a dict (see the module docstring)."""
+    from service.pipeline.pairs import (fmr_thresholds, impostor_scores_all, kfold_accuracy,
+                                        parse_pairs, roc_auc_points)
+
+    pairs = parse_pairs(pairs_path)
+    if limit_folds:
+        pairs = [p for p in pairs if p.fold < limit_folds]
+    keys = sorted({p.a for p in pairs} | {p.b for p in pairs})
+    index = {k: i for i, k in enumerate(keys)}
+    start = time.perf_counter()
+    embeddings, fallback = embed_images(pipeline, [images_dir / k for k in keys], flip, workers)
+    elapsed = time.perf_counter() - start
+    scores = np.array([float(embeddings[index[p.a]] @ embeddings[index[p.b]]) for p in pairs])
+    labels = np.array([p.same for p in pairs])
+    folds = np.array([p.fold for p in pairs])
+    n_folds = len(np.unique(folds))
+    if n_folds > 1:
+        accuracy, std, per_fold, thresholds = kfold_accuracy(scores, labels, folds)
+        protocol = f"{n_folds}-fold, threshold from the other folds"
+    else:
+        from service.pipeline.pairs import best_threshold
+
+        threshold = best_threshold(scores, labels)
+        accuracy = float(np.mean((scores >= threshold) == labels))
+        std, per_fold, thresholds = 0.0, [accuracy], [threshold]
+        protocol = "single fold, threshold fitted on the same fold"
+    identities = [k.split("/")[0] for k in keys]
+    impostors = impostor_scores_all(embeddings, identities)
+    return {
+        "accuracy": round(accuracy, 6),
+        "std": round(std, 6),
+        "pairs": len(pairs),
+        "folds": n_folds,
+        "protocol": protocol,
+        "fold_accuracies": [round(a, 6) for a in per_fold],
+        "fold_thresholds": [round(t, 6) for t in thresholds],
+        "images": len(keys),
+        "no_face": int(sum(fallback)),
+        "images_per_second": round(len(keys) / elapsed, 3),
+        "seconds": round(elapsed, 2),
+        "detector": pipeline.detector_card.name,
+        "recognizer": pipeline.recognizer_card.name,
+        "model_id": pipeline.embedder.model_id,
+        "flip": bool(flip),
+        "workers": workers,
+        "thresholds": fmr_thresholds(impostors, scores[labels]),
+        **roc_auc_points(scores, labels),
+    }
+
+
+def run(args) -> int:
+    from service.pipeline.pipeline import Pipeline
+    from service.registry import ModelError
+
+    settings = settings_from_args(args)
+    try:
+        pipeline = Pipeline.from_settings(settings)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = evaluate(pipeline, args.pairs, args.images, flip=args.flip,
+                      limit_folds=args.limit_folds, workers=max(1, args.workers))
+    if not args.json:
+        print(f"{report['detector']} + {report['recognizer']}: accuracy "
+              f"{report['accuracy'] * 100:.2f}% ± {report['std'] * 100:.2f} over "
+              f"{report['pairs']} pairs, no_face {report['no_face']}, "
+              f"{report['images_per_second']:.1f} images/s", file=sys.stderr)
+    print(json.dumps(report))
+    return 0

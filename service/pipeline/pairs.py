@@ -1,0 +1,133 @@
+"""Pair-verification protocol (LFW ``pairs.txt``): parsing, 10-fold accuracy, FMR thresholds.
+
+``pairs.txt`` starts with ``"<folds> <pairs per class>"`` and then, fold after
+fold, that many same-identity lines (``name i j``) followed by as many
+different-identity lines (``name1 i name2 j``). Accuracy follows the standard
+protocol: for each fold, the threshold that maximises accuracy on the other
+folds is applied to it; the report is the mean and (population) standard
+deviation over folds. Operating thresholds at a false-match rate are read off the
+impostor score distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+#: Operating points calibrated by ``fmr_thresholds``.
+FMR_POINTS = {"fmr_1e-2": 1e-2, "fmr_1e-3": 1e-3, "fmr_1e-4": 1e-4}
+
+
+@dataclass(frozen=True)
+class Pair:
+    a: str  # image key "Name/Name_0001.jpg"
+    b: str
+    same: bool
+    fold: int
+
+
+def image_key(name: str, number: str | int) -> str:
+    return f"{name}/{name}_{int(number):04d}.jpg"
+
+
+def parse_pairs(path: Path | str) -> list[Pair]:
+    """All pairs of a ``pairs.txt`` file, with their fold index."""
+    lines = [ln.split() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    if not lines or len(lines[0]) != 2:
+        raise ValueError(f"{path}: first line must be '<folds> <pairs per class>'")
+    folds, per_class = int(lines[0][0]), int(lines[0][1])
+    body = lines[1:]
+    if len(body) != folds * 2 * per_class:
+        raise ValueError(f"{path}: expected {folds * 2 * per_class} pairs, found {len(body)}")
+    pairs = []
+    for i, fields in enumerate(body):
+        fold = i // (2 * per_class)
+        if len(fields) == 3:
+            pairs.append(Pair(image_key(fields[0], fields[1]), image_key(fields[0], fields[2]),
+                              True, fold))
+        elif len(fields) == 4:
+            pairs.append(Pair(image_key(fields[0], fields[1]), image_key(fields[2], fields[3]),
+                              False, fold))
+        else:
+            raise ValueError(f"{path}: line {i + 2} is not a pair: {' '.join(fields)}")
+    return pairs
+
+
+def best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Threshold (score >= t means same) maximising accuracy; midpoint between scores."""
+    order = np.argsort(scores, kind="stable")
+    s, y = scores[order], labels[order].astype(np.int64)
+    # Candidate cut k: predict "same" for s[k:]; correct = negatives below + positives above.
+    neg_below = np.concatenate([[0], np.cumsum(1 - y)])
+    pos_above = np.concatenate([np.cumsum(y[::-1])[::-1], [0]])
+    correct = neg_below + pos_above
+    k = int(np.argmax(correct))
+    if k == 0:
+        return float(s[0]) - 1e-6
+    if k == len(s):
+        return float(s[-1]) + 1e-6
+    return float((s[k - 1] + s[k]) / 2)
+
+
+def kfold_accuracy(scores: np.ndarray, labels: np.ndarray, folds: np.ndarray
+                   ) -> tuple[float, float, list[float], list[float]]:
+    """(mean, std, per-fold accuracies, per-fold thresholds) of the k-fold protocol."""
+    scores, labels, folds = np.asarray(scores), np.asarray(labels, bool), np.asarray(folds)
+    accuracies, thresholds = [], []
+    for fold in np.unique(folds):
+        test = folds == fold
+        threshold = best_threshold(scores[~test], labels[~test])
+        accuracies.append(float(np.mean((scores[test] >= threshold) == labels[test])))
+        thresholds.append(threshold)
+    return float(np.mean(accuracies)), float(np.std(accuracies)), accuracies, thresholds
+
+
+def fmr_threshold(impostor_scores: np.ndarray, fmr: float) -> float:
+    """Smallest threshold at which at most ``fmr`` of the impostor scores reach it.
+
+    Resolution is limited by the number of impostor scores (1/n).
+    """
+    scores = np.sort(np.asarray(impostor_scores, dtype=np.float64))[::-1]
+    allowed = int(np.floor(fmr * len(scores)))
+    if allowed >= len(scores):
+        return float(scores[-1])
+    return float(np.nextafter(scores[allowed], np.inf))
+
+
+def fmr_thresholds(impostor_scores: np.ndarray, genuine_scores: np.ndarray | None = None
+                   ) -> dict[str, dict[str, float]]:
+    """For each operating point: threshold, measured FMR and (given genuine scores) TMR."""
+    impostor = np.asarray(impostor_scores, dtype=np.float64)
+    report = {}
+    for name, fmr in FMR_POINTS.items():
+        threshold = fmr_threshold(impostor, fmr)
+        entry = {"threshold": round(threshold, 6), "fmr": float(np.mean(impostor >= threshold)),
+                 "impostors": int(len(impostor))}
+        if genuine_scores is not None and len(genuine_scores):
+            entry["tmr"] = float(np.mean(np.asarray(genuine_scores) >= threshold))
+        report[name] = entry
+    return report
+
+
+def roc_auc_points(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """TMR at FMR 1e-3 and 1e-2 over the pairs themselves (scikit-learn ROC)."""
+    fpr, tpr, _ = roc_curve(np.asarray(labels, int), np.asarray(scores))
+    return {f"tmr_at_fmr_{f:g}": float(np.interp(f, fpr, tpr)) for f in (1e-3, 1e-2)}
+
+
+def impostor_scores_all(embeddings: np.ndarray, identities: list[str],
+                        chunk: int = 1024) -> np.ndarray:
+    """Cosine of every pair of embeddings with different identities (upper triangle)."""
+    emb = np.asarray(embeddings, dtype=np.float32)
+    ids = np.asarray(identities)
+    parts = []
+    for start in range(0, len(emb), chunk):
+        block = emb[start:start + chunk] @ emb.T
+        rows = np.arange(start, min(start + chunk, len(emb)))
+        upper = np.arange(len(emb))[None, :] > rows[:, None]
+        different = ids[rows][:, None] != ids[None, :]
+        parts.append(block[upper & different])
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)

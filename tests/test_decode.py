@@ -1,0 +1,178 @@
+"""decode_image: every refusal is typed and happens before decoding; accepted formats decode right."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.pipeline.decode import decode_image
+from service.pipeline.errors import (CorruptImage, EmptyImage, ImageTooLarge, PipelineError,
+                                     TooManyPixels, UnsupportedImageType)
+
+from .conftest import LFW
+
+MB = 1 << 20
+LIMITS = dict(max_bytes=10 * MB, max_pixels=40_000_000)
+PHOTO = LFW / "images" / "Abel_Pacheco" / "Abel_Pacheco_0001.jpg"
+
+
+@pytest.fixture(scope="module")
+def jpeg_bytes() -> bytes:
+    return PHOTO.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def photo_rgb() -> np.ndarray:
+    """A real LFW photo as RGB uint8 with a coloured patch so channel order is checkable."""
+    rgb = np.array(Image.open(PHOTO).convert("RGB"))
+    rgb[10:40, 10:60] = (255, 0, 0)  # pure red patch, top-left
+    return rgb
+
+
+def encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return (struct.pack(">I", len(payload)) + kind + payload
+            + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+
+
+def png_with_header(width: int, height: int, idat: bytes) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat)
+            + png_chunk(b"IEND", b""))
+
+
+def assert_refused(data: bytes, error: type[PipelineError], status: int, code: str, **limits):
+    with pytest.raises(error) as info:
+        decode_image(data, **{**LIMITS, **limits})
+    assert info.value.status == status and info.value.code == code
+    assert str(info.value)
+
+
+def test_real_jpeg_matches_opencv(jpeg_bytes):
+    image = decode_image(jpeg_bytes, **LIMITS)
+    assert image.shape == (250, 250, 3) and image.dtype == np.uint8
+    reference = cv2.imdecode(np.frombuffer(jpeg_bytes, np.uint8), cv2.IMREAD_COLOR)
+    assert np.abs(image.astype(int) - reference.astype(int)).mean() < 1.0
+
+
+def test_zero_bytes():
+    assert_refused(b"", EmptyImage, 400, "empty_image")
+
+
+def test_text_is_unsupported():
+    assert_refused(b"name,age\nalice,30\n" * 10, UnsupportedImageType, 415, "unsupported_image_type")
+
+
+def test_gif_and_pdf_are_unsupported(photo_rgb):
+    assert_refused(encode(photo_rgb, "GIF"), UnsupportedImageType, 415, "unsupported_image_type")
+    assert_refused(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", UnsupportedImageType,
+                   415, "unsupported_image_type")
+
+
+def test_over_byte_limit(jpeg_bytes):
+    assert_refused(jpeg_bytes, ImageTooLarge, 413, "image_too_large", max_bytes=len(jpeg_bytes) - 1)
+    assert decode_image(jpeg_bytes, max_bytes=len(jpeg_bytes), max_pixels=10**6).shape[0] == 250
+
+
+def test_truncated_jpeg(jpeg_bytes):
+    assert_refused(jpeg_bytes[: len(jpeg_bytes) // 2], CorruptImage, 400, "corrupt_image")
+    assert_refused(jpeg_bytes[:20], CorruptImage, 400, "corrupt_image")
+
+
+def test_truncated_png(photo_rgb):
+    data = encode(photo_rgb, "PNG")
+    assert_refused(data[: len(data) // 2], CorruptImage, 400, "corrupt_image")
+    assert_refused(data[:30], CorruptImage, 400, "corrupt_image")
+
+
+def test_png_decompression_bomb_refused_from_header():
+    # 12000 x 12000 zero pixels deflate to ~140 KB but would need 144 MB decoded.
+    width = height = 12000
+    idat = zlib.compress(b"\x00" * ((width + 1) * height), 9)
+    data = png_with_header(width, height, idat)
+    assert len(data) < 1 * MB
+    start = time.perf_counter()
+    assert_refused(data, TooManyPixels, 413, "too_many_pixels")
+    assert time.perf_counter() - start < 0.5  # refused before any pixel is inflated
+
+
+def test_huge_dimensions_in_header(jpeg_bytes):
+    # A PNG header declaring 60000 x 60000 (beyond Pillow's own bomb limit too) ...
+    assert_refused(png_with_header(60000, 60000, zlib.compress(b"\x00" * 10)), TooManyPixels,
+                   413, "too_many_pixels")
+    # ... and a real JPEG whose SOF0 frame header is rewritten to 30000 x 30000.
+    data = bytearray(jpeg_bytes)
+    sof = data.find(b"\xff\xc0")
+    assert sof > 0
+    data[sof + 5:sof + 9] = struct.pack(">HH", 30000, 30000)
+    assert_refused(bytes(data), TooManyPixels, 413, "too_many_pixels")
+    # The limit is the caller's: a real photo over a small pixel budget is refused too.
+    assert_refused(jpeg_bytes, TooManyPixels, 413, "too_many_pixels", max_pixels=250 * 250 - 1)
+
+
+def test_exif_orientation_is_applied():
+    # Left half white, right half black, 120 wide x 60 high; EXIF 6 = display rotated 90° clockwise.
+    stored = np.zeros((60, 120, 3), np.uint8)
+    stored[:, :60] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+    image = decode_image(data, **LIMITS)
+    assert image.shape == (120, 60, 3)
+    expected = np.rot90(stored, k=-1)  # clockwise: the white half ends up on top
+    assert np.abs(image.astype(int) - expected.astype(int)).mean() < 3
+    assert image[:50].mean() > 240 and image[70:].mean() < 15
+
+
+def test_grayscale_png_is_three_channel(photo_rgb):
+    gray = np.array(Image.fromarray(photo_rgb).convert("L"))
+    image = decode_image(encode(gray, "PNG"), **LIMITS)
+    assert image.shape == (250, 250, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(image[:, :, channel], gray)
+
+
+def test_rgba_png_drops_alpha_onto_black(photo_rgb):
+    rgba = np.dstack([photo_rgb, np.full(photo_rgb.shape[:2], 255, np.uint8)])
+    rgba[:, 125:, 3] = 0  # right half fully transparent
+    image = decode_image(encode(rgba, "PNG"), **LIMITS)
+    assert image.shape == (250, 250, 3)
+    np.testing.assert_array_equal(image[:, :125], photo_rgb[:, :125, ::-1])
+    assert image[:, 125:].max() == 0
+
+
+def test_sixteen_bit_png_is_scaled_to_eight_bits():
+    ramp = (np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    image = decode_image(buf.getvalue(), **LIMITS)
+    assert image.dtype == np.uint8 and image.shape == (16, 16, 3)
+    np.testing.assert_array_equal(image[:, :, 0], np.arange(256, dtype=np.uint8).reshape(16, 16))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "WEBP"])
+def test_lossless_formats_round_trip_to_bgr(photo_rgb, fmt):
+    kwargs = {"lossless": True} if fmt == "WEBP" else {}
+    image = decode_image(encode(photo_rgb, fmt, **kwargs), **LIMITS)
+    np.testing.assert_array_equal(image, photo_rgb[:, :, ::-1])
+    assert tuple(image[20, 20]) == (0, 0, 255)  # red patch in BGR order
+
+
+def test_animated_webp_uses_first_frame(photo_rgb):
+    frames = [Image.fromarray(photo_rgb), Image.fromarray(255 - photo_rgb)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    image = decode_image(buf.getvalue(), **LIMITS)
+    np.testing.assert_array_equal(image, photo_rgb[:, :, ::-1])
