@@ -1,0 +1,189 @@
+"""Load generator for ``facegate serve``: throughput and latency per endpoint and concurrency.
+
+Starts ``facegate serve`` on 127.0.0.1 (once with micro-batching on, once off,
+each with a fresh data directory), enrols LFW people into a gallery, then for
+``/v1/verify`` and ``/v1/identify`` runs closed-loop async httpx clients at each
+concurrency level for a fixed time and reports requests/s, p50 and p99.  A
+final soak (mixed verify/identify) reports the server's RSS at its start and end.
+
+Models come from the ``FACEGATE_*`` environment (default: the reference models
+in ../shared).  The last line of output is one JSON object with every figure.
+
+    python bench/bench_load.py --quick
+    python bench/bench_load.py --concurrency 1,8,32,128 --duration 20 --soak-seconds 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import LFW  # noqa: E402
+from tests.service_helpers import ServeProcess  # noqa: E402
+
+GALLERY = "bench"
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process (MiB), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def lfw_photos(n: int) -> list[tuple[str, bytes, bytes]]:
+    """(name, first photo, second photo) of ``n`` LFW people with at least two photos."""
+    out = []
+    for person in sorted(p for p in (LFW / "images").iterdir() if p.is_dir()):
+        files = sorted(person.glob("*.jpg"))
+        if len(files) >= 2:
+            out.append((person.name, files[0].read_bytes(), files[1].read_bytes()))
+        if len(out) == n:
+            break
+    return out
+
+
+def enrol(base_url: str, people) -> int:
+    ok = 0
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        for name, first, _ in people:
+            client.post(f"/v1/galleries/{GALLERY}/subjects", json={"subject_id": name})
+            r = client.post(f"/v1/galleries/{GALLERY}/subjects/{name}/faces",
+                            files={"image": ("f.jpg", first)})
+            ok += r.status_code == 201
+    return ok
+
+
+def _request(client: httpx.AsyncClient, endpoint: str, rng: random.Random, people):
+    _, first, second = rng.choice(people)
+    if endpoint == "verify":
+        other = rng.choice(people)[2]
+        return client.post("/v1/verify", files={"image1": ("a.jpg", second),
+                                                "image2": ("b.jpg", other)})
+    return client.post("/v1/identify", data={"gallery": GALLERY, "top_k": "5"},
+                       files={"image": ("p.jpg", second)})
+
+
+async def closed_loop(base_url: str, endpoints: list[str], concurrency: int, seconds: float,
+                      people) -> dict:
+    """``concurrency`` clients, each sending its next request when the last one is answered."""
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as client:
+        deadline = time.perf_counter() + seconds
+
+        async def worker(n: int) -> None:
+            rng = random.Random(n)
+            while time.perf_counter() < deadline:
+                endpoint = endpoints[rng.randrange(len(endpoints))]
+                start = time.perf_counter()
+                try:
+                    r = await _request(client, endpoint, rng, people)
+                    status = str(r.status_code)
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                latencies.append(time.perf_counter() - start)
+                if status != "200":
+                    errors[status] = errors.get(status, 0) + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(n) for n in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 1)
+
+    return {"requests": len(latencies), "seconds": round(elapsed, 2),
+            "rps": round(len(latencies) / elapsed, 2), "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+            "errors": errors}
+
+
+def run_mode(batching: bool, args, people) -> dict:
+    # FACEGATE_* variables of the caller (models, threads...) override the test defaults.
+    env = {k: v for k, v in os.environ.items() if k.startswith("FACEGATE_")}
+    env["FACEGATE_BATCHING"] = "true" if batching else "false"
+    with tempfile.TemporaryDirectory(prefix="facegate-bench-") as tmp:
+        server = ServeProcess(Path(tmp), env=env).start()
+        try:
+            enrolled = enrol(server.base_url, people)
+            mode = {"batching": batching, "enrolled": enrolled, "levels": {}}
+            for endpoint in ("verify", "identify"):
+                for level in args.concurrency:
+                    result = asyncio.run(closed_loop(server.base_url, [endpoint], level,
+                                                     args.duration, people))
+                    mode["levels"][f"{endpoint}@{level}"] = result
+                    print(f"batching={'on ' if batching else 'off'} {endpoint:8s} "
+                          f"c={level:<4d} {result['rps']:7.2f} req/s  p50 {result['p50_ms']:8.1f} "
+                          f"ms  p99 {result['p99_ms']:8.1f} ms  errors {result['errors']}",
+                          flush=True)
+            if batching and args.soak_seconds > 0:
+                pid = server.proc.pid
+                start_rss = rss_mb(pid)
+                soak = asyncio.run(closed_loop(server.base_url, ["verify", "identify"],
+                                               args.soak_concurrency, args.soak_seconds, people))
+                soak.update(rss_start_mb=round(start_rss, 1), rss_end_mb=round(rss_mb(pid), 1))
+                mode["soak"] = soak
+                print(f"soak {args.soak_seconds:.0f}s c={args.soak_concurrency}: "
+                      f"{soak['rps']} req/s, RSS {soak['rss_start_mb']} -> {soak['rss_end_mb']} "
+                      f"MiB, errors {soak['errors']}", flush=True)
+            metrics = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+            mode["mean_batch_size"] = _mean_batch(metrics)
+        finally:
+            server.stop()
+    return mode
+
+
+def _mean_batch(metrics: str) -> float | None:
+    total = count = None
+    for line in metrics.splitlines():
+        if line.startswith("facegate_embed_batch_size_sum"):
+            total = float(line.split()[-1])
+        elif line.startswith("facegate_embed_batch_size_count"):
+            count = float(line.split()[-1])
+    return round(total / count, 3) if total is not None and count else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", default="1,8,32,128",
+                        help="comma-separated client counts (default 1,8,32,128)")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per level")
+    parser.add_argument("--soak-seconds", type=float, default=600.0)
+    parser.add_argument("--soak-concurrency", type=int, default=8)
+    parser.add_argument("--batching", choices=["both", "on", "off"], default="both")
+    parser.add_argument("--people", type=int, default=30, help="LFW people enrolled")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run for tests: levels 1,4; 1 s each; 2 s soak")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.duration, args.soak_seconds, args.people = "1,4", 1.0, 2.0, 4
+    args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
+    os.environ.setdefault("FACEGATE_LOG_LEVEL", "warning")
+    people = lfw_photos(args.people)
+    modes = {"both": [True, False], "on": [True], "off": [False]}[args.batching]
+    results = {"machine": os.environ.get("FACEGATE_BENCH_MACHINE", ""),
+               "cpu_count": os.cpu_count(), "duration_s": args.duration,
+               "concurrency": args.concurrency,
+               "modes": {("on" if b else "off"): run_mode(b, args, people) for b in modes}}
+    print(json.dumps(results, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

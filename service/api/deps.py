@@ -1,0 +1,59 @@
+"""FastAPI dependencies: the app's shared state (settings, pipeline, gallery, batcher) and auth."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from service.batching import MicroBatcher
+from service.config import Settings
+from service.metrics import Metrics
+
+from .errors import forbidden, not_ready, unauthorized
+
+
+@dataclass
+class AppState:
+    """Everything the lifespan builds once and the routes share (``app.state.facegate``)."""
+
+    settings: Settings
+    metrics: Metrics
+    pipeline: Any = None  # service.pipeline.Pipeline
+    gallery: Any = None  # service.gallery.GalleryService
+    batcher: MicroBatcher | None = None
+    warmed: bool = False
+    startup: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model_id(self) -> str:
+        return self.pipeline.embedder.model_id
+
+
+def get_state(request: Request) -> AppState:
+    state = getattr(request.app.state, "facegate", None)
+    if state is None or state.pipeline is None or state.gallery is None or not state.warmed:
+        raise not_ready()
+    return state
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def require_api_key(request: Request) -> None:
+    """``X-API-Key`` must match one of ``settings.api_keys`` (no keys configured: open)."""
+    keys = request.app.state.settings.api_keys
+    if not keys:
+        return
+    given = request.headers.get("x-api-key")
+    if not given:
+        raise unauthorized()
+    given_b = given.encode("utf-8", "surrogateescape")
+    ok = False
+    for key in keys:  # compare with every key so timing does not reveal which matched
+        ok |= hmac.compare_digest(given_b, key.encode("utf-8"))
+    if not ok:
+        raise forbidden()

@@ -1,0 +1,153 @@
+"""Galleries, subjects and enrolled faces: ``/v1/galleries/...``.
+
+A gallery holds subjects (client-chosen ``subject_id`` plus JSON metadata); each
+subject holds one or more enrolled faces (embeddings of the gallery's model).
+Matching a subject uses its **best** face (max fusion).  Every write is durable
+before it is acknowledged and visible to searches on this replica at once.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
+from pydantic import BaseModel, ConfigDict
+
+from service.pipeline.types import Timings
+
+from . import analysis
+from .deps import AppState, get_state, require_api_key
+from .images import read_payload
+from .openapi import ERROR_RESPONSES, image_body
+from .schemas import (
+    GALLERY_PATTERN,
+    NAME_PATTERN,
+    EnrolledFace,
+    Gallery,
+    GalleryList,
+    Subject,
+    SubjectCreate,
+    SubjectDeleted,
+    SubjectPage,
+    SubjectUpdate,
+)
+
+router = APIRouter(prefix="/v1/galleries", tags=["galleries"],
+                   dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+
+GalleryName = Annotated[str, Path(pattern=GALLERY_PATTERN, description="gallery name")]
+SubjectId = Annotated[str, Path(pattern=NAME_PATTERN, description="client-chosen subject id")]
+
+
+class _NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+async def _call(fn, *args):
+    return await analysis.call(Timings(), "gallery", fn, *args)
+
+
+@router.get("", response_model=GalleryList, summary="List galleries")
+async def list_galleries(state: AppState = Depends(get_state)) -> dict:
+    return {"galleries": await _call(state.gallery.list_galleries)}
+
+
+@router.put("/{gallery}", response_model=Gallery, summary="Create a gallery for the served model")
+async def create_gallery(gallery: GalleryName, response: Response,
+                         state: AppState = Depends(get_state)) -> dict:
+    """Idempotent; 409 ``model_mismatch`` if the gallery exists for another model."""
+    existed = gallery in {g["name"] for g in await _call(state.gallery.list_galleries)}
+    info = await _call(state.gallery.create_gallery, gallery, state.model_id)
+    response.status_code = status.HTTP_200_OK if existed else status.HTTP_201_CREATED
+    return info
+
+
+@router.get("/{gallery}", response_model=Gallery, summary="A gallery's model and sizes")
+async def get_gallery(gallery: GalleryName, state: AppState = Depends(get_state)) -> dict:
+    return await _call(state.gallery.get_gallery, gallery)
+
+
+@router.delete("/{gallery}", summary="Delete a gallery with all its subjects and faces")
+async def delete_gallery(gallery: GalleryName, state: AppState = Depends(get_state)) -> dict:
+    await _call(state.gallery.delete_gallery, gallery)
+    return {"deleted": gallery}
+
+
+@router.post("/{gallery}/subjects", response_model=Subject, status_code=201,
+             summary="Create a subject (idempotent: 201 created, 200 already there)")
+async def create_subject(gallery: GalleryName, body: SubjectCreate, response: Response,
+                         state: AppState = Depends(get_state)) -> dict:
+    """Creates the gallery on first use (for the served model).  Posting an existing
+    ``subject_id`` again returns it unchanged with 200 (its metadata is only changed
+    by ``PATCH``)."""
+    subject, created = await _call(state.gallery.upsert_subject, gallery, body.subject_id,
+                                   body.metadata, state.model_id)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return subject
+
+
+@router.get("/{gallery}/subjects", response_model=SubjectPage, summary="List subjects (paginated)")
+async def list_subjects(gallery: GalleryName,
+                        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                        cursor: Annotated[str | None, Query(max_length=512)] = None,
+                        state: AppState = Depends(get_state)) -> dict:
+    """Subjects ordered by ``subject_id``; pass ``next_cursor`` as ``cursor`` for the next page."""
+    subjects, next_cursor = await _call(state.gallery.list_subjects, gallery, limit, cursor)
+    return {"subjects": subjects, "next_cursor": next_cursor}
+
+
+@router.get("/{gallery}/subjects/{subject_id}", response_model=Subject,
+            summary="A subject with its metadata and enrolled faces")
+async def get_subject(gallery: GalleryName, subject_id: SubjectId,
+                      state: AppState = Depends(get_state)) -> dict:
+    return await _call(state.gallery.get_subject, gallery, subject_id)
+
+
+@router.patch("/{gallery}/subjects/{subject_id}", response_model=Subject,
+              summary="Update a subject's metadata (merge; null removes a key)")
+async def update_subject(gallery: GalleryName, subject_id: SubjectId, body: SubjectUpdate,
+                         state: AppState = Depends(get_state)) -> dict:
+    return await _call(state.gallery.update_subject, gallery, subject_id, body.metadata)
+
+
+@router.delete("/{gallery}/subjects/{subject_id}", response_model=SubjectDeleted,
+               summary="Delete a subject and all its faces")
+async def delete_subject(gallery: GalleryName, subject_id: SubjectId,
+                         state: AppState = Depends(get_state)) -> dict:
+    removed = await _call(state.gallery.delete_subject, gallery, subject_id)
+    return {"gallery": gallery, "subject_id": subject_id, "faces_removed": int(removed)}
+
+
+@router.post("/{gallery}/subjects/{subject_id}/faces", response_model=EnrolledFace,
+             status_code=201, openapi_extra=image_body(("image",)),
+             summary="Enrol one photo of a subject")
+async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Request,
+                     state: AppState = Depends(get_state)) -> dict:
+    """The photo must show exactly one face of at least ``enroll_min_face_size`` px with a
+    detection score of at least ``enroll_min_det_score``; otherwise 422 with code
+    ``multiple_faces``, ``face_too_small`` or ``low_quality_face``.  The response gives
+    the store-assigned ``face_id`` and the face's quality figures."""
+    settings = state.settings
+    clock = Timings()
+    payload = await read_payload(request, ("image",), ("image",), settings.max_image_bytes)
+    payload.options(_NoOptions)
+    # Unknown gallery/subject or another model's gallery: refused before any image work.
+    await analysis.gallery_for_model(state, gallery, clock)
+    await analysis.call(clock, "gallery", state.gallery.get_subject, gallery, subject_id)
+    found = await analysis.analyze(state, payload.images["image"], "enrol", clock)
+    detection = found.detections[0]
+    quality = analysis.face_quality(detection, found.crops[0])
+    image = payload.images["image"] if settings.store_images else None
+    face = await analysis.call(clock, "gallery", state.gallery.add_face, gallery, subject_id,
+                               found.embeddings[0], state.model_id, quality, image)
+    state.metrics.observe_stages(clock.stages)
+    return {**face, "gallery": gallery, "subject_id": subject_id, "model": state.model_id,
+            "quality": face.get("quality") or quality, "face": detection.to_dict()}
+
+
+@router.delete("/{gallery}/faces/{face_id}", summary="Delete one enrolled face")
+async def delete_face(gallery: GalleryName, face_id: Annotated[int, Path(ge=1)],
+                      state: AppState = Depends(get_state)) -> dict:
+    await _call(state.gallery.delete_face, gallery, face_id)
+    return {"gallery": gallery, "face_id": face_id, "deleted": True}

@@ -1,0 +1,95 @@
+"""``POST /v1/identify``: who is this (1:N, open-set)?"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from fastapi import APIRouter, Depends, Request
+
+from service.pipeline.types import Timings
+
+from . import analysis
+from .decisions import check_point, decide
+from .deps import AppState, get_state, require_api_key
+from .errors import ApiError
+from .images import read_payload
+from .openapi import ERROR_RESPONSES, image_body
+from .schemas import IdentifyOptions, IdentifyResponse
+
+router = APIRouter(prefix="/v1", tags=["identify"], dependencies=[Depends(require_api_key)])
+
+CUSTOM_POINT = "custom"
+
+
+@router.post(
+    "/identify",
+    response_model=IdentifyResponse,
+    response_model_exclude_unset=True,
+    responses=ERROR_RESPONSES,
+    openapi_extra=image_body(("image",), IdentifyOptions),
+    summary="Search every face of an image in a gallery",
+)
+async def identify(request: Request, timings: bool = False,
+                   state: AppState = Depends(get_state)) -> dict:
+    """For every face in ``image`` (largest first): its ``top_k`` most similar subjects of
+    ``gallery`` and ``match``, the best subject if its similarity reaches the threshold,
+    else ``null`` (open-set: the person may not be enrolled).
+
+    A subject's similarity is that of its **best** enrolled face (max fusion).  The
+    threshold is ``threshold`` if given, else the card's threshold at ``operating_point``.
+    """
+    settings = state.settings
+    clock = Timings()
+    payload = await read_payload(request, ("image",), ("image",), settings.max_image_bytes)
+    opts = payload.options(IdentifyOptions)
+    if opts.top_k > settings.top_k_max:
+        raise ApiError(422, "validation_error",
+                       f"top_k: must be between 1 and {settings.top_k_max}")
+    if opts.threshold is not None and opts.operating_point is not None:
+        raise ApiError(400, "ambiguous_request", "give threshold or operating_point, not both")
+    card = state.pipeline.recognizer_card
+    if opts.threshold is not None:
+        rule_card = SimpleNamespace(thresholds={CUSTOM_POINT: opts.threshold},
+                                    default_operating_point=CUSTOM_POINT)
+        point = CUSTOM_POINT
+    else:
+        rule_card = card
+        point = check_point(card, opts.operating_point, settings)
+    model_id = state.model_id
+    gallery = state.gallery
+    # Unknown gallery or another model's gallery: refused before any image work.
+    await analysis.gallery_for_model(state, opts.gallery, clock)
+
+    found = await analysis.analyze(state, payload.images["image"], "all", clock)
+    results = await analysis.call(clock, "search", gallery.search, opts.gallery,
+                                  found.embeddings, opts.top_k, model_id)
+    faces = []
+    threshold = None
+    for detection, candidates in zip(found.detections, results):
+        best = candidates[0] if candidates else None
+        match = None
+        if best is not None:
+            decision = decide(best["similarity"], rule_card, point)
+            threshold = decision.threshold
+            if decision.match:
+                match = best["subject_id"]
+        faces.append({
+            **detection.to_dict(),
+            "candidates": [{"subject_id": c["subject_id"],
+                            "similarity": round(float(c["similarity"]), 6),
+                            "face_id": c.get("face_id")} for c in candidates],
+            "match": match,
+        })
+    if threshold is None:
+        threshold = decide(0.0, rule_card, point).threshold
+    state.metrics.observe_stages(clock.stages)
+    body = {
+        "gallery": opts.gallery,
+        "threshold": threshold,
+        "operating_point": None if point == CUSTOM_POINT else point,
+        "model": model_id,
+        "faces": faces,
+    }
+    if timings:
+        body["timings"] = analysis.timings_ms(clock)
+    return body

@@ -1,0 +1,66 @@
+"""``GET /v1/info``: what this instance serves (models, thresholds, providers, galleries, batching)."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import APIRouter, Depends
+from starlette.concurrency import run_in_threadpool
+
+from .decisions import available_points
+from .deps import AppState, get_state, require_api_key
+
+router = APIRouter(prefix="/v1", tags=["info"], dependencies=[Depends(require_api_key)])
+
+
+def _card(card) -> dict:
+    return {
+        "name": card.name,
+        "id": card.id,
+        "task": card.task,
+        "family": card.family,
+        "sha256": card.sha256,
+        "licence": card.licence,
+        "commercial_use": card.commercial_use,
+        "embedding_dim": card.embedding_dim,
+        "thresholds": dict(card.thresholds or {}),
+    }
+
+
+def _version() -> str | None:
+    try:
+        return version("facegate")
+    except PackageNotFoundError:
+        return None
+
+
+def _providers(component) -> list[str]:
+    session = getattr(component, "session", None)
+    if session is None:
+        return []
+    return list(session.get_providers())
+
+
+@router.get("/info", summary="Served models, thresholds, providers, gallery sizes, batching")
+async def info(state: AppState = Depends(get_state)) -> dict:
+    pipeline, settings = state.pipeline, state.settings
+    detector = _card(pipeline.detector_card)
+    detector["providers"] = _providers(pipeline.detector)
+    recognizer = _card(pipeline.recognizer_card)
+    recognizer["providers"] = _providers(pipeline.embedder)
+    recognizer["operating_points"] = available_points(pipeline.recognizer_card)
+    recognizer["default_operating_point"] = pipeline.recognizer_card.default_operating_point
+    return {
+        "version": _version(),
+        "models": {"detector": detector, "recognizer": recognizer},
+        "matching": {"fusion": "max: a subject scores as its best enrolled face",
+                     "metric": "cosine", "index_type": settings.index_type},
+        "galleries": await run_in_threadpool(state.gallery.stats),
+        "sync": await run_in_threadpool(state.gallery.sync_status),
+        "batching": {**state.batcher.config(), **state.batcher.stats()},
+        "limits": {"max_image_bytes": settings.max_image_bytes,
+                   "max_image_pixels": settings.max_image_pixels,
+                   "max_request_bytes": settings.max_request_bytes,
+                   "top_k_max": settings.top_k_max},
+        "startup_seconds": state.startup,
+    }

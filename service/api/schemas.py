@@ -1,0 +1,170 @@
+"""Pydantic models of every request option and response body of the REST API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Gallery names and subject ids: letters, digits and ``_ . : @ + -``.
+NAME_PATTERN = r"^[A-Za-z0-9_.:@+\-]{1,128}$"
+GALLERY_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- shared pieces -------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable error code, e.g. `no_face`")
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Face(BaseModel):
+    box: list[float] = Field(description="x1, y1, x2, y2 in image pixels")
+    score: float = Field(description="detection score")
+    landmarks: list[list[float]] = Field(
+        description="left eye, right eye, nose tip, left and right mouth corners (x, y)")
+
+
+# --- verify ------------------------------------------------------------------------------
+
+
+class VerifyOptions(_Options):
+    """Options of ``POST /v1/verify`` (form fields, JSON keys or query parameters)."""
+
+    gallery: str | None = Field(None, pattern=GALLERY_PATTERN,
+                                description="compare image1 with a gallery subject instead of image2")
+    subject_id: str | None = Field(None, pattern=NAME_PATTERN)
+    operating_point: str | None = Field(
+        None, description="named false-match rate of the model card, e.g. fmr_1e-3")
+    multiple_faces: Literal["largest", "refuse"] = Field(
+        "largest", description="several faces in an image: use the largest, or refuse (422)")
+
+
+class SubjectRef(BaseModel):
+    gallery: str
+    subject_id: str
+    face_id: int | None = Field(None, description="the subject's best-matching face")
+
+
+class VerifyResponse(BaseModel):
+    match: bool
+    similarity: float = Field(description="cosine similarity in [-1, 1]")
+    threshold: float
+    calibrated: bool = Field(description="false: the card has no calibrated threshold for this "
+                                         "operating point and a conservative fallback was used")
+    operating_point: str
+    model: str = Field(description="id of the recognition model (name@sha256-prefix)")
+    face1: Face
+    face2: Face | None = None
+    subject: SubjectRef | None = None
+    timings: dict[str, float] | None = Field(None, description="milliseconds per stage")
+
+
+# --- identify ------------------------------------------------------------------------------
+
+
+class IdentifyOptions(_Options):
+    """Options of ``POST /v1/identify``."""
+
+    gallery: str = Field(pattern=GALLERY_PATTERN)
+    top_k: int = Field(5, ge=1, description="candidates per face, 1..settings.top_k_max")
+    threshold: float | None = Field(None, ge=-1.0, le=1.0,
+                                    description="explicit cosine threshold for `match`")
+    operating_point: str | None = None
+
+
+class Candidate(BaseModel):
+    subject_id: str
+    similarity: float
+    face_id: int | None = None
+
+
+class IdentifiedFace(Face):
+    candidates: list[Candidate]
+    match: str | None = Field(description="best subject at or above the threshold, else null")
+
+
+class IdentifyResponse(BaseModel):
+    gallery: str
+    threshold: float
+    operating_point: str | None = Field(description="null when an explicit threshold was given")
+    model: str
+    faces: list[IdentifiedFace]
+    timings: dict[str, float] | None = None
+
+
+# --- galleries / subjects / faces ---------------------------------------------------
+
+
+class SubjectCreate(_Options):
+    subject_id: str = Field(pattern=NAME_PATTERN, description="client-chosen, unique per gallery")
+    metadata: dict[str, Any] | None = None
+
+
+class SubjectUpdate(_Options):
+    metadata: dict[str, Any] = Field(
+        description="merged into the subject's metadata; a key set to null is removed")
+
+
+class FaceInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    face_id: int
+    created_at: Any = None
+    quality: dict[str, Any] | None = None
+
+
+class Subject(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    subject_id: str
+    metadata: dict[str, Any] | None = None
+    faces: list[FaceInfo] = Field(default_factory=list)
+    created_at: Any = None
+    updated_at: Any = None
+
+
+class SubjectPage(BaseModel):
+    subjects: list[dict[str, Any]]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null at the end")
+
+
+class EnrolledFace(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    face_id: int
+    gallery: str
+    subject_id: str
+    model: str
+    quality: dict[str, Any]
+    face: Face
+    created_at: Any = None
+
+
+class SubjectDeleted(BaseModel):
+    gallery: str
+    subject_id: str
+    faces_removed: int
+
+
+class Gallery(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    model_id: str | None = None
+    subjects: int = 0
+    faces: int = 0
+    created_at: Any = None
+
+
+class GalleryList(BaseModel):
+    galleries: list[Gallery]

@@ -1,0 +1,114 @@
+"""The FastAPI application factory and its lifespan.
+
+``create_app(settings)`` builds a fresh app (its own metrics registry, no
+globals); the lifespan loads and warms the models, opens and starts the gallery
+and the embedding micro-batcher, and tears them down again.  ``facegate serve``
+runs it with uvicorn in factory mode (``service.app:create_app``), so every
+worker process builds its own app from the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+import anyio.to_thread
+import numpy as np
+from fastapi import FastAPI
+
+from service.api import errors, galleries, health, identify, info, verify
+from service.api.deps import AppState
+from service.api.limits import BodyLimitMiddleware
+from service.batching import MicroBatcher
+from service.config import Settings, get_settings
+from service.gallery import open_gallery
+from service.gallery.errors import GalleryError
+from service.metrics import Metrics, MetricsMiddleware
+from service.pipeline.pipeline import Pipeline
+from service.pipeline.errors import PipelineError
+
+log = logging.getLogger("facegate.app")
+
+DESCRIPTION = """Face verification (1:1) and identification (1:N) over ONNX models.
+
+* Errors are always `{"error": {"code": "...", "message": "..."}}` with a fitting status.
+* Scores are cosine similarities in [-1, 1]; thresholds come from the recognition model's
+  card at a named operating point (false-match rate).
+* A subject with several enrolled faces is matched by its best face (max fusion).
+* Send `X-API-Key` when the service is configured with API keys (health and metrics are open).
+"""
+
+
+def _version() -> str:
+    try:
+        return version("facegate")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+async def _start(state: AppState) -> None:
+    settings = state.settings
+    t0 = time.perf_counter()
+    state.pipeline = await anyio.to_thread.run_sync(Pipeline.from_settings, settings)
+    state.startup["models_s"] = round(time.perf_counter() - t0, 3)
+    t1 = time.perf_counter()
+    gallery = open_gallery(settings)
+    await anyio.to_thread.run_sync(gallery.start)
+    state.gallery = gallery
+    state.startup["gallery_s"] = round(time.perf_counter() - t1, 3)
+
+    metrics = state.metrics
+
+    def observe(size: int, waits: list[float]) -> None:
+        metrics.batch_size.observe(size)
+        for wait in waits:
+            metrics.batch_wait.observe(wait)
+
+    state.batcher = MicroBatcher(state.pipeline.embed, enabled=settings.batching,
+                                 max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                                 observer=observe)
+    await state.batcher.start()
+    # Warm the whole embedding path once (sessions were warmed when built).
+    size = state.pipeline.crop_size
+    await state.batcher.embed(np.zeros((1, size[1], size[0], 3), dtype=np.uint8))
+    state.warmed = True
+    log.info("facegate ready: detector %s, recognizer %s (%s)", state.pipeline.detector_card.name,
+             state.pipeline.recognizer_card.name, state.startup)
+
+
+async def _stop(state: AppState) -> None:
+    state.warmed = False
+    if state.batcher is not None:
+        await state.batcher.stop()
+    if state.gallery is not None:
+        await anyio.to_thread.run_sync(state.gallery.stop)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    state = AppState(settings=app.state.settings, metrics=app.state.metrics)
+    app.state.facegate = state
+    try:
+        await _start(state)
+        yield
+    finally:
+        await _stop(state)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app for ``settings`` (default: from the ``FACEGATE_*`` environment)."""
+    settings = settings or get_settings()
+    metrics = Metrics()
+    app = FastAPI(title="facegate", version=_version(), description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    errors.install(app, domain_errors=(PipelineError, GalleryError))
+    for module in (health, info, verify, identify, galleries):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes,
+                       metrics=metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

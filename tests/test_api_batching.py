@@ -1,0 +1,105 @@
+"""The embedding micro-batcher, on the real reference recognizer and real LFW faces."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.batching import MicroBatcher
+from tests.conftest import LFW, SHARED_MODELS
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    from service.config import Settings
+    from service.pipeline.pipeline import Pipeline
+
+    settings = Settings(models_dir=SHARED_MODELS, detector="yunet_2023mar",
+                        recognizer="mobilefacenet_peer_128d", providers=["CPUExecutionProvider"])
+    return Pipeline.from_settings(settings)
+
+
+@pytest.fixture(scope="module")
+def crops(pipeline) -> np.ndarray:
+    """One aligned face from each of 12 LFW people."""
+    people = sorted(p for p in (LFW / "images").iterdir() if p.is_dir())[:12]
+    out = []
+    for person in people:
+        image = pipeline.decode(sorted(person.glob("*.jpg"))[0].read_bytes())
+        detections = pipeline.detect(image)
+        out.append(pipeline.align(image, [max(detections, key=lambda d: d.area)])[0])
+    return np.stack(out)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows(pipeline, crops):
+    sizes: list[int] = []
+    batcher = MicroBatcher(pipeline.embed, max_batch=8, max_wait_ms=20.0,
+                           observer=lambda n, waits: sizes.append(n))
+    # Requests of 1 and 2 faces, all in flight at once.
+    requests = [crops[i:i + 1 + (i % 2)] for i in range(len(crops) - 1)]
+
+    async def main():
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.embed(r) for r in requests))
+        finally:
+            await batcher.stop()
+
+    results = _run(main())
+    for request, got in zip(requests, results):
+        assert got.shape == (len(request), 128)
+        np.testing.assert_allclose(got, pipeline.embed(request), atol=1e-5)
+    assert sum(sizes) == sum(len(r) for r in requests)
+    assert max(sizes) <= 8
+    assert len(sizes) < len(requests), f"no coalescing happened: {sizes}"
+    assert batcher.stats()["mean_batch_size"] > 1.0
+
+
+def test_disabled_batcher_runs_each_request_alone(pipeline, crops):
+    sizes: list[int] = []
+    batcher = MicroBatcher(pipeline.embed, enabled=False, observer=lambda n, w: sizes.append(n))
+
+    async def main():
+        return await asyncio.gather(*(batcher.embed(crops[i:i + 1]) for i in range(6)))
+
+    results = _run(main())
+    assert sizes == [1] * 6
+    np.testing.assert_allclose(np.concatenate(results), pipeline.embed(crops[:6]), atol=1e-5)
+
+
+def test_failure_reaches_every_waiting_caller_and_the_batcher_recovers(pipeline, crops):
+    calls = []
+
+    def flaky(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("model failed")
+        return pipeline.embed(batch)
+
+    batcher = MicroBatcher(flaky, max_batch=16, max_wait_ms=50.0)
+
+    async def main():
+        await batcher.start()
+        try:
+            first = await asyncio.gather(*(batcher.embed(crops[i:i + 1]) for i in range(3)),
+                                         return_exceptions=True)
+            second = await batcher.embed(crops[:2])
+            return first, second
+        finally:
+            await batcher.stop()
+
+    first, second = _run(main())
+    assert all(isinstance(r, RuntimeError) for r in first), first
+    np.testing.assert_allclose(second, pipeline.embed(crops[:2]), atol=1e-5)
+
+
+def test_empty_request_is_refused():
+    batcher = MicroBatcher(lambda b: b)
+    with pytest.raises(ValueError):
+        _run(batcher.embed(np.zeros((0, 112, 112, 3), np.uint8)))
