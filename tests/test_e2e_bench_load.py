@@ -15,8 +15,7 @@ from tests.service_helpers import TEST_MODELS
 
 @pytest.mark.timeout(300)
 def test_bench_load_quick():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FACEGATE_")}
-    env.update(TEST_MODELS)
+    env = {**os.environ, **TEST_MODELS}
     proc = subprocess.run([sys.executable, "bench/bench_load.py", "--quick"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
