@@ -11,7 +11,10 @@
 # 4. enrols and verifies real LFW photos, identifies held-out ones, sends a bad upload,
 #    scrapes /metrics (every metric the Grafana dashboard reads must be exported)
 # 5. replaces the container by a fresh one on the same volume: the gallery must be intact
-# 6. validates docker-compose.yml (docker-compose config), the services of each profile and
+# 6. runs two replicas of the image on one PostgreSQL store (a throwaway server from the
+#    host's PostgreSQL binaries, as in the compose postgres-replicas profile): what one
+#    replica enrols or deletes, the other one finds or stops finding
+# 7. validates docker-compose.yml (docker-compose config), the services of each profile and
 #    the Prometheus / Grafana / nginx files; no registry image is pulled or run
 #
 # Environment:
@@ -20,39 +23,52 @@
 #                           install`) | shared (reference models of ../shared/models mounted
 #                           read-only, yunet_2023mar + mobilefacenet_peer_128d)
 #   FACEGATE_SMOKE_GPU=1    also build the GPU image docker/Dockerfile (large; not run here)
-#   FACEGATE_SMOKE_KEEP=1   keep the container and volume for inspection
+#   FACEGATE_SMOKE_KEEP=1   keep the containers and the volume for inspection
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 shared=$(realpath "${FACEGATE_SHARED:-$repo/../shared}")
+lfw=$shared/data/lfw/images
 models_mode=${FACEGATE_SMOKE_MODELS:-installed}
 base_image=local/python:3.11-slim
 image=facegate:cpu-smoke
 run_id=facegate-smoke-$$
 volume=$run_id-data
 tmp=$(mktemp -d)
+pg_root=""
+pg_bin=""
 t0=$(date +%s)
 containers=()
 
 log() { echo "[smoke +$(( $(date +%s) - t0 ))s] $*"; }
 fail() { echo "[smoke] FAIL: $*" >&2; exit 1; }
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+as_postgres() {  # PostgreSQL refuses to run as root
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
 
 cleanup() {
   local rc=$?
   for c in "${containers[@]}"; do
     if [ "$rc" -ne 0 ] && docker inspect "$c" >/dev/null 2>&1; then
       echo "--- last log lines of $c ---" >&2
-      docker logs --tail 60 "$c" >&2 2>&1 || true
+      docker logs --tail 40 "$c" >&2 2>&1 || true
     fi
     [ "${FACEGATE_SMOKE_KEEP:-0}" = 1 ] || docker rm -f "$c" >/dev/null 2>&1 || true
   done
   [ "${FACEGATE_SMOKE_KEEP:-0}" = 1 ] || docker volume rm -f "$volume" >/dev/null 2>&1 || true
+  if [ -n "$pg_root" ]; then
+    as_postgres "$pg_bin/pg_ctl" stop -D "$pg_root/data" -m immediate -w >/dev/null 2>&1 || true
+    rm -rf "$pg_root"
+  fi
   rm -rf "$tmp"
-  [ "$rc" -eq 0 ] && log "PASS" || echo "[smoke] failed after $(( $(date +%s) - t0 ))s" >&2
+  if [ "$rc" -eq 0 ]; then log "PASS"; else echo "[smoke] failed after $(( $(date +%s) - t0 ))s" >&2; fi
 }
 trap cleanup EXIT
 
-[ -d "$shared/data/lfw/images" ] || fail "LFW not found under $shared/data/lfw"
+[ -d "$lfw" ] || fail "LFW not found under $shared/data/lfw"
 
 # --- 1. base images and daemon -----------------------------------------------------------
 log "local base images"
@@ -72,50 +88,74 @@ if [ "${FACEGATE_SMOKE_GPU:-0}" = 1 ]; then
 fi
 
 # --- 3. run ----------------------------------------------------------------------------
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-url=http://127.0.0.1:$port
-run_args=(--network host -v "$volume:/var/lib/facegate"
-          -e FACEGATE_HOST=127.0.0.1 -e FACEGATE_PORT="$port"
-          --health-interval 2s --health-start-period 120s)
+model_args=()
 case "$models_mode" in
   installed) ;;
-  shared) run_args+=(-v "$shared/models:/models:ro" -e FACEGATE_MODELS_DIR=/models
-                     -e FACEGATE_DETECTOR=yunet_2023mar -e FACEGATE_RECOGNIZER=mobilefacenet_peer_128d) ;;
+  shared) model_args=(-v "$shared/models:/models:ro" -e FACEGATE_MODELS_DIR=/models
+                      -e FACEGATE_DETECTOR=yunet_2023mar
+                      -e FACEGATE_RECOGNIZER=mobilefacenet_peer_128d) ;;
   *) fail "FACEGATE_SMOKE_MODELS must be installed or shared, not $models_mode" ;;
 esac
 
-start_container() {  # name
-  containers+=("$1")
-  docker run -d --name "$1" "${run_args[@]}" "$image" >/dev/null
-  python3 docker/smoke_client.py ready "$url" 180
+start_container() {  # name port [docker run options...]: start, wait for /readyz and healthy
+  local name=$1 port=$2
+  shift 2
+  containers+=("$name")
+  docker run -d --name "$name" --network host -e FACEGATE_HOST=127.0.0.1 -e FACEGATE_PORT="$port" \
+    --health-interval 2s --health-start-period 120s "${model_args[@]}" "$@" "$image" >/dev/null
+  python3 docker/smoke_client.py ready "http://127.0.0.1:$port" 180
   for _ in $(seq 60); do
-    [ "$(docker inspect -f '{{.State.Health.Status}}' "$1")" = healthy ] && return 0
+    [ "$(docker inspect -f '{{.State.Health.Status}}' "$name")" = healthy ] && return 0
     sleep 1
   done
-  fail "$1: HEALTHCHECK never reported healthy ($(docker inspect -f '{{json .State.Health}}' "$1"))"
+  fail "$name: HEALTHCHECK never reported healthy ($(docker inspect -f '{{json .State.Health}}' "$name"))"
 }
 
+port=$(free_port)
+url=http://127.0.0.1:$port
 log "starting $run_id-a on $url (models: $models_mode)"
-start_container "$run_id-a"
+start_container "$run_id-a" "$port" -v "$volume:/var/lib/facegate"
 log "ready and healthy"
-uid=$(docker exec "$run_id-a" id -u)
-[ "$uid" != 0 ] || fail "the service runs as root"
+[ "$(docker exec "$run_id-a" id -u)" != 0 ] || fail "the service runs as root"
 docker exec "$run_id-a" python -c \
   'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is not None)' \
   || fail "torch is installed in the service image"
 
 # --- 4. use it -------------------------------------------------------------------------
 log "enrol, verify, identify, metrics"
-python3 docker/smoke_client.py populate "$url" "$shared/data/lfw/images" "$tmp/state.json" \
+python3 docker/smoke_client.py populate "$url" "$lfw" "$tmp/state.json" \
   docker/grafana/dashboards/facegate.json
 
 # --- 5. a fresh container on the same volume ------------------------------------------------
 log "replacing the container (same volume)"
 docker rm -f "$run_id-a" >/dev/null
-start_container "$run_id-b"
-python3 docker/smoke_client.py persisted "$url" "$shared/data/lfw/images" "$tmp/state.json"
+start_container "$run_id-b" "$port" -v "$volume:/var/lib/facegate"
+python3 docker/smoke_client.py persisted "$url" "$lfw" "$tmp/state.json"
+docker rm -f "$run_id-b" >/dev/null
 
-# --- 6. compose and monitoring configuration --------------------------------------------------
+# --- 6. two replicas on one PostgreSQL store ------------------------------------------------
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+if [ -z "$pg_bin" ]; then
+  log "installing Debian's postgresql (server binaries)"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+fi
+pg_root=$(mktemp -d)
+[ "$(id -u)" != 0 ] || chown postgres:postgres "$pg_root"
+pg_port=$(free_port)
+as_postgres "$pg_bin/initdb" -D "$pg_root/data" -U postgres -A trust -E UTF8 --no-sync >/dev/null
+as_postgres "$pg_bin/pg_ctl" start -w -t 60 -D "$pg_root/data" -l "$pg_root/server.log" \
+  -o "-c listen_addresses=127.0.0.1 -p $pg_port -k $pg_root -c fsync=off" >/dev/null
+store_url=postgresql://postgres@127.0.0.1:$pg_port/postgres
+port_1=$(free_port)
+port_2=$(free_port)
+log "two replicas on $store_url: ports $port_1 and $port_2"
+start_container "$run_id-r1" "$port_1" -e FACEGATE_STORE_URL="$store_url"
+start_container "$run_id-r2" "$port_2" -e FACEGATE_STORE_URL="$store_url"
+python3 docker/smoke_client.py replicas "http://127.0.0.1:$port_1" "http://127.0.0.1:$port_2" "$lfw"
+
+# --- 7. compose and monitoring configuration --------------------------------------------------
 log "docker-compose config"
 FACEGATE_REPLICAS=4 docker-compose -f docker-compose.yml config > "$tmp/compose.yml"
 grep -q "driver: nvidia" "$tmp/compose.yml" && grep -q "capabilities:" "$tmp/compose.yml" \

@@ -3,6 +3,7 @@
     python3 docker/smoke_client.py ready    URL [TIMEOUT_S]
     python3 docker/smoke_client.py populate URL LFW_IMAGES STATE_JSON DASHBOARD_JSON
     python3 docker/smoke_client.py persisted URL LFW_IMAGES STATE_JSON
+    python3 docker/smoke_client.py replicas URL_1 URL_2 LFW_IMAGES
 
 ``populate`` enrols real LFW photos (the first two per person that the service
 accepts as one good face; a refused photo must change nothing), verifies same-person and
@@ -11,6 +12,9 @@ upload (typed error, gallery unchanged), scrapes ``/metrics`` and checks that
 every metric the Grafana dashboard queries is exported; it records what it
 enrolled in STATE_JSON.  ``persisted`` runs against a fresh container on the
 same volume and checks that the gallery came back intact and still identifies.
+``replicas`` runs against two containers on one PostgreSQL store: a subject enrolled
+through the first is identified by the second, and one deleted through the second
+disappears from the first.
 
 Standard library only, so it runs with any Python 3 on the host.
 """
@@ -250,6 +254,40 @@ def persisted(base: str, lfw_images: Path, state_path: Path) -> None:
     print(f"after restart: {len(state['subjects'])} subjects, faces and scores unchanged")
 
 
+def wait_for(what: str, probe, timeout_s: float = 20.0) -> float:
+    """Poll ``probe()`` until it is true; return the seconds it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if probe():
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise SmokeFailure(f"{what}: not within {timeout_s:.0f}s")
+
+
+def top_match(base: str, path: Path) -> str | None:
+    answer = post_form(f"{base}/v1/identify", {"gallery": GALLERY, "top_k": "1"}, {"image": path})
+    return answer["faces"][0]["match"] if answer["faces"] else None
+
+
+def replicas(first: str, second: str, lfw_images: Path) -> None:
+    chosen = photos(lfw_images)
+    held_out = {}
+    for name in PEOPLE[:2]:
+        call_json("POST", f"{first}/v1/galleries/{GALLERY}/subjects", (200, 201),
+                  body=json.dumps({"subject_id": name}).encode(), content_type="application/json")
+        _, held_out[name] = enrol(first, name, chosen[name])
+    a, b = PEOPLE[0], PEOPLE[1]
+    seen = wait_for(f"replica 2 identifying {a} enrolled through replica 1",
+                    lambda: top_match(second, held_out[a]) == a)
+    check(subject_ids(second) == sorted(PEOPLE[:2]), f"replica 2 lists {subject_ids(second)}")
+    call_json("DELETE", f"{second}/v1/galleries/{GALLERY}/subjects/{b}")
+    gone = wait_for(f"replica 1 forgetting {b} deleted through replica 2",
+                    lambda: top_match(first, held_out[b]) != b)
+    check(subject_ids(first) == [a], f"replica 1 lists {subject_ids(first)} after the delete")
+    print(f"replicas: enrolment visible on the other replica after {seen:.2f}s, "
+          f"deletion after {gone:.2f}s")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
@@ -263,6 +301,8 @@ def main(argv: list[str]) -> int:
             populate(base, Path(argv[2]), Path(argv[3]), Path(argv[4]))
         elif command == "persisted":
             persisted(base, Path(argv[2]), Path(argv[3]))
+        elif command == "replicas":
+            replicas(base, argv[2].rstrip("/"), Path(argv[3]))
         else:
             print(f"unknown command {command!r}\n{__doc__}", file=sys.stderr)
             return 2
