@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter, Depends
@@ -52,6 +53,7 @@ async def info(state: AppState = Depends(get_state)) -> dict:
     recognizer["default_operating_point"] = pipeline.recognizer_card.default_operating_point
     return {
         "version": _version(),
+        "worker_pid": os.getpid(),
         "models": {"detector": detector, "recognizer": recognizer},
         "matching": {"fusion": "max: a subject scores as its best enrolled face",
                      "metric": "cosine", "index_type": settings.index_type},
