@@ -20,7 +20,11 @@ Uses the reference models in ../shared (YuNet + the 128-d MobileFaceNet peer).
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -28,6 +32,7 @@ from collections import Counter
 import httpx
 import pytest
 
+from tests.conftest import REPO
 from tests.replicas import (
     VISIBILITY_BOUND_S,
     Replica,
@@ -45,6 +50,7 @@ from tests.replicas import (
     stop_all,
     wait_converged,
 )
+from tests.service_helpers import TEST_MODELS
 
 N_REPLICAS = 3
 N_ENROLLED = 30
@@ -415,3 +421,24 @@ def test_workers_see_each_others_writes_within_bound(backend, request, tmp_path,
         for pid, observations in seen.items():
             stale = [t for t, fresh in observations if not fresh and t > VISIBILITY_BOUND_S]
             assert not stale, f"worker {pid} answered from a stale index {stale}s after the ack"
+
+
+@pytest.mark.timeout(300)
+def test_bench_replicas_quick():
+    """``bench/bench_replicas.py --quick`` (1 and 2 replicas on PostgreSQL) ends with one JSON
+    line holding throughput per replica count and enrol-to-visible latencies."""
+    proc = subprocess.run([sys.executable, "bench/bench_replicas.py", "--quick"], check=False,
+                          cwd=REPO,
+                          env={**os.environ, **TEST_MODELS}, capture_output=True, text=True,
+                          timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result["runs"]) == {"1", "2"}
+    for run in result["runs"].values():
+        assert run["rps_median"] > 0 and run["errors"] == 0, run
+        assert 0 < run["p50_ms"] <= run["p99_ms"]
+    for key in ("visible_idle", "visible_loaded"):
+        visible = result[key]
+        assert visible["samples"] == 4  # one per write: each reaches the one other replica
+        assert 0 < visible["p50_ms"] <= visible["p99_ms"] <= VISIBILITY_BOUND_S * 1000, visible
+    assert len(result["rss_mb"]) == 2 and min(result["rss_mb"]) > 0
