@@ -10,7 +10,8 @@
 #    without torch
 # 4. enrols and verifies real LFW photos, identifies held-out ones, sends a bad upload,
 #    scrapes /metrics (every metric the Grafana dashboard reads must be exported)
-# 5. replaces the container by a fresh one on the same volume: the gallery must be intact
+# 5. restarts the container (graceful), then kills it and starts a fresh one on the same
+#    volume: each time the gallery must be intact
 # 6. runs two replicas of the image on one PostgreSQL store (a throwaway server from the
 #    host's PostgreSQL binaries, as in the compose postgres-replicas profile): what one
 #    replica enrols or deletes, the other one finds or stops finding
@@ -19,9 +20,9 @@
 #
 # Environment:
 #   FACEGATE_SHARED         the shared tree (default: ../shared beside the repo)
-#   FACEGATE_SMOKE_MODELS   installed (default: the image's own models from `facegate models
-#                           install`) | shared (reference models of ../shared/models mounted
-#                           read-only, yunet_2023mar + mobilefacenet_peer_128d)
+#   FACEGATE_SMOKE_MODELS   shared (default: reference models of ../shared/models mounted
+#                           read-only, yunet_2023mar + mobilefacenet_peer_128d) | installed
+#                           (the image's own defaults from `facegate models install`)
 #   FACEGATE_SMOKE_GPU=1    also build the GPU image docker/Dockerfile (large; not run here)
 #   FACEGATE_SMOKE_KEEP=1   keep the containers and the volume for inspection
 set -euo pipefail
@@ -29,7 +30,7 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 shared=$(realpath "${FACEGATE_SHARED:-$repo/../shared}")
 lfw=$shared/data/lfw/images
-models_mode=${FACEGATE_SMOKE_MODELS:-installed}
+models_mode=${FACEGATE_SMOKE_MODELS:-shared}
 base_image=local/python:3.11-slim
 image=facegate:cpu-smoke
 run_id=facegate-smoke-$$
@@ -97,18 +98,27 @@ case "$models_mode" in
   *) fail "FACEGATE_SMOKE_MODELS must be installed or shared, not $models_mode" ;;
 esac
 
-start_container() {  # name port [docker run options...]: start, wait for /readyz and healthy
+start_container() {  # name port [docker run options...]: start, wait until ready and healthy
   local name=$1 port=$2
   shift 2
   containers+=("$name")
   docker run -d --name "$name" --network host -e FACEGATE_HOST=127.0.0.1 -e FACEGATE_PORT="$port" \
     --health-interval 2s --health-start-period 120s "${model_args[@]}" "$@" "$image" >/dev/null
-  python3 docker/smoke_client.py ready "http://127.0.0.1:$port" 180
-  for _ in $(seq 60); do
-    [ "$(docker inspect -f '{{.State.Health.Status}}' "$name")" = healthy ] && return 0
+  wait_ready "$name" "$port"
+}
+
+wait_ready() {  # name port: /readyz answers 200 and Docker's HEALTHCHECK reports healthy
+  local name=$1 port=$2 deadline=$(( $(date +%s) + 180 ))
+  until python3 docker/smoke_client.py ready "http://127.0.0.1:$port" 2 2>/dev/null; do
+    [ "$(docker inspect -f '{{.State.Running}}' "$name")" = true ] \
+      || fail "$name exited with status $(docker inspect -f '{{.State.ExitCode}}' "$name")"
+    [ "$(date +%s)" -lt "$deadline" ] || fail "$name: /readyz not ready within 180s"
+  done
+  until [ "$(docker inspect -f '{{.State.Health.Status}}' "$name")" = healthy ]; do
+    [ "$(date +%s)" -lt "$deadline" ] \
+      || fail "$name: HEALTHCHECK not healthy ($(docker inspect -f '{{json .State.Health}}' "$name"))"
     sleep 1
   done
-  fail "$name: HEALTHCHECK never reported healthy ($(docker inspect -f '{{json .State.Health}}' "$name"))"
 }
 
 port=$(free_port)
@@ -126,8 +136,12 @@ log "enrol, verify, identify, metrics"
 python3 docker/smoke_client.py populate "$url" "$lfw" "$tmp/state.json" \
   docker/grafana/dashboards/facegate.json
 
-# --- 5. a fresh container on the same volume ------------------------------------------------
-log "replacing the container (same volume)"
+# --- 5. restarts: graceful, then killed and replaced on the same volume ----------------------
+log "docker restart (graceful stop)"
+docker restart -t 30 "$run_id-a" >/dev/null
+wait_ready "$run_id-a" "$port"
+python3 docker/smoke_client.py persisted "$url" "$lfw" "$tmp/state.json"
+log "killing the container, a fresh one on the same volume"
 docker rm -f "$run_id-a" >/dev/null
 start_container "$run_id-b" "$port" -v "$volume:/var/lib/facegate"
 python3 docker/smoke_client.py persisted "$url" "$lfw" "$tmp/state.json"
