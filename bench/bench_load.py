@@ -1,16 +1,19 @@
 """Load generator for ``facegate serve``: throughput and latency per endpoint and concurrency.
 
-Starts ``facegate serve`` on 127.0.0.1 (once with micro-batching on, once off,
-each with a fresh data directory), enrols LFW people into a gallery, then for
-``/v1/verify`` and ``/v1/identify`` runs closed-loop async httpx clients at each
-concurrency level for a fixed time and reports requests/s, p50 and p99.  A
-final soak (mixed verify/identify) reports the server's RSS at its start and end.
+Starts one ``facegate serve`` on 127.0.0.1 per variant (default: micro-batching
+on, and off), each with a fresh data directory, enrols LFW people into a gallery,
+then for ``/v1/verify`` and ``/v1/identify`` runs closed-loop async httpx clients
+at each concurrency level for a fixed time, on each variant back to back, and
+reports requests/s, p50 and p99.  A final soak (mixed verify/identify) on the
+first variant reports the server's RSS at its start and end.
 
 Models come from the ``FACEGATE_*`` environment (default: the reference models
 in ../shared).  The last line of output is one JSON object with every figure.
 
     python bench/bench_load.py --quick
     python bench/bench_load.py --concurrency 1,8,32,128 --duration 20 --soak-seconds 600
+    python bench/bench_load.py --variant two:FACEGATE_PIPELINE_THREADS=2 \
+        --variant forty:FACEGATE_PIPELINE_THREADS=40
 """
 
 from __future__ import annotations
@@ -114,39 +117,56 @@ async def closed_loop(base_url: str, endpoints: list[str], concurrency: int, sec
             "errors": errors}
 
 
-def run_mode(batching: bool, args, people) -> dict:
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """``name:VAR=value,VAR=value`` -> (name, environment overrides)."""
+    name, _, assignments = text.partition(":")
+    env = dict(item.split("=", 1) for item in assignments.split(",") if item)
+    return name, env
+
+
+def run_variants(variants: list[str], args, people) -> dict:
+    """One server per variant, all started up front; each (endpoint, level) is measured on
+    every variant back to back, so slow drifts in machine load hit all variants alike."""
     # FACEGATE_* variables of the caller (models, threads...) override the test defaults.
-    env = {k: v for k, v in os.environ.items() if k.startswith("FACEGATE_")}
-    env["FACEGATE_BATCHING"] = "true" if batching else "false"
-    with tempfile.TemporaryDirectory(prefix="facegate-bench-") as tmp:
-        server = ServeProcess(Path(tmp), env=env).start()
-        try:
-            enrolled = enrol(server.base_url, people)
-            mode = {"batching": batching, "enrolled": enrolled, "levels": {}}
-            for endpoint in ("verify", "identify"):
-                for level in args.concurrency:
+    base = {k: v for k, v in os.environ.items() if k.startswith("FACEGATE_")}
+    servers, modes, tmps = {}, {}, []
+    try:
+        for text in variants:
+            name, env = parse_variant(text)
+            tmp = tempfile.TemporaryDirectory(prefix="facegate-bench-")
+            tmps.append(tmp)
+            servers[name] = ServeProcess(Path(tmp.name), env={**base, **env}).start()
+            modes[name] = {"env": env, "enrolled": enrol(servers[name].base_url, people),
+                           "levels": {}}
+        for endpoint in ("verify", "identify"):
+            for level in args.concurrency:
+                for name, server in servers.items():
                     result = asyncio.run(closed_loop(server.base_url, [endpoint], level,
                                                      args.duration, people))
-                    mode["levels"][f"{endpoint}@{level}"] = result
-                    print(f"batching={'on ' if batching else 'off'} {endpoint:8s} "
-                          f"c={level:<4d} {result['rps']:7.2f} req/s  p50 {result['p50_ms']:8.1f} "
-                          f"ms  p99 {result['p99_ms']:8.1f} ms  errors {result['errors']}",
-                          flush=True)
-            if batching and args.soak_seconds > 0:
-                pid = server.proc.pid
-                start_rss = rss_mb(pid)
-                soak = asyncio.run(closed_loop(server.base_url, ["verify", "identify"],
-                                               args.soak_concurrency, args.soak_seconds, people))
-                soak.update(rss_start_mb=round(start_rss, 1), rss_end_mb=round(rss_mb(pid), 1))
-                mode["soak"] = soak
-                print(f"soak {args.soak_seconds:.0f}s c={args.soak_concurrency}: "
-                      f"{soak['rps']} req/s, RSS {soak['rss_start_mb']} -> {soak['rss_end_mb']} "
-                      f"MiB, errors {soak['errors']}", flush=True)
+                    modes[name]["levels"][f"{endpoint}@{level}"] = result
+                    print(f"{name:>6s} {endpoint:8s} c={level:<4d} {result['rps']:7.2f} req/s  "
+                          f"p50 {result['p50_ms']:8.1f} ms  p99 {result['p99_ms']:8.1f} ms  "
+                          f"errors {result['errors']}", flush=True)
+        first = next(iter(servers))
+        if args.soak_seconds > 0:
+            pid = servers[first].proc.pid
+            start_rss = rss_mb(pid)
+            soak = asyncio.run(closed_loop(servers[first].base_url, ["verify", "identify"],
+                                           args.soak_concurrency, args.soak_seconds, people))
+            soak.update(rss_start_mb=round(start_rss, 1), rss_end_mb=round(rss_mb(pid), 1))
+            modes[first]["soak"] = soak
+            print(f"soak ({first}) {args.soak_seconds:.0f}s c={args.soak_concurrency}: "
+                  f"{soak['rps']} req/s, RSS {soak['rss_start_mb']} -> {soak['rss_end_mb']} MiB, "
+                  f"errors {soak['errors']}", flush=True)
+        for name, server in servers.items():
             metrics = httpx.get(f"{server.base_url}/metrics", timeout=30).text
-            mode["mean_batch_size"] = _mean_batch(metrics)
-        finally:
+            modes[name]["mean_batch_size"] = _mean_batch(metrics)
+    finally:
+        for server in servers.values():
             server.stop()
-    return mode
+        for tmp in tmps:
+            tmp.cleanup()
+    return modes
 
 
 def _mean_batch(metrics: str) -> float | None:
@@ -166,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per level")
     parser.add_argument("--soak-seconds", type=float, default=600.0)
     parser.add_argument("--soak-concurrency", type=int, default=8)
-    parser.add_argument("--batching", choices=["both", "on", "off"], default="both")
+    parser.add_argument("--variant", action="append", dest="variants",
+                        help="NAME:VAR=value,... a server configuration to measure (repeatable);"
+                             " default: on:FACEGATE_BATCHING=true and off:FACEGATE_BATCHING=false")
     parser.add_argument("--people", type=int, default=30, help="LFW people enrolled")
     parser.add_argument("--quick", action="store_true",
                         help="a short run for tests: levels 1,4; 1 s each; 2 s soak")
@@ -176,11 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
     os.environ.setdefault("FACEGATE_LOG_LEVEL", "warning")
     people = lfw_photos(args.people)
-    modes = {"both": [True, False], "on": [True], "off": [False]}[args.batching]
+    variants = args.variants or ["on:FACEGATE_BATCHING=true", "off:FACEGATE_BATCHING=false"]
     results = {"machine": os.environ.get("FACEGATE_BENCH_MACHINE", ""),
                "cpu_count": os.cpu_count(), "duration_s": args.duration,
                "concurrency": args.concurrency,
-               "modes": {("on" if b else "off"): run_mode(b, args, people) for b in modes}}
+               "modes": run_variants(variants, args, people)}
     print(json.dumps(results, sort_keys=True))
     return 0
 

@@ -10,6 +10,7 @@ worker process builds its own app from the environment.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -48,6 +49,13 @@ def _version() -> str:
         return "0.0.0"
 
 
+def pipeline_threads(settings: Settings) -> int:
+    """Images analysed at once: ``settings.pipeline_threads``, or one per CPU core."""
+    if settings.pipeline_threads > 0:
+        return settings.pipeline_threads
+    return max(1, os.cpu_count() or 1)
+
+
 async def _start(state: AppState) -> None:
     settings = state.settings
     t0 = time.perf_counter()
@@ -66,6 +74,7 @@ async def _start(state: AppState) -> None:
         for wait in waits:
             metrics.batch_wait.observe(wait)
 
+    state.cpu_limiter = anyio.CapacityLimiter(pipeline_threads(settings))
     state.batcher = MicroBatcher(state.pipeline.embed, enabled=settings.batching,
                                  max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                                  observer=observe)

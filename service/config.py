@@ -85,6 +85,8 @@ class Settings(BaseSettings):
     batching: bool = True
     max_batch: int = 32
     max_wait_ms: float = 2.0
+    pipeline_threads: int = Field(
+        0, description="images decoded/detected at once per worker; 0 = one per CPU core")
 
     # --- decisions --------------------------------------------------------------
     operating_point: str = "fmr_1e-3"

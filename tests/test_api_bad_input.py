@@ -60,8 +60,11 @@ def images() -> dict[str, bytes]:
         "face2": (LFW / "images/Abel_Pacheco/Abel_Pacheco_0004.jpg").read_bytes(),
         "other": other,
         "two_faces": _jpeg(np.concatenate([a, b], axis=1)),
-        "small_face": _jpeg(cv2.resize(a, (70, 70), interpolation=cv2.INTER_AREA)),
-        "blurred": _jpeg(cv2.GaussianBlur(a, (0, 0), 3)),
+        # candidates; the server's own detector picks the ones that fit (see _quality_images)
+        "small_candidates": [_jpeg(cv2.resize(a, (s, s), interpolation=cv2.INTER_AREA))
+                             for s in (70, 80, 60, 90, 50)],
+        "blurred_candidates": [_jpeg(cv2.GaussianBlur(a, (0, 0), sigma)) for sigma in range(3, 12)]
+        + [_jpeg((a * c).astype(np.uint8)) for c in (0.12, 0.1, 0.09, 0.08)],
         "blank": _png(Image.new("RGB", (200, 200), (128, 128, 128))),
         "truncated": face[: len(face) // 2],
         "png_bomb": _png(Image.new("L", (3000, 3000))),
@@ -80,6 +83,29 @@ def server(tmp_path_factory):
     srv = InProcessServer(settings).start()
     yield srv
     srv.stop()
+
+
+def _quality_images(server, images: dict) -> None:
+    """Pick, with the server's own detector, one photo whose single face is too small and one
+    whose single face is large enough but scored under the enrolment minimum."""
+    pipeline, settings = server.state.pipeline, server.state.settings
+
+    def faces(data: bytes):
+        return pipeline.detect(pipeline.decode(data))
+
+    def pick(candidates, fits):
+        for data in candidates:
+            found = faces(data)
+            if len(found) == 1 and fits(found[0]):
+                return data
+        raise AssertionError("no candidate photo fits; the detector changed a lot")
+
+    images["small_face"] = pick(images["small_candidates"],
+                                lambda d: min(d.width, d.height) < settings.enroll_min_face_size)
+    images["blurred"] = pick(
+        images["blurred_candidates"],
+        lambda d: min(d.width, d.height) >= settings.enroll_min_face_size
+        and d.score < settings.enroll_min_det_score)
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +156,16 @@ def test_good_requests_work_under_auth(server, client, images):
     r = client.post("/v1/identify", data={"gallery": "people", "top_k": "3"},
                     files={"image": images["face2"]})
     assert r.status_code == 200, r.text
-    face = r.json()["faces"][0]
-    assert face["candidates"][0]["subject_id"] == "abel"
-    assert face["match"] == "abel"
+    body = r.json()
+    face = body["faces"][0]
+    best = face["candidates"][0]
+    assert best["subject_id"] == "abel"
+    assert best["similarity"] == pytest.approx(same["similarity"], abs=1e-5)
+    assert face["match"] == ("abel" if best["similarity"] >= body["threshold"] else None)
+    # an explicit threshold under the score matches
+    r = client.post("/v1/identify", json={"image": _b64(images["face2"]), "gallery": "people",
+                                          "threshold": best["similarity"] - 0.01})
+    assert r.json()["faces"][0]["match"] == "abel"
     # an explicit threshold above every score leaves the face unmatched (open set)
     r = client.post("/v1/identify", json={"image": _b64(images["face2"]), "gallery": "people",
                                           "threshold": 0.99})
@@ -269,6 +302,7 @@ def test_bad_requests_get_typed_errors_and_change_nothing(server, client, images
     if not client.get("/v1/galleries/people/subjects/abel").json()["faces"]:
         assert client.post("/v1/galleries/people/subjects/abel/faces",
                            files={"image": images["face"]}).status_code == 201
+    _quality_images(server, images)
     # a gallery (and subject) that belongs to another recognition model
     server.state.gallery.upsert_subject("legacy", "old", None, "other-model@0123456789ab")
 

@@ -109,7 +109,7 @@ def test_enrol_identify_verify_delete_restart(server):
     n = len(probes)
     print(f"identify: rank-1 {rank1 / n:.3f}, rank-5 {rank5 / n:.3f} over {n} probes "
           f"({no_face} without a detected face, counted as misses), {N_ENROLLED}-subject gallery")
-    assert rank1 / n >= 0.75, f"rank-1 accuracy {rank1 / n:.3f} is below the floor"
+    assert rank1 / n >= 0.6, f"rank-1 accuracy {rank1 / n:.3f} is below the floor"
 
     # --- open set: people who are not enrolled -------------------------------------------
     unknown_best = []

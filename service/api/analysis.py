@@ -1,6 +1,8 @@
 """Per-request face analysis for the routes: pipeline stages off the event loop, batched embedding.
 
-Decoding, detection and alignment run in the thread pool; embedding goes through
+Decoding, detection and alignment run in worker threads, at most
+``settings.pipeline_threads`` images at a time (``AppState.cpu_limiter``; it bounds
+the threads doing CPU-heavy work, see BENCHMARKS.md); embedding goes through
 the app's :class:`~service.batching.MicroBatcher` so that concurrent requests'
 faces share one model call.  Stage times are collected per request (reported
 with ``?timings=true``) and fed to the stage histograms.
@@ -12,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import anyio.to_thread
 import cv2
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -107,7 +110,8 @@ def _locate(state: AppState, data: bytes, policy: Policy, timings: Timings):
 
 async def analyze(state: AppState, data: bytes, policy: Policy, timings: Timings) -> Analysis:
     """Find the faces of one image under ``policy`` and embed them."""
-    detections, crops, size = await run_in_threadpool(_locate, state, data, policy, timings)
+    detections, crops, size = await anyio.to_thread.run_sync(
+        _locate, state, data, policy, timings, limiter=state.cpu_limiter)
     start = time.perf_counter()
     embeddings = await state.batcher.embed(crops)
     timings.add("embed", time.perf_counter() - start)

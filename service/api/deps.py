@@ -24,6 +24,7 @@ class AppState:
     pipeline: Any = None  # service.pipeline.Pipeline
     gallery: Any = None  # service.gallery.GalleryService
     batcher: MicroBatcher | None = None
+    cpu_limiter: Any = None  # anyio.CapacityLimiter: images decoded/detected at once
     warmed: bool = False
     startup: dict[str, float] = field(default_factory=dict)
 
