@@ -1,0 +1,34 @@
+"""Before its lifespan has loaded anything, the app is alive but not ready, and says so."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from service.app import create_app
+from service.config import Settings
+
+
+def test_not_ready_until_started(tmp_path):
+    app = create_app(Settings(data_dir=tmp_path, api_keys=["k"]))
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)  # no lifespan: nothing loaded
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return (await client.get("/healthz"), await client.get("/readyz"),
+                    await client.get("/v1/info", headers={"X-API-Key": "k"}),
+                    await client.get("/v1/info"), await client.get("/metrics"))
+
+    health, ready, info, unauthorised, metrics = asyncio.run(main())
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert ready.status_code == 503
+    assert ready.json()["status"] == "not_ready"
+    assert ready.json()["checks"] == {"models": False, "gallery": False}
+    assert info.status_code == 503 and info.json()["error"]["code"] == "not_ready"
+    assert unauthorised.status_code == 401  # auth is checked before readiness
+    assert metrics.status_code == 200
+    assert 'facegate_http_requests_total{method="GET",route="/readyz",status="503"} 1.0' in metrics.text
+    # every app has its own registry: a second app starts from zero
+    other = create_app(Settings(data_dir=tmp_path))
+    assert other.state.metrics.registry is not app.state.metrics.registry
