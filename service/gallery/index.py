@@ -11,7 +11,7 @@ Index types (``settings.index_type``):
     ``IndexIDMap2`` over ``IndexFlatIP``: exact search, recall 1.0; cost is
     linear in gallery size (see BENCHMARKS.md for measured latency).
 ``ivf``
-    ``IndexIVFFlat`` with ``nlist = 4·sqrt(n)`` lists, probing ``IVF_NPROBE``
+    ``IndexIVFFlat`` with ``nlist = 2·sqrt(n)`` lists, probing ``IVF_NPROBE``
     of them: sub-linear search, recall below 1.0 (a true match in an unprobed
     list is missed).  The gallery stays exact (flat) until it holds
     ``IVF_MIN_TRAIN`` faces, is then trained on its own vectors, and is
@@ -51,6 +51,8 @@ INDEX_TYPES = ("flat", "ivf", "hnsw")
 IVF_MIN_TRAIN = 10_000
 IVF_RETRAIN_GROWTH = 8
 IVF_NPROBE = 32
+IVF_TRAIN_PER_LIST = 64  # k-means sample: this many vectors per list (FAISS advises 30-256)
+IVF_TRAIN_ITERATIONS = 10
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
@@ -122,6 +124,11 @@ def _ivf_contents(ivf: faiss.IndexIVFFlat) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(ids), np.concatenate(vectors)
 
 
+def ivf_lists(n: int) -> int:
+    """IVF list count for ``n`` vectors: ``2·sqrt(n)``, at least 39 training points per list."""
+    return int(max(1, min(2 * math.sqrt(n), n / 39, 65536)))
+
+
 class GalleryIndex:
     """The searchable, derived state of one gallery."""
 
@@ -158,10 +165,12 @@ class GalleryIndex:
             ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
             vectors = _flat_vectors(self._index.index)
         n = len(ids)
-        nlist = int(min(65536, max(16, 4 * math.sqrt(n))))
+        nlist = ivf_lists(n)
         index = faiss.index_factory(self.dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = IVF_TRAIN_ITERATIONS
         rng = np.random.default_rng(0)
-        sample = vectors if n <= 256 * nlist else vectors[rng.choice(n, 256 * nlist, replace=False)]
+        cap = IVF_TRAIN_PER_LIST * nlist
+        sample = vectors if n <= cap else vectors[np.sort(rng.choice(n, cap, replace=False))]
         index.train(sample)
         index.add_with_ids(vectors, ids)
         self._index = index
@@ -177,6 +186,15 @@ class GalleryIndex:
             index.add_with_ids(vectors[keep], ids[keep])
         self._index = index
         self._tombstones.clear()
+
+    def train(self) -> None:
+        """ivf only: train (or re-train) the coarse quantiser now, whatever the gallery size."""
+        if self.kind != "ivf":
+            raise ValueError(f"a {self.kind} index needs no training")
+        with self._lock.write():
+            if self._subject_of:
+                self._train_ivf()
+                self._gpu_index = None
 
     # --- mutation ---------------------------------------------------------------
     def add(self, face_ids, subject_ids: list[str], vectors: np.ndarray) -> int:
