@@ -30,8 +30,10 @@ by its best face (max fusion).  The index over-fetches faces and widens the
 fetch until it has ``top_k`` distinct subjects or has seen every face.
 
 With ``gpu=True`` (set when ``faiss.get_num_gpus() > 0`` and
-``settings.faiss_gpu``) a flat index is mirrored onto the GPU for search; the
-CPU index stays the source of the mirror, which is refreshed after changes.
+``settings.faiss_gpu``) a flat index's vectors are mirrored onto the GPU
+(``GpuIndexFlatIP``) for search; the CPU index stays the source of truth and
+the mirror is re-uploaded lazily after a change.  This path needs a GPU build
+of FAISS and is not exercised by the CPU test-suite.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 HNSW_REBUILD_FRACTION = 0.2
 OVERFETCH = 4
+GPU_MAX_K = 2048  # FAISS GPU k-selection limit; larger fetches run on the CPU index
 SNAPSHOT_FORMAT = 1
 
 
@@ -146,6 +149,8 @@ class GalleryIndex:
         self._tombstones: set[int] = set()
         self._lock = _RWLock()
         self._gpu_index = None
+        self._gpu_ids = None
+        self._gpu_resources = None
         self._gpu_lock = threading.Lock()
 
     # --- construction -----------------------------------------------------------
@@ -262,15 +267,21 @@ class GalleryIndex:
     def subject_of(self, face_id: int) -> str | None:
         return self._subject_of.get(int(face_id))
 
-    def _search_index(self):
-        if not self.gpu:
-            return self._index
-        with self._gpu_lock:
-            if self._gpu_index is None:
-                resources = faiss.StandardGpuResources()
-                self._gpu_index = faiss.index_cpu_to_gpu(resources, 0, self._index)
-                self._gpu_resources = resources
-            return self._gpu_index
+    def _raw_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search returning (scores, face ids); on the GPU mirror when there is one."""
+        if self.gpu and k <= GPU_MAX_K:
+            with self._gpu_lock:
+                if self._gpu_index is None:
+                    if self._gpu_resources is None:
+                        self._gpu_resources = faiss.StandardGpuResources()
+                    # Mirror the flat storage; its row numbers map to ids through id_map.
+                    self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0,
+                                                             self._index.index)
+                    self._gpu_ids = faiss.vector_to_array(self._index.id_map)
+                gpu_index, row_ids = self._gpu_index, self._gpu_ids
+            scores, rows = gpu_index.search(queries, k)
+            return scores, np.where(rows >= 0, row_ids[np.maximum(rows, 0)], -1)
+        return self._index.search(queries, k, params=self._params(k))
 
     def _params(self, k: int):
         if isinstance(self._index, faiss.IndexIVFFlat):
@@ -286,10 +297,9 @@ class GalleryIndex:
             total = self._index.ntotal
             if total == 0 or top_k <= 0 or not self._subject_of:
                 return [[] for _ in range(len(queries))]
-            index = self._search_index()
             k = min(total, top_k * OVERFETCH + len(self._tombstones))
             while True:
-                scores, ids = index.search(queries, k, params=self._params(k))
+                scores, ids = self._raw_search(queries, k)
                 results = [self._fuse(s, i, top_k) for s, i in zip(scores, ids)]
                 if k >= total or all(len(r) >= top_k for r in results):
                     return results
