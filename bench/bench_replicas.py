@@ -16,9 +16,13 @@ through the first), then measures
   each replica in turn; the acknowledgement starts a clock that stops, per
   other replica, when its ``/readyz`` reports ``applied_seq`` at or past the
   write's sequence number (the write is then in that replica's index and
-  visible to ``/v1/identify``).  Measured idle and again while the identify
-  clients run on every replica;
-* resident memory of every replica.
+  visible to ``/v1/identify``).  The poll's own round trip is bracketed: the
+  upper bound is when the first answer showing the write arrived, the lower
+  bound when the poll before it (still without the write) was sent.  Measured
+  idle and again while the identify clients run on every replica;
+* resident memory of every replica, and for every throughput run the CPU time
+  the serving replicas used per answered request and how busy the whole
+  machine was (``/proc``), which says what limits scaling.
 
 Models come from the ``FACEGATE_*`` environment (default: the reference models
 in ../shared).  The last line of output is one JSON object with every figure.
@@ -68,11 +72,28 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def summary_ms(seconds: list[float]) -> dict:
-    return {"samples": len(seconds),
-            "p50_ms": round(percentile(seconds, 50) * 1000, 1),
-            "p99_ms": round(percentile(seconds, 99) * 1000, 1),
-            "max_ms": round(max(seconds) * 1000, 1) if seconds else float("nan")}
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (seconds), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU time of the whole machine so far (seconds), from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(values) - idle) / tick, sum(values) / tick
+
+
+def summary_ms(upper: list[float], lower: list[float]) -> dict:
+    """Percentiles of the enrol-to-visible upper bounds, and the same of the lower bounds."""
+    return {"samples": len(upper),
+            "p50_ms": round(percentile(upper, 50) * 1000, 1),
+            "p99_ms": round(percentile(upper, 99) * 1000, 1),
+            "max_ms": round(max(upper) * 1000, 1) if upper else float("nan"),
+            "lower_p50_ms": round(percentile(lower, 50) * 1000, 1),
+            "lower_p99_ms": round(percentile(lower, 99) * 1000, 1)}
 
 
 def enrol_gallery(replica: Replica, size: int) -> tuple[list[str], list[bytes]]:
@@ -125,32 +146,48 @@ async def identify_load(replicas: list[Replica], probes: list[bytes], clients: i
                 else:
                     errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
 
+    pids = [r.proc.pid for r in replicas]
     started = time.monotonic()
-    cpu0 = time.process_time()
+    cpu0, replica_cpu0 = time.process_time(), sum(cpu_seconds(p) for p in pids)
+    busy0, total0 = machine_busy()
     await asyncio.gather(*(client_loop(k) for k in range(clients)))
     elapsed = time.monotonic() - started
+    busy1, total1 = machine_busy()
+    replica_cpu = sum(cpu_seconds(p) for p in pids) - replica_cpu0
     return {"requests": len(latencies), "seconds": round(elapsed, 2),
             "rps": round(len(latencies) / elapsed, 2),
             "p50_ms": round(percentile(latencies, 50) * 1000, 1),
             "p99_ms": round(percentile(latencies, 99) * 1000, 1),
             "no_face": no_face, "errors": errors,
-            "client_cpu_s": round(time.process_time() - cpu0, 2)}
+            "client_cpu_s": round(time.process_time() - cpu0, 2),
+            # where the machine's CPU went: the serving replicas' share of it, their CPU
+            # time per answered request, and how busy the whole machine was
+            "replica_cpu_s": round(replica_cpu, 2),
+            "replica_cpu_ms_per_request": round(1000 * replica_cpu / max(1, len(latencies)), 1),
+            "machine_busy": round((busy1 - busy0) / max(1e-9, total1 - total0), 3),
+            "replica_share_of_machine": round(replica_cpu / max(1e-9, total1 - total0), 3)}
 
 
 async def visibility(replicas: list[Replica], samples: int, pool: list[str],
-                     offset: int) -> list[float]:
-    """Enrol-to-visible seconds, one per (write, other replica) pair."""
-    found: list[float] = []
+                     offset: int) -> tuple[list[float], list[float]]:
+    """Enrol-to-visible seconds, one per (write, other replica) pair, bracketed: the time the
+    answer that first showed the write arrived (an upper bound), and the time the poll before
+    it, which did not show it yet, was sent (a lower bound; 0 when the first poll showed it)."""
+    found: list[tuple[float, float]] = []
     clients = [httpx.AsyncClient(base_url=r.base_url, timeout=120) for r in replicas]
 
     async def applied_seq(client: httpx.AsyncClient) -> int:
         return (await client.get("/readyz")).json()["sync"]["applied_seq"]
 
-    async def wait_for(client: httpx.AsyncClient, seq: int, since: float) -> float:
-        while await applied_seq(client) < seq:
-            if time.monotonic() - since > 30:
+    async def wait_for(client: httpx.AsyncClient, seq: int, since: float) -> tuple[float, float]:
+        not_yet = since
+        while True:
+            sent = time.monotonic()
+            if await applied_seq(client) >= seq:
+                return time.monotonic() - since, not_yet - since
+            not_yet = sent
+            if sent - since > 30:
                 raise TimeoutError("a replica did not apply a write within 30 s")
-        return time.monotonic() - since
 
     try:
         done = 0
@@ -176,7 +213,7 @@ async def visibility(replicas: list[Replica], samples: int, pool: list[str],
     finally:
         for client in clients:
             await client.aclose()
-    return found
+    return [upper for upper, _ in found], [lower for _, lower in found]
 
 
 async def visibility_under_load(replicas, probes, clients, samples, pool, offset) -> dict:
@@ -184,11 +221,11 @@ async def visibility_under_load(replicas, probes, clients, samples, pool, offset
     load = asyncio.create_task(identify_load(replicas, probes, clients, 3600, stop))
     await asyncio.sleep(1.0)
     try:
-        found = await visibility(replicas, samples, pool, offset)
+        upper, lower = await visibility(replicas, samples, pool, offset)
     finally:
         stop.set()
         throughput = await load
-    return {**summary_ms(found), "identify_rps_meanwhile": throughput["rps"],
+    return {**summary_ms(upper, lower), "identify_rps_meanwhile": throughput["rps"],
             "identify_errors": throughput["errors"]}
 
 
@@ -249,14 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         for n, runs in rounds.items():
             rps = sorted(r["rps"] for r in runs)
             median = runs[[r["rps"] for r in runs].index(rps[len(rps) // 2])]
+            keys = ("p50_ms", "p99_ms", "client_cpu_s", "replica_cpu_ms_per_request",
+                    "machine_busy", "replica_share_of_machine")
             result["runs"][str(n)] = {"rps_median": median["rps"], "rps_all": rps,
-                                      "p50_ms": median["p50_ms"], "p99_ms": median["p99_ms"],
-                                      "errors": sum(sum(r["errors"].values()) for r in runs),
-                                      "client_cpu_s": median["client_cpu_s"]}
+                                      **{key: median[key] for key in keys},
+                                      "errors": sum(sum(r["errors"].values()) for r in runs)}
 
         if len(replicas) >= 2:
-            idle = asyncio.run(visibility(replicas, args.visibility_samples, pool, 0))
-            result["visible_idle"] = summary_ms(idle)
+            upper, lower = asyncio.run(visibility(replicas, args.visibility_samples, pool, 0))
+            result["visible_idle"] = summary_ms(upper, lower)
             print(f"enrol-to-visible over {len(replicas)} replicas, idle: "
                   f"{result['visible_idle']}", flush=True)
             result["visible_loaded"] = asyncio.run(visibility_under_load(
