@@ -1,0 +1,131 @@
+"""Images per second of facegate's pipeline against InsightFace's model_zoo path.
+
+Both run in this process on the same images (LFW photos and InsightFace's group
+photo) with the same ONNX files from ``../shared/models``:
+
+- ours: ``Pipeline.analyze(bytes)`` (decode, detect, align, embed every face)
+  with SCRFD-2.5G at the image's own size (rounded to 32, at most det_size) and
+  the MobileFaceNet peer;
+- insightface: ``cv2.imdecode`` + ``model_zoo.SCRFD.detect`` at 640x640 (as
+  ``FaceAnalysis`` runs it) + ``ArcFaceONNX.get`` (``norm_crop`` + embedding) per face.
+
+Each round times both paths over all images, alternating which goes first; the
+report gives medians over rounds and the ratio. The last line of output is one
+JSON object.
+
+    python bench/bench_pipeline.py [--quick] [--images N] [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHARED = Path(os.environ.get("FACEGATE_SHARED", REPO.parent / "shared")).resolve()
+
+
+def load_images(count: int) -> list[bytes]:
+    import insightface
+
+    group = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+    paths = sorted((SHARED / "data" / "lfw" / "images").glob("*/*.jpg"))
+    step = max(1, len(paths) // max(1, count - 1))
+    chosen = paths[::step][: count - 1]
+    return [group.read_bytes(), *(p.read_bytes() for p in chosen)]
+
+
+def build_ours(detector: str, recognizer: str):
+    from service.config import MANIFEST_PATH, Settings
+    from service.pipeline.pipeline import Pipeline
+    from service.registry import Registry
+
+    settings = Settings(detector=detector, recognizer=recognizer)
+    pipeline = Pipeline.from_settings(settings, Registry(MANIFEST_PATH, [SHARED / "models"]))
+
+    def run(data: bytes) -> int:
+        return len(pipeline.analyze(data)[1])
+
+    return run
+
+
+def build_insightface(detector_file: Path, recognizer_file: Path, det_size: int):
+    import cv2
+    import numpy as np
+    from insightface.app.common import Face
+    from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+    from insightface.model_zoo.scrfd import SCRFD
+
+    det = SCRFD(str(detector_file))
+    det.prepare(-1, input_size=(det_size, det_size), det_thresh=0.5)
+    rec = ArcFaceONNX(str(recognizer_file))
+    rec.prepare(-1)
+
+    def run(data: bytes) -> int:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        boxes, kpss = det.detect(img, input_size=(det_size, det_size))
+        for box, kps in zip(boxes, kpss):
+            rec.get(img, Face(bbox=box[:4], kps=kps, det_score=box[4]))
+        return len(boxes)
+
+    return run
+
+
+def time_path(run, images: list[bytes]) -> tuple[float, int]:
+    start = time.perf_counter()
+    faces = sum(run(data) for data in images)
+    return time.perf_counter() - start, faces
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="10 images, 2 rounds")
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--detector", default="scrfd_2.5g_bnkps")
+    parser.add_argument("--recognizer", default="mobilefacenet_peer_128d")
+    parser.add_argument("--det-size", type=int, default=640, help="InsightFace detector input side")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.rounds = 10, 2
+
+    images = load_images(args.images)
+    ours = build_ours(args.detector, args.recognizer)
+    theirs = build_insightface(SHARED / "models" / "scrfd_2.5g_bnkps.onnx",
+                               SHARED / "models" / f"{args.recognizer}.onnx", args.det_size)
+    ours(images[0]), theirs(images[0])  # warm-up (lazy sessions, caches)
+
+    ours_s, theirs_s = [], []
+    faces = {}
+    for r in range(args.rounds):
+        order = [("ours", ours, ours_s), ("insightface", theirs, theirs_s)]
+        for name, run, sink in (order if r % 2 == 0 else order[::-1]):
+            seconds, count = time_path(run, images)
+            sink.append(seconds)
+            faces[name] = count
+        print(f"round {r + 1}: ours {len(images) / ours_s[-1]:.2f} img/s, insightface "
+              f"{len(images) / theirs_s[-1]:.2f} img/s", file=sys.stderr)
+    ours_ips = len(images) / statistics.median(ours_s)
+    theirs_ips = len(images) / statistics.median(theirs_s)
+    print(json.dumps({
+        "ours_images_per_s": round(ours_ips, 3),
+        "insightface_images_per_s": round(theirs_ips, 3),
+        "ratio": round(ours_ips / theirs_ips, 3),
+        "images": len(images),
+        "rounds": args.rounds,
+        "faces": faces,
+        "detector": args.detector,
+        "recognizer": args.recognizer,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
