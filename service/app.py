@@ -10,7 +10,6 @@ worker process builds its own app from the environment.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -49,11 +48,12 @@ def _version() -> str:
         return "0.0.0"
 
 
-def pipeline_threads(settings: Settings) -> int:
-    """Images analysed at once: ``settings.pipeline_threads``, or one per CPU core."""
+def cpu_limiter(settings: Settings):
+    """Bound on images analysed at once: ``settings.pipeline_threads``, or (0) just the
+    thread pool's own bound (measured no slower on the 2-core VM, see BENCHMARKS.md)."""
     if settings.pipeline_threads > 0:
-        return settings.pipeline_threads
-    return max(1, os.cpu_count() or 1)
+        return anyio.CapacityLimiter(settings.pipeline_threads)
+    return anyio.to_thread.current_default_thread_limiter()
 
 
 async def _start(state: AppState) -> None:
@@ -74,7 +74,7 @@ async def _start(state: AppState) -> None:
         for wait in waits:
             metrics.batch_wait.observe(wait)
 
-    state.cpu_limiter = anyio.CapacityLimiter(pipeline_threads(settings))
+    state.cpu_limiter = cpu_limiter(settings)
     state.batcher = MicroBatcher(state.pipeline.embed, enabled=settings.batching,
                                  max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                                  observer=observe)

@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     max_batch: int = 32
     max_wait_ms: float = 2.0
     pipeline_threads: int = Field(
-        0, description="images decoded/detected at once per worker; 0 = one per CPU core")
+        0, description="images decoded/detected at once per worker; 0 = the thread pool's bound")
 
     # --- decisions --------------------------------------------------------------
     operating_point: str = "fmr_1e-3"

@@ -1,8 +1,8 @@
 """Per-request face analysis for the routes: pipeline stages off the event loop, batched embedding.
 
 Decoding, detection and alignment run in worker threads, at most
-``settings.pipeline_threads`` images at a time (``AppState.cpu_limiter``; it bounds
-the threads doing CPU-heavy work, see BENCHMARKS.md); embedding goes through
+``settings.pipeline_threads`` images at a time (``AppState.cpu_limiter``; by
+default the thread pool's own bound); embedding goes through
 the app's :class:`~service.batching.MicroBatcher` so that concurrent requests'
 faces share one model call.  Stage times are collected per request (reported
 with ``?timings=true``) and fed to the stage histograms.
