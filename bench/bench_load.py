@@ -199,10 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FACEGATE_LOG_LEVEL", "warning")
     people = lfw_photos(args.people)
     variants = args.variants or ["on:FACEGATE_BATCHING=true", "off:FACEGATE_BATCHING=false"]
+    load_before = os.getloadavg()[0]
     results = {"machine": os.environ.get("FACEGATE_BENCH_MACHINE", ""),
                "cpu_count": os.cpu_count(), "duration_s": args.duration,
                "concurrency": args.concurrency,
                "modes": run_variants(variants, args, people)}
+    # other work on the machine skews every figure: record the load it was under
+    results["loadavg_1min"] = {"start": round(load_before, 2),
+                               "end": round(os.getloadavg()[0], 2)}
     print(json.dumps(results, sort_keys=True))
     return 0
 
