@@ -32,6 +32,14 @@ def _jpeg(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def _smaller(image: np.ndarray) -> np.ndarray:
+    """The photo at 60 % size on a grey canvas of the original height."""
+    small = cv2.resize(image, (150, 150), interpolation=cv2.INTER_AREA)
+    canvas = np.full((image.shape[0], 150, 3), 128, np.uint8)
+    canvas[50:200] = small
+    return canvas
+
+
 def _png(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG", optimize=True)
@@ -59,7 +67,7 @@ def images() -> dict[str, bytes]:
         "face": face,
         "face2": (LFW / "images/Abel_Pacheco/Abel_Pacheco_0004.jpg").read_bytes(),
         "other": other,
-        "two_faces": _jpeg(np.concatenate([a, b], axis=1)),
+        "two_faces": _jpeg(np.concatenate([a, _smaller(b)], axis=1)),
         # candidates; the server's own detector picks the ones that fit (see _quality_images)
         "small_candidates": [_jpeg(cv2.resize(a, (s, s), interpolation=cv2.INTER_AREA))
                              for s in (70, 80, 60, 90, 50)],
@@ -148,6 +156,12 @@ def test_good_requests_work_under_auth(server, client, images):
     assert {"decode", "detect", "align", "embed"} <= set(same["timings"])
     assert "timings" not in same2
     assert same["model"].startswith("mobilefacenet_peer_128d@")
+    # several faces: the largest is used unless refused
+    r = client.post("/v1/verify", files={"image1": images["two_faces"], "image2": images["face2"]})
+    assert r.status_code == 200, r.text
+    box = r.json()["face1"]["box"]
+    assert box[0] < 250, "the larger face (left half, Abel Pacheco) was not chosen"
+    assert r.json()["similarity"] == pytest.approx(same["similarity"], abs=0.05)
     r = client.post("/v1/verify", files={"image1": images["face"], "image2": images["other"]})
     different = r.json()
     assert different["similarity"] < same["similarity"]
@@ -197,6 +211,11 @@ CASES = [
      415, "unsupported_media_type"),
     ("invalid base64", "POST", "/v1/verify", {"json": {"image1": "@@not-base64@@", "image2": "x"}},
      400, "invalid_base64"),
+    ("form-urlencoded body", "POST", "/v1/identify", {"data": {"gallery": "people"}},
+     415, "unsupported_media_type"),
+    ("multipart without boundary", "POST", "/v1/verify",
+     {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
+     400, "invalid_multipart"),
     ("invalid json", "POST", "/v1/verify",
      {"content": b"{not json", "headers": {"content-type": "application/json"}},
      400, "invalid_json"),

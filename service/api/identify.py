@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from service.pipeline.types import Timings
 
 from . import analysis
-from .decisions import check_point, decide
+from .decisions import check_point, decide, threshold_for
 from .deps import AppState, get_state, require_api_key
 from .errors import ApiError
 from .images import read_payload
@@ -80,8 +80,8 @@ async def identify(request: Request, timings: bool = False,
                             "face_id": c.get("face_id")} for c in candidates],
             "match": match,
         })
-    if threshold is None:
-        threshold = decide(0.0, rule_card, point).threshold
+    if threshold is None:  # no candidates at all
+        threshold = threshold_for(rule_card, point)[1]
     state.metrics.observe_stages(clock.stages)
     body = {
         "gallery": opts.gallery,

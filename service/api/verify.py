@@ -25,8 +25,7 @@ router = APIRouter(prefix="/v1", tags=["verify"], dependencies=[Depends(require_
 def _tag(exc: Exception, field: str) -> Exception:
     """The same pipeline error, its message naming the image field it concerns."""
     if isinstance(exc, PipelineError):
-        tagged = type(exc)(f"{field}: {exc}")
-        return tagged
+        return type(exc)(f"{field}: {exc}")
     return exc
 
 
