@@ -1,0 +1,115 @@
+"""Images per second of the MTCNN detector against facenet-pytorch's MTCNN on the same photos.
+
+Both run in this process on the same decoded images (LFW 250x250 and CelebA photos,
+longest side 288) with the same weights (the facenet-pytorch 2.6.0 wheel, verified
+against the ``mtcnn`` card and converted on the fly):
+
+- ours ``detect``: ``MTCNNDetector.detect`` one image at a time;
+- ours ``detect_batch``: ``MTCNNDetector.detect_batch`` over ``--batch`` images;
+- facenet-pytorch: its ``detect_face`` with torch (default threads), when torch is
+  installed (the ``train`` extra).
+
+Each round times every path over all images, rotating which goes first; the report
+gives medians over rounds (and CPU seconds per image of this process). The last line
+of output is one JSON object.
+
+    python bench/bench_mtcnn.py [--images N] [--rounds R] [--batch B] [--no-reference]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHARED = Path(os.environ.get("FACEGATE_SHARED", REPO.parent / "shared")).resolve()
+
+
+def load_images(dataset: str, count: int) -> list:
+    import cv2
+
+    root = SHARED / "data" / dataset / "images"
+    paths = sorted(root.glob("*/*.jpg"))
+    step = max(1, len(paths) // count)
+    return [cv2.imread(str(p)) for p in paths[::step][:count]]
+
+
+def timed(fn) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=100, help="photos per data set")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--no-reference", action="store_true")
+    args = parser.parse_args()
+
+    from service.config import MANIFEST_PATH, Settings
+    from service.convert.install import fetch_source, sources_dir
+    from service.convert.mtcnn import convert_mtcnn
+    from service.pipeline.detectors import build_detector
+    from service.registry import Registry
+
+    card = Registry(MANIFEST_PATH, []).cards["mtcnn"]
+    wheel = fetch_source(card, sources_dir())
+    scratch = Path(tempfile.mkdtemp(prefix="bench-mtcnn-"))
+    detector = build_detector(card, convert_mtcnn(wheel, scratch), Settings())
+    reference = None
+    if not args.no_reference:
+        try:
+            from tests.facenet_reference import load_reference
+
+            reference = load_reference(wheel, scratch / "wheel", threads=None)
+        except ImportError as exc:
+            print(f"facenet-pytorch reference skipped: {exc}")
+
+    results = {}
+    for dataset in ("lfw", "celeba"):
+        images = load_images(dataset, args.images)
+        paths = {
+            "detect": lambda images=images: [detector.detect(im) for im in images],
+            "detect_batch": lambda images=images: [
+                detector.detect_batch(images[i:i + args.batch])
+                for i in range(0, len(images), args.batch)],
+        }
+        if reference is not None:
+            paths["facenet_pytorch"] = lambda images=images: [reference.detect(im)
+                                                              for im in images]
+        for fn in paths.values():  # warm-up
+            fn()
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+        names = list(paths)
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                samples[name].append(timed(paths[name]))
+        row = {}
+        for name, runs in samples.items():
+            wall = statistics.median(w for w, _ in runs)
+            cpu = statistics.median(c for _, c in runs)
+            row[name] = {"images_per_s": round(len(images) / wall, 2),
+                         "cpu_s_per_image": round(cpu / len(images), 4)}
+        if "facenet_pytorch" in row:
+            row["speedup_batch_vs_facenet"] = round(
+                row["detect_batch"]["images_per_s"] / row["facenet_pytorch"]["images_per_s"], 2)
+        shape = images[0].shape
+        results[dataset] = {"images": len(images), "first_shape": list(shape), **row}
+        print(dataset, json.dumps(row))
+    results["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    results["cpu_count"] = os.cpu_count()
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
