@@ -25,16 +25,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.batching import MicroBatcher  # noqa: E402
-from service.config import Settings  # noqa: E402
-from service.pipeline.pipeline import Pipeline  # noqa: E402
-from tests.conftest import LFW  # noqa: E402
+from service.batching import MicroBatcher
+from service.config import Settings
+from service.pipeline.pipeline import Pipeline
+from tests.conftest import LFW
 
 
 def aligned_faces(pipeline: Pipeline, n: int) -> np.ndarray:
     crops = []
     for person in sorted(p for p in (LFW / "images").iterdir() if p.is_dir()):
-        image = pipeline.decode(sorted(person.glob("*.jpg"))[0].read_bytes())
+        image = pipeline.decode(min(person.glob("*.jpg")).read_bytes())
         detections = pipeline.detect(image)
         if detections:
             crops.append(pipeline.align(image, [max(detections, key=lambda d: d.area)])[0])

@@ -33,8 +33,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import LFW  # noqa: E402
-from tests.service_helpers import ServeProcess  # noqa: E402
+from tests.conftest import LFW
+from tests.service_helpers import ServeProcess
 
 GALLERY = "bench"
 
@@ -71,7 +71,7 @@ def enrol(base_url: str, people) -> int:
 
 
 def _request(client: httpx.AsyncClient, endpoint: str, rng: random.Random, people):
-    _, first, second = rng.choice(people)
+    second = rng.choice(people)[2]
     if endpoint == "verify":
         other = rng.choice(people)[2]
         return client.post("/v1/verify", files={"image1": ("a.jpg", second),

@@ -26,8 +26,8 @@ from service.config import Settings, get_settings
 from service.gallery import open_gallery
 from service.gallery.errors import GalleryError
 from service.metrics import Metrics, MetricsMiddleware
-from service.pipeline.pipeline import Pipeline
 from service.pipeline.errors import PipelineError
+from service.pipeline.pipeline import Pipeline
 
 log = logging.getLogger("facegate.app")
 

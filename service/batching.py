@@ -138,7 +138,7 @@ class MicroBatcher:
                 [job.crops for job in batch])
             try:
                 result = await anyio.to_thread.run_sync(self.fn, crops)
-            except Exception as exc:  # handed to every waiting request
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(exc)

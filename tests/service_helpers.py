@@ -59,18 +59,17 @@ class ServeProcess:
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir / f"serve-{self.port}.log"
 
-    def start(self, timeout: float = 90.0) -> "ServeProcess":
+    def start(self, timeout: float = 90.0) -> ServeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", str(self.workers)],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", str(self.workers)],
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )
         try:
             wait_ready(self.base_url, timeout, self.proc)
-        except Exception:
+        except (RuntimeError, TimeoutError):
             self.stop()
             raise RuntimeError(f"facegate serve failed to start:\n{self.log()}") from None
         return self
@@ -112,7 +111,7 @@ class InProcessServer:
     def state(self):
         return self.app.state.facegate
 
-    def start(self, timeout: float = 90.0) -> "InProcessServer":
+    def start(self, timeout: float = 90.0) -> InProcessServer:
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:

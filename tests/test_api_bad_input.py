@@ -22,8 +22,8 @@ from tests.conftest import LFW, SHARED_MODELS
 from tests.service_helpers import InProcessServer
 
 KEY = "alpha-key-0123"
-LIMITS = dict(max_image_bytes=1_000_000, max_request_bytes=1_500_000, max_image_pixels=4_000_000,
-              top_k_max=50)
+LIMITS = {"max_image_bytes": 1_000_000, "max_request_bytes": 1_500_000,
+          "max_image_pixels": 4_000_000, "top_k_max": 50}
 
 
 def _jpeg(image: np.ndarray) -> bytes:

@@ -27,7 +27,7 @@ def crops(pipeline) -> np.ndarray:
     people = sorted(p for p in (LFW / "images").iterdir() if p.is_dir())[:12]
     out = []
     for person in people:
-        image = pipeline.decode(sorted(person.glob("*.jpg"))[0].read_bytes())
+        image = pipeline.decode(min(person.glob("*.jpg")).read_bytes())
         detections = pipeline.detect(image)
         out.append(pipeline.align(image, [max(detections, key=lambda d: d.area)])[0])
     return np.stack(out)

@@ -23,7 +23,7 @@ QUALITY_CODES = {"multiple_faces", "face_too_small", "low_quality_face", "no_fac
 
 def _photos(n: int) -> list[bytes]:
     people = sorted(p for p in (LFW / "images").iterdir() if p.is_dir())
-    return [sorted(p.glob("*.jpg"))[0].read_bytes() for p in people[:n]]
+    return [min(p.glob("*.jpg")).read_bytes() for p in people[:n]]
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from service.batching import MicroBatcher
 from service.config import Settings
@@ -38,6 +38,10 @@ def get_state(request: Request) -> AppState:
     if state is None or state.pipeline is None or state.gallery is None or not state.warmed:
         raise not_ready()
     return state
+
+
+#: A route parameter receiving the started app's state (503 ``not_ready`` before that).
+State = Annotated[AppState, Depends(get_state)]
 
 
 def get_settings(request: Request) -> Settings:

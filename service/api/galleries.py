@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from service.pipeline.types import Timings
 
 from . import analysis
-from .deps import AppState, get_state, require_api_key
+from .deps import State, require_api_key
 from .images import read_payload
 from .openapi import ERROR_RESPONSES, image_body
 from .schemas import (
@@ -48,13 +48,13 @@ async def _call(fn, *args):
 
 
 @router.get("", response_model=GalleryList, summary="List galleries")
-async def list_galleries(state: AppState = Depends(get_state)) -> dict:
+async def list_galleries(state: State) -> dict:
     return {"galleries": await _call(state.gallery.list_galleries)}
 
 
 @router.put("/{gallery}", response_model=Gallery, summary="Create a gallery for the served model")
 async def create_gallery(gallery: GalleryName, response: Response,
-                         state: AppState = Depends(get_state)) -> dict:
+                         state: State) -> dict:
     """Idempotent; 409 ``model_mismatch`` if the gallery exists for another model."""
     existed = gallery in {g["name"] for g in await _call(state.gallery.list_galleries)}
     info = await _call(state.gallery.create_gallery, gallery, state.model_id)
@@ -63,12 +63,12 @@ async def create_gallery(gallery: GalleryName, response: Response,
 
 
 @router.get("/{gallery}", response_model=Gallery, summary="A gallery's model and sizes")
-async def get_gallery(gallery: GalleryName, state: AppState = Depends(get_state)) -> dict:
+async def get_gallery(gallery: GalleryName, state: State) -> dict:
     return await _call(state.gallery.get_gallery, gallery)
 
 
 @router.delete("/{gallery}", summary="Delete a gallery with all its subjects and faces")
-async def delete_gallery(gallery: GalleryName, state: AppState = Depends(get_state)) -> dict:
+async def delete_gallery(gallery: GalleryName, state: State) -> dict:
     await _call(state.gallery.delete_gallery, gallery)
     return {"deleted": gallery}
 
@@ -76,7 +76,7 @@ async def delete_gallery(gallery: GalleryName, state: AppState = Depends(get_sta
 @router.post("/{gallery}/subjects", response_model=Subject, status_code=201,
              summary="Create a subject (idempotent: 201 created, 200 already there)")
 async def create_subject(gallery: GalleryName, body: SubjectCreate, response: Response,
-                         state: AppState = Depends(get_state)) -> dict:
+                         state: State) -> dict:
     """Creates the gallery on first use (for the served model).  Posting an existing
     ``subject_id`` again returns it unchanged with 200 (its metadata is only changed
     by ``PATCH``)."""
@@ -88,10 +88,9 @@ async def create_subject(gallery: GalleryName, body: SubjectCreate, response: Re
 
 
 @router.get("/{gallery}/subjects", response_model=SubjectPage, summary="List subjects (paginated)")
-async def list_subjects(gallery: GalleryName,
+async def list_subjects(gallery: GalleryName, state: State,
                         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                        cursor: Annotated[str | None, Query(max_length=512)] = None,
-                        state: AppState = Depends(get_state)) -> dict:
+                        cursor: Annotated[str | None, Query(max_length=512)] = None) -> dict:
     """Subjects ordered by ``subject_id``; pass ``next_cursor`` as ``cursor`` for the next page."""
     subjects, next_cursor = await _call(state.gallery.list_subjects, gallery, limit, cursor)
     return {"subjects": subjects, "next_cursor": next_cursor}
@@ -100,21 +99,21 @@ async def list_subjects(gallery: GalleryName,
 @router.get("/{gallery}/subjects/{subject_id}", response_model=Subject,
             summary="A subject with its metadata and enrolled faces")
 async def get_subject(gallery: GalleryName, subject_id: SubjectId,
-                      state: AppState = Depends(get_state)) -> dict:
+                      state: State) -> dict:
     return await _call(state.gallery.get_subject, gallery, subject_id)
 
 
 @router.patch("/{gallery}/subjects/{subject_id}", response_model=Subject,
               summary="Update a subject's metadata (merge; null removes a key)")
 async def update_subject(gallery: GalleryName, subject_id: SubjectId, body: SubjectUpdate,
-                         state: AppState = Depends(get_state)) -> dict:
+                         state: State) -> dict:
     return await _call(state.gallery.update_subject, gallery, subject_id, body.metadata)
 
 
 @router.delete("/{gallery}/subjects/{subject_id}", response_model=SubjectDeleted,
                summary="Delete a subject and all its faces")
 async def delete_subject(gallery: GalleryName, subject_id: SubjectId,
-                         state: AppState = Depends(get_state)) -> dict:
+                         state: State) -> dict:
     removed = await _call(state.gallery.delete_subject, gallery, subject_id)
     return {"gallery": gallery, "subject_id": subject_id, "faces_removed": int(removed)}
 
@@ -123,7 +122,7 @@ async def delete_subject(gallery: GalleryName, subject_id: SubjectId,
              status_code=201, openapi_extra=image_body(("image",)),
              summary="Enrol one photo of a subject")
 async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Request,
-                     state: AppState = Depends(get_state)) -> dict:
+                     state: State) -> dict:
     """The photo must show exactly one face of at least ``enroll_min_face_size`` px with a
     detection score of at least ``enroll_min_det_score``; otherwise 422 with code
     ``multiple_faces``, ``face_too_small`` or ``low_quality_face``.  The response gives
@@ -148,6 +147,6 @@ async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Reque
 
 @router.delete("/{gallery}/faces/{face_id}", summary="Delete one enrolled face")
 async def delete_face(gallery: GalleryName, face_id: Annotated[int, Path(ge=1)],
-                      state: AppState = Depends(get_state)) -> dict:
+                      state: State) -> dict:
     await _call(state.gallery.delete_face, gallery, face_id)
     return {"gallery": gallery, "face_id": face_id, "deleted": True}

@@ -10,7 +10,7 @@ from service.pipeline.types import Timings
 
 from . import analysis
 from .decisions import check_point, decide, threshold_for
-from .deps import AppState, get_state, require_api_key
+from .deps import State, require_api_key
 from .errors import ApiError
 from .images import read_payload
 from .openapi import ERROR_RESPONSES, image_body
@@ -29,8 +29,7 @@ CUSTOM_POINT = "custom"
     openapi_extra=image_body(("image",), IdentifyOptions),
     summary="Search every face of an image in a gallery",
 )
-async def identify(request: Request, timings: bool = False,
-                   state: AppState = Depends(get_state)) -> dict:
+async def identify(request: Request, state: State, timings: bool = False) -> dict:
     """For every face in ``image`` (largest first): its ``top_k`` most similar subjects of
     ``gallery`` and ``match``, the best subject if its similarity reaches the threshold,
     else ``null`` (open-set: the person may not be enrolled).

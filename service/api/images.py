@@ -93,7 +93,7 @@ async def read_payload(request: Request, image_fields: tuple[str, ...], required
         except StarletteHTTPException as exc:
             raise bad_request("invalid_multipart", f"malformed multipart body: {exc.detail}") from None
         try:
-            for key in form.keys():
+            for key in form:
                 values = form.getlist(key)
                 if len(values) > 1:
                     raise bad_request("duplicate_field", f"field {key!r} is given more than once")

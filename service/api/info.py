@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
 from .decisions import available_points
-from .deps import AppState, get_state, require_api_key
+from .deps import State, require_api_key
 
 router = APIRouter(prefix="/v1", tags=["info"], dependencies=[Depends(require_api_key)])
 
@@ -43,7 +43,7 @@ def _providers(component) -> list[str]:
 
 
 @router.get("/info", summary="Served models, thresholds, providers, gallery sizes, batching")
-async def info(state: AppState = Depends(get_state)) -> dict:
+async def info(state: State) -> dict:
     pipeline, settings = state.pipeline, state.settings
     detector = _card(pipeline.detector_card)
     detector["providers"] = _providers(pipeline.detector)

@@ -13,7 +13,7 @@ from service.pipeline.types import Timings
 
 from . import analysis
 from .decisions import check_point, decide
-from .deps import AppState, get_state, require_api_key
+from .deps import AppState, State, require_api_key
 from .errors import ApiError, bad_request
 from .images import read_payload
 from .openapi import ERROR_RESPONSES, image_body
@@ -58,8 +58,7 @@ def _subject_best(gallery, name: str, subject_id: str, embedding: np.ndarray, mo
     openapi_extra=image_body(("image1", "image2"), VerifyOptions),
     summary="Compare two faces, or a face with an enrolled subject",
 )
-async def verify(request: Request, timings: bool = False,
-                 state: AppState = Depends(get_state)) -> dict:
+async def verify(request: Request, state: State, timings: bool = False) -> dict:
     """Compare the face in ``image1`` with the face in ``image2``, or with the enrolled
     subject ``gallery``/``subject_id``.
 
