@@ -189,6 +189,12 @@ def test_good_requests_work_under_auth(server, client, images):
     assert httpx.get(f"{server.base_url}/healthz").status_code == 200
     assert httpx.get(f"{server.base_url}/readyz").json()["status"] == "ready"
     assert httpx.get(f"{server.base_url}/v1/info").status_code == 401
+    metrics = httpx.get(f"{server.base_url}/metrics").text
+    for series in ('facegate_stage_seconds_count{stage="detect"}',
+                   'facegate_stage_seconds_count{stage="search"}', "facegate_faces_per_image_count",
+                   'facegate_gallery_faces{gallery="people"} 1.0',
+                   'facegate_http_request_seconds_count{method="POST",route="/v1/verify"}'):
+        assert series in metrics, series
     info = client.get("/v1/info").json()
     assert info["models"]["recognizer"]["sha256"].startswith("f055d9c9")
     assert "CPUExecutionProvider" in info["models"]["recognizer"]["providers"]

@@ -18,9 +18,10 @@ def test_not_ready_until_started(tmp_path):
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return (await client.get("/healthz"), await client.get("/readyz"),
                     await client.get("/v1/info", headers={"X-API-Key": "k"}),
-                    await client.get("/v1/info"), await client.get("/metrics"))
+                    await client.get("/v1/info"), await client.get("/metrics"),
+                    await client.get("/openapi.json"))
 
-    health, ready, info, unauthorised, metrics = asyncio.run(main())
+    health, ready, info, unauthorised, metrics, openapi = asyncio.run(main())
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     assert ready.status_code == 503
     assert ready.json()["status"] == "not_ready"
@@ -32,3 +33,11 @@ def test_not_ready_until_started(tmp_path):
     # every app has its own registry: a second app starts from zero
     other = create_app(Settings(data_dir=tmp_path))
     assert other.state.metrics.registry is not app.state.metrics.registry
+
+    # the OpenAPI description documents both body forms of the image endpoints
+    spec = openapi.json()
+    for path in ("/v1/verify", "/v1/identify", "/v1/galleries/{gallery}/subjects/{subject_id}/faces"):
+        content = spec["paths"][path]["post"]["requestBody"]["content"]
+        assert {"multipart/form-data", "application/json"} <= set(content), path
+    assert "best" in spec["paths"]["/v1/identify"]["post"]["description"]
+    assert "422" in spec["paths"]["/v1/verify"]["post"]["responses"]
