@@ -57,7 +57,7 @@ cleanup() {
       echo "--- last log lines of $c ---" >&2
       docker logs --tail 40 "$c" >&2 2>&1 || true
     fi
-    [ "${FACEGATE_SMOKE_KEEP:-0}" = 1 ] || docker rm -f "$c" >/dev/null 2>&1 || true
+    [ "${FACEGATE_SMOKE_KEEP:-0}" = 1 ] || docker rm -fv "$c" >/dev/null 2>&1 || true
   done
   [ "${FACEGATE_SMOKE_KEEP:-0}" = 1 ] || docker volume rm -f "$volume" >/dev/null 2>&1 || true
   if [ -n "$pg_root" ]; then
@@ -142,10 +142,10 @@ docker restart -t 30 "$run_id-a" >/dev/null
 wait_ready "$run_id-a" "$port"
 python3 docker/smoke_client.py persisted "$url" "$lfw" "$tmp/state.json"
 log "killing the container, a fresh one on the same volume"
-docker rm -f "$run_id-a" >/dev/null
+docker rm -fv "$run_id-a" >/dev/null
 start_container "$run_id-b" "$port" -v "$volume:/var/lib/facegate"
 python3 docker/smoke_client.py persisted "$url" "$lfw" "$tmp/state.json"
-docker rm -f "$run_id-b" >/dev/null
+docker rm -fv "$run_id-b" >/dev/null
 
 # --- 6. two replicas on one PostgreSQL store ------------------------------------------------
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
