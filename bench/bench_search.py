@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.quick:
-        args.sizes, args.queries, args.pq_size, args.hnsw_max = "1000,5000", 50, 5000, 5000
+        args.sizes, args.queries, args.pq_size, args.hnsw_max = "1000,4000", 40, 4000, 4000
         args.dim, args.pq_bits = 64, 4
 
     sizes = sorted(int(s) for s in args.sizes.split(","))
