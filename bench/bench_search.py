@@ -78,7 +78,8 @@ def exact_top1(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
 
 
 def bench_kind(kind: str, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray,
-               threads: int) -> dict:
+               threads: list[int]) -> list[dict]:
+    """Build one index, then measure its searches once per OpenMP thread count."""
     n, dim = vectors.shape
     ids = np.arange(n, dtype=np.int64)
     subjects = [f"s{i // 2}" for i in range(n)]
@@ -90,27 +91,30 @@ def bench_kind(kind: str, vectors: np.ndarray, queries: np.ndarray, truth: np.nd
     if kind == "ivf" and index._trained_at == 0:
         index.train()  # smaller than IVF_MIN_TRAIN: force IVF so it is measured
     build_s = time.perf_counter() - start
-
-    faiss.omp_set_num_threads(threads)
-    for query in queries[:5]:
-        index.search(query[None], 5)  # warm-up
-    latencies, cpu, top1 = [], [], []
-    for query in queries:
-        t0, c0 = time.perf_counter(), time.thread_time()
-        hits = index.search(query[None], 5)[0]
-        cpu.append(time.thread_time() - c0)
-        latencies.append(time.perf_counter() - t0)
-        top1.append(hits[0]["face_id"] if hits else -1)
     size = faiss.serialize_index(index._index).nbytes
-    return {
-        "kind": kind, "size": n, "build_s": round(build_s, 2),
-        "p50_ms": percentile_ms(latencies, 50), "p99_ms": percentile_ms(latencies, 99),
-        "cpu_p50_ms": percentile_ms(cpu, 50), "cpu_p99_ms": percentile_ms(cpu, 99),
-        "recall_at_1": round(float(np.mean(np.array(top1) == truth)), 4),
-        "bytes_per_vector": round(size / n, 1),
-        "gib_per_million": round(size / n * 1e6 / 2**30, 3),
-        "params": _params(index),
-    }
+
+    rows = []
+    for count in threads:
+        faiss.omp_set_num_threads(count)
+        for query in queries[:5]:
+            index.search(query[None], 5)  # warm-up
+        latencies, cpu, top1 = [], [], []
+        for query in queries:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            hits = index.search(query[None], 5)[0]
+            cpu.append(time.thread_time() - c0)
+            latencies.append(time.perf_counter() - t0)
+            top1.append(hits[0]["face_id"] if hits else -1)
+        rows.append({
+            "kind": kind, "size": n, "threads": count, "build_s": round(build_s, 2),
+            "p50_ms": percentile_ms(latencies, 50), "p99_ms": percentile_ms(latencies, 99),
+            "cpu_p50_ms": percentile_ms(cpu, 50), "cpu_p99_ms": percentile_ms(cpu, 99),
+            "recall_at_1": round(float(np.mean(np.array(top1) == truth)), 4),
+            "bytes_per_vector": round(size / n, 1),
+            "gib_per_million": round(size / n * 1e6 / 2**30, 3),
+            "params": _params(index),
+        })
+    return rows
 
 
 def _params(index: GalleryIndex) -> dict:
@@ -154,7 +158,8 @@ def bench_ivfpq(vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray, thr
         "recall_at_1": round(float(np.mean(np.array(top1) == truth)), 4),
         "bytes_per_vector": round(size / n, 1),
         "gib_per_million": round(size / n * 1e6 / 2**30, 3),
-        "params": {"nlist": nlist, "nprobe": 32, "subquantizers": code_bytes, "bits": bits},
+        "threads": threads, "params": {"nlist": nlist, "nprobe": 32,
+                                       "subquantizers": code_bytes, "bits": bits},
     }
 
 
@@ -170,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pq-bits", type=int, default=8, help="bits per PQ sub-code")
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=1, help="OpenMP threads while searching")
+    parser.add_argument("--threads", default="1",
+                        help="OpenMP threads while searching; a list (1,2) measures each")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.quick:
@@ -179,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     sizes = sorted(int(s) for s in args.sizes.split(","))
     kinds = [k for k in args.kinds.split(",") if k]
+    threads = [int(t) for t in args.threads.split(",")]
     rng = np.random.default_rng(args.seed)
     vectors = unit_vectors(rng, sizes[-1], args.dim)
     sources = rng.choice(sizes[0], args.queries, replace=False)
@@ -191,14 +198,14 @@ def main(argv: list[str] | None = None) -> dict:
         for kind in kinds:
             if kind == "hnsw" and size > args.hnsw_max:
                 continue
-            row = bench_kind(kind, vectors[:size], queries, truth, args.threads)
-            results.append(row)
-            print(f"{kind:>6} n={size:>8}: build {row['build_s']:8.2f}s  p50 {row['p50_ms']:8.3f} ms"
-                  f"  p99 {row['p99_ms']:8.3f} ms  cpu p50 {row['cpu_p50_ms']:8.3f} ms"
-                  f"  recall@1 {row['recall_at_1']:.4f}"
-                  f"  {row['bytes_per_vector']:7.1f} B/vec", flush=True)
+            for row in bench_kind(kind, vectors[:size], queries, truth, threads):
+                results.append(row)
+                print(f"{kind:>6} n={size:>8} threads={row['threads']}: build {row['build_s']:8.2f}s"
+                      f"  p50 {row['p50_ms']:8.3f} ms  p99 {row['p99_ms']:8.3f} ms"
+                      f"  cpu p50 {row['cpu_p50_ms']:8.3f} ms  recall@1 {row['recall_at_1']:.4f}"
+                      f"  {row['bytes_per_vector']:7.1f} B/vec", flush=True)
         if args.pq_size and size == min(sizes, key=lambda s: abs(s - args.pq_size)):
-            row = bench_ivfpq(vectors[:size], queries, truth, args.threads, args.pq_bits)
+            row = bench_ivfpq(vectors[:size], queries, truth, threads[0], args.pq_bits)
             results.append(row)
             print(f" ivfpq n={size:>8}: build {row['build_s']:8.2f}s  p50 {row['p50_ms']:8.3f} ms"
                   f"  recall@1 {row['recall_at_1']:.4f}  {row['bytes_per_vector']:7.1f} B/vec",
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "gallery_search",
         "load_average": [round(x, 1) for x in os.getloadavg()],
-        "dim": args.dim, "queries": args.queries, "search_threads": args.threads,
+        "dim": args.dim, "queries": args.queries, "search_threads": threads,
         "faiss": faiss.__version__, "machine": platform.machine(),
         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "results": results, "memory_per_million": memory,
