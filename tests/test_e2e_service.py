@@ -157,7 +157,7 @@ def test_enrol_identify_verify_delete_restart(server):
              if c["subject_id"] == someone), abs=1e-5)
 
     # --- delete a subject: it vanishes from results ---------------------------------------
-    victim = next(i for i in results if results[i]["faces"][0]["match"] == i)
+    victim = next(i for i in results if results[i]["faces"][0]["candidates"][0]["subject_id"] == i)
     r = client.delete(f"/v1/galleries/{GALLERY}/subjects/{victim}")
     assert r.status_code == 200 and r.json()["faces_removed"] == 1
     assert client.get(f"/v1/galleries/{GALLERY}/subjects/{victim}").status_code == 404
