@@ -62,9 +62,8 @@ async def _start(state: AppState) -> None:
     state.pipeline = await anyio.to_thread.run_sync(Pipeline.from_settings, settings)
     state.startup["models_s"] = round(time.perf_counter() - t0, 3)
     t1 = time.perf_counter()
-    gallery = open_gallery(settings)
-    await anyio.to_thread.run_sync(gallery.start)
-    state.gallery = gallery
+    state.gallery = open_gallery(settings)  # set first: a failed start is still stopped
+    await anyio.to_thread.run_sync(state.gallery.start)
     state.startup["gallery_s"] = round(time.perf_counter() - t1, 3)
 
     metrics = state.metrics
