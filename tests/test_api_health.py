@@ -41,3 +41,18 @@ def test_not_ready_until_started(tmp_path):
         assert {"multipart/form-data", "application/json"} <= set(content), path
     assert "best" in spec["paths"]["/v1/identify"]["post"]["description"]
     assert "422" in spec["paths"]["/v1/verify"]["post"]["responses"]
+
+
+def test_serve_refuses_to_start_without_its_models(tmp_path):
+    """A model that cannot be resolved stops ``facegate serve`` with the registry's message."""
+    from tests.service_helpers import ServeProcess
+
+    server = ServeProcess(tmp_path, env={"FACEGATE_RECOGNIZER": "no_such_model"})
+    try:
+        server.start(timeout=60)
+    except RuntimeError as exc:
+        assert "unknown model 'no_such_model'" in str(exc)
+    else:
+        server.stop()
+        raise AssertionError("the server started without its recognizer")
+    assert server.proc is None  # stopped, nothing left running
