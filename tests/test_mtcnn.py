@@ -208,15 +208,19 @@ def test_each_network_matches_facenet_pytorch(detector, reference):
 def test_area_resize_equals_torch_area_interpolation(reference):
     torch = reference.torch
     image = cv2.imread(str(_photos(1, 0, seed=5)[0]))
-    integral = cv2.integral(image, sdepth=cv2.CV_64F)
     tensor = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
-    for region, out in (((0, 0, 250, 250), (150, 150)), ((0, 0, 250, 250), (13, 13)),
-                        ((40, 60, 37, 37), (24, 24)), ((100, 120, 17, 23), (48, 48))):
-        r, c, h, w = region
-        ours = area_resize(integral, np.array([region]), *out)[0]
-        theirs = torch.nn.functional.interpolate(tensor[:, :, r:r + h, c:c + w], size=out,
-                                                 mode="area")[0].permute(1, 2, 0).numpy()
-        assert np.abs(ours - theirs).max() < 1e-3
+    for depth in (cv2.CV_32S, cv2.CV_64F):
+        integral = cv2.integral(image, sdepth=depth)
+        for region, out in (((0, 0, 250, 250), (150, 150)), ((0, 0, 250, 250), (13, 13)),
+                            ((40, 60, 37, 37), (24, 24)), ((100, 120, 17, 23), (48, 48))):
+            r, c, h, w = region
+            theirs = torch.nn.functional.interpolate(tensor[:, :, r:r + h, c:c + w], size=out,
+                                                     mode="area")[0].permute(1, 2, 0).numpy()
+            ours = area_resize(integral, np.array([region]), *out)[0]
+            assert np.abs(ours - theirs).max() < 1e-3
+            # the batched (several regions) path gives the same
+            both = area_resize(integral, np.array([region, region]), *out)
+            assert np.abs(both - theirs).max() < 1e-3
     # zero padding outside the image: the region hanging off the corner averages zeros in
     padded = area_resize(integral, np.array([[-10, -10, 20, 20]]), 2, 2)[0]
     np.testing.assert_allclose(padded[0, 0], 0.0)

@@ -28,10 +28,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from service.convert.mtcnn import NETWORKS, split_networks
 
-from ..runtime import create_session
+from ..runtime import select_providers, session_options
 from ..types import Detection
 from .base import nms
 
@@ -120,18 +121,24 @@ def area_resize(integral: np.ndarray, regions: np.ndarray, out_h: int, out_w: in
     height, width = integral.shape[0] - 1, integral.shape[1] - 1
     r0, r1 = _bins(regions[:, 0], regions[:, 2], out_h)
     c0, c1 = _bins(regions[:, 1], regions[:, 3], out_w)
-    area = ((r1 - r0)[:, :, None] * (c1 - c0)[:, None, :])[..., None]
+    inv_area = 1.0 / ((r1 - r0)[:, :, None] * (c1 - c0)[:, None, :])[..., None]
     r0, r1 = np.clip(r0, 0, height), np.clip(r1, 0, height)
     c0, c1 = np.clip(c0, 0, width), np.clip(c1, 0, width)
+    # in-place arithmetic: fewer large temporaries (allocation dominates at these sizes)
     if len(regions) == 1:
         # One region (a pyramid level): separable, rows first, then columns.
-        rows = integral[r1[0]] - integral[r0[0]]
-        sums = (rows[:, c1[0]] - rows[:, c0[0]])[None]
+        rows = np.take(integral, r1[0], axis=0)
+        rows -= np.take(integral, r0[0], axis=0)
+        sums = np.take(rows, c1[0], axis=1)[None]
+        sums -= np.take(rows, c0[0], axis=1)
     else:
         r0, r1 = r0[:, :, None], r1[:, :, None]
         c0, c1 = c0[:, None, :], c1[:, None, :]
-        sums = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
-    return (sums / area).astype(np.float32)
+        sums = integral[r1, c1]
+        sums -= integral[r0, c1]
+        sums -= integral[r1, c0]
+        sums += integral[r0, c0]
+    return (sums * inv_area).astype(np.float32)
 
 
 def pyramid_scales(height: int, width: int, min_face_size: float, factor: float) -> list[float]:
@@ -173,7 +180,12 @@ class MTCNNDetector:
         self.mean = np.asarray(pre.mean, dtype=np.float32)
         self.scale = 1.0 / np.asarray(pre.std, dtype=np.float32)
         model = onnx.load_model_from_string(Path(path).read_bytes())
-        self.sessions = {net: create_session(blob, settings)
+        options = session_options(settings)
+        # The cascade makes many short runs; threads that spin between them burn 2-4x the
+        # CPU time for no gain in throughput (bench/bench_mtcnn.py), so they sleep instead.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = select_providers(list(settings.providers))
+        self.sessions = {net: ort.InferenceSession(blob, sess_options=options, providers=providers)
                          for net, blob in split_networks(model).items()}
         self._warm_up()
 
@@ -192,7 +204,7 @@ class MTCNNDetector:
 
     # -- preprocessing -------------------------------------------------------------------
     def integral(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 BGR (or (H, W) grey) -> its (H+1, W+1, 3) float64 integral image
+        """(H, W, 3) uint8 BGR (or (H, W) grey) -> its (H+1, W+1, 3) integral image
         in the card's colour order; every resize of the cascade is read off it."""
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
             raise TypeError("MTCNN expects a uint8 numpy image")
@@ -202,7 +214,9 @@ class MTCNNDetector:
             raise ValueError(f"MTCNN expects an (H, W, 3) image, got shape {image.shape}")
         if self.rgb:
             image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        return cv2.integral(image, sdepth=cv2.CV_64F)
+        # int32 sums are exact while 255 * H * W fits; float64 (exact to 2**53) beyond
+        exact_int32 = 255 * image.shape[0] * image.shape[1] < 2**31
+        return cv2.integral(image, sdepth=cv2.CV_32S if exact_int32 else cv2.CV_64F)
 
     def _resized(self, integral: np.ndarray, regions: np.ndarray, out_h: int, out_w: int
                  ) -> np.ndarray:
