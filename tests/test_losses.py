@@ -9,8 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from training import losses as L  # noqa: E402
-from training.partial_fc import MarginClassifier, shard_range  # noqa: E402
+from training import losses as L
+from training.partial_fc import MarginClassifier, shard_range
 
 RNG = np.random.default_rng(0)
 

@@ -43,10 +43,24 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "ClassificationHead", "SoftmaxHead", "L2SoftmaxHead", "LSoftmaxHead", "NormFaceHead",
-    "SphereFaceHead", "CosFaceHead", "ArcFaceHead", "CombinedMarginHead", "LambdaSchedule",
-    "CenterLoss", "TripletLoss", "MarginalLoss", "margin_psi", "l2_softmax_alpha_lower_bound",
-    "HEADS", "METRIC_LOSSES", "build_head",
+    "HEADS",
+    "METRIC_LOSSES",
+    "ArcFaceHead",
+    "CenterLoss",
+    "ClassificationHead",
+    "CombinedMarginHead",
+    "CosFaceHead",
+    "L2SoftmaxHead",
+    "LSoftmaxHead",
+    "LambdaSchedule",
+    "MarginalLoss",
+    "NormFaceHead",
+    "SoftmaxHead",
+    "SphereFaceHead",
+    "TripletLoss",
+    "build_head",
+    "l2_softmax_alpha_lower_bound",
+    "margin_psi",
 ]
 
 _ACOS_EPS = 1e-6

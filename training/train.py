@@ -1,0 +1,444 @@
+"""The training loop: one process on CPU/GPU, or N processes under ``torchrun`` (DDP).
+
+``facegate-train train --config cfg.yaml [key=value ...]`` (or
+``torchrun --nproc_per_node=N -m training.cli train --config cfg.yaml``).
+
+* backbone wrapped in DistributedDataParallel; the class-centre matrix is not
+  replicated but sharded (:class:`training.partial_fc.MarginClassifier`), with
+  Partial-FC sampling when ``loss.sample_rate < 1``;
+* bf16/fp16 autocast (fp16 with a gradient scaler), channels-last, global
+  gradient-norm clipping, warm-up + cosine/step learning rate per step;
+* checkpoints ``last.pt`` / ``epoch_XXX.pt`` hold the full (gathered)
+  class-centre matrix, so a run resumes on a different number of processes;
+* deterministic seeding (per rank), tqdm progress with samples/s and ETA,
+  ``metrics.csv`` and optionally TensorBoard;
+* optional verification on LFW-style pairs after epochs (rank 0).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from training import losses as L
+from training.backbones import build_backbone
+from training.config import TrainConfig
+from training.data import Augment, FaceImageFolder, PKSampler, RecordIODataset
+from training.partial_fc import MarginClassifier
+
+# --------------------------------------------------------------------------- process setup
+
+
+class World:
+    """Rank, world size and device of this process (DDP when launched by ``torchrun``)."""
+
+    def __init__(self, device: str = "auto"):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+        if use_cuda:
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def build_dataset(cfg: TrainConfig):
+    augment = Augment(flip=cfg.data.flip, brightness=cfg.data.brightness,
+                      contrast=cfg.data.contrast, grayscale=cfg.data.grayscale)
+    if cfg.data.format == "recordio":
+        return RecordIODataset(cfg.data.root, augment, cfg.data.size)
+    if cfg.data.format != "folder":
+        raise ValueError(f"unknown data format {cfg.data.format!r}: use folder or recordio")
+    identities = cfg.data.identities
+    if identities is None and cfg.data.max_identities:
+        names = sorted(p.name for p in Path(cfg.data.root).iterdir() if p.is_dir())
+        identities = names[: cfg.data.max_identities]
+    return FaceImageFolder(cfg.data.root, augment, identities=identities,
+                           min_images=cfg.data.min_images, size=cfg.data.size)
+
+
+class Objective(nn.Module):
+    """Classification head (optionally Partial FC) + weighted auxiliary loss, or triplet alone."""
+
+    def __init__(self, cfg: TrainConfig, num_classes: int):
+        super().__init__()
+        loss, dim = cfg.loss, cfg.backbone.embedding_dim
+        self.classifier: MarginClassifier | None = None
+        self.metric: nn.Module | None = None
+        self.aux_weight = 0.0
+        if loss.name == "triplet":
+            self.metric = L.TripletLoss(**loss.params)
+        else:
+            head = L.build_head(loss.name, **loss.params)
+            self.classifier = MarginClassifier(head, dim, num_classes, loss.sample_rate)
+        if loss.aux is not None:
+            if loss.name == "triplet":
+                raise ValueError("triplet loss takes no auxiliary loss")
+            if loss.aux.name == "center":
+                self.metric = L.CenterLoss(num_classes, dim, **loss.aux.params)
+            elif loss.aux.name == "marginal":
+                self.metric = L.MarginalLoss(**loss.aux.params)
+            else:
+                raise ValueError(f"unknown auxiliary loss {loss.aux.name!r}: use center or marginal")
+            self.aux_weight = float(loss.aux.weight)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        parts = {}
+        total = embeddings.new_zeros((), dtype=torch.float32)
+        if self.classifier is not None:
+            parts["cls"] = self.classifier(embeddings, labels)
+            total = total + parts["cls"]
+        if self.metric is not None:
+            value = self.metric(embeddings, labels)
+            weight = self.aux_weight if self.classifier is not None else 1.0
+            parts[type(self.metric).__name__] = value
+            total = total + weight * value
+        return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def build_optimizer(cfg: TrainConfig, backbone: nn.Module, objective: Objective):
+    groups = [{"params": [p for p in backbone.parameters() if p.requires_grad], "name": "backbone"}]
+    if objective.classifier is not None:
+        groups.append({"params": [objective.classifier.weight], "name": "centres"})
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+    raise ValueError(f"unknown optimizer {o.name!r}: use sgd or adamw")
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (linear warm-up, then the schedule)."""
+    o = cfg.optim
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(o.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    if o.schedule == "constant":
+        return 1.0
+    if o.schedule == "step":
+        epoch = step / steps_per_epoch
+        return 0.1 ** sum(epoch >= m for m in o.milestones)
+    if o.schedule == "cosine":
+        progress = (step - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    raise ValueError(f"unknown schedule {o.schedule!r}: use cosine, step or constant")
+
+
+class MetricLog:
+    """``metrics.csv`` (always) and TensorBoard scalars (when asked and installed)."""
+
+    def __init__(self, out: Path, mode: str, enabled: bool):
+        self.enabled = enabled
+        self.path = out / "metrics.csv"
+        self.writer = None
+        if enabled and mode in ("tensorboard", "both"):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, step: int, epoch: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as fh:
+            writer = csv.writer(fh)
+            if new:
+                writer.writerow(["step", "epoch", "key", "value"])
+            for key, value in values.items():
+                writer.writerow([step, epoch, key, f"{value:.6g}"])
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, cfg: TrainConfig, world: World, backbone: nn.Module,
+                    objective: Objective, optimizer, scaler, epoch: int, step: int,
+                    history: list, classes: list[str] | None) -> None:
+    """Rank 0 writes; every rank must call (the centre matrix is gathered)."""
+    full = objective.classifier.full_weight() if objective.classifier is not None else None
+    if not world.main:
+        return
+    module = backbone.module if hasattr(backbone, "module") else backbone
+    state = {
+        "config": cfg.to_dict(),
+        "backbone": module.state_dict(),
+        "centres": full,
+        "objective_buffers": {k: v for k, v in objective.state_dict().items()
+                              if not k.endswith("classifier.weight")},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "step": step,
+        "world_size": world.world_size,
+        "history": history,
+        "classes": classes,
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state()},
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, world: World, backbone: nn.Module, objective: Objective,
+                    optimizer, scaler) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    module = backbone.module if hasattr(backbone, "module") else backbone
+    module.load_state_dict(state["backbone"])
+    if objective.classifier is not None and state["centres"] is not None:
+        objective.classifier.load_full_weight(state["centres"])
+    objective.load_state_dict({**objective.state_dict(), **state["objective_buffers"]})
+    opt_state = state["optimizer"]
+    if state["world_size"] != world.world_size and objective.classifier is not None:
+        # the centres' momentum is sharded differently now: keep only the backbone's
+        backbone_ids = set(range(len(optimizer.param_groups[0]["params"])))
+        opt_state = {"state": {k: v for k, v in opt_state["state"].items() if k in backbone_ids},
+                     "param_groups": opt_state["param_groups"]}
+    optimizer.load_state_dict(opt_state)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if state["world_size"] == world.world_size and state.get("rng"):
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+    return state
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _amp_dtype(cfg: TrainConfig):
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+
+
+def evaluate_pairs(cfg: TrainConfig, backbone: nn.Module, device, cache: dict) -> dict | None:
+    """Verification accuracy on the configured pairs (rank 0), or None when none configured."""
+    from training import evaluate as ev
+
+    if not (cfg.eval.pairs or cfg.eval.bin):
+        return None
+    if "pairs" not in cache:
+        if cfg.eval.bin:
+            cache["pairs"] = ev.load_bin(cfg.eval.bin)
+        else:
+            cache["pairs"] = ev.load_pairs(cfg.eval.pairs, cfg.eval.aligned, cfg.eval.raw or None,
+                                           cfg.eval.folds, cfg.eval.max_pairs_per_fold)
+    module = backbone.module if hasattr(backbone, "module") else backbone
+    report = ev.evaluate_model(ev.torch_embedder(module, str(device), input_size=cfg.data.size),
+                               cache["pairs"],
+                               calibrate=False)
+    module.train()
+    return report
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training; returns a summary (history, paths, timings)."""
+    world = World(cfg.device)
+    try:
+        return _train(cfg, world)
+    finally:
+        world.close()
+
+
+def _train(cfg: TrainConfig, world: World) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed, world.rank, cfg.deterministic)
+    out = Path(cfg.output)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    device = world.device
+
+    dataset = build_dataset(cfg)
+    num_classes = dataset.num_classes
+    if cfg.loss.pk or cfg.loss.name == "triplet":
+        p, k = cfg.loss.pk or [max(2, cfg.batch_size // 4), 4]
+        sampler = PKSampler(dataset.labels, p, k, cfg.seed, world.rank, world.world_size)
+        batch_size = p * k
+    else:
+        sampler = DistributedSampler(dataset, world.world_size, world.rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
+        batch_size = cfg.batch_size
+    generator = torch.Generator().manual_seed(cfg.seed + world.rank)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.data.workers > 0, generator=generator,
+                        worker_init_fn=_seed_worker)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images is less than one batch of {batch_size}")
+
+    params = dict(cfg.backbone.params)
+    if params.setdefault("input_size", cfg.data.size) != cfg.data.size:
+        raise ValueError(f"backbone input_size {params['input_size']} != data.size {cfg.data.size}")
+    backbone = build_backbone(cfg.backbone.name, cfg.backbone.embedding_dim, **params).to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    backbone = backbone.to(memory_format=memory_format)
+    objective = Objective(cfg, num_classes).to(device)
+    if world.world_size > 1:
+        backbone = nn.parallel.DistributedDataParallel(
+            backbone, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(cfg, backbone, objective)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    amp_dtype = _amp_dtype(cfg)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    start_epoch, step, history = 0, 0, []
+    resume = cfg.resume
+    if resume == "auto":
+        resume = str(out / "last.pt") if (out / "last.pt").exists() else None
+    if resume:
+        state = load_checkpoint(Path(resume), world, backbone, objective, optimizer, scaler)
+        start_epoch, step, history = state["epoch"], state["step"], state["history"]
+
+    log = MetricLog(out, cfg.log, world.main)
+    eval_cache: dict = {}
+    classes = getattr(dataset, "classes", None)
+    started = time.perf_counter()
+    samples_seen = 0
+    stop = False
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        backbone.train()
+        objective.train()
+        epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
+        bar = None
+        if cfg.progress and world.main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       unit="step", dynamic_ncols=True)
+        for images, labels in loader:
+            factor = lr_factor(cfg, step, steps_per_epoch)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * factor
+            images = images.to(device, non_blocking=True).to(memory_format=memory_format)
+            labels = labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                embeddings = backbone(images)
+            loss, parts = objective(embeddings.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            grad_norm = None
+            if cfg.optim.grad_clip > 0:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                grad_norm = float(nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if world.world_size > 1 and isinstance(objective.metric, L.CenterLoss):
+                dist.all_reduce(objective.metric.centers)
+                objective.metric.centers /= world.world_size
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss became {value} at step {step}")
+            step += 1
+            epoch_steps += 1
+            epoch_loss += value
+            samples_seen += batch_size * world.world_size
+            elapsed = time.perf_counter() - started
+            if world.main:
+                record = {"loss": value, "lr": optimizer.param_groups[0]["lr"], **parts}
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm
+                log.write(step, epoch + 1, record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{value:.3f}", samples_s=f"{samples_seen / elapsed:.1f}")
+                bar.update(1)
+            if cfg.max_steps and step >= cfg.max_steps:
+                stop = True
+                break
+        if bar is not None:
+            bar.close()
+        entry = {"epoch": epoch + 1, "step": step, "loss": epoch_loss / max(1, epoch_steps),
+                 "seconds": round(time.perf_counter() - epoch_start, 2)}
+        last = stop or epoch + 1 == cfg.epochs
+        if world.main and (last or (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0)):
+            report = evaluate_pairs(cfg, backbone, device, eval_cache)
+            if report is not None:
+                entry["eval_accuracy"], entry["eval_std"] = report["accuracy"], report["std"]
+                log.write(step, epoch + 1, {"eval/accuracy": report["accuracy"]})
+        history.append(entry)
+        if world.main:
+            log.write(step, epoch + 1, {"epoch_loss": entry["loss"]})
+        if last or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0):
+            for name in {"last.pt", f"epoch_{epoch + 1:03d}.pt" if last else "last.pt"}:
+                save_checkpoint(out / name, cfg, world, backbone, objective, optimizer, scaler,
+                                epoch + 1, step, history, classes)
+        world.barrier()
+        if stop:
+            break
+    log.close()
+    summary = {
+        "output": str(out), "checkpoint": str(out / "last.pt"), "history": history,
+        "images": len(dataset), "identities": num_classes, "steps": step,
+        "world_size": world.world_size, "device": str(device),
+        "seconds": round(time.perf_counter() - started, 2),
+        "samples_per_second": round(samples_seen / max(1e-9, time.perf_counter() - started), 2),
+    }
+    if world.main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
