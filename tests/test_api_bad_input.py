@@ -234,6 +234,12 @@ CASES = [
     ("unknown subject (verify)", "POST", "/v1/verify",
      {"files": {"image1": "face"}, "data": {"gallery": "people", "subject_id": "ghost"}},
      404, "subject_not_found"),
+    ("subject without faces (verify)", "POST", "/v1/verify",
+     {"files": {"image1": "face"}, "data": {"gallery": "people", "subject_id": "faceless"}},
+     422, "no_enrolled_face"),
+    ("image2 and a subject", "POST", "/v1/verify",
+     {"files": {"image1": "face", "image2": "face2"},
+      "data": {"gallery": "people", "subject_id": "abel"}}, 400, "ambiguous_request"),
     ("unknown face", "DELETE", "/v1/galleries/people/faces/999999", {}, 404, "face_not_found"),
     ("unknown gallery (delete)", "DELETE", "/v1/galleries/nobody", {}, 404, "gallery_not_found"),
     ("duplicate image field", "POST", "/v1/identify",
@@ -326,6 +332,7 @@ def test_bad_requests_get_typed_errors_and_change_nothing(server, client, images
     if not client.get("/v1/galleries/people/subjects/abel").json()["faces"]:
         assert client.post("/v1/galleries/people/subjects/abel/faces",
                            files={"image": images["face"]}).status_code == 201
+    client.post("/v1/galleries/people/subjects", json={"subject_id": "faceless"})
     _quality_images(server, images)
     # a gallery (and subject) that belongs to another recognition model
     server.state.gallery.upsert_subject("legacy", "old", None, "other-model@0123456789ab")
