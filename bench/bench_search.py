@@ -44,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.gallery.index import IVF_TRAIN_ITERATIONS, GalleryIndex, ivf_lists  # noqa: E402
+from service.gallery.index import IVF_TRAIN_ITERATIONS, GalleryIndex, ivf_lists
 
 QUERY_COSINE = 0.7
 ALL_CORES = faiss.omp_get_max_threads()  # before anything lowers it

@@ -57,8 +57,8 @@ def store_url(request, tmp_path) -> str:
 
 
 def make_settings(tmp_path: Path, store_url: str, name: str = "a", **overrides) -> Settings:
-    values = dict(data_dir=tmp_path / f"replica-{name}", store_url=store_url,
-                  sync_interval_s=0.05, faiss_gpu=False)
+    values = {"data_dir": tmp_path / f"replica-{name}", "store_url": store_url,
+              "sync_interval_s": 0.05, "faiss_gpu": False}
     values.update(overrides)
     return Settings(**values)
 
@@ -371,7 +371,7 @@ def test_sixteen_threads_mixing_writes_and_searches_keep_index_and_store_equal(s
                     assert len(hits) == 3 and all(len(h) <= 4 for h in hits)
             with lock:
                 acked.extend(mine)
-        except BaseException as exc:  # surfaced below
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]

@@ -14,14 +14,14 @@ from tests.conftest import REPO
 @pytest.mark.timeout(300)
 def test_search_benchmark_quick_mode():
     done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_search.py"), "--quick"],
-                          capture_output=True, text=True, cwd=REPO, timeout=280)
+                          capture_output=True, text=True, cwd=REPO, timeout=280, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     rows = {(r["kind"], r["size"]): r for r in report["results"]}
     dim = report["dim"]
     n = max(size for _, size in rows)
     assert {kind for kind, _ in rows} == {"flat", "ivf", "hnsw", "ivfpq"}
-    for (kind, size), row in rows.items():
+    for row in rows.values():
         assert 0 < row["p50_ms"] <= row["p99_ms"], row
         assert 0.0 <= row["recall_at_1"] <= 1.0
     flat = rows[("flat", n)]

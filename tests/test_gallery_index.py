@@ -53,7 +53,7 @@ def test_every_kind_finds_the_enrolled_face_and_fuses_subjects(kind):
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
 def test_removed_faces_never_come_back(kind, monkeypatch):
     monkeypatch.setattr(index_module, "HNSW_REBUILD_FRACTION", 0.5)
-    index, ids, subjects, vectors = filled(kind)
+    index, ids, _, vectors = filled(kind)
     gone = ids[:30]
     assert index.remove(gone) == 30
     assert index.remove(gone) == 0
@@ -69,7 +69,7 @@ def test_removed_faces_never_come_back(kind, monkeypatch):
 
 def test_ivf_trains_once_large_enough_and_keeps_exact_matches(monkeypatch):
     monkeypatch.setattr(index_module, "IVF_MIN_TRAIN", 500)
-    index, ids, subjects, vectors = filled("ivf", n=400)
+    index, ids, _, _ = filled("ivf", n=400)
     assert index._trained_at == 0  # still exact below the threshold
     rng = np.random.default_rng(1)
     more = unit(rng, 200)
@@ -82,7 +82,7 @@ def test_ivf_trains_once_large_enough_and_keeps_exact_matches(monkeypatch):
 
 def test_hnsw_rebuilds_once_tombstones_pile_up(monkeypatch):
     monkeypatch.setattr(index_module, "HNSW_REBUILD_FRACTION", 0.2)
-    index, ids, subjects, vectors = filled("hnsw", n=300)
+    index, ids, _, vectors = filled("hnsw", n=300)
     index.remove(ids[:50])
     assert len(index._tombstones) == 50 and index._index.ntotal == 300
     index.remove(ids[50:70])  # 70 > 0.2 * 300: rebuilt without them
@@ -93,7 +93,7 @@ def test_hnsw_rebuilds_once_tombstones_pile_up(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
 def test_snapshot_round_trip_and_checksum(kind, tmp_path):
-    index, ids, subjects, vectors = filled(kind)
+    index, ids, _, vectors = filled(kind)
     index.remove(ids[:7])
     index.save(tmp_path / "g", seq=42, gallery="g")
     loaded, sidecar = GalleryIndex.load(tmp_path / "g", kind)

@@ -356,7 +356,7 @@ class GalleryIndex:
             os.replace(tmp, prefix.with_suffix(suffix))
 
     @classmethod
-    def load(cls, prefix: Path, kind: str, gpu: bool = False) -> tuple["GalleryIndex", dict]:
+    def load(cls, prefix: Path, kind: str, gpu: bool = False) -> tuple[GalleryIndex, dict]:
         """Read a snapshot; return (index, sidecar).  Raises :class:`SnapshotError`."""
         prefix = Path(prefix)
         try:

@@ -171,7 +171,7 @@ class GalleryService:
         applied = self._applied_seq
         try:
             head = self.store.head_seq()
-        except Exception as exc:  # reported, not raised: this feeds /readyz
+        except Exception as exc:  # noqa: BLE001 - reported, not raised: this feeds /readyz
             return {"ready": False, "applied_seq": applied, "head_seq": None, "lag": None,
                     "error": f"store unavailable: {type(exc).__name__}"}
         return {"ready": self.ready(), "applied_seq": applied, "head_seq": head,
@@ -380,8 +380,7 @@ class GalleryService:
                 if len(changes) < LOG_BATCH:
                     return
         except LogGap:
-            log.error("gallery change log has a gap; rebuilding every index from the store",
-                      exc_info=True)
+            log.exception("gallery change log has a gap; rebuilding every index from the store")
             self._rebuild()
 
     def _rebuild(self) -> None:

@@ -14,7 +14,7 @@ import abc
 import json
 import time
 from contextlib import AbstractContextManager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -34,7 +34,7 @@ MAX_JSON_BYTES = 64 * 1024
 
 def iso(ts: float) -> str:
     """Epoch seconds as an ISO-8601 UTC string."""
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat()
 
 
 def dump_json(value: dict, what: str) -> str:
@@ -57,7 +57,7 @@ class Cursor:
         self._cursor = cursor
         self._qmark = qmark
 
-    def execute(self, sql: str, params: tuple | list = ()) -> "Cursor":
+    def execute(self, sql: str, params: tuple | list = ()) -> Cursor:
         if not self._qmark:
             sql = sql.replace("?", "%s")
         self._cursor.execute(sql, tuple(params))
