@@ -122,6 +122,18 @@ def test_dynamic_scrfd_runs_at_image_size(shared_registry, group_photo):
     assert fixed.input_size_for(np.zeros((250, 250, 3), np.uint8)) == (640, 640)
 
 
+def test_fixed_letterbox_on_a_dynamic_model(shared_registry, group_photo):
+    card, path = shared_registry.resolve("scrfd_2.5g_bnkps")
+    det = build_detector(card, path, Settings())
+    det.use_fixed_input((640, 640))
+    assert det.input_size_for(np.zeros((250, 250, 3), np.uint8)) == (640, 640)
+    assert len(det.detect(group_photo)) == 6
+    with pytest.raises(ValueError, match="multiples of 32"):
+        det.use_fixed_input((250, 250))
+    with pytest.raises(ValueError, match="only accepts"):
+        detector(shared_registry, "yunet_2023mar").use_fixed_input((320, 320))
+
+
 def test_yunet_matches_opencv_face_detector_yn(shared_registry, group_photo, lfw_images):
     ours = detector(shared_registry, "yunet_2023mar")
     reference = cv2.FaceDetectorYN.create(str(ours.path), "", (640, 640), 0.5, 0.4, 100)

@@ -118,6 +118,18 @@ class OnnxDetector:
         raise NotImplementedError
 
     # -- shared machinery ----------------------------------------------------------
+    def use_fixed_input(self, size: tuple[int, int]) -> None:
+        """Letterbox every image to ``size`` (w, h) instead of choosing a size per image.
+
+        For dynamic models only (a fixed export already has one size); used to
+        reproduce InsightFace's ``FaceAnalysis`` setting (640x640) for comparisons.
+        """
+        if any(side % SIZE_DIVISOR for side in size):
+            raise ValueError(f"input sides must be multiples of {SIZE_DIVISOR}: {size}")
+        if self.fixed_size is not None and tuple(size) != self.fixed_size:
+            raise ValueError(f"{self.card.name} only accepts {self.fixed_size}")
+        self.fixed_size = (int(size[0]), int(size[1]))
+
     def input_size_for(self, image: np.ndarray) -> tuple[int, int]:
         """(w, h) network input for an image.
 
