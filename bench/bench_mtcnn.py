@@ -87,8 +87,9 @@ def main() -> None:
         if reference is not None:
             paths["facenet_pytorch"] = lambda images=images: [reference.detect(im)
                                                               for im in images]
-        for fn in paths.values():  # warm-up
-            fn()
+        detector.detect_batch(images[:args.batch])  # warm-up
+        if reference is not None:
+            reference.detect(images[0])
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
         names = list(paths)
         for r in range(args.rounds):

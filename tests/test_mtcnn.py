@@ -54,10 +54,11 @@ def detector(card, onnx_path) -> MTCNNDetector:
 
 
 @pytest.fixture(scope="module")
-def clip_detector(card, onnx_path) -> MTCNNDetector:
-    """facenet-pytorch's border handling: crops are clipped to the image, not padded."""
-    clipped = card.model_copy(update={"extra": {**card.extra, "crop_border": "clip"}})
-    return MTCNNDetector(clipped, onnx_path, Settings())
+def facenet_compatible(card, onnx_path) -> MTCNNDetector:
+    """facenet-pytorch's variant: crops clipped to the image (not padded), fractional
+    boxes kept between stages (not truncated to the cropped pixels)."""
+    extra = {**card.extra, "crop_border": "clip", "truncate_boxes": False}
+    return MTCNNDetector(card.model_copy(update={"extra": extra}), onnx_path, Settings())
 
 
 @pytest.fixture(scope="module")
@@ -230,26 +231,52 @@ def test_area_resize_equals_torch_area_interpolation(reference):
 # -- the detector against facenet-pytorch ---------------------------------------------------------
 
 @pytest.mark.timeout(300)
-def test_end_to_end_matches_facenet_pytorch(detector, clip_detector, reference):
-    """20 photos: with facenet-pytorch's border handling every face agrees (IoU >= 0.9,
-    landmarks within 1 px); with the default zero padding >= 90% of faces do."""
-    agree_pad = total = 0
+def test_end_to_end_matches_facenet_pytorch(detector, facenet_compatible, reference):
+    """20 photos: in facenet-pytorch's variant every face agrees (IoU >= 0.9, landmarks
+    within 1 px); with the defaults (zero padding, truncated boxes) >= 90% of faces agree
+    (box edges within 3 px or 5% of the width, landmarks within 3 px)."""
+    agree = total = 0
     for path in _photos(10, 10):
         bgr = cv2.imread(str(path))
         ref_boxes, ref_points = reference.detect(bgr)
-        clipped = clip_detector.detect(bgr)
+        clipped = facenet_compatible.detect(bgr)
         assert len(clipped) == len(ref_boxes), path
         for face in clipped:
             j = int(np.argmax([_iou(face.box, r) for r in ref_boxes]))
             assert _iou(face.box, ref_boxes[j]) >= 0.9, path
             assert np.abs(face.landmarks - ref_points[j]).max() <= 1.0, path
             assert abs(face.score - ref_boxes[j, 4]) < 1e-3
-        padded = detector.detect(bgr)
-        for r in ref_boxes:
+        ours = detector.detect(bgr)
+        for r, points in zip(ref_boxes, ref_points):
             total += 1
-            agree_pad += any(_iou(f.box, r) >= 0.9 for f in padded)
+            # a truncation moves a box by < 1 px per stage: small faces lose IoU, not place
+            tolerance = max(3.0, 0.05 * (r[2] - r[0]))
+            agree += any(np.abs(f.box - r[:4]).max() <= tolerance
+                         and np.abs(f.landmarks - points).max() <= 3.0 for f in ours)
     assert total >= 20
-    assert agree_pad >= 0.9 * total
+    print(f"defaults agree with facenet-pytorch on {agree}/{total} faces")
+    assert agree >= 0.9 * total
+
+
+def test_truncated_boxes_make_landmarks_mirror_consistent(detector, facenet_compatible, lfw_100):
+    """On a mirrored photo a landmark should sit at the mirrored position (x -> W-1-x).
+    Cropping the integer box but placing landmarks by the fractional one (facenet-pytorch)
+    biases every x to the right; truncating the boxes (original MTCNN) removes most of it."""
+    def subject(faces):
+        return next(f for f in faces if f.box[0] < 125 < f.box[2] and f.box[1] < 125 < f.box[3])
+
+    def bias(det) -> float:
+        sums = []
+        for image in lfw_100[::3]:
+            a, b = subject(det.detect(image)), subject(det.detect(cv2.flip(image, 1)))
+            mirrored = b.landmarks[[1, 0, 2, 4, 3]]  # left and right swap in a mirror
+            sums.append(a.landmarks[:, 0] + mirrored[:, 0] - (image.shape[1] - 1))
+        return float(np.mean(sums)) / 2  # per photo
+
+    # measured on these 34 photos: 0.90 px (ours) against 1.39 px
+    ours, theirs = bias(detector), bias(facenet_compatible)
+    assert abs(ours) < abs(theirs) - 0.3
+    assert abs(ours) < 1.2
 
 
 # -- the detector on its own ----------------------------------------------------------------------

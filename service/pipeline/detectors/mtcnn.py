@@ -15,10 +15,16 @@ facenet-pytorch, whose weights it uses:
    five landmarks, regression, and a final NMS that divides the overlap by the
    smaller box ("min" mode, 0.7).
 
+Between stages boxes are truncated to the integer pixels that get cropped (as the
+original MTCNN; ``extra.truncate_boxes = false`` keeps the fractions, as
+facenet-pytorch, whose landmarks then sit ~0.5 px further right on average). With
+``crop_border = "clip"`` and ``truncate_boxes = false`` the output equals
+facenet-pytorch's ``detect_face``.
+
 Every resize is adaptive average pooling read off one integral image per photo
 (the "area" resampling of facenet-pytorch), so crops need no per-box resize call.
-Thresholds, pyramid factor, NMS overlaps and the border mode come from the card's
-``extra``; images of equal size share P-Net batches in ``detect_batch``.
+Thresholds, pyramid factor, NMS overlaps and the two variant switches come from the
+card's ``extra``; images of equal size share P-Net batches in ``detect_batch``.
 """
 
 from __future__ import annotations
@@ -172,6 +178,7 @@ class MTCNNDetector:
         self.crop_border = str(extra.get("crop_border", "pad"))
         if self.crop_border not in ("pad", "clip"):
             raise ValueError(f"model {card.name!r}: extra.crop_border must be 'pad' or 'clip'")
+        self.truncate = bool(extra.get("truncate_boxes", True))
         self.min_face_size = max(1.0, float(settings.min_face_size))
         self.score_threshold = float(settings.det_threshold)
         self.max_faces = int(settings.max_faces)
@@ -322,6 +329,11 @@ class MTCNNDetector:
     def _refine_and_output(self, images, cand, idx):
         empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
                  np.zeros((0, 5, 2), np.float32), np.zeros(0, np.int64))
+        # Boxes are truncated to the integer pixels that are cropped before each stage, as
+        # the original MTCNN does, so that the regression and the landmarks (relative to the
+        # crop) land where the network saw them; facenet-pytorch keeps the fractions and
+        # shifts landmarks ~0.5 px right/down on average (a mirrored photo shows it).
+        cand[:, :4] = np.trunc(cand[:, :4]) if self.truncate else cand[:, :4]
         # stage 2: R-Net
         valid = self._valid(images, cand[:, :4], idx)
         cand, idx = cand[valid], idx[valid]
@@ -334,6 +346,7 @@ class MTCNNDetector:
         boxes = square(regress(boxes[keep], reg[keep], inclusive=True))
         idx = idx[keep]
         # stage 3: O-Net
+        boxes = np.trunc(boxes) if self.truncate else boxes
         valid = self._valid(images, boxes, idx)
         boxes, idx = boxes[valid], idx[valid]
         if len(boxes) == 0:
