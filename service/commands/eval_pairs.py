@@ -57,6 +57,7 @@ def register(subparsers) -> None:
 def embed_images(pipeline, paths: list[Path], flip: bool, workers: int
                  ) -> tuple[np.ndarray, list[bool]]:
     """(N, dim) embeddings of each image's main face, and whether the fallback was used."""
+    from service.pipeline.align import align_faces
     from service.pipeline.pipeline import primary_face
 
     def one(path: Path) -> tuple[np.ndarray, bool]:
@@ -67,7 +68,7 @@ def embed_images(pipeline, paths: list[Path], flip: bool, workers: int
             landmarks = fallback_landmarks(image.shape, pipeline.template, pipeline.crop_size)
         else:
             landmarks = detections[index].landmarks
-        crops = pipeline.align(image, [_Landmarks(landmarks)])
+        crops = align_faces(image, [landmarks], pipeline.template, pipeline.crop_size)
         return pipeline.embedder.embed(crops, flip=flip)[0], index is None
 
     if workers > 1:
@@ -76,13 +77,6 @@ def embed_images(pipeline, paths: list[Path], flip: bool, workers: int
     else:
         results = [one(p) for p in paths]
     return np.stack([r[0] for r in results]), [r[1] for r in results]
-
-
-class _Landmarks:
-    """Minimal stand-in for a Detection where only landmarks are needed."""
-
-    def __init__(self, landmarks: np.ndarray):
-        self.landmarks = landmarks
 
 
 def evaluate(pipeline, pairs_path: Path, images_dir: Path, flip: bool = False,
