@@ -3,8 +3,8 @@ MTCNN detector is checked against (tests) and timed against (``bench/bench_mtcnn
 
 Only the two modules needed are imported (``models/utils/detect_face.py`` and
 ``models/mtcnn.py``); torchvision, which they import but which is not installed, is
-replaced by a stub holding ``batched_nms`` (standard greedy IoU NMS per index, as
-torchvision's) and an empty ``transforms.functional``, which only face extraction uses.
+replaced by a stub holding ``batched_nms`` (greedy IoU NMS per index, as torchvision's,
+computed by OpenCV) and an empty ``transforms.functional``, which only face extraction uses.
 Needs torch (the ``train`` extra).
 """
 
@@ -37,20 +37,16 @@ def load_reference(wheel: Path, root: Path, min_face_size: int = 20,
         archive.extractall(root)
 
     def batched_nms(boxes, scores, idxs, threshold):
+        """torchvision's semantics (IoU of (x2-x1)*(y2-y1) areas, per index, highest score
+        first) on OpenCV's compiled NMS, so that the reference is not slowed by Python."""
         if boxes.numel() == 0:
             return torch.empty((0,), dtype=torch.int64)
-        shifted = boxes + (idxs.to(boxes) * (boxes.max() + 1))[:, None]
-        area = (shifted[:, 2] - shifted[:, 0]) * (shifted[:, 3] - shifted[:, 1])
-        order = torch.argsort(scores, descending=True, stable=True)
-        keep = []
-        while order.numel():
-            i, rest = order[0], order[1:]
-            keep.append(int(i))
-            lt = torch.maximum(shifted[i, :2], shifted[rest, :2])
-            rb = torch.minimum(shifted[i, 2:], shifted[rest, 2:])
-            inter = (rb - lt).clamp(min=0).prod(dim=1)
-            order = rest[inter / (area[i] + area[rest] - inter) <= threshold]
-        return torch.tensor(keep, dtype=torch.int64)
+        shifted = (boxes + (idxs.to(boxes) * (boxes.max() + 1))[:, None]).double().numpy()
+        xywh = np.concatenate([shifted[:, :2], shifted[:, 2:] - shifted[:, :2]], axis=1)
+        keep = np.asarray(cv2.dnn.NMSBoxes(xywh.tolist(), scores.double().tolist(), 0.0,
+                                           float(threshold)), dtype=np.int64).reshape(-1)
+        keep = keep[np.argsort(-scores.numpy()[keep], kind="stable")]
+        return torch.from_numpy(keep)
 
     stubs = {name: types.ModuleType(name) for name in (
         "torchvision", "torchvision.transforms", "torchvision.transforms.functional",
