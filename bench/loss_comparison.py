@@ -1,0 +1,123 @@
+"""Loss comparison after "A Performance Comparison of Loss Functions for Deep Face Recognition".
+
+Trains one (backbone, loss) per run on aligned CelebA crops (``facegate-train
+prepare`` output), evaluates each epoch on the first LFW folds, and writes a
+JSON file plus a Markdown table (accuracy and epochs to converge).
+
+    python bench/loss_comparison.py --data /tmp/celeba112 --lfw-aligned /tmp/lfw112 \
+        --identities 50 --epochs 3 --size 56 --out /tmp/loss_comparison
+
+"Epochs to converge" is the first epoch whose training loss is within 5% of the
+run's final epoch loss (the paper reads it off the loss curve).  Scale is set
+by the flags; the defaults fit a 2-core CPU, not the paper's setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from training.config import load_config
+from training.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+LFW = REPO.parent / "shared" / "data" / "lfw"
+
+#: (name, loss overrides); parameters as in the papers, SphereFace's λ annealed faster for short runs
+LOSSES = [
+    ("softmax", {"loss.name": "softmax"}),
+    ("l2softmax", {"loss.name": "l2softmax", "loss.params": {"alpha": 16.0}}),
+    ("sphereface", {"loss.name": "sphereface",
+                    "loss.params": {"m": 4, "schedule": {"base": 1000, "gamma": 1.0,
+                                                         "power": 1, "lambda_min": 5}}}),
+    ("cosface", {"loss.name": "cosface", "loss.params": {"s": 32.0, "m": 0.35}}),
+    ("arcface", {"loss.name": "arcface", "loss.params": {"s": 32.0, "m": 0.5}}),
+    ("center", {"loss.name": "softmax", "loss.aux": {"name": "center", "weight": 0.01}}),
+    ("marginal", {"loss.name": "softmax", "loss.aux": {"name": "marginal", "weight": 1.0},
+                  "loss.pk": [8, 4]}),
+    ("triplet", {"loss.name": "triplet", "loss.params": {"margin": 0.2, "mining": "semi_hard"},
+                 "loss.pk": [8, 4]}),
+]
+
+BACKBONES = {
+    "mobilefacenet": {"backbone.name": "mobilefacenet", "backbone.params": {"width": 0.25}},
+    "mobilenetv1": {"backbone.name": "mobilenetv1", "backbone.params": {"width": 0.25}},
+    "resnet50": {"backbone.name": "resnet50", "backbone.params": {"width": 16}},
+    "iresnet18": {"backbone.name": "iresnet18", "backbone.params": {"width": 16}},
+}
+
+
+def epochs_to_converge(history: list[dict], tolerance: float = 0.05) -> int:
+    final = history[-1]["loss"]
+    for entry in history:
+        if abs(entry["loss"] - final) <= tolerance * abs(final):
+            return entry["epoch"]
+    return history[-1]["epoch"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--lfw-aligned", required=True)
+    ap.add_argument("--identities", type=int, default=50)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--size", type=int, default=56)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--folds", type=int, default=1, help="LFW folds used for evaluation")
+    ap.add_argument("--backbones", default="mobilefacenet")
+    ap.add_argument("--losses", default=",".join(name for name, _ in LOSSES))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else []
+    done = {(r["backbone"], r["loss"]) for r in results}
+    wanted = set(args.losses.split(","))
+    for backbone in args.backbones.split(","):
+        for name, overrides in LOSSES:
+            if name not in wanted or (backbone, name) in done:
+                continue
+            settings = {
+                "data.root": args.data, "data.max_identities": args.identities,
+                "data.size": args.size, "data.workers": 0, "data.grayscale": 0.2,
+                "backbone.embedding_dim": 128, **BACKBONES[backbone], **overrides,
+                "optim.lr": 0.1, "optim.warmup_epochs": 0.5, "epochs": args.epochs,
+                "batch_size": args.batch, "threads": args.threads, "progress": False,
+                "output": str(args.out / f"{backbone}_{name}"),
+                "eval.pairs": str(LFW / "pairs.txt"), "eval.aligned": args.lfw_aligned,
+                "eval.raw": str(LFW / "images"), "eval.every": 1, "eval.folds": args.folds,
+            }
+            cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
+            start = time.perf_counter()
+            summary = train(cfg)
+            history = summary["history"]
+            best = max(history, key=lambda h: h.get("eval_accuracy", 0.0))
+            results.append({
+                "backbone": backbone, "loss": name, "epochs": args.epochs,
+                "identities": summary["identities"], "images": summary["images"],
+                "final_accuracy": history[-1].get("eval_accuracy"),
+                "final_std": history[-1].get("eval_std"),
+                "best_accuracy": best.get("eval_accuracy"), "best_epoch": best["epoch"],
+                "epochs_to_converge": epochs_to_converge(history),
+                "loss_first_epoch": history[0]["loss"], "loss_last_epoch": history[-1]["loss"],
+                "seconds": round(time.perf_counter() - start, 1),
+                "samples_per_second": summary["samples_per_second"],
+            })
+            results_path.write_text(json.dumps(results, indent=2))
+            print(json.dumps(results[-1]), flush=True)
+    lines = ["| backbone | loss | LFW acc. (final) | best (epoch) | epochs to converge | "
+             "loss first→last | s |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['backbone']} | {r['loss']} | {100 * r['final_accuracy']:.2f}% | "
+                     f"{100 * r['best_accuracy']:.2f}% ({r['best_epoch']}) | "
+                     f"{r['epochs_to_converge']} | {r['loss_first_epoch']:.3f}→"
+                     f"{r['loss_last_epoch']:.3f} | {r['seconds']:.0f} |")
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
