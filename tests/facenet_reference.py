@@ -26,7 +26,8 @@ THRESHOLDS = [0.6, 0.7, 0.7]
 
 def load_reference(wheel: Path, root: Path, min_face_size: int = 20,
                    threads: int | None = 1) -> types.SimpleNamespace:
-    """``torch``, the three networks (``nets``) and ``detect(bgr) -> (boxes (N,5), points (N,5,2))``.
+    """``torch``, the three networks (``nets``) and ``detect(bgr) -> (boxes, points)``
+    with boxes (N, 5: x1, y1, x2, y2, score) and points (N, 5, 2).
 
     The wheel is extracted into ``root``. ``detect`` runs torch with ``threads`` intra-op
     threads (``None``: torch's default), restoring the previous count afterwards.
@@ -61,8 +62,9 @@ def load_reference(wheel: Path, root: Path, min_face_size: int = 20,
     sys.modules.update(packages)
     try:
         modules = {}
-        for name, rel in (("facenet_pytorch.models.utils.detect_face", "models/utils/detect_face.py"),
-                          ("facenet_pytorch.models.mtcnn", "models/mtcnn.py")):
+        for name, rel in (
+                ("facenet_pytorch.models.utils.detect_face", "models/utils/detect_face.py"),
+                ("facenet_pytorch.models.mtcnn", "models/mtcnn.py")):
             spec = importlib.util.spec_from_file_location(name, root / "facenet_pytorch" / rel)
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module

@@ -347,6 +347,7 @@ def test_bad_input_and_bad_cards(detector, card, onnx_path):
     with pytest.raises(ValueError):
         detector.detect(np.zeros((50, 50, 4), np.uint8))
     assert detector.detect(np.zeros((8, 8, 3), np.uint8)) == []  # smaller than any face
+    assert detector.detect_batch([]) == []
     assert detector.detect(np.full((120, 90), 128, np.uint8)) == []  # grey, blank
     for extra in ({"thresholds": [0.6, 0.7]}, {"factor": 1.5}, {"crop_border": "wrap"}):
         bad = card.model_copy(update={"extra": {**card.extra, **extra}})

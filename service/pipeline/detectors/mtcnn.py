@@ -233,8 +233,8 @@ class MTCNNDetector:
 
     # -- stage 1: P-Net over the pyramid ---------------------------------------------------
     def _proposals(self, group: list[np.ndarray]) -> list[np.ndarray]:
-        """P-Net candidates for images of one size (given as integral images): per image, (N, 4) boxes (square,
-        regressed) and their scores as a fifth column."""
+        """P-Net candidates for images of one size (given as integral images): per image,
+        (N, 5) rows of a square, regressed box and its score."""
         height, width = group[0].shape[0] - 1, group[0].shape[1] - 1
         whole = np.array([[0, 0, height, width]])
         threshold = self.thresholds[0]
@@ -313,6 +313,8 @@ class MTCNNDetector:
     def detect_batch(self, images: list[np.ndarray]) -> list[list[Detection]]:
         """Faces in each image, highest score first; R-Net and O-Net see every candidate of
         every image in one batch."""
+        if not images:
+            return []
         integrals = [self.integral(image) for image in images]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, integral in enumerate(integrals):
