@@ -533,3 +533,30 @@ def test_follower_rebuilds_on_a_gap_in_the_log(services):
     face = one.add_face("g", "late", unit(rng), MODEL, {})
     wait_until(lambda: two.index_face_ids("g").tolist() == one.store.face_ids("g").tolist())
     assert face["face_id"] in two.index_face_ids("g").tolist()
+
+
+def test_postgres_notify_wakes_other_replicas_before_the_poll(tmp_path, postgres_url):
+    """With a 30 s poll, only LISTEN/NOTIFY can make a remote write visible within a second."""
+    rng = np.random.default_rng(11)
+    services = []
+    try:
+        for name in ("one", "two"):
+            service = open_gallery(make_settings(tmp_path, postgres_url, name,
+                                                 sync_interval_s=30.0))
+            assert not service.ready()
+            service.start()
+            services.append(service)
+        one, two = services
+        assert one.ready() and two.ready()
+        time.sleep(0.2)  # let the follower threads reach LISTEN
+        one.upsert_subject("g", "alice", None, MODEL)
+        alice = unit(rng)
+        face = one.add_face("g", "alice", alice, MODEL, {})
+        wait_until(lambda: two.search("g", alice[None], 1, MODEL)[0][:1]
+                   and two.search("g", alice[None], 1, MODEL)[0][0]["face_id"] == face["face_id"])
+        one.delete_face("g", face["face_id"])
+        wait_until(lambda: two.search("g", alice[None], 1, MODEL)[0] == [])
+        assert two.sync_status() == {"ready": True, "applied_seq": 2, "head_seq": 2, "lag": 0}
+    finally:
+        for service in services:
+            service.stop()

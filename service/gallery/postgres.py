@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import contextmanager
 
 import psycopg
@@ -26,6 +27,7 @@ from service.gallery.sql import Cursor, SQLStore
 log = logging.getLogger(__name__)
 
 CHANNEL = "facegate_gallery_changes"
+STOP_CHECK_S = 0.2
 MIGRATION_LOCK = 0x6661636567617465  # pg_advisory_xact_lock key for migrations
 
 
@@ -78,8 +80,15 @@ class PostgresStore(SQLStore):
             if self._listener is None or self._listener.closed:
                 self._listener = psycopg.connect(self.url, autocommit=True)
                 self._listener.execute(f"LISTEN {CHANNEL}")
-            for _ in self._listener.notifies(timeout=timeout, stop_after=1):
-                pass
+            deadline = time.monotonic() + timeout
+            while not stop.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                # Short slices, so that stop() is noticed even with a long poll interval.
+                for _ in self._listener.notifies(timeout=min(remaining, STOP_CHECK_S),
+                                                 stop_after=1):
+                    return
         except psycopg.Error as exc:
             log.warning("gallery LISTEN connection failed (%s); polling", exc)
             if self._listener is not None:
