@@ -20,9 +20,10 @@
 #
 # Environment:
 #   FACEGATE_SHARED         the shared tree (default: ../shared beside the repo)
-#   FACEGATE_SMOKE_MODELS   shared (default: reference models of ../shared/models mounted
-#                           read-only, yunet_2023mar + mobilefacenet_peer_128d) | installed
-#                           (the image's own defaults from `facegate models install`)
+#   FACEGATE_SMOKE_MODELS   installed (default: the image's own models from `facegate models
+#                           install`, MTCNN + dlib ResNet) | shared (reference models of
+#                           ../shared/models mounted read-only, yunet_2023mar +
+#                           mobilefacenet_peer_128d)
 #   FACEGATE_SMOKE_GPU=1    also build the GPU image docker/Dockerfile (large; not run here)
 #   FACEGATE_SMOKE_KEEP=1   keep the containers and the volume for inspection
 set -euo pipefail
@@ -30,7 +31,7 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 shared=$(realpath "${FACEGATE_SHARED:-$repo/../shared}")
 lfw=$shared/data/lfw/images
-models_mode=${FACEGATE_SMOKE_MODELS:-shared}
+models_mode=${FACEGATE_SMOKE_MODELS:-installed}
 base_image=local/python:3.11-slim
 image=facegate:cpu-smoke
 run_id=facegate-smoke-$$
