@@ -333,6 +333,19 @@ def test_group_photo_six_faces_with_ordered_landmarks(detector, group_photo):
         assert max(left_eye[1], right_eye[1]) < nose[1] < min(left_mouth[1], right_mouth[1])
 
 
+def test_large_photos_are_scaled_down_and_back(detector, group_photo):
+    """A 3x enlarged group photo (3840 px wide, above ``max_side``) gives the same people,
+    in original pixels."""
+    big = cv2.resize(group_photo, None, fx=3, fy=3, interpolation=cv2.INTER_CUBIC)
+    people = [f for f in detector.detect(group_photo) if f.score >= 0.9]
+    enlarged = [f for f in detector.detect(big) if f.score >= 0.9]
+    assert len(enlarged) == len(people) == 6
+    for face in people:
+        match = min(enlarged, key=lambda f: float(np.abs(f.box / 3 - face.box).max()))
+        assert np.abs(match.box / 3 - face.box).max() <= 0.08 * face.width
+        assert np.abs(match.landmarks / 3 - face.landmarks).max() <= 0.08 * face.width
+
+
 def test_settings_limit_results(card, onnx_path, group_photo):
     top2 = MTCNNDetector(card, onnx_path, Settings(max_faces=2)).detect(group_photo)
     assert len(top2) == 2

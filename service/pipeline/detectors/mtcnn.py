@@ -24,7 +24,9 @@ facenet-pytorch's ``detect_face``.
 Every resize is adaptive average pooling read off one integral image per photo
 (the "area" resampling of facenet-pytorch), so crops need no per-box resize call.
 Thresholds, pyramid factor, NMS overlaps and the two variant switches come from the
-card's ``extra``; images of equal size share P-Net batches in ``detect_batch``.
+card's ``extra``; images of equal size share P-Net batches in ``detect_batch``. Photos
+with a longer side than ``extra.max_side`` (default 1600) are scaled down to it first
+and the results scaled back, which bounds time and memory on very large uploads.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ PNET_STRIDE = 2
 PNET_CELL = 12
 RNET_SIZE = 24
 ONET_SIZE = 48
+#: Photos with a longer side are scaled down to it first (0: never); bounds time and memory.
+DEFAULT_MAX_SIDE = 1600
 #: Largest number of crops per R-Net / O-Net run (bounds memory on crowded images).
 MAX_CROP_BATCH = 1024
 
@@ -179,6 +183,7 @@ class MTCNNDetector:
         if self.crop_border not in ("pad", "clip"):
             raise ValueError(f"model {card.name!r}: extra.crop_border must be 'pad' or 'clip'")
         self.truncate = bool(extra.get("truncate_boxes", True))
+        self.max_side = int(extra.get("max_side", DEFAULT_MAX_SIDE))
         self.min_face_size = max(1.0, float(settings.min_face_size))
         self.score_threshold = float(settings.det_threshold)
         self.max_faces = int(settings.max_faces)
@@ -221,9 +226,22 @@ class MTCNNDetector:
             raise ValueError(f"MTCNN expects an (H, W, 3) image, got shape {image.shape}")
         if self.rgb:
             image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        if self._shrink(image) < 1.0:
+            image = cv2.resize(image, self._work_size(image), interpolation=cv2.INTER_AREA)
         # int32 sums are exact while 255 * H * W fits; float64 (exact to 2**53) beyond
         exact_int32 = 255 * image.shape[0] * image.shape[1] < 2**31
         return cv2.integral(image, sdepth=cv2.CV_32S if exact_int32 else cv2.CV_64F)
+
+    def _shrink(self, image: np.ndarray) -> float:
+        """Scale applied before detection: 1, or ``max_side`` / longest side when larger."""
+        longest = max(image.shape[:2])
+        return self.max_side / longest if 0 < self.max_side < longest else 1.0
+
+    def _work_size(self, image: np.ndarray) -> tuple[int, int]:
+        """(width, height) the photo is detected at."""
+        shrink = self._shrink(image)
+        h, w = image.shape[:2]
+        return max(1, round(w * shrink)), max(1, round(h * shrink))
 
     def _resized(self, integral: np.ndarray, regions: np.ndarray, out_h: int, out_w: int
                  ) -> np.ndarray:
@@ -326,6 +344,11 @@ class MTCNNDetector:
         idx = np.concatenate([np.full(len(p), i, np.int64) for i, p in enumerate(proposals)])
         cand = np.concatenate(proposals).astype(np.float32)
         boxes, scores, landmarks, idx = self._refine_and_output(integrals, cand, idx)
+        # back to the original pixels of shrunk photos (pixel centres map onto pixel centres)
+        grow = np.array([image.shape[1] / (integral.shape[1] - 1)
+                         for image, integral in zip(images, integrals)], np.float32)[idx]
+        boxes = (boxes + 0.5) * grow[:, None] - 0.5
+        landmarks = (landmarks + 0.5) * grow[:, None, None] - 0.5
         return self._detections(len(images), boxes, scores, landmarks, idx)
 
     def _refine_and_output(self, images, cand, idx):
