@@ -88,7 +88,8 @@ def _cmd_export(args) -> int:
     pair_set = _pair_set(args)
     model = _embedder(args.checkpoint)
     report = ev.evaluate_model(model, pair_set)
-    ev.save_report(report, Path(args.onnx).parent / "reports", Path(args.onnx).stem)
+    if args.reports:
+        ev.save_report(report, args.reports, Path(args.onnx).stem)
     evaluation = {"lfw": {k: v for k, v in report.items() if not k.startswith("_")}}
     result = export(args.checkpoint, args.onnx, pair_set.images[: args.parity_faces],
                     name=args.name, evaluation=evaluation,
@@ -118,6 +119,8 @@ def _add_pairs(parser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facegate-train", description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="PyTorch CPU threads (1 is fastest on a busy shared CPU)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="align raw photos into an ImageFolder of 112x112 crops")
@@ -153,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--licence", default="")
     p.add_argument("--training-note", default=None, help="JSON merged into the card's training")
     p.add_argument("--parity-faces", type=int, default=32)
+    p.add_argument("--reports", type=Path, default=None,
+                   help="also write the evaluation JSON and ROC plot here")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("losses", help="list the available losses")
@@ -162,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     return int(args.func(args) or 0)
 
 

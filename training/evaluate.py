@@ -169,11 +169,14 @@ def flip_embeddings(embed: EmbedFn, images: np.ndarray, batch: int = 128) -> np.
 def tar_at_far(scores: np.ndarray, same: np.ndarray, fars: Sequence[float] = FAR_POINTS) -> dict:
     """TAR at each FAR from the ROC point whose FAR is nearest (IJB-C style), with its threshold."""
     fpr, tpr, thr = roc_curve(np.asarray(same, int), np.asarray(scores))
+    impostors = int(np.sum(~np.asarray(same, bool)))
     out = {}
     for far in fars:
         i = int(np.argmin(np.abs(fpr - far)))
         out[f"{far:.0e}"] = {"tar": round(float(tpr[i]), 6), "far": round(float(fpr[i]), 6),
-                             "threshold": round(float(min(thr[i], 1.0)), 6)}
+                             "threshold": round(float(min(thr[i], 1.0)), 6),
+                             # fewer than 1/FAR impostor pairs cannot measure that FAR
+                             "resolvable": bool(far * impostors >= 1)}
     return out
 
 
