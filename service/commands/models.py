@@ -24,6 +24,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from service.fetch import download_to
+
 from ._options import add_model_options, settings_from_args
 
 DOWNLOAD_TIMEOUT_S = 60
@@ -124,8 +126,7 @@ def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
     if not url.startswith(("http://", "https://")):
         raise PullError(f"not a downloadable URL: {url!r}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
-            shutil.copyfileobj(response, out, 1 << 20)
+        download_to(url, dest, timeout)
     except urllib.error.HTTPError as exc:
         raise PullError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
@@ -204,7 +205,13 @@ def run_install(args) -> int:
         print(f"error: the model installer is not available in this build ({exc})",
               file=sys.stderr)
         return 1
-    paths = install_defaults(settings)
+    from service.convert.install import InstallError
+
+    try:
+        paths = install_defaults(settings)
+    except InstallError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     for path in paths:
         print(f"installed {path}")
     return 0

@@ -36,6 +36,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from service.fetch import download_to
 from service.registry import ModelCard, Registry, sha256_file
 
 log = logging.getLogger(__name__)
@@ -155,9 +156,7 @@ def download_npm_tarball(name: str, version: str, directory: Path,
     log.info("downloading %s@%s from the npm registry", name, version)
     tmp = target.with_name(target.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=NPM_TIMEOUT_S) as response, open(tmp, "wb") as out:
-            while block := response.read(1 << 20):
-                out.write(block)
+        download_to(url, tmp, NPM_TIMEOUT_S)
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         tmp.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
