@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import cv2
@@ -14,7 +13,7 @@ from service.config import Settings
 from service.pipeline.detectors import build_detector, detector_class
 from service.pipeline.detectors.base import letterbox
 
-from .conftest import LFW
+from .conftest import LFW, SHARED_MODELS
 
 GROUP_PHOTO = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 DETECTORS = ["yunet_2023mar", "scrfd_500m_bnkps_640", "scrfd_2.5g_bnkps", "retinaface_mnet025"]
@@ -192,17 +191,21 @@ def test_unknown_family_is_refused():
         detector_class("haar")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("service.pipeline.detectors.mtcnn") is None,
-                    reason="MTCNN detector module not present")
-def test_mtcnn_when_present(group_photo):
-    from service.registry import default_registry
+def test_mtcnn_default_detector(group_photo, default_models_dir):
+    """The installed default MTCNN finds the six faces of the group photo (a raised hand
+    scores below the faces: the six confident detections are the faces)."""
+    from service.registry import Registry
 
-    settings = Settings()
-    try:
-        card, path = default_registry(settings).resolve("mtcnn", task="detection")
-    except Exception as exc:  # weights are produced by `facegate models install`
-        pytest.skip(f"MTCNN weights not installed: {exc}")
+    settings = Settings(models_dir=default_models_dir)
+    card, path = Registry(settings.manifest, [default_models_dir]).resolve("mtcnn", task="detection")
     faces = build_detector(card, path, settings).detect(group_photo)
-    assert len(faces) == 6
+    confident = [f for f in faces if f.score >= 0.95]
+    assert len(confident) == 6
     for face in faces:
         assert_plausible_face(face, group_photo.shape)
+    # the confident ones are the same six faces YuNet finds
+    yunet_card, yunet_path = Registry(settings.manifest, [SHARED_MODELS]).resolve(
+        "yunet_2023mar", task="detection")
+    reference = build_detector(yunet_card, yunet_path, settings).detect(group_photo)
+    for face in confident:
+        assert max(box_iou(face.box, r.box) for r in reference) > 0.5
