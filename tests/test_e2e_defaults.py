@@ -28,6 +28,8 @@ def test_default_models_verify_enrol_identify(server):
         info = client.get("/v1/info").json()
         assert info["models"]["detector"]["name"] == "mtcnn"
         assert info["models"]["recognizer"]["name"] == "dlib_resnet_v1"
+        for role in ("detector", "recognizer"):
+            assert info["models"][role]["providers"][-1:] == ["CPUExecutionProvider"]
 
         same = client.post("/v1/verify", files={"image1": _photo("Abel_Pacheco", 1),
                                                 "image2": _photo("Abel_Pacheco", 4)}).json()

@@ -36,10 +36,16 @@ def _version() -> str | None:
 
 
 def _providers(component) -> list[str]:
-    session = getattr(component, "session", None)
-    if session is None:
-        return []
-    return list(session.get_providers())
+    """The providers of a component's ONNX Runtime session(s) (MTCNN runs three), in order."""
+    sessions = getattr(component, "sessions", None)
+    if isinstance(sessions, dict):
+        sessions = list(sessions.values())
+    elif getattr(component, "session", None) is not None:
+        sessions = [component.session]
+    providers: list[str] = []
+    for session in sessions or []:
+        providers += [p for p in session.get_providers() if p not in providers]
+    return providers
 
 
 @router.get("/info", summary="Served models, thresholds, providers, gallery sizes, batching")
