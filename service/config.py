@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    ort_spinning: bool = Field(
+        True, description="let ONNX Runtime's intra-op threads spin between runs (its own "
+                          "default); off, idle threads sleep and leave the CPU to other requests",
+    )
     flip_augment: bool = False
 
     # --- detection / quality ----------------------------------------------------

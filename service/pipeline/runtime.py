@@ -43,6 +43,8 @@ def session_options(settings) -> ort.SessionOptions:
         options.intra_op_num_threads = settings.intra_op_threads
     if settings.inter_op_threads > 0:
         options.inter_op_num_threads = settings.inter_op_threads
+    if not settings.ort_spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return options
 

@@ -1,0 +1,32 @@
+"""ONNX Runtime session options follow the settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.config import Settings
+from service.pipeline.runtime import (
+    create_session,
+    providers_in_use,
+    select_providers,
+    session_options,
+)
+
+from .conftest import SHARED_MODELS
+
+
+def test_threads_and_spinning_follow_settings():
+    options = session_options(Settings(intra_op_threads=1, inter_op_threads=1, ort_spinning=False))
+    assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    default = session_options(Settings())
+    assert default.intra_op_num_threads == 0
+    with pytest.raises(Exception, match="does not have configuration"):
+        default.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_unavailable_providers_are_skipped_and_cpu_is_last():
+    assert select_providers(["NoSuchExecutionProvider"]) == ["CPUExecutionProvider"]
+    session = create_session(SHARED_MODELS / "yunet_2023mar.onnx",
+                             Settings(providers=["NoSuchExecutionProvider"], ort_spinning=False))
+    assert providers_in_use(session) == ["CPUExecutionProvider"]
