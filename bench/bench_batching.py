@@ -8,6 +8,7 @@ latency per call and the mean batch size; the last output line is one JSON objec
 
     python bench/bench_batching.py --recognizer dlib_resnet_v1 \\
         --models-dir ~/.cache/facegate/test-models --detector ../shared/models/yunet_2023mar.onnx
+    python bench/bench_batching.py --quick --models-dir ~/.cache/facegate/test-models
 """
 
 from __future__ import annotations
@@ -65,10 +66,10 @@ async def run(pipeline: Pipeline, crops: np.ndarray, enabled: bool, concurrency:
     latencies.sort()
     return {
         "batching": enabled, "concurrency": concurrency, "faces": requests,
-        "faces_per_s": round(requests / elapsed, 1),
+        "seconds": round(elapsed, 4), "faces_per_s": round(requests / elapsed, 1),
         "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2),
         "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000, 2),
-        "mean_batch": round(sum(sizes) / len(sizes), 2),
+        "batches": len(sizes), "mean_batch": round(sum(sizes) / len(sizes), 2),
     }
 
 
@@ -81,12 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=384)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--faces", type=int, default=64, help="distinct LFW faces aligned")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run for tests: 16 faces, 32 requests, concurrency 1,8")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.faces, args.requests, args.concurrency = 16, 32, "1,8"
     overrides = {k: v for k, v in {"models_dir": args.models_dir, "detector": args.detector,
                                    "recognizer": args.recognizer}.items() if v}
     settings = Settings(**overrides)
     pipeline = Pipeline.from_settings(settings)
-    crops = aligned_faces(pipeline, 64)
+    crops = aligned_faces(pipeline, args.faces)
     pipeline.embed(crops[:8])  # warm
     rows = []
     for level in [int(c) for c in args.concurrency.split(",")]:
@@ -98,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"c={level:<3d} {row['faces_per_s']:7.1f} faces/s  p50 {row['p50_ms']:7.2f} ms"
                   f"  p99 {row['p99_ms']:7.2f} ms  mean batch {row['mean_batch']}", flush=True)
     print(json.dumps({"model": pipeline.embedder.model_id, "cpu_count": os.cpu_count(),
-                      "intra_op_threads": settings.intra_op_threads, "rows": rows}))
+                      "intra_op_threads": settings.intra_op_threads, "faces": len(crops),
+                      "max_batch": args.max_batch, "rows": rows}))
     return 0
 
 

@@ -12,11 +12,11 @@ against the ``mtcnn`` card and converted on the fly):
   threads and once with one thread, when torch is installed (the ``train`` extra).
 
 Each round times every path over all images, rotating which goes first; the report
-gives medians over rounds (and CPU seconds per image of this process). The last line
-of output is one JSON object.
+gives medians over rounds (and CPU seconds per image of this process) and the faces
+each path found in its last round. The last line of output is one JSON object.
 
-    python bench/bench_mtcnn.py [--images N] [--rounds R] [--batch B] [--no-reference]
-                                [--spinning]
+    python bench/bench_mtcnn.py [--quick] [--images N] [--rounds R] [--batch B]
+                                [--no-reference] [--spinning]
 """
 
 from __future__ import annotations
@@ -45,10 +45,19 @@ def load_images(dataset: str, count: int) -> list:
     return [cv2.imread(str(p)) for p in paths[::step][:count]]
 
 
-def timed(fn) -> tuple[float, float]:
+def timed(fn) -> tuple[float, float, list]:
     wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    result = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
+def count_faces(name: str, result: list) -> int:
+    """Faces found by one path over all images (its results' shapes differ)."""
+    if name == "detect_batch":
+        return sum(len(faces) for batch in result for faces in batch)
+    if name in ("detect", "detect_spinning"):
+        return sum(len(faces) for faces in result)
+    return sum(len(boxes) for boxes, _ in result)  # facenet-pytorch: (boxes, points)
 
 
 def main() -> None:
@@ -58,7 +67,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--spinning", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run for tests: 8 photos per data set, 2 rounds, batch 4")
     args = parser.parse_args()
+    if args.quick:
+        args.images, args.rounds, args.batch = 8, 2, 4
 
     from service.config import MANIFEST_PATH, Settings
     from service.convert.install import fetch_source, sources_dir
@@ -114,16 +127,19 @@ def main() -> None:
         for ref in references.values():
             ref.detect(images[0])
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+        faces: dict[str, int] = {}
         names = list(paths)
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                samples[name].append(timed(paths[name]))
+                wall, cpu, result = timed(paths[name])
+                samples[name].append((wall, cpu))
+                faces[name] = count_faces(name, result)
         row = {}
         for name, runs in samples.items():
             wall = statistics.median(w for w, _ in runs)
             cpu = statistics.median(c for _, c in runs)
             row[name] = {"images_per_s": round(len(images) / wall, 2),
-                         "cpu_s_per_image": round(cpu / len(images), 4)}
+                         "cpu_s_per_image": round(cpu / len(images), 4), "faces": faces[name]}
         for name in references:
             row[f"cpu_ratio_{name}_vs_detect"] = round(
                 row[name]["cpu_s_per_image"] / row["detect"]["cpu_s_per_image"], 2)

