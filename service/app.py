@@ -18,9 +18,10 @@ import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI
 
-from service.api import errors, galleries, health, identify, info, verify
+from service.api import errors, extract, galleries, health, identify, info, verify
 from service.api.deps import AppState
 from service.api.limits import BodyLimitMiddleware
+from service.api.urls import UrlFetcher
 from service.batching import MicroBatcher
 from service.config import Settings, get_settings
 from service.gallery import open_gallery
@@ -31,7 +32,8 @@ from service.pipeline.pipeline import Pipeline
 
 log = logging.getLogger("facegate.app")
 
-DESCRIPTION = """Face verification (1:1) and identification (1:N) over ONNX models.
+DESCRIPTION = """Face verification (1:1) and identification (1:N) over ONNX models, plus
+face detection and embedding extraction.
 
 * Errors are always `{"error": {"code": "...", "message": "..."}}` with a fitting status.
 * Scores are cosine similarities in [-1, 1]; thresholds come from the recognition model's
@@ -74,6 +76,7 @@ async def _start(state: AppState) -> None:
             metrics.batch_wait.observe(wait)
 
     state.cpu_limiter = cpu_limiter(settings)
+    state.fetcher = UrlFetcher.from_settings(settings, user_agent=f"facegate/{_version()}")
     state.batcher = MicroBatcher(state.pipeline.embed, enabled=settings.batching,
                                  max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                                  observer=observe)
@@ -90,6 +93,8 @@ async def _stop(state: AppState) -> None:
     state.warmed = False
     if state.batcher is not None:
         await state.batcher.stop()
+    if state.fetcher is not None:
+        await state.fetcher.aclose()
     if state.gallery is not None:
         await anyio.to_thread.run_sync(state.gallery.stop)
 
@@ -114,7 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     errors.install(app, domain_errors=(PipelineError, GalleryError))
-    for module in (health, info, verify, identify, galleries):
+    for module in (health, info, verify, identify, extract, galleries):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes,
                        metrics=metrics)

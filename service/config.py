@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing import Annotated
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MANIFEST_PATH = REPO_ROOT / "models" / "manifest.json"
@@ -85,6 +85,14 @@ class Settings(BaseSettings):
     max_image_pixels: int = 40_000_000
     max_request_bytes: int = 25 * 1024 * 1024
 
+    # --- images by URL (off unless hosts are listed) ----------------------------
+    url_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated host names or host:port from which `image*_url` fields "
+                    "may be fetched (exact match); empty disables images by URL",
+    )
+    url_timeout_s: float = Field(5.0, gt=0, description="connect / read timeout of a URL fetch")
+
     # --- batching ---------------------------------------------------------------
     batching: bool = True
     max_batch: int = 32
@@ -96,10 +104,19 @@ class Settings(BaseSettings):
     operating_point: str = "fmr_1e-3"
     top_k_max: int = 100
 
-    @field_validator("api_keys", "providers", mode="before")
+    @field_validator("api_keys", "providers", "url_allowlist", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("url_allowlist")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        from service.api.urls import parse_host  # the one parser of allow-list entries
+
+        for entry in value:
+            parse_host(entry)  # ValueError names the bad entry
+        return value
 
     @property
     def resolved_store_url(self) -> str:

@@ -39,12 +39,19 @@ class Analysis:
 
 
 def select_faces(detections: list[Detection], policy: Policy, *, min_size: int = 0,
-                 min_score: float = 0.0) -> list[Detection]:
-    """Apply a several-faces policy; ``enrol`` also enforces the enrolment quality floor."""
+                 min_score: float = 0.0, allow_none: bool = False,
+                 limit: int | None = None) -> list[Detection]:
+    """Apply a several-faces policy; ``enrol`` also enforces the enrolment quality floor.
+
+    No face is a ``NoFace`` error unless ``allow_none`` (then no face is kept); ``all``
+    keeps every face, largest first, at most ``limit`` of them.
+    """
     if not detections:
+        if allow_none:
+            return []
         raise NoFace("no face was found in the image")
     if policy == "all":
-        return sorted(detections, key=lambda d: d.area, reverse=True)
+        return sorted(detections, key=lambda d: d.area, reverse=True)[:limit]
     if policy in ("refuse", "enrol") and len(detections) > 1:
         raise MultipleFaces(f"{len(detections)} faces were found; exactly one is required")
     face = max(detections, key=lambda d: d.area)
@@ -96,26 +103,47 @@ def _timed(timings: Timings, stage: str, fn, *args):
         timings.add(stage, time.perf_counter() - start)
 
 
-def _locate(state: AppState, data: bytes, policy: Policy, timings: Timings):
+def _locate(state: AppState, data: bytes, policy: Policy, timings: Timings,
+            allow_none: bool = False, limit: int | None = None):
     """decode -> detect -> select -> align (runs in a worker thread)."""
     pipeline, settings = state.pipeline, state.settings
     image = _timed(timings, "decode", pipeline.decode, data)
     detections = _timed(timings, "detect", pipeline.detect, image)
     state.metrics.faces_per_image.observe(len(detections))
     kept = select_faces(detections, policy, min_size=settings.enroll_min_face_size,
-                        min_score=settings.enroll_min_det_score)
+                        min_score=settings.enroll_min_det_score, allow_none=allow_none,
+                        limit=limit)
     crops = _timed(timings, "align", pipeline.align, image, kept)
     return kept, np.asarray(crops), (int(image.shape[1]), int(image.shape[0]))
 
 
-async def analyze(state: AppState, data: bytes, policy: Policy, timings: Timings) -> Analysis:
-    """Find the faces of one image under ``policy`` and embed them."""
+async def locate(state: AppState, data: bytes, policy: Policy, timings: Timings, *,
+                 allow_none: bool = False, limit: int | None = None) -> Analysis:
+    """Find and align the faces of one image under ``policy``, without embedding them
+    (``embeddings`` is then empty)."""
     detections, crops, size = await anyio.to_thread.run_sync(
-        _locate, state, data, policy, timings, limiter=state.cpu_limiter)
+        _locate, state, data, policy, timings, allow_none, limit, limiter=state.cpu_limiter)
+    empty = np.zeros((0, int(state.pipeline.embedder.dim)), dtype=np.float32)
+    return Analysis(detections, empty, crops, size)
+
+
+async def analyze(state: AppState, data: bytes, policy: Policy, timings: Timings, *,
+                  allow_none: bool = False, limit: int | None = None) -> Analysis:
+    """Find the faces of one image under ``policy`` and embed them (micro-batched)."""
+    found = await locate(state, data, policy, timings, allow_none=allow_none, limit=limit)
+    if not found.detections:
+        return found
     start = time.perf_counter()
-    embeddings = await state.batcher.embed(crops)
+    embeddings = await state.batcher.embed(found.crops)
     timings.add("embed", time.perf_counter() - start)
-    return Analysis(detections, np.asarray(embeddings, dtype=np.float32), crops, size)
+    found.embeddings = np.asarray(embeddings, dtype=np.float32)
+    return found
+
+
+def describe_faces(found: Analysis) -> list[dict]:
+    """Every kept face as box, score, landmarks and its :func:`face_quality` figures."""
+    return [{**detection.to_dict(), "quality": face_quality(detection, crop)}
+            for detection, crop in zip(found.detections, found.crops)]
 
 
 async def call(timings: Timings, stage: str, fn, *args):

@@ -25,6 +25,7 @@ class AppState:
     gallery: Any = None  # service.gallery.GalleryService
     batcher: MicroBatcher | None = None
     cpu_limiter: Any = None  # anyio.CapacityLimiter: images decoded/detected at once
+    fetcher: Any = None  # service.api.urls.UrlFetcher: images by URL (shared HTTP client)
     warmed: bool = False
     startup: dict[str, float] = field(default_factory=dict)
 

@@ -129,7 +129,8 @@ async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Reque
     the store-assigned ``face_id`` and the face's quality figures."""
     settings = state.settings
     clock = Timings()
-    payload = await read_payload(request, ("image",), ("image",), settings.max_image_bytes)
+    payload = await read_payload(request, ("image",), ("image",), settings.max_image_bytes,
+                                 timings=clock)
     payload.options(_NoOptions)
     # Unknown gallery/subject or another model's gallery: refused before any image work.
     await analysis.gallery_for_model(state, gallery, clock)

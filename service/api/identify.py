@@ -39,7 +39,8 @@ async def identify(request: Request, state: State, timings: bool = False) -> dic
     """
     settings = state.settings
     clock = Timings()
-    payload = await read_payload(request, ("image",), ("image",), settings.max_image_bytes)
+    payload = await read_payload(request, ("image",), ("image",), settings.max_image_bytes,
+                                 timings=clock)
     opts = payload.options(IdentifyOptions)
     if opts.top_k > settings.top_k_max:
         raise ApiError(422, "validation_error",

@@ -10,6 +10,10 @@ Endpoints that take images accept either
 Options may also be given in the query string; the body wins on a clash.  Every
 image is size-checked before it is decoded (``settings.max_image_bytes``); the
 whole body is bounded by the request-size middleware in ``service.app``.
+
+An image field ``X`` may instead be given as a URL in the text field / JSON key
+``X_url`` (``image_url``, ``image1_url``, ...); such URLs are fetched only from the
+hosts of ``settings.url_allowlist`` (see ``service.api.urls``), size-bounded the same way.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.pipeline.errors import EmptyImage, ImageTooLarge
 
 from .errors import ApiError, bad_request, unsupported_media_type
+from .urls import UrlFetcher, fetch_all, url_field
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
@@ -80,9 +85,25 @@ async def _read_upload(name: str, upload: UploadFile, max_bytes: int) -> bytes:
     return data
 
 
+async def _fetch_urls(request: Request, urls: dict, max_image_bytes: int,
+                      timings) -> dict[str, bytes]:
+    """Fetch with the app's shared fetcher (built by the lifespan), or one for this request."""
+    shared = getattr(getattr(request.app.state, "facegate", None), "fetcher", None)
+    fetcher = shared or UrlFetcher.from_settings(request.app.state.settings)
+    try:
+        return await fetch_all(fetcher, urls, max_image_bytes, timings)
+    finally:
+        if fetcher is not shared:
+            await fetcher.aclose()
+
+
 async def read_payload(request: Request, image_fields: tuple[str, ...], required: tuple[str, ...],
-                       max_image_bytes: int) -> Payload:
-    """Parse the request body into images and options (see the module docstring)."""
+                       max_image_bytes: int, timings=None) -> Payload:
+    """Parse the request body into images and options (see the module docstring).
+
+    Images given by URL are fetched last (concurrently), their time added to ``timings``
+    as the ``fetch`` stage.
+    """
     payload = Payload()
     payload.fields.update({k: v for k, v in request.query_params.items() if k not in RESPONSE_FLAGS})
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -129,7 +150,16 @@ async def read_payload(request: Request, image_fields: tuple[str, ...], required
             f"content type {content_type or 'none'!r} is not accepted; send multipart/form-data "
             "with image files or application/json with base64 images"
         )
-    missing = [name for name in required if name not in payload.images]
+    urls = {}
+    for name in image_fields:
+        key = url_field(name)
+        if key in payload.fields:
+            if name in payload.images:
+                raise bad_request("ambiguous_request", f"give {name} or {key}, not both")
+            urls[name] = (key, payload.fields.pop(key))
+    missing = [name for name in required if name not in payload.images and name not in urls]
     if missing:
         raise ApiError(422, "missing_field", "missing image field(s): " + ", ".join(missing))
+    if urls:
+        payload.images.update(await _fetch_urls(request, urls, max_image_bytes, timings))
     return payload

@@ -10,7 +10,7 @@ from .schemas import ErrorBody
 ERROR_RESPONSES: dict[int | str, dict] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in [
-        (400, "bad image, bad base64, bad option, unknown operating point"),
+        (400, "bad image, bad base64, bad option, unknown operating point, URL refused"),
         (401, "missing API key"),
         (403, "wrong API key"),
         (404, "unknown gallery, subject or face"),
@@ -28,6 +28,14 @@ def image_body(image_fields: tuple[str, ...], options: type[BaseModel] | None = 
     option_props = {}
     if options is not None:
         option_props = options.model_json_schema().get("properties", {})
+    option_props = {
+        **{f"{name}_url": {"type": "string", "format": "uri",
+                           "description": f"instead of {name}: an http(s) URL of the image, "
+                                          "fetched only from hosts on the server's "
+                                          "FACEGATE_URL_ALLOWLIST"}
+           for name in image_fields},
+        **option_props,
+    }
     multipart = {
         "type": "object",
         "properties": {

@@ -102,6 +102,71 @@ class IdentifyResponse(BaseModel):
     timings: dict[str, float] | None = None
 
 
+# --- detect / embed ----------------------------------------------------------------------
+
+
+class DetectOptions(_Options):
+    """Options of ``POST /v1/detect`` (form fields, JSON keys or query parameters)."""
+
+    max_faces: int | None = Field(None, ge=1, description="answer at most this many faces, "
+                                                          "largest first")
+    multiple_faces: Literal["all", "largest", "refuse"] = Field(
+        "all", description="several faces: answer all (largest first), only the largest, or "
+                           "refuse (422 `multiple_faces`)")
+
+
+class EmbedOptions(DetectOptions):
+    """Options of ``POST /v1/embed``."""
+
+    embedding_format: Literal["float", "base64"] = Field(
+        "float", description="`float`: a list of numbers; `base64`: the little-endian float32 "
+                             "vector, base64-encoded (several times fewer bytes)")
+
+
+class FaceQuality(BaseModel):
+    det_score: float
+    face_width_px: float
+    face_height_px: float
+    face_size_px: float = Field(description="the smaller of the box's width and height")
+    sharpness: float = Field(description="variance of the Laplacian of the aligned crop")
+    roll_deg: float = Field(description="angle of the eye line")
+    yaw_ratio: float = Field(description="nose offset from the eyes' midpoint over the eye "
+                                         "distance (0 frontal, about +-0.5 profile)")
+
+
+class DetectedFace(Face):
+    quality: FaceQuality
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class DetectResponse(BaseModel):
+    image: ImageSize
+    model: str = Field(description="id of the detection model (name@sha256-prefix)")
+    faces: list[DetectedFace] = Field(description="largest first; empty when there is no face")
+    timings: dict[str, float] | None = None
+
+
+class EmbeddedFace(DetectedFace):
+    embedding: list[float] | str = Field(
+        description="L2-normalised embedding: numbers, or base64 of little-endian float32")
+
+
+class EmbedResponse(BaseModel):
+    image: ImageSize
+    model: str = Field(description="id of the recognition model (name@sha256-prefix), as in "
+                                   "/v1/verify and the galleries")
+    model_sha256: str | None = Field(description="full sha256 of the recognition model file")
+    detector: str = Field(description="id of the detection model")
+    embedding_dim: int
+    embedding_format: Literal["float", "base64"]
+    faces: list[EmbeddedFace] = Field(description="largest first; empty when there is no face")
+    timings: dict[str, float] | None = None
+
+
 # --- galleries / subjects / faces ---------------------------------------------------
 
 

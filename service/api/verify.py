@@ -71,7 +71,7 @@ async def verify(request: Request, state: State, timings: bool = False) -> dict:
     settings = state.settings
     clock = Timings()
     payload = await read_payload(request, ("image1", "image2"), ("image1",),
-                                 settings.max_image_bytes)
+                                 settings.max_image_bytes, timings=clock)
     opts = payload.options(VerifyOptions)
     card = state.pipeline.recognizer_card
     point = check_point(card, opts.operating_point, settings)

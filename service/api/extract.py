@@ -1,0 +1,101 @@
+"""``POST /v1/detect`` and ``POST /v1/embed``: the faces of an image, with their embeddings.
+
+The building blocks of the other endpoints, for clients that keep their own index
+(InsightFace-REST's ``/extract``): every face's box, score, landmarks and the quality
+figures enrolment computes, and, from ``/v1/embed``, its L2-normalised embedding from the
+same micro-batched recognizer that ``/v1/verify`` and ``/v1/identify`` use (so the dot
+product of two returned vectors is the similarity ``/v1/verify`` reports).  An image
+without a face is no error here: the answer is 200 with ``faces: []``.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+
+from service.pipeline.types import Timings
+
+from . import analysis
+from .deps import AppState, State, require_api_key
+from .images import read_payload
+from .openapi import ERROR_RESPONSES, image_body
+from .schemas import DetectOptions, DetectResponse, EmbedOptions, EmbedResponse
+
+router = APIRouter(prefix="/v1", tags=["extract"], dependencies=[Depends(require_api_key)])
+
+
+def encode_embedding(vector: np.ndarray, fmt: str) -> list[float] | str:
+    """``float``: a list of the float32 values; ``base64``: little-endian float32 bytes."""
+    vector = np.asarray(vector, dtype="<f4")
+    if fmt == "base64":
+        return base64.b64encode(vector.tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+async def _faces(request: Request, state: AppState, clock: Timings, options, embed: bool):
+    settings = state.settings
+    payload = await read_payload(request, ("image",), ("image",), settings.max_image_bytes,
+                                 timings=clock)
+    opts = payload.options(options)
+    step = analysis.analyze if embed else analysis.locate
+    found = await step(state, payload.images["image"], opts.multiple_faces, clock,
+                       allow_none=True, limit=opts.max_faces)
+    faces = await analysis.call(clock, "quality", analysis.describe_faces, found)
+    image = {"width": found.image_size[0], "height": found.image_size[1]}
+    return opts, found, faces, image
+
+
+@router.post(
+    "/detect",
+    response_model=DetectResponse,
+    response_model_exclude_none=True,
+    responses=ERROR_RESPONSES,
+    openapi_extra=image_body(("image",), DetectOptions),
+    summary="Find every face of an image: box, score, landmarks, quality",
+)
+async def detect(request: Request, state: State, timings: bool = False) -> dict:
+    """Every face of ``image``, largest first (at most ``max_faces``): box, detection score,
+    five landmarks and the quality figures enrolment checks (size, sharpness, roll, yaw).
+    No face: 200 with an empty ``faces`` list.  ``multiple_faces=refuse`` answers 422 when
+    there are several faces."""
+    clock = Timings()
+    _, _, faces, image = await _faces(request, state, clock, DetectOptions, embed=False)
+    state.metrics.observe_stages(clock.stages)
+    body = {"image": image, "model": state.pipeline.detector_card.id, "faces": faces}
+    if timings:
+        body["timings"] = analysis.timings_ms(clock)
+    return body
+
+
+@router.post(
+    "/embed",
+    response_model=EmbedResponse,
+    response_model_exclude_none=True,
+    responses=ERROR_RESPONSES,
+    openapi_extra=image_body(("image",), EmbedOptions),
+    summary="Every face of an image with its embedding",
+)
+async def embed(request: Request, state: State, timings: bool = False) -> dict:
+    """As ``/v1/detect``, plus each face's L2-normalised ``embedding`` (cosine similarity =
+    dot product), as numbers or, with ``embedding_format=base64``, as the base64 of the
+    little-endian float32 vector.  ``model`` is the recognizer's id as in ``/v1/verify``."""
+    clock = Timings()
+    opts, found, faces, image = await _faces(request, state, clock, EmbedOptions, embed=True)
+    for face, vector in zip(faces, found.embeddings):
+        face["embedding"] = encode_embedding(vector, opts.embedding_format)
+    state.metrics.observe_stages(clock.stages)
+    card = state.pipeline.recognizer_card
+    body = {
+        "image": image,
+        "model": state.model_id,
+        "model_sha256": card.sha256,
+        "detector": state.pipeline.detector_card.id,
+        "embedding_dim": int(state.pipeline.embedder.dim),
+        "embedding_format": opts.embedding_format,
+        "faces": faces,
+    }
+    if timings:
+        body["timings"] = analysis.timings_ms(clock)
+    return body
