@@ -47,6 +47,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                     "range": (clf.start, clf.end), "full": clf.full_weight()},
                    os.path.join(out, f"rank{rank}.pt"))
     finally:
+        dist.barrier()  # as training.train.World.close: no rank tears down while another works
         dist.destroy_process_group()
 
 

@@ -66,6 +66,9 @@ class World:
 
     def close(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
+            # Every rank reaches this point before the group (and rank 0's TCP store) is torn
+            # down; without it gloo can abort a rank that is still finishing its last collective.
+            dist.barrier()
             dist.destroy_process_group()
 
 
