@@ -1,7 +1,7 @@
 """Images per second of facegate's pipeline against InsightFace's model_zoo path.
 
-Both run in this process on the same images (LFW photos and InsightFace's group
-photo) with the same ONNX files from ``../shared/models``:
+Both run in this process on the same images (InsightFace's group photo, then LFW
+and CelebA photos in equal parts) with the same ONNX files from ``../shared/models``:
 
 - ours: ``Pipeline.analyze(bytes)`` (decode, detect, align, embed every face)
   with SCRFD-2.5G at the image's own size (rounded to 32, at most det_size) and
@@ -34,13 +34,20 @@ sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("FACEGATE_SHARED", REPO.parent / "shared")).resolve()
 
 
+def _spread(paths: list[Path], count: int) -> list[Path]:
+    step = max(1, len(paths) // max(1, count))
+    return paths[::step][:count]
+
+
 def load_images(count: int) -> list[bytes]:
+    """InsightFace's group photo, then LFW and CelebA photos in equal parts, spread evenly."""
     import insightface
 
     group = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
-    paths = sorted((SHARED / "data" / "lfw" / "images").glob("*/*.jpg"))
-    step = max(1, len(paths) // max(1, count - 1))
-    chosen = paths[::step][: count - 1]
+    lfw = sorted((SHARED / "data" / "lfw" / "images").glob("*/*.jpg"))
+    celeba = sorted((SHARED / "data" / "celeba" / "images").glob("*/*.jpg"))
+    rest = count - 1
+    chosen = _spread(lfw, rest - rest // 2) + _spread(celeba, rest // 2)
     return [group.read_bytes(), *(p.read_bytes() for p in chosen)]
 
 
@@ -123,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         "ours_images_per_s": round(ours_ips, 3),
         "insightface_images_per_s": round(theirs_ips, 3),
         "ratio": round(ours_ips / theirs_ips, 3),
+        "ours_faces_per_s": round(faces["ours"] * ours_ips / len(images), 3),
+        "insightface_faces_per_s": round(faces["insightface"] * theirs_ips / len(images), 3),
         "ours_cpu_ms_per_image": round(1000 * statistics.median(cpu["ours"]) / len(images), 2),
         "insightface_cpu_ms_per_image": round(
             1000 * statistics.median(cpu["insightface"]) / len(images), 2),

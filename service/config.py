@@ -66,8 +66,10 @@ class Settings(BaseSettings):
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     ort_spinning: bool = Field(
-        True, description="let ONNX Runtime's intra-op threads spin between runs (its own "
-                          "default); off, idle threads sleep and leave the CPU to other requests",
+        False, description="let ONNX Runtime's intra-op threads spin between runs (ONNX "
+                           "Runtime's own default); off (ours), idle threads sleep and leave "
+                           "the CPU to other work: 1.5x the images/s of spinning on 2 cores "
+                           "(BENCHMARKS.md)",
     )
     flip_augment: bool = False
 

@@ -21,8 +21,10 @@ def test_threads_and_spinning_follow_settings():
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     default = session_options(Settings())
     assert default.intra_op_num_threads == 0
+    assert default.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spinning = session_options(Settings(ort_spinning=True))
     with pytest.raises(Exception, match="does not have configuration"):
-        default.get_session_config_entry("session.intra_op.allow_spinning")
+        spinning.get_session_config_entry("session.intra_op.allow_spinning")
 
 
 def test_unavailable_providers_are_skipped_and_cpu_is_last():
