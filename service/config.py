@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     port: int = 8000
     workers: int = 1
     log_level: str = "info"
+    keep_alive_s: float = Field(
+        75.0, gt=0, description="seconds an idle keep-alive connection stays open; longer than "
+                                "a load balancer's idle timeout (60 s is common), so the server "
+                                "never closes a connection a client is about to reuse")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated; empty disables auth"
     )

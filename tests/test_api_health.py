@@ -56,3 +56,34 @@ def test_serve_refuses_to_start_without_its_models(tmp_path):
         server.stop()
         raise AssertionError("the server started without its recognizer")
     assert server.proc is None  # stopped, nothing left running
+
+
+def _idle_connection_closed_after(base_url: str, idle_s: float) -> bool:
+    """Send one request on a raw keep-alive connection, stay idle, report whether the server
+    closed the connection in the meantime."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base_url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        sock.settimeout(idle_s)
+        try:
+            return sock.recv(1) == b""  # b"": the server closed its end
+        except TimeoutError:
+            return False
+
+
+def test_keep_alive_follows_settings(tmp_path):
+    from tests.service_helpers import ServeProcess
+
+    # 75 s by default: uvicorn's own default (5 s) would close the connection within the wait
+    for env, idle_s, closed in (({"FACEGATE_KEEP_ALIVE_S": "1"}, 4.0, True), ({}, 8.0, False)):
+        data = tmp_path / str(len(env))
+        data.mkdir()
+        server = ServeProcess(data, env=env).start()
+        try:
+            assert _idle_connection_closed_after(server.base_url, idle_s) is closed
+        finally:
+            server.stop()
