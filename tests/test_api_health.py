@@ -59,20 +59,24 @@ def test_serve_refuses_to_start_without_its_models(tmp_path):
 
 
 def _idle_connection_closed_after(base_url: str, idle_s: float) -> bool:
-    """Send one request on a raw keep-alive connection, stay idle, report whether the server
-    closed the connection in the meantime."""
-    import socket
+    """Send one request on a keep-alive connection, read the whole answer, stay idle, and
+    report whether the server closed the connection in the meantime."""
+    import http.client
     from urllib.parse import urlsplit
 
     url = urlsplit(base_url)
-    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
-        sock.settimeout(idle_s)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    try:
+        conn.request("GET", "/healthz")
+        response = conn.getresponse()
+        assert response.status == 200 and response.read() and not response.will_close
+        conn.sock.settimeout(idle_s)
         try:
-            return sock.recv(1) == b""  # b"": the server closed its end
+            return conn.sock.recv(1) == b""  # b"": the server closed its end
         except TimeoutError:
             return False
+    finally:
+        conn.close()
 
 
 def test_keep_alive_follows_settings(tmp_path):
