@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["models", "serve", "verify", "eval_pairs", "detect"]
+COMMANDS = ["models", "serve", "verify", "eval_pairs", "detect", "gallery"]
 
 
 def build_parser() -> argparse.ArgumentParser:

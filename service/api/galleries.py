@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict
 
 from service.pipeline.types import Timings
+from service.reenrol import Reenrolment
 
 from . import analysis
 from .deps import State, require_api_key
@@ -25,6 +27,8 @@ from .schemas import (
     EnrolledFace,
     Gallery,
     GalleryList,
+    ReenrolReport,
+    ReenrolRequest,
     Subject,
     SubjectCreate,
     SubjectDeleted,
@@ -144,6 +148,25 @@ async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Reque
     state.metrics.observe_stages(clock.stages)
     return {**face, "gallery": gallery, "subject_id": subject_id, "model": state.model_id,
             "quality": face.get("quality") or quality, "face": detection.to_dict()}
+
+
+@router.post("/{gallery}/reenrol", response_model=ReenrolReport,
+             summary="Re-enrol another gallery's subjects with the served models")
+async def reenrol(gallery: GalleryName, body: ReenrolRequest, state: State) -> dict:
+    """After a model upgrade: creates ``{gallery}`` for the served model if needed, copies
+    every subject of ``source`` (same ``subject_id`` and metadata) and enrols every
+    stored photo of ``source`` again, under the same quality rules as an upload.  Photos
+    the current models refuse are skipped and listed in ``skipped``; faces without a stored
+    photo are counted in ``faces_without_image``.  Idempotent: faces re-enrolled by an
+    earlier call are not added again.  404 unknown ``source``; 409 ``conflict`` when
+    ``source`` is ``{gallery}``, ``model_mismatch`` when ``{gallery}`` holds another model,
+    ``no_stored_images`` when ``source`` kept no photos (``FACEGATE_STORE_IMAGES``)."""
+    job = Reenrolment(state.gallery, state.pipeline, state.settings, body.source, gallery)
+    await _call(job.prepare)
+    # One chunk of photos per thread-pool call, bounded like other image work.
+    while await anyio.to_thread.run_sync(job.step, limiter=state.cpu_limiter):
+        pass
+    return job.report.to_dict()
 
 
 @router.delete("/{gallery}/faces/{face_id}", summary="Delete one enrolled face")

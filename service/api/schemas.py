@@ -233,3 +233,34 @@ class Gallery(BaseModel):
 
 class GalleryList(BaseModel):
     galleries: list[Gallery]
+
+
+# --- re-enrolment ----------------------------------------------------------------------
+
+
+class ReenrolRequest(_Options):
+    source: str = Field(pattern=GALLERY_PATTERN,
+                        description="the gallery to re-enrol from (usually an older model's)")
+
+
+class SkippedFace(BaseModel):
+    face_id: int = Field(description="the face of the source gallery")
+    subject_id: str
+    code: str = Field(description="why the current models refused its photo, e.g. `no_face`")
+    message: str
+
+
+class ReenrolReport(BaseModel):
+    source: str
+    target: str
+    model: str = Field(description="the model the target gallery holds")
+    subjects_copied: int = Field(description="subjects created in the target by this call")
+    subjects_existing: int = Field(description="source subjects the target already had")
+    faces_reenrolled: int = Field(description="faces enrolled in the target by this call")
+    faces_already_reenrolled: int = Field(
+        description="source faces re-enrolled into the target by an earlier call (not repeated)")
+    faces_skipped: int = Field(description="photos the current models refused (see `skipped`)")
+    faces_without_image: int = Field(
+        description="source faces without a stored photo (enrolled while "
+                    "FACEGATE_STORE_IMAGES was false): they cannot be re-enrolled")
+    skipped: list[SkippedFace]

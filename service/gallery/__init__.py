@@ -20,6 +20,7 @@ from service.gallery.errors import (
     GalleryNotFound,
     InvalidEmbedding,
     InvalidInput,
+    NoStoredImages,
     SubjectNotFound,
 )
 from service.gallery.service import GalleryService
@@ -40,6 +41,7 @@ __all__ = [
     "GalleryService",
     "InvalidEmbedding",
     "InvalidInput",
+    "NoStoredImages",
     "SubjectNotFound",
     "open_gallery",
 ]

@@ -42,9 +42,12 @@ class GalleryModelMismatch(GalleryError):
     def __init__(self, gallery: str, gallery_model: str, model_id: str) -> None:
         super().__init__(
             f"gallery {gallery!r} holds embeddings of model {gallery_model!r}, not {model_id!r}; "
-            f"embeddings of different models are never mixed. To switch models, re-enrol: create a "
-            f"new gallery with model {model_id!r} and add each subject's photos to it again (or "
-            f"delete gallery {gallery!r} first and re-enrol under the same name)."
+            f"embeddings of different models are never mixed. To switch models, re-enrol it: "
+            f"POST /v1/galleries/NEW/reenrol with {{\"source\": \"{gallery}\"}} (or `facegate "
+            f"gallery reenrol --source {gallery} --target NEW`) creates gallery NEW for model "
+            f"{model_id!r} and re-enrols every subject from the photos stored with "
+            f"FACEGATE_STORE_IMAGES=true; without stored photos, add each subject's photos to a "
+            f"new gallery again."
         )
         self.gallery = gallery
         self.gallery_model = gallery_model
@@ -54,6 +57,24 @@ class GalleryModelMismatch(GalleryError):
 class Conflict(GalleryError):
     code = "conflict"
     status = 409
+
+
+class NoStoredImages(GalleryError):
+    """Re-enrolment needs the enrolment photos, and the source gallery kept none."""
+
+    code = "no_stored_images"
+    status = 409
+
+    def __init__(self, gallery: str, faces: int) -> None:
+        super().__init__(
+            f"gallery {gallery!r} has {faces} enrolled face(s) but no stored enrolment photos: "
+            f"photos are kept only while the service runs with FACEGATE_STORE_IMAGES=true, and "
+            f"embeddings cannot be converted to another model. Re-enrol the subjects from their "
+            f"original photos (POST /v1/galleries/{{gallery}}/subjects/{{id}}/faces), and set "
+            f"FACEGATE_STORE_IMAGES=true so that the next model change can be done with "
+            f"/v1/galleries/{{gallery}}/reenrol."
+        )
+        self.gallery = gallery
 
 
 class InvalidInput(GalleryError, ValueError):

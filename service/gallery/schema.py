@@ -13,7 +13,9 @@ Tables:
 * ``galleries``  (name, model_id, dim — set by the first face, created_at)
 * ``subjects``   (gallery, subject_id, metadata JSON text, created_at, updated_at)
 * ``faces``      (face_id — never reused, gallery, subject_id, embedding float32
-  bytes, model_id, quality JSON text, optional image, created_at)
+  bytes, model_id, quality JSON text, optional image, created_at; since version 2
+  ``source_face_id``: the face of another gallery this one was re-enrolled from,
+  unique per gallery, NULL for faces enrolled from an upload)
 * ``changes``    (seq, gallery, op, face_id, subject_id, created_at) — the log
 * ``log_head``   (one row: the newest seq; every write locks it first)
 
@@ -62,6 +64,11 @@ SQLITE: dict[int, list[str]] = {
             seq INTEGER NOT NULL)""",
         "INSERT INTO log_head (id, seq) VALUES (1, 0)",
     ],
+    2: [
+        "ALTER TABLE faces ADD COLUMN source_face_id INTEGER",
+        """CREATE UNIQUE INDEX faces_by_source ON faces (gallery, source_face_id)
+            WHERE source_face_id IS NOT NULL""",
+    ],
 }
 
 POSTGRES: dict[int, list[str]] = {
@@ -102,6 +109,11 @@ POSTGRES: dict[int, list[str]] = {
             id INTEGER PRIMARY KEY CHECK (id = 1),
             seq BIGINT NOT NULL)""",
         "INSERT INTO log_head (id, seq) VALUES (1, 0)",
+    ],
+    2: [
+        "ALTER TABLE faces ADD COLUMN source_face_id BIGINT",
+        """CREATE UNIQUE INDEX faces_by_source ON faces (gallery, source_face_id)
+            WHERE source_face_id IS NOT NULL""",
     ],
 }
 

@@ -102,11 +102,13 @@ def decode_cursor(cursor: str) -> str:
 class GalleryService:
     """The gallery API used by the REST layer (see ``service/gallery/__init__.py``)."""
 
-    def __init__(self, settings, store: GalleryStore | None = None) -> None:
+    def __init__(self, settings, store: GalleryStore | None = None, *,
+                 indexing: bool = True) -> None:
         if settings.index_type not in INDEX_TYPES:
             raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {settings.index_type!r}")
         self.settings = settings
         self.store_url = settings.resolved_store_url
+        self.indexing = indexing
         self._store = store
         self._indexes: dict[str, GalleryIndex] = {}
         self._apply_lock = threading.RLock()
@@ -120,6 +122,16 @@ class GalleryService:
         self.snapshot_dir = Path(settings.data_dir) / "snapshots" / digest
 
     # --- lifecycle --------------------------------------------------------------
+    @classmethod
+    def offline(cls, settings) -> GalleryService:
+        """The store (migrated) without indexes, follower or snapshots: for commands that
+        write while no server runs.  Writes still commit their change-log entries, which
+        servers apply when they start (or follow, when they run).  Close with ``stop()``."""
+        service = cls(settings, indexing=False)
+        service._store = open_store(service.store_url)
+        service._store.migrate()
+        return service
+
     @property
     def store(self) -> GalleryStore:
         if self._store is None:
@@ -155,7 +167,7 @@ class GalleryService:
             self._thread.join(timeout=10)
             self._thread = None
         if self._store is not None:
-            if self._snapshots_enabled():
+            if self.indexing and self._snapshots_enabled():
                 try:
                     self.write_snapshots()
                 except Exception:  # a failed snapshot only costs a rebuild later
@@ -245,16 +257,22 @@ class GalleryService:
         model_id: str,
         quality: dict,
         image: bytes | None = None,
+        source_face_id: int | None = None,
     ) -> dict:
         """Store one face (committed before this returns) and index it here at once.
 
-        The image is kept only when ``settings.store_images`` is set.
+        The image is kept only when ``settings.store_images`` is set.  ``source_face_id``:
+        the face this one was re-enrolled from (see ``GalleryStore.add_face``).
         """
         vector = check_vectors(embedding, batch=False)
+        if source_face_id is not None and (isinstance(source_face_id, bool)
+                                           or not isinstance(source_face_id, (int, np.integer))):
+            raise InvalidInput("source_face_id must be an integer")
         face, seq = self.store.add_face(
             check_name(gallery, "gallery"), check_name(subject_id, "subject_id"), vector,
             check_name(model_id, "model_id"), quality,
             image if self.settings.store_images else None,
+            None if source_face_id is None else int(source_face_id),
         )
         self._apply_own(Change(seq, gallery, "add", face["face_id"], subject_id, vector,
                                model_id, vector.size))
@@ -352,6 +370,8 @@ class GalleryService:
 
     def _apply_own(self, change: Change) -> None:
         """Apply a write this service just committed (and anything before it first)."""
+        if not self.indexing:
+            return
         with self._apply_lock:
             if self._applied_seq >= change.seq:
                 return

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from service.gallery.errors import (
+    Conflict,
     FaceNotFound,
     GalleryModelMismatch,
     GalleryNotFound,
@@ -172,15 +173,16 @@ class SQLStore(GalleryStore):
             return faces
         marks = ", ".join("?" * len(subject_ids))
         rows = cur.execute(
-            f"SELECT subject_id, face_id, created_at, quality FROM faces "
+            f"SELECT subject_id, face_id, created_at, quality, source_face_id FROM faces "
             f"WHERE gallery = ? AND subject_id IN ({marks}) ORDER BY face_id",
             (gallery, *subject_ids),
         ).fetchall()
-        for subject_id, face_id, created_at, quality in rows:
-            faces[subject_id].append(
-                {"face_id": int(face_id), "created_at": iso(created_at),
-                 "quality": json.loads(quality)}
-            )
+        for subject_id, face_id, created_at, quality, source_face_id in rows:
+            face = {"face_id": int(face_id), "created_at": iso(created_at),
+                    "quality": json.loads(quality)}
+            if source_face_id is not None:
+                face["reenrolled_from"] = int(source_face_id)
+            faces[subject_id].append(face)
         return faces
 
     @staticmethod
@@ -327,9 +329,11 @@ class SQLStore(GalleryStore):
         model_id: str,
         quality: dict,
         image: bytes | None,
+        source_face_id: int | None = None,
     ) -> tuple[dict, int]:
         quality_text = dump_json(quality or {}, "quality")
         vector = np.ascontiguousarray(embedding, dtype="<f4")
+        source = None if source_face_id is None else int(source_face_id)
         with self._write() as cur:
             row = self._require_gallery(cur, gallery)
             if row[1] != model_id:
@@ -341,15 +345,27 @@ class SQLStore(GalleryStore):
                     f"gallery {gallery!r} holds {row[2]}-d embeddings, got {vector.size}-d"
                 )
             self._require_subject(cur, gallery, subject_id)
+            if source is not None:
+                # Writers are serialised, so this check cannot race another re-enrolment.
+                done = cur.execute(
+                    "SELECT face_id FROM faces WHERE gallery = ? AND source_face_id = ?",
+                    (gallery, source),
+                ).fetchone()
+                if done is not None:
+                    raise Conflict(f"face {source} is already re-enrolled in gallery "
+                                   f"{gallery!r} as face {int(done[0])}")
             now = time.time()
             face_id = int(cur.execute(
                 "INSERT INTO faces (gallery, subject_id, embedding, model_id, quality, image, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING face_id",
-                (gallery, subject_id, vector.tobytes(), model_id, quality_text, image, now),
+                "created_at, source_face_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING face_id",
+                (gallery, subject_id, vector.tobytes(), model_id, quality_text, image, now,
+                 source),
             ).fetchone()[0])
             seq = self._log(cur, gallery, "add", face_id, subject_id)
         face = {"face_id": face_id, "subject_id": subject_id,
                 "quality": json.loads(quality_text), "created_at": iso(now)}
+        if source is not None:
+            face["reenrolled_from"] = source
         return face, seq
 
     def delete_face(self, gallery: str, face_id: int) -> tuple[str, int]:
@@ -373,6 +389,35 @@ class SQLStore(GalleryStore):
         if row is None:
             raise FaceNotFound(f"face {face_id} does not exist in gallery {gallery!r}")
         return None if row[0] is None else bytes(row[0])
+
+    def image_counts(self, gallery: str) -> tuple[int, int]:
+        with self._read() as cur:
+            self._require_gallery(cur, gallery)
+            faces, images = cur.execute(
+                "SELECT COUNT(*), COUNT(image) FROM faces WHERE gallery = ?", (gallery,)
+            ).fetchone()
+        return int(faces), int(images)
+
+    def face_images(
+        self, gallery: str, after: int, limit: int
+    ) -> list[tuple[int, str, bytes | None]]:
+        with self._read() as cur:
+            self._require_gallery(cur, gallery)
+            rows = cur.execute(
+                "SELECT face_id, subject_id, image FROM faces WHERE gallery = ? AND face_id > ? "
+                "ORDER BY face_id LIMIT ?",
+                (gallery, int(after), int(limit)),
+            ).fetchall()
+        return [(int(f), s, None if img is None else bytes(img)) for f, s, img in rows]
+
+    def reenrolled_sources(self, gallery: str) -> set[int]:
+        with self._read() as cur:
+            self._require_gallery(cur, gallery)
+            rows = cur.execute(
+                "SELECT source_face_id FROM faces WHERE gallery = ? AND source_face_id IS NOT NULL",
+                (gallery,),
+            ).fetchall()
+        return {int(r[0]) for r in rows}
 
     # --- change log and index building -----------------------------------------
     def head_seq(self) -> int:

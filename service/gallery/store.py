@@ -139,8 +139,14 @@ class GalleryStore(abc.ABC):
         model_id: str,
         quality: dict,
         image: bytes | None,
+        source_face_id: int | None = None,
     ) -> tuple[dict, int]:
-        """Insert one face; return (face dict, seq)."""
+        """Insert one face; return (face dict, seq).
+
+        ``source_face_id`` records the face (of another gallery) this one was
+        re-enrolled from; a second face of ``gallery`` with the same source is
+        refused with ``Conflict`` (checked under the writer lock).
+        """
 
     @abc.abstractmethod
     def delete_face(self, gallery: str, face_id: int) -> tuple[str, int]:
@@ -149,6 +155,22 @@ class GalleryStore(abc.ABC):
     @abc.abstractmethod
     def get_face_image(self, gallery: str, face_id: int) -> bytes | None:
         """The stored image of a face (``None`` if images are not stored)."""
+
+    # --- re-enrolment (see service.reenrol) -------------------------------------
+    @abc.abstractmethod
+    def image_counts(self, gallery: str) -> tuple[int, int]:
+        """(faces, faces with a stored image) of one gallery."""
+
+    @abc.abstractmethod
+    def face_images(
+        self, gallery: str, after: int, limit: int
+    ) -> list[tuple[int, str, bytes | None]]:
+        """Up to ``limit`` faces with ``face_id > after``, by face id: (face_id, subject_id,
+        stored image or ``None``)."""
+
+    @abc.abstractmethod
+    def reenrolled_sources(self, gallery: str) -> set[int]:
+        """The ``source_face_id`` of every face of ``gallery`` that has one."""
 
     # --- change log and index building -----------------------------------------
     @abc.abstractmethod
