@@ -4,7 +4,8 @@ real entry point, on CPU) and its last output line is one JSON object with sane 
 - ``bench/bench_batching.py``: micro-batching on/off with the default models;
 - ``bench/bench_mtcnn.py``: our MTCNN against facenet-pytorch's (from its wheel, needs torch);
 - ``bench/dlib_resnet_speed.py``: the converted dlib ResNet against dlib-bin (dev extra);
-- ``bench/loss_comparison.py``: every loss of the comparison on a tiny aligned CelebA set.
+- ``bench/loss_comparison.py``: every loss of the comparison on a tiny aligned CelebA set;
+- ``bench/bench_embed.py``: ONNX Runtime vs PyTorch embedding throughput and the roofline.
 """
 
 from __future__ import annotations
@@ -139,3 +140,24 @@ def test_loss_comparison_quick(aligned_tiny, tmp_path):
     assert json.loads((out / "results.json").read_text()) == runs
     table = (out / "table.md").read_text().splitlines()
     assert len(table) == 2 + len(LOSSES) and table[2].startswith("| mobilefacenet | softmax |")
+
+
+@pytest.mark.timeout(300)
+def test_bench_embed_quick():
+    pytest.importorskip("torch")
+    report = run_quick("bench_embed.py", env={"FACEGATE_PROVIDERS": "CPUExecutionProvider"})
+    assert report["device"] == "cpu" and report["batches"] == [1, 8]
+    result = report["backbones"]["mobilefacenet"]
+    assert result["ort_providers"] == ["CPUExecutionProvider"]
+    # MobileFaceNet is about 0.44 GFLOPs per 112x112 face (0.22 G multiply-adds)
+    assert 0.3 < result["gflops_per_face"] < 0.6
+    assert [row["batch"] for row in result["rows"]] == [1, 8]
+    for row in result["rows"]:
+        assert row["ort"] > 0 and row["torch_fp32"] > 0
+    best = result["best_faces_per_s"]
+    assert best["ort"] == max(row["ort"] for row in result["rows"])
+    assert result["ort_vs_fastest_torch"] == pytest.approx(best["ort"] / best["torch_fp32"], rel=1e-2)
+    roofline = result["roofline_faces_per_s"]["fp32"]
+    assert roofline == pytest.approx(report["matmul_tflops"]["fp32"] * 1e12
+                                     / (result["gflops_per_face"] * 1e9), rel=0.05)
+    assert result["ort_fraction_of_fp32_roofline"] == pytest.approx(best["ort"] / roofline, rel=0.02)
