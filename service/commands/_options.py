@@ -31,3 +31,17 @@ def settings_from_args(args: argparse.Namespace, **extra):
         if value is not None:
             overrides[field] = value
     return Settings(**overrides)
+
+
+def load_pipeline(settings):
+    """The configured pipeline, or None after printing why its models cannot be loaded."""
+    import sys
+
+    from service.pipeline.pipeline import Pipeline
+    from service.registry import ModelError
+
+    try:
+        return Pipeline.from_settings(settings)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._options import add_model_options, settings_from_args
+from ._options import add_model_options, load_pipeline, settings_from_args
 
 #: Side of the fallback face square, as a fraction of the image's shorter side.
 NO_FACE_FRACTION = 0.56
@@ -134,14 +134,10 @@ def evaluate(pipeline, pairs_path: Path, images_dir: Path, flip: bool = False,
 
 
 def run(args) -> int:
-    from service.pipeline.pipeline import Pipeline
-    from service.registry import ModelError
 
     settings = settings_from_args(args)
-    try:
-        pipeline = Pipeline.from_settings(settings)
-    except ModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    pipeline = load_pipeline(settings)
+    if pipeline is None:
         return 2
     if args.letterbox:
         pipeline.detector.use_fixed_input((args.letterbox, args.letterbox))

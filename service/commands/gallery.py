@@ -15,10 +15,9 @@ cannot be loaded.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from ._options import add_model_options, settings_from_args
+from ._options import add_model_options, load_pipeline, settings_from_args
 
 
 def register(subparsers) -> None:
@@ -41,17 +40,13 @@ def register(subparsers) -> None:
 def run_reenrol(args) -> int:
     from service.gallery import GalleryService
     from service.gallery.errors import GalleryError
-    from service.pipeline.pipeline import Pipeline
     from service.reenrol import Reenrolment
-    from service.registry import ModelError
 
     extra = {key: value for key, value in (("data_dir", args.data_dir),
                                            ("store_url", args.store_url)) if value is not None}
     settings = settings_from_args(args, **extra)
-    try:
-        pipeline = Pipeline.from_settings(settings)
-    except ModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    pipeline = load_pipeline(settings)
+    if pipeline is None:
         return 2
     gallery = GalleryService.offline(settings)
     try:

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ._options import add_model_options, settings_from_args
+from ._options import add_model_options, load_pipeline, settings_from_args
 
 
 def register(subparsers) -> None:
@@ -43,15 +43,11 @@ def main_face_embedding(pipeline, data: bytes):
 def run(args) -> int:
     from service.pipeline.decision import decide
     from service.pipeline.errors import PipelineError
-    from service.pipeline.pipeline import Pipeline
-    from service.registry import ModelError
 
     extra = {"flip_augment": True} if args.flip else {}
     settings = settings_from_args(args, **extra)
-    try:
-        pipeline = Pipeline.from_settings(settings)
-    except ModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    pipeline = load_pipeline(settings)
+    if pipeline is None:
         return 2
     embeddings, counts = [], []
     for path in (args.image_a, args.image_b):
