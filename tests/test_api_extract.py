@@ -181,3 +181,9 @@ def _grey_png() -> bytes:
     ok, buf = cv2.imencode(".png", np.full((48, 64, 3), 128, np.uint8))
     assert ok
     return buf.tobytes()
+
+
+def test_info_reports_url_fetching_off_by_default(client):
+    info = client.get("/v1/info").json()
+    assert info["image_urls"] == {"enabled": False, "allowed_hosts": [], "timeout_s": 5.0}
+    assert info["store_images"] is False

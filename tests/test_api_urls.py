@@ -225,3 +225,9 @@ def test_urls_refused(source, server, client):
                    'facegate_rejects_total{reason="image_too_large"}'):
         assert series in metrics, series
     assert 'status="500"' not in metrics
+
+
+def test_info_reports_url_fetching(client, source):
+    urls = client.get("/v1/info").json()["image_urls"]
+    assert urls == {"enabled": True, "allowed_hosts": [f"127.0.0.1:{source.port}"],
+                    "timeout_s": TIMEOUT_S}

@@ -70,5 +70,9 @@ async def info(state: State) -> dict:
                    "max_image_pixels": settings.max_image_pixels,
                    "max_request_bytes": settings.max_request_bytes,
                    "top_k_max": settings.top_k_max},
+        "image_urls": {"enabled": bool(settings.url_allowlist),
+                       "allowed_hosts": list(settings.url_allowlist),
+                       "timeout_s": settings.url_timeout_s},
+        "store_images": settings.store_images,
         "startup_seconds": state.startup,
     }
