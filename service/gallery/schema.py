@@ -3,9 +3,12 @@
 A deliberately small scheme instead of Alembic: ``schema_version`` holds one
 row with the current version, and ``MIGRATIONS[dialect]`` lists, per version,
 the statements that lead from the previous version to it.  ``migrate`` (in
-:mod:`service.gallery.sql`) applies the missing versions in order, each in its
-own transaction together with the version bump, so a crash mid-migration leaves
-the previous version intact.  To change the schema, append a new version to
+:mod:`service.gallery.sql`) applies the missing versions in order in one
+transaction together with the version bumps (both engines have transactional
+DDL), so a crash mid-migration leaves the previous version intact; on PostgreSQL
+the transaction first takes an advisory lock, so replicas starting together
+migrate once.  (Alembic would need SQLAlchemy beside the two drivers the stores
+use directly, for two short lists of plain SQL.)  To change the schema, append a new version to
 both dialects; never edit a released one.
 
 Tables:
