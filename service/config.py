@@ -107,7 +107,9 @@ class Settings(BaseSettings):
         0, description="images decoded/detected at once per worker; 0 = the thread pool's bound")
 
     # --- decisions --------------------------------------------------------------
-    operating_point: str = "fmr_1e-3"
+    operating_point: str | None = Field(
+        None, description="default operating point of decisions (a named false-match rate of "
+                          "the recognizer's card, e.g. fmr_1e-3); unset: the card's own default")
     top_k_max: int = 100
 
     @field_validator("api_keys", "providers", "url_allowlist", mode="before")

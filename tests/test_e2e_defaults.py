@@ -39,6 +39,13 @@ def test_default_models_verify_enrol_identify(server):
               f"threshold {same['threshold']} (calibrated={same['calibrated']})")
         assert same["model"].startswith("dlib_resnet_v1@")
         assert same["similarity"] > diff["similarity"]
+        # the card's default operating point (fmr_1e-2: TMR 97.8% on LFW) decides
+        assert same["operating_point"] == diff["operating_point"] == "fmr_1e-2"
+        assert same["calibrated"] and same["match"] is True and diff["match"] is False
+        strict = client.post("/v1/verify?operating_point=fmr_1e-4",
+                             files={"image1": _photo("Abel_Pacheco", 1),
+                                    "image2": _photo("Akhmed_Zakayev", 1)}).json()
+        assert strict["threshold"] > same["threshold"] and strict["match"] is False
 
         people = ["Abel_Pacheco", "Akhmed_Zakayev", "Amber_Tamblyn", "Anders_Fogh_Rasmussen"]
         for person in people:

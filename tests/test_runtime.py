@@ -32,3 +32,4 @@ def test_unavailable_providers_are_skipped_and_cpu_is_last():
     session = create_session(SHARED_MODELS / "yunet_2023mar.onnx",
                              Settings(providers=["NoSuchExecutionProvider"], ort_spinning=False))
     assert providers_in_use(session) == ["CPUExecutionProvider"]
+

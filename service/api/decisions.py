@@ -21,8 +21,10 @@ def check_point(card, requested: str | None, settings) -> str:
     """The operating point to use; an unknown one is a 400 listing the available points."""
     points = available_points(card)
     if requested is None:
-        default = settings.operating_point
-        return default if default in points else (card.default_operating_point or points[0])
+        for default in (settings.operating_point, card.default_operating_point):
+            if default in points:
+                return default
+        return points[0]
     if requested not in points:
         raise bad_request(
             "unknown_operating_point",
