@@ -271,6 +271,29 @@ def test_search_ranks_subjects_by_their_best_face(gallery):
     assert gallery.search("g", np.zeros((0, DIM), np.float32), 5, MODEL) == []
 
 
+def test_subject_faces_are_read_from_the_store(gallery):
+    rng = np.random.default_rng(11)
+    gallery.upsert_subject("g", "a", None, MODEL)
+    gallery.upsert_subject("g", "b", None, MODEL)
+    vectors = unit(rng, 3)
+    ids = [gallery.add_face("g", "a", v, MODEL, {})["face_id"] for v in vectors]
+    gallery.add_face("g", "b", unit(rng), MODEL, {})
+    gallery.delete_face("g", ids[1])
+
+    faces = gallery.subject_faces("g", "a", MODEL)
+    assert faces.face_ids.tolist() == [ids[0], ids[2]] and faces.subject_ids == ["a", "a"]
+    assert faces.dim == DIM and faces.model_id == MODEL
+    np.testing.assert_array_equal(faces.embeddings, vectors[[0, 2]])
+    gallery.upsert_subject("g", "faceless", None, MODEL)
+    assert gallery.subject_faces("g", "faceless", MODEL).embeddings.shape == (0, DIM)
+    with pytest.raises(SubjectNotFound):
+        gallery.subject_faces("g", "ghost", MODEL)
+    with pytest.raises(GalleryNotFound):
+        gallery.subject_faces("nowhere", "a", MODEL)
+    with pytest.raises(GalleryModelMismatch):
+        gallery.subject_faces("g", "a", "model-b")
+
+
 def test_deletes_leave_search(gallery):
     rng = np.random.default_rng(5)
     a, b = unit(rng), unit(rng)
