@@ -545,6 +545,40 @@ def test_snapshot_that_disagrees_with_the_store_is_rebuilt(services):
     assert_index_matches_store(fourth)
 
 
+def test_snapshot_of_another_model_or_dimension_is_rebuilt(services):
+    rng = np.random.default_rng(12)
+    first = services("a")
+    _enrol(first, rng, 3, 2)
+    probe = unit(rng)
+    first.stop()
+
+    # 1. the store's gallery now belongs to another model (same faces, same seq: a store
+    #    restored from elsewhere); the snapshot's model-a index must not be served
+    store = open_store(first.store_url)
+    try:
+        with store._ddl() as cur:
+            cur.execute("UPDATE galleries SET model_id = ? WHERE name = ?", ("model-b", "g"))
+            cur.execute("UPDATE faces SET model_id = ? WHERE gallery = ?", ("model-b", "g"))
+    finally:
+        store.close()
+    second = services("a")
+    assert second.source == "store"
+    assert len(second.search("g", probe[None], 3, "model-b")[0]) == 3
+    with pytest.raises(GalleryModelMismatch):
+        second.search("g", probe[None], 3, MODEL)
+    second.stop()
+
+    # 2. a snapshot (now of model-b) whose index claims another dimension than the store's
+    sidecar = next(p for p in second.snapshot_dir.glob("*.json") if p.name != "manifest.json")
+    meta = json.loads(sidecar.read_text())
+    assert meta["model_id"] == "model-b"
+    meta["dim"] = DIM * 2
+    sidecar.write_text(json.dumps(meta))
+    third = services("a")
+    assert third.source == "store"
+    assert len(third.search("g", probe[None], 3, "model-b")[0]) == 3
+
+
 def test_follower_rebuilds_on_a_gap_in_the_log(services):
     rng = np.random.default_rng(10)
     one, two = services("one"), services("two")

@@ -505,7 +505,8 @@ class GalleryService:
         return False
 
     def _verify(self) -> bool:
-        """Does every index hold exactly the store's faces (count and ids)?"""
+        """Does every index hold exactly the store's faces (count and ids), for the store's
+        model id and embedding dimension?"""
         stored = {g["name"]: g for g in self.store.stats()}
         for name, index in self._indexes.items():
             if name not in stored:
@@ -516,6 +517,8 @@ class GalleryService:
                 if gallery["faces"]:
                     return False
                 continue
+            if (index.model_id, index.dim) != (gallery["model_id"], gallery["dim"]):
+                return False
             if len(index) != gallery["faces"]:
                 return False
             if not np.array_equal(index.face_ids(), self.store.face_ids(name)):
