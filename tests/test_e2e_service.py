@@ -65,7 +65,7 @@ def _identify(client: httpx.Client, image: bytes, top_k: int = 5) -> dict | None
 
 
 @pytest.mark.timeout(600)
-def test_enrol_identify_verify_delete_restart(server):
+def test_enrol_identify_verify_delete_restart(server, record_property):
     identities = _celeba_identities()
     ids = list(identities)
     enrolled_ids, unenrolled_ids = ids[:N_ENROLLED], ids[N_ENROLLED:N_ENROLLED + N_UNENROLLED]
@@ -107,8 +107,10 @@ def test_enrol_identify_verify_delete_restart(server):
         rank5 += identity in ranked
         matched_sims.append(candidates[0]["similarity"])
     n = len(probes)
-    print(f"identify: rank-1 {rank1 / n:.3f}, rank-5 {rank5 / n:.3f} over {n} probes "
-          f"({no_face} without a detected face, counted as misses), {N_ENROLLED}-subject gallery")
+    figure = (f"rank-1 {rank1 / n:.3f}, rank-5 {rank5 / n:.3f} over {n} probes ({no_face} "
+              f"without a detected face, counted as misses), {N_ENROLLED}-subject gallery")
+    print(f"identify: {figure}")
+    record_property("identify", figure)
     assert rank1 / n >= 0.6, f"rank-1 accuracy {rank1 / n:.3f} is below the floor"
 
     # --- open set: people who are not enrolled -------------------------------------------
@@ -138,10 +140,12 @@ def test_enrol_identify_verify_delete_restart(server):
         correct += body["match"] == same
         (same_sims if same else diff_sims).append(body["similarity"])
     accuracy = correct / len(pairs)
-    print(f"verify: {accuracy:.3f} of {len(pairs)} LFW pairs at threshold {body['threshold']} "
-          f"({body['operating_point']}, calibrated={body['calibrated']}); mean similarity "
-          f"same {sum(same_sims) / len(same_sims):.3f}, different "
-          f"{sum(diff_sims) / len(diff_sims):.3f}")
+    figure = (f"{accuracy:.3f} of {len(pairs)} LFW pairs at threshold {body['threshold']} "
+              f"({body['operating_point']}, calibrated={body['calibrated']}); mean similarity "
+              f"same {sum(same_sims) / len(same_sims):.3f}, different "
+              f"{sum(diff_sims) / len(diff_sims):.3f}")
+    print(f"verify: {figure}")
+    record_property("verify", figure)
     assert accuracy >= 0.8
     assert min(same_sims) > -1.0 and max(diff_sims) < 1.0
 
@@ -191,3 +195,4 @@ def _listing(client: httpx.Client) -> list[dict]:
         cursor = page["next_cursor"]
         if cursor is None:
             return subjects
+
