@@ -51,3 +51,17 @@ def _no_proxy_for_localhost():
             current = os.environ.get(key, "")
             patch.setenv(key, ",".join(filter(None, [current, "127.0.0.1", "localhost", "::1"])))
         yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the figures tests recorded with ``record_property`` (accuracy and the like):
+    pytest keeps a passing test's output to itself, so a figure only printed would not show."""
+    lines = [f"{report.nodeid}: {name}: {value}"
+             for outcome in ("passed", "failed")
+             for report in terminalreporter.stats.get(outcome, [])
+             if report.when == "call"
+             for name, value in report.user_properties]
+    if lines:
+        terminalreporter.section("recorded figures")
+        for line in lines:
+            terminalreporter.write_line(line)

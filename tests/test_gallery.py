@@ -271,6 +271,29 @@ def test_search_ranks_subjects_by_their_best_face(gallery):
     assert gallery.search("g", np.zeros((0, DIM), np.float32), 5, MODEL) == []
 
 
+def test_subject_faces_are_read_from_the_store(gallery):
+    rng = np.random.default_rng(11)
+    gallery.upsert_subject("g", "a", None, MODEL)
+    gallery.upsert_subject("g", "b", None, MODEL)
+    vectors = unit(rng, 3)
+    ids = [gallery.add_face("g", "a", v, MODEL, {})["face_id"] for v in vectors]
+    gallery.add_face("g", "b", unit(rng), MODEL, {})
+    gallery.delete_face("g", ids[1])
+
+    faces = gallery.subject_faces("g", "a", MODEL)
+    assert faces.face_ids.tolist() == [ids[0], ids[2]] and faces.subject_ids == ["a", "a"]
+    assert faces.dim == DIM and faces.model_id == MODEL
+    np.testing.assert_array_equal(faces.embeddings, vectors[[0, 2]])
+    gallery.upsert_subject("g", "faceless", None, MODEL)
+    assert gallery.subject_faces("g", "faceless", MODEL).embeddings.shape == (0, DIM)
+    with pytest.raises(SubjectNotFound):
+        gallery.subject_faces("g", "ghost", MODEL)
+    with pytest.raises(GalleryNotFound):
+        gallery.subject_faces("nowhere", "a", MODEL)
+    with pytest.raises(GalleryModelMismatch):
+        gallery.subject_faces("g", "a", "model-b")
+
+
 def test_deletes_leave_search(gallery):
     rng = np.random.default_rng(5)
     a, b = unit(rng), unit(rng)
@@ -520,6 +543,40 @@ def test_snapshot_that_disagrees_with_the_store_is_rebuilt(services):
     fourth = services("a")
     assert fourth.source == "store"
     assert_index_matches_store(fourth)
+
+
+def test_snapshot_of_another_model_or_dimension_is_rebuilt(services):
+    rng = np.random.default_rng(12)
+    first = services("a")
+    _enrol(first, rng, 3, 2)
+    probe = unit(rng)
+    first.stop()
+
+    # 1. the store's gallery now belongs to another model (same faces, same seq: a store
+    #    restored from elsewhere); the snapshot's model-a index must not be served
+    store = open_store(first.store_url)
+    try:
+        with store._ddl() as cur:
+            cur.execute("UPDATE galleries SET model_id = ? WHERE name = ?", ("model-b", "g"))
+            cur.execute("UPDATE faces SET model_id = ? WHERE gallery = ?", ("model-b", "g"))
+    finally:
+        store.close()
+    second = services("a")
+    assert second.source == "store"
+    assert len(second.search("g", probe[None], 3, "model-b")[0]) == 3
+    with pytest.raises(GalleryModelMismatch):
+        second.search("g", probe[None], 3, MODEL)
+    second.stop()
+
+    # 2. a snapshot (now of model-b) whose index claims another dimension than the store's
+    sidecar = next(p for p in second.snapshot_dir.glob("*.json") if p.name != "manifest.json")
+    meta = json.loads(sidecar.read_text())
+    assert meta["model_id"] == "model-b"
+    meta["dim"] = DIM * 2
+    sidecar.write_text(json.dumps(meta))
+    third = services("a")
+    assert third.source == "store"
+    assert len(third.search("g", probe[None], 3, "model-b")[0]) == 3
 
 
 def test_follower_rebuilds_on_a_gap_in_the_log(services):

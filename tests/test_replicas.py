@@ -98,7 +98,8 @@ def _assert_every_index_equals_store(replicas: list[Replica], gallery: str) -> i
 
 
 @pytest.mark.timeout(300)
-def test_enrol_on_one_identify_on_others_and_delete_propagates(replicas, photos):
+def test_enrol_on_one_identify_on_others_and_delete_propagates(replicas, photos,
+                                                               record_property):
     clients = [r.client() for r in replicas]
     gallery = "celeba"
 
@@ -142,6 +143,7 @@ def test_enrol_on_one_identify_on_others_and_delete_propagates(replicas, photos)
     hits = sum(1 for identity, a in answers[0].items() if a and a[0]["subject_id"] == identity)
     print(f"\nrank-1 {hits}/{len(probes)} on each of {N_REPLICAS} replicas "
           f"({len(enrolled)} enrolled through replica 1)")
+    record_property("rank-1", f"{hits}/{len(probes)} on each of {N_REPLICAS} replicas")
     # accuracy itself is the single-server end-to-end test's subject; this only rules out
     # agreeing on nonsense
     assert hits >= 0.6 * len(probes)

@@ -7,7 +7,8 @@ import asyncio
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 
-from service.gallery.errors import SubjectNotFound
+from service.gallery.errors import InvalidEmbedding
+from service.gallery.store import GalleryFaces
 from service.pipeline.errors import PipelineError
 from service.pipeline.types import Timings
 
@@ -36,18 +37,18 @@ async def _analyze_labelled(state: AppState, data: bytes, field: str, policy, ti
         raise _tag(exc, field) from None
 
 
-def _subject_best(gallery, name: str, subject_id: str, embedding: np.ndarray, model_id: str,
-                  subjects: int) -> dict:
-    """The subject's best face for ``embedding`` (max fusion), via the gallery's search.
+def _best_face(faces: GalleryFaces, embedding: np.ndarray) -> tuple[float, int]:
+    """(similarity, face_id) of the subject's best face for ``embedding`` (max fusion).
 
-    The search ranks every subject of the gallery by its best face, so asking for
-    all subjects always includes this one (exact with the flat index).
+    Scored against every enrolled face of the subject, so the answer is exact with
+    every index type (an approximate index can miss a subject's faces).
     """
-    ranked = gallery.search(name, embedding[None, :], subjects, model_id)[0]
-    for candidate in ranked:
-        if candidate["subject_id"] == subject_id:
-            return candidate
-    raise SubjectNotFound(f"subject {subject_id!r} has no face in gallery {name!r}'s index")
+    if faces.embeddings.shape[1] != embedding.shape[0]:
+        raise InvalidEmbedding(f"gallery {faces.name!r} holds {faces.embeddings.shape[1]}-d "
+                               f"embeddings, the probe is {embedding.shape[0]}-d")
+    scores = faces.embeddings @ embedding
+    best = int(np.argmax(scores))
+    return float(scores[best]), int(faces.face_ids[best])
 
 
 @router.post(
@@ -99,21 +100,16 @@ async def verify(request: Request, state: State, timings: bool = False) -> dict:
             raise ApiError(422, "missing_field",
                            "send image2, or gallery and subject_id to compare with an enrolled "
                            "subject")
-        gallery = state.gallery
         # Unknown gallery/subject or a gallery of another model: refused before any image work.
-        info = await analysis.gallery_for_model(state, opts.gallery, clock)
-        subject_info = await analysis.call(clock, "search", gallery.get_subject, opts.gallery,
-                                           opts.subject_id)
-        if not subject_info.get("faces"):
+        await analysis.gallery_for_model(state, opts.gallery, clock)
+        faces = await analysis.call(clock, "search", state.gallery.subject_faces, opts.gallery,
+                                    opts.subject_id, model_id)
+        if not len(faces.face_ids):
             raise ApiError(422, "no_enrolled_face",
                            f"subject {opts.subject_id!r} has no enrolled face to compare with")
         first = await _analyze_labelled(state, payload.images["image1"], "image1", policy, clock)
-        best = await analysis.call(clock, "search", _subject_best, gallery, opts.gallery,
-                                   opts.subject_id, first.embeddings[0], model_id,
-                                   int(info.get("subjects") or 1))
-        similarity = float(best["similarity"])
-        subject = SubjectRef(gallery=opts.gallery, subject_id=opts.subject_id,
-                             face_id=best.get("face_id"))
+        similarity, face_id = _best_face(faces, first.embeddings[0])
+        subject = SubjectRef(gallery=opts.gallery, subject_id=opts.subject_id, face_id=face_id)
         face2 = None
 
     state.metrics.observe_stages(clock.stages)

@@ -40,7 +40,7 @@ from service.gallery.errors import (
     InvalidInput,
 )
 from service.gallery.index import INDEX_TYPES, GalleryIndex, SnapshotError
-from service.gallery.store import Change, GalleryStore, open_store
+from service.gallery.store import Change, GalleryFaces, GalleryStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +284,18 @@ class GalleryService:
         subject_id, seq = self.store.delete_face(check_name(gallery, "gallery"), int(face_id))
         self._apply_own(Change(seq, gallery, "delete_face", int(face_id), subject_id))
 
+    def subject_faces(self, gallery: str, subject_id: str, model_id: str) -> GalleryFaces:
+        """One subject's enrolled faces with their embeddings, read from the store.
+
+        For comparing a probe with one subject exactly, whatever the index type (an
+        approximate index may not return every face of a subject).
+        """
+        faces = self.store.subject_faces(check_name(gallery, "gallery"),
+                                         check_name(subject_id, "subject_id"))
+        if faces.model_id != model_id:
+            raise GalleryModelMismatch(gallery, faces.model_id, model_id)
+        return faces
+
     def search(
         self, gallery: str, queries: np.ndarray, top_k: int, model_id: str
     ) -> list[list[dict]]:
@@ -493,7 +505,8 @@ class GalleryService:
         return False
 
     def _verify(self) -> bool:
-        """Does every index hold exactly the store's faces (count and ids)?"""
+        """Does every index hold exactly the store's faces (count and ids), for the store's
+        model id and embedding dimension?"""
         stored = {g["name"]: g for g in self.store.stats()}
         for name, index in self._indexes.items():
             if name not in stored:
@@ -504,6 +517,8 @@ class GalleryService:
                 if gallery["faces"]:
                     return False
                 continue
+            if (index.model_id, index.dim) != (gallery["model_id"], gallery["dim"]):
+                return False
             if len(index) != gallery["faces"]:
                 return False
             if not np.array_equal(index.face_ids(), self.store.face_ids(name)):

@@ -450,6 +450,17 @@ class SQLStore(GalleryStore):
             for s, g, op, fid, sid, emb, model_id, dim in rows
         ]
 
+    @staticmethod
+    def _faces_with_embeddings(name: str, model_id: str, dim: int | None,
+                               rows: list) -> GalleryFaces:
+        """``(face_id, subject_id, embedding)`` rows as one :class:`GalleryFaces`."""
+        face_ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        blob = b"".join(bytes(r[2]) for r in rows)
+        vectors = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+        return GalleryFaces(name=name, model_id=model_id, dim=dim, face_ids=face_ids,
+                            subject_ids=[r[1] for r in rows],
+                            embeddings=vectors.reshape(len(rows), int(dim or 0)))
+
     def load_all(self) -> tuple[int, list[GalleryFaces]]:
         with self._read() as cur:
             head = int(cur.execute("SELECT seq FROM log_head WHERE id = 1").fetchone()[0])
@@ -463,16 +474,19 @@ class SQLStore(GalleryStore):
                     "ORDER BY face_id",
                     (name,),
                 ).fetchall()
-                width = int(dim or 0)
-                face_ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-                blob = b"".join(bytes(r[2]) for r in rows)
-                vectors = np.frombuffer(blob, dtype="<f4").astype(np.float32)
-                result.append(GalleryFaces(
-                    name=name, model_id=model_id, dim=dim, face_ids=face_ids,
-                    subject_ids=[r[1] for r in rows],
-                    embeddings=vectors.reshape(len(rows), width),
-                ))
+                result.append(self._faces_with_embeddings(name, model_id, dim, rows))
         return head, result
+
+    def subject_faces(self, gallery: str, subject_id: str) -> GalleryFaces:
+        with self._read() as cur:
+            name, model_id, dim, _ = self._require_gallery(cur, gallery)
+            self._require_subject(cur, gallery, subject_id)
+            rows = cur.execute(
+                "SELECT face_id, subject_id, embedding FROM faces "
+                "WHERE gallery = ? AND subject_id = ? ORDER BY face_id",
+                (gallery, subject_id),
+            ).fetchall()
+        return self._faces_with_embeddings(name, model_id, dim, rows)
 
     def face_ids(self, gallery: str) -> np.ndarray:
         with self._read() as cur:

@@ -186,6 +186,10 @@ class GalleryStore(abc.ABC):
         """(head seq, every gallery's faces), read in one consistent snapshot."""
 
     @abc.abstractmethod
+    def subject_faces(self, gallery: str, subject_id: str) -> GalleryFaces:
+        """One subject's faces with their embeddings, by face id (none: empty arrays)."""
+
+    @abc.abstractmethod
     def face_ids(self, gallery: str) -> np.ndarray:
         """Sorted face ids of one gallery (for verifying an index against the store)."""
 
