@@ -166,5 +166,30 @@ def verify(card: ModelCard, path: Path) -> None:
         )
 
 
+def select_recognizer(configured: str | None, registry: Registry) -> tuple[str, str]:
+    """The recognizer to load and why: the one place that decides.
+
+    - ``configured`` (``FACEGATE_RECOGNIZER`` / ``--recognizer``) given: it, ``"configured"``;
+    - else :data:`~service.config.DEFAULT_RECOGNIZER` when its file is in a models
+      directory, ``"default"``;
+    - else the first card whose ``extra.fallback_for`` names the default and whose file is
+      there (``facegate models install`` puts the fallback there when the default's
+      registry is unreachable), ``"fallback"``;
+    - else the default anyway, ``"default"`` (resolving it then says how to install it).
+    """
+    from service.config import DEFAULT_RECOGNIZER
+
+    if configured:
+        return configured, "configured"
+    default = registry.cards.get(DEFAULT_RECOGNIZER)
+    if default is not None and registry.locate(default) is not None:
+        return DEFAULT_RECOGNIZER, "default"
+    for card in registry.cards.values():
+        if (card.task == "recognition" and (card.extra or {}).get("fallback_for") == DEFAULT_RECOGNIZER
+                and registry.locate(card) is not None):
+            return card.name, "fallback"
+    return DEFAULT_RECOGNIZER, "default"
+
+
 def default_registry(settings) -> Registry:  # settings: service.config.Settings
     return Registry(settings.manifest, [settings.models_dir])
