@@ -256,6 +256,7 @@ def test_install_defaults_installs_verified_files_once(default_models_dir, caplo
     assert {p: p.stat().st_mtime_ns for p in again} == before
     assert sum("already installed" in r.getMessage() for r in caplog.records) == len(installed)
     assert not list(default_models_dir.glob(".install-*"))
+    assert not list(default_models_dir.glob("*.card.json"))  # the manifest holds the cards
     # The service can resolve the installed recognizer through the registry.
     card, path = registry.resolve("dlib_resnet_v1", task="recognition")
     assert path.parent == default_models_dir
