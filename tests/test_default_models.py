@@ -38,7 +38,7 @@ from service.convert.install import (
 from service.pipeline.pipeline import Pipeline
 from service.registry import ModelError, Registry, select_recognizer, sha256_file
 
-from .conftest import CELEBA, LFW
+from .conftest import CELEBA, LFW, require_reference
 from .service_helpers import ServeProcess
 
 SHAPE_PREDICTOR = "face_recognition_models/models/shape_predictor_5_face_landmarks.dat"
@@ -125,7 +125,7 @@ def test_conversion_is_deterministic_and_matches_the_card(card, source_files, co
 @pytest.fixture(scope="module")
 def dlib_chips(source_files) -> list[tuple]:
     """(rgb image, dlib 5-point shape, dlib's 150x150 chip) for each sample photo with a face."""
-    dlib = pytest.importorskip("dlib", reason="dlib-bin (dev extra) is the parity reference")
+    dlib = require_reference("dlib", "the parity reference (dlib-bin, dev extra)")
     detector = dlib.get_frontal_face_detector()
     predictor = dlib.shape_predictor(str(source_files["shape_predictor"]))
     chips = []
@@ -147,7 +147,7 @@ def _sample_photos() -> list[Path]:
 
 
 def test_onnx_descriptors_match_dlib_on_real_photos(card, source_files, converted, dlib_chips):
-    dlib = pytest.importorskip("dlib", reason="dlib-bin (dev extra) is the parity reference")
+    dlib = require_reference("dlib", "the parity reference (dlib-bin, dev extra)")
     recognizer = dlib.face_recognition_model_v1(str(source_files["network"]))
     chips = dlib_chips
     assert len(chips) >= 10
@@ -171,7 +171,7 @@ def test_onnx_descriptors_match_dlib_on_real_photos(card, source_files, converte
 
 def test_faceapi_port_converts_to_the_same_network(source_files, dlib_chips):
     """The npm fallback (face-api.js port, uint8-quantised weights) gives dlib's descriptors."""
-    dlib = pytest.importorskip("dlib", reason="dlib-bin (dev extra) is the parity reference")
+    dlib = require_reference("dlib", "the parity reference (dlib-bin, dev extra)")
     card = Registry(MANIFEST_PATH, []).cards["dlib_resnet_v1_faceapi"]
     assert card.extra["fallback_for"] == "dlib_resnet_v1" and card.commercial_use
     tarball = fetch_source(card, sources_dir())
@@ -200,7 +200,7 @@ def test_faceapi_port_converts_to_the_same_network(source_files, dlib_chips):
 def test_alignment_template_reproduces_dlib_chips(card, source_files, converted, dlib_chips):
     """Aligning with the card's template approximates dlib's own chip closely enough
     that the descriptors agree with dlib's (the template was derived from such chips)."""
-    dlib = pytest.importorskip("dlib", reason="dlib-bin (dev extra) is the parity reference")
+    dlib = require_reference("dlib", "the parity reference (dlib-bin, dev extra)")
     from service.pipeline.align import align_faces
     from service.pipeline.detectors import build_detector
     from service.pipeline.embed import OnnxEmbedder
