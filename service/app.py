@@ -85,8 +85,9 @@ async def _start(state: AppState) -> None:
     size = state.pipeline.crop_size
     await state.batcher.embed(np.zeros((1, size[1], size[0], 3), dtype=np.uint8))
     state.warmed = True
-    log.info("facegate ready: detector %s, recognizer %s (%s)", state.pipeline.detector_card.name,
-             state.pipeline.recognizer_card.name, state.startup)
+    log.info("facegate ready: detector %s, recognizer %s (%s), startup %s",
+             state.pipeline.detector_card.name, state.pipeline.recognizer_card.name,
+             state.pipeline.recognizer_selection, state.startup)
 
 
 async def _stop(state: AppState) -> None:

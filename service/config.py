@@ -15,6 +15,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MANIFEST_PATH = REPO_ROOT / "models" / "manifest.json"
+#: The recognizer served when ``FACEGATE_RECOGNIZER`` is unset (or, when only its
+#: fallback is installed, that fallback: :func:`service.registry.select_recognizer`).
+DEFAULT_RECOGNIZER = "dlib_resnet_v1"
 
 
 def _split_csv(value: object) -> object:
@@ -61,7 +64,10 @@ class Settings(BaseSettings):
     )
     manifest: Path = MANIFEST_PATH
     detector: str = "mtcnn"
-    recognizer: str = "dlib_resnet_v1"
+    recognizer: str | None = Field(
+        None, description="recognition model: a manifest name or an .onnx path; unset: "
+                          "dlib_resnet_v1, or its fallback dlib_resnet_v1_faceapi where only "
+                          "that one is installed")
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider",
                                  "CPUExecutionProvider"],

@@ -3,10 +3,14 @@
 A *card* is the single place that knows a model's preprocessing, alignment
 template, output dimension and calibrated thresholds.  ``models/manifest.json``
 lists the card of every known model; the project's own trained models carry the
-same card as ``models/<name>.card.json`` next to their ``.onnx`` file, and
-``facegate models install`` writes cards for the models it converts into the
-models directory.  A model file is only ever handed out after its sha256 has
-been checked against its card.
+same card as ``models/<name>.card.json`` next to their ``.onnx`` file, and a
+``<name>.card.json`` in a models directory declares a model the manifest does not
+know.  ``facegate models install`` writes no cards: it converts only models the
+manifest lists, so their cards stay in one place (a copy beside the files would
+outlive a recalibration of the manifest's thresholds).  A card in a directory may
+describe a model the manifest knows (it then replaces the manifest's card) but not
+with another sha256: such a card is refused.  A model file is only ever handed out
+after its sha256 has been checked against its card.
 """
 
 from __future__ import annotations
@@ -97,11 +101,26 @@ class Registry:
             for entry in json.loads(self.manifest.read_text())["models"]:
                 card = ModelCard.model_validate(entry)
                 self.cards[card.name] = card
+        self.manifest_cards = dict(self.cards)
         for directory in [self.manifest.parent, *self.model_dirs]:
             if directory.is_dir():
                 for card_path in sorted(directory.glob("*.card.json")):
-                    card = ModelCard.model_validate_json(card_path.read_text())
+                    card = self._read_card(card_path)
                     self.cards[card.name] = card
+
+    def _read_card(self, path: Path) -> ModelCard:
+        """A ``*.card.json`` from a directory; refused (ModelError) when the manifest lists
+        the same model with another sha256: a card beside the files cannot re-declare the
+        weights of a known model."""
+        card = ModelCard.model_validate_json(path.read_text())
+        listed = self.manifest_cards.get(card.name)
+        if listed is not None and card.sha256 != listed.sha256:
+            raise ModelError(
+                f"{path}: declares sha256 {card.sha256 or 'none'} for model {card.name!r}, but "
+                f"the manifest {self.manifest} records {listed.sha256 or 'none'}; a card beside "
+                "the model files cannot change the checksum of a model the manifest knows "
+                f"(remove {path.name}, or give the model another name)")
+        return card
 
     def names(self, task: str | None = None) -> list[str]:
         return [n for n, c in self.cards.items() if task is None or c.task == task]
@@ -126,7 +145,7 @@ class Registry:
                 raise ModelError(f"model file not found: {ref}")
             beside = path_ref.with_name(path_ref.stem + ".card.json")
             if beside.is_file():
-                card = ModelCard.model_validate_json(beside.read_text())
+                card = self._read_card(beside)
             else:
                 matches = [c for c in self.cards.values() if c.file == path_ref.name]
                 if not matches:
@@ -164,6 +183,31 @@ def verify(card: ModelCard, path: Path) -> None:
             f"checksum mismatch for model {card.name!r} at {path}: expected sha256 "
             f"{card.sha256}, got {actual}; the file is corrupt or not the model the card describes"
         )
+
+
+def select_recognizer(configured: str | None, registry: Registry) -> tuple[str, str]:
+    """The recognizer to load and why: the one place that decides.
+
+    - ``configured`` (``FACEGATE_RECOGNIZER`` / ``--recognizer``) given: it, ``"configured"``;
+    - else :data:`~service.config.DEFAULT_RECOGNIZER` when its file is in a models
+      directory, ``"default"``;
+    - else the first card whose ``extra.fallback_for`` names the default and whose file is
+      there (``facegate models install`` puts the fallback there when the default's
+      registry is unreachable), ``"fallback"``;
+    - else the default anyway, ``"default"`` (resolving it then says how to install it).
+    """
+    from service.config import DEFAULT_RECOGNIZER
+
+    if configured:
+        return configured, "configured"
+    default = registry.cards.get(DEFAULT_RECOGNIZER)
+    if default is not None and registry.locate(default) is not None:
+        return DEFAULT_RECOGNIZER, "default"
+    for card in registry.cards.values():
+        if (card.task == "recognition" and (card.extra or {}).get("fallback_for") == DEFAULT_RECOGNIZER
+                and registry.locate(card) is not None):
+            return card.name, "fallback"
+    return DEFAULT_RECOGNIZER, "default"
 
 
 def default_registry(settings) -> Registry:  # settings: service.config.Settings

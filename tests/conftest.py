@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -14,6 +15,26 @@ SHARED = Path(os.environ.get("FACEGATE_SHARED", REPO.parent / "shared")).resolve
 SHARED_MODELS = SHARED / "models"
 LFW = SHARED / "data" / "lfw"
 CELEBA = SHARED / "data" / "celeba"
+#: Set to 1 to let tests whose reference library (dlib, torch: the dev and train extras)
+#: is not installed skip; otherwise a missing reference fails them.
+ALLOW_SKIP_REFERENCES = "FACEGATE_ALLOW_SKIP_REFERENCES"
+
+
+def require_reference(module: str, why: str):
+    """Import a reference library of the dev/train extras (``dlib``, ``torch``).
+
+    Missing, the calling test (or test module) fails, since the suite is run with those
+    extras installed; with ``FACEGATE_ALLOW_SKIP_REFERENCES=1`` it is skipped instead.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        message = (f"{module} is not importable ({exc}); it is {why}. Install the extras "
+                   "(pip install -e '.[dev,train]') or set FACEGATE_ALLOW_SKIP_REFERENCES=1 "
+                   "to skip the tests that need it")
+        if os.environ.get(ALLOW_SKIP_REFERENCES) == "1":
+            pytest.skip(message, allow_module_level=True)
+        pytest.fail(message, pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -6,13 +6,13 @@ import shutil
 from pathlib import Path
 
 import cv2
+import insightface
 import numpy as np
 import onnx
 import pytest
+from insightface.utils import face_align
 from onnx import TensorProto, helper, numpy_helper
 
-import insightface
-from insightface.utils import face_align
 from service.config import MANIFEST_PATH, Settings
 from service.pipeline.align import ARCFACE_TEMPLATE, align_faces, estimate_similarity
 from service.pipeline.embed import OnnxEmbedder
@@ -20,6 +20,7 @@ from service.pipeline.pipeline import Pipeline
 from service.registry import ModelCard, ModelError, Registry, sha256_file
 
 from .conftest import LFW, SHARED_MODELS
+from .test_detectors import lfw_sample
 
 GROUP_PHOTO = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 
@@ -45,15 +46,36 @@ def test_estimate_similarity_recovers_a_known_transform():
         estimate_similarity(np.zeros((5, 2)), np.zeros((4, 2)))
 
 
+def assert_crops_match_norm_crop(pipeline, image, faces) -> np.ndarray:
+    """Every face's crop against InsightFace's ``norm_crop``; their mean absolute differences."""
+    crops = pipeline.align(image, faces)
+    assert crops.shape == (len(faces), 112, 112, 3) and crops.dtype == np.uint8
+    errors = []
+    for crop, face in zip(crops, faces):
+        reference = face_align.norm_crop(image, face.landmarks)
+        errors.append(np.abs(crop.astype(int) - reference.astype(int)).mean())
+    assert max(errors, default=0.0) <= 1.0, errors
+    return np.asarray(errors)
+
+
 def test_aligned_crops_match_insightface_norm_crop(pipeline):
     image = cv2.imread(str(GROUP_PHOTO))
     faces = pipeline.detect(image)
     assert len(faces) == 6
-    crops = pipeline.align(image, faces)
-    assert crops.shape == (6, 112, 112, 3) and crops.dtype == np.uint8
-    for crop, face in zip(crops, faces):
-        reference = face_align.norm_crop(image, face.landmarks)
-        assert np.abs(crop.astype(int) - reference.astype(int)).mean() <= 1.0
+    assert_crops_match_norm_crop(pipeline, image, faces)
+
+
+def test_aligned_crops_match_insightface_norm_crop_on_100_lfw_images(pipeline):
+    images = lfw_sample(100)
+    assert len(images) == 100
+    errors, without_face = [], 0
+    for image in images:
+        faces = pipeline.detect(image)
+        without_face += not faces
+        errors.extend(assert_crops_match_norm_crop(pipeline, image, faces))
+    assert without_face <= 2 and len(errors) >= 98
+    print(f"\n{len(errors)} LFW crops vs norm_crop: mean abs difference "
+          f"{np.mean(errors):.3f}, max {np.max(errors):.3f} grey levels")
 
 
 def test_other_template_and_size():

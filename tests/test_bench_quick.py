@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CELEBA, LFW, REPO, SHARED, SHARED_MODELS
+from tests.conftest import CELEBA, LFW, REPO, SHARED, SHARED_MODELS, require_reference
 
 QUICK_PAIRS = 16  # bench/loss_comparison.py --quick: LFW pairs evaluated (first fold)
 QUICK_IDENTITIES = 10  # bench/loss_comparison.py --quick: CelebA identities trained on
@@ -57,7 +57,7 @@ def test_bench_batching_quick(default_models_dir):
 
 @pytest.mark.timeout(300)
 def test_bench_mtcnn_quick():
-    pytest.importorskip("torch")  # facenet-pytorch's reference runs on torch (train extra)
+    require_reference("torch", "what facenet-pytorch's reference runs on (train extra)")
     report = run_quick("bench_mtcnn.py")
     references = ("facenet_pytorch", "facenet_pytorch_1thread")
     assert report["lfw"]["first_shape"] == [250, 250, 3]
@@ -78,7 +78,7 @@ def test_bench_mtcnn_quick():
 
 @pytest.mark.timeout(300)
 def test_dlib_resnet_speed_quick(default_models_dir):
-    pytest.importorskip("dlib", reason="dlib-bin (dev extra) is the reference being timed")
+    require_reference("dlib", "the reference being timed (dlib-bin, dev extra)")
     report = run_quick("dlib_resnet_speed.py", "--models-dir", str(default_models_dir),
                        "--shared", str(SHARED))
     assert report["chips"] == 8 and report["descriptor_shape"] == [8, 128]
@@ -117,7 +117,7 @@ def aligned_tiny(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.mark.timeout(300)
 def test_loss_comparison_quick(aligned_tiny, tmp_path):
-    pytest.importorskip("torch")
+    require_reference("torch", "what the training losses run on (train extra)")
     data, lfw_aligned = aligned_tiny
     out = tmp_path / "out"
     report = run_quick("loss_comparison.py", "--data", str(data), "--lfw-aligned",
@@ -144,7 +144,7 @@ def test_loss_comparison_quick(aligned_tiny, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_bench_embed_quick():
-    pytest.importorskip("torch")
+    require_reference("torch", "what the benchmarked backbones are built with (train extra)")
     report = run_quick("bench_embed.py", env={"FACEGATE_PROVIDERS": "CPUExecutionProvider"})
     assert report["device"] == "cpu" and report["batches"] == [1, 8]
     result = report["backbones"]["mobilefacenet"]

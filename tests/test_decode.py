@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 import struct
 import time
 import zlib
@@ -13,13 +14,19 @@ import pytest
 from PIL import Image
 
 from service.pipeline.decode import decode_image
-from service.pipeline.errors import (CorruptImage, EmptyImage, ImageTooLarge, PipelineError,
-                                     TooManyPixels, UnsupportedImageType)
+from service.pipeline.errors import (
+    CorruptImage,
+    EmptyImage,
+    ImageTooLarge,
+    PipelineError,
+    TooManyPixels,
+    UnsupportedImageType,
+)
 
 from .conftest import LFW
 
 MB = 1 << 20
-LIMITS = dict(max_bytes=10 * MB, max_pixels=40_000_000)
+LIMITS = {"max_bytes": 10 * MB, "max_pixels": 40_000_000}
 PHOTO = LFW / "images" / "Abel_Pacheco" / "Abel_Pacheco_0001.jpg"
 
 
@@ -95,6 +102,121 @@ def test_truncated_png(photo_rgb):
     data = encode(photo_rgb, "PNG")
     assert_refused(data[: len(data) // 2], CorruptImage, 400, "corrupt_image")
     assert_refused(data[:30], CorruptImage, 400, "corrupt_image")
+
+
+def test_truncated_webp(photo_rgb):
+    for kwargs in ({"quality": 80}, {"lossless": True}):
+        data = encode(photo_rgb, "WEBP", **kwargs)
+        assert_refused(data[: len(data) // 2], CorruptImage, 400, "corrupt_image")
+        assert_refused(data[:30], CorruptImage, 400, "corrupt_image")
+        assert_refused(data[:12], CorruptImage, 400, "corrupt_image")  # RIFF....WEBP only
+
+
+def test_corrupt_webp(photo_rgb):
+    lossy = bytearray(encode(photo_rgb, "WEBP", quality=80))
+    assert lossy[12:16] == b"VP8 " and lossy[23:26] == b"\x9d\x01\x2a"
+    lossy[23:26] = b"\x00\x00\x00"  # the VP8 key frame's start code
+    assert_refused(bytes(lossy), CorruptImage, 400, "corrupt_image")
+    lossless = bytearray(encode(photo_rgb, "WEBP", lossless=True))
+    assert lossless[12:16] == b"VP8L" and lossless[20] == 0x2F
+    garbage = np.random.default_rng(0).integers(0, 256, len(lossless) - 30, dtype=np.uint8)
+    lossless[30:] = garbage.tobytes()  # a valid header over a garbage bitstream
+    assert_refused(bytes(lossless), CorruptImage, 400, "corrupt_image")
+    lossless[20] = 0  # the VP8L signature byte
+    assert_refused(bytes(lossless), CorruptImage, 400, "corrupt_image")
+
+
+def test_truncated_bmp(photo_rgb):
+    data = encode(photo_rgb, "BMP")
+    assert_refused(data[: len(data) // 2], CorruptImage, 400, "corrupt_image")
+    assert_refused(data[:30], CorruptImage, 400, "corrupt_image")  # inside the info header
+    assert_refused(data[:14], CorruptImage, 400, "corrupt_image")  # the file header only
+
+
+def test_corrupt_bmp(photo_rgb):
+    data = encode(photo_rgb, "BMP")
+    assert data[14:18] == struct.pack("<I", 40)  # BITMAPINFOHEADER
+    for offset, field, message in [(28, struct.pack("<H", 7), "pixel depth"),
+                                   (14, struct.pack("<I", 99), "header"),
+                                   (10, struct.pack("<I", 10**7), "truncated"),
+                                   (18, struct.pack("<i", 0), "header")]:
+        corrupt = bytearray(data)
+        corrupt[offset:offset + len(field)] = field
+        with pytest.raises(CorruptImage, match=message) as info:
+            decode_image(bytes(corrupt), **LIMITS)
+        assert "BytesIO" not in str(info.value)  # no in-memory object in the message
+
+
+def test_webp_and_bmp_headers_over_the_pixel_limit(photo_rgb):
+    lossy = bytearray(encode(photo_rgb, "WEBP", quality=80))
+    lossy[26:30] = struct.pack("<HH", 10000, 10000)  # VP8 frame width, height (14 bits)
+    lossless = bytearray(encode(photo_rgb, "WEBP", lossless=True))
+    bits = struct.unpack("<I", lossless[21:25])[0] & ~((1 << 28) - 1)
+    lossless[21:25] = struct.pack("<I", bits | (8000 - 1) | ((8000 - 1) << 14))  # VP8L
+    animated = io.BytesIO()
+    Image.fromarray(photo_rgb).save(animated, format="WEBP", save_all=True, lossless=True,
+                                    append_images=[Image.fromarray(255 - photo_rgb)])
+    extended = bytearray(animated.getvalue())
+    assert extended[12:16] == b"VP8X"
+    extended[24:30] = (20000 - 1).to_bytes(3, "little") * 2  # the VP8X canvas
+    bmp = bytearray(encode(photo_rgb, "BMP"))
+    bmp[18:26] = struct.pack("<ii", 10000, 10000)
+    top_down = bytearray(bmp)
+    top_down[22:26] = struct.pack("<i", -10000)
+    for data in (lossy, lossless, extended, bmp, top_down):
+        start = time.perf_counter()
+        assert_refused(bytes(data), TooManyPixels, 413, "too_many_pixels")
+        assert time.perf_counter() - start < 0.5  # from the header, nothing allocated
+
+
+MUTATIONS_PER_FORMAT = 100
+
+
+def mutations(data: bytes, rng: random.Random, count: int):
+    """Deterministic truncations, byte flips anywhere and byte flips in the headers."""
+    for i in range(count):
+        mutated = bytearray(data)
+        if i % 3 == 0:
+            yield bytes(mutated[: rng.randrange(1, len(mutated))])
+            continue
+        span = len(mutated) if i % 3 == 1 else min(64, len(mutated))
+        for _ in range(rng.randint(1, 4)):
+            mutated[rng.randrange(span)] ^= rng.randrange(1, 256)
+        yield bytes(mutated)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin")  # corrupt EXIF
+def test_mutated_images_raise_only_typed_errors():
+    """Hundreds of damaged JPEG/PNG/WebP/BMP files of a real photo: each decodes to a
+    3-channel 8-bit image or raises a ``PipelineError``, never anything else."""
+    face = Image.open(PHOTO).convert("RGB").crop((60, 60, 190, 190)).resize((96, 96))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sources = {"JPEG": encode(np.asarray(face), "JPEG", quality=90, exif=exif.tobytes()),
+               "PNG": encode(np.asarray(face.convert("RGBA")), "PNG"),
+               "WEBP": encode(np.asarray(face), "WEBP", quality=80),
+               "WEBP lossless": encode(np.asarray(face), "WEBP", lossless=True),
+               "BMP": encode(np.asarray(face), "BMP")}
+    rng = random.Random(20261202)
+    outcomes = {"decoded": 0, "refused": 0}
+    start = time.perf_counter()
+    for name, data in sources.items():
+        for k, mutated in enumerate(mutations(data, rng, MUTATIONS_PER_FORMAT)):
+            try:
+                image = decode_image(mutated, **LIMITS)
+            except PipelineError as exc:
+                assert exc.status in (400, 413, 415) and str(exc), (name, k)
+                outcomes["refused"] += 1
+            except Exception as exc:  # noqa: BLE001 - exactly what this test looks for
+                pytest.fail(f"{name} mutation {k}: {type(exc).__name__}: {exc}")
+            else:
+                assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+                outcomes["decoded"] += 1
+    elapsed = time.perf_counter() - start
+    assert sum(outcomes.values()) == len(sources) * MUTATIONS_PER_FORMAT
+    assert outcomes["refused"] >= 100 and outcomes["decoded"] >= 10, outcomes
+    assert elapsed < 20, elapsed
 
 
 def test_png_decompression_bomb_refused_from_header():

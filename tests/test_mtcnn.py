@@ -26,7 +26,7 @@ from service.convert.torch_pickle import TorchPickleError, UnsafePickleError, lo
 from service.pipeline.detectors import build_detector
 from service.pipeline.detectors.mtcnn import MTCNNDetector, area_resize
 from service.registry import Registry, sha256_file
-from tests.conftest import CELEBA, LFW
+from tests.conftest import CELEBA, LFW, require_reference
 
 # -- fixtures ---------------------------------------------------------------------------
 
@@ -64,7 +64,7 @@ def facenet_compatible(card, onnx_path) -> MTCNNDetector:
 @pytest.fixture(scope="module")
 def reference(wheel, tmp_path_factory):
     """facenet-pytorch's own MTCNN code and networks, imported from the wheel."""
-    pytest.importorskip("torch")
+    require_reference("torch", "what facenet-pytorch's reference MTCNN runs on (train extra)")
     from tests.facenet_reference import load_reference
 
     return load_reference(wheel, tmp_path_factory.mktemp("facenet_pytorch_wheel"))

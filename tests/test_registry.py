@@ -1,4 +1,6 @@
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -59,3 +61,45 @@ def test_operating_point_precedence():
     with pytest.raises(ApiError) as info:
         check_point(dlib, "fmr_1e-6", Settings())
     assert info.value.status == 400 and "fmr_1e-2" in str(info.value)
+
+
+def _tampered_with_card(tmp_path, shared_registry, sha256: str | None = None):
+    """A flipped-byte copy of the peer model and a card beside it that declares the copy."""
+    bad = tmp_path / "mobilefacenet_peer_128d.onnx"
+    shutil.copyfile(SHARED_MODELS / "mobilefacenet_peer_128d.onnx", bad)
+    data = bytearray(bad.read_bytes())
+    data[1000] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    card = shared_registry.cards["mobilefacenet_peer_128d"].model_copy(
+        update={"sha256": sha256 or sha256_file(bad)})
+    (tmp_path / "mobilefacenet_peer_128d.card.json").write_text(card.model_dump_json())
+    return bad
+
+
+def test_a_card_in_the_models_dir_cannot_change_a_known_models_sha256(tmp_path, shared_registry):
+    bad = _tampered_with_card(tmp_path, shared_registry)
+    expected = shared_registry.cards["mobilefacenet_peer_128d"].sha256
+    with pytest.raises(ModelError) as info:
+        Registry(shared_registry.manifest, [tmp_path])
+    message = str(info.value)
+    assert "mobilefacenet_peer_128d.card.json" in message and expected in message
+    assert sha256_file(bad) in message and "cannot change the checksum" in message
+    # nor through an .onnx path with the card beside it
+    with pytest.raises(ModelError, match="cannot change the checksum"):
+        shared_registry.resolve(str(bad))
+    # the CLI says so in one line and exits 1
+    result = subprocess.run([sys.executable, "-m", "service.cli", "models", "list",
+                             "--models-dir", str(tmp_path)], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and "cannot change the checksum" in result.stderr
+
+
+def test_a_card_in_the_models_dir_with_the_manifest_sha256_is_used(tmp_path, shared_registry):
+    listed = shared_registry.cards["mobilefacenet_peer_128d"]
+    shutil.copyfile(SHARED_MODELS / listed.file, tmp_path / listed.file)
+    card = listed.model_copy(update={"description": "described by the models directory"})
+    (tmp_path / "mobilefacenet_peer_128d.card.json").write_text(card.model_dump_json())
+    resolved, path = Registry(shared_registry.manifest, [tmp_path]).resolve(listed.name)
+    assert resolved.description == "described by the models directory"
+    assert path == tmp_path / listed.file and resolved.sha256 == listed.sha256

@@ -7,7 +7,9 @@ import socket
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.conftest import require_reference
+
+torch = require_reference("torch", "the training package's framework (train extra)")
 
 B, D, C, WORLD = 6, 8, 11, 2
 

@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.conftest import require_reference
+
+torch = require_reference("torch", "the training package's framework (train extra)")
 
 from tests.conftest import LFW, SHARED_MODELS
 from tests.test_training_loop import celeba_tiny, tiny_config  # noqa: F401

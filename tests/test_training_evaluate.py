@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.conftest import require_reference
+
+torch = require_reference("torch", "the training package's framework (train extra)")
 
 from training import evaluate as ev
 

@@ -10,7 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.conftest import require_reference
+
+torch = require_reference("torch", "the training package's framework (train extra)")
 
 from tests.conftest import CELEBA, SHARED_MODELS
 from training.config import load_config

@@ -57,6 +57,7 @@ async def info(state: State) -> dict:
     recognizer["providers"] = _providers(pipeline.embedder)
     recognizer["operating_points"] = available_points(pipeline.recognizer_card)
     recognizer["default_operating_point"] = pipeline.recognizer_card.default_operating_point
+    recognizer["selection"] = pipeline.recognizer_selection
     return {
         "version": _version(),
         "worker_pid": os.getpid(),

@@ -57,10 +57,14 @@ def register(subparsers) -> None:
 
 
 def _registry(args):
-    from service.registry import default_registry
+    from service.registry import ModelError, default_registry
 
     settings = settings_from_args(args)
-    return settings, default_registry(settings)
+    try:
+        return settings, default_registry(settings)
+    except ModelError as exc:  # e.g. a card in the models directory the manifest refutes
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def model_state(registry, card) -> dict:

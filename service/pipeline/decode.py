@@ -78,7 +78,10 @@ def read_header(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
             img = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as exc:
         raise TooManyPixels(f"the image has too many pixels: {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except UnidentifiedImageError:  # its message names only the in-memory file object
+        raise CorruptImage(f"the {fmt} image header cannot be read: not a valid {fmt} "
+                           "header") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise CorruptImage(f"the {fmt} image header cannot be read: {exc}") from None
     width, height = img.size
     if width <= 0 or height <= 0:

@@ -7,18 +7,21 @@ methods are safe to call from several threads at once (ONNX Runtime sessions are
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 
 import numpy as np
 
-from service.registry import ARCFACE_TEMPLATE_112, Registry, default_registry
+from service.registry import ARCFACE_TEMPLATE_112, Registry, default_registry, select_recognizer
 
 from .align import align_faces
 from .decode import decode_image
 from .detectors import build_detector
 from .embed import OnnxEmbedder
 from .types import Detection, FaceResult, Timings
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -34,12 +37,16 @@ def _timed(timings: Timings | None, stage: str):
 class Pipeline:
     """A detector and an embedder plus the decode/align glue between them."""
 
-    def __init__(self, detector, embedder, settings, detector_card=None, recognizer_card=None):
+    def __init__(self, detector, embedder, settings, detector_card=None, recognizer_card=None,
+                 recognizer_selection: str = "configured"):
         self.detector = detector
         self.embedder = embedder
         self.settings = settings
         self.detector_card = detector_card if detector_card is not None else detector.card
         self.recognizer_card = recognizer_card if recognizer_card is not None else embedder.card
+        #: How the recognizer was chosen (:func:`service.registry.select_recognizer`):
+        #: ``configured``, ``default`` or ``fallback``.
+        self.recognizer_selection = recognizer_selection
         alignment = self.recognizer_card.alignment
         self.template = np.asarray(alignment.template if alignment else ARCFACE_TEMPLATE_112,
                                    dtype=np.float32)
@@ -47,14 +54,18 @@ class Pipeline:
 
     @classmethod
     def from_settings(cls, settings, registry: Registry | None = None,
-                      flip: bool | None = None) -> "Pipeline":
+                      flip: bool | None = None) -> Pipeline:
         """Resolve, verify, build and warm up the configured detector and recognizer."""
         registry = registry or default_registry(settings)
         det_card, det_path = registry.resolve(settings.detector, task="detection")
-        rec_card, rec_path = registry.resolve(settings.recognizer, task="recognition")
+        rec_ref, selection = select_recognizer(settings.recognizer, registry)
+        if selection == "fallback":
+            log.warning("FACEGATE_RECOGNIZER is unset and the default recognizer is not "
+                        "installed; serving its installed fallback %s", rec_ref)
+        rec_card, rec_path = registry.resolve(rec_ref, task="recognition")
         detector = build_detector(det_card, det_path, settings)
         embedder = OnnxEmbedder(rec_card, rec_path, settings, flip=flip)
-        return cls(detector, embedder, settings, det_card, rec_card)
+        return cls(detector, embedder, settings, det_card, rec_card, selection)
 
     # -- stages ----------------------------------------------------------------------
     def decode(self, data: bytes) -> np.ndarray:
