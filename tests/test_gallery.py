@@ -546,6 +546,41 @@ def test_snapshot_is_loaded_verified_and_caught_up(services, tmp_path):
     assert third.search("g", probe[None], 5, MODEL) == other.search("g", probe[None], 5, MODEL)
 
 
+def test_workers_sharing_a_data_dir_write_whole_snapshot_sets(services, tmp_path):
+    """``serve --workers N`` stops N services on one data dir at once: their snapshot writes
+    must not interleave (each set is written whole, one writer at a time)."""
+    rng = np.random.default_rng(13)
+    first = services("shared")
+    for name in ("g1", "g2", "g3"):
+        first.upsert_subject(name, "s", None, MODEL)
+        for _ in range(20):
+            first.add_face(name, "s", unit(rng, dim=256), MODEL, {})
+    second = services("shared")
+    assert second.snapshot_dir == first.snapshot_dir
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def write(service: GalleryService) -> None:
+        try:
+            for _ in range(30):
+                barrier.wait()
+                service.write_snapshots()
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=write, args=(s,)) for s in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert not list(first.snapshot_dir.glob("*.tmp"))
+    third = services("shared")
+    assert third.source == "snapshot"
+    assert_index_matches_store(third)
+
+
 def test_snapshot_that_disagrees_with_the_store_is_rebuilt(services):
     rng = np.random.default_rng(9)
     first = services("a")

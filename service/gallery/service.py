@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -95,6 +97,18 @@ def check_vectors(value: object, dim: int | None = None, *, batch: bool) -> np.n
     if np.abs(norms - 1.0).max() > NORM_TOLERANCE:
         raise InvalidEmbedding("embeddings must be L2-normalised (norm 1)")
     return array
+
+
+@contextmanager
+def exclusive(path: Path):
+    """An exclusive advisory lock (``flock``) on ``path``, between processes and threads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def encode_cursor(subject_id: str) -> str:
@@ -525,9 +539,11 @@ class GalleryService:
         """Write every index with the seq it reflects; return that seq.
 
         ``manifest.json`` (written last, atomically) names the snapshot set; a
-        set is only ever loaded after verification against the store.
+        set is only ever loaded after verification against the store.  Services sharing
+        the data dir (``serve --workers N`` stops N at once) write one whole set at a
+        time, under an exclusive lock on ``<snapshot dir>/lock``: the last one wins.
         """
-        with self._apply_lock:
+        with self._apply_lock, exclusive(self.snapshot_dir / "lock"):
             seq = self._applied_seq
             files = {}
             for name, index in self._indexes.items():
