@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,16 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var/data")
     store_url: str = Field("", description="empty: sqlite file in data_dir; or postgresql://...")
     store_images: bool = False
-    sync_interval_s: float = Field(0.25, description="change-log polling period")
+    sync_interval_s: float = Field(
+        0.25, gt=0, description="change-log polling period (seconds); below sync_bound_s")
+    sync_bound_s: float = Field(
+        1.0, gt=0, description="freshness bound (seconds): a write acknowledged by one replica "
+                               "is visible on every other within it; /readyz reports a replica "
+                               "whose last successful sync is older as not fresh")
+    sync_unready_after_s: float = Field(
+        5.0, gt=0, description="a replica whose last successful sync with the store is older "
+                               "than this (seconds), or whose last sync failed, is not ready "
+                               "(503 on /readyz); above sync_bound_s")
     index_type: str = Field("flat", description="flat | ivf | hnsw")
     faiss_gpu: bool = True
     gallery_snapshots: bool = Field(
@@ -131,6 +140,16 @@ class Settings(BaseSettings):
         for entry in value:
             parse_host(entry)  # ValueError names the bad entry
         return value
+
+    @model_validator(mode="after")
+    def _sync_bounds(self) -> Settings:
+        if not self.sync_interval_s < self.sync_bound_s < self.sync_unready_after_s:
+            raise ValueError(
+                "need FACEGATE_SYNC_INTERVAL_S < FACEGATE_SYNC_BOUND_S < "
+                f"FACEGATE_SYNC_UNREADY_AFTER_S, got {self.sync_interval_s} / "
+                f"{self.sync_bound_s} / {self.sync_unready_after_s}: a replica polls the store "
+                "at least once within the bound, and is taken out of service only well after it")
+        return self
 
     @property
     def resolved_store_url(self) -> str:

@@ -55,6 +55,9 @@ class Metrics:
                                    registry=r)
         self.sync_lag = Gauge("facegate_gallery_sync_lag", "change-log entries not yet applied",
                               registry=r)
+        self.sync_age = Gauge("facegate_gallery_sync_age_seconds",
+                              "seconds since the last successful sync with the store began",
+                              registry=r)
 
     def observe_stages(self, stages: dict[str, float]) -> None:
         for stage, seconds in stages.items():
@@ -71,6 +74,8 @@ class Metrics:
                 self.gallery_faces.labels(gallery=name).set(g.get("faces", 0) or 0)
         if sync and sync.get("lag") is not None:
             self.sync_lag.set(sync["lag"])
+        if sync and sync.get("last_synced_age_s") is not None:
+            self.sync_age.set(sync["last_synced_age_s"])
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

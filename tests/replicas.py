@@ -5,7 +5,8 @@ port and ``FACEGATE_DATA_DIR``) that can also be killed with ``SIGKILL`` and
 started again on the same port and data directory.  The functions below talk to
 replicas only through the public HTTP API: enrol, identify, ``/readyz`` (the
 replica's ``applied_seq`` against the store's ``head_seq``) and ``/v1/info``
-(each gallery's size in the store and in this replica's index).
+(each gallery's size in the store and in this replica's index; with
+``check_index=true`` the index compared with the store, face id by face id).
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ class Replica(ServeProcess):
         r = (client or httpx).get(f"{self.base_url}/v1/info", timeout=10)
         r.raise_for_status()
         return r.json()
+
+    def index_check(self) -> dict:
+        """``GET /v1/info?check_index=true``: this replica's index compared with the store,
+        face id by face id (``consistent``, per gallery counts and examples)."""
+        r = httpx.get(f"{self.base_url}/v1/info", params={"check_index": "true"}, timeout=60)
+        r.raise_for_status()
+        return r.json()["index_check"]
 
     def __repr__(self) -> str:
         return f"<{self.name} {self.base_url}>"

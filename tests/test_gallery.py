@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from service.config import Settings
 from service.gallery import (
@@ -361,7 +362,7 @@ def test_two_replicas_see_each_others_writes_within_a_second(services):
     two.delete_face("g", face["face_id"])
     wait_until(lambda: one.search("g", alice[None], 5, MODEL)[0] == [])
     two.delete_gallery("g")
-    wait_until(lambda: one.sync_status()["lag"] == 0)
+    wait_until(lambda: one.sync_status()["applied_seq"] == 5)
     with pytest.raises(GalleryNotFound):
         one.search("g", alice[None], 5, MODEL)
     status = one.sync_status()
@@ -409,6 +410,65 @@ def test_sixteen_threads_mixing_writes_and_searches_keep_index_and_store_equal(s
         replica.catch_up()
         assert np.array_equal(replica.index_face_ids("g"), stored)
         assert replica.sync_status()["lag"] == 0
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw"])
+def test_check_index_compares_every_face_and_subject_with_the_store(services, index_type):
+    rng = np.random.default_rng(12)
+    one, two = services("one", index_type=index_type), services("two", index_type=index_type)
+    _enrol(one, rng, 4, 3)
+    one.delete_face("g", 5)  # hnsw: a tombstone, which the check must not count
+    two.upsert_subject("empty", "nobody", None, MODEL)  # a gallery without faces
+    two.catch_up()
+    if index_type == "ivf":  # the trained index keeps its ids in inverted lists
+        two._indexes["g"].train()
+    stored = one.store.face_ids("g").tolist()
+    for replica in (one, two):
+        report = replica.check_index()
+        assert report["consistent"] and report["seq"] == report["applied_seq"] == 13, report
+        by_name = {g["name"]: g for g in report["galleries"]}
+        assert by_name["g"] == {
+            "name": "g", "consistent": True, "store_faces": 11, "index_faces": 11,
+            "missing": 0, "extra": 0, "wrong_subject": 0,
+            "examples": {"missing": [], "extra": [], "wrong_subject": []}}
+        assert by_name["empty"]["consistent"] and by_name["empty"]["store_faces"] == 0
+
+    # Make two's index differ from the store in each way the check counts.
+    index = two._indexes["g"]
+    index.remove([stored[0]])  # a stored face the index lost
+    index.add([999_999], ["ghost"], unit(rng)[None])  # a face the store never had
+    index._index.add_with_ids(unit(rng)[None], np.array([stored[2]]))  # a duplicate vector
+    index._subject_of[stored[1]] = "someone-else"  # a face filed under the wrong subject
+    report = two.check_index(examples=5)
+    g = next(g for g in report["galleries"] if g["name"] == "g")
+    assert not report["consistent"] and not g["consistent"]
+    assert (g["store_faces"], g["index_faces"]) == (11, 12)
+    assert (g["missing"], g["extra"], g["wrong_subject"]) == (1, 2, 1)
+    owner = one.store.index_contents()[1]["g"][1][1]
+    assert g["examples"] == {
+        "missing": [stored[0]], "extra": sorted([stored[2], 999_999]),
+        "wrong_subject": [{"face_id": stored[1], "store": owner, "index": "someone-else"}]}
+    assert two.check_index(examples=1)["galleries"][1]["examples"]["extra"] == [stored[2]]
+    # a gallery only the index holds is all extra (every vector); the other replica agrees
+    two._indexes["phantom"] = index
+    phantom = next(g for g in two.check_index()["galleries"] if g["name"] == "phantom")
+    assert phantom["store_faces"] == 0 and phantom["extra"] == phantom["index_faces"] == 12
+    assert one.check_index()["consistent"]
+
+
+def test_sync_settings_are_validated(monkeypatch):
+    defaults = Settings()
+    assert (defaults.sync_interval_s, defaults.sync_bound_s,
+            defaults.sync_unready_after_s) == (0.25, 1.0, 5.0)
+    for bad in ({"sync_interval_s": 0}, {"sync_interval_s": -1}, {"sync_interval_s": 1.0},
+                {"sync_bound_s": 0}, {"sync_bound_s": 5.0}, {"sync_unready_after_s": 0.5}):
+        with pytest.raises(ValidationError):
+            Settings(**bad)
+    monkeypatch.setenv("FACEGATE_SYNC_BOUND_S", "0.2")
+    with pytest.raises(ValidationError, match="FACEGATE_SYNC_INTERVAL_S < FACEGATE_SYNC_BOUND_S"):
+        Settings()
+    monkeypatch.setenv("FACEGATE_SYNC_INTERVAL_S", "0.1")
+    assert Settings().sync_bound_s == 0.2
 
 
 # --- durability, migrations, snapshots ------------------------------------------------
@@ -509,6 +569,41 @@ def test_snapshot_is_loaded_verified_and_caught_up(services, tmp_path):
     assert third.search("g", probe[None], 5, MODEL) == other.search("g", probe[None], 5, MODEL)
 
 
+def test_workers_sharing_a_data_dir_write_whole_snapshot_sets(services, tmp_path):
+    """``serve --workers N`` stops N services on one data dir at once: their snapshot writes
+    must not interleave (each set is written whole, one writer at a time)."""
+    rng = np.random.default_rng(13)
+    first = services("shared")
+    for name in ("g1", "g2", "g3"):
+        first.upsert_subject(name, "s", None, MODEL)
+        for _ in range(20):
+            first.add_face(name, "s", unit(rng, dim=256), MODEL, {})
+    second = services("shared")
+    assert second.snapshot_dir == first.snapshot_dir
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def write(service: GalleryService) -> None:
+        try:
+            for _ in range(30):
+                barrier.wait()
+                service.write_snapshots()
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=write, args=(s,)) for s in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert not list(first.snapshot_dir.glob("*.tmp"))
+    third = services("shared")
+    assert third.source == "snapshot"
+    assert_index_matches_store(third)
+
+
 def test_snapshot_that_disagrees_with_the_store_is_rebuilt(services):
     rng = np.random.default_rng(9)
     first = services("a")
@@ -599,7 +694,8 @@ def test_postgres_notify_wakes_other_replicas_before_the_poll(tmp_path, postgres
     try:
         for name in ("one", "two"):
             service = open_gallery(make_settings(tmp_path, postgres_url, name,
-                                                 sync_interval_s=30.0))
+                                                 sync_interval_s=30.0, sync_bound_s=31.0,
+                                                 sync_unready_after_s=60.0))
             assert not service.ready()
             service.start()
             services.append(service)
@@ -613,7 +709,10 @@ def test_postgres_notify_wakes_other_replicas_before_the_poll(tmp_path, postgres
                    and two.search("g", alice[None], 1, MODEL)[0][0]["face_id"] == face["face_id"])
         one.delete_face("g", face["face_id"])
         wait_until(lambda: two.search("g", alice[None], 1, MODEL)[0] == [])
-        assert two.sync_status() == {"ready": True, "applied_seq": 2, "head_seq": 2, "lag": 0}
+        status = two.sync_status()
+        assert {k: status[k] for k in ("ready", "applied_seq", "head_seq", "lag")} == {
+            "ready": True, "applied_seq": 2, "head_seq": 2, "lag": 0}
+        assert 0 <= status["last_synced_age_s"] < 5 and "reason" not in status
     finally:
         for service in services:
             service.stop()

@@ -11,7 +11,8 @@ to them only through the HTTP API and check that
 * a replica killed with SIGKILL during a burst of enrolments comes back and,
   like every other replica, holds each acknowledged enrolment exactly once;
 * after 32 concurrent clients mixing enrol / identify / delete over all
-  replicas, every replica's index equals the store;
+  replicas, every replica's index equals the store (face id by face id, with
+  its subject: ``/v1/info?check_index=true``);
 * ``facegate serve --workers 2`` (SQLite and PostgreSQL): a write through one
   worker reaches every worker's index within the bound.
 
@@ -88,13 +89,17 @@ def _unused_photos(photos: dict[str, list[str]], skip_identities: int, seed: int
 
 
 def _assert_every_index_equals_store(replicas: list[Replica], gallery: str) -> int:
-    """Converged, and each replica's index holds as many faces as the store; return that count."""
+    """Converged, and each replica's index holds exactly the store's faces (every face id and
+    its subject, by ``/v1/info?check_index=true``), all at one seq; return the face count."""
     states = wait_converged(replicas)
-    sizes = [gallery_sizes(r.info())[gallery] for r in replicas]
-    assert len({s[0] for s in sizes}) == 1, sizes
-    for replica, (stored, indexed) in zip(replicas, sizes):
-        assert indexed == stored, f"{replica}: index {indexed} != store {stored} ({states})"
-    return sizes[0][0]
+    checks = [r.index_check() for r in replicas]
+    for replica, check in zip(replicas, checks):
+        assert check["consistent"], f"{replica}: index differs from the store: {check} ({states})"
+    assert len({c["seq"] for c in checks}) == 1, [c["seq"] for c in checks]
+    counts = {next(g["store_faces"] for g in c["galleries"] if g["name"] == gallery)
+              for c in checks}
+    assert len(counts) == 1, counts
+    return counts.pop()
 
 
 @pytest.mark.timeout(300)

@@ -14,19 +14,23 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: models loaded and warmed, gallery index ready")
+@router.get("/readyz", summary="Readiness: models warmed, gallery index built and in sync")
 async def readyz(request: Request) -> JSONResponse:
-    """200 when the models are loaded and warmed and the gallery is ready, else 503.
-    The body reports each check and the gallery's replication state (``sync``)."""
+    """200 when the models are loaded and warmed and the gallery is ready (its index built
+    and its last sync with the store successful and recent: see ``sync_status``), else 503
+    with the ``reason``.  The body reports each check and the replication state (``sync``)."""
     state = getattr(request.app.state, "facegate", None)
     models = bool(state is not None and state.pipeline is not None and state.warmed)
-    gallery_ready, sync = False, None
+    sync = None
     if state is not None and state.gallery is not None:
-        gallery_ready = bool(await run_in_threadpool(state.gallery.ready))
         sync = await run_in_threadpool(state.gallery.sync_status)
+    gallery_ready = bool(sync and sync["ready"])
     ready = models and gallery_ready
     body = {"status": "ready" if ready else "not_ready",
             "checks": {"models": models, "gallery": gallery_ready}, "sync": sync}
+    if not ready:
+        body["reason"] = ("models not loaded and warmed yet" if not models
+                          else sync["reason"] if sync else "gallery not started yet")
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from starlette.concurrency import run_in_threadpool
 
 from .decisions import available_points
@@ -49,7 +50,10 @@ def _providers(component) -> list[str]:
 
 
 @router.get("/info", summary="Served models, thresholds, providers, gallery sizes, batching")
-async def info(state: State) -> dict:
+async def info(state: State, check_index: Annotated[bool, Query(
+        description="also compare this replica's index with the store, exactly (every face "
+                    "id and its subject, per gallery) in `index_check`; reads every face id "
+                    "of the store")] = False) -> dict:
     pipeline, settings = state.pipeline, state.settings
     detector = _card(pipeline.detector_card)
     detector["providers"] = _providers(pipeline.detector)
@@ -58,6 +62,9 @@ async def info(state: State) -> dict:
     recognizer["operating_points"] = available_points(pipeline.recognizer_card)
     recognizer["default_operating_point"] = pipeline.recognizer_card.default_operating_point
     recognizer["selection"] = pipeline.recognizer_selection
+    extra = {}
+    if check_index:
+        extra["index_check"] = await run_in_threadpool(state.gallery.check_index)
     return {
         "version": _version(),
         "worker_pid": os.getpid(),
@@ -76,4 +83,5 @@ async def info(state: State) -> dict:
                        "timeout_s": settings.url_timeout_s},
         "store_images": settings.store_images,
         "startup_seconds": state.startup,
+        **extra,
     }

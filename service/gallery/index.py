@@ -264,6 +264,24 @@ class GalleryIndex:
         with self._lock.read():
             return np.array(sorted(self._subject_of), dtype=np.int64)
 
+    def contents(self) -> tuple[np.ndarray, dict[int, str]]:
+        """What FAISS itself holds and what the mapping says, for checking the index: the ids
+        of the live vectors read from FAISS's own id lists (tombstones left out, duplicates
+        kept, in no particular order) and a copy of the face -> subject mapping."""
+        with self._lock.read():
+            if isinstance(self._index, faiss.IndexIVFFlat):
+                lists = self._index.invlists
+                ids = [faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n)).copy()
+                       for n in range(self._index.nlist) if lists.list_size(n)]
+                held = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+            else:
+                held = faiss.vector_to_array(self._index.id_map)
+            held = held.astype(np.int64)
+            if self._tombstones:
+                tombstones = np.fromiter(self._tombstones, np.int64, len(self._tombstones))
+                held = held[~np.isin(held, tombstones)]
+            return held, dict(self._subject_of)
+
     def subject_of(self, face_id: int) -> str | None:
         return self._subject_of.get(int(face_id))
 

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "facegate_gallery_changes"
 STOP_CHECK_S = 0.2
+LISTEN_CONNECT_TIMEOUT_S = 5  # an unreachable server must not hold the follower for minutes
 MIGRATION_LOCK = 0x6661636567617465  # pg_advisory_xact_lock key for migrations
 
 
@@ -78,7 +79,8 @@ class PostgresStore(SQLStore):
         """Return on a ``NOTIFY`` from any writer, after ``timeout``, or soon after ``stop``."""
         try:
             if self._listener is None or self._listener.closed:
-                self._listener = psycopg.connect(self.url, autocommit=True)
+                self._listener = psycopg.connect(self.url, autocommit=True,
+                                                 connect_timeout=LISTEN_CONNECT_TIMEOUT_S)
                 self._listener.execute(f"LISTEN {CHANNEL}")
             deadline = time.monotonic() + timeout
             while not stop.is_set():

@@ -9,8 +9,15 @@ by applying the store's change log strictly in ``seq`` order:
   transaction) and is then applied to this service's indexes before the call
   returns, so it is visible to ``search`` here immediately;
 * a background follower applies everybody else's entries: it wakes every
-  ``settings.sync_interval_s`` (and at once on a PostgreSQL ``NOTIFY``) and
-  applies every entry after ``applied_seq``.
+  ``settings.sync_interval_s`` (and at once on a PostgreSQL ``NOTIFY``), reads
+  the store's head and applies every entry after ``applied_seq``.
+
+A *sync* is one such cycle that read the head and applied everything up to it
+(the initial build counts as one).  The replica is ready while its last sync
+succeeded and began less than ``settings.sync_unready_after_s`` ago; a
+follower whose store is unreachable, or that has fallen that far behind, makes
+it not ready (``sync_status``), and the next successful sync makes it ready
+again.
 
 Entries are applied exactly once and in order; both paths share one lock and
 the ``applied_seq`` counter.  The log is gap-free by construction, so a gap
@@ -24,16 +31,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from service.gallery.consistency import compare_gallery
 from service.gallery.errors import (
     GalleryModelMismatch,
     InvalidEmbedding,
@@ -48,6 +59,7 @@ NORM_TOLERANCE = 1e-3
 MAX_NAME_LENGTH = 128
 MAX_PAGE = 1000
 LOG_BATCH = 1000
+CHECK_ATTEMPTS = 3  # check_index re-reads the store this often while writes keep moving it
 
 
 class LogGap(RuntimeError):
@@ -87,6 +99,18 @@ def check_vectors(value: object, dim: int | None = None, *, batch: bool) -> np.n
     return array
 
 
+@contextmanager
+def exclusive(path: Path):
+    """An exclusive advisory lock (``flock``) on ``path``, between processes and threads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def encode_cursor(subject_id: str) -> str:
     return base64.urlsafe_b64encode(subject_id.encode()).decode().rstrip("=")
 
@@ -113,6 +137,9 @@ class GalleryService:
         self._indexes: dict[str, GalleryIndex] = {}
         self._apply_lock = threading.RLock()
         self._applied_seq = 0
+        self._head_seen = 0  # the store's head as last read by a sync
+        self._synced_at: float | None = None  # monotonic time the last successful sync began
+        self._sync_error: str | None = None  # why the last sync failed (None: it succeeded)
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -148,12 +175,14 @@ class GalleryService:
         if self._store is None:
             self._store = open_store(self.store_url)
         self._store.migrate()
+        began = time.monotonic()
         with self._apply_lock:
             if self._snapshots_enabled() and self._load_snapshots():
                 self.source = "snapshot"
             else:
                 self._rebuild()
                 self.source = "store"
+            self._record_sync(began, self._applied_seq)
         self._stop.clear()
         self._thread = threading.Thread(target=self._follow, name="gallery-follower", daemon=True)
         self._thread.start()
@@ -179,15 +208,41 @@ class GalleryService:
         return self._ready.is_set() and self._thread is not None and self._thread.is_alive()
 
     def sync_status(self) -> dict:
-        """``applied_seq`` (this replica), ``head_seq`` (the store) and ``lag`` between them."""
+        """This replica's replication state, from its own bookkeeping (no store round trip,
+        so it answers at once even while the store does not):
+
+        ``ready`` (see the module docstring) with the ``reason`` when not, ``applied_seq``,
+        ``head_seq`` (the store's head as last read, or this replica's own newer write),
+        ``lag`` (entries between them not applied yet), ``last_synced_age_s`` (since the
+        last successful sync began) and ``fresh`` (that age is within ``sync_bound_s``).
+        """
         applied = self._applied_seq
-        try:
-            head = self.store.head_seq()
-        except Exception as exc:  # noqa: BLE001 - reported, not raised: this feeds /readyz
-            return {"ready": False, "applied_seq": applied, "head_seq": None, "lag": None,
-                    "error": f"store unavailable: {type(exc).__name__}"}
-        return {"ready": self.ready(), "applied_seq": applied, "head_seq": head,
-                "lag": max(0, head - applied)}
+        head = max(self._head_seen, applied)
+        synced_at, error = self._synced_at, self._sync_error
+        age = None if synced_at is None else round(time.monotonic() - synced_at, 3)
+        limit = self.settings.sync_unready_after_s
+        if not self.ready():
+            reason = ("the change-log follower is not running" if self._synced_at is not None
+                      else "the gallery index is not built yet")
+        elif error is not None:
+            reason = f"the last sync with the store failed ({error})"
+        elif age is None or age > limit:
+            reason = f"no successful sync with the store for {age} s (limit {limit} s)"
+        else:
+            reason = None
+        status = {"ready": reason is None, "applied_seq": applied, "head_seq": head,
+                  "lag": head - applied, "last_synced_age_s": age,
+                  "fresh": age is not None and age <= self.settings.sync_bound_s}
+        if reason is not None:
+            status["reason"] = reason
+        return status
+
+    def _record_sync(self, began: float, head: int) -> None:
+        """A sync that began at ``began`` read ``head`` and has applied everything up to it."""
+        self._head_seen = max(self._head_seen, head)
+        if self._sync_error is not None:
+            log.info("gallery sync with the store succeeded again at seq %d", head)
+        self._synced_at, self._sync_error = began, None
 
     # --- galleries --------------------------------------------------------------
     def create_gallery(self, name: str, model_id: str) -> dict:
@@ -354,6 +409,30 @@ class GalleryService:
         index = self._indexes.get(gallery)
         return np.zeros(0, np.int64) if index is None else index.face_ids()
 
+    def check_index(self, examples: int = 5) -> dict:
+        """Compare every index of this replica with the store, exactly, at one seq.
+
+        Under the apply lock (this replica's writes wait), reads every gallery's face ids
+        and subjects with the head seq in one consistent store read, applies the log up to
+        that seq and compares each gallery (:func:`compare_gallery`: the face ids FAISS
+        itself holds and the face -> subject mapping).  While other replicas keep writing,
+        a difference found when the store has moved on is re-checked up to
+        ``CHECK_ATTEMPTS`` times.  Costs one read of every face id: an operator's check.
+        """
+        with self._apply_lock:
+            for _ in range(CHECK_ATTEMPTS):
+                head, stored = self.store.index_contents()
+                self._catch_up(upto=head)
+                names = sorted(set(stored) | set(self._indexes))
+                galleries = [compare_gallery(name, self._indexes.get(name),
+                                             *stored.get(name, ((), [])), examples=examples)
+                             for name in names]
+                consistent = all(g["consistent"] for g in galleries)
+                if consistent or self.store.head_seq() == head:
+                    break
+        return {"consistent": consistent, "seq": head, "applied_seq": self._applied_seq,
+                "galleries": galleries}
+
     # --- applying the change log ------------------------------------------------
     def _new_index(self, dim: int, model_id: str) -> GalleryIndex:
         return GalleryIndex(dim, model_id, self.settings.index_type, self._gpu)
@@ -394,10 +473,21 @@ class GalleryService:
                 self._catch_up(upto=change.seq)
 
     def catch_up(self) -> int:
-        """Apply every committed entry not applied yet; return the new ``applied_seq``."""
-        with self._apply_lock:
-            self._catch_up()
-            return self._applied_seq
+        """Sync: read the store's head, apply every committed entry not applied yet (at
+        least up to that head); return the new ``applied_seq``.  A failure is recorded
+        (the replica is not ready until a sync succeeds) and raised."""
+        began = time.monotonic()
+        try:
+            head = self.store.head_seq()
+            self._head_seen = max(self._head_seen, head)
+            with self._apply_lock:
+                self._catch_up()
+                applied = self._applied_seq
+        except Exception as exc:
+            self._sync_error = f"{type(exc).__name__}: {exc}".strip()[:300]
+            raise
+        self._record_sync(began, head)
+        return applied
 
     def _catch_up(self, upto: int | None = None) -> None:
         try:
@@ -433,14 +523,21 @@ class GalleryService:
 
     def _follow(self) -> None:
         interval = float(self.settings.sync_interval_s)
+        failing = False
         while not self._stop.is_set():
             try:
                 self.store.wait_for_change(interval, self._stop)
                 if self._stop.is_set():
                     return
                 self.catch_up()
+                failing = False
             except Exception:
-                log.exception("gallery change-log follower failed; retrying")
+                if failing:  # the first failure of a run has the traceback, the rest one line
+                    log.warning("gallery sync with the store failed again (%s); retrying",
+                                self._sync_error)
+                else:
+                    log.exception("gallery change-log follower failed; retrying")
+                failing = True
                 self._stop.wait(interval)
 
     # --- snapshots --------------------------------------------------------------
@@ -454,9 +551,11 @@ class GalleryService:
         """Write every index with the seq it reflects; return that seq.
 
         ``manifest.json`` (written last, atomically) names the snapshot set; a
-        set is only ever loaded after verification against the store.
+        set is only ever loaded after verification against the store.  Services sharing
+        the data dir (``serve --workers N`` stops N at once) write one whole set at a
+        time, under an exclusive lock on ``<snapshot dir>/lock``: the last one wins.
         """
-        with self._apply_lock:
+        with self._apply_lock, exclusive(self.snapshot_dir / "lock"):
             seq = self._applied_seq
             files = {}
             for name, index in self._indexes.items():

@@ -495,6 +495,21 @@ class SQLStore(GalleryStore):
             ).fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64)
 
+    def index_contents(self) -> tuple[int, dict[str, tuple[np.ndarray, list[str]]]]:
+        with self._read() as cur:
+            head = int(cur.execute("SELECT seq FROM log_head WHERE id = 1").fetchone()[0])
+            names = [r[0] for r in cur.execute("SELECT name FROM galleries").fetchall()]
+            rows = cur.execute(
+                "SELECT gallery, face_id, subject_id FROM faces ORDER BY gallery, face_id"
+            ).fetchall()
+        grouped: dict[str, tuple[list[int], list[str]]] = {name: ([], []) for name in names}
+        for gallery, face_id, subject_id in rows:
+            ids, subjects = grouped[gallery]
+            ids.append(int(face_id))
+            subjects.append(subject_id)
+        return head, {name: (np.array(ids, dtype=np.int64), subjects)
+                      for name, (ids, subjects) in grouped.items()}
+
     def stats(self) -> list[dict]:
         with self._read() as cur:
             rows = cur.execute(

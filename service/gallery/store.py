@@ -194,6 +194,11 @@ class GalleryStore(abc.ABC):
         """Sorted face ids of one gallery (for verifying an index against the store)."""
 
     @abc.abstractmethod
+    def index_contents(self) -> tuple[int, dict[str, tuple[np.ndarray, list[str]]]]:
+        """(head seq, gallery -> (face ids ascending, their subject ids)) for every gallery,
+        read in one consistent snapshot: what every index should hold at that seq."""
+
+    @abc.abstractmethod
     def stats(self) -> list[dict]:
         """Per gallery: ``name``, ``model_id``, ``subjects``, ``faces``."""
 
