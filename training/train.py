@@ -152,6 +152,54 @@ def build_optimizer(cfg: TrainConfig, backbone: nn.Module, objective: Objective)
     raise ValueError(f"unknown optimizer {o.name!r}: use sgd or adamw")
 
 
+def build_scaler(device: torch.device, world_size: int):
+    """The fp16 gradient scaler; under DDP one whose inf/NaN check is all-reduced over the ranks
+    (each rank holds different class centres, so a local check could skip the step on some
+    ranks only and let the scale, and with it the replicated backbone, drift apart)."""
+    if world_size > 1:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type)
+
+
+def clip_and_step(optimizer, scaler, max_norm: float, world_size: int) -> tuple[float, bool]:
+    """Unscale (fp16), clip to the global gradient norm, step; returns (norm, whether it stepped).
+
+    The norm is that of the whole model's gradient, the same number on every rank: the backbone
+    group's gradients are already identical on every rank (DDP all-reduced them), so they count
+    once; the class centres are sharded, so the squared norms of the shards are summed over the
+    ranks.  Every rank therefore applies the same clip coefficient, and a non-finite norm skips
+    the step on every rank together (the fp16 scaler then backs off its scale everywhere).
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    replicated, sharded, has_shards = [], [], False
+    for group in optimizer.param_groups:
+        grads = [p.grad for p in group["params"] if p.grad is not None]
+        if group.get("name") == "centres":
+            has_shards = True
+            sharded.extend(grads)
+        else:
+            replicated.extend(grads)
+    squared = nn.utils.get_total_norm(replicated).float() ** 2
+    sharded_sq = nn.utils.get_total_norm(sharded).float().to(squared.device) ** 2
+    if world_size > 1 and has_shards:
+        dist.all_reduce(sharded_sq)
+    total = torch.sqrt(squared + sharded_sq)
+    finite = bool(torch.isfinite(total))
+    if finite:
+        if max_norm > 0:
+            nn.utils.clip_grads_with_norm_(replicated + sharded, max_norm, total)
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+    if scaler is not None:
+        scaler.update()  # the scaler's own (all-reduced) inf check decides the new scale
+    return float(total), finite
+
+
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """Multiplier of the base learning rate at ``step`` (linear warm-up, then the schedule)."""
     o = cfg.optim
@@ -335,7 +383,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     optimizer = build_optimizer(cfg, backbone, objective)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     amp_dtype = _amp_dtype(cfg)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    scaler = build_scaler(device, world.world_size) if amp_dtype == torch.float16 else None
 
     start_epoch, step, history = 0, 0, []
     resume = cfg.resume
@@ -350,6 +398,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     classes = getattr(dataset, "classes", None)
     started = time.perf_counter()
     samples_seen = 0
+    skipped = 0
     stop = False
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
@@ -372,20 +421,10 @@ def _train(cfg: TrainConfig, world: World) -> dict:
                 embeddings = backbone(images)
             loss, parts = objective(embeddings.float(), labels)
             optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            grad_norm = None
-            if cfg.optim.grad_clip > 0:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                grad_norm = float(nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            grad_norm, stepped = clip_and_step(optimizer, scaler, cfg.optim.grad_clip,
+                                               world.world_size)
+            skipped += not stepped
             if world.world_size > 1 and isinstance(objective.metric, L.CenterLoss):
                 dist.all_reduce(objective.metric.centers)
                 objective.metric.centers /= world.world_size
@@ -399,8 +438,9 @@ def _train(cfg: TrainConfig, world: World) -> dict:
             elapsed = time.perf_counter() - started
             if world.main:
                 record = {"loss": value, "lr": optimizer.param_groups[0]["lr"], **parts}
-                if grad_norm is not None:
-                    record["grad_norm"] = grad_norm
+                record["grad_norm"] = grad_norm
+                if not stepped:
+                    record["skipped_step"] = 1.0
                 log.write(step, epoch + 1, record)
             if bar is not None:
                 bar.set_postfix(loss=f"{value:.3f}", samples_s=f"{samples_seen / elapsed:.1f}")
@@ -432,6 +472,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     summary = {
         "output": str(out), "checkpoint": str(out / "last.pt"), "history": history,
         "images": len(dataset), "identities": num_classes, "steps": step,
+        "skipped_steps": skipped,
         "world_size": world.world_size, "device": str(device),
         "seconds": round(time.perf_counter() - started, 2),
         "samples_per_second": round(samples_seen / max(1e-9, time.perf_counter() - started), 2),
