@@ -8,6 +8,7 @@ model what it was trained on.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import struct
@@ -260,6 +261,23 @@ class PKSampler(Sampler[int]):
             out.append(batch)
         for batch in out[self.rank::self.world_size]:
             yield from batch
+
+
+class ResumableSampler(Sampler[int]):
+    """``sampler`` (with ``set_epoch``) that leaves out its first ``skip`` indices, for the epoch
+    a stopped run resumes in; ``skip`` is set per epoch by the training loop."""
+
+    def __init__(self, sampler):
+        self.sampler, self.skip = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.skip, None)
 
 
 def write_dataset_info(root: Path, info: dict) -> None:
