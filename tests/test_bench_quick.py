@@ -24,8 +24,8 @@ from tests.conftest import CELEBA, LFW, REPO, SHARED, SHARED_MODELS, require_ref
 QUICK_PAIRS = 16  # bench/loss_comparison.py --quick: LFW pairs evaluated (first fold)
 QUICK_IDENTITIES = 10  # bench/loss_comparison.py --quick: CelebA identities trained on
 #: bench/loss_comparison.py's losses, in its order
-LOSSES = ["softmax", "l2softmax", "sphereface", "cosface", "arcface", "center", "marginal",
-          "triplet"]
+LOSSES = ["softmax", "l2softmax", "lsoftmax", "normface", "sphereface", "cosface", "arcface",
+          "combined", "center", "marginal", "triplet", "triplet_batch_hard"]
 
 
 def run_quick(script: str, *args: str, env: dict[str, str] | None = None) -> dict:
@@ -128,6 +128,7 @@ def test_loss_comparison_quick(aligned_tiny, tmp_path):
     for r in runs:
         assert r["backbone"] == "mobilefacenet" and r["epochs"] == 2, r
         assert r["identities"] == QUICK_IDENTITIES and r["images"] == images, r
+        assert (r["lfw_folds"], r["lfw_pairs_per_fold"]) == (1, QUICK_PAIRS), r
         assert math.isfinite(r["loss_first_epoch"]) and r["loss_first_epoch"] > 0, r
         assert math.isfinite(r["loss_last_epoch"]) and r["loss_last_epoch"] > 0, r
         # accuracy on the 16 pairs: a multiple of 1/16, at least chance (threshold fitted)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import numpy as np
 import pytest
 
 from tests.conftest import require_reference
@@ -80,3 +81,117 @@ def test_two_rank_sharded_softmax_matches_one_process(tmp_path):
         # the gathered matrix (what checkpoints store) is the full one, in class order
         torch.testing.assert_close(got["full"], w)
     assert ranges == [(0, 6), (6, 11)]
+
+
+# --------------------------------------------------------------------------- clipping and fp16 under DDP
+
+STEPS, CLIP, IN = 4, 0.05, 10
+
+
+def _step_data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS, WORLD * B, IN, generator=g)
+    y = torch.randint(0, C, (STEPS, WORLD * B), generator=g)
+    w = torch.randn(C, D, generator=g)
+    return x, y, w
+
+
+def _model_and_optimizer(rank: int | None = None, world_size: int | None = None):
+    """A small MLP backbone + sharded ArcFace centres, with the training package's optimizer."""
+    import types
+
+    from training.config import TrainConfig
+    from training.losses import ArcFaceHead
+    from training.partial_fc import MarginClassifier
+    from training.train import build_optimizer
+
+    torch.manual_seed(3)
+    backbone = torch.nn.Sequential(torch.nn.Linear(IN, 16), torch.nn.ReLU(), torch.nn.Linear(16, D))
+    clf = MarginClassifier(ArcFaceHead(16.0, 0.4), D, C, rank=rank, world_size=world_size)
+    clf.load_full_weight(_step_data()[2])
+    cfg = TrainConfig()
+    cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay = 0.5, 0.9, 0.0
+    return backbone, clf, lambda model: build_optimizer(cfg, model,
+                                                             types.SimpleNamespace(classifier=clf))
+
+
+def _clip_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from training.train import build_scaler, clip_and_step
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        x, y, _ = _step_data()
+        backbone, clf, make_optimizer = _model_and_optimizer()
+        model = torch.nn.parallel.DistributedDataParallel(backbone)
+        optimizer = make_optimizer(model)
+        norms = []
+        for s in range(STEPS):
+            rows = slice(rank * B, (rank + 1) * B)
+            optimizer.zero_grad(set_to_none=True)
+            clf(model(x[s, rows]), y[s, rows]).backward()
+            norms.append(clip_and_step(optimizer, None, CLIP, WORLD))
+        result = {"norms": norms, "backbone": {k: v.clone() for k, v in backbone.state_dict().items()},
+                  "centres": clf.full_weight()}
+
+        # fp16 scaler: a non-finite gradient in one rank's centre shard only skips the step on
+        # every rank, and both ranks back off the scale identically
+        scaler = build_scaler(torch.device("cpu"), WORLD)
+        before = [p.detach().clone() for p in backbone.parameters()]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(clf(model(x[0, :B]), y[0, :B])).backward()
+        if rank == 1:
+            clf.weight.grad[0, 0] = float("inf")
+        result["inf_step"] = clip_and_step(optimizer, scaler, CLIP, WORLD)
+        result["unchanged"] = all(torch.equal(a, p) for a, p in zip(before, backbone.parameters()))
+        result["scale_after_inf"] = scaler.get_scale()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(clf(model(x[1, :B]), y[1, :B])).backward()
+        result["fp16_step"] = clip_and_step(optimizer, scaler, CLIP, WORLD)
+        result["backbone_after_fp16"] = [p.detach().clone() for p in backbone.parameters()]
+        torch.save(result, os.path.join(out, f"clip{rank}.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_global_grad_clipping_keeps_the_backbone_replicated_and_equal_to_one_process(tmp_path):
+    from training.train import clip_and_step
+
+    torch.multiprocessing.spawn(_clip_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
+    got = [torch.load(tmp_path / f"clip{r}.pt", weights_only=False) for r in range(WORLD)]
+
+    # one process on the same global batches
+    x, y, _ = _step_data()
+    backbone, clf, make_optimizer = _model_and_optimizer(rank=0, world_size=1)
+    optimizer = make_optimizer(backbone)
+    norms = []
+    for s in range(STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        clf(backbone(x[s]), y[s]).backward()
+        norms.append(clip_and_step(optimizer, None, CLIP, 1))
+    assert all(stepped and norm > 10 * CLIP for norm, stepped in norms)  # clipping is active
+
+    # every rank: the same global norm, the same backbone (bit for bit), as one process gets
+    assert got[0]["norms"] == got[1]["norms"]
+    for (norm, stepped), (ref, _) in zip(got[0]["norms"], norms):
+        assert stepped and norm == pytest.approx(ref, rel=1e-4)
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(got[0]["backbone"][key], got[1]["backbone"][key]), key
+        torch.testing.assert_close(got[0]["backbone"][key], value, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got[0]["centres"], clf.full_weight(), rtol=1e-4, atol=1e-6)
+
+    # fp16: the inf on rank 1 skipped the step on both ranks and halved both scales
+    for r in range(WORLD):
+        norm, stepped = got[r]["inf_step"]
+        assert not stepped and not np.isfinite(norm)
+        assert got[r]["unchanged"]
+        assert got[r]["scale_after_inf"] == 2.0 ** 15
+        assert got[r]["fp16_step"][1]
+    for a, b in zip(got[0]["backbone_after_fp16"], got[1]["backbone_after_fp16"]):
+        assert torch.equal(a, b)
+    assert not torch.equal(got[0]["backbone_after_fp16"][0], got[0]["backbone"]["0.weight"])

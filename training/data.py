@@ -8,7 +8,9 @@ model what it was trained on.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import random
 import struct
 from collections import defaultdict
@@ -126,17 +128,25 @@ class FaceImageFolder(Dataset):
 class RecordIODataset(Dataset):
     """InsightFace ``train.rec`` + ``train.idx`` (MS1MV2, Glint360K, WebFace) without mxnet.
 
-    Format (MXNet ``recordio``): each record is ``uint32 magic 0xced7230a``,
+    Format (MXNet/dmlc ``recordio``): each record is ``uint32 magic 0xced7230a``,
     ``uint32 lrecord`` (upper 3 bits continuation flag, lower 29 bits length),
-    the payload padded to 4 bytes.  The payload is an ``IRHeader``
-    (``uint32 flag, float32 label, uint64 id, uint64 id2``) followed by, when
-    ``flag > 0``, ``flag`` float32 labels, then the JPEG bytes.  Record 0 is a
-    header whose label ``(a, b)`` gives the image index range [1, a).
-    ``train.idx`` lines are ``<key>\\t<byte offset>``.
+    the payload padded to 4 bytes.  A payload holding the magic number at a
+    4-byte-aligned position is split there into parts flagged 1 (first),
+    2 (middle), 3 (last); the reader joins them, putting the magic back.  The
+    payload is an ``IRHeader`` (``uint32 flag, float32 label, uint64 id,
+    uint64 id2``) followed by, when ``flag > 0``, ``flag`` float32 labels, then
+    the JPEG bytes.  Record 0 is a header whose label ``(a, b)`` gives the image
+    index range [1, a).  ``train.idx`` lines are ``<key>\t<byte offset>``.
+
+    The file is opened lazily, once per process (DataLoader workers forked on
+    Linux must not share the parent's handle: they would share its position);
+    :attr:`labels` reads only the records' headers.
     """
 
     MAGIC = 0xCED7230A
+    MAGIC_BYTES = struct.pack("<I", MAGIC)
     HEADER = struct.Struct("<IfQQ")
+    LENGTH_MASK = (1 << 29) - 1
 
     def __init__(self, root: Path | str, augment: Augment | None = None, size: int | None = None):
         self.root = Path(root)
@@ -149,43 +159,90 @@ class RecordIODataset(Dataset):
             if line.strip():
                 key, offset = line.split("\t")
                 self.offsets[int(key)] = int(offset)
-        self._fh = None
-        header, labels, _ = self._read_record(0)
-        if header[0] > 0:  # header record: images are keys 1 .. label[0]-1
+        self._fh, self._pid = None, None
+        flag, labels = self._read_labels(0)
+        if flag > 0:  # header record: images are keys 1 .. label[0]-1
             self.keys = list(range(1, int(labels[0])))
         else:
             self.keys = sorted(k for k in self.offsets)
+        missing = [k for k in self.keys if k not in self.offsets]
+        if missing:
+            raise ValueError(f"{self.rec_path}: {len(missing)} records missing from train.idx "
+                             f"(first: key {missing[0]})")
         self.augment = augment
         self._labels: list[int] | None = None
 
     def __getstate__(self):  # file handles do not cross DataLoader worker processes
         state = dict(self.__dict__)
-        state["_fh"] = None
+        state["_fh"], state["_pid"] = None, None
         return state
 
-    def _read_record(self, key: int) -> tuple[tuple, list[float], bytes]:
-        if self._fh is None:
-            self._fh = open(self.rec_path, "rb")
-        self._fh.seek(self.offsets[key])
-        magic, lrecord = struct.unpack("<II", self._fh.read(8))
-        if magic != self.MAGIC:
-            raise ValueError(f"{self.rec_path}: bad record magic at key {key}")
-        length = lrecord & ((1 << 29) - 1)
-        payload = self._fh.read(length)
-        header = self.HEADER.unpack_from(payload)
-        flag, label = header[0], header[1]
-        body = payload[self.HEADER.size:]
+    def _file(self):
+        if self._fh is None or self._pid != os.getpid():
+            # one unbuffered handle per process, kept open for the dataset's lifetime
+            self._fh = open(self.rec_path, "rb", buffering=0)  # noqa: SIM115
+            self._pid = os.getpid()
+        return self._fh
+
+    def _payload(self, key: int, need: int | None = None) -> bytes:
+        """Record ``key``'s payload, its parts joined; only its first ``need`` bytes if given."""
+        fh = self._file()
+        fh.seek(self.offsets[key])
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{self.rec_path}: record {key} is truncated")
+            magic, lrecord = struct.unpack("<II", head)
+            if magic != self.MAGIC:
+                raise ValueError(f"{self.rec_path}: bad record magic at key {key}")
+            cflag, length = lrecord >> 29, lrecord & self.LENGTH_MASK
+            if cflag not in ((0, 1) if not chunks else (2, 3)):
+                raise ValueError(f"{self.rec_path}: record {key} has a part with continuation "
+                                 f"flag {cflag} out of sequence (train.idx must point at the "
+                                 "first part of each record)")
+            take = length if need is None else min(length, need - size)
+            data = fh.read(take)
+            if len(data) < take:
+                raise ValueError(f"{self.rec_path}: record {key} is truncated")
+            chunks.append(data)
+            size += take
+            if cflag in (0, 3) or (need is not None and size >= need):
+                return b"".join(chunks)
+            fh.seek(length - take + (-length % 4), os.SEEK_CUR)  # middle parts: aligned
+            chunks.append(self.MAGIC_BYTES)
+            size += 4
+
+    def _parse_header(self, key: int, payload: bytes) -> tuple[int, list[float], int]:
+        """(flag, labels, size of the header) of a payload's first bytes."""
+        if len(payload) < self.HEADER.size:
+            raise ValueError(f"{self.rec_path}: record {key} is shorter than its header")
+        flag, label = self.HEADER.unpack_from(payload)[:2]
+        if flag == 0:
+            return flag, [label], self.HEADER.size
+        end = self.HEADER.size + 4 * flag
+        if len(payload) < end:
+            raise ValueError(f"{self.rec_path}: record {key} is shorter than its {flag} labels")
+        return flag, list(np.frombuffer(payload[self.HEADER.size:end], np.float32)), end
+
+    def _read_labels(self, key: int) -> tuple[int, list[float]]:
+        """A record's header only, not its image."""
+        payload = self._payload(key, self.HEADER.size)
+        flag = self.HEADER.unpack_from(payload)[0] if len(payload) >= self.HEADER.size else 0
         if flag > 0:
-            labels = list(np.frombuffer(body[: 4 * flag], dtype=np.float32))
-            body = body[4 * flag:]
-        else:
-            labels = [label]
-        return header, labels, body
+            payload = self._payload(key, self.HEADER.size + 4 * flag)
+        return self._parse_header(key, payload)[:2]
+
+    def _read_record(self, key: int) -> tuple[list[float], bytes]:
+        payload = self._payload(key)
+        _, labels, end = self._parse_header(key, payload)
+        return labels, payload[end:]
 
     @property
     def labels(self) -> list[int]:
         if self._labels is None:
-            self._labels = [int(self._read_record(k)[1][0]) for k in self.keys]
+            self._labels = [int(self._read_labels(k)[1][0]) for k in self.keys]
         return self._labels
 
     @property
@@ -196,7 +253,7 @@ class RecordIODataset(Dataset):
         return len(self.keys)
 
     def __getitem__(self, index: int):
-        _, labels, body = self._read_record(self.keys[index])
+        labels, body = self._read_record(self.keys[index])
         image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
         if image is None:
             raise ValueError(f"{self.rec_path}: record {self.keys[index]} is not an image")
@@ -204,6 +261,21 @@ class RecordIODataset(Dataset):
         if self.augment is not None:
             image = self.augment(image)
         return to_tensor(image), int(labels[0])
+
+
+def _write_record(rec, payload: bytes) -> None:
+    """One dmlc record: split at every 4-byte-aligned magic number (as dmlc's writer does)."""
+    magic = RecordIODataset.MAGIC_BYTES
+    start = 0
+    for i in range(0, len(payload) - 3, 4):
+        if payload[i:i + 4] == magic:
+            rec.write(struct.pack("<II", RecordIODataset.MAGIC, ((1 if start == 0 else 2) << 29)
+                                  | (i - start)))
+            rec.write(payload[start:i])
+            start = i + 4
+    rec.write(struct.pack("<II", RecordIODataset.MAGIC,
+                          ((3 if start else 0) << 29) | (len(payload) - start)))
+    rec.write(payload[start:] + b"\0" * (-len(payload) % 4))
 
 
 def write_recordio(root: Path | str, items: Sequence[tuple[bytes, int]]) -> None:
@@ -215,9 +287,10 @@ def write_recordio(root: Path | str, items: Sequence[tuple[bytes, int]]) -> None
     records += [header.pack(0, float(label), i + 1, 0) + data for i, (data, label) in enumerate(items)]
     with open(root / "train.rec", "wb") as rec, open(root / "train.idx", "w") as idx:
         for key, payload in enumerate(records):
+            if len(payload) > RecordIODataset.LENGTH_MASK:
+                raise ValueError(f"record {key} is {len(payload)} bytes, over RecordIO's 2^29 - 1")
             idx.write(f"{key}\t{rec.tell()}\n")
-            rec.write(struct.pack("<II", RecordIODataset.MAGIC, len(payload)))
-            rec.write(payload + b"\0" * (-len(payload) % 4))
+            _write_record(rec, payload)
 
 
 class PKSampler(Sampler[int]):
@@ -260,6 +333,23 @@ class PKSampler(Sampler[int]):
             out.append(batch)
         for batch in out[self.rank::self.world_size]:
             yield from batch
+
+
+class ResumableSampler(Sampler[int]):
+    """``sampler`` (with ``set_epoch``) that leaves out its first ``skip`` indices, for the epoch
+    a stopped run resumes in; ``skip`` is set per epoch by the training loop."""
+
+    def __init__(self, sampler):
+        self.sampler, self.skip = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.skip, None)
 
 
 def write_dataset_info(root: Path, info: dict) -> None:

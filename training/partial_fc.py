@@ -72,17 +72,28 @@ class MarginClassifier(nn.Module):
 
     # ------------------------------------------------------------------ checkpoint helpers
     @torch.no_grad()
-    def full_weight(self) -> torch.Tensor:
-        """All class centres (C, d), gathered from every rank (rank order = class order)."""
+    def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """A per-centre tensor (this rank's rows, e.g. the centres or their optimizer moments)
+        gathered from every rank into (C, ...) in class order; every rank must call."""
         if not _distributed():
-            return self.weight.detach().clone()
+            return local.detach().clone().cpu()
         sizes = [shard_range(self.num_classes, r, self.world_size) for r in range(self.world_size)]
         biggest = max(e - s for s, e in sizes)
-        padded = torch.zeros(biggest, self.embedding_dim, device=self.weight.device)
-        padded[: self.weight.shape[0]] = self.weight
+        padded = local.new_zeros((biggest, *local.shape[1:]))
+        padded[: local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
         return torch.cat([p[: e - s] for p, (s, e) in zip(parts, sizes)]).cpu()
+
+    def local_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's block of a (C, ...) tensor saved under any world size."""
+        if full.shape[0] != self.num_classes:
+            raise ValueError(f"{full.shape[0]} class rows, the classifier has {self.num_classes}")
+        return full[self.start:self.end]
+
+    def full_weight(self) -> torch.Tensor:
+        """All class centres (C, d), gathered from every rank (rank order = class order)."""
+        return self.gather_rows(self.weight)
 
     @torch.no_grad()
     def load_full_weight(self, full: torch.Tensor) -> None:
@@ -90,7 +101,7 @@ class MarginClassifier(nn.Module):
         if full.shape != (self.num_classes, self.embedding_dim):
             raise ValueError(f"class-centre matrix {tuple(full.shape)} does not match "
                              f"({self.num_classes}, {self.embedding_dim})")
-        self.weight.copy_(full[self.start:self.end].to(self.weight.device))
+        self.weight.copy_(self.local_rows(full).to(self.weight.device))
 
     # ------------------------------------------------------------------ forward
     def _gather(self, embeddings: torch.Tensor, labels: torch.Tensor):

@@ -9,7 +9,8 @@
 * bf16/fp16 autocast (fp16 with a gradient scaler), channels-last, global
   gradient-norm clipping, warm-up + cosine/step learning rate per step;
 * checkpoints ``last.pt`` / ``epoch_XXX.pt`` hold the full (gathered)
-  class-centre matrix, so a run resumes on a different number of processes;
+  class-centre matrix and its optimizer state, so a run resumes on a different
+  number of processes; a run stopped by ``max_steps`` resumes mid-epoch;
 * deterministic seeding (per rank), tqdm progress with samples/s and ETA,
   ``metrics.csv`` and optionally TensorBoard;
 * optional verification on LFW-style pairs after epochs (rank 0).
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from training import losses as L
 from training.backbones import build_backbone
 from training.config import TrainConfig
-from training.data import Augment, FaceImageFolder, PKSampler, RecordIODataset
+from training.data import Augment, FaceImageFolder, PKSampler, RecordIODataset, ResumableSampler
 from training.partial_fc import MarginClassifier
 
 # --------------------------------------------------------------------------- process setup
@@ -152,6 +153,54 @@ def build_optimizer(cfg: TrainConfig, backbone: nn.Module, objective: Objective)
     raise ValueError(f"unknown optimizer {o.name!r}: use sgd or adamw")
 
 
+def build_scaler(device: torch.device, world_size: int):
+    """The fp16 gradient scaler; under DDP one whose inf/NaN check is all-reduced over the ranks
+    (each rank holds different class centres, so a local check could skip the step on some
+    ranks only and let the scale, and with it the replicated backbone, drift apart)."""
+    if world_size > 1:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type)
+
+
+def clip_and_step(optimizer, scaler, max_norm: float, world_size: int) -> tuple[float, bool]:
+    """Unscale (fp16), clip to the global gradient norm, step; returns (norm, whether it stepped).
+
+    The norm is that of the whole model's gradient, the same number on every rank: the backbone
+    group's gradients are already identical on every rank (DDP all-reduced them), so they count
+    once; the class centres are sharded, so the squared norms of the shards are summed over the
+    ranks.  Every rank therefore applies the same clip coefficient, and a non-finite norm skips
+    the step on every rank together (the fp16 scaler then backs off its scale everywhere).
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    replicated, sharded, has_shards = [], [], False
+    for group in optimizer.param_groups:
+        grads = [p.grad for p in group["params"] if p.grad is not None]
+        if group.get("name") == "centres":
+            has_shards = True
+            sharded.extend(grads)
+        else:
+            replicated.extend(grads)
+    squared = nn.utils.get_total_norm(replicated).float() ** 2
+    sharded_sq = nn.utils.get_total_norm(sharded).float().to(squared.device) ** 2
+    if world_size > 1 and has_shards:
+        dist.all_reduce(sharded_sq)
+    total = torch.sqrt(squared + sharded_sq)
+    finite = bool(torch.isfinite(total))
+    if finite:
+        if max_norm > 0:
+            nn.utils.clip_grads_with_norm_(replicated + sharded, max_norm, total)
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+    if scaler is not None:
+        scaler.update()  # the scaler's own (all-reduced) inf check decides the new scale
+    return float(total), finite
+
+
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """Multiplier of the base learning rate at ``step`` (linear warm-up, then the schedule)."""
     o = cfg.optim
@@ -204,56 +253,120 @@ class MetricLog:
 # --------------------------------------------------------------------------- checkpoints
 
 
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _centre_param_ids(opt_state: dict) -> set[int]:
+    return {i for g in opt_state["param_groups"] if g.get("name") == "centres" for i in g["params"]}
+
+
 def save_checkpoint(path: Path, cfg: TrainConfig, world: World, backbone: nn.Module,
                     objective: Objective, optimizer, scaler, epoch: int, step: int,
-                    history: list, classes: list[str] | None) -> None:
-    """Rank 0 writes; every rank must call (the centre matrix is gathered)."""
-    full = objective.classifier.full_weight() if objective.classifier is not None else None
+                    history: list, classes: list[str] | None, epoch_samples: int = 0) -> None:
+    """Rank 0 writes; every rank must call (centres, their optimizer state and RNGs are gathered).
+
+    ``epoch`` is the number of finished epochs, ``epoch_samples`` how many samples (all ranks
+    together) of the next one were already trained on: a run stopped mid-epoch resumes there.
+    Nothing in the file depends on the number of processes that wrote it except ``rng``
+    (one state per rank, restored only when resuming on as many processes).
+    """
+    clf = objective.classifier
+    full = clf.full_weight() if clf is not None else None
+    centre_optim = None
+    if clf is not None:  # the centres' momentum / Adam moments, gathered like the centres
+        local = optimizer.state.get(clf.weight, {})
+        centre_optim = {k: clf.gather_rows(v) if _per_centre(v, clf) else v
+                        for k, v in sorted(local.items())}
+    rng = _rng_state()
+    if world.world_size > 1:
+        ranks = [None] * world.world_size
+        dist.all_gather_object(ranks, rng)
+    else:
+        ranks = [rng]
     if not world.main:
         return
     module = backbone.module if hasattr(backbone, "module") else backbone
+    opt_state = optimizer.state_dict()
+    centre_ids = _centre_param_ids(opt_state)
+    opt_state = {"state": {k: v for k, v in opt_state["state"].items() if k not in centre_ids},
+                 "param_groups": opt_state["param_groups"]}
     state = {
         "config": cfg.to_dict(),
         "backbone": module.state_dict(),
         "centres": full,
+        "centre_optim": centre_optim,
         "objective_buffers": {k: v for k, v in objective.state_dict().items()
                               if not k.endswith("classifier.weight")},
-        "optimizer": optimizer.state_dict(),
+        "optimizer": opt_state,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch,
+        "epoch_samples": epoch_samples,
         "step": step,
         "world_size": world.world_size,
         "history": history,
         "classes": classes,
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state()},
+        "rng": ranks,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
+def _per_centre(value, clf: MarginClassifier) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == clf.weight.shape[0]
+
+
 def load_checkpoint(path: Path, world: World, backbone: nn.Module, objective: Objective,
-                    optimizer, scaler) -> dict:
+                    optimizer, scaler, cfg: TrainConfig | None = None) -> dict:
+    """Restore a checkpoint written under any number of processes into this rank.
+
+    The centres and their optimizer state are resharded; each rank gets back its own RNG
+    state when the world size is unchanged, otherwise fresh per-rank seeds derived from
+    (seed, step, rank) so that no rank replays the random stream of the run's start.
+    """
     state = torch.load(path, map_location="cpu", weights_only=False)
     module = backbone.module if hasattr(backbone, "module") else backbone
     module.load_state_dict(state["backbone"])
-    if objective.classifier is not None and state["centres"] is not None:
-        objective.classifier.load_full_weight(state["centres"])
+    clf = objective.classifier
+    if clf is not None and state["centres"] is not None:
+        clf.load_full_weight(state["centres"])
     objective.load_state_dict({**objective.state_dict(), **state["objective_buffers"]})
     opt_state = state["optimizer"]
-    if state["world_size"] != world.world_size and objective.classifier is not None:
-        # the centres' momentum is sharded differently now: keep only the backbone's
-        backbone_ids = set(range(len(optimizer.param_groups[0]["params"])))
-        opt_state = {"state": {k: v for k, v in opt_state["state"].items() if k in backbone_ids},
+    centre_optim = state.get("centre_optim")
+    if clf is not None and (centre_optim is not None or state["world_size"] != world.world_size):
+        # the centres' state is stored gathered (or, in older files, as rank 0's shard only)
+        centre_ids = _centre_param_ids(opt_state) or {len(optimizer.param_groups[0]["params"])}
+        opt_state = {"state": {k: v for k, v in opt_state["state"].items() if k not in centre_ids},
                      "param_groups": opt_state["param_groups"]}
     optimizer.load_state_dict(opt_state)
+    if clf is not None and centre_optim:
+        weight = clf.weight
+        optimizer.state[weight] = {
+            k: (clf.local_rows(v).to(weight.device, weight.dtype).clone()
+                if torch.is_tensor(v) and v.dim() > 0 else v)
+            for k, v in centre_optim.items()}
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    if state["world_size"] == world.world_size and state.get("rng"):
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
+    rng = state.get("rng")
+    if isinstance(rng, dict):  # older files: one state, rank 0's
+        rng = [rng] if state["world_size"] == 1 else None
+    if rng and len(rng) == world.world_size:
+        _set_rng_state(rng[world.rank])
+    elif cfg is not None:
+        seed_everything(cfg.seed + 1_000_003 * state["step"], world.rank, cfg.deterministic)
     return state
 
 
@@ -313,6 +426,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         sampler = DistributedSampler(dataset, world.world_size, world.rank, shuffle=True,
                                      seed=cfg.seed, drop_last=True)
         batch_size = cfg.batch_size
+    sampler = ResumableSampler(sampler)
     generator = torch.Generator().manual_seed(cfg.seed + world.rank)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
@@ -335,35 +449,47 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     optimizer = build_optimizer(cfg, backbone, objective)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     amp_dtype = _amp_dtype(cfg)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    scaler = build_scaler(device, world.world_size) if amp_dtype == torch.float16 else None
 
-    start_epoch, step, history = 0, 0, []
+    start_epoch, step, history, skip_batches = 0, 0, [], 0
     resume = cfg.resume
     if resume == "auto":
         resume = str(out / "last.pt") if (out / "last.pt").exists() else None
     if resume:
-        state = load_checkpoint(Path(resume), world, backbone, objective, optimizer, scaler)
+        state = load_checkpoint(Path(resume), world, backbone, objective, optimizer, scaler, cfg)
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
+        # a run stopped mid-epoch goes on with the batches of that epoch it has not seen (the
+        # samplers' global order does not depend on the world size: exact when the samples
+        # already seen are a whole number of this world's global batches)
+        skip_batches = state.get("epoch_samples", 0) // (batch_size * world.world_size)
+        if skip_batches >= steps_per_epoch:
+            start_epoch, skip_batches = start_epoch + 1, 0
+        # new DataLoader worker seeds, not those of the run's first epoch
+        generator.manual_seed(cfg.seed + world.rank + 1_000_003 * step)
 
     log = MetricLog(out, cfg.log, world.main)
     eval_cache: dict = {}
     classes = getattr(dataset, "classes", None)
     started = time.perf_counter()
     samples_seen = 0
+    skipped = 0
     stop = False
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
+        first_batch = skip_batches if epoch == start_epoch else 0
+        sampler.skip = first_batch * batch_size
         backbone.train()
         objective.train()
         epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
+        batch_index = first_batch
         bar = None
         if cfg.progress and world.main:
             from tqdm import tqdm
 
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            bar = tqdm(total=steps_per_epoch, initial=first_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        unit="step", dynamic_ncols=True)
         for images, labels in loader:
-            factor = lr_factor(cfg, step, steps_per_epoch)
+            factor = lr_factor(cfg, epoch * steps_per_epoch + batch_index, steps_per_epoch)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
             images = images.to(device, non_blocking=True).to(memory_format=memory_format)
@@ -372,20 +498,10 @@ def _train(cfg: TrainConfig, world: World) -> dict:
                 embeddings = backbone(images)
             loss, parts = objective(embeddings.float(), labels)
             optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            grad_norm = None
-            if cfg.optim.grad_clip > 0:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                grad_norm = float(nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            grad_norm, stepped = clip_and_step(optimizer, scaler, cfg.optim.grad_clip,
+                                               world.world_size)
+            skipped += not stepped
             if world.world_size > 1 and isinstance(objective.metric, L.CenterLoss):
                 dist.all_reduce(objective.metric.centers)
                 objective.metric.centers /= world.world_size
@@ -394,13 +510,15 @@ def _train(cfg: TrainConfig, world: World) -> dict:
                 raise FloatingPointError(f"loss became {value} at step {step}")
             step += 1
             epoch_steps += 1
+            batch_index += 1
             epoch_loss += value
             samples_seen += batch_size * world.world_size
             elapsed = time.perf_counter() - started
             if world.main:
                 record = {"loss": value, "lr": optimizer.param_groups[0]["lr"], **parts}
-                if grad_norm is not None:
-                    record["grad_norm"] = grad_norm
+                record["grad_norm"] = grad_norm
+                if not stepped:
+                    record["skipped_step"] = 1.0
                 log.write(step, epoch + 1, record)
             if bar is not None:
                 bar.set_postfix(loss=f"{value:.3f}", samples_s=f"{samples_seen / elapsed:.1f}")
@@ -410,8 +528,11 @@ def _train(cfg: TrainConfig, world: World) -> dict:
                 break
         if bar is not None:
             bar.close()
+        finished = batch_index >= steps_per_epoch
         entry = {"epoch": epoch + 1, "step": step, "loss": epoch_loss / max(1, epoch_steps),
                  "seconds": round(time.perf_counter() - epoch_start, 2)}
+        if not finished:  # stopped by max_steps: a resumed run continues this epoch
+            entry["batches"] = batch_index
         last = stop or epoch + 1 == cfg.epochs
         if world.main and (last or (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0)):
             report = evaluate_pairs(cfg, backbone, device, eval_cache)
@@ -422,9 +543,11 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         if world.main:
             log.write(step, epoch + 1, {"epoch_loss": entry["loss"]})
         if last or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0):
-            for name in {"last.pt", f"epoch_{epoch + 1:03d}.pt" if last else "last.pt"}:
+            names = ["last.pt"] + ([f"epoch_{epoch + 1:03d}.pt"] if last and finished else [])
+            for name in names:
                 save_checkpoint(out / name, cfg, world, backbone, objective, optimizer, scaler,
-                                epoch + 1, step, history, classes)
+                                epoch + 1 if finished else epoch, step, history, classes,
+                                0 if finished else batch_index * batch_size * world.world_size)
         world.barrier()
         if stop:
             break
@@ -432,6 +555,7 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     summary = {
         "output": str(out), "checkpoint": str(out / "last.pt"), "history": history,
         "images": len(dataset), "identities": num_classes, "steps": step,
+        "skipped_steps": skipped,
         "world_size": world.world_size, "device": str(device),
         "seconds": round(time.perf_counter() - started, 2),
         "samples_per_second": round(samples_seen / max(1e-9, time.perf_counter() - started), 2),
