@@ -503,10 +503,13 @@ def test_acknowledged_faces_survive_kill_9(tmp_path, store_url):
             if len(acked) == 60:
                 break
         os.kill(child.pid, signal.SIGKILL)  # mid-burst: the next add is in flight
+        # the child may have printed (acknowledged) more faces than read so far: the pipe
+        # buffers them; they count as acknowledged too
+        acked.extend(int(line.split()[1]) for line in child.stdout.read().splitlines())
     finally:
         child.kill()
         child.wait()
-    assert len(acked) == 60
+    assert len(acked) >= 60
 
     service = open_gallery(make_settings(tmp_path, store_url, "after"))
     service.start()
