@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     store_images: bool = False
     sync_interval_s: float = Field(0.25, description="change-log polling period")
     index_type: str = Field("flat", description="flat | ivf | hnsw")
+    ivf_nprobe: int = Field(
+        32, ge=1, description="ivf index: inverted lists probed per search (at most all of "
+                              "them); more probes, higher recall and slower search")
     faiss_gpu: bool = True
     gallery_snapshots: bool = Field(
         True, description="write FAISS snapshots on stop; load them (verified) on start"
