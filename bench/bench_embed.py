@@ -17,6 +17,10 @@ Timings are medians over repeats after warm-up. The last line of output is one J
 
     python bench/bench_embed.py                       # iresnet50 + mobilefacenet, batches 1..256
     python bench/bench_embed.py --quick               # mobilefacenet, batches 1 and 8, CPU-sized
+
+Default batches: 1..256 on a GPU, 1..64 on a CPU, where batches 128 and 256 of
+IResNet-50 alone would take ~6 minutes at its ~15 faces/s (BENCHMARKS.md); the
+CPU default runs in ~3 minutes on the 2-core VM.
 """
 
 from __future__ import annotations
@@ -128,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="mobilefacenet only, batches 1 and 8, 2 repeats")
     parser.add_argument("--backbones", default="iresnet50,mobilefacenet")
-    parser.add_argument("--batches", default="1,8,32,64,128,256")
+    parser.add_argument("--batches", default="",
+                        help="comma-separated batch sizes (default: 1,8,32,64,128,256 on a GPU, "
+                             "1,8,32,64 on a CPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--embedding-dim", type=int, default=512)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -148,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     print("matmul TFLOP/s: " + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in rates.items()),
           file=sys.stderr)
 
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in (args.batches or ("1,8,32,64,128,256" if device.type == "cuda"
+                                                  else "1,8,32,64")).split(",")]
     report = {}
     for name in args.backbones.split(","):
         result = bench_backbone(name, batches, args.repeats, args)

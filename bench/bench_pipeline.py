@@ -12,7 +12,10 @@ and CelebA photos in equal parts) with the same ONNX files from ``../shared/mode
 Each round times both paths over all images, alternating which goes first; the
 report gives medians over rounds (wall-clock images/s and process CPU ms per
 image, the latter less sensitive to other load on the machine) and the ratio of
-images/s. The last line of output is one
+images/s.  An untimed pass then checks that both give the same answer
+(``agreement``): per image, whether both found as many faces; per face found by
+both (boxes paired at IoU >= 0.5), the cosine between our embedding and
+InsightFace's of that face (median and min).  The last line of output is one
 JSON object.
 
     python bench/bench_pipeline.py [--quick] [--images N] [--rounds R]
@@ -59,8 +62,9 @@ def build_ours(detector: str, recognizer: str):
     settings = Settings(detector=detector, recognizer=recognizer)
     pipeline = Pipeline.from_settings(settings, Registry(MANIFEST_PATH, [SHARED / "models"]))
 
-    def run(data: bytes) -> int:
-        return len(pipeline.analyze(data)[1])
+    def run(data: bytes) -> list[tuple]:
+        """(box, L2-normalised embedding) of every face."""
+        return [(f.detection.box, f.embedding) for f in pipeline.analyze(data)[1]]
 
     return run
 
@@ -77,20 +81,55 @@ def build_insightface(detector_file: Path, recognizer_file: Path, det_size: int)
     rec = ArcFaceONNX(str(recognizer_file))
     rec.prepare(-1)
 
-    def run(data: bytes) -> int:
+    def run(data: bytes) -> list[tuple]:
+        """(box, embedding as ArcFaceONNX returns it, not normalised) of every face."""
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         boxes, kpss = det.detect(img, input_size=(det_size, det_size))
-        for box, kps in zip(boxes, kpss):
-            rec.get(img, Face(bbox=box[:4], kps=kps, det_score=box[4]))
-        return len(boxes)
+        return [(box[:4], rec.get(img, Face(bbox=box[:4], kps=kps, det_score=box[4])))
+                for box, kps in zip(boxes, kpss)]
 
     return run
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def agreement(ours, theirs, images: list[bytes]) -> dict:
+    """Same faces and same embeddings? Faces paired greedily by IoU (>= 0.5)."""
+    import numpy as np
+
+    cosines, equal_counts, unpaired = [], 0, 0
+    for data in images:
+        mine, other = ours(data), theirs(data)
+        equal_counts += len(mine) == len(other)
+        pairs = sorted(((_iou(a[0], b[0]), i, j) for i, a in enumerate(mine)
+                        for j, b in enumerate(other)), reverse=True)
+        used_i, used_j = set(), set()
+        for iou, i, j in pairs:
+            if iou < 0.5 or i in used_i or j in used_j:
+                continue
+            used_i.add(i), used_j.add(j)
+            a, b = mine[i][1], np.asarray(other[j][1], np.float64)
+            cosines.append(float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))))
+        unpaired += len(mine) - len(used_i) + len(other) - len(used_j)
+    return {
+        "images_with_equal_face_count": equal_counts,
+        "faces_paired": len(cosines),
+        "faces_unpaired": unpaired,
+        "embedding_cosine_median": round(float(np.median(cosines)), 5) if cosines else None,
+        "embedding_cosine_min": round(float(np.min(cosines)), 5) if cosines else None,
+    }
 
 
 def time_path(run, images: list[bytes]) -> tuple[float, float, int]:
     """(wall seconds, process CPU seconds, faces) for one pass over the images."""
     start, cpu = time.perf_counter(), time.process_time()
-    faces = sum(run(data) for data in images)
+    faces = sum(len(run(data)) for data in images)
     return time.perf_counter() - start, time.process_time() - cpu, faces
 
 
@@ -124,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             faces[name] = count
         print(f"round {r + 1}: ours {len(images) / ours_s[-1]:.2f} img/s, insightface "
               f"{len(images) / theirs_s[-1]:.2f} img/s", file=sys.stderr)
+    same = agreement(ours, theirs, images)
+    print(f"agreement: {same}", file=sys.stderr)
     ours_ips = len(images) / statistics.median(ours_s)
     theirs_ips = len(images) / statistics.median(theirs_s)
     print(json.dumps({
@@ -138,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": len(images),
         "rounds": args.rounds,
         "faces": faces,
+        "agreement": same,
         "detector": args.detector,
         "recognizer": args.recognizer,
     }))

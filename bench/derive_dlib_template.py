@@ -15,6 +15,9 @@ caches it). Example:
 
     python bench/derive_dlib_template.py --detector mtcnn --models-dir var/models \\
         --lfw 300 --celeba 100
+    python bench/derive_dlib_template.py --quick --models-dir var/models  # 12 + 8 photos
+
+The last line of output is one JSON object (the template as 5 [x, y] rows).
 """
 
 from __future__ import annotations
@@ -74,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--lfw", type=int, default=300, help="random LFW photos (seed 0)")
     parser.add_argument("--celeba", type=int, default=100, help="first CelebA photos (sorted)")
+    parser.add_argument("--quick", action="store_true", help="12 LFW + 8 CelebA photos, for tests")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.lfw, args.celeba = 12, 8
 
     settings = Settings()
     registry = Registry(settings.manifest, [*args.models_dir, args.shared / "models"])
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "template_median": np.round(np.median(points, 0), 3).tolist(),
         "std": np.round(points.std(0), 3).tolist(),
     }
-    print(json.dumps(report, indent=1))
+    print(json.dumps(report))
     return 0
 
 

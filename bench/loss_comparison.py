@@ -15,6 +15,12 @@ is fitted on the pairs it is scored on); the marginal and triplet runs take P=8
 identities per batch, so ``--data`` needs at least 8.  The last line
 of output is one JSON object (the runs of this invocation and of earlier ones in ``--out``).
 
+All eight losses on one backbone at the defaults take 8 to 27 minutes on the 2-core
+VM (run times in docs/loss-comparison.md), so a backbone's comparison is split into
+invocations under 10 minutes each with the same ``--out``, which keeps the runs done
+so far and skips them: ``--losses softmax``, ``--losses l2softmax,sphereface``,
+``--losses cosface,arcface,center``, ``--losses marginal,triplet``.
+
 "Epochs to converge" is the first epoch whose training loss is within 5% of the
 run's final epoch loss (the paper reads it off the loss curve).  Scale is set
 by the flags; the defaults fit a 2-core CPU, not the paper's setting.

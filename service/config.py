@@ -57,6 +57,9 @@ class Settings(BaseSettings):
                                "than this (seconds), or whose last sync failed, is not ready "
                                "(503 on /readyz); above sync_bound_s")
     index_type: str = Field("flat", description="flat | ivf | hnsw")
+    ivf_nprobe: int = Field(
+        32, ge=1, description="ivf index: inverted lists probed per search (at most all of "
+                              "them); more probes, higher recall and slower search")
     faiss_gpu: bool = True
     gallery_snapshots: bool = Field(
         True, description="write FAISS snapshots on stop; load them (verified) on start"

@@ -4,6 +4,7 @@ real entry point, on CPU) and its last output line is one JSON object with sane 
 - ``bench/bench_batching.py``: micro-batching on/off with the default models;
 - ``bench/bench_mtcnn.py``: our MTCNN against facenet-pytorch's (from its wheel, needs torch);
 - ``bench/dlib_resnet_speed.py``: the converted dlib ResNet against dlib-bin (dev extra);
+- ``bench/derive_dlib_template.py``: dlib_resnet_v1's alignment template, measured again;
 - ``bench/loss_comparison.py``: every loss of the comparison on a tiny aligned CelebA set;
 - ``bench/bench_embed.py``: ONNX Runtime vs PyTorch embedding throughput and the roofline.
 """
@@ -17,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import CELEBA, LFW, REPO, SHARED, SHARED_MODELS, require_reference
@@ -91,6 +93,27 @@ def test_dlib_resnet_speed_quick(default_models_dir):
         report["onnxruntime"]["chips_per_second"] / report["dlib"]["chips_per_second"], rel=1e-2)
     # Both sides computed the same descriptors from the same chips.
     assert report["max_abs_difference"] <= 1e-4
+
+
+@pytest.mark.timeout(300)
+def test_derive_dlib_template_quick(default_models_dir):
+    pytest.importorskip("dlib", reason="dlib-bin (dev extra) builds the reference chips")
+    from service.config import Settings
+    from service.registry import Registry
+
+    report = run_quick("derive_dlib_template.py", "--models-dir", str(default_models_dir),
+                       "--shared", str(SHARED))
+    assert report["detector"] == "mtcnn" and report["photos"] == 20
+    assert report["matched_faces"] >= 12  # mtcnn finds most faces dlib's HOG detector found
+    assert report["chip_pixel_difference"] <= 1.0  # our chip transform is dlib's
+    derived = report["template_mean"]
+    eyes, nose, mouth = derived[:2], derived[2], derived[3:]
+    assert eyes[0][0] < nose[0] < eyes[1][0] and mouth[0][0] < nose[0] < mouth[1][0]
+    assert max(e[1] for e in eyes) < nose[1] < min(m[1] for m in mouth)
+    # 20 photos reproduce the shipped template (derived from 392 faces) to a few pixels.
+    card = Registry(Settings().manifest, [default_models_dir]).cards["dlib_resnet_v1"]
+    shipped = np.asarray(card.alignment.template)
+    assert np.abs(np.asarray(derived) - shipped).max() <= 5.0
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import CELEBA, REPO
 
 
 @pytest.mark.timeout(300)
@@ -33,3 +33,59 @@ def test_search_benchmark_quick_mode():
     assert rows[("hnsw", n)]["bytes_per_vector"] > flat["bytes_per_vector"]
     assert rows[("ivfpq", n)]["bytes_per_vector"] < flat["bytes_per_vector"] / 4
     assert set(report["memory_per_million"]) == {"flat", "ivf", "hnsw", "ivfpq"}
+
+
+@pytest.mark.timeout(300)
+def test_search_benchmark_nprobe_sweep_trades_recall_for_probes():
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_search.py"), "--quick",
+                           "--kinds", "ivf", "--nprobe", "1,32"],
+                          capture_output=True, text=True, cwd=REPO, timeout=280, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = {(r["size"], r["params"]["nprobe"]): r for r in report["results"] if r["kind"] == "ivf"}
+    assert {nprobe for _, nprobe in rows} == {1, 25, 32}  # 1000 faces: 25 lists, all probed
+    one, many = rows[(4000, 1)], rows[(4000, 32)]
+    assert one["params"]["nlist"] == many["params"]["nlist"] > 32
+    # One probed list of ~100 misses most true neighbours of structure-less vectors.
+    assert one["recall_at_1"] < 0.6, one
+    assert many["recall_at_1"] >= 0.9, many
+
+
+@pytest.mark.timeout(300)
+def test_search_benchmark_real_faces_quick_mode(tmp_path):
+    cache = tmp_path / "embeddings.npz"
+    command = [sys.executable, str(REPO / "bench" / "bench_search.py"), "--quick",
+               "--real-faces", "--embed-cache", str(cache)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=280,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["benchmark"] == "gallery_search_real_faces" and report["dim"] == 128
+    counts: dict[str, int] = {}
+    for line in (CELEBA / "identities.txt").read_text().splitlines()[1:]:
+        counts[line.split()[1]] = counts.get(line.split()[1], 0) + 1
+    photos = sum(min(4, counts[i]) for i in sorted(counts)[:20])  # --quick: 20 x at most 4
+    assert report["photos"] == report["embedded_now"] == photos and cache.is_file()
+    assert report["identities"] == 20 and report["queries"] >= 50
+    rows = {(r["kind"], r["size"]): r for r in report["results"]}
+    assert set(rows) == {("flat", 20), *((k, n) for k in ("flat", "ivf", "hnsw")
+                                         for n in (1000, 4000))}
+    bare = rows[("flat", 20)]["recall_at_1"]
+    assert bare >= 0.8  # the peer model tells 20 CelebA identities apart
+    for (kind, size), row in rows.items():
+        assert row["size"] == size and 0 < row["p50_ms"] <= row["p99_ms"]
+        # Distractors can only take the first place from a true match, never give it.
+        assert row["recall_at_1"] <= rows[("flat", 1000 if size == 4000 else 20)]["recall_at_1"]
+        # The approximate indexes lose little against exact search of the same gallery.
+        assert row["recall_at_1"] >= rows[("flat", size)]["recall_at_1"] - 0.1, (kind, size)
+    assert rows[("flat", 4000)]["recall_at_1"] > 0.2
+    check = report["distractor_check"]  # distractors score like other people's faces
+    assert abs(check["distractor_mean"] - check["real_impostor_mean"]) < 0.1
+    # A second run reads every embedding from the cache and gives the same figures.
+    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=280,
+                           check=False)
+    assert again.returncode == 0, again.stderr[-2000:]
+    second = json.loads(again.stdout.strip().splitlines()[-1])
+    assert second["embedded_now"] == 0
+    assert [r["recall_at_1"] for r in second["results"]] == [
+        r["recall_at_1"] for r in report["results"]]

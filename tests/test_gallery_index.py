@@ -136,3 +136,42 @@ def test_service_runs_with_each_index_type(kind, tmp_path):
 def test_unknown_index_type_is_refused(tmp_path):
     with pytest.raises(ValueError):
         open_gallery(Settings(data_dir=tmp_path, index_type="annoy"))
+
+
+def test_ivf_nprobe_setting_reaches_the_index_and_changes_recall(tmp_path, monkeypatch):
+    """FACEGATE_IVF_NPROBE is what a service's ivf index probes, also after a snapshot load."""
+    assert Settings().ivf_nprobe == index_module.IVF_NPROBE
+    monkeypatch.setenv("FACEGATE_IVF_NPROBE", "1")
+    settings = Settings(data_dir=tmp_path, index_type="ivf", faiss_gpu=False, sync_interval_s=0.05)
+    assert settings.ivf_nprobe == 1
+    rng = np.random.default_rng(3)
+    vectors = unit(rng, 400)
+    queries = vectors + 0.08 * rng.standard_normal(vectors.shape).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    service = open_gallery(settings)
+    service.start()
+    try:
+        for i, vector in enumerate(vectors):
+            service.upsert_subject("g", f"s{i}", None, "m")
+            service.add_face("g", f"s{i}", vector, "m", {})
+        index = service._indexes["g"]
+        assert index.nprobe == 1 and index._trained_at == 300 and index._index.nlist > 1
+        found = [h[0]["subject_id"] for h in service.search("g", queries, 1, "m")]
+        recall_one = np.mean(np.array(found) == [f"s{i}" for i in range(400)])
+    finally:
+        service.stop()
+    monkeypatch.setenv("FACEGATE_IVF_NPROBE", "1000")  # above nlist: every list is probed
+    again = open_gallery(Settings(data_dir=tmp_path, index_type="ivf", faiss_gpu=False))
+    again.start()
+    try:
+        assert again.source == "snapshot" and again._indexes["g"].nprobe == 1000
+        found = [h[0]["subject_id"] for h in again.search("g", queries, 1, "m")]
+        recall_all = np.mean(np.array(found) == [f"s{i}" for i in range(400)])
+    finally:
+        again.stop()
+    assert recall_all == 1.0 and recall_one < 0.9  # one probed list misses many true matches
+    monkeypatch.setenv("FACEGATE_IVF_NPROBE", "0")
+    with pytest.raises(ValueError):
+        Settings()
+    with pytest.raises(ValueError):
+        GalleryIndex(DIM, "m", "ivf", nprobe=0)

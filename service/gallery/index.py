@@ -11,9 +11,10 @@ Index types (``settings.index_type``):
     ``IndexIDMap2`` over ``IndexFlatIP``: exact search, recall 1.0; cost is
     linear in gallery size (see BENCHMARKS.md for measured latency).
 ``ivf``
-    ``IndexIVFFlat`` with ``nlist = 2·sqrt(n)`` lists, probing ``IVF_NPROBE``
-    of them: sub-linear search, recall below 1.0 (a true match in an unprobed
-    list is missed).  The gallery stays exact (flat) until it holds
+    ``IndexIVFFlat`` with ``nlist = 2·sqrt(n)`` lists, probing ``nprobe`` of
+    them (``settings.ivf_nprobe``, default ``IVF_NPROBE``): sub-linear search,
+    recall below 1.0 (a true match in an unprobed list is missed; more probes
+    raise recall and cost, see BENCHMARKS.md).  The gallery stays exact (flat) until it holds
     ``IVF_MIN_TRAIN`` faces, is then trained on its own vectors, and is
     re-trained whenever it has grown ``IVF_RETRAIN_GROWTH``-fold since.
     Deletes are native (``remove_ids``).
@@ -135,12 +136,16 @@ def ivf_lists(n: int) -> int:
 class GalleryIndex:
     """The searchable, derived state of one gallery."""
 
-    def __init__(self, dim: int, model_id: str, kind: str = "flat", gpu: bool = False) -> None:
+    def __init__(self, dim: int, model_id: str, kind: str = "flat", gpu: bool = False,
+                 nprobe: int = IVF_NPROBE) -> None:
         if kind not in INDEX_TYPES:
             raise ValueError(f"unknown index type {kind!r}; expected one of {INDEX_TYPES}")
+        if int(nprobe) < 1:
+            raise ValueError(f"nprobe must be at least 1, got {nprobe!r}")
         self.dim = int(dim)
         self.model_id = model_id
         self.kind = kind
+        self.nprobe = int(nprobe)  # ivf: lists probed per search (capped at nlist)
         self.gpu = bool(gpu) and kind == "flat" and faiss.get_num_gpus() > 0
         self._index = self._empty()
         self._trained_at = 0  # ivf: gallery size when the coarse quantiser was trained
@@ -303,7 +308,7 @@ class GalleryIndex:
 
     def _params(self, k: int):
         if isinstance(self._index, faiss.IndexIVFFlat):
-            return faiss.SearchParametersIVF(nprobe=min(IVF_NPROBE, self._index.nlist))
+            return faiss.SearchParametersIVF(nprobe=min(self.nprobe, self._index.nlist))
         if self.kind == "hnsw":
             return faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, k))
         return None
@@ -374,7 +379,8 @@ class GalleryIndex:
             os.replace(tmp, prefix.with_suffix(suffix))
 
     @classmethod
-    def load(cls, prefix: Path, kind: str, gpu: bool = False) -> tuple[GalleryIndex, dict]:
+    def load(cls, prefix: Path, kind: str, gpu: bool = False,
+             nprobe: int = IVF_NPROBE) -> tuple[GalleryIndex, dict]:
         """Read a snapshot; return (index, sidecar).  Raises :class:`SnapshotError`."""
         prefix = Path(prefix)
         try:
@@ -386,7 +392,7 @@ class GalleryIndex:
             raise SnapshotError(f"snapshot {prefix} has another format or index type")
         if hashlib.sha256(data).hexdigest() != sidecar.get("sha256"):
             raise SnapshotError(f"snapshot {prefix} does not match its checksum")
-        index = cls(sidecar["dim"], sidecar["model_id"], kind, gpu)
+        index = cls(sidecar["dim"], sidecar["model_id"], kind, gpu, nprobe)
         index._index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         index._trained_at = int(sidecar["trained_at"])
         face_ids, subject_ids = sidecar["face_ids"], sidecar["subject_ids"]

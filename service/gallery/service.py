@@ -435,7 +435,8 @@ class GalleryService:
 
     # --- applying the change log ------------------------------------------------
     def _new_index(self, dim: int, model_id: str) -> GalleryIndex:
-        return GalleryIndex(dim, model_id, self.settings.index_type, self._gpu)
+        return GalleryIndex(dim, model_id, self.settings.index_type, self._gpu,
+                            self.settings.ivf_nprobe)
 
     def _apply(self, change: Change) -> None:
         """Apply one log entry to the indexes (caller holds the apply lock)."""
@@ -584,7 +585,8 @@ class GalleryService:
             indexes = {}
             for name, prefix in spec["galleries"].items():
                 index, sidecar = GalleryIndex.load(self.snapshot_dir / prefix,
-                                                   self.settings.index_type, self._gpu)
+                                                   self.settings.index_type, self._gpu,
+                                                   self.settings.ivf_nprobe)
                 if sidecar["seq"] != seq or sidecar["gallery"] != name:
                     raise SnapshotError(f"snapshot of {name!r} does not belong to this set")
                 indexes[name] = index
