@@ -121,6 +121,16 @@ def test_models_pull_downloads_verifies_and_installs(tmp_path, file_server, caps
     assert list(models_dir.iterdir()) == []
 
 
+def test_models_pull_refuses_cards_without_a_download_url(tmp_path, capsys):
+    """The shipped manifest: models whose source is no file URL are refused before any fetch."""
+    for name, why in (("retinaface_mnet025", "no download URL"),
+                      ("mobilefacenet_peer_128d", "no download URL"),
+                      ("mtcnn", "facegate models install")):
+        code, _, err = run_cli(capsys, "models", "pull", name, "--models-dir", str(tmp_path))
+        assert code == 1 and why in err, (name, err)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_downloads_read_the_proxy_settings_of_the_moment(file_server, tmp_path, monkeypatch):
     """A download through a refusing proxy must not pin that proxy for later downloads."""
     www, base = file_server
