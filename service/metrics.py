@@ -37,8 +37,9 @@ class Metrics:
                                 ["route", "method", "status"], registry=r)
         self.latency = Histogram("facegate_http_request_seconds", "HTTP request latency",
                                  ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
-        self.stage = Histogram("facegate_stage_seconds", "time per pipeline stage per request",
-                               ["stage"], buckets=STAGE_BUCKETS, registry=r)
+        self.stage = Histogram("facegate_stage_seconds",
+                               "time per pipeline stage per request, by route",
+                               ["route", "stage"], buckets=STAGE_BUCKETS, registry=r)
         self.batch_size = Histogram("facegate_embed_batch_size",
                                     "faces per embedding batch run by the micro-batcher",
                                     buckets=BATCH_BUCKETS, registry=r)
@@ -59,9 +60,11 @@ class Metrics:
                               "seconds since the last successful sync with the store began",
                               registry=r)
 
-    def observe_stages(self, stages: dict[str, float]) -> None:
+    def observe_stages(self, scope: Scope, stages: dict[str, float]) -> None:
+        """Stage times of one request, labelled by its route template (as the HTTP series)."""
+        route = route_label(scope)
         for stage, seconds in stages.items():
-            self.stage.labels(stage=stage).observe(seconds)
+            self.stage.labels(route=route, stage=stage).observe(seconds)
 
     def update_gallery(self, stats: dict | None, sync: dict | None) -> None:
         """Refresh the gallery gauges from ``GalleryService.stats()`` / ``sync_status()``."""
@@ -79,6 +82,11 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def route_label(scope: Scope) -> str:
+    """The matched route template of a request (``/v1/galleries/{gallery}/...``)."""
+    return getattr(scope.get("route"), "path", None) or "unmatched"
 
 
 def _galleries(stats: dict) -> list[dict]:
@@ -110,8 +118,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            path = route_label(scope)
             method = scope.get("method", "")
             self.metrics.requests.labels(route=path, method=method, status=str(status["code"])).inc()
             self.metrics.latency.labels(route=path, method=method).observe(

@@ -170,7 +170,7 @@ def test_detect_and_embed_bad_input(server, client):
     for series in ('facegate_http_requests_total{method="POST",route="/v1/detect",status="200"}',
                    'facegate_http_requests_total{method="POST",route="/v1/embed",status="200"}',
                    'facegate_http_request_seconds_count{method="POST",route="/v1/embed"}',
-                   'facegate_stage_seconds_count{stage="quality"}',
+                   'facegate_stage_seconds_count{route="/v1/detect",stage="quality"}',
                    'facegate_rejects_total{reason="url_not_allowed"}',
                    'facegate_rejects_total{reason="unsupported_image_type"}'):
         assert series in metrics, series

@@ -62,7 +62,7 @@ async def detect(request: Request, state: State, timings: bool = False) -> dict:
     there are several faces."""
     clock = Timings()
     _, _, faces, image = await _faces(request, state, clock, DetectOptions, embed=False)
-    state.metrics.observe_stages(clock.stages)
+    state.metrics.observe_stages(request.scope, clock.stages)
     body = {"image": image, "model": state.pipeline.detector_card.id, "faces": faces}
     if timings:
         body["timings"] = analysis.timings_ms(clock)
@@ -85,7 +85,7 @@ async def embed(request: Request, state: State, timings: bool = False) -> dict:
     opts, found, faces, image = await _faces(request, state, clock, EmbedOptions, embed=True)
     for face, vector in zip(faces, found.embeddings):
         face["embedding"] = encode_embedding(vector, opts.embedding_format)
-    state.metrics.observe_stages(clock.stages)
+    state.metrics.observe_stages(request.scope, clock.stages)
     card = state.pipeline.recognizer_card
     body = {
         "image": image,

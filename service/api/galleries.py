@@ -145,7 +145,7 @@ async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Reque
     image = payload.images["image"] if settings.store_images else None
     face = await analysis.call(clock, "gallery", state.gallery.add_face, gallery, subject_id,
                                found.embeddings[0], state.model_id, quality, image)
-    state.metrics.observe_stages(clock.stages)
+    state.metrics.observe_stages(request.scope, clock.stages)
     return {**face, "gallery": gallery, "subject_id": subject_id, "model": state.model_id,
             "quality": face.get("quality") or quality, "face": detection.to_dict()}
 

@@ -82,7 +82,7 @@ async def identify(request: Request, state: State, timings: bool = False) -> dic
         })
     if threshold is None:  # no candidates at all
         threshold = threshold_for(rule_card, point)[1]
-    state.metrics.observe_stages(clock.stages)
+    state.metrics.observe_stages(request.scope, clock.stages)
     body = {
         "gallery": opts.gallery,
         "threshold": threshold,

@@ -112,7 +112,7 @@ async def verify(request: Request, state: State, timings: bool = False) -> dict:
         subject = SubjectRef(gallery=opts.gallery, subject_id=opts.subject_id, face_id=face_id)
         face2 = None
 
-    state.metrics.observe_stages(clock.stages)
+    state.metrics.observe_stages(request.scope, clock.stages)
     decision = decide(similarity, card, point)
     return VerifyResponse(
         match=decision.match,
