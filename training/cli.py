@@ -165,13 +165,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _input_errors() -> tuple[type[Exception], ...]:
+    """What a bad argument raises: a missing or unreadable file, a bad value, a model file the
+    registry refuses, an export whose parity check fails."""
+    from service.registry import ModelError
+
+    errors = [OSError, ValueError, ModelError]
+    if "training.export" in sys.modules:
+        errors.append(sys.modules["training.export"].ExportError)
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except _input_errors() as exc:
+        if isinstance(exc, OSError) and exc.filename and exc.strerror:
+            print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        else:
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
