@@ -423,15 +423,20 @@ class GalleryService:
             for _ in range(CHECK_ATTEMPTS):
                 head, stored = self.store.index_contents()
                 self._catch_up(upto=head)
-                names = sorted(set(stored) | set(self._indexes))
-                galleries = [compare_gallery(name, self._indexes.get(name),
-                                             *stored.get(name, ((), [])), examples=examples)
-                             for name in names]
+                galleries = self._compare(stored, examples)
                 consistent = all(g["consistent"] for g in galleries)
                 if consistent or self.store.head_seq() == head:
                     break
         return {"consistent": consistent, "seq": head, "applied_seq": self._applied_seq,
                 "galleries": galleries}
+
+    def _compare(self, stored: dict[str, tuple[np.ndarray, list[str]]],
+                 examples: int = 5) -> list[dict]:
+        """:func:`compare_gallery` for every gallery of the store (``index_contents``) or of
+        this replica (caller holds the apply lock)."""
+        return [compare_gallery(name, self._indexes.get(name), *stored.get(name, ((), [])),
+                                examples=examples)
+                for name in sorted(set(stored) | set(self._indexes))]
 
     # --- applying the change log ------------------------------------------------
     def _new_index(self, dim: int, model_id: str) -> GalleryIndex:
@@ -606,22 +611,13 @@ class GalleryService:
         return False
 
     def _verify(self) -> bool:
-        """Does every index hold exactly the store's faces (count and ids), for the store's
-        model id and embedding dimension?"""
+        """Is every index of the store's model id and embedding dimension, and does it hold
+        exactly the store's faces (:meth:`_compare`, as ``check_index``)?"""
         stored = {g["name"]: g for g in self.store.stats()}
         for name, index in self._indexes.items():
-            if name not in stored:
+            gallery = stored.get(name)
+            if gallery is None or (index.model_id, index.dim) != (gallery["model_id"],
+                                                                  gallery["dim"]):
                 return False
-        for name, gallery in stored.items():
-            index = self._indexes.get(name)
-            if index is None:
-                if gallery["faces"]:
-                    return False
-                continue
-            if (index.model_id, index.dim) != (gallery["model_id"], gallery["dim"]):
-                return False
-            if len(index) != gallery["faces"]:
-                return False
-            if not np.array_equal(index.face_ids(), self.store.face_ids(name)):
-                return False
-        return True
+        _, contents = self.store.index_contents()
+        return all(g["consistent"] for g in self._compare(contents))
