@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -29,16 +30,26 @@ def _data():
     return x, y, w
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+@contextmanager
+def _gloo_group(rank: int, port: int):
+    """This spawned process as rank ``rank`` of a ``WORLD``-process gloo group on 127.0.0.1."""
     import torch.distributed as dist
-
-    from training.losses import ArcFaceHead
-    from training.partial_fc import MarginClassifier
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
+        yield
+    finally:
+        dist.barrier()  # as training.train.World.close: no rank tears down while another works
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    from training.losses import ArcFaceHead
+    from training.partial_fc import MarginClassifier
+
+    with _gloo_group(rank, port):
         x, y, w = _data()
         clf = MarginClassifier(ArcFaceHead(16.0, 0.4), D, C)
         assert (clf.rank, clf.world_size) == (rank, WORLD)
@@ -49,9 +60,6 @@ def _worker(rank: int, port: int, out: str) -> None:
         torch.save({"loss": loss.detach(), "x_grad": local.grad, "w_grad": clf.weight.grad,
                     "range": (clf.start, clf.end), "full": clf.full_weight()},
                    os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.barrier()  # as training.train.World.close: no rank tears down while another works
-        dist.destroy_process_group()
 
 
 @pytest.mark.timeout(180)
@@ -116,14 +124,9 @@ def _model_and_optimizer(rank: int | None = None, world_size: int | None = None)
 
 
 def _clip_worker(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
     from training.train import build_scaler, clip_and_step
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with _gloo_group(rank, port):
         x, y, _ = _step_data()
         backbone, clf, make_optimizer = _model_and_optimizer()
         model = torch.nn.parallel.DistributedDataParallel(backbone)
@@ -153,9 +156,6 @@ def _clip_worker(rank: int, port: int, out: str) -> None:
         result["fp16_step"] = clip_and_step(optimizer, scaler, CLIP, WORLD)
         result["backbone_after_fp16"] = [p.detach().clone() for p in backbone.parameters()]
         torch.save(result, os.path.join(out, f"clip{rank}.pt"))
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 @pytest.mark.timeout(180)
