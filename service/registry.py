@@ -77,6 +77,12 @@ class ModelCard(BaseModel):
     extra: dict = Field(default_factory=dict, description="family-specific settings")
 
     @property
+    def fallback_for(self) -> str | None:
+        """The model this one stands in for when that one cannot be installed
+        (``extra.fallback_for``), or None."""
+        return (self.extra or {}).get("fallback_for")
+
+    @property
     def id(self) -> str:
         """Model id stamped on every embedding: name plus a short hash of the weights."""
         return f"{self.name}@{(self.sha256 or 'unverified')[:12]}"
@@ -204,7 +210,7 @@ def select_recognizer(configured: str | None, registry: Registry) -> tuple[str, 
     if default is not None and registry.locate(default) is not None:
         return DEFAULT_RECOGNIZER, "default"
     for card in registry.cards.values():
-        if (card.task == "recognition" and (card.extra or {}).get("fallback_for") == DEFAULT_RECOGNIZER
+        if (card.task == "recognition" and card.fallback_for == DEFAULT_RECOGNIZER
                 and registry.locate(card) is not None):
             return card.name, "fallback"
     return DEFAULT_RECOGNIZER, "default"

