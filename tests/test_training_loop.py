@@ -77,7 +77,9 @@ def test_prepare_aligns_celeba_with_the_service_detector(celeba_tiny):
 
 LOSSES = [
     ("softmax", {}, {}),
-    ("l2softmax", {"alpha": 8.0}, {}),
+    # unnormalised weights (logit = alpha ||W_j|| cos): at the shared lr 0.05 the weight norms
+    # grow until SGD oscillates (loss 0.21 at epoch 7, 1.76 at 12); 0.02 falls steadily
+    ("l2softmax", {"alpha": 8.0}, {"optim.lr": 0.02}),
     ("lsoftmax", {"m": 2}, {}),
     ("normface", {"s": 16.0}, {}),
     ("sphereface", {"m": 4}, {}),
