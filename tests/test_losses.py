@@ -267,36 +267,90 @@ def test_center_loss_value_and_paper_update_rule():
     torch.testing.assert_close(loss_fn.centers[0], before[0] - 0.5 * (before[0] - x[:2]).sum(0) / 3)
 
 
+def _unit(*degrees: float) -> torch.Tensor:
+    """Unit vectors in the plane at these angles (squared distance 2 − 2·cos of the difference)."""
+    rad = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+    return torch.stack([torch.cos(rad), torch.sin(rad)], dim=1)
+
+
+def _sq(a: float, b: float) -> float:
+    return 2 - 2 * math.cos(math.radians(a - b))
+
+
+def test_semi_hard_mining_on_the_issue_example_is_zero():
+    # angles 0° and 60° (identity 0), 50° and 130° (identities 1, 2); squared distances on the
+    # unit circle, FaceNet's α = 0.2.  Anchor 0°, positive 60°: d_ap = 1; negatives 0.714 (nearer
+    # than the positive) and 3.286 (beyond d_ap + α): no semi-hard negative, and the triplet with
+    # the far one already meets the margin.  Anchor 60°, positive 0°: d_ap = 1; negatives 0.030
+    # and 1.316 (> 1.2): the same.  Both triplets satisfy the constraint: loss 0.  (The old rule,
+    # falling back to the hardest negative, gave (0.486 + 1.170) / 2 = 0.83.)  With TF Addons'
+    # default margin 1.0 the loss would be (1 − 1.316 + 1) / 2 = 0.342; with unsquared distances
+    # and α = 0.2, (1 − 1.147 + 0.2) / 2 = 0.026: squared distances and α = 0.2 are what make it 0.
+    assert _sq(0, 60) == pytest.approx(1.0)
+    assert _sq(60, 130) > _sq(0, 60) + 0.2 and _sq(0, 50) < _sq(0, 60)
+    x, y = _unit(0, 60, 50, 130), torch.tensor([0, 0, 1, 2])
+    assert L.TripletLoss(margin=0.2, mining="semi_hard")(x, y).item() == pytest.approx(0, abs=1e-7)
+
+
+def test_semi_hard_mining_without_a_farther_negative_takes_the_farthest():
+    # anchor 0°, positive 90° (d_ap = 2); negatives at 30° (0.268) and 60° (1.0), both nearer than
+    # the positive.  TF Addons' triplet_semihard_loss then uses the largest negative distance:
+    # 2 − 1 + 0.2 = 1.2 for anchor 0°, and the same for anchor 90° (negatives 1.0 and 0.268).
+    # (The hardest negative would give 2 − 0.268 + 0.2 = 1.932.)
+    x, y = _unit(0, 90, 30, 60), torch.tensor([0, 0, 1, 2])
+    got = L.TripletLoss(margin=0.2, mining="semi_hard")(x, y).item()
+    assert got == pytest.approx(2 - _sq(0, 60) + 0.2, rel=1e-6)
+    # a semi-hard negative inside the band: anchor 0°, positive 60° (d_ap = 1), negatives at 63°
+    # (1.092, inside (1, 1.2)) and 64° (1.123): the nearer semi-hard one, 1 − 1.092 + 0.2 = 0.108;
+    # anchor 60°: negatives at 3° and 4° from it, nearer than the positive, so the farther (4°):
+    # 1 − (2 − 2 cos 4°) + 0.2
+    x, y = _unit(0, 60, 63, 64), torch.tensor([0, 0, 1, 2])
+    want = ((1 - _sq(0, 63) + 0.2) + (1 - _sq(60, 64) + 0.2)) / 2
+    got = L.TripletLoss(margin=0.2, mining="semi_hard")(x, y).item()
+    assert got == pytest.approx(want, rel=1e-6)
+
+
 def _brute_triplet(x, y, margin, mining):
+    """Each anchor-positive pair's triplet term by the papers' definitions, in float64 loops.
+
+    batch_hard (Hermans et al. 2017): the anchor's farthest positive and nearest negative.
+    semi_hard (Schroff et al. 2015): a semi-hard negative n has d(a,p) < d(a,n) < d(a,p) + α;
+    the hardest of them (the nearest) is used.  With none, either some negative lies beyond the
+    band (the triplet already meets the margin: term 0) or every negative is at most as far as
+    the positive, and TF Addons' ``triplet_semihard_loss`` uses the farthest negative.
+    """
     x = torch.nn.functional.normalize(x.double(), dim=1)
     n = len(y)
-    d = torch.cdist(x, x) ** 2
+    d = [[float(((x[i] - x[j]) ** 2).sum()) for j in range(n)] for i in range(n)]
     out = []
-    if mining == "batch_hard":
-        for a in range(n):
-            pos = [d[a, p] for p in range(n) if p != a and y[p] == y[a]]
-            neg = [d[a, q] for q in range(n) if y[q] != y[a]]
+    for a in range(n):
+        pos = [p for p in range(n) if p != a and y[p] == y[a]]
+        neg = [d[a][q] for q in range(n) if y[q] != y[a]]
+        if mining == "batch_hard":
             if pos:
-                out.append(max(0.0, max(pos) - min(neg) + margin))
-    else:
-        for a in range(n):
-            for p in range(n):
-                if p == a or y[p] != y[a]:
-                    continue
-                negs = [d[a, q] for q in range(n) if y[q] != y[a]]
-                semi = [v for v in negs if d[a, p] < v < d[a, p] + margin]
-                chosen = min(semi) if semi else min(negs)
-                out.append(max(0.0, d[a, p] - chosen + margin))
-    return float(np.mean([float(v) for v in out]))
+                out.append(max(0.0, max(d[a][p] for p in pos) - min(neg) + margin))
+            continue
+        for p in pos:
+            d_ap = d[a][p]
+            semi = [v for v in neg if d_ap < v < d_ap + margin]
+            if semi:
+                out.append(d_ap - min(semi) + margin)
+            elif any(v > d_ap for v in neg):
+                out.append(0.0)
+            else:
+                out.append(d_ap - max(neg) + margin)
+    return float(np.mean(out))
 
 
+@pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("mining", ["batch_hard", "semi_hard"])
-def test_triplet_loss_matches_brute_force_mining(mining):
-    torch.manual_seed(2)
-    x = torch.randn(12, 5)
+def test_triplet_loss_matches_brute_force_mining(mining, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, 3, generator=g)
     y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 5])
-    got = L.TripletLoss(margin=0.3, mining=mining)(x, y).item()
-    assert got == pytest.approx(_brute_triplet(x, y, 0.3, mining), rel=1e-5, abs=1e-6)
+    for margin in (0.2, 0.5, 1.0):
+        got = L.TripletLoss(margin=margin, mining=mining)(x, y).item()
+        assert got == pytest.approx(_brute_triplet(x, y, margin, mining), rel=1e-5, abs=1e-6)
     with pytest.raises(ValueError):
         L.TripletLoss(mining="easy")
     with pytest.raises(ValueError, match="positive pair"):
