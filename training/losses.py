@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -60,10 +61,16 @@ __all__ = [
     "TripletLoss",
     "build_head",
     "l2_softmax_alpha_lower_bound",
+    "in_distributed_run",
     "margin_psi",
 ]
 
 _ACOS_EPS = 1e-6
+
+
+def in_distributed_run() -> bool:
+    """Whether this process is one rank of several in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _autocast_off(device_type: str):
@@ -321,6 +328,9 @@ class CenterLoss(nn.Module):
     Used with a softmax head (L = L_S + λ·L_C).  The centres are not learned by
     the optimiser: each training step moves them by the paper's rule
     Δc_j = Σ_{i: y_i = j}(c_j − x_i) / (1 + n_j),  c_j ← c_j − α·Δc_j.
+    Under DDP the sums and the counts n_j are all-reduced over the ranks before
+    the update, so every rank applies the update of the global batch and the
+    (replicated) centres stay equal to those of one process on that batch.
     """
 
     def __init__(self, num_classes: int, embedding_dim: int, alpha: float = 0.5):
@@ -344,6 +354,9 @@ class CenterLoss(nn.Module):
         diff = torch.zeros_like(self.centers).index_add_(0, labels, self.centers[labels] - x)
         counts = torch.zeros(self.centers.shape[0], device=x.device).index_add_(
             0, labels, torch.ones_like(labels, dtype=torch.float32))
+        if in_distributed_run():
+            dist.all_reduce(diff)
+            dist.all_reduce(counts)
         self.centers -= self.alpha * diff / (1.0 + counts).unsqueeze(1)
 
 
