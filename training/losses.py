@@ -60,8 +60,8 @@ __all__ = [
     "SphereFaceHead",
     "TripletLoss",
     "build_head",
-    "l2_softmax_alpha_lower_bound",
     "in_distributed_run",
+    "l2_softmax_alpha_lower_bound",
     "margin_psi",
 ]
 
