@@ -195,3 +195,74 @@ def test_global_grad_clipping_keeps_the_backbone_replicated_and_equal_to_one_pro
     for a, b in zip(got[0]["backbone_after_fp16"], got[1]["backbone_after_fp16"]):
         assert torch.equal(a, b)
     assert not torch.equal(got[0]["backbone_after_fp16"][0], got[0]["backbone"]["0.weight"])
+
+
+# --------------------------------------------------------------------------- center loss under DDP
+
+CENTRE_STEPS, CENTRE_CLASSES = 3, 5
+
+
+def _centre_data():
+    """Per step a global batch of 2·B embeddings; class 3 only ever on rank 0's half and class 4
+    only on rank 1's, classes 0-2 on both (in different numbers), so both kinds of update count."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(CENTRE_STEPS, WORLD * B, D, generator=g)
+    y = torch.tensor([[0, 0, 1, 3, 3, 2, 0, 1, 1, 2, 4, 4],
+                      [3, 1, 1, 2, 0, 0, 4, 0, 2, 2, 2, 1],
+                      [3, 3, 3, 0, 1, 2, 2, 4, 0, 1, 4, 4]])
+    centres = torch.randn(CENTRE_CLASSES, D, generator=g)
+    return x, y, centres
+
+
+def _centre_worker(rank: int, port: int, out: str) -> None:
+    from training.losses import CenterLoss
+
+    with _gloo_group(rank, port):
+        x, y, centres = _centre_data()
+        loss_fn = CenterLoss(CENTRE_CLASSES, D, alpha=0.5)
+        loss_fn.centers.copy_(centres)
+        loss_fn.train()
+        losses = []
+        for s in range(CENTRE_STEPS):
+            rows = slice(rank * B, (rank + 1) * B)
+            losses.append(loss_fn(x[s, rows], y[s, rows]).item())
+        torch.save({"centres": loss_fn.centers.clone(), "losses": losses},
+                   os.path.join(out, f"centre{rank}.pt"))
+
+
+def _paper_centres(x, y, centres) -> list:
+    """The centres before each step and after the last, by the paper's rule on the global batch:
+    c_j ← c_j − α Σ_{y_i = j}(c_j − x_i) / (1 + n_j), α = 0.5, in float64."""
+    out = [centres.double()]
+    for s in range(CENTRE_STEPS):
+        c = out[-1].clone()
+        for j in range(CENTRE_CLASSES):
+            members = x[s][y[s] == j].double()
+            c[j] -= 0.5 * (out[-1][j] - members).sum(0) / (1 + len(members))
+        out.append(c)
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_two_rank_center_loss_updates_equal_one_process_on_the_global_batch(tmp_path):
+    from training.losses import CenterLoss
+
+    torch.multiprocessing.spawn(_centre_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
+    got = [torch.load(tmp_path / f"centre{r}.pt", weights_only=False) for r in range(WORLD)]
+    x, y, centres = _centre_data()
+    want = _paper_centres(x, y, centres)
+    # one process on the global batches follows the rule
+    ref = CenterLoss(CENTRE_CLASSES, D, alpha=0.5)
+    ref.centers.copy_(centres)
+    ref.train()
+    for s in range(CENTRE_STEPS):
+        ref(x[s], y[s])
+    torch.testing.assert_close(ref.centers.double(), want[-1], rtol=1e-5, atol=1e-6)
+    for r in range(WORLD):
+        # every rank ends with the one-process centres, the classes only one rank saw included
+        torch.testing.assert_close(got[r]["centres"].double(), want[-1], rtol=1e-5, atol=1e-6)
+        # each step's loss is that of the rank's half batch against the shared centres
+        for s in range(CENTRE_STEPS):
+            rows = slice(r * B, (r + 1) * B)
+            expected = 0.5 * ((x[s, rows].double() - want[s][y[s, rows]]) ** 2).sum(1).mean()
+            assert got[r]["losses"][s] == pytest.approx(float(expected), rel=1e-5)

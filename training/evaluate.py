@@ -36,10 +36,11 @@ from service.pipeline.pairs import (
     fmr_thresholds,
     impostor_scores_all,
     kfold_accuracy,
+    operating_point,
     parse_pairs,
 )
 
-#: false-accept rates reported as TAR@FAR (nearest ROC point, as IJB-C evaluation does)
+#: false-accept rates reported as TAR@FAR (largest TAR with FAR <= the target, as in IJB-C)
 FAR_POINTS = (1e-1, 1e-2, 1e-3, 1e-4)
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]  # (N, 112, 112, 3) uint8 BGR -> (N, d) float32
@@ -167,16 +168,20 @@ def flip_embeddings(embed: EmbedFn, images: np.ndarray, batch: int = 128) -> np.
 
 
 def tar_at_far(scores: np.ndarray, same: np.ndarray, fars: Sequence[float] = FAR_POINTS) -> dict:
-    """TAR at each FAR from the ROC point whose FAR is nearest (IJB-C style), with its threshold."""
-    fpr, tpr, thr = roc_curve(np.asarray(same, int), np.asarray(scores))
-    impostors = int(np.sum(~np.asarray(same, bool)))
+    """TAR at each FAR: the largest TAR of any threshold whose FAR is <= the target, with the
+    FAR it measures and that threshold (``score >= threshold`` accepts), as the IJB-C protocol
+    reports verification; the rule is :func:`service.pipeline.pairs.operating_point`'s, the
+    one that calibrates the card's thresholds.  Below the smallest nonzero FAR (one impostor
+    pair) this is the TAR at FAR 0."""
+    scores, same = np.asarray(scores, dtype=np.float64), np.asarray(same, bool)
+    impostors = scores[~same]
     out = {}
     for far in fars:
-        i = int(np.argmin(np.abs(fpr - far)))
-        out[f"{far:.0e}"] = {"tar": round(float(tpr[i]), 6), "far": round(float(fpr[i]), 6),
-                             "threshold": round(float(min(thr[i], 1.0)), 6),
+        point = operating_point(impostors, scores[same], far)
+        out[f"{far:.0e}"] = {"tar": round(point["tmr"], 6), "far": round(point["fmr"], 6),
+                             "threshold": point["threshold"],
                              # fewer than 1/FAR impostor pairs cannot measure that FAR
-                             "resolvable": bool(far * impostors >= 1)}
+                             "resolvable": bool(far * len(impostors) >= 1)}
     return out
 
 

@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -59,11 +60,17 @@ __all__ = [
     "SphereFaceHead",
     "TripletLoss",
     "build_head",
+    "in_distributed_run",
     "l2_softmax_alpha_lower_bound",
     "margin_psi",
 ]
 
 _ACOS_EPS = 1e-6
+
+
+def in_distributed_run() -> bool:
+    """Whether this process is one rank of several in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _autocast_off(device_type: str):
@@ -321,6 +328,9 @@ class CenterLoss(nn.Module):
     Used with a softmax head (L = L_S + λ·L_C).  The centres are not learned by
     the optimiser: each training step moves them by the paper's rule
     Δc_j = Σ_{i: y_i = j}(c_j − x_i) / (1 + n_j),  c_j ← c_j − α·Δc_j.
+    Under DDP the sums and the counts n_j are all-reduced over the ranks before
+    the update, so every rank applies the update of the global batch and the
+    (replicated) centres stay equal to those of one process on that batch.
     """
 
     def __init__(self, num_classes: int, embedding_dim: int, alpha: float = 0.5):
@@ -344,6 +354,9 @@ class CenterLoss(nn.Module):
         diff = torch.zeros_like(self.centers).index_add_(0, labels, self.centers[labels] - x)
         counts = torch.zeros(self.centers.shape[0], device=x.device).index_add_(
             0, labels, torch.ones_like(labels, dtype=torch.float32))
+        if in_distributed_run():
+            dist.all_reduce(diff)
+            dist.all_reduce(counts)
         self.centers -= self.alpha * diff / (1.0 + counts).unsqueeze(1)
 
 
@@ -356,11 +369,17 @@ class TripletLoss(nn.Module):
     """Triplet loss (Schroff, Kalenichenko, Philbin, FaceNet 2015) with online mining.
 
     L = mean over anchors of [‖f(a) − f(p)‖² − ‖f(a) − f(n)‖² + α]₊ on
-    L2-normalised embeddings.  ``mining="batch_hard"`` (Hermans et al. 2017)
-    takes each anchor's farthest positive and nearest negative;
-    ``mining="semi_hard"`` (FaceNet) uses every positive pair with the nearest
-    negative farther than the positive (falling back to the hardest negative
-    when none is).  Batches must hold ≥ 2 images of some identity (a P×K sampler).
+    L2-normalised embeddings (squared distances, FaceNet's α = 0.2 by default).
+    ``mining="batch_hard"`` (Hermans et al. 2017) takes each anchor's farthest
+    positive and nearest negative.  ``mining="semi_hard"`` (FaceNet, section 3.2)
+    uses every anchor-positive pair with a semi-hard negative, one with
+    d(a,p) < d(a,n) < d(a,p) + α, the nearest of them.  Without one, the rule of
+    TensorFlow Addons' ``triplet_semihard_loss``: the nearest negative farther
+    than the positive (it lies beyond the band, so the term is 0: the triplet
+    already meets the margin), or, when no negative is farther than the
+    positive, the farthest negative.  The mean runs over all anchor-positive
+    pairs, zero terms included, as in that reference.  Batches must hold ≥ 2
+    images of some identity (a P×K sampler).
     """
 
     def __init__(self, margin: float = 0.2, mining: str = "batch_hard"):
@@ -389,10 +408,10 @@ class TripletLoss(nn.Module):
             d_ap = d[a_idx, p_idx].unsqueeze(1)
             d_an = d[a_idx]
             negs = neg_mask[a_idx]
-            semi = negs & (d_an > d_ap) & (d_an < d_ap + self.margin)
-            semi_neg = torch.where(semi, d_an, torch.full_like(d_an, big)).min(dim=1).values
-            hard_neg = torch.where(negs, d_an, torch.full_like(d_an, big)).min(dim=1).values
-            chosen = torch.where(semi.any(dim=1), semi_neg, hard_neg)
+            farther = negs & (d_an > d_ap)  # the semi-hard ones, and those beyond the margin
+            nearest_farther = torch.where(farther, d_an, torch.full_like(d_an, big)).min(1).values
+            farthest = torch.where(negs, d_an, torch.full_like(d_an, -1.0)).max(1).values
+            chosen = torch.where(farther.any(dim=1), nearest_farther, farthest)
             return F.relu(d_ap.squeeze(1) - chosen + self.margin).mean()
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.losses import ClassificationHead
+from training.losses import in_distributed_run as _distributed
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -27,10 +28,6 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     base, extra = divmod(num_classes, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -502,9 +502,6 @@ def _train(cfg: TrainConfig, world: World) -> dict:
             grad_norm, stepped = clip_and_step(optimizer, scaler, cfg.optim.grad_clip,
                                                world.world_size)
             skipped += not stepped
-            if world.world_size > 1 and isinstance(objective.metric, L.CenterLoss):
-                dist.all_reduce(objective.metric.centers)
-                objective.metric.centers /= world.world_size
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss became {value} at step {step}")

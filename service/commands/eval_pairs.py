@@ -83,7 +83,7 @@ def evaluate(pipeline, pairs_path: Path, images_dir: Path, flip: bool = False,
              limit_folds: int | None = None, workers: int = 1) -> dict:
     """The full report as a dict (see the module docstring)."""
     from service.pipeline.pairs import (fmr_thresholds, impostor_scores_all, kfold_accuracy,
-                                        parse_pairs, roc_auc_points)
+                                        parse_pairs, tmr_at_fmr_points)
 
     pairs = parse_pairs(pairs_path)
     if limit_folds:
@@ -129,7 +129,7 @@ def evaluate(pipeline, pairs_path: Path, images_dir: Path, flip: bool = False,
         "flip": bool(flip),
         "workers": workers,
         "thresholds": fmr_thresholds(impostors, scores[labels]),
-        **roc_auc_points(scores, labels),
+        **tmr_at_fmr_points(scores, labels),
     }
 
 

@@ -6,16 +6,21 @@ different-identity lines (``name1 i name2 j``). Accuracy follows the standard
 protocol: for each fold, the threshold that maximises accuracy on the other
 folds is applied to it; the report is the mean and (population) standard
 deviation over folds. Operating thresholds at a false-match rate are read off the
-impostor score distribution.
+impostor score distribution: the lowest threshold that keeps the measured FMR at or
+below the target, so the true-match rate there is the largest any threshold reaches
+at that FMR (TAR at FAR read as ``FAR <= target``, as IJB-C-style benchmarks report it).
+Every operating point the project reports (card thresholds, ``facegate eval-pairs``,
+the training package's TAR@FAR) comes from :func:`operating_point`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_curve
 
 #: Operating points calibrated by ``fmr_thresholds``.
 FMR_POINTS = {"fmr_1e-2": 1e-2, "fmr_1e-3": 1e-3, "fmr_1e-4": 1e-4}
@@ -88,34 +93,55 @@ def kfold_accuracy(scores: np.ndarray, labels: np.ndarray, folds: np.ndarray
 def fmr_threshold(impostor_scores: np.ndarray, fmr: float) -> float:
     """Smallest threshold at which at most ``fmr`` of the impostor scores reach it.
 
-    Resolution is limited by the number of impostor scores (1/n).
+    Resolution is limited by the number of impostor scores (1/n).  ``fmr`` is read as the
+    decimal it is written as (0.29 of 100 impostors allows 29, not the 28 of 0.29 × 100 in
+    binary floating point); when it allows every impostor the threshold is −inf.
     """
     scores = np.sort(np.asarray(impostor_scores, dtype=np.float64))[::-1]
-    allowed = int(np.floor(fmr * len(scores)))
+    allowed = math.floor(Fraction(repr(float(fmr))) * len(scores))
     if allowed >= len(scores):
-        return float(scores[-1])
+        return -math.inf
     return float(np.nextafter(scores[allowed], np.inf))
+
+
+def operating_point(impostor_scores: np.ndarray, genuine_scores: np.ndarray, fmr: float
+                    ) -> dict[str, float]:
+    """Threshold, measured FMR and TMR at the target false-match rate ``fmr``.
+
+    The threshold is :func:`fmr_threshold`'s, the lowest with a measured FMR <= ``fmr``; lowering
+    a threshold never lowers the TMR, so this is the largest TMR at an FMR within the target.
+    Tied scores pass or fail together, so the measured FMR can be below the target.
+    """
+    impostor = np.asarray(impostor_scores, dtype=np.float64)
+    genuine = np.asarray(genuine_scores, dtype=np.float64)
+    if impostor.size == 0:
+        raise ValueError("an operating point needs at least one impostor score")
+    threshold = fmr_threshold(impostor, fmr)
+    return {"threshold": threshold, "fmr": float(np.mean(impostor >= threshold)),
+            "tmr": float(np.mean(genuine >= threshold)) if genuine.size else float("nan")}
 
 
 def fmr_thresholds(impostor_scores: np.ndarray, genuine_scores: np.ndarray | None = None
                    ) -> dict[str, dict[str, float]]:
     """For each operating point: threshold, measured FMR and (given genuine scores) TMR."""
     impostor = np.asarray(impostor_scores, dtype=np.float64)
+    genuine = np.asarray([] if genuine_scores is None else genuine_scores, dtype=np.float64)
     report = {}
     for name, fmr in FMR_POINTS.items():
-        threshold = fmr_threshold(impostor, fmr)
-        entry = {"threshold": round(threshold, 6), "fmr": float(np.mean(impostor >= threshold)),
+        point = operating_point(impostor, genuine, fmr)
+        entry = {"threshold": round(point["threshold"], 6), "fmr": point["fmr"],
                  "impostors": int(len(impostor))}
-        if genuine_scores is not None and len(genuine_scores):
-            entry["tmr"] = float(np.mean(np.asarray(genuine_scores) >= threshold))
+        if genuine.size:
+            entry["tmr"] = point["tmr"]
         report[name] = entry
     return report
 
 
-def roc_auc_points(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """TMR at FMR 1e-3 and 1e-2 over the pairs themselves (scikit-learn ROC)."""
-    fpr, tpr, _ = roc_curve(np.asarray(labels, int), np.asarray(scores))
-    return {f"tmr_at_fmr_{f:g}": float(np.interp(f, fpr, tpr)) for f in (1e-3, 1e-2)}
+def tmr_at_fmr_points(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """TMR at FMR 1e-3 and 1e-2 over the pairs themselves (:func:`operating_point`)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, bool)
+    return {f"tmr_at_fmr_{f:g}": operating_point(scores[~labels], scores[labels], f)["tmr"]
+            for f in (1e-3, 1e-2)}
 
 
 def impostor_scores_all(embeddings: np.ndarray, identities: list[str],
