@@ -347,6 +347,19 @@ def test_key_is_checked_before_the_body_is_read(server, route, key):
     assert code in received and elapsed < 5
 
 
+@pytest.mark.parametrize(
+    "method,path,status", [("POST", "/nowhere", 404), ("POST", "/healthz", 405)]
+)
+def test_no_route_answers_without_reading_the_body(server, method, path, status):
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Content-Type: application/json\r\nContent-Length: 25000000\r\n\r\n"
+    )
+    received, elapsed = _raw(server, head.encode(), read_timeout=10)
+    assert received.startswith(f"HTTP/1.1 {status}".encode()), received[:200]
+    assert elapsed < 5
+
+
 def test_slow_headers_are_timed_out(server):
     """Issue: a client sending its headers slowly held the connection for ever."""
     start = time.monotonic()

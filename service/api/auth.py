@@ -83,24 +83,24 @@ def _guards_of(dependant) -> Iterable[Guard]:
 
 
 def _route_table(app) -> list[tuple[re.Pattern, set[str], list[Guard]]]:
-    """(path regex, methods, guards) of every guarded route of ``app``; built once per app."""
+    """(path regex, methods, guards) of every route of ``app``; built once per app."""
     table = getattr(app.state, "route_guards", None)
     if table is None:
         table = []
         for route in iter_route_contexts(app.routes):
-            dependant = getattr(route, "dependant", None)
             path = getattr(route, "path", None)
-            if dependant is None or not path:
+            if not path:
                 continue
-            guards = list(dict.fromkeys(_guards_of(dependant)))
-            if guards:
-                table.append((compile_path(path)[0], set(route.methods or ()), guards))
+            dependant = getattr(route, "dependant", None)
+            guards = list(dict.fromkeys(_guards_of(dependant))) if dependant else []
+            table.append((compile_path(path)[0], set(route.methods or ()), guards))
         app.state.route_guards = table
     return table
 
 
-def route_guards(scope: Scope) -> list[Guard]:
-    """The guards of the route that ``scope`` reaches (none: no route, or an open one)."""
+def route_guards(scope: Scope) -> list[Guard] | None:
+    """The guards of the route that ``scope`` reaches (empty: an open route), or None when
+    no route takes this method and path (the answer is a 404 or 405 that reads no body)."""
     app = scope.get("app")
     if app is None:
         return []
@@ -111,4 +111,4 @@ def route_guards(scope: Scope) -> list[Guard]:
     for regex, methods, guards in _route_table(app):
         if method in methods and regex.match(path):
             return guards
-    return []
+    return None

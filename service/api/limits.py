@@ -3,7 +3,8 @@
 In this order, before a byte of the body is read:
 
 1. the route's key checks (:func:`service.api.auth.route_guards`): a request without a
-   valid key is refused (401/403) from its headers alone;
+   valid key is refused (401/403) from its headers alone; a request for no route goes
+   straight to its 404/405, its body unread;
 2. ``Content-Length`` over ``max_bytes``: 413.
 
 Then the body is read in full, up to the limit (chunked uploads, lying headers: 413
@@ -45,8 +46,12 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        guards = route_guards(scope)
+        if guards is None:  # no such route: a 404/405 that never reads the body
+            await self.app(scope, receive, send)
+            return
         try:
-            for check in route_guards(scope):
+            for check in guards:
                 check(Request(scope))
         except ApiError as err:
             await self._refuse(err, scope, receive, send)
