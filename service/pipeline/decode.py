@@ -61,8 +61,8 @@ Image.core.set_block_size(PILLOW_BLOCK_BYTES)
 #: Pixels converted per strip: every conversion runs strip by strip on the Pillow image,
 #: so the only full-size buffers are Pillow's decoded image and the 8-bit BGR result.
 STRIP_PIXELS = 1 << 18
-#: Upper bound of the bytes one strip's conversion holds (measured at most ~20 per pixel).
-_STRIP_BYTES = 64 * STRIP_PIXELS
+#: Upper bound of the bytes per pixel one strip's conversion holds (measured at most ~20).
+_STRIP_BYTES_PER_PIXEL = 64
 #: Bytes per pixel of Pillow's decoded image, by mode (Pillow pads 3-band modes to 4).
 _CORE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 #: Bytes per pixel of the BGR result.
@@ -126,7 +126,7 @@ def decode_cost(img: Image.Image) -> int:
     images, 2 for 16-bit grayscale, 4 for everything else) next to the 8-bit BGR result,
     plus a decoder's own full-size buffers: progressive JPEG keeps every DCT coefficient
     (2 bytes per sample), WebP decodes into a 4-byte RGBA buffer copied twice more; and
-    the strip being converted (``_STRIP_BYTES``).  An EXIF rotation
+    the strip being converted (``_STRIP_BYTES_PER_PIXEL``).  An EXIF rotation
     copies the result after Pillow's image is freed: at most two results at once.
     """
     per_pixel = _CORE_BYTES.get(img.mode, 4) + _OUT_BYTES
@@ -134,7 +134,9 @@ def decode_cost(img: Image.Image) -> int:
         per_pixel += 2 * len(img.getbands())
     if img.format == "WEBP":
         per_pixel += 10
-    return img.width * img.height * max(per_pixel, 2 * _OUT_BYTES) + _STRIP_BYTES
+    pixels = img.width * img.height
+    strip = min(pixels, STRIP_PIXELS) * _STRIP_BYTES_PER_PIXEL
+    return pixels * max(per_pixel, 2 * _OUT_BYTES) + strip
 
 
 def _orientation(img: Image.Image) -> int:
