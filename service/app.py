@@ -39,7 +39,8 @@ face detection and embedding extraction.
 * Scores are cosine similarities in [-1, 1]; thresholds come from the recognition model's
   card at a named operating point (false-match rate).
 * A subject with several enrolled faces is matched by its best face (max fusion).
-* Send `X-API-Key` when the service is configured with API keys (health and metrics are open).
+* Send `X-API-Key` when the service is configured with API keys (health is open; metrics
+  need `FACEGATE_METRICS_KEY` when it is set). Keys are checked before a body is read.
 """
 
 
@@ -115,14 +116,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app for ``settings`` (default: from the ``FACEGATE_*`` environment)."""
     settings = settings or get_settings()
     metrics = Metrics()
+    # No redirects: a 307 from ``/x/`` to ``/x`` would send a write to another resource.
     app = FastAPI(title="facegate", version=_version(), description=DESCRIPTION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, redirect_slashes=False)
     app.state.settings = settings
     app.state.metrics = metrics
     errors.install(app, domain_errors=(PipelineError, GalleryError))
     for module in (health, info, verify, identify, extract, galleries):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes,
-                       metrics=metrics)
+                       metrics=metrics, body_timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

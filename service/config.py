@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated; empty disables auth"
     )
+    metrics_key: str = Field(
+        "", description="key that /metrics requires (X-API-Key, or a Prometheus bearer token); "
+                        "empty: /metrics is open")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="seconds a client has to send a request's headers; a slower "
+                                "connection is closed")
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="seconds a client has to send a request's body; slower: 408")
 
     # --- storage ----------------------------------------------------------------
     data_dir: Path = Path("var/data")
@@ -108,6 +116,18 @@ class Settings(BaseSettings):
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_request_bytes: int = 25 * 1024 * 1024
+    max_decode_bytes: int = Field(
+        320 * 1024 * 1024, gt=0,
+        description="memory one image's decode may take, estimated from its header (pixels x "
+                    "bit depth x channels, decoder buffers); larger: 413 decode_too_large")
+    decode_budget_bytes: int = Field(
+        1024 * 1024 * 1024, gt=0,
+        description="memory of all decoded images in flight per worker; a decode waits until "
+                    "its estimate fits; at least max_decode_bytes")
+    max_metadata_bytes: int = Field(
+        16 * 1024, gt=0, description="largest subject metadata (UTF-8 JSON bytes)")
+    max_metadata_depth: int = Field(
+        8, ge=1, description="deepest nesting of subject metadata (the object itself is 1)")
 
     # --- images by URL (off unless hosts are listed) ----------------------------
     url_allowlist: Annotated[list[str], NoDecode] = Field(
@@ -152,6 +172,15 @@ class Settings(BaseSettings):
                 f"FACEGATE_SYNC_UNREADY_AFTER_S, got {self.sync_interval_s} / "
                 f"{self.sync_bound_s} / {self.sync_unready_after_s}: a replica polls the store "
                 "at least once within the bound, and is taken out of service only well after it")
+        return self
+
+    @model_validator(mode="after")
+    def _decode_budget(self) -> Settings:
+        if self.max_decode_bytes > self.decode_budget_bytes:
+            raise ValueError(
+                f"need FACEGATE_MAX_DECODE_BYTES ({self.max_decode_bytes}) <= "
+                f"FACEGATE_DECODE_BUDGET_BYTES ({self.decode_budget_bytes}): an image the "
+                "decode limit accepts must fit in the memory budget")
         return self
 
     @property

@@ -41,7 +41,7 @@ from service.gallery.errors import (
     GalleryNotFound,
     NoStoredImages,
 )
-from service.gallery.service import check_name
+from service.gallery.names import check_gallery
 from service.pipeline.errors import PipelineError
 
 CHUNK = 16
@@ -95,8 +95,8 @@ class Reenrolment:
         self.gallery = gallery  # service.gallery.GalleryService
         self.pipeline = pipeline  # service.pipeline.pipeline.Pipeline
         self.settings = settings
-        self.source = check_name(source, "source")
-        self.target = check_name(target, "gallery")
+        self.source = check_gallery(source, "source")
+        self.target = check_gallery(target)
         self.model_id = pipeline.embedder.model_id
         self.chunk = max(1, int(chunk))
         self.report = Report(self.source, self.target, self.model_id)

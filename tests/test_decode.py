@@ -5,17 +5,20 @@ from __future__ import annotations
 import io
 import random
 import struct
+import threading
 import time
 import zlib
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
-from service.pipeline.decode import decode_image
+from service.pipeline import decode as decode_module
+from service.pipeline.decode import MemoryBudget, decode_image
 from service.pipeline.errors import (
     CorruptImage,
+    DecodeTooLarge,
     EmptyImage,
     ImageTooLarge,
     PipelineError,
@@ -298,3 +301,62 @@ def test_animated_webp_uses_first_frame(photo_rgb):
     frames[0].save(buf, format="WEBP", save_all=True, append_images=frames[1:], lossless=True)
     image = decode_image(buf.getvalue(), **LIMITS)
     np.testing.assert_array_equal(image, photo_rgb[:, :, ::-1])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillow(photo_rgb, orientation):
+    """The orientation is applied to the decoded array; Pillow's exif_transpose is the
+    reference (a non-square photo, so every transpose is visible)."""
+    stored = photo_rgb[:, :180]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(stored, "PNG", exif=exif.tobytes())
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    np.testing.assert_array_equal(decode_image(data, **LIMITS), expected[:, :, ::-1])
+
+
+@pytest.mark.parametrize("strip", [1, 1000, 1 << 18])
+def test_strip_conversion_equals_whole_image(photo_rgb, monkeypatch, strip):
+    """Strips of any height give the whole-image conversion (RGBA onto black, palette)."""
+    rgba = np.dstack([photo_rgb, np.arange(250 * 250, dtype=np.uint32).reshape(250, 250) % 256])
+    rgba = rgba.astype(np.uint8)
+    palette = Image.fromarray(photo_rgb).quantize(64)
+    cases = [encode(rgba, "PNG"), encode(np.asarray(palette.convert("RGB")), "PNG")]
+    monkeypatch.setattr(decode_module, "STRIP_PIXELS", strip)
+    alpha = rgba[:, :, 3:4].astype(np.uint16)
+    want = ((rgba[:, :, :3].astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)[:, :, ::-1]
+    np.testing.assert_array_equal(decode_image(cases[0], **LIMITS), want)
+    pal = np.asarray(palette.convert("RGB"))[:, :, ::-1]
+    np.testing.assert_array_equal(decode_image(cases[1], **LIMITS), pal)
+
+
+def test_decode_memory_limit_counts_bit_depth_and_channels():
+    """Same pixels, different bytes: a 16-bit gray 5000x5000 PNG (2 B/px decoded + 3 B/px out)
+    fits 170 MB, the RGBA one (at least 4 + 3 B/px) cannot, and is refused from the header."""
+    gray16 = io.BytesIO()
+    Image.new("I;16", (5000, 5000)).save(gray16, format="PNG")
+    rgba = encode(np.zeros((5000, 5000, 4), np.uint8), "PNG")
+    limit = 170_000_000
+    assert 25_000_000 * (2 + 3) < limit < 25_000_000 * (4 + 3)
+    image = decode_image(gray16.getvalue(), **LIMITS, max_decode_bytes=limit)
+    assert image.shape == (5000, 5000, 3)
+    with pytest.raises(DecodeTooLarge) as info:
+        decode_image(rgba, **LIMITS, max_decode_bytes=limit)
+    assert info.value.status == 413 and info.value.code == "decode_too_large"
+
+
+def test_memory_budget_holds_decodes_until_they_fit():
+    budget = MemoryBudget(100)
+    order: list[str] = []
+    with budget.reserve(70):
+
+        def second() -> None:
+            with budget.reserve(50):
+                order.append("second in")
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.2)
+        order.append("first out")  # the second waited: 70 + 50 > 100
+    thread.join(5)
+    assert order == ["first out", "second in"] and budget.in_use == 0

@@ -169,7 +169,8 @@ def test_subject_crud_and_idempotent_creation(gallery):
 
 def test_list_subjects_keyset_pagination(gallery):
     rng = np.random.default_rng(2)
-    names = [f"person-{i:03d}" for i in range(25)] + ["Zed", "ärger", "a b"]
+    # ids of service.gallery.names whose code-point order differs from a locale's
+    names = [f"person-{i:03d}" for i in range(25)] + ["Zed", "_under", "a:b"]
     for name in rng.permutation(names):
         gallery.upsert_subject("g", str(name), {"n": str(name)}, MODEL)
     face = gallery.add_face("g", "person-007", unit(rng), MODEL, {"sharpness": 1.5})
@@ -719,3 +720,40 @@ def test_postgres_notify_wakes_other_replicas_before_the_poll(tmp_path, postgres
     finally:
         for service in services:
             service.stop()
+
+
+def test_hostile_names_metadata_and_cursors_are_refused_before_writing(gallery):
+    """The gallery layer itself (under the REST API and the CLI) refuses dot-segment ids,
+    metadata it could not read back, and cursors of another gallery; nothing is written."""
+    gallery.upsert_subject("g", "alice", {"team": "red"}, MODEL)
+    gallery.upsert_subject("other", "zed", None, MODEL)
+    for bad in (".", ".."):
+        with pytest.raises(InvalidInput, match="dot-segment"):
+            gallery.upsert_subject("g", bad, None, MODEL)
+        with pytest.raises(InvalidInput, match="dot-segment"):
+            gallery.create_gallery(bad, MODEL)
+        with pytest.raises(InvalidInput, match="dot-segment"):
+            gallery.delete_gallery(bad)
+    deep: dict = {}
+    node = deep
+    for _ in range(255):  # 256 levels, as in issue 17
+        node["a"] = {}
+        node = node["a"]
+    for metadata in (deep, {"name": "\ud800"}):
+        with pytest.raises(InvalidInput) as exc:
+            gallery.upsert_subject("g", "bob", metadata, MODEL)
+        assert exc.value.code == "invalid_metadata" and exc.value.status == 400
+        with pytest.raises(InvalidInput):
+            gallery.update_subject("g", "alice", {"x": metadata})
+    assert gallery.get_gallery("g")["subjects"] == 1
+    assert gallery.get_subject("g", "alice")["metadata"] == {"team": "red"}
+
+    gallery.upsert_subject("g", "bob", None, MODEL)
+    page, cursor = gallery.list_subjects("g", 1, None)
+    assert [s["subject_id"] for s in page] == ["alice"] and cursor
+    for bad in (cursor + "x", "!!!", "YWxpY2U", cursor[:-2]):  # "YWxpY2U": base64 of "alice"
+        with pytest.raises(InvalidInput) as exc:
+            gallery.list_subjects("g", 1, bad)
+        assert exc.value.code == "invalid_cursor"
+    with pytest.raises(InvalidInput):  # g's cursor on gallery "other"
+        gallery.list_subjects("other", 1, cursor)

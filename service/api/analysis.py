@@ -107,14 +107,14 @@ def _locate(state: AppState, data: bytes, policy: Policy, timings: Timings,
             allow_none: bool = False, limit: int | None = None):
     """decode -> detect -> select -> align (runs in a worker thread)."""
     pipeline, settings = state.pipeline, state.settings
-    image = _timed(timings, "decode", pipeline.decode, data)
-    detections = _timed(timings, "detect", pipeline.detect, image)
-    state.metrics.faces_per_image.observe(len(detections))
-    kept = select_faces(detections, policy, min_size=settings.enroll_min_face_size,
-                        min_score=settings.enroll_min_det_score, allow_none=allow_none,
-                        limit=limit)
-    crops = _timed(timings, "align", pipeline.align, image, kept)
-    return kept, np.asarray(crops), (int(image.shape[1]), int(image.shape[0]))
+    with pipeline.decoded(data, timings) as image:  # memory held until aligned
+        detections = _timed(timings, "detect", pipeline.detect, image)
+        state.metrics.faces_per_image.observe(len(detections))
+        kept = select_faces(detections, policy, min_size=settings.enroll_min_face_size,
+                            min_score=settings.enroll_min_det_score, allow_none=allow_none,
+                            limit=limit)
+        crops = _timed(timings, "align", pipeline.align, image, kept)
+        return kept, np.asarray(crops), (int(image.shape[1]), int(image.shape[0]))
 
 
 async def locate(state: AppState, data: bytes, policy: Policy, timings: Timings, *,

@@ -28,6 +28,6 @@ def check_point(card, requested: str | None, settings) -> str:
     if requested not in points:
         raise bad_request(
             "unknown_operating_point",
-            f"unknown operating point {requested!r}; available: {', '.join(points)}",
+            f"unknown operating point {requested[:32]!r}; available: {', '.join(points)}",
         )
     return requested

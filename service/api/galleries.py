@@ -14,6 +14,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict
 
+from service.gallery.names import GalleryNameStr, SubjectIdStr
 from service.pipeline.types import Timings
 from service.reenrol import Reenrolment
 
@@ -39,8 +40,9 @@ from .schemas import (
 router = APIRouter(prefix="/v1/galleries", tags=["galleries"],
                    dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
-GalleryName = Annotated[str, Path(pattern=GALLERY_PATTERN, description="gallery name")]
-SubjectId = Annotated[str, Path(pattern=NAME_PATTERN, description="client-chosen subject id")]
+GalleryName = Annotated[GalleryNameStr, Path(pattern=GALLERY_PATTERN, description="gallery name")]
+SubjectId = Annotated[SubjectIdStr, Path(pattern=NAME_PATTERN,
+                                         description="client-chosen subject id")]
 
 
 class _NoOptions(BaseModel):

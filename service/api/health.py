@@ -1,10 +1,12 @@
-"""Liveness, readiness and Prometheus metrics (open: no API key needed)."""
+"""Liveness, readiness (open) and Prometheus metrics (open unless ``settings.metrics_key``)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+
+from .auth import require_metrics_key
 
 router = APIRouter(tags=["health"])
 
@@ -34,7 +36,8 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics (text exposition format)")
+@router.get("/metrics", summary="Prometheus metrics (text exposition format)",
+            dependencies=[Depends(require_metrics_key)])
 async def metrics(request: Request) -> Response:
     registry_owner = request.app.state.metrics
     state = getattr(request.app.state, "facegate", None)

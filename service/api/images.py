@@ -136,6 +136,8 @@ async def read_payload(request: Request, image_fields: tuple[str, ...], required
             data = json.loads(body) if body else None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise bad_request("invalid_json", f"the body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise bad_request("invalid_json", "the JSON body is nested too deeply") from None
         if not isinstance(data, dict):
             raise bad_request("invalid_json", "the JSON body must be an object")
         for key, value in data.items():

@@ -1,34 +1,60 @@
-"""Request-size limit: refuse bodies over ``settings.max_request_bytes`` with a 413.
+"""Request limits before any route runs: key checks, body size and body read time.
 
-Checked twice: from ``Content-Length`` before anything is read, and while the body
-streams in (chunked uploads, lying headers).  The body is read in full, up to the
-limit, before the app sees it, so a too-large request never reaches a route.
+In this order, before a byte of the body is read:
+
+1. the route's key checks (:func:`service.api.auth.route_guards`): a request without a
+   valid key is refused (401/403) from its headers alone; a request for no route goes
+   straight to its 404/405, its body unread;
+2. ``Content-Length`` over ``max_bytes``: 413.
+
+Then the body is read in full, up to the limit (chunked uploads, lying headers: 413
+as soon as it passes it), within ``body_timeout_s`` (slower: 408), before the app sees
+it, so a too-large or too-slow request never reaches a route.  Every refusal closes
+the connection (the rest of the body is never read).
 """
 
 from __future__ import annotations
 
+import anyio
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import error_response, request_too_large
+from .auth import route_guards
+from .errors import ApiError, error_response, request_too_large
+
+
+def request_timeout(seconds: float) -> ApiError:
+    return ApiError(408, "request_timeout", f"the request body did not arrive within {seconds} s")
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int, metrics=None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics=None,
+                 body_timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics  # service.metrics.Metrics: counts the refusals
+        self.body_timeout_s = body_timeout_s
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        err = request_too_large(self.max_bytes)
+    async def _refuse(self, err: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
         if self.metrics is not None:
             self.metrics.rejects.labels(reason=err.code).inc()
         response = error_response(err.status, err.code, err.message,
-                                  headers={"Connection": "close"})
+                                  headers={**(err.headers or {}), "Connection": "close"})
         await response(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        guards = route_guards(scope)
+        if guards is None:  # no such route: a 404/405 that never reads the body
+            await self.app(scope, receive, send)
+            return
+        try:
+            for check in guards:
+                check(Request(scope))
+        except ApiError as err:
+            await self._refuse(err, scope, receive, send)
             return
         length = None
         for name, value in scope.get("headers", ()):
@@ -39,22 +65,26 @@ class BodyLimitMiddleware:
                     length = None
                 break
         if length is not None and length > self.max_bytes:
-            await self._refuse(scope, receive, send)
+            await self._refuse(request_too_large(self.max_bytes), scope, receive, send)
             return
         chunks: list[bytes] = []
         total = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            total += len(body)
-            if total > self.max_bytes:
-                await self._refuse(scope, receive, send)
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
+        with anyio.move_on_after(self.body_timeout_s) as deadline:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body = message.get("body", b"")
+                total += len(body)
+                if total > self.max_bytes:
+                    await self._refuse(request_too_large(self.max_bytes), scope, receive, send)
+                    return
+                chunks.append(body)
+                if not message.get("more_body", False):
+                    break
+        if deadline.cancelled_caught:
+            await self._refuse(request_timeout(self.body_timeout_s), scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-#: Gallery names and subject ids: letters, digits and ``_ . : @ + -``.
-NAME_PATTERN = r"^[A-Za-z0-9_.:@+\-]{1,128}$"
-GALLERY_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+from service.gallery.names import GALLERY_PATTERN, SUBJECT_PATTERN, GalleryNameStr, SubjectIdStr
+
+#: Gallery names and subject ids: :mod:`service.gallery.names` (no ``.`` or ``..``).
+NAME_PATTERN = SUBJECT_PATTERN
+
+
+#: Longest operating-point name a request may give (the card's names are short).
+MAX_POINT_LENGTH = 32
+
+
+def _not_bool(value: object) -> object:
+    """JSON ``true``/``false`` is not a number (pydantic would take ``true`` as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+#: Numbers of request options: JSON numbers or numeric strings (form fields, query), not
+#: booleans; floats must be finite.
+OptionInt = Annotated[int, BeforeValidator(_not_bool)]
+OptionFloat = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
+OperatingPoint = Annotated[str, Field(max_length=MAX_POINT_LENGTH)]
 
 
 class _Options(BaseModel):
@@ -40,10 +59,10 @@ class Face(BaseModel):
 class VerifyOptions(_Options):
     """Options of ``POST /v1/verify`` (form fields, JSON keys or query parameters)."""
 
-    gallery: str | None = Field(None, pattern=GALLERY_PATTERN,
+    gallery: GalleryNameStr | None = Field(None, pattern=GALLERY_PATTERN,
                                 description="compare image1 with a gallery subject instead of image2")
-    subject_id: str | None = Field(None, pattern=NAME_PATTERN)
-    operating_point: str | None = Field(
+    subject_id: SubjectIdStr | None = Field(None, pattern=NAME_PATTERN)
+    operating_point: OperatingPoint | None = Field(
         None, description="named false-match rate of the model card, e.g. fmr_1e-3")
     multiple_faces: Literal["largest", "refuse"] = Field(
         "largest", description="several faces in an image: use the largest, or refuse (422)")
@@ -75,11 +94,11 @@ class VerifyResponse(BaseModel):
 class IdentifyOptions(_Options):
     """Options of ``POST /v1/identify``."""
 
-    gallery: str = Field(pattern=GALLERY_PATTERN)
-    top_k: int = Field(5, ge=1, description="candidates per face, 1..settings.top_k_max")
-    threshold: float | None = Field(None, ge=-1.0, le=1.0,
-                                    description="explicit cosine threshold for `match`")
-    operating_point: str | None = None
+    gallery: GalleryNameStr = Field(pattern=GALLERY_PATTERN)
+    top_k: OptionInt = Field(5, ge=1, description="candidates per face, 1..settings.top_k_max")
+    threshold: OptionFloat | None = Field(None, ge=-1.0, le=1.0,
+                                          description="explicit cosine threshold for `match`")
+    operating_point: OperatingPoint | None = None
 
 
 class Candidate(BaseModel):
@@ -108,7 +127,7 @@ class IdentifyResponse(BaseModel):
 class DetectOptions(_Options):
     """Options of ``POST /v1/detect`` (form fields, JSON keys or query parameters)."""
 
-    max_faces: int | None = Field(None, ge=1, description="answer at most this many faces, "
+    max_faces: OptionInt | None = Field(None, ge=1, description="answer at most this many faces, "
                                                           "largest first")
     multiple_faces: Literal["all", "largest", "refuse"] = Field(
         "all", description="several faces: answer all (largest first), only the largest, or "
@@ -171,7 +190,8 @@ class EmbedResponse(BaseModel):
 
 
 class SubjectCreate(_Options):
-    subject_id: str = Field(pattern=NAME_PATTERN, description="client-chosen, unique per gallery")
+    subject_id: SubjectIdStr = Field(pattern=NAME_PATTERN,
+                                     description="client-chosen, unique per gallery")
     metadata: dict[str, Any] | None = None
 
 
@@ -239,7 +259,7 @@ class GalleryList(BaseModel):
 
 
 class ReenrolRequest(_Options):
-    source: str = Field(pattern=GALLERY_PATTERN,
+    source: GalleryNameStr = Field(pattern=GALLERY_PATTERN,
                         description="the gallery to re-enrol from (usually an older model's)")
 
 

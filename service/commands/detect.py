@@ -37,7 +37,8 @@ def run(args) -> int:
         print(f"error: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
         return 2
     try:
-        image = decode_image(data, settings.max_image_bytes, settings.max_image_pixels)
+        image = decode_image(data, settings.max_image_bytes, settings.max_image_pixels,
+                             settings.max_decode_bytes)
         start = time.perf_counter()
         faces = detector.detect(image)
         elapsed = time.perf_counter() - start

@@ -22,6 +22,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.api.protocol import PROTOCOL
     from service.config import get_settings
 
     settings = get_settings()
@@ -39,5 +40,6 @@ def run(args: argparse.Namespace) -> int:
         server_header=False,
         timeout_graceful_shutdown=10,
         timeout_keep_alive=settings.keep_alive_s,
+        http=PROTOCOL,  # headers within FACEGATE_HEADER_TIMEOUT_S
     )
     return 0

@@ -84,6 +84,20 @@ class InvalidInput(GalleryError, ValueError):
     status = 422
 
 
+class InvalidCursor(InvalidInput):
+    """A page cursor that is not one this gallery handed out."""
+
+    code = "invalid_cursor"
+    status = 422
+
+
+class InvalidMetadata(InvalidInput):
+    """Metadata that is not a JSON object, too deep, too large or not valid Unicode."""
+
+    code = "invalid_metadata"
+    status = 400
+
+
 class InvalidEmbedding(InvalidInput):
     """Wrong dimension, wrong dtype/shape, non-finite or not L2-normalised."""
 

@@ -47,10 +47,12 @@ import numpy as np
 from service.gallery.consistency import compare_gallery
 from service.gallery.errors import (
     GalleryModelMismatch,
+    InvalidCursor,
     InvalidEmbedding,
     InvalidInput,
 )
 from service.gallery.index import INDEX_TYPES, GalleryIndex, SnapshotError
+from service.gallery.names import check_gallery, check_subject_id
 from service.gallery.store import Change, GalleryFaces, GalleryStore, open_store
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,8 @@ class LogGap(RuntimeError):
 
 
 def check_name(value: object, what: str) -> str:
-    """A gallery name or subject id: 1-128 printable characters."""
+    """A model id: 1-128 printable characters (gallery names and subject ids:
+    :mod:`service.gallery.names`)."""
     if not isinstance(value, str) or not value or len(value) > MAX_NAME_LENGTH:
         raise InvalidInput(f"{what} must be a string of 1 to {MAX_NAME_LENGTH} characters")
     if not value.isprintable():
@@ -111,16 +114,26 @@ def exclusive(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def encode_cursor(subject_id: str) -> str:
-    return base64.urlsafe_b64encode(subject_id.encode()).decode().rstrip("=")
+def encode_cursor(gallery: str, subject_id: str) -> str:
+    """An opaque page cursor: the gallery and the last subject id of the page (base64url)."""
+    raw = json.dumps([gallery, subject_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> str:
+def decode_cursor(gallery: str, cursor: str) -> str:
+    """The subject id after which the page starts; :class:`InvalidCursor` unless ``cursor``
+    is exactly what :func:`encode_cursor` made for this ``gallery``."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        return base64.urlsafe_b64decode(padded.encode("ascii")).decode()
-    except (ValueError, UnicodeError, binascii.Error):
-        raise InvalidInput("invalid pagination cursor") from None
+        raw = base64.b64decode(padded.encode("ascii"), altchars=b"-_", validate=True)
+        bound, after = json.loads(raw)
+    except (ValueError, TypeError, UnicodeError, binascii.Error):
+        raise InvalidCursor("invalid pagination cursor: pass back a next_cursor unchanged") \
+            from None
+    if bound != gallery or not isinstance(after, str) or encode_cursor(gallery, after) != cursor:
+        raise InvalidCursor("invalid pagination cursor: it belongs to another gallery or was "
+                            "changed; pass back a next_cursor of this gallery unchanged")
+    return after
 
 
 class GalleryService:
@@ -247,18 +260,18 @@ class GalleryService:
     # --- galleries --------------------------------------------------------------
     def create_gallery(self, name: str, model_id: str) -> dict:
         """Create a gallery; idempotent for the same model id, else ``GalleryModelMismatch``."""
-        gallery, _ = self.store.create_gallery(check_name(name, "gallery"),
+        gallery, _ = self.store.create_gallery(check_gallery(name),
                                                check_name(model_id, "model_id"))
         return gallery
 
     def get_gallery(self, name: str) -> dict:
-        return self.store.get_gallery(check_name(name, "gallery"))
+        return self.store.get_gallery(check_gallery(name))
 
     def list_galleries(self) -> list[dict]:
         return self.store.list_galleries()
 
     def delete_gallery(self, name: str) -> None:
-        seq = self.store.delete_gallery(check_name(name, "gallery"))
+        seq = self.store.delete_gallery(check_gallery(name))
         self._apply_own(Change(seq, name, "delete_gallery", None, None))
 
     # --- subjects ---------------------------------------------------------------
@@ -272,23 +285,23 @@ class GalleryService:
         go through :meth:`update_subject`).  ``metadata`` is still validated.
         """
         return self.store.upsert_subject(
-            check_name(gallery, "gallery"), check_name(subject_id, "subject_id"), metadata,
+            check_gallery(gallery), check_subject_id(subject_id), metadata,
             check_name(model_id, "model_id"),
         )
 
     def get_subject(self, gallery: str, subject_id: str) -> dict:
-        return self.store.get_subject(check_name(gallery, "gallery"),
-                                      check_name(subject_id, "subject_id"))
+        return self.store.get_subject(check_gallery(gallery),
+                                      check_subject_id(subject_id))
 
     def update_subject(self, gallery: str, subject_id: str, metadata: dict) -> dict:
         """Merge ``metadata`` into the subject's (top-level keys; a ``None`` value removes a key)."""
-        return self.store.update_subject(check_name(gallery, "gallery"),
-                                         check_name(subject_id, "subject_id"), metadata)
+        return self.store.update_subject(check_gallery(gallery),
+                                         check_subject_id(subject_id), metadata)
 
     def delete_subject(self, gallery: str, subject_id: str) -> int:
         """Delete a subject and its faces; return how many faces were removed."""
-        removed, seq = self.store.delete_subject(check_name(gallery, "gallery"),
-                                                 check_name(subject_id, "subject_id"))
+        removed, seq = self.store.delete_subject(check_gallery(gallery),
+                                                 check_subject_id(subject_id))
         self._apply_own(Change(seq, gallery, "delete_subject", None, subject_id))
         return removed
 
@@ -298,9 +311,11 @@ class GalleryService:
         """A page of subjects ordered by subject_id, and the cursor of the next page (or None)."""
         if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit must be an integer from 1 to {MAX_PAGE}")
-        after = None if cursor is None else decode_cursor(cursor)
-        subjects, more = self.store.list_subjects(check_name(gallery, "gallery"), limit, after)
-        next_cursor = encode_cursor(subjects[-1]["subject_id"]) if more and subjects else None
+        gallery = check_gallery(gallery)
+        after = None if cursor is None else decode_cursor(gallery, cursor)
+        subjects, more = self.store.list_subjects(gallery, limit, after)
+        next_cursor = (encode_cursor(gallery, subjects[-1]["subject_id"]) if more and subjects
+                       else None)
         return subjects, next_cursor
 
     # --- faces ------------------------------------------------------------------
@@ -324,7 +339,7 @@ class GalleryService:
                                            or not isinstance(source_face_id, (int, np.integer))):
             raise InvalidInput("source_face_id must be an integer")
         face, seq = self.store.add_face(
-            check_name(gallery, "gallery"), check_name(subject_id, "subject_id"), vector,
+            check_gallery(gallery), check_subject_id(subject_id), vector,
             check_name(model_id, "model_id"), quality,
             image if self.settings.store_images else None,
             None if source_face_id is None else int(source_face_id),
@@ -336,7 +351,7 @@ class GalleryService:
     def delete_face(self, gallery: str, face_id: int) -> None:
         if isinstance(face_id, bool) or not isinstance(face_id, (int, np.integer)):
             raise InvalidInput("face_id must be an integer")
-        subject_id, seq = self.store.delete_face(check_name(gallery, "gallery"), int(face_id))
+        subject_id, seq = self.store.delete_face(check_gallery(gallery), int(face_id))
         self._apply_own(Change(seq, gallery, "delete_face", int(face_id), subject_id))
 
     def subject_faces(self, gallery: str, subject_id: str, model_id: str) -> GalleryFaces:
@@ -345,8 +360,8 @@ class GalleryService:
         For comparing a probe with one subject exactly, whatever the index type (an
         approximate index may not return every face of a subject).
         """
-        faces = self.store.subject_faces(check_name(gallery, "gallery"),
-                                         check_name(subject_id, "subject_id"))
+        faces = self.store.subject_faces(check_gallery(gallery),
+                                         check_subject_id(subject_id))
         if faces.model_id != model_id:
             raise GalleryModelMismatch(gallery, faces.model_id, model_id)
         return faces
@@ -359,7 +374,7 @@ class GalleryService:
         Subjects are ranked by cosine similarity of their best face (max
         fusion); ``face_id`` names that face.
         """
-        check_name(gallery, "gallery")
+        check_gallery(gallery)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise InvalidInput("top_k must be a positive integer")
         if np.asarray(queries).size == 0:  # no faces in the probe image

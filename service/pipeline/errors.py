@@ -39,6 +39,12 @@ class TooManyPixels(PipelineError):
     code, status = "too_many_pixels", 413
 
 
+class DecodeTooLarge(PipelineError):
+    """Decoding the image would take more memory than the limit (bit depth x channels x pixels)."""
+
+    code, status = "decode_too_large", 413
+
+
 class UnsupportedImageType(PipelineError):
     """The data is not a JPEG, PNG, WebP or BMP image."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from service.registry import ARCFACE_TEMPLATE_112, Registry, default_registry, select_recognizer
 
 from .align import align_faces
-from .decode import decode_image
+from .decode import MemoryBudget, decode_cost, decode_opened, read_header
 from .detectors import build_detector
 from .embed import OnnxEmbedder
 from .types import Detection, FaceResult, Timings
@@ -51,6 +52,8 @@ class Pipeline:
         self.template = np.asarray(alignment.template if alignment else ARCFACE_TEMPLATE_112,
                                    dtype=np.float32)
         self.crop_size = tuple(alignment.size) if alignment else (112, 112)
+        #: Bytes of decoded images in flight (``settings.decode_budget_bytes``).
+        self.decode_budget = MemoryBudget(settings.decode_budget_bytes)
 
     @classmethod
     def from_settings(cls, settings, registry: Registry | None = None,
@@ -69,7 +72,20 @@ class Pipeline:
 
     # -- stages ----------------------------------------------------------------------
     def decode(self, data: bytes) -> np.ndarray:
-        return decode_image(data, self.settings.max_image_bytes, self.settings.max_image_pixels)
+        with self.decoded(data) as image:
+            return image
+
+    @contextmanager
+    def decoded(self, data: bytes, timings: Timings | None = None) -> Iterator[np.ndarray]:
+        """The decoded image, its estimated memory (:func:`decode_cost`) held from the
+        decode budget until the block ends: waits while other decodes fill the budget."""
+        settings = self.settings
+        img = read_header(data, settings.max_image_bytes, settings.max_image_pixels,
+                          settings.max_decode_bytes)
+        with self.decode_budget.reserve(decode_cost(img)):
+            with _timed(timings, "decode"):
+                image = decode_opened(img)
+            yield image
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         return self.detector.detect(image)
