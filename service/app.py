@@ -17,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from service.api import errors, extract, galleries, health, identify, info, verify
 from service.api.deps import AppState
@@ -31,6 +32,9 @@ from service.pipeline.errors import PipelineError
 from service.pipeline.pipeline import Pipeline
 
 log = logging.getLogger("facegate.app")
+
+#: Where the Swagger UI / ReDoc assets are served from.
+DOCS_ASSETS_URL = "/docs-assets"
 
 DESCRIPTION = """Face verification (1:1) and identification (1:N) over ONNX models, plus
 face detection and embedding extraction.
@@ -115,8 +119,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app for ``settings`` (default: from the ``FACEGATE_*`` environment)."""
     settings = settings or get_settings()
     metrics = Metrics()
-    app = FastAPI(title="facegate", version=_version(), description=DESCRIPTION,
-                  lifespan=lifespan)
+    # Swagger UI and ReDoc from the assets of the installed ``fastapi-offline`` package
+    # (FastAPI's own pages load them from a CDN: a blank page on an offline host).
+    app = FastAPIOffline(title="facegate", version=_version(), description=DESCRIPTION,
+                         lifespan=lifespan, static_url=DOCS_ASSETS_URL)
     app.state.settings = settings
     app.state.metrics = metrics
     errors.install(app, domain_errors=(PipelineError, GalleryError))
