@@ -192,10 +192,9 @@ class MTCNNDetector:
         self.mean = np.asarray(pre.mean, dtype=np.float32)
         self.scale = 1.0 / np.asarray(pre.std, dtype=np.float32)
         model = onnx.load_model_from_string(Path(path).read_bytes())
-        options = session_options(settings)
-        # The cascade makes many short runs; threads that spin between them burn 2-4x the
-        # CPU time for no gain in throughput (bench/bench_mtcnn.py), so they sleep instead.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # The cascade makes many short runs; threads that spin between them burn CPU time
+        # for no gain in throughput (bench/bench_mtcnn.py, BENCHMARKS.md), so they sleep.
+        options = session_options(settings, spinning=False)
         providers = select_providers(list(settings.providers))
         self.sessions = {net: ort.InferenceSession(blob, sess_options=options, providers=providers)
                          for net, blob in split_networks(model).items()}
