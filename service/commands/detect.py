@@ -7,12 +7,14 @@ import sys
 import time
 from pathlib import Path
 
-from ._options import add_model_options, settings_from_args
+from service.helptext import summary
+
+from ._options import add_model_options, read_images, settings_from_args
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("detect", help="detect faces in an image (JSON)",
-                                   description=__doc__.splitlines()[0])
+                                   description=summary(__doc__))
     parser.add_argument("image", type=Path)
     add_model_options(parser, recognizer=False)
     parser.set_defaults(func=run)
@@ -24,17 +26,16 @@ def run(args) -> int:
     from service.pipeline.errors import PipelineError
     from service.registry import ModelError, default_registry
 
+    images = read_images([args.image])  # before the model loads
+    if images is None:
+        return 2
+    [(_, data)] = images
     settings = settings_from_args(args)
     try:
         card, path = default_registry(settings).resolve(settings.detector, task="detection")
         detector = build_detector(card, path, settings)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        data = args.image.read_bytes()
-    except OSError as exc:
-        print(f"error: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
         return 2
     try:
         image = decode_image(data, settings.max_image_bytes, settings.max_image_pixels)

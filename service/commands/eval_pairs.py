@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from service.helptext import summary
+
 from ._options import add_model_options, load_pipeline, settings_from_args
 
 #: Side of the fallback face square, as a fraction of the image's shorter side.
@@ -38,7 +40,7 @@ def fallback_landmarks(shape: tuple[int, ...], template: np.ndarray,
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval-pairs", help="LFW-style pair verification accuracy",
-                                   description=__doc__.splitlines()[0])
+                                   description=summary(__doc__))
     parser.add_argument("--pairs", type=Path, required=True, help="pairs.txt")
     parser.add_argument("--images", type=Path, required=True,
                         help="directory holding <Name>/<Name>_<nnnn>.jpg")
@@ -82,8 +84,13 @@ def embed_images(pipeline, paths: list[Path], flip: bool, workers: int
 def evaluate(pipeline, pairs_path: Path, images_dir: Path, flip: bool = False,
              limit_folds: int | None = None, workers: int = 1) -> dict:
     """The full report as a dict (see the module docstring)."""
-    from service.pipeline.pairs import (fmr_thresholds, impostor_scores_all, kfold_accuracy,
-                                        parse_pairs, roc_auc_points)
+    from service.pipeline.pairs import (
+        fmr_thresholds,
+        impostor_scores_all,
+        kfold_accuracy,
+        parse_pairs,
+        roc_auc_points,
+    )
 
     pairs = parse_pairs(pairs_path)
     if limit_folds:
@@ -122,7 +129,7 @@ def evaluate(pipeline, pairs_path: Path, images_dir: Path, flip: bool = False,
         "images_per_second": round(len(keys) / elapsed, 3),
         "seconds": round(elapsed, 2),
         "detector": pipeline.detector_card.name,
-        "detector_input": ("%dx%d letterbox" % pipeline.detector.fixed_size
+        "detector_input": ("{}x{} letterbox".format(*pipeline.detector.fixed_size)
                            if getattr(pipeline.detector, "fixed_size", None) else "per image"),
         "recognizer": pipeline.recognizer_card.name,
         "model_id": pipeline.embedder.model_id,

@@ -9,15 +9,16 @@ or has no face; 2 when the models cannot be loaded.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from ._options import add_model_options, load_pipeline, settings_from_args
+from service.helptext import summary
+
+from ._options import add_model_options, load_pipeline, read_images, settings_from_args
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("verify", help="compare the faces in two images (JSON)",
-                                   description=__doc__.splitlines()[0])
+                                   description=summary(__doc__))
     parser.add_argument("image_a", type=Path)
     parser.add_argument("image_b", type=Path)
     add_model_options(parser)
@@ -44,18 +45,16 @@ def run(args) -> int:
     from service.pipeline.decision import decide
     from service.pipeline.errors import PipelineError
 
+    images = read_images([args.image_a, args.image_b])  # before the models load
+    if images is None:
+        return 2
     extra = {"flip_augment": True} if args.flip else {}
     settings = settings_from_args(args, **extra)
     pipeline = load_pipeline(settings)
     if pipeline is None:
         return 2
     embeddings, counts = [], []
-    for path in (args.image_a, args.image_b):
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            print(f"error: cannot read {path}: {exc.strerror}", file=sys.stderr)
-            return 2
+    for path, data in images:
         try:
             embedding, count = main_face_embedding(pipeline, data)
         except PipelineError as exc:
