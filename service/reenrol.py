@@ -125,7 +125,7 @@ class Reenrolment:
         faces, images = gallery.store.image_counts(self.source)
         if faces and not images:
             raise NoStoredImages(self.source, faces)
-        gallery.create_gallery(self.target, self.model_id)
+        gallery.create_gallery(self.target, self.model_id, self.pipeline.embedder.dim)
         cursor = None
         while True:
             subjects, cursor = gallery.list_subjects(self.source, SUBJECT_PAGE, cursor)
@@ -137,7 +137,7 @@ class Reenrolment:
 
     def _copy_subject(self, subject_id: str, metadata: dict | None) -> None:
         _, created = self.gallery.upsert_subject(self.target, subject_id, metadata or {},
-                                                 self.model_id)
+                                                 self.model_id, self.pipeline.embedder.dim)
         if created:
             self.report.subjects_copied += 1
         else:

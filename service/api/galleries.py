@@ -61,7 +61,8 @@ async def create_gallery(gallery: GalleryName, response: Response,
                          state: State) -> dict:
     """Idempotent; 409 ``model_mismatch`` if the gallery exists for another model."""
     existed = gallery in {g["name"] for g in await _call(state.gallery.list_galleries)}
-    info = await _call(state.gallery.create_gallery, gallery, state.model_id)
+    info = await _call(state.gallery.create_gallery, gallery, state.model_id,
+                       state.pipeline.embedder.dim)
     response.status_code = status.HTTP_200_OK if existed else status.HTTP_201_CREATED
     return info
 
@@ -85,7 +86,7 @@ async def create_subject(gallery: GalleryName, body: SubjectCreate, response: Re
     ``subject_id`` again returns it unchanged with 200 (its metadata is only changed
     by ``PATCH``)."""
     subject, created = await _call(state.gallery.upsert_subject, gallery, body.subject_id,
-                                   body.metadata, state.model_id)
+                                   body.metadata, state.model_id, state.pipeline.embedder.dim)
     if not created:
         response.status_code = status.HTTP_200_OK
     return subject

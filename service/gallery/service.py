@@ -75,6 +75,15 @@ def check_name(value: object, what: str) -> str:
     return value
 
 
+def check_dim(value: object) -> int | None:
+    """An embedding dimension: a positive integer, or None (set by the first face)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidInput("dim must be a positive integer")
+    return int(value)
+
+
 def check_vectors(value: object, dim: int | None = None, *, batch: bool) -> np.ndarray:
     """A float32 copy of one embedding (``batch=False``) or an ``(n, dim)`` batch.
 
@@ -245,10 +254,12 @@ class GalleryService:
         self._synced_at, self._sync_error = began, None
 
     # --- galleries --------------------------------------------------------------
-    def create_gallery(self, name: str, model_id: str) -> dict:
-        """Create a gallery; idempotent for the same model id, else ``GalleryModelMismatch``."""
+    def create_gallery(self, name: str, model_id: str, dim: int | None = None) -> dict:
+        """Create a gallery; idempotent for the same model id, else ``GalleryModelMismatch``.
+        ``dim``: the model's embedding dimension (a new gallery reports it before its first
+        face)."""
         gallery, _ = self.store.create_gallery(check_name(name, "gallery"),
-                                               check_name(model_id, "model_id"))
+                                               check_name(model_id, "model_id"), check_dim(dim))
         return gallery
 
     def get_gallery(self, name: str) -> dict:
@@ -263,9 +274,14 @@ class GalleryService:
 
     # --- subjects ---------------------------------------------------------------
     def upsert_subject(
-        self, gallery: str, subject_id: str, metadata: dict | None, model_id: str
+        self,
+        gallery: str,
+        subject_id: str,
+        metadata: dict | None,
+        model_id: str,
+        dim: int | None = None,
     ) -> tuple[dict, bool]:
-        """Create a subject (and the gallery, with ``model_id``, on first use).
+        """Create a subject (and the gallery, with ``model_id`` and ``dim``, on first use).
 
         Idempotent: for an existing subject it returns that subject unchanged
         with ``created=False`` (``metadata`` is then ignored; metadata changes
@@ -273,7 +289,7 @@ class GalleryService:
         """
         return self.store.upsert_subject(
             check_name(gallery, "gallery"), check_name(subject_id, "subject_id"), metadata,
-            check_name(model_id, "model_id"),
+            check_name(model_id, "model_id"), check_dim(dim),
         )
 
     def get_subject(self, gallery: str, subject_id: str) -> dict:
