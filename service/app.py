@@ -65,7 +65,7 @@ def cpu_limiter(settings: Settings):
 async def _start(state: AppState) -> None:
     settings = state.settings
     t0 = time.perf_counter()
-    state.pipeline = await anyio.to_thread.run_sync(Pipeline.from_settings, settings)
+    pipeline = await anyio.to_thread.run_sync(Pipeline.from_settings, settings)
     state.startup["models_s"] = round(time.perf_counter() - t0, 3)
     t1 = time.perf_counter()
     state.gallery = open_gallery(settings)  # set first: a failed start is still stopped
@@ -81,13 +81,15 @@ async def _start(state: AppState) -> None:
 
     state.cpu_limiter = cpu_limiter(settings)
     state.fetcher = UrlFetcher.from_settings(settings, user_agent=f"facegate/{_version()}")
-    state.batcher = MicroBatcher(state.pipeline.embed, enabled=settings.batching,
+    # The one embedder of the app: every embedding, whoever asks, goes through the batcher.
+    state.batcher = MicroBatcher(pipeline.embedder, enabled=settings.batching,
                                  max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                                  observer=observe)
     await state.batcher.start()
+    state.pipeline = pipeline.with_embedder(state.batcher)
     # Warm the whole embedding path once (sessions were warmed when built).
     size = state.pipeline.crop_size
-    await state.batcher.embed(np.zeros((1, size[1], size[0], 3), dtype=np.uint8))
+    await state.batcher.embed_async(np.zeros((1, size[1], size[0], 3), dtype=np.uint8))
     state.warmed = True
     log.info("facegate ready: detector %s, recognizer %s (%s), startup %s",
              state.pipeline.detector_card.name, state.pipeline.recognizer_card.name,

@@ -31,7 +31,7 @@ class AppState:
 
     @property
     def model_id(self) -> str:
-        return self.pipeline.embedder.model_id
+        return self.pipeline.model_id
 
 
 def get_state(request: Request) -> AppState:

@@ -14,6 +14,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict
 
+from service.pipeline.faces import face_quality
 from service.pipeline.types import Timings
 from service.reenrol import Reenrolment
 
@@ -62,7 +63,7 @@ async def create_gallery(gallery: GalleryName, response: Response,
     """Idempotent; 409 ``model_mismatch`` if the gallery exists for another model."""
     existed = gallery in {g["name"] for g in await _call(state.gallery.list_galleries)}
     info = await _call(state.gallery.create_gallery, gallery, state.model_id,
-                       state.pipeline.embedder.dim)
+                       state.pipeline.dim)
     response.status_code = status.HTTP_200_OK if existed else status.HTTP_201_CREATED
     return info
 
@@ -86,7 +87,7 @@ async def create_subject(gallery: GalleryName, body: SubjectCreate, response: Re
     ``subject_id`` again returns it unchanged with 200 (its metadata is only changed
     by ``PATCH``)."""
     subject, created = await _call(state.gallery.upsert_subject, gallery, body.subject_id,
-                                   body.metadata, state.model_id, state.pipeline.embedder.dim)
+                                   body.metadata, state.model_id, state.pipeline.dim)
     if not created:
         response.status_code = status.HTTP_200_OK
     return subject
@@ -142,7 +143,7 @@ async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Reque
     await analysis.call(clock, "gallery", state.gallery.get_subject, gallery, subject_id)
     found = await analysis.analyze(state, payload.images["image"], "enrol", clock)
     detection = found.detections[0]
-    quality = analysis.face_quality(detection, found.crops[0])
+    quality = face_quality(detection, found.crops[0])
     image = payload.images["image"] if settings.store_images else None
     face = await analysis.call(clock, "gallery", state.gallery.add_face, gallery, subject_id,
                                found.embeddings[0], state.model_id, quality, image)

@@ -1,9 +1,11 @@
 """``facegate verify A B``: are the main faces of two images the same person? (JSON)
 
-The main face of each image is the largest, most central one. The decision uses
-the recognizer card's threshold at the operating point (``decision.decide``).
-Exit status 0 with a JSON decision; 3 with a JSON error when an image is refused
-or has no face; 2 when the models cannot be loaded.
+The main face of each image is its largest (``service.pipeline.faces.main_face``, the
+rule ``POST /v1/verify`` follows). The decision uses the recognizer card's threshold at
+the operating point (``decision.decide``); an operating point the card does not offer is
+refused, as by the REST API. Exit status 0 with a JSON decision; 3 with a JSON error when
+an image is refused or has no face, or the operating point is unknown; 2 when an image
+cannot be read or the models cannot be loaded.
 """
 
 from __future__ import annotations
@@ -28,21 +30,13 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def main_face_embedding(pipeline, data: bytes):
-    """(embedding, number of faces) of an image's main face; raises ``NoFace``."""
-    from service.pipeline.errors import NoFace
-    from service.pipeline.pipeline import primary_face
-
-    image = pipeline.decode(data)
-    faces = pipeline.detect(image)
-    index = primary_face(faces, image.shape)
-    if index is None:
-        raise NoFace("no face was found in the image")
-    return pipeline.embed(pipeline.align(image, [faces[index]]))[0], len(faces)
-
-
 def run(args) -> int:
-    from service.pipeline.decision import decide
+    from service.pipeline.decision import (
+        UnknownOperatingPoint,
+        decide,
+        operating_point,
+        threshold_for,
+    )
     from service.pipeline.errors import PipelineError
 
     images = read_images([args.image_a, args.image_b])  # before the models load
@@ -53,24 +47,30 @@ def run(args) -> int:
     pipeline = load_pipeline(settings)
     if pipeline is None:
         return 2
-    embeddings, counts = [], []
+    try:
+        point = operating_point(pipeline.recognizer_card, args.operating_point,
+                                settings.operating_point)
+    except UnknownOperatingPoint as exc:
+        print(json.dumps({"error": {"code": exc.code, "message": str(exc)}}))
+        return 3
+    found = []
     for path, data in images:
         try:
-            embedding, count = main_face_embedding(pipeline, data)
+            found.append(pipeline.locate(data, "largest"))
         except PipelineError as exc:
             print(json.dumps({"error": {"code": exc.code, "message": f"{path}: {exc.message}"}}))
             return 3
-        embeddings.append(embedding)
-        counts.append(count)
-    similarity = float(embeddings[0] @ embeddings[1])
-    decision = decide(similarity, pipeline.recognizer_card,
-                      args.operating_point or settings.operating_point)
+    pipeline.embed_faces(found)
+    similarity = float(found[0].embeddings[0] @ found[1].embeddings[0])
+    decision = decide(similarity, threshold_for(pipeline.recognizer_card, point))
     print(json.dumps({
         **decision.to_dict(),
         "similarity": round(similarity, 6),
-        "faces": {"a": counts[0], "b": counts[1]},
+        "faces": {"a": found[0].detected, "b": found[1].detected},
+        "face_a": found[0].detections[0].to_dict(),
+        "face_b": found[1].detections[0].to_dict(),
         "detector": pipeline.detector_card.name,
         "recognizer": pipeline.recognizer_card.name,
-        "model_id": pipeline.embedder.model_id,
+        "model_id": pipeline.model_id,
     }))
     return 0
