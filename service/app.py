@@ -56,7 +56,7 @@ def _version() -> str:
 
 def cpu_limiter(settings: Settings):
     """Bound on images analysed at once: ``settings.pipeline_threads``, or (0) just the
-    thread pool's own bound (measured no slower on the 2-core VM, see BENCHMARKS.md)."""
+    thread pool's own bound (measured in BENCHMARKS.md)."""
     if settings.pipeline_threads > 0:
         return anyio.CapacityLimiter(settings.pipeline_threads)
     return anyio.to_thread.current_default_thread_limiter()
@@ -82,6 +82,7 @@ async def _start(state: AppState) -> None:
     state.cpu_limiter = cpu_limiter(settings)
     state.fetcher = UrlFetcher.from_settings(settings, user_agent=f"facegate/{_version()}")
     # The one embedder of the app: every embedding, whoever asks, goes through the batcher.
+    assert pipeline.embedder is not None  # from_settings builds both models
     state.batcher = MicroBatcher(pipeline.embedder, enabled=settings.batching,
                                  max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                                  observer=observe)

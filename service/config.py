@@ -106,8 +106,7 @@ class Settings(BaseSettings):
     ort_spinning: bool = Field(
         False, description="let ONNX Runtime's intra-op threads spin between runs (ONNX "
                            "Runtime's own default); off (ours), idle threads sleep and leave "
-                           "the CPU to other work: 1.5x the images/s of spinning on 2 cores "
-                           "(BENCHMARKS.md)",
+                           "the CPU to other work (measured in BENCHMARKS.md)",
     )
     flip_augment: bool = False
 

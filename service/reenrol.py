@@ -198,7 +198,6 @@ class Reenrolment:
             return
         pipeline.embed_faces([faces for _, faces in located])
         for photo, faces in located:
-            assert faces.embeddings is not None
             quality = face_quality(faces.detections[0], faces.crops[0])
             try:
                 self._add(photo, faces.embeddings[0], quality)

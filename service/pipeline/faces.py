@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import cv2
@@ -41,7 +41,8 @@ class Faces:
     crops: np.ndarray  # (n, h, w, 3) uint8 BGR aligned crops
     image_size: tuple[int, int]  # (width, height)
     detected: int  # faces the detector found, before the policy
-    embeddings: np.ndarray | None = None  # (n, dim) float32, L2-normalised
+    #: (n, dim) float32, L2-normalised, once embedded (``Pipeline.embed_faces``); empty before
+    embeddings: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
     def describe(self) -> list[dict]:
         """Every kept face as box, score, landmarks and its :func:`face_quality` figures."""

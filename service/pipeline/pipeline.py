@@ -76,17 +76,21 @@ class Pipeline:
         self.detector_card = detector_card if detector_card is not None else detector.card
         if recognizer_card is None and embedder is not None:
             recognizer_card = embedder.card
-        self.recognizer_card = recognizer_card
+        self._recognizer_card = recognizer_card
         #: How the recognizer was chosen (:func:`service.registry.select_recognizer`):
         #: ``configured``, ``default`` or ``fallback``.
         self.recognizer_selection = recognizer_selection
         alignment = recognizer_card.alignment if recognizer_card is not None else None
-        if template is None:
-            template = alignment.template if alignment else ARCFACE_TEMPLATE_112
-        self.template = np.asarray(template, dtype=np.float32)
-        if crop_size is None:
-            crop_size = tuple(alignment.size) if alignment else (112, 112)
-        self.crop_size: tuple[int, int] = (int(crop_size[0]), int(crop_size[1]))
+        if template is not None:
+            self.template = np.asarray(template, dtype=np.float32)
+        else:
+            self.template = np.asarray(alignment.template if alignment else ARCFACE_TEMPLATE_112,
+                                       dtype=np.float32)
+        if crop_size is not None:
+            self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+        else:
+            size = alignment.size if alignment else (112, 112)
+            self.crop_size = (int(size[0]), int(size[1]))
         #: The enrolment quality floor (policy ``enrol``).
         self.floor = QualityFloor(float(settings.enroll_min_face_size),
                                   float(settings.enroll_min_det_score))
@@ -109,8 +113,14 @@ class Pipeline:
     def with_embedder(self, embedder: Embedder) -> Pipeline:
         """The same pipeline embedding through ``embedder`` (e.g. the micro-batcher)."""
         return Pipeline(self.detector, embedder, self.settings, self.detector_card,
-                        self.recognizer_card, self.recognizer_selection,
+                        self._recognizer_card, self.recognizer_selection,
                         template=self.template, crop_size=self.crop_size)
+
+    @property
+    def recognizer_card(self) -> ModelCard:
+        if self._recognizer_card is None:
+            raise RuntimeError("this pipeline only locates faces: it has no recognizer")
+        return self._recognizer_card
 
     @property
     def model_id(self) -> str:
