@@ -37,11 +37,10 @@ import numpy as np
 from service.gallery.errors import (
     Conflict,
     GalleryError,
-    GalleryModelMismatch,
     GalleryNotFound,
     NoStoredImages,
 )
-from service.gallery.service import GalleryService, check_name
+from service.gallery.service import GalleryService, check_model, check_name
 from service.pipeline.errors import PipelineError
 from service.pipeline.faces import Faces, face_quality
 
@@ -122,8 +121,8 @@ class Reenrolment:
             existing = gallery.get_gallery(self.target)
         except GalleryNotFound:
             existing = None
-        if existing is not None and existing["model_id"] != self.model_id:
-            raise GalleryModelMismatch(self.target, existing["model_id"], self.model_id)
+        if existing is not None:
+            check_model(self.target, existing["model_id"], self.model_id)
         faces, images = gallery.store.image_counts(self.source)
         if faces and not images:
             raise NoStoredImages(self.source, faces)

@@ -18,7 +18,7 @@ from functools import partial
 import anyio.to_thread
 from starlette.concurrency import run_in_threadpool
 
-from service.gallery.errors import GalleryModelMismatch
+from service.gallery.service import check_model
 from service.pipeline.errors import PipelineError
 from service.pipeline.faces import Faces, Policy
 from service.pipeline.types import Timings
@@ -83,9 +83,8 @@ async def call(timings: Timings, stage: str, fn, *args):
 async def gallery_for_model(state: AppState, name: str, timings: Timings) -> dict:
     """The gallery's info; 404 if unknown, 409 if it holds another model's embeddings."""
     info = await call(timings, "search", state.gallery.get_gallery, name)
-    model_id = info.get("model_id")
-    if model_id is not None and model_id != state.model_id:
-        raise GalleryModelMismatch(name, model_id, state.model_id)
+    if info.get("model_id") is not None:
+        check_model(name, info["model_id"], state.model_id)
     return info
 
 
