@@ -88,3 +88,24 @@ def test_cli_and_rest_refuse_an_unknown_operating_point(server, capsys, two_peop
     assert by_cli["error"]["code"] == answer.json()["error"]["code"] == "unknown_operating_point"
     assert by_cli["error"]["message"] == answer.json()["error"]["message"]
     assert "fmr_1e-3" in by_cli["error"]["message"]  # it lists the points there are
+
+
+def test_verify_timings_add_up_to_the_request(server, two_people):
+    """``?timings=true``: per request, stage by stage, summed over both images; the stages
+    run one after another, so they add up to at most ``total``, itself within the time the
+    client waited."""
+    import time
+
+    for _ in range(3):
+        started = time.perf_counter()
+        files = {"image1": ("a.png", two_people.read_bytes()),
+                 "image2": ("b.jpg", lfw("Abel_Pacheco", 4).read_bytes())}
+        answer = httpx.post(f"{server.base_url}/v1/verify?timings=true", files=files,
+                            timeout=60)
+        waited_ms = (time.perf_counter() - started) * 1000.0
+        assert answer.status_code == 200, answer.text
+        timings = answer.json()["timings"]
+        stages = {k: v for k, v in timings.items() if k != "total"}
+        assert set(stages) == {"decode", "detect", "align", "embed"}
+        assert all(v > 0 for v in stages.values())
+        assert sum(stages.values()) <= timings["total"] <= waited_ms
