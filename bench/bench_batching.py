@@ -47,7 +47,7 @@ def aligned_faces(pipeline: Pipeline, n: int) -> np.ndarray:
 async def run(pipeline: Pipeline, crops: np.ndarray, enabled: bool, concurrency: int,
               requests: int, max_batch: int, max_wait_ms: float) -> dict:
     sizes: list[int] = []
-    batcher = MicroBatcher(pipeline.embed, enabled=enabled, max_batch=max_batch,
+    batcher = MicroBatcher(pipeline.embedder, enabled=enabled, max_batch=max_batch,
                            max_wait_ms=max_wait_ms, observer=lambda n, w: sizes.append(n))
     await batcher.start()
     latencies: list[float] = []
@@ -56,7 +56,7 @@ async def run(pipeline: Pipeline, crops: np.ndarray, enabled: bool, concurrency:
     async def caller() -> None:
         for i in counter:
             start = time.perf_counter()
-            await batcher.embed(crops[i % len(crops)][None])
+            await batcher.embed_async(crops[i % len(crops)][None])
             latencies.append(time.perf_counter() - start)
 
     started = time.perf_counter()

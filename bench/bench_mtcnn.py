@@ -89,7 +89,7 @@ def main() -> None:
         import onnx
         import onnxruntime as ort
 
-        from service.convert.mtcnn import split_networks
+        from service.pipeline.detectors.mtcnn import split_networks
         from service.pipeline.runtime import select_providers, session_options
 
         spinning = build_detector(card, model_path, Settings())

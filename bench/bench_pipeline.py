@@ -3,7 +3,7 @@
 Both run in this process on the same images (InsightFace's group photo, then LFW
 and CelebA photos in equal parts) with the same ONNX files from ``../shared/models``:
 
-- ours: ``Pipeline.analyze(bytes)`` (decode, detect, align, embed every face)
+- ours: ``Pipeline.analyze(bytes)`` (decode, detect, align, embed every face, largest first)
   with SCRFD-2.5G at the image's own size (rounded to 32, at most det_size) and
   the MobileFaceNet peer;
 - insightface: ``cv2.imdecode`` + ``model_zoo.SCRFD.detect`` at 640x640 (as
@@ -64,7 +64,8 @@ def build_ours(detector: str, recognizer: str):
 
     def run(data: bytes) -> list[tuple]:
         """(box, L2-normalised embedding) of every face."""
-        return [(f.detection.box, f.embedding) for f in pipeline.analyze(data)[1]]
+        faces = pipeline.analyze(data, allow_none=True)
+        return list(zip([d.box for d in faces.detections], faces.embeddings, strict=True))
 
     return run
 

@@ -200,7 +200,7 @@ def embed_photos(root: Path, paths: list[str], detector: str, recognizer: str,
     """Embedding of each photo's primary face (NaN row: no face), through the service
     pipeline; cached per photo in ``cache``.  Returns (embeddings, seconds, newly embedded)."""
     from service.config import MANIFEST_PATH, Settings
-    from service.pipeline.pipeline import Pipeline, primary_face
+    from service.pipeline.pipeline import Pipeline
     from service.registry import Registry
 
     stored: dict[str, np.ndarray] = {}
@@ -215,10 +215,10 @@ def embed_photos(root: Path, paths: list[str], detector: str, recognizer: str,
         pipeline = Pipeline.from_settings(settings, Registry(MANIFEST_PATH, [SHARED / "models"]))
         dim = None
         for path in missing:
-            image, faces = pipeline.analyze((root / "images" / path).read_bytes())
-            best = primary_face([f.detection for f in faces], image.shape)
-            if best is not None:
-                stored[path] = faces[best].embedding.astype(np.float32)
+            faces = pipeline.analyze((root / "images" / path).read_bytes(), "largest",
+                                     allow_none=True)
+            if faces.detections:
+                stored[path] = faces.embeddings[0].astype(np.float32)
                 dim = len(stored[path])
             else:
                 stored[path] = None

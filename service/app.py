@@ -17,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from service.api import errors, extract, galleries, health, identify, info, verify
 from service.api.deps import AppState
@@ -31,6 +32,9 @@ from service.pipeline.errors import PipelineError
 from service.pipeline.pipeline import Pipeline
 
 log = logging.getLogger("facegate.app")
+
+#: Where the Swagger UI / ReDoc assets are served from.
+DOCS_ASSETS_URL = "/docs-assets"
 
 DESCRIPTION = """Face verification (1:1) and identification (1:N) over ONNX models, plus
 face detection and embedding extraction.
@@ -53,7 +57,7 @@ def _version() -> str:
 
 def cpu_limiter(settings: Settings):
     """Bound on images analysed at once: ``settings.pipeline_threads``, or (0) just the
-    thread pool's own bound (measured no slower on the 2-core VM, see BENCHMARKS.md)."""
+    thread pool's own bound (measured in BENCHMARKS.md)."""
     if settings.pipeline_threads > 0:
         return anyio.CapacityLimiter(settings.pipeline_threads)
     return anyio.to_thread.current_default_thread_limiter()
@@ -62,7 +66,7 @@ def cpu_limiter(settings: Settings):
 async def _start(state: AppState) -> None:
     settings = state.settings
     t0 = time.perf_counter()
-    state.pipeline = await anyio.to_thread.run_sync(Pipeline.from_settings, settings)
+    pipeline = await anyio.to_thread.run_sync(Pipeline.from_settings, settings)
     state.startup["models_s"] = round(time.perf_counter() - t0, 3)
     t1 = time.perf_counter()
     state.gallery = open_gallery(settings)  # set first: a failed start is still stopped
@@ -78,13 +82,16 @@ async def _start(state: AppState) -> None:
 
     state.cpu_limiter = cpu_limiter(settings)
     state.fetcher = UrlFetcher.from_settings(settings, user_agent=f"facegate/{_version()}")
-    state.batcher = MicroBatcher(state.pipeline.embed, enabled=settings.batching,
+    # The one embedder of the app: every embedding, whoever asks, goes through the batcher.
+    assert pipeline.embedder is not None  # from_settings builds both models
+    state.batcher = MicroBatcher(pipeline.embedder, enabled=settings.batching,
                                  max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                                  observer=observe)
     await state.batcher.start()
+    state.pipeline = pipeline.with_embedder(state.batcher)
     # Warm the whole embedding path once (sessions were warmed when built).
     size = state.pipeline.crop_size
-    await state.batcher.embed(np.zeros((1, size[1], size[0], 3), dtype=np.uint8))
+    await state.batcher.embed_async(np.zeros((1, size[1], size[0], 3), dtype=np.uint8))
     state.warmed = True
     log.info("facegate ready: detector %s, recognizer %s (%s), startup %s",
              state.pipeline.detector_card.name, state.pipeline.recognizer_card.name,
@@ -116,9 +123,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app for ``settings`` (default: from the ``FACEGATE_*`` environment)."""
     settings = settings or get_settings()
     metrics = Metrics()
+    # Swagger UI and ReDoc from the assets of the installed ``fastapi-offline`` package
+    # (FastAPI's own pages load them from a CDN: a blank page on an offline host).
     # No redirects: a 307 from ``/x/`` to ``/x`` would send a write to another resource.
-    app = FastAPI(title="facegate", version=_version(), description=DESCRIPTION,
-                  lifespan=lifespan, redirect_slashes=False)
+    app = FastAPIOffline(title="facegate", version=_version(), description=DESCRIPTION,
+                         lifespan=lifespan, static_url=DOCS_ASSETS_URL, redirect_slashes=False)
     app.state.settings = settings
     app.state.metrics = metrics
     errors.install(app, domain_errors=(PipelineError, GalleryError))

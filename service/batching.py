@@ -1,26 +1,35 @@
 """Micro-batching of embedding work across concurrent requests.
 
-Requests hand their aligned face crops to :meth:`MicroBatcher.embed`.  One
-worker task collects what arrives within ``max_wait_ms`` of the first waiting
-request (or until ``max_batch`` faces are queued), runs the embedder once on
-the concatenation in a worker thread, and hands each request its rows back.
-While a batch is running, new requests queue up and form the next batch, so
-under load batches grow by themselves and at low load a request waits at most
-``max_wait_ms``.  With batching disabled every request calls the embedder
-directly in the thread pool.
+:class:`MicroBatcher` wraps an embedder and *is* one (the ``Embedder`` protocol: ``card``,
+``model_id``, ``dim``, ``embed``): the app builds it once around the pipeline's ONNX
+embedder and gives the pipeline the batcher instead, so no caller chooses between them.
+``embed`` blocks the calling worker thread until its rows are back; ``embed_async`` is the
+same from the event loop.  One worker task collects what arrives within ``max_wait_ms``
+of the first waiting request (or until ``max_batch`` faces are queued), runs the embedder
+once on the concatenation in a worker thread of its own, and hands each request its rows
+back.  While a batch is running, new requests queue up and form the next batch, so under
+load batches grow by themselves and at low load a request waits at most ``max_wait_ms``.
+With batching disabled every call goes straight to the embedder.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import anyio
 import anyio.to_thread
 import numpy as np
 
-EmbedFn = Callable[[np.ndarray], np.ndarray]
+from service.pipeline.types import Embedder
+
+if TYPE_CHECKING:
+    from service.registry import ModelCard
+
 BatchObserver = Callable[[int, list[float]], None]
 
 
@@ -32,13 +41,15 @@ class _Job:
 
 
 class MicroBatcher:
-    """Coalesces concurrent ``embed`` calls into batched calls of ``fn``."""
+    """An ``Embedder`` that coalesces concurrent ``embed`` calls into batched calls of the
+    embedder it wraps."""
 
-    def __init__(self, fn: EmbedFn, *, enabled: bool = True, max_batch: int = 32,
+    def __init__(self, embedder: Embedder, *, enabled: bool = True, max_batch: int = 32,
                  max_wait_ms: float = 2.0, observer: BatchObserver | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
-        self.fn = fn
+        self.embedder = embedder
+        self.fn = embedder.embed
         self.enabled = enabled
         self.max_batch = max_batch
         self.max_wait_s = max(0.0, max_wait_ms) / 1000.0
@@ -46,8 +57,43 @@ class MicroBatcher:
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
         self._carry: _Job | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # The model runs in threads of its own, so that callers blocked in ``embed`` (which
+        # hold worker threads) can never starve the batches they wait for.
+        self._model_threads = anyio.CapacityLimiter(1)
         self.batches = 0
         self.faces = 0
+
+    # -- the Embedder interface ------------------------------------------------------------
+    @property
+    def card(self) -> ModelCard:
+        return self.embedder.card
+
+    @property
+    def model_id(self) -> str:
+        return self.embedder.model_id
+
+    @property
+    def dim(self) -> int:
+        return int(self.embedder.dim)
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        """(N, h, w, 3) aligned crops -> (N, dim) embeddings, from a worker thread: blocks
+        until the batch holding these crops has run (at once when batching is off)."""
+        loop = self._loop
+        if not self.enabled or loop is None or loop.is_closed():
+            if len(crops) == 0:
+                raise ValueError("no crops to embed")
+            result = self.fn(crops)
+            self._record(len(crops), [0.0])
+            return result
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise RuntimeError("MicroBatcher.embed blocks: call embed_async on the event loop")
+        return asyncio.run_coroutine_threadsafe(self.embed_async(crops), loop).result()
 
     def config(self) -> dict:
         return {"enabled": self.enabled, "max_batch": self.max_batch,
@@ -58,18 +104,18 @@ class MicroBatcher:
         return {"batches": self.batches, "faces": self.faces, "mean_batch_size": round(mean, 3)}
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         if self.enabled and self._worker is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.create_task(self._run(), name="facegate-micro-batcher")
 
     async def stop(self) -> None:
+        self._loop = None
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await worker
-            except asyncio.CancelledError:
-                pass
         pending = [self._carry] if self._carry else []
         self._carry = None
         while self._queue is not None and not self._queue.empty():
@@ -78,7 +124,7 @@ class MicroBatcher:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("embedding batcher stopped"))
 
-    async def embed(self, crops: np.ndarray) -> np.ndarray:
+    async def embed_async(self, crops: np.ndarray) -> np.ndarray:
         """(N, h, w, 3) aligned crops -> (N, dim) embeddings, possibly batched with others."""
         if len(crops) == 0:
             raise ValueError("no crops to embed")
@@ -137,7 +183,8 @@ class MicroBatcher:
             crops = batch[0].crops if len(batch) == 1 else np.concatenate(
                 [job.crops for job in batch])
             try:
-                result = await anyio.to_thread.run_sync(self.fn, crops)
+                result = await anyio.to_thread.run_sync(self.fn, crops,
+                                                        limiter=self._model_threads)
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 for job in batch:
                     if not job.future.done():

@@ -10,11 +10,13 @@ import argparse
 import importlib
 import sys
 
+from service.helptext import summary
+
 COMMANDS = ["models", "serve", "verify", "eval_pairs", "detect", "gallery"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="facegate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="facegate", description=summary(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -24,6 +25,21 @@ def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+def parse_host(entry: str) -> tuple[str, int | None]:
+    """An allow-list entry (``host``, ``host:port``, ``[v6]:port``) -> (lower-case host, port)."""
+    text = entry.strip()
+    if not text or any(c in text for c in "/@?#\\ ") or "://" in text:
+        raise ValueError(f"allow-list entry {entry!r} is not a host name or host:port")
+    try:
+        parts = urlsplit(f"//{text}")
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"allow-list entry {entry!r} has an invalid port") from None
+    if not parts.hostname:
+        raise ValueError(f"allow-list entry {entry!r} has no host")
+    return parts.hostname.lower(), port
 
 
 class Settings(BaseSettings):
@@ -98,8 +114,7 @@ class Settings(BaseSettings):
     ort_spinning: bool = Field(
         False, description="let ONNX Runtime's intra-op threads spin between runs (ONNX "
                            "Runtime's own default); off (ours), idle threads sleep and leave "
-                           "the CPU to other work: 1.5x the images/s of spinning on 2 cores "
-                           "(BENCHMARKS.md)",
+                           "the CPU to other work (measured in BENCHMARKS.md)",
     )
     flip_augment: bool = False
 
@@ -158,8 +173,6 @@ class Settings(BaseSettings):
     @field_validator("url_allowlist")
     @classmethod
     def _hosts(cls, value: list[str]) -> list[str]:
-        from service.api.urls import parse_host  # the one parser of allow-list entries
-
         for entry in value:
             parse_host(entry)  # ValueError names the bad entry
         return value

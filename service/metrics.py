@@ -17,6 +17,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 1.5, 2.5, 5.0,
@@ -85,8 +86,23 @@ class Metrics:
 
 
 def route_label(scope: Scope) -> str:
-    """The matched route template of a request (``/v1/galleries/{gallery}/...``)."""
-    return getattr(scope.get("route"), "path", None) or "unmatched"
+    """The matched route template of a request (``/v1/galleries/{gallery}/...``).
+
+    FastAPI records the route of its API routes in the scope; the others (``/docs``,
+    ``/openapi.json``, ``/redoc``, the docs' static files) are matched here against the
+    app's routes.  A path no route serves is ``unmatched``.
+    """
+    path = getattr(scope.get("route"), "path", None)
+    if path:
+        return str(path)
+    # A mount (the docs' assets) has moved its prefix into root_path: match the path as
+    # the app received it.
+    received = {**scope, "root_path": scope.get("app_root_path", "")}
+    for route in getattr(scope.get("app"), "routes", ()):
+        match, _ = route.matches(received)
+        if match == Match.FULL:
+            return str(getattr(route, "path", None) or "unmatched")
+    return "unmatched"
 
 
 def _galleries(stats: dict) -> list[dict]:
@@ -120,6 +136,7 @@ class MetricsMiddleware:
         finally:
             path = route_label(scope)
             method = scope.get("method", "")
-            self.metrics.requests.labels(route=path, method=method, status=str(status["code"])).inc()
+            code = str(status["code"])
+            self.metrics.requests.labels(route=path, method=method, status=code).inc()
             self.metrics.latency.labels(route=path, method=method).observe(
                 time.perf_counter() - start)

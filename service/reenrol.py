@@ -30,19 +30,24 @@ the detector's batch call and all their faces embedded in one call.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.api.analysis import face_quality, select_faces
 from service.gallery.errors import (
     Conflict,
     GalleryError,
-    GalleryModelMismatch,
     GalleryNotFound,
     NoStoredImages,
 )
 from service.gallery.names import check_gallery
+from service.gallery.service import GalleryService, check_model
 from service.pipeline.errors import PipelineError
+from service.pipeline.faces import Faces, face_quality
+
+if TYPE_CHECKING:
+    from service.config import Settings
+    from service.pipeline.pipeline import Pipeline
 
 CHUNK = 16
 SUBJECT_PAGE = 500
@@ -53,9 +58,6 @@ class _Photo:
     face_id: int
     subject_id: str
     data: bytes
-    image: np.ndarray | None = None
-    detection: object = None
-    crop: np.ndarray | None = None
 
 
 @dataclass
@@ -90,14 +92,14 @@ class Reenrolment:
     it returns False; ``report.to_dict()`` is the answer.  ``run()`` does it all.
     """
 
-    def __init__(self, gallery, pipeline, settings, source: str, target: str,
-                 chunk: int = CHUNK) -> None:
-        self.gallery = gallery  # service.gallery.GalleryService
-        self.pipeline = pipeline  # service.pipeline.pipeline.Pipeline
+    def __init__(self, gallery: GalleryService, pipeline: Pipeline, settings: Settings,
+                 source: str, target: str, chunk: int = CHUNK) -> None:
+        self.gallery = gallery
+        self.pipeline = pipeline
         self.settings = settings
         self.source = check_gallery(source, "source")
         self.target = check_gallery(target)
-        self.model_id = pipeline.embedder.model_id
+        self.model_id = pipeline.model_id
         self.chunk = max(1, int(chunk))
         self.report = Report(self.source, self.target, self.model_id)
         self._after = 0
@@ -120,12 +122,12 @@ class Reenrolment:
             existing = gallery.get_gallery(self.target)
         except GalleryNotFound:
             existing = None
-        if existing is not None and existing["model_id"] != self.model_id:
-            raise GalleryModelMismatch(self.target, existing["model_id"], self.model_id)
+        if existing is not None:
+            check_model(self.target, existing["model_id"], self.model_id)
         faces, images = gallery.store.image_counts(self.source)
         if faces and not images:
             raise NoStoredImages(self.source, faces)
-        gallery.create_gallery(self.target, self.model_id)
+        gallery.create_gallery(self.target, self.model_id, self.pipeline.dim)
         cursor = None
         while True:
             subjects, cursor = gallery.list_subjects(self.source, SUBJECT_PAGE, cursor)
@@ -137,7 +139,7 @@ class Reenrolment:
 
     def _copy_subject(self, subject_id: str, metadata: dict | None) -> None:
         _, created = self.gallery.upsert_subject(self.target, subject_id, metadata or {},
-                                                 self.model_id)
+                                                 self.model_id, self.pipeline.dim)
         if created:
             self.report.subjects_copied += 1
         else:
@@ -182,38 +184,23 @@ class Reenrolment:
         })
 
     def _enrol(self, photos: list[_Photo]) -> None:
-        """decode -> detect (one batch) -> enrolment selection -> align -> embed (one batch)
-        -> store, as ``POST .../faces`` does for each photo."""
-        pipeline, settings = self.pipeline, self.settings
-        decoded = []
-        for photo in photos:
-            try:
-                photo.image = pipeline.decode(photo.data)
-                decoded.append(photo)
-            except PipelineError as exc:
-                self._skip(photo, exc)
-        if not decoded:
-            return
-        detections = pipeline.detector.detect_batch([p.image for p in decoded])
-        located = []
-        for photo, found in zip(decoded, detections):
-            try:
-                kept = select_faces(found, "enrol", min_size=settings.enroll_min_face_size,
-                                    min_score=settings.enroll_min_det_score)
-            except PipelineError as exc:
-                self._skip(photo, exc)
-                continue
-            photo.detection = kept[0]
-            photo.crop = np.asarray(pipeline.align(photo.image, kept))[0]
-            photo.image = None  # the decoded pixels are not needed any more
-            located.append(photo)
+        """The pipeline's analysis path under the enrolment policy, as ``POST .../faces``
+        takes it for each photo (one batched detection, one embedding call), then store."""
+        pipeline = self.pipeline
+        results = pipeline.locate_batch([p.data for p in photos], "enrol")
+        located: list[tuple[_Photo, Faces]] = []
+        for photo, result in zip(photos, results, strict=True):
+            if isinstance(result, PipelineError):
+                self._skip(photo, result)
+            else:
+                located.append((photo, result))
         if not located:
             return
-        embeddings = pipeline.embed(np.stack([p.crop for p in located]))
-        for photo, embedding in zip(located, embeddings):
-            quality = face_quality(photo.detection, photo.crop)
+        pipeline.embed_faces([faces for _, faces in located])
+        for photo, faces in located:
+            quality = face_quality(faces.detections[0], faces.crops[0])
             try:
-                self._add(photo, embedding, quality)
+                self._add(photo, faces.embeddings[0], quality)
             except Conflict:  # a concurrent run got there first
                 self.report.faces_already_reenrolled += 1
             except GalleryError as exc:  # e.g. the subject was deleted meanwhile

@@ -178,14 +178,20 @@ def test_analyze_reports_every_face_and_stage_timings(pipeline):
     from service.pipeline.types import Timings
 
     timings = Timings()
-    image, faces = pipeline.analyze(GROUP_PHOTO.read_bytes(), timings)
-    assert image.shape == (886, 1280, 3) and len(faces) == 6
+    faces = pipeline.analyze(GROUP_PHOTO.read_bytes(), "all", timings)
+    assert faces.image_size == (1280, 886) and len(faces.detections) == faces.detected == 6
+    areas = [d.area for d in faces.detections]
+    assert areas == sorted(areas, reverse=True)  # policy "all": largest first
     assert set(timings.stages) == {"decode", "detect", "align", "embed"}
     assert all(v > 0 for v in timings.stages.values())
-    embeddings = np.stack([f.embedding for f in faces])
+    assert sum(timings.stages.values()) <= timings.elapsed()
+    embeddings = faces.embeddings
     gram = embeddings @ embeddings.T
     assert np.abs(np.diag(gram) - 1).max() < 1e-5 and (gram - np.eye(6)).max() < 0.6  # 6 people
-    batch = pipeline.analyze_batch([GROUP_PHOTO.read_bytes(), (LFW / "images" / "Abel_Pacheco"
-                                                             / "Abel_Pacheco_0001.jpg").read_bytes()])
-    assert [len(f) for _, f in batch] == [6, 1]
-    np.testing.assert_allclose(np.stack([f.embedding for f in batch[0][1]]), embeddings, atol=1e-4)
+    lfw = (LFW / "images" / "Abel_Pacheco" / "Abel_Pacheco_0001.jpg").read_bytes()
+    batch = pipeline.locate_batch([GROUP_PHOTO.read_bytes(), b"not an image", lfw])
+    assert batch[1].code == "unsupported_image_type"
+    located = [batch[0], batch[2]]
+    pipeline.embed_faces(located)
+    assert [len(f.detections) for f in located] == [6, 1]
+    np.testing.assert_allclose(located[0].embeddings, embeddings, atol=1e-4)

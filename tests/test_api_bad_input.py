@@ -362,3 +362,15 @@ def test_bad_requests_get_typed_errors_and_change_nothing(server, client, images
     for reason in ("no_face", "corrupt_image", "request_too_large", "unauthorized"):
         assert f'facegate_rejects_total{{reason="{reason}"}}' in metrics, reason
     assert 'status="500"' not in metrics
+
+
+def test_a_new_gallery_reports_the_served_models_dimension(server, client):
+    dim = 128  # mobilefacenet_peer_128d's card and output (MANIFEST.md)
+    created = client.put("/v1/galleries/fresh-dim")
+    assert created.status_code == 201 and created.json()["dim"] == dim
+    assert created.json()["faces"] == 0
+    subject = client.post("/v1/galleries/auto-dim/subjects", json={"subject_id": "s"})
+    assert subject.status_code == 201
+    assert client.get("/v1/galleries/auto-dim").json()["dim"] == dim
+    listed = {g["name"]: g["dim"] for g in client.get("/v1/galleries").json()["galleries"]}
+    assert listed["fresh-dim"] == listed["auto-dim"] == dim

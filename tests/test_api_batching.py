@@ -39,7 +39,7 @@ def _run(coro):
 
 def test_concurrent_requests_share_batches_and_get_their_own_rows(pipeline, crops):
     sizes: list[int] = []
-    batcher = MicroBatcher(pipeline.embed, max_batch=8, max_wait_ms=20.0,
+    batcher = MicroBatcher(pipeline.embedder, max_batch=8, max_wait_ms=20.0,
                            observer=lambda n, waits: sizes.append(n))
     # Requests of 1 and 2 faces, all in flight at once.
     requests = [crops[i:i + 1 + (i % 2)] for i in range(len(crops) - 1)]
@@ -47,7 +47,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows(pipeline, crop
     async def main():
         await batcher.start()
         try:
-            return await asyncio.gather(*(batcher.embed(r) for r in requests))
+            return await asyncio.gather(*(batcher.embed_async(r) for r in requests))
         finally:
             await batcher.stop()
 
@@ -63,10 +63,10 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows(pipeline, crop
 
 def test_disabled_batcher_runs_each_request_alone(pipeline, crops):
     sizes: list[int] = []
-    batcher = MicroBatcher(pipeline.embed, enabled=False, observer=lambda n, w: sizes.append(n))
+    batcher = MicroBatcher(pipeline.embedder, enabled=False, observer=lambda n, w: sizes.append(n))
 
     async def main():
-        return await asyncio.gather(*(batcher.embed(crops[i:i + 1]) for i in range(6)))
+        return await asyncio.gather(*(batcher.embed_async(crops[i:i + 1]) for i in range(6)))
 
     results = _run(main())
     assert sizes == [1] * 6
@@ -76,20 +76,23 @@ def test_disabled_batcher_runs_each_request_alone(pipeline, crops):
 def test_failure_reaches_every_waiting_caller_and_the_batcher_recovers(pipeline, crops):
     calls = []
 
-    def flaky(batch: np.ndarray) -> np.ndarray:
-        calls.append(len(batch))
-        if len(calls) == 1:
-            raise RuntimeError("model failed")
-        return pipeline.embed(batch)
+    class Flaky:
+        card, model_id, dim = pipeline.embedder.card, pipeline.model_id, pipeline.dim
 
-    batcher = MicroBatcher(flaky, max_batch=16, max_wait_ms=50.0)
+        def embed(self, batch: np.ndarray) -> np.ndarray:
+            calls.append(len(batch))
+            if len(calls) == 1:
+                raise RuntimeError("model failed")
+            return pipeline.embed(batch)
+
+    batcher = MicroBatcher(Flaky(), max_batch=16, max_wait_ms=50.0)
 
     async def main():
         await batcher.start()
         try:
-            first = await asyncio.gather(*(batcher.embed(crops[i:i + 1]) for i in range(3)),
+            first = await asyncio.gather(*(batcher.embed_async(crops[i:i + 1]) for i in range(3)),
                                          return_exceptions=True)
-            second = await batcher.embed(crops[:2])
+            second = await batcher.embed_async(crops[:2])
             return first, second
         finally:
             await batcher.stop()
@@ -99,7 +102,50 @@ def test_failure_reaches_every_waiting_caller_and_the_batcher_recovers(pipeline,
     np.testing.assert_allclose(second, pipeline.embed(crops[:2]), atol=1e-5)
 
 
+def pipeline_stub():
+    class Identity:
+        card, model_id, dim = None, "identity", 3
+
+        def embed(self, batch: np.ndarray) -> np.ndarray:
+            return batch
+
+    return Identity()
+
+
 def test_empty_request_is_refused():
-    batcher = MicroBatcher(lambda b: b)
+    batcher = MicroBatcher(pipeline_stub())
     with pytest.raises(ValueError):
-        _run(batcher.embed(np.zeros((0, 112, 112, 3), np.uint8)))
+        _run(batcher.embed_async(np.zeros((0, 112, 112, 3), np.uint8)))
+
+
+def test_the_batcher_is_the_pipelines_embedder_for_worker_threads(pipeline, crops):
+    """Given to the pipeline as its embedder, the batcher serves ``Pipeline.embed`` from any
+    worker thread (blocking it until the batch ran) and coalesces those calls."""
+    import anyio.to_thread
+
+    from service.pipeline.types import Embedder
+
+    sizes: list[int] = []
+    batcher = MicroBatcher(pipeline.embedder, max_batch=8, max_wait_ms=30.0,
+                           observer=lambda n, waits: sizes.append(n))
+    assert isinstance(batcher, Embedder)
+    assert (batcher.model_id, batcher.dim, batcher.card) == (
+        pipeline.model_id, pipeline.dim, pipeline.recognizer_card)
+    batched = pipeline.with_embedder(batcher)
+    assert batched.embedder is batcher and batched.detector is pipeline.detector
+
+    async def main():
+        await batcher.start()
+        try:
+            with pytest.raises(RuntimeError, match="embed_async"):
+                batcher.embed(crops[:1])  # on the event loop it would block it
+            return await asyncio.gather(*(anyio.to_thread.run_sync(batched.embed, crops[i:i + 1])
+                                          for i in range(8)))
+        finally:
+            await batcher.stop()
+
+    results = _run(main())
+    np.testing.assert_allclose(np.concatenate(results), pipeline.embed(crops[:8]), atol=1e-5)
+    assert sum(sizes) == 8 and len(sizes) < 8, sizes
+    # once stopped (no event loop), a call goes straight to the model
+    np.testing.assert_allclose(batcher.embed(crops[:2]), pipeline.embed(crops[:2]), atol=1e-5)

@@ -23,9 +23,9 @@ from service.convert.dlib_resnet import (
     DlibFormatError,
     DlibReader,
     convert_dlib_resnet,
-    convert_faceapi_resnet,
     parse_dlib_network,
 )
+from service.convert.faceapi_resnet import convert_faceapi_resnet
 from service.convert.install import (
     InstallError,
     fetch_source,
@@ -377,7 +377,6 @@ def test_default_pair_separates_lfw_pairs_at_the_card_thresholds(default_models_
     """``facegate serve``'s defaults (mtcnn + dlib_resnet_v1, installed by
     ``install_defaults``) on 40 genuine and 40 impostor pairs of LFW fold 1."""
     from service.pipeline.pairs import parse_pairs
-    from service.pipeline.pipeline import primary_face
 
     settings = Settings(models_dir=default_models_dir, intra_op_threads=1)
     assert (settings.detector, settings.recognizer) == ("mtcnn", None)
@@ -390,11 +389,8 @@ def test_default_pair_separates_lfw_pairs_at_the_card_thresholds(default_models_
     assert [p.same for p in chosen] == [True] * 40 + [False] * 40
     vectors = {}
     for key in sorted({p.a for p in chosen} | {p.b for p in chosen}):
-        image = pipeline.decode((LFW / "images" / key).read_bytes())
-        detections = pipeline.detect(image)
-        index = primary_face(detections, image.shape)
-        assert index is not None, key
-        vectors[key] = pipeline.embed(pipeline.align(image, [detections[index]]))[0]
+        vectors[key] = pipeline.analyze((LFW / "images" / key).read_bytes(), "largest"
+                                        ).embeddings[0]
     scores = np.array([vectors[p.a] @ vectors[p.b] for p in chosen])
     genuine, impostor = scores[:40], scores[40:]
     thresholds = card.thresholds

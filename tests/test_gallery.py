@@ -109,6 +109,28 @@ def test_create_gallery_is_idempotent_and_refuses_another_model(gallery):
     assert gallery.get_gallery("staff")["model_id"] == MODEL
 
 
+def test_a_new_gallery_knows_its_dimension_before_its_first_face(services):
+    rng = np.random.default_rng(3)
+    first = services()
+    assert first.create_gallery("known", MODEL, DIM)["dim"] == DIM
+    assert first.get_gallery("known")["dim"] == DIM
+    _, created = first.upsert_subject("auto", "s", None, MODEL, DIM)
+    assert created and first.get_gallery("auto")["dim"] == DIM
+    assert first.create_gallery("later", MODEL)["dim"] is None  # dimension unknown: first face
+    with pytest.raises(InvalidInput):
+        first.create_gallery("bad", MODEL, 0)
+    first.upsert_subject("known", "s", None, MODEL)
+    with pytest.raises(InvalidEmbedding):  # the stored dimension is enforced from the start
+        first.add_face("known", "s", unit(rng, dim=DIM + 1), MODEL, {})
+    assert first.search("known", unit(rng, 1), 3, MODEL) == [[]]
+    second = services("b")  # another replica, built from the store
+    assert {g["name"]: g["dim"] for g in second.list_galleries()} == {
+        "auto": DIM, "known": DIM, "later": None}
+    face = first.add_face("known", "s", unit(rng), MODEL, {})
+    second.catch_up()
+    assert second.search("known", unit(rng, 1), 1, MODEL)[0][0]["face_id"] == face["face_id"]
+
+
 def test_delete_gallery_removes_everything(gallery):
     rng = np.random.default_rng(1)
     gallery.upsert_subject("g", "s1", None, MODEL)

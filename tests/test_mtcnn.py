@@ -20,11 +20,10 @@ from service.convert.mtcnn import (
     ConversionError,
     convert_mtcnn,
     read_wheel_weights,
-    split_networks,
 )
 from service.convert.torch_pickle import TorchPickleError, UnsafePickleError, load_state_dict
 from service.pipeline.detectors import build_detector
-from service.pipeline.detectors.mtcnn import MTCNNDetector, area_resize
+from service.pipeline.detectors.mtcnn import MTCNNDetector, area_resize, split_networks
 from service.registry import Registry, sha256_file
 from tests.conftest import CELEBA, LFW, require_reference
 
@@ -372,5 +371,5 @@ def test_split_networks_rejects_other_models(shared_registry):
     import onnx
 
     _, path = shared_registry.resolve("yunet_2023mar")
-    with pytest.raises(ConversionError):
+    with pytest.raises(ValueError, match="not an MTCNN model"):
         split_networks(onnx.load(str(path)))

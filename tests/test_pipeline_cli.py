@@ -226,3 +226,52 @@ def test_eval_pairs_on_an_lfw_subset(tmp_path, capsys):
     assert points["fmr_1e-2"]["threshold"] < points["fmr_1e-3"]["threshold"] < \
         points["fmr_1e-4"]["threshold"]
     assert points["fmr_1e-3"]["fmr"] <= 1e-3
+
+
+def _all_parsers(parser):
+    """``parser`` and every sub-command parser under it."""
+    import argparse
+
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_parsers(sub)
+
+
+def test_help_texts_show_no_rest_markup():
+    import re
+
+    from service.cli import build_parser
+    from training.cli import build_parser as build_train_parser
+
+    markup = re.compile(r"``|:(class|func|meth|mod|attr):`")
+    parsers = [*_all_parsers(build_parser()), *_all_parsers(build_train_parser())]
+    assert len(parsers) > 10
+    for parser in parsers:
+        text = parser.format_help()
+        assert not markup.search(text), f"{parser.prog}:\n{text}"
+    top = build_parser().format_help()
+    assert "The facegate command" in top
+
+
+def test_models_list_prints_whole_licences(capsys, shared_registry):
+    code, out, _ = run_cli(capsys, "models", "list", *MODELS)
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    registry = shared_registry
+    long_ones = [card for card in registry.cards.values() if len(card.licence) > 48]
+    assert code == 0 and long_ones
+    for card in registry.cards.values():
+        assert lines[card.name].endswith(card.licence), lines[card.name]
+
+
+@pytest.mark.parametrize("command", ["verify", "detect"])
+def test_a_missing_image_is_reported_before_any_model_loads(tmp_path, capsys, command):
+    """With no model installed at all, the missing file is still what the command reports:
+    it looked at its inputs before loading anything."""
+    missing = tmp_path / "missing.jpg"
+    images = [str(missing), lfw("Abel_Pacheco", 1)] if command == "verify" else [str(missing)]
+    code, out, err = run_cli(capsys, command, *images, "--models-dir", str(tmp_path / "none"),
+                             "--detector", "no_such_detector")
+    assert code == 2 and out == ""
+    assert err == f"error: cannot read {missing}: No such file or directory\n"

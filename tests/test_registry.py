@@ -46,21 +46,21 @@ def test_unknown_and_wrong_task(shared_registry):
 
 def test_operating_point_precedence():
     """Request > FACEGATE_OPERATING_POINT > the recognizer card's default; unknown → 400."""
-    from service.api.decisions import check_point
-    from service.api.errors import ApiError
-    from service.config import MANIFEST_PATH, Settings
+    from service.config import MANIFEST_PATH
+    from service.pipeline.decision import UnknownOperatingPoint, operating_point
 
     cards = Registry(MANIFEST_PATH, []).cards
     dlib, peer = cards["dlib_resnet_v1"], cards["mobilefacenet_peer_128d"]
-    assert check_point(dlib, None, Settings()) == "fmr_1e-2"
-    assert check_point(peer, None, Settings()) == "fmr_1e-3"
-    assert check_point(dlib, None, Settings(operating_point="fmr_1e-4")) == "fmr_1e-4"
-    assert check_point(dlib, "fmr_1e-3", Settings(operating_point="fmr_1e-4")) == "fmr_1e-3"
+    assert operating_point(dlib, None) == "fmr_1e-2"
+    assert operating_point(peer, None) == "fmr_1e-3"
+    assert operating_point(dlib, None, "fmr_1e-4") == "fmr_1e-4"
+    assert operating_point(dlib, "fmr_1e-3", "fmr_1e-4") == "fmr_1e-3"
     # a configured point the card does not calibrate falls back to the card's default
-    assert check_point(dlib, None, Settings(operating_point="fmr_1e-6")) == "fmr_1e-2"
-    with pytest.raises(ApiError) as info:
-        check_point(dlib, "fmr_1e-6", Settings())
-    assert info.value.status == 400 and "fmr_1e-2" in str(info.value)
+    assert operating_point(dlib, None, "fmr_1e-6") == "fmr_1e-2"
+    with pytest.raises(UnknownOperatingPoint) as info:
+        operating_point(dlib, "fmr_1e-6")
+    assert info.value.status == 400 and info.value.code == "unknown_operating_point"
+    assert "fmr_1e-2" in str(info.value)
 
 
 def _tampered_with_card(tmp_path, shared_registry, sha256: str | None = None):

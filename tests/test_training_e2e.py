@@ -94,11 +94,9 @@ def test_prepare_train_evaluate_export_and_serve(celeba_tiny, tmp_path):  # noqa
     pipeline = Pipeline(build_detector(det_card, det_path, settings),
                         OnnxEmbedder(rec_card, rec_path, settings, flip=False), settings)
     key = keys[0]
-    image, faces = pipeline.analyze((LFW / "images" / key).read_bytes())
-    assert faces and faces[0].embedding.shape == (32,)
-    from service.pipeline.pipeline import primary_face
-
-    served = faces[primary_face([f.detection for f in faces], image.shape)].embedding
+    faces = pipeline.analyze((LFW / "images" / key).read_bytes(), "largest")
+    assert faces.embeddings.shape == (1, 32)
+    served = faces.embeddings[0]
     crop = cv2.imread(str(lfw_aligned / key.replace(".jpg", ".png")))
     trained = embed(crop[None])[0]
     trained /= np.linalg.norm(trained)

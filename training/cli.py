@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from service.helptext import summary
+
 
 def _shared_models() -> list[Path]:
     shared = os.environ.get("FACEGATE_SHARED")
@@ -118,7 +120,7 @@ def _add_pairs(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="facegate-train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="facegate-train", description=summary(__doc__))
     parser.add_argument("--threads", type=int, default=None,
                         help="PyTorch CPU threads (1 is fastest on a busy shared CPU)")
     sub = parser.add_subparsers(dest="command", required=True)

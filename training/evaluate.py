@@ -70,8 +70,8 @@ def _read_crop(aligned_root: Path, key: str) -> np.ndarray | None:
 
 def _fallback_crop(raw_root: Path, key: str, size: int = 112) -> np.ndarray:
     """No face found: align the raw image's central square, as ``facegate eval-pairs`` does."""
-    from service.commands.eval_pairs import fallback_landmarks
     from service.pipeline.align import ARCFACE_TEMPLATE, align_faces
+    from service.pipeline.pairs import fallback_landmarks
 
     image = cv2.imread(str(raw_root / key), cv2.IMREAD_COLOR)
     if image is None:

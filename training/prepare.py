@@ -1,11 +1,10 @@
 """``facegate-train prepare SRC DST``: raw photos → aligned 112×112 crops, with the service's own stages.
 
 Each image under ``SRC/<identity>/`` is decoded by ``service.pipeline.decode``,
-its main face found by the service's detector (``primary_face``: the largest,
-most central one) and warped by ``service.pipeline.align.align_faces`` onto the
-ArcFace template — the exact path a request takes in the service, so training
-and serving see the same crops.  Images without a face are skipped and listed
-in ``DST/dataset.json``.
+its main face found by the service's detector (``service.pipeline.faces.main_face``:
+the largest) and warped onto the ArcFace template by ``Pipeline.locate`` — the exact
+path a request takes in the service, so training and serving see the same crops.
+Images without a face are skipped and listed in ``DST/dataset.json``.
 """
 
 from __future__ import annotations
@@ -77,9 +76,9 @@ def prepare(src: Path, dst: Path, detector: str = "yunet_2023mar", model_dirs: l
             identities: list[str] | None = None, keys: list[str] | None = None,
             progress: bool = True) -> PrepareReport:
     """Align every face photo of ``src`` into ``dst`` (PNG, lossless); see the module docstring."""
-    from service.pipeline.align import ARCFACE_TEMPLATE, align_faces
-    from service.pipeline.decode import decode_image
-    from service.pipeline.pipeline import primary_face
+    from service.pipeline.align import ARCFACE_TEMPLATE
+    from service.pipeline.errors import NoFace, PipelineError
+    from service.pipeline.pipeline import Pipeline
 
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
@@ -88,6 +87,7 @@ def prepare(src: Path, dst: Path, detector: str = "yunet_2023mar", model_dirs: l
         raise ValueError("DST must differ from SRC")
     det, settings = build_service_detector(detector, list(model_dirs))
     template = ARCFACE_TEMPLATE * (size / 112.0)
+    faces = Pipeline(det, None, settings, template=template, crop_size=(size, size))
     items = list_images(src, limit_per_identity, identities, keys)
     report = PrepareReport(images=len(items), detector=det.card.name)
     start = time.perf_counter()
@@ -96,15 +96,11 @@ def prepare(src: Path, dst: Path, detector: str = "yunet_2023mar", model_dirs: l
         identity, path = item
         rel = f"{identity}/{path.name}"
         try:
-            image = decode_image(path.read_bytes(), settings.max_image_bytes,
-                                 settings.max_image_pixels)
-        except Exception:  # noqa: BLE001 - a bad file is reported, not fatal
-            return rel, "unreadable"
-        detections = det.detect(image)
-        index = primary_face(detections, image.shape)
-        if index is None:
+            crop = faces.locate(path.read_bytes(), "largest").crops[0]
+        except NoFace:
             return rel, "no_face"
-        crop = align_faces(image, [detections[index].landmarks], template, (size, size))[0]
+        except (OSError, PipelineError):  # a bad file is reported, not fatal
+            return rel, "unreadable"
         out = dst / identity / (path.stem + ".png")
         out.parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(out), crop)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -14,24 +14,39 @@ from service.metrics import Metrics
 from .auth import require_api_key  # noqa: F401  (the routers' key check, re-exported)
 from .errors import not_ready
 
+if TYPE_CHECKING:
+    import anyio
+
+    from service.gallery.service import GalleryService
+    from service.pipeline.pipeline import Pipeline
+
+    from .urls import UrlFetcher
+
+#: A service not built yet (None at run time).
+_UNSET: Any = None
+
 
 @dataclass
 class AppState:
-    """Everything the lifespan builds once and the routes share (``app.state.facegate``)."""
+    """Everything the lifespan builds once and the routes share (``app.state.facegate``).
+
+    The services are None until the lifespan has built them; routes receive the state
+    only once it has (:func:`get_state`), so they are typed as what they then are.
+    """
 
     settings: Settings
     metrics: Metrics
-    pipeline: Any = None  # service.pipeline.Pipeline
-    gallery: Any = None  # service.gallery.GalleryService
-    batcher: MicroBatcher | None = None
-    cpu_limiter: Any = None  # anyio.CapacityLimiter: images decoded/detected at once
-    fetcher: Any = None  # service.api.urls.UrlFetcher: images by URL (shared HTTP client)
+    pipeline: Pipeline = _UNSET
+    gallery: GalleryService = _UNSET
+    batcher: MicroBatcher = _UNSET
+    cpu_limiter: anyio.CapacityLimiter = _UNSET  # images decoded/detected at once
+    fetcher: UrlFetcher = _UNSET  # images by URL (shared HTTP client)
     warmed: bool = False
     startup: dict[str, float] = field(default_factory=dict)
 
     @property
     def model_id(self) -> str:
-        return self.pipeline.embedder.model_id
+        return self.pipeline.model_id
 
 
 def get_state(request: Request) -> AppState:

@@ -42,7 +42,7 @@ async def _faces(request: Request, state: AppState, clock: Timings, options, emb
     step = analysis.analyze if embed else analysis.locate
     found = await step(state, payload.images["image"], opts.multiple_faces, clock,
                        allow_none=True, limit=opts.max_faces)
-    faces = await analysis.call(clock, "quality", analysis.describe_faces, found)
+    faces = await analysis.call(clock, "quality", found.describe)
     image = {"width": found.image_size[0], "height": found.image_size[1]}
     return opts, found, faces, image
 
@@ -83,7 +83,7 @@ async def embed(request: Request, state: State, timings: bool = False) -> dict:
     little-endian float32 vector.  ``model`` is the recognizer's id as in ``/v1/verify``."""
     clock = Timings()
     opts, found, faces, image = await _faces(request, state, clock, EmbedOptions, embed=True)
-    for face, vector in zip(faces, found.embeddings):
+    for face, vector in zip(faces, found.embeddings, strict=True):
         face["embedding"] = encode_embedding(vector, opts.embedding_format)
     state.metrics.observe_stages(request.scope, clock.stages)
     card = state.pipeline.recognizer_card
@@ -92,7 +92,7 @@ async def embed(request: Request, state: State, timings: bool = False) -> dict:
         "model": state.model_id,
         "model_sha256": card.sha256,
         "detector": state.pipeline.detector_card.id,
-        "embedding_dim": int(state.pipeline.embedder.dim),
+        "embedding_dim": state.pipeline.dim,
         "embedding_format": opts.embedding_format,
         "faces": faces,
     }

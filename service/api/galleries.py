@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict
 
 from service.gallery.names import GalleryNameStr, SubjectIdStr
+from service.pipeline.faces import face_quality
 from service.pipeline.types import Timings
 from service.reenrol import Reenrolment
 
@@ -63,7 +64,8 @@ async def create_gallery(gallery: GalleryName, response: Response,
                          state: State) -> dict:
     """Idempotent; 409 ``model_mismatch`` if the gallery exists for another model."""
     existed = gallery in {g["name"] for g in await _call(state.gallery.list_galleries)}
-    info = await _call(state.gallery.create_gallery, gallery, state.model_id)
+    info = await _call(state.gallery.create_gallery, gallery, state.model_id,
+                       state.pipeline.dim)
     response.status_code = status.HTTP_200_OK if existed else status.HTTP_201_CREATED
     return info
 
@@ -87,7 +89,7 @@ async def create_subject(gallery: GalleryName, body: SubjectCreate, response: Re
     ``subject_id`` again returns it unchanged with 200 (its metadata is only changed
     by ``PATCH``)."""
     subject, created = await _call(state.gallery.upsert_subject, gallery, body.subject_id,
-                                   body.metadata, state.model_id)
+                                   body.metadata, state.model_id, state.pipeline.dim)
     if not created:
         response.status_code = status.HTTP_200_OK
     return subject
@@ -143,7 +145,7 @@ async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Reque
     await analysis.call(clock, "gallery", state.gallery.get_subject, gallery, subject_id)
     found = await analysis.analyze(state, payload.images["image"], "enrol", clock)
     detection = found.detections[0]
-    quality = analysis.face_quality(detection, found.crops[0])
+    quality = face_quality(detection, found.crops[0])
     image = payload.images["image"] if settings.store_images else None
     face = await analysis.call(clock, "gallery", state.gallery.add_face, gallery, subject_id,
                                found.embeddings[0], state.model_id, quality, image)

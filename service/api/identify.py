@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from fastapi import APIRouter, Depends, Request
 
+from service.pipeline.decision import Threshold, decide, operating_point, threshold_for
 from service.pipeline.types import Timings
 
 from . import analysis
-from .decisions import check_point, decide, threshold_for
 from .deps import State, require_api_key
 from .errors import ApiError
 from .images import read_payload
@@ -17,9 +15,6 @@ from .openapi import ERROR_RESPONSES, image_body
 from .schemas import IdentifyOptions, IdentifyResponse
 
 router = APIRouter(prefix="/v1", tags=["identify"], dependencies=[Depends(require_api_key)])
-
-CUSTOM_POINT = "custom"
-
 
 @router.post(
     "/identify",
@@ -49,12 +44,10 @@ async def identify(request: Request, state: State, timings: bool = False) -> dic
         raise ApiError(400, "ambiguous_request", "give threshold or operating_point, not both")
     card = state.pipeline.recognizer_card
     if opts.threshold is not None:
-        rule_card = SimpleNamespace(thresholds={CUSTOM_POINT: opts.threshold},
-                                    default_operating_point=CUSTOM_POINT)
-        point = CUSTOM_POINT
+        rule = Threshold.custom(opts.threshold)
     else:
-        rule_card = card
-        point = check_point(card, opts.operating_point, settings)
+        rule = threshold_for(card, operating_point(card, opts.operating_point,
+                                                   settings.operating_point))
     model_id = state.model_id
     gallery = state.gallery
     # Unknown gallery or another model's gallery: refused before any image work.
@@ -64,15 +57,11 @@ async def identify(request: Request, state: State, timings: bool = False) -> dic
     results = await analysis.call(clock, "search", gallery.search, opts.gallery,
                                   found.embeddings, opts.top_k, model_id)
     faces = []
-    threshold = None
-    for detection, candidates in zip(found.detections, results):
+    for detection, candidates in zip(found.detections, results, strict=True):
         best = candidates[0] if candidates else None
         match = None
-        if best is not None:
-            decision = decide(best["similarity"], rule_card, point)
-            threshold = decision.threshold
-            if decision.match:
-                match = best["subject_id"]
+        if best is not None and decide(best["similarity"], rule).match:
+            match = best["subject_id"]
         faces.append({
             **detection.to_dict(),
             "candidates": [{"subject_id": c["subject_id"],
@@ -80,13 +69,11 @@ async def identify(request: Request, state: State, timings: bool = False) -> dic
                             "face_id": c.get("face_id")} for c in candidates],
             "match": match,
         })
-    if threshold is None:  # no candidates at all
-        threshold = threshold_for(rule_card, point)[1]
     state.metrics.observe_stages(request.scope, clock.stages)
     body = {
         "gallery": opts.gallery,
-        "threshold": threshold,
-        "operating_point": None if point == CUSTOM_POINT else point,
+        "threshold": rule.value,
+        "operating_point": rule.operating_point,
         "model": model_id,
         "faces": faces,
     }

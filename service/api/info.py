@@ -9,7 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from starlette.concurrency import run_in_threadpool
 
-from .decisions import available_points
+from service.pipeline.decision import available_points
+
 from .deps import State, require_api_key
 
 router = APIRouter(prefix="/v1", tags=["info"], dependencies=[Depends(require_api_key)])
@@ -58,7 +59,7 @@ async def info(state: State, check_index: Annotated[bool, Query(
     detector = _card(pipeline.detector_card)
     detector["providers"] = _providers(pipeline.detector)
     recognizer = _card(pipeline.recognizer_card)
-    recognizer["providers"] = _providers(pipeline.embedder)
+    recognizer["providers"] = _providers(state.batcher.embedder)
     recognizer["operating_points"] = available_points(pipeline.recognizer_card)
     recognizer["default_operating_point"] = pipeline.recognizer_card.default_operating_point
     recognizer["selection"] = pipeline.recognizer_selection

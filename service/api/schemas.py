@@ -246,6 +246,7 @@ class Gallery(BaseModel):
 
     name: str
     model_id: str | None = None
+    dim: int | None = Field(None, description="embedding dimension of the gallery's model")
     subjects: int = 0
     faces: int = 0
     created_at: Any = None

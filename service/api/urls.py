@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from urllib.parse import urlsplit
 
 import httpx
 
+from service.config import parse_host  # the one parser of allow-list entries
 from service.pipeline.errors import ImageTooLarge
 
 from .errors import ApiError, bad_request
@@ -45,21 +45,6 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 def url_field(image_field: str) -> str:
     """The URL field that may stand in for an image field (``image1`` -> ``image1_url``)."""
     return f"{image_field}_url"
-
-
-def parse_host(entry: str) -> tuple[str, int | None]:
-    """An allow-list entry (``host``, ``host:port``, ``[v6]:port``) -> (lower-case host, port)."""
-    text = entry.strip()
-    if not text or any(c in text for c in "/@?#\\ ") or "://" in text:
-        raise ValueError(f"allow-list entry {entry!r} is not a host name or host:port")
-    try:
-        parts = urlsplit(f"//{text}")
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"allow-list entry {entry!r} has an invalid port") from None
-    if not parts.hostname:
-        raise ValueError(f"allow-list entry {entry!r} has no host")
-    return parts.hostname.lower(), port
 
 
 def not_allowed(message: str) -> ApiError:

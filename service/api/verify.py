@@ -2,39 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 
 from service.gallery.errors import InvalidEmbedding
 from service.gallery.store import GalleryFaces
-from service.pipeline.errors import PipelineError
+from service.pipeline.decision import decide, operating_point, threshold_for
 from service.pipeline.types import Timings
 
 from . import analysis
-from .decisions import check_point, decide
-from .deps import AppState, State, require_api_key
+from .deps import State, require_api_key
 from .errors import ApiError, bad_request
 from .images import read_payload
 from .openapi import ERROR_RESPONSES, image_body
 from .schemas import Face, SubjectRef, VerifyOptions, VerifyResponse
 
 router = APIRouter(prefix="/v1", tags=["verify"], dependencies=[Depends(require_api_key)])
-
-
-def _tag(exc: Exception, field: str) -> Exception:
-    """The same pipeline error, its message naming the image field it concerns."""
-    if isinstance(exc, PipelineError):
-        return type(exc)(f"{field}: {exc}")
-    return exc
-
-
-async def _analyze_labelled(state: AppState, data: bytes, field: str, policy, timings: Timings):
-    try:
-        return await analysis.analyze(state, data, policy, timings)
-    except PipelineError as exc:
-        raise _tag(exc, field) from None
 
 
 def _best_face(faces: GalleryFaces, embedding: np.ndarray) -> tuple[float, int]:
@@ -75,7 +58,7 @@ async def verify(request: Request, state: State, timings: bool = False) -> dict:
                                  settings.max_image_bytes, timings=clock)
     opts = payload.options(VerifyOptions)
     card = state.pipeline.recognizer_card
-    point = check_point(card, opts.operating_point, settings)
+    point = operating_point(card, opts.operating_point, settings.operating_point)
     model_id = state.model_id
     policy = opts.multiple_faces
     subject = None
@@ -84,15 +67,9 @@ async def verify(request: Request, state: State, timings: bool = False) -> dict:
         if opts.gallery or opts.subject_id:
             raise bad_request("ambiguous_request",
                               "send either image2 or gallery + subject_id, not both")
-        results = await asyncio.gather(
-            _analyze_labelled(state, payload.images["image1"], "image1", policy, clock),
-            _analyze_labelled(state, payload.images["image2"], "image2", policy, clock),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        first, second = results
+        first, second = await analysis.analyze_labelled(
+            state, {"image1": payload.images["image1"], "image2": payload.images["image2"]},
+            policy, clock)
         similarity = float(np.dot(first.embeddings[0], second.embeddings[0]))
         face2 = second.detections[0].to_dict()
     else:
@@ -107,19 +84,20 @@ async def verify(request: Request, state: State, timings: bool = False) -> dict:
         if not len(faces.face_ids):
             raise ApiError(422, "no_enrolled_face",
                            f"subject {opts.subject_id!r} has no enrolled face to compare with")
-        first = await _analyze_labelled(state, payload.images["image1"], "image1", policy, clock)
+        [first] = await analysis.analyze_labelled(state, {"image1": payload.images["image1"]},
+                                                  policy, clock)
         similarity, face_id = _best_face(faces, first.embeddings[0])
         subject = SubjectRef(gallery=opts.gallery, subject_id=opts.subject_id, face_id=face_id)
         face2 = None
 
     state.metrics.observe_stages(request.scope, clock.stages)
-    decision = decide(similarity, card, point)
+    decision = decide(similarity, threshold_for(card, point))
     return VerifyResponse(
         match=decision.match,
         similarity=round(similarity, 6),
         threshold=decision.threshold,
         calibrated=decision.calibrated,
-        operating_point=decision.operating_point,
+        operating_point=point,
         model=model_id,
         face1=Face(**first.detections[0].to_dict()),
         face2=Face(**face2) if face2 else None,

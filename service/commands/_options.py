@@ -12,7 +12,8 @@ def add_model_options(parser: argparse.ArgumentParser, detector: bool = True,
                         help="models directory (default: FACEGATE_MODELS_DIR or var/models)")
     if detector:
         parser.add_argument("--detector", default=None,
-                            help="detector: manifest name or .onnx path (default: FACEGATE_DETECTOR)")
+                            help="detector: manifest name or .onnx path "
+                                 "(default: FACEGATE_DETECTOR)")
         parser.add_argument("--det-size", type=int, default=None,
                             help="largest detector input side (default: FACEGATE_DET_SIZE)")
     if recognizer:
@@ -45,3 +46,18 @@ def load_pipeline(settings):
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
+
+
+def read_images(paths: list[Path]) -> list[tuple[Path, bytes]] | None:
+    """Each file's bytes, or None after printing why one cannot be read (checked before any
+    model is loaded, so a wrong path is reported at once)."""
+    import sys
+
+    images = []
+    for path in paths:
+        try:
+            images.append((path, path.read_bytes()))
+        except OSError as exc:
+            print(f"error: cannot read {path}: {exc.strerror}", file=sys.stderr)
+            return None
+    return images

@@ -1,29 +1,39 @@
-"""``facegate detect IMAGE``: print the faces found in an image as JSON."""
+"""``facegate detect IMAGE``: print the faces found in an image as JSON.
+
+Every face, largest first, as ``POST /v1/detect`` lists them (the pipeline's analysis
+path with policy ``all``).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
-from ._options import add_model_options, settings_from_args
+from service.helptext import summary
+
+from ._options import add_model_options, read_images, settings_from_args
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("detect", help="detect faces in an image (JSON)",
-                                   description=__doc__.splitlines()[0])
+                                   description=summary(__doc__))
     parser.add_argument("image", type=Path)
     add_model_options(parser, recognizer=False)
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from service.pipeline.decode import decode_image
     from service.pipeline.detectors import build_detector
     from service.pipeline.errors import PipelineError
+    from service.pipeline.pipeline import Pipeline
+    from service.pipeline.types import Timings
     from service.registry import ModelError, default_registry
 
+    images = read_images([args.image])  # before the model loads
+    if images is None:
+        return 2
+    [(_, data)] = images
     settings = settings_from_args(args)
     try:
         card, path = default_registry(settings).resolve(settings.detector, task="detection")
@@ -31,26 +41,18 @@ def run(args) -> int:
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    timings = Timings()
     try:
-        data = args.image.read_bytes()
-    except OSError as exc:
-        print(f"error: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
-        return 2
-    try:
-        image = decode_image(data, settings.max_image_bytes, settings.max_image_pixels,
-                             settings.max_decode_bytes)
-        start = time.perf_counter()
-        faces = detector.detect(image)
-        elapsed = time.perf_counter() - start
+        found = Pipeline(detector, None, settings).locate(data, "all", timings, allow_none=True)
     except PipelineError as exc:
         print(json.dumps({"error": {"code": exc.code, "message": exc.message}}))
         return 3
     print(json.dumps({
         "image": str(args.image),
-        "width": int(image.shape[1]),
-        "height": int(image.shape[0]),
+        "width": found.image_size[0],
+        "height": found.image_size[1],
         "detector": card.name,
-        "detect_ms": round(elapsed * 1000, 2),
-        "faces": [face.to_dict() for face in faces],
+        "detect_ms": round(timings.stages["detect"] * 1000, 2),
+        "faces": [face.to_dict() for face in found.detections],
     }))
     return 0

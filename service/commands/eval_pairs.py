@@ -1,11 +1,12 @@
 """``facegate eval-pairs``: the LFW pair-verification protocol, end to end.
 
-Every image referenced by the pairs file is decoded, its main face detected,
+Every image referenced by the pairs file is decoded, its main face (the largest) detected,
 aligned and embedded; pairs are scored by cosine; accuracy is the 10-fold mean
 and std (threshold chosen on the other folds). With ``--limit-folds 1`` the
 threshold is fitted on the fold itself (reported as ``protocol``). When no face
-is found, the image's central square (``NO_FACE_FRACTION`` of the shorter side)
-is aligned as if it were the face and the image is counted in ``no_face``.
+is found, the image's central square (``NO_FACE_FRACTION`` of the shorter side, see
+``service.pipeline.pairs.fallback_landmarks``) is aligned as if it were the face and
+the image is counted in ``no_face``.
 Thresholds at FMR 1e-2/1e-3/1e-4 come from the scores of every pair of evaluated
 images with different identities.
 """
@@ -20,25 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from service.helptext import summary
+
 from ._options import add_model_options, load_pipeline, settings_from_args
-
-#: Side of the fallback face square, as a fraction of the image's shorter side.
-NO_FACE_FRACTION = 0.56
-
-
-def fallback_landmarks(shape: tuple[int, ...], template: np.ndarray,
-                       crop_size: tuple[int, int]) -> np.ndarray:
-    """Template landmarks placed in the image's central square (the no-face fallback)."""
-    h, w = shape[:2]
-    side = NO_FACE_FRACTION * min(h, w)
-    scale = side / max(crop_size)
-    offset = np.array([(w - side) / 2, (h - side) / 2], dtype=np.float32)
-    return np.asarray(template, np.float32) * scale + offset
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval-pairs", help="LFW-style pair verification accuracy",
-                                   description=__doc__.splitlines()[0])
+                                   description=summary(__doc__))
     parser.add_argument("--pairs", type=Path, required=True, help="pairs.txt")
     parser.add_argument("--images", type=Path, required=True,
                         help="directory holding <Name>/<Name>_<nnnn>.jpg")
@@ -54,22 +44,19 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def embed_images(pipeline, paths: list[Path], flip: bool, workers: int
-                 ) -> tuple[np.ndarray, list[bool]]:
-    """(N, dim) embeddings of each image's main face, and whether the fallback was used."""
+def embed_images(pipeline, paths: list[Path], workers: int) -> tuple[np.ndarray, list[bool]]:
+    """(N, dim) embeddings of each image's main face (the pipeline's analysis path, policy
+    ``largest``), and whether the no-face fallback was used."""
     from service.pipeline.align import align_faces
-    from service.pipeline.pipeline import primary_face
+    from service.pipeline.pairs import fallback_landmarks
 
     def one(path: Path) -> tuple[np.ndarray, bool]:
         image = pipeline.decode(path.read_bytes())
-        detections = pipeline.detect(image)
-        index = primary_face(detections, image.shape)
-        if index is None:
+        faces = pipeline.locate(image, "largest", allow_none=True)
+        if not faces.detections:
             landmarks = fallback_landmarks(image.shape, pipeline.template, pipeline.crop_size)
-        else:
-            landmarks = detections[index].landmarks
-        crops = align_faces(image, [landmarks], pipeline.template, pipeline.crop_size)
-        return pipeline.embedder.embed(crops, flip=flip)[0], index is None
+            faces.crops = align_faces(image, [landmarks], pipeline.template, pipeline.crop_size)
+        return pipeline.embed(faces.crops)[0], not faces.detections
 
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:
@@ -79,11 +66,17 @@ def embed_images(pipeline, paths: list[Path], flip: bool, workers: int
     return np.stack([r[0] for r in results]), [r[1] for r in results]
 
 
-def evaluate(pipeline, pairs_path: Path, images_dir: Path, flip: bool = False,
-             limit_folds: int | None = None, workers: int = 1) -> dict:
-    """The full report as a dict (see the module docstring)."""
-    from service.pipeline.pairs import (fmr_thresholds, impostor_scores_all, kfold_accuracy,
-                                        parse_pairs, tmr_at_fmr_points)
+def evaluate(pipeline, pairs_path: Path, images_dir: Path, limit_folds: int | None = None,
+             workers: int = 1) -> dict:
+    """The full report as a dict (see the module docstring); flip-augmented when the
+    pipeline's embedder is (``--flip``: ``FACEGATE_FLIP_AUGMENT``)."""
+    from service.pipeline.pairs import (
+        fmr_thresholds,
+        impostor_scores_all,
+        kfold_accuracy,
+        parse_pairs,
+        tmr_at_fmr_points,
+    )
 
     pairs = parse_pairs(pairs_path)
     if limit_folds:
@@ -91,7 +84,7 @@ def evaluate(pipeline, pairs_path: Path, images_dir: Path, flip: bool = False,
     keys = sorted({p.a for p in pairs} | {p.b for p in pairs})
     index = {k: i for i, k in enumerate(keys)}
     start = time.perf_counter()
-    embeddings, fallback = embed_images(pipeline, [images_dir / k for k in keys], flip, workers)
+    embeddings, fallback = embed_images(pipeline, [images_dir / k for k in keys], workers)
     elapsed = time.perf_counter() - start
     scores = np.array([float(embeddings[index[p.a]] @ embeddings[index[p.b]]) for p in pairs])
     labels = np.array([p.same for p in pairs])
@@ -122,11 +115,11 @@ def evaluate(pipeline, pairs_path: Path, images_dir: Path, flip: bool = False,
         "images_per_second": round(len(keys) / elapsed, 3),
         "seconds": round(elapsed, 2),
         "detector": pipeline.detector_card.name,
-        "detector_input": ("%dx%d letterbox" % pipeline.detector.fixed_size
+        "detector_input": ("{}x{} letterbox".format(*pipeline.detector.fixed_size)
                            if getattr(pipeline.detector, "fixed_size", None) else "per image"),
         "recognizer": pipeline.recognizer_card.name,
-        "model_id": pipeline.embedder.model_id,
-        "flip": bool(flip),
+        "model_id": pipeline.model_id,
+        "flip": bool(pipeline.settings.flip_augment),
         "workers": workers,
         "thresholds": fmr_thresholds(impostors, scores[labels]),
         **tmr_at_fmr_points(scores, labels),
@@ -135,14 +128,14 @@ def evaluate(pipeline, pairs_path: Path, images_dir: Path, flip: bool = False,
 
 def run(args) -> int:
 
-    settings = settings_from_args(args)
+    settings = settings_from_args(args, **({"flip_augment": True} if args.flip else {}))
     pipeline = load_pipeline(settings)
     if pipeline is None:
         return 2
     if args.letterbox:
         pipeline.detector.use_fixed_input((args.letterbox, args.letterbox))
-    report = evaluate(pipeline, args.pairs, args.images, flip=args.flip,
-                      limit_folds=args.limit_folds, workers=max(1, args.workers))
+    report = evaluate(pipeline, args.pairs, args.images, limit_folds=args.limit_folds,
+                      workers=max(1, args.workers))
     if not args.json:
         print(f"{report['detector']} + {report['recognizer']}: accuracy "
               f"{report['accuracy'] * 100:.2f}% ± {report['std'] * 100:.2f} over "

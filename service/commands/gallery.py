@@ -1,4 +1,5 @@
-"""``facegate gallery reenrol --source OLD --target NEW``: re-enrol a gallery with the current models.
+"""``facegate gallery reenrol --source OLD --target NEW``: re-enrol a gallery with the current
+models.
 
 Works directly on the configured store (``FACEGATE_STORE_URL``, or the SQLite file
 in ``FACEGATE_DATA_DIR``) without a running server, with the configured detector
@@ -17,6 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from service.helptext import summary
+
 from ._options import add_model_options, load_pipeline, settings_from_args
 
 
@@ -25,7 +28,7 @@ def register(subparsers) -> None:
                                    description="Gallery maintenance on the configured store.")
     actions = parser.add_subparsers(dest="action", required=True)
     p_reenrol = actions.add_parser("reenrol", help="re-enrol a gallery with the current models",
-                                   description=__doc__.splitlines()[0])
+                                   description=summary(__doc__))
     p_reenrol.add_argument("--source", required=True, help="gallery to re-enrol from")
     p_reenrol.add_argument("--target", required=True,
                            help="gallery to enrol into (created for the current model)")

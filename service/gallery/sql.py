@@ -237,14 +237,16 @@ class SQLStore(GalleryStore):
         return self._subject_dict(row, self._faces_of(cur, gallery, [subject_id])[subject_id])
 
     # --- galleries --------------------------------------------------------------
-    def create_gallery(self, name: str, model_id: str) -> tuple[dict, bool]:
+    def create_gallery(
+        self, name: str, model_id: str, dim: int | None = None
+    ) -> tuple[dict, bool]:
         with self._write() as cur:
             row = self._gallery_row(cur, name)
             created = row is None
             if created:
                 cur.execute(
-                    "INSERT INTO galleries (name, model_id, dim, created_at) VALUES (?, ?, NULL, ?)",
-                    (name, model_id, time.time()),
+                    "INSERT INTO galleries (name, model_id, dim, created_at) VALUES (?, ?, ?, ?)",
+                    (name, model_id, dim, time.time()),
                 )
                 row = self._gallery_row(cur, name)
             elif row[1] != model_id:
@@ -272,7 +274,12 @@ class SQLStore(GalleryStore):
 
     # --- subjects ---------------------------------------------------------------
     def upsert_subject(
-        self, gallery: str, subject_id: str, metadata: dict | None, model_id: str
+        self,
+        gallery: str,
+        subject_id: str,
+        metadata: dict | None,
+        model_id: str,
+        dim: int | None = None,
     ) -> tuple[dict, bool]:
         text = None if metadata is None else dump_json(metadata, "metadata")
         with self._write() as cur:
@@ -280,8 +287,8 @@ class SQLStore(GalleryStore):
             now = time.time()
             if row is None:
                 cur.execute(
-                    "INSERT INTO galleries (name, model_id, dim, created_at) VALUES (?, ?, NULL, ?)",
-                    (gallery, model_id, now),
+                    "INSERT INTO galleries (name, model_id, dim, created_at) VALUES (?, ?, ?, ?)",
+                    (gallery, model_id, dim, now),
                 )
             elif row[1] != model_id:
                 raise GalleryModelMismatch(gallery, row[1], model_id)

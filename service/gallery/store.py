@@ -89,8 +89,11 @@ class GalleryStore(abc.ABC):
 
     # --- galleries --------------------------------------------------------------
     @abc.abstractmethod
-    def create_gallery(self, name: str, model_id: str) -> tuple[dict, bool]:
-        """Create a gallery or return the existing one (model ids must agree)."""
+    def create_gallery(
+        self, name: str, model_id: str, dim: int | None = None
+    ) -> tuple[dict, bool]:
+        """Create a gallery or return the existing one (model ids must agree).  ``dim``: the
+        model's embedding dimension, when known before the first face."""
 
     @abc.abstractmethod
     def get_gallery(self, name: str) -> dict:
@@ -107,9 +110,15 @@ class GalleryStore(abc.ABC):
     # --- subjects ---------------------------------------------------------------
     @abc.abstractmethod
     def upsert_subject(
-        self, gallery: str, subject_id: str, metadata: dict | None, model_id: str
+        self,
+        gallery: str,
+        subject_id: str,
+        metadata: dict | None,
+        model_id: str,
+        dim: int | None = None,
     ) -> tuple[dict, bool]:
-        """Create (and the gallery if needed) or return the existing subject unchanged."""
+        """Create (and the gallery, with ``dim`` as in :meth:`create_gallery`, if needed) or
+        return the existing subject unchanged."""
 
     @abc.abstractmethod
     def get_subject(self, gallery: str, subject_id: str) -> dict:

@@ -9,10 +9,17 @@ normalising.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
 
 from .runtime import create_session, warm_up
+
+if TYPE_CHECKING:
+    from service.config import Settings
+    from service.registry import ModelCard
 
 
 def l2_normalize(vectors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -25,7 +32,8 @@ def l2_normalize(vectors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 class OnnxEmbedder:
     """``Embedder`` over an ONNX recognition model described by ``card``."""
 
-    def __init__(self, card, path, settings, flip: bool | None = None):
+    def __init__(self, card: ModelCard, path: Path | str, settings: Settings,
+                 flip: bool | None = None) -> None:
         if card.task != "recognition":
             raise ValueError(f"model {card.name!r} is a {card.task} model, not a recognizer")
         self.card = card

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+#: Side of the no-face fallback square, as a fraction of the image's shorter side.
+NO_FACE_FRACTION = 0.56
+
 #: Operating points calibrated by ``fmr_thresholds``.
 FMR_POINTS = {"fmr_1e-2": 1e-2, "fmr_1e-3": 1e-3, "fmr_1e-4": 1e-4}
 
@@ -157,3 +160,15 @@ def impostor_scores_all(embeddings: np.ndarray, identities: list[str],
         different = ids[rows][:, None] != ids[None, :]
         parts.append(block[upper & different])
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def fallback_landmarks(shape: tuple[int, ...], template: np.ndarray,
+                       crop_size: tuple[int, int]) -> np.ndarray:
+    """Template landmarks placed in the image's central square: the protocol's stand-in
+    for the face of an image where none was detected (``facegate eval-pairs``,
+    ``facegate-train evaluate``)."""
+    h, w = shape[:2]
+    side = NO_FACE_FRACTION * min(h, w)
+    scale = side / max(crop_size)
+    offset = np.array([(w - side) / 2, (h - side) / 2], dtype=np.float32)
+    return np.asarray(template, np.float32) * scale + offset

@@ -35,15 +35,19 @@ def select_providers(preferred: list[str]) -> list[str]:
     return chosen
 
 
-def session_options(settings) -> ort.SessionOptions:
-    """Graph optimisation on; thread counts from settings (0 = ONNX Runtime default)."""
+def session_options(settings, spinning: bool | None = None) -> ort.SessionOptions:
+    """Graph optimisation on; thread counts from settings (0 = ONNX Runtime default).
+
+    Intra-op threads spin between runs only with ``settings.ort_spinning``, unless
+    ``spinning`` decides for a model whatever the setting says.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if settings.intra_op_threads > 0:
         options.intra_op_num_threads = settings.intra_op_threads
     if settings.inter_op_threads > 0:
         options.inter_op_num_threads = settings.inter_op_threads
-    if not settings.ort_spinning:
+    if not (settings.ort_spinning if spinning is None else spinning):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return options

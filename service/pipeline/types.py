@@ -7,10 +7,14 @@ stage converts.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from service.registry import ModelCard
 
 
 @dataclass
@@ -42,39 +46,49 @@ class Detection:
 
 
 @dataclass
-class FaceResult:
-    """A detected face with its embedding (L2-normalised float32)."""
-
-    detection: Detection
-    embedding: np.ndarray | None = None
-
-
-@dataclass
 class Timings:
-    """Seconds spent per stage for one request (reported when asked, and to metrics)."""
+    """Seconds spent per stage for one request (reported when asked, and to metrics).
+
+    A stage's figure is summed over the request's images; the stages of one request run
+    one after another, so together they never exceed :meth:`elapsed`, the time since the
+    request's ``Timings`` was made.
+    """
 
     stages: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
 
     def add(self, stage: str, seconds: float) -> None:
         self.stages[stage] = self.stages.get(stage, 0.0) + seconds
 
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
+
+@runtime_checkable
 class Detector(Protocol):
     """Finds faces; implementations live in ``service.pipeline.detectors``."""
 
-    card: object  # service.registry.ModelCard
+    card: ModelCard
 
     def detect(self, image: np.ndarray) -> list[Detection]: ...
 
     def detect_batch(self, images: list[np.ndarray]) -> list[list[Detection]]: ...
 
 
+@runtime_checkable
 class Embedder(Protocol):
-    """Turns aligned crops into L2-normalised embeddings."""
+    """Turns aligned crops into L2-normalised embeddings: the ONNX model
+    (``service.pipeline.embed.OnnxEmbedder``) or the service's micro-batcher around it
+    (``service.batching.MicroBatcher``)."""
 
-    card: object  # service.registry.ModelCard
-    model_id: str
-    dim: int
+    @property
+    def card(self) -> ModelCard: ...
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """(N, h, w, 3) uint8 BGR aligned crops -> (N, dim) float32, L2-normalised."""

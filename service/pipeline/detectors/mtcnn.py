@@ -1,7 +1,7 @@
 """MTCNN face detector (P-Net -> R-Net -> O-Net cascade) on ONNX Runtime.
 
-The model file (``service.convert.mtcnn``) holds the three networks; each runs as its
-own session. The cascade follows Zhang et al. (2016) as implemented in
+The model file (written by ``service.convert.mtcnn``) holds the three networks; each
+runs as its own session. The cascade follows Zhang et al. (2016) as implemented in
 facenet-pytorch, whose weights it uses:
 
 1. an image pyramid (smallest face ``settings.min_face_size``, factor 0.709); P-Net
@@ -37,12 +37,34 @@ import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
-
-from service.convert.mtcnn import NETWORKS, split_networks
+from onnx.utils import Extractor
 
 from ..runtime import select_providers, session_options
 from ..types import Detection
 from .base import nms
+
+#: The three networks of an MTCNN model file (``service.convert.mtcnn`` writes it): each
+#: network's input and its outputs, in the order :meth:`MTCNNDetector.run_network` returns.
+NETWORKS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "pnet": ("pnet_input", ("pnet_reg", "pnet_prob")),
+    "rnet": ("rnet_input", ("rnet_reg", "rnet_prob")),
+    "onet": ("onet_input", ("onet_reg", "onet_landmarks", "onet_prob")),
+}
+
+
+def split_networks(model: onnx.ModelProto) -> dict[str, bytes]:
+    """The serialised stand-alone model of each network in a combined MTCNN model.
+
+    ONNX Runtime wants every graph input fed, so each network runs as its own
+    session built from these bytes.
+    """
+    names = {i.name for i in model.graph.input}
+    missing = [inp for inp, _ in NETWORKS.values() if inp not in names]
+    if missing:
+        raise ValueError(f"not an MTCNN model: inputs {missing} missing")
+    extractor = Extractor(model)
+    return {net: extractor.extract_model([inp], list(outs)).SerializeToString()
+            for net, (inp, outs) in NETWORKS.items()}
 
 DEFAULT_THRESHOLDS = (0.6, 0.7, 0.7)
 DEFAULT_FACTOR = 0.709
@@ -192,10 +214,9 @@ class MTCNNDetector:
         self.mean = np.asarray(pre.mean, dtype=np.float32)
         self.scale = 1.0 / np.asarray(pre.std, dtype=np.float32)
         model = onnx.load_model_from_string(Path(path).read_bytes())
-        options = session_options(settings)
-        # The cascade makes many short runs; threads that spin between them burn 2-4x the
-        # CPU time for no gain in throughput (bench/bench_mtcnn.py), so they sleep instead.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # The cascade makes many short runs; threads that spin between them burn CPU time
+        # for no gain in throughput (bench/bench_mtcnn.py, BENCHMARKS.md), so they sleep.
+        options = session_options(settings, spinning=False)
         providers = select_providers(list(settings.providers))
         self.sessions = {net: ort.InferenceSession(blob, sess_options=options, providers=providers)
                          for net, blob in split_networks(model).items()}
@@ -204,7 +225,7 @@ class MTCNNDetector:
     # -- networks --------------------------------------------------------------------
     def run_network(self, net: str, batch: np.ndarray) -> list[np.ndarray]:
         """Raw outputs of ``net`` (pnet, rnet, onet) for a normalised NCHW float32 batch,
-        in the order listed in ``service.convert.mtcnn.NETWORKS``."""
+        in the order listed in ``NETWORKS``."""
         input_name, outputs = NETWORKS[net]
         return self.sessions[net].run(list(outputs),
                                       {input_name: np.ascontiguousarray(batch, np.float32)})

@@ -1,0 +1,96 @@
+"""FAISS index snapshots: one set per store, written when a service stops and read when
+one starts (:class:`~service.gallery.service.GalleryService` then catches the set up from
+the change log and verifies it against the store before using it).
+
+A set is one file pair per gallery (``GalleryIndex.save``: the index and a JSON sidecar
+with its seq, gallery name and checksum) and ``manifest.json``, written last and
+atomically, naming the set and the seq it reflects.  Services sharing the data dir
+(``serve --workers N`` stops N at once) write one whole set at a time, under an exclusive
+lock on ``<snapshot dir>/lock``: the last one wins.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from service.gallery.index import GalleryIndex, SnapshotError
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (``flock``) on ``path``, between processes and threads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class Snapshots:
+    """The snapshot set of one store (by URL) under ``data_dir``."""
+
+    def __init__(
+        self, data_dir: Path, store_url: str, index_type: str, gpu: bool, nprobe: int
+    ) -> None:
+        digest = hashlib.sha256(store_url.encode()).hexdigest()[:16]
+        self.directory = Path(data_dir) / "snapshots" / digest
+        self.index_type = index_type
+        self.gpu = gpu
+        self.nprobe = nprobe
+
+    def _prefix(self, name: str) -> Path:
+        return self.directory / hashlib.sha256(name.encode()).hexdigest()[:24]
+
+    def write(self, indexes: dict[str, GalleryIndex], seq: int) -> None:
+        """Write every index as reflecting ``seq``, then the manifest (atomically).  The
+        caller keeps ``indexes`` still meanwhile."""
+        with exclusive(self.directory / "lock"):
+            files = {}
+            for name, index in indexes.items():
+                index.save(self._prefix(name), seq, name)
+                files[name] = self._prefix(name).name
+            self.directory.mkdir(parents=True, exist_ok=True)
+            manifest = self.directory / "manifest.json"
+            tmp = manifest.with_suffix(".tmp")
+            tmp.write_text(
+                json.dumps({"seq": seq, "index_type": self.index_type, "galleries": files})
+            )
+            os.replace(tmp, manifest)
+
+    def read(self, head_seq: int) -> tuple[dict[str, GalleryIndex], int] | None:
+        """The set's indexes and seq, or None (logged) when there is none or it cannot be
+        used: another index type, a seq ahead of the store's log ``head_seq``, a file that
+        is unreadable or belongs to another set."""
+        manifest = self.directory / "manifest.json"
+        if not manifest.is_file():
+            return None
+        try:
+            spec = json.loads(manifest.read_text())
+            seq = int(spec["seq"])
+            if spec.get("index_type") != self.index_type:
+                raise SnapshotError("snapshot was written for another index type")
+            if seq > head_seq:
+                raise SnapshotError(f"snapshot seq {seq} is ahead of the store's log")
+            indexes = {}
+            for name, prefix in spec["galleries"].items():
+                index, sidecar = GalleryIndex.load(
+                    self.directory / prefix, self.index_type, self.gpu, self.nprobe
+                )
+                if sidecar["seq"] != seq or sidecar["gallery"] != name:
+                    raise SnapshotError(f"snapshot of {name!r} does not belong to this set")
+                indexes[name] = index
+        except (SnapshotError, KeyError, ValueError, TypeError) as exc:
+            log.warning("ignoring gallery snapshot: %s", exc)
+            return None
+        return indexes, seq
