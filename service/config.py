@@ -124,6 +124,22 @@ class Settings(BaseSettings):
     pipeline_threads: int = Field(
         0, description="images decoded/detected at once per worker; 0 = the thread pool's bound")
 
+    # --- admission control (service/api/admission.py) ---------------------------
+    admission: bool = Field(
+        True, description="bound the requests doing pipeline work (POST /v1/...): past "
+                          "max_in_flight running and max_queue waiting, answer 503 overloaded "
+                          "with Retry-After at once")
+    max_in_flight: int = Field(
+        0, ge=0, description="requests running the pipeline at once per worker; 0 = 4 per "
+                             "core, at most max_batch when batching")
+    max_queue: int = Field(
+        -1, ge=-1, description="requests waiting for a slot per worker; -1 = max_in_flight")
+    request_timeout_s: float = Field(
+        10.0, ge=0, description="a request still waiting for a slot this long after it "
+                                "arrived is dropped unrun (504 deadline_exceeded); a client's "
+                                "X-Request-Timeout may shorten it; 0 = no server deadline")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) of a 503 overloaded")
+
     # --- decisions --------------------------------------------------------------
     operating_point: str | None = Field(
         None, description="default operating point of decisions (a named false-match rate of "
