@@ -393,6 +393,8 @@ class GalleryService:
         for gallery in galleries:
             index = self._indexes.get(gallery["name"])
             gallery["indexed"] = 0 if index is None else len(index)
+            if index is not None:
+                gallery["index"] = index.describe()
         return {
             "backend": self.store.backend,
             "index_type": self.settings.index_type,
@@ -441,7 +443,8 @@ class GalleryService:
     # --- applying the change log ------------------------------------------------
     def _new_index(self, dim: int, model_id: str) -> GalleryIndex:
         return GalleryIndex(dim, model_id, self.settings.index_type, self._gpu,
-                            self.settings.ivf_nprobe)
+                            self.settings.ivf_nprobe, self.settings.target_recall,
+                            self.settings.auto_switch_faces)
 
     def _apply(self, change: Change) -> None:
         """Apply one log entry to the indexes (caller holds the apply lock)."""
@@ -591,7 +594,9 @@ class GalleryService:
             for name, prefix in spec["galleries"].items():
                 index, sidecar = GalleryIndex.load(self.snapshot_dir / prefix,
                                                    self.settings.index_type, self._gpu,
-                                                   self.settings.ivf_nprobe)
+                                                   self.settings.ivf_nprobe,
+                                                   self.settings.target_recall,
+                                                   self.settings.auto_switch_faces)
                 if sidecar["seq"] != seq or sidecar["gallery"] != name:
                     raise SnapshotError(f"snapshot of {name!r} does not belong to this set")
                 indexes[name] = index
