@@ -100,7 +100,7 @@ def nearest_others(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def tune_nprobe(index: faiss.IndexIVF, vectors: np.ndarray, ids: np.ndarray, target: float,
                 queries: int = TUNE_QUERIES, seed: int = 0) -> tuple[int, float]:
-    """The fewest probes (1, 2, 4, ... up to every list) with which ``index`` finds, for a
+    """About the fewest probes (doubling, then bisecting) with which ``index`` finds, for a
     sample of the gallery's own vectors, each one's exact nearest *other* vector (the
     sample's own entry excluded) at a rate of at least ``target``; (nprobe, recall).
 
@@ -111,15 +111,27 @@ def tune_nprobe(index: faiss.IndexIVF, vectors: np.ndarray, ids: np.ndarray, tar
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, min(queries, n), replace=False))
     truth = ids[nearest_others(vectors, rows)]
-    nprobe, recall = 1, 0.0
-    while True:
-        params = faiss.SearchParametersIVF(nprobe=min(nprobe, index.nlist))
-        _, found = index.search(vectors[rows], 2, params=params)
+    sample = vectors[rows]
+
+    def recall_at(nprobe: int) -> float:
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        _, found = index.search(sample, 2, params=params)
         first_other = np.where(found[:, 0] == ids[rows], found[:, 1], found[:, 0])
-        recall = float(np.mean(first_other == truth))
-        if recall >= target or nprobe >= index.nlist:
-            return min(nprobe, index.nlist), recall
-        nprobe *= 2
+        return float(np.mean(first_other == truth))
+
+    low, high = 0, 1  # doubling until the target is met, then bisecting between the two
+    recall = recall_at(high)
+    while recall < target and high < index.nlist:
+        low, high = high, min(2 * high, index.nlist)
+        recall = recall_at(high)
+    while high - low > max(1, high // 8):  # within 1/8 of the fewest probes that suffice
+        middle = (low + high) // 2
+        found = recall_at(middle)
+        if found >= target:
+            high, recall = middle, found
+        else:
+            low = middle
+    return high, recall
 
 
 def build_ivf(dim: int, ids: np.ndarray, vectors: np.ndarray) -> faiss.IndexIVFFlat:
