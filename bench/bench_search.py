@@ -137,11 +137,25 @@ def snapshot_seconds(index: GalleryIndex, folder: Path) -> dict:
     return {"snapshot_save_s": round(saved - start, 2), "snapshot_load_s": round(loaded - saved, 2)}
 
 
-def settings_of(index: GalleryIndex, nprobes: list[int]) -> list[int | None]:
-    """Probe counts to measure: the ``--nprobe`` list for an ivf index, else one pass."""
+def settings_of(index: GalleryIndex, nprobes: list[int],
+                efs: list[int] | None = None) -> list[int | None]:
+    """Search breadths to measure: the ``--nprobe`` list for an ivf index, ``--ef-search``
+    for hnsw, else one pass."""
+    if index.kind == "hnsw":
+        return list(efs) if efs else [None]
     if index.kind != "ivf" or index.target_recall:
         return [None]  # not ivf, or its probe count was tuned when it was trained
     return nprobes or [IVF_NPROBE]
+
+
+def apply_setting(index: GalleryIndex, value: int | None) -> None:
+    """Set the search breadth measured next: ivf probes, or hnsw efSearch."""
+    if value is None:
+        return
+    if index.kind == "hnsw":
+        index.ef_search = value
+    else:
+        index.nprobe = value
 
 
 def timed_searches(index: GalleryIndex, queries: np.ndarray):
@@ -175,7 +189,8 @@ def row_of(index: GalleryIndex, build_s: float, threads: int, latencies, cpu,
 
 def bench_kind(kind: str, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray,
                threads: list[int], nprobes: list[int] | None = None,
-               target_recall: float = 0.0, snapshot_dir: Path | None = None) -> list[dict]:
+               target_recall: float = 0.0, snapshot_dir: Path | None = None,
+               efs: list[int] | None = None) -> list[dict]:
     """Build one index, then measure its searches once per OpenMP thread count (and,
     for ivf, per probe count)."""
     index, build_s = build(kind, vectors, [f"s{i // 2}" for i in range(len(vectors))],
@@ -184,9 +199,8 @@ def bench_kind(kind: str, vectors: np.ndarray, queries: np.ndarray, truth: np.nd
     rows = []
     for count in threads:
         faiss.omp_set_num_threads(count)
-        for nprobe in settings_of(index, nprobes or []):
-            if nprobe is not None:
-                index.nprobe = nprobe
+        for nprobe in settings_of(index, nprobes or [], efs):
+            apply_setting(index, nprobe)
             latencies, cpu, top = timed_searches(index, queries)
             found = np.array([-1 if hit is None else hit["face_id"] for hit in top])
             rows.append({**row_of(index, build_s, count, latencies, cpu,
@@ -206,7 +220,7 @@ def _params(index: GalleryIndex) -> dict:
         return params
     if index.kind == "hnsw":
         return {"M": module.HNSW_M, "efConstruction": module.HNSW_EF_CONSTRUCTION,
-                "efSearch": module.HNSW_EF_SEARCH}
+                "efSearch": index.ef_search}
     return {}
 
 
@@ -318,9 +332,8 @@ def real_faces(args, sizes: list[int], kinds: list[str], threads: list[int],
             snapshot = snapshot_seconds(index, Path(args.snapshot_dir)) if args.snapshot_dir else {}
             for count in threads:
                 faiss.omp_set_num_threads(count)
-                for nprobe in settings_of(index, nprobes):
-                    if nprobe is not None:
-                        index.nprobe = nprobe
+                for nprobe in settings_of(index, nprobes, args.efs):
+                    apply_setting(index, nprobe)
                     latencies, cpu, top = timed_searches(index, queries)
                     hit = np.array([t is not None and t["subject_id"] for t in top]) == query_ids
                     row = row_of(index, build_s, count, latencies, cpu, float(np.mean(hit)))
@@ -402,6 +415,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="ivf: tune the probe count for this recall on the gallery's own "
                              "vectors when it is trained (FACEGATE_IVF_NPROBE=0), instead of "
                              "--nprobe")
+    parser.add_argument("--ef-search", default="",
+                        help="hnsw: efSearch values to measure on each built graph, e.g. "
+                             "128,256,512 (default: the index default)")
     parser.add_argument("--snapshot-dir", default="",
                         help="also time writing and loading each index's snapshot here")
     parser.add_argument("--seed", type=int, default=0)
@@ -426,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     kinds = [k for k in args.kinds.split(",") if k]
     threads = [int(t) for t in args.threads.split(",")]
     nprobes = [int(p) for p in args.nprobe.split(",") if p]
+    args.efs = [int(e) for e in args.ef_search.split(",") if e]
     if any(p < 1 for p in nprobes):
         parser.error("--nprobe values must be at least 1")
     if args.real_faces:
@@ -446,7 +463,8 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             for row in bench_kind(kind, vectors[:size], queries, truth, threads, nprobes,
                                   args.target_recall,
-                                  Path(args.snapshot_dir) if args.snapshot_dir else None):
+                                  Path(args.snapshot_dir) if args.snapshot_dir else None,
+                                  args.efs):
                 results.append(row)
                 print(f"{kind:>6} n={size:>8} threads={row['threads']} {row['params']}: "
                       f"build {row['build_s']:8.2f}s"

@@ -241,6 +241,7 @@ class GalleryIndex:
         self.tuned_recall: float | None = None  # recall measured when nprobe was tuned
         self.switch_faces = int(switch_faces) or auto_switch_faces(self.dim)
         self.switches = 0  # auto: background trainings swapped in
+        self.ef_search = HNSW_EF_SEARCH  # hnsw: candidates kept while searching the graph
         self._trainer: threading.Thread | None = None
         self._written: dict[int, np.ndarray | None] | None = None
         self.gpu = bool(gpu) and kind in ("flat", "auto") and faiss.get_num_gpus() > 0
@@ -469,7 +470,7 @@ class GalleryIndex:
         if isinstance(self._index, faiss.IndexIVFFlat):
             return faiss.SearchParametersIVF(nprobe=min(self.nprobe, self._index.nlist))
         if self.kind == "hnsw":
-            return faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, k))
+            return faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
         return None
 
     def search(self, queries: np.ndarray, top_k: int) -> list[list[dict]]:
