@@ -19,6 +19,12 @@ stays under 10 minutes: the levels with ``--soak-seconds 0``, then the soak with
 ``--concurrency 1 --duration 1 --soak-seconds 540``.
     python bench/bench_load.py --variant two:FACEGATE_PIPELINE_THREADS=2 \
         --variant forty:FACEGATE_PIPELINE_THREADS=40
+    python bench/bench_load.py --admission compare --concurrency 1,8,32,128,256 --soak-seconds 0
+
+Latency percentiles and requests/s count accepted (200) requests; 503 ``overloaded``
+answers are counted apart (``overloaded``), and a client waits their ``Retry-After``,
+doubled per refusal in a row and jittered, before its next request (``--no-retry-after``:
+it resends at once).
 """
 
 from __future__ import annotations
@@ -86,17 +92,25 @@ def _request(client: httpx.AsyncClient, endpoint: str, rng: random.Random, peopl
 
 
 async def closed_loop(base_url: str, endpoints: list[str], concurrency: int, seconds: float,
-                      people) -> dict:
-    """``concurrency`` clients, each sending its next request when the last one is answered."""
+                      people, honour_retry_after: bool = True) -> dict:
+    """``concurrency`` clients, each sending its next request when the last one is answered
+    (after a 503 ``overloaded``, once its ``Retry-After`` has passed, with exponential
+    backoff and jitter over consecutive refusals: :func:`backoff`, as a well-behaved client).
+
+    ``rps``, ``p50_ms`` and ``p99_ms`` are over the accepted (200) requests; ``overloaded``
+    counts the 503 ``overloaded`` answers, ``errors`` every other non-200 outcome."""
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    overloaded = 0
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
 
     async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as client:
         deadline = time.perf_counter() + seconds
 
         async def worker(n: int) -> None:
+            nonlocal overloaded
             rng = random.Random(n)
+            refusals = 0  # in a row
             while time.perf_counter() < deadline:
                 endpoint = endpoints[rng.randrange(len(endpoints))]
                 start = time.perf_counter()
@@ -104,9 +118,18 @@ async def closed_loop(base_url: str, endpoints: list[str], concurrency: int, sec
                     r = await _request(client, endpoint, rng, people)
                     status = str(r.status_code)
                 except httpx.HTTPError as exc:
-                    status = type(exc).__name__
-                latencies.append(time.perf_counter() - start)
-                if status != "200":
+                    r, status = None, type(exc).__name__
+                if status == "503" and r is not None and _code(r) == "overloaded":
+                    overloaded += 1
+                    refusals += 1
+                    if honour_retry_after:
+                        wait = backoff(float(r.headers.get("retry-after", "1")), refusals, rng)
+                        await asyncio.sleep(min(wait, max(0.0, deadline - time.perf_counter())))
+                    continue
+                refusals = 0
+                if status == "200":
+                    latencies.append(time.perf_counter() - start)
+                else:
                     errors[status] = errors.get(status, 0) + 1
 
         started = time.perf_counter()
@@ -114,12 +137,28 @@ async def closed_loop(base_url: str, endpoints: list[str], concurrency: int, sec
         elapsed = time.perf_counter() - started
     latencies.sort()
 
-    def pct(q: float) -> float:
+    def pct(q: float) -> float | None:
+        if not latencies:
+            return None
         return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 1)
 
     return {"requests": len(latencies), "seconds": round(elapsed, 2),
             "rps": round(len(latencies) / elapsed, 2), "p50_ms": pct(0.50), "p99_ms": pct(0.99),
-            "errors": errors}
+            "overloaded": overloaded, "errors": errors}
+
+
+def backoff(retry_after: float, refusals: int, rng: random.Random, cap: float = 8.0) -> float:
+    """Seconds a refused client waits: ``Retry-After`` doubled per refusal in a row (at most
+    ``cap``), times a random factor in [0.5, 1.5) so that refused clients do not return
+    together."""
+    return min(cap, retry_after * 2 ** (refusals - 1)) * (0.5 + rng.random())
+
+
+def _code(response: httpx.Response) -> str | None:
+    try:
+        return response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -147,11 +186,13 @@ def run_variants(variants: list[str], args, people) -> dict:
             for level in args.concurrency:
                 for name, server in servers.items():
                     result = asyncio.run(closed_loop(server.base_url, [endpoint], level,
-                                                     args.duration, people))
+                                                     args.duration, people,
+                                                     not args.no_retry_after))
                     modes[name]["levels"][f"{endpoint}@{level}"] = result
                     print(f"{name:>6s} {endpoint:8s} c={level:<4d} {result['rps']:7.2f} req/s  "
                           f"p50 {result['p50_ms']:8.1f} ms  p99 {result['p99_ms']:8.1f} ms  "
-                          f"errors {result['errors']}", flush=True)
+                          f"overloaded {result['overloaded']}  errors {result['errors']}",
+                          flush=True)
         first = next(iter(servers))
         if args.soak_seconds > 0:
             pid = servers[first].proc.pid
@@ -194,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", dest="variants",
                         help="NAME:VAR=value,... a server configuration to measure (repeatable);"
                              " default: on:FACEGATE_BATCHING=true and off:FACEGATE_BATCHING=false")
+    parser.add_argument("--admission", choices=("default", "compare"), default="default",
+                        help="compare: measure admission control on and off (batching on) "
+                             "instead of the default variants")
+    parser.add_argument("--no-retry-after", action="store_true",
+                        help="clients resend at once after a 503 overloaded instead of waiting "
+                             "its Retry-After")
     parser.add_argument("--people", type=int, default=30, help="LFW people enrolled")
     parser.add_argument("--quick", action="store_true",
                         help="a short run for tests: levels 1,4; 1 s each; 2 s soak")
@@ -203,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
     os.environ.setdefault("FACEGATE_LOG_LEVEL", "warning")
     people = lfw_photos(args.people)
-    variants = args.variants or ["on:FACEGATE_BATCHING=true", "off:FACEGATE_BATCHING=false"]
+    variants = args.variants or (
+        ["on:FACEGATE_ADMISSION=true", "off:FACEGATE_ADMISSION=false"]
+        if args.admission == "compare"
+        else ["on:FACEGATE_BATCHING=true", "off:FACEGATE_BATCHING=false"])
     load_before = os.getloadavg()[0]
     results = {"machine": os.environ.get("FACEGATE_BENCH_MACHINE", ""),
                "cpu_count": os.cpu_count(), "duration_s": args.duration,

@@ -104,13 +104,17 @@ def exact_top1(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return index.search(queries, 1)[1][:, 0]
 
 
-def build(kind: str, vectors: np.ndarray, subjects: list[str]) -> tuple[GalleryIndex, float]:
-    """The service's index over ``vectors`` (face ids 0..n-1), and its build seconds."""
+def build(kind: str, vectors: np.ndarray, subjects: list[str],
+          target_recall: float = 0.0) -> tuple[GalleryIndex, float]:
+    """The service's index over ``vectors`` (face ids 0..n-1), and its build seconds;
+    with ``target_recall`` an ivf index's probe count is tuned for it (part of the build)."""
     n, dim = vectors.shape
     ids = np.arange(n, dtype=np.int64)
     faiss.omp_set_num_threads(ALL_CORES)  # build with every core
     start = time.perf_counter()
-    index = GalleryIndex(dim, "bench", kind)
+    tuned = kind == "ivf" and target_recall > 0
+    index = GalleryIndex(dim, "bench", kind, nprobe=0 if tuned else IVF_NPROBE,
+                         target_recall=target_recall if tuned else 0.0)
     for lo in range(0, n, 100_000):
         index.add(ids[lo:lo + 100_000], subjects[lo:lo + 100_000], vectors[lo:lo + 100_000])
     if kind == "ivf" and index._trained_at == 0:
@@ -118,9 +122,40 @@ def build(kind: str, vectors: np.ndarray, subjects: list[str]) -> tuple[GalleryI
     return index, time.perf_counter() - start
 
 
-def settings_of(index: GalleryIndex, nprobes: list[int]) -> list[int | None]:
-    """Probe counts to measure: the ``--nprobe`` list for an ivf index, else one pass."""
-    return (nprobes or [IVF_NPROBE]) if index.kind == "ivf" else [None]
+def snapshot_seconds(index: GalleryIndex, folder: Path) -> dict:
+    """Seconds to write the index's snapshot and to load (and check) it again."""
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = folder / f"bench-{index.kind}"
+    start = time.perf_counter()
+    index.save(prefix, seq=1, gallery="bench")
+    saved = time.perf_counter()
+    GalleryIndex.load(prefix, index.kind, nprobe=index.nprobe or IVF_NPROBE,
+                      target_recall=index.target_recall)
+    loaded = time.perf_counter()
+    for suffix in (".faiss", ".json"):
+        prefix.with_suffix(suffix).unlink()
+    return {"snapshot_save_s": round(saved - start, 2), "snapshot_load_s": round(loaded - saved, 2)}
+
+
+def settings_of(index: GalleryIndex, nprobes: list[int],
+                efs: list[int] | None = None) -> list[int | None]:
+    """Search breadths to measure: the ``--nprobe`` list for an ivf index, ``--ef-search``
+    for hnsw, else one pass."""
+    if index.kind == "hnsw":
+        return list(efs) if efs else [None]
+    if index.kind != "ivf" or index.target_recall:
+        return [None]  # not ivf, or its probe count was tuned when it was trained
+    return nprobes or [IVF_NPROBE]
+
+
+def apply_setting(index: GalleryIndex, value: int | None) -> None:
+    """Set the search breadth measured next: ivf probes, or hnsw efSearch."""
+    if value is None:
+        return
+    if index.kind == "hnsw":
+        index.ef_search = value
+    else:
+        index.nprobe = value
 
 
 def timed_searches(index: GalleryIndex, queries: np.ndarray):
@@ -153,20 +188,23 @@ def row_of(index: GalleryIndex, build_s: float, threads: int, latencies, cpu,
 
 
 def bench_kind(kind: str, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray,
-               threads: list[int], nprobes: list[int] | None = None) -> list[dict]:
+               threads: list[int], nprobes: list[int] | None = None,
+               target_recall: float = 0.0, snapshot_dir: Path | None = None,
+               efs: list[int] | None = None) -> list[dict]:
     """Build one index, then measure its searches once per OpenMP thread count (and,
     for ivf, per probe count)."""
-    index, build_s = build(kind, vectors, [f"s{i // 2}" for i in range(len(vectors))])
+    index, build_s = build(kind, vectors, [f"s{i // 2}" for i in range(len(vectors))],
+                           target_recall)
+    snapshot = snapshot_seconds(index, snapshot_dir) if snapshot_dir else {}
     rows = []
     for count in threads:
         faiss.omp_set_num_threads(count)
-        for nprobe in settings_of(index, nprobes or []):
-            if nprobe is not None:
-                index.nprobe = nprobe
+        for nprobe in settings_of(index, nprobes or [], efs):
+            apply_setting(index, nprobe)
             latencies, cpu, top = timed_searches(index, queries)
             found = np.array([-1 if hit is None else hit["face_id"] for hit in top])
-            rows.append(row_of(index, build_s, count, latencies, cpu,
-                               float(np.mean(found == truth))))
+            rows.append({**row_of(index, build_s, count, latencies, cpu,
+                                  float(np.mean(found == truth))), **snapshot})
     return rows
 
 
@@ -174,11 +212,15 @@ def _params(index: GalleryIndex) -> dict:
     from service.gallery import index as module
 
     if index.kind == "ivf":
-        return {"nlist": int(index._index.nlist), "nprobe": min(index.nprobe,
-                                                                int(index._index.nlist))}
+        params = {"nlist": int(index._index.nlist),
+                  "nprobe": min(index.nprobe, int(index._index.nlist))}
+        if index.tuned_recall is not None:
+            params.update(target_recall=index.target_recall,
+                          tuned_recall=round(index.tuned_recall, 4))
+        return params
     if index.kind == "hnsw":
         return {"M": module.HNSW_M, "efConstruction": module.HNSW_EF_CONSTRUCTION,
-                "efSearch": module.HNSW_EF_SEARCH}
+                "efSearch": index.ef_search}
     return {}
 
 
@@ -286,15 +328,16 @@ def real_faces(args, sizes: list[int], kinds: list[str], threads: list[int],
         for kind in (["flat"] if size == len(names) else kinds):
             if kind == "hnsw" and size > args.hnsw_max:
                 continue
-            index, build_s = build(kind, vectors, subjects)
+            index, build_s = build(kind, vectors, subjects, args.target_recall)
+            snapshot = snapshot_seconds(index, Path(args.snapshot_dir)) if args.snapshot_dir else {}
             for count in threads:
                 faiss.omp_set_num_threads(count)
-                for nprobe in settings_of(index, nprobes):
-                    if nprobe is not None:
-                        index.nprobe = nprobe
+                for nprobe in settings_of(index, nprobes, args.efs):
+                    apply_setting(index, nprobe)
                     latencies, cpu, top = timed_searches(index, queries)
                     hit = np.array([t is not None and t["subject_id"] for t in top]) == query_ids
                     row = row_of(index, build_s, count, latencies, cpu, float(np.mean(hit)))
+                    row.update(snapshot)
                     results.append(row)
                     print(f"{kind:>6} n={size:>8} {row['params']}: build {row['build_s']:7.2f}s"
                           f"  cpu p50 {row['cpu_p50_ms']:7.3f} ms  identity recall@1 "
@@ -368,6 +411,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--nprobe", default="",
                         help="ivf: probe counts to measure on each built index, e.g. 1,8,32,128 "
                              f"(default: the index default, {IVF_NPROBE})")
+    parser.add_argument("--target-recall", type=float, default=0.0,
+                        help="ivf: tune the probe count for this recall on the gallery's own "
+                             "vectors when it is trained (FACEGATE_IVF_NPROBE=0), instead of "
+                             "--nprobe")
+    parser.add_argument("--ef-search", default="",
+                        help="hnsw: efSearch values to measure on each built graph, e.g. "
+                             "128,256,512 (default: the index default)")
+    parser.add_argument("--snapshot-dir", default="",
+                        help="also time writing and loading each index's snapshot here")
     parser.add_argument("--seed", type=int, default=0)
     real = parser.add_argument_group("real faces (--real-faces)")
     real.add_argument("--real-faces", action="store_true",
@@ -390,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     kinds = [k for k in args.kinds.split(",") if k]
     threads = [int(t) for t in args.threads.split(",")]
     nprobes = [int(p) for p in args.nprobe.split(",") if p]
+    args.efs = [int(e) for e in args.ef_search.split(",") if e]
     if any(p < 1 for p in nprobes):
         parser.error("--nprobe values must be at least 1")
     if args.real_faces:
@@ -408,7 +461,10 @@ def main(argv: list[str] | None = None) -> dict:
         for kind in kinds:
             if kind == "hnsw" and size > args.hnsw_max:
                 continue
-            for row in bench_kind(kind, vectors[:size], queries, truth, threads, nprobes):
+            for row in bench_kind(kind, vectors[:size], queries, truth, threads, nprobes,
+                                  args.target_recall,
+                                  Path(args.snapshot_dir) if args.snapshot_dir else None,
+                                  args.efs):
                 results.append(row)
                 print(f"{kind:>6} n={size:>8} threads={row['threads']} {row['params']}: "
                       f"build {row['build_s']:8.2f}s"

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from service.api import errors, extract, galleries, health, identify, info, verify
+from service.api.admission import AdmissionMiddleware
 from service.api.deps import AppState
 from service.api.limits import BodyLimitMiddleware
 from service.api.urls import UrlFetcher
@@ -133,6 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app, domain_errors=(PipelineError, GalleryError))
     for module in (health, info, verify, identify, extract, galleries):
         app.include_router(module.router)
+    app.add_middleware(AdmissionMiddleware, settings=settings, metrics=metrics)  # inside the limit
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes,
                        metrics=metrics, body_timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -51,6 +51,20 @@ class Metrics:
                                          buckets=FACE_BUCKETS, registry=r)
         self.rejects = Counter("facegate_rejects_total", "requests refused, by error code",
                                ["reason"], registry=r)
+        self.admission_wait = Histogram("facegate_admission_wait_seconds",
+                                        "time an admitted request waited for a pipeline slot",
+                                        buckets=STAGE_BUCKETS, registry=r)
+        self.admission_refused = Counter(
+            "facegate_admission_refused_total", "requests dropped by admission control unrun: "
+            "overloaded (queue full), deadline (waited too long), disconnected (client left)",
+            ["reason"], registry=r)
+        self.admission_in_flight = Gauge("facegate_admission_in_flight",
+                                         "requests holding a pipeline slot", registry=r)
+        self.admission_queued = Gauge("facegate_admission_queued",
+                                      "requests waiting for a pipeline slot", registry=r)
+        self.admission_limit = Gauge("facegate_admission_limit",
+                                     "admission bounds: in_flight slots, queue length",
+                                     ["bound"], registry=r)
         self.gallery_subjects = Gauge("facegate_gallery_subjects", "subjects per gallery",
                                       ["gallery"], registry=r)
         self.gallery_faces = Gauge("facegate_gallery_faces", "faces per gallery", ["gallery"],

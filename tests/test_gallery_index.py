@@ -107,7 +107,7 @@ def test_snapshot_round_trip_and_checksum(kind, tmp_path):
         GalleryIndex.load(tmp_path / "g", kind)
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "auto"])
 def test_service_runs_with_each_index_type(kind, tmp_path):
     settings = Settings(data_dir=tmp_path, index_type=kind, faiss_gpu=False, sync_interval_s=0.05)
     service = open_gallery(settings)
@@ -170,8 +170,8 @@ def test_ivf_nprobe_setting_reaches_the_index_and_changes_recall(tmp_path, monke
     finally:
         again.stop()
     assert recall_all == 1.0 and recall_one < 0.9  # one probed list misses many true matches
-    monkeypatch.setenv("FACEGATE_IVF_NPROBE", "0")
+    monkeypatch.setenv("FACEGATE_IVF_NPROBE", "-1")  # 0 is valid: tuned for a target recall
     with pytest.raises(ValueError):
         Settings()
     with pytest.raises(ValueError):
-        GalleryIndex(DIM, "m", "ivf", nprobe=0)
+        GalleryIndex(DIM, "m", "ivf", nprobe=-1)

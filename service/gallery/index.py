@@ -18,6 +18,14 @@ Index types (``settings.index_type``):
     ``IVF_MIN_TRAIN`` faces, is then trained on its own vectors, and is
     re-trained whenever it has grown ``IVF_RETRAIN_GROWTH``-fold since.
     Deletes are native (``remove_ids``).
+``auto``
+    Exact (as ``flat``) while the gallery is small; once it holds
+    :func:`auto_switch_faces` faces (where exact search costs about
+    ``AUTO_EXACT_CPU_MS`` of CPU per query, measured: BENCHMARKS.md) it becomes an
+    ``ivf`` index whose probe count is chosen by :func:`tune_nprobe` for
+    ``target_recall``.  Training and every later re-training run in a background
+    thread: the current index answers (and takes writes) meanwhile, and the new one
+    replaces it once it has caught up with the writes made during its build.
 ``hnsw``
     ``IndexIDMap2`` over ``IndexHNSWFlat`` (M = ``HNSW_M``): the fastest search
     at high recall, but the most memory per vector and slow inserts.  HNSW
@@ -41,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import threading
@@ -50,7 +59,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-INDEX_TYPES = ("flat", "ivf", "hnsw")
+log = logging.getLogger("facegate.gallery")
+
+INDEX_TYPES = ("flat", "ivf", "hnsw", "auto")
 IVF_MIN_TRAIN = 10_000
 IVF_RETRAIN_GROWTH = 8
 IVF_NPROBE = 32
@@ -63,6 +74,78 @@ HNSW_REBUILD_FRACTION = 0.2
 OVERFETCH = 4
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit; larger fetches run on the CPU index
 SNAPSHOT_FORMAT = 1
+#: ``auto``: exact search costs ~0.17 ns of CPU per face and dimension on the 2-core VM
+#: (84.7 ms at 1M x 512-d, 2.29 ms at 100k x 128-d: BENCHMARKS.md); it switches to IVF
+#: where an exact search would cost this much.
+AUTO_EXACT_CPU_MS = 2.0
+EXACT_NS_PER_FACE_DIM = 0.17
+TARGET_RECALL = 0.99
+TUNE_QUERIES = 400
+
+
+def auto_switch_faces(dim: int) -> int:
+    """Gallery size at which ``auto`` leaves exact search: ~23k faces at 512-d, ~92k at 128-d
+    (never under ``IVF_MIN_TRAIN``)."""
+    faces = AUTO_EXACT_CPU_MS * 1e6 / (EXACT_NS_PER_FACE_DIM * dim)
+    return max(IVF_MIN_TRAIN, int(faces))
+
+
+def nearest_others(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Row of each ``vectors[rows]``'s nearest other vector, by exact search."""
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    _, found = exact.search(vectors[rows], 2)
+    return np.where(found[:, 0] == rows, found[:, 1], found[:, 0])
+
+
+def tune_nprobe(index: faiss.IndexIVF, vectors: np.ndarray, ids: np.ndarray, target: float,
+                queries: int = TUNE_QUERIES, seed: int = 0) -> tuple[int, float]:
+    """About the fewest probes (doubling, then bisecting) with which ``index`` finds, for a
+    sample of the gallery's own vectors, each one's exact nearest *other* vector (the
+    sample's own entry excluded) at a rate of at least ``target``; (nprobe, recall).
+
+    The nearest other face of an enrolled face is about as far from it as a new photo of
+    a person is from the enrolled one, so this measures the search a real query needs
+    without any query photos."""
+    n = len(ids)
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, min(queries, n), replace=False))
+    truth = ids[nearest_others(vectors, rows)]
+    sample = vectors[rows]
+
+    def recall_at(nprobe: int) -> float:
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        _, found = index.search(sample, 2, params=params)
+        first_other = np.where(found[:, 0] == ids[rows], found[:, 1], found[:, 0])
+        return float(np.mean(first_other == truth))
+
+    low, high = 0, 1  # doubling until the target is met, then bisecting between the two
+    recall = recall_at(high)
+    while recall < target and high < index.nlist:
+        low, high = high, min(2 * high, index.nlist)
+        recall = recall_at(high)
+    while high - low > max(1, high // 8):  # within 1/8 of the fewest probes that suffice
+        middle = (low + high) // 2
+        found = recall_at(middle)
+        if found >= target:
+            high, recall = middle, found
+        else:
+            low = middle
+    return high, recall
+
+
+def build_ivf(dim: int, ids: np.ndarray, vectors: np.ndarray) -> faiss.IndexIVFFlat:
+    """An ``IndexIVFFlat`` trained on (a sample of) ``vectors`` and holding them all."""
+    n = len(ids)
+    nlist = ivf_lists(n)
+    index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = IVF_TRAIN_ITERATIONS
+    rng = np.random.default_rng(0)
+    cap = IVF_TRAIN_PER_LIST * nlist
+    sample = vectors if n <= cap else vectors[np.sort(rng.choice(n, cap, replace=False))]
+    index.train(sample)
+    index.add_with_ids(vectors, ids)
+    return index
 
 
 class SnapshotError(RuntimeError):
@@ -137,16 +220,31 @@ class GalleryIndex:
     """The searchable, derived state of one gallery."""
 
     def __init__(self, dim: int, model_id: str, kind: str = "flat", gpu: bool = False,
-                 nprobe: int = IVF_NPROBE) -> None:
+                 nprobe: int = IVF_NPROBE, target_recall: float = 0.0,
+                 switch_faces: int = 0) -> None:
+        """``nprobe`` 0 (ivf) or ``kind="auto"``: the probe count is tuned for
+        ``target_recall`` (default ``TARGET_RECALL``) whenever the index is trained;
+        ``switch_faces`` (auto): the size where it leaves exact search (0: measured
+        default, :func:`auto_switch_faces`)."""
         if kind not in INDEX_TYPES:
             raise ValueError(f"unknown index type {kind!r}; expected one of {INDEX_TYPES}")
-        if int(nprobe) < 1:
-            raise ValueError(f"nprobe must be at least 1, got {nprobe!r}")
+        if int(nprobe) < 0:
+            raise ValueError(f"nprobe must be at least 1 (0: tuned), got {nprobe!r}")
+        if not 0.0 <= target_recall <= 1.0:
+            raise ValueError(f"target recall must lie in [0, 1], got {target_recall!r}")
         self.dim = int(dim)
         self.model_id = model_id
         self.kind = kind
-        self.nprobe = int(nprobe)  # ivf: lists probed per search (capped at nlist)
-        self.gpu = bool(gpu) and kind == "flat" and faiss.get_num_gpus() > 0
+        tuned = kind == "auto" or int(nprobe) == 0
+        self.target_recall = (target_recall or TARGET_RECALL) if tuned else 0.0
+        self.nprobe = int(nprobe) or IVF_NPROBE  # ivf: lists probed per search (capped at nlist)
+        self.tuned_recall: float | None = None  # recall measured when nprobe was tuned
+        self.switch_faces = int(switch_faces) or auto_switch_faces(self.dim)
+        self.switches = 0  # auto: background trainings swapped in
+        self.ef_search = HNSW_EF_SEARCH  # hnsw: candidates kept while searching the graph
+        self._trainer: threading.Thread | None = None
+        self._written: dict[int, np.ndarray | None] | None = None
+        self.gpu = bool(gpu) and kind in ("flat", "auto") and faiss.get_num_gpus() > 0
         self._index = self._empty()
         self._trained_at = 0  # ivf: gallery size when the coarse quantiser was trained
         self._subject_of: dict[int, str] = {}
@@ -167,24 +265,76 @@ class GalleryIndex:
             return index
         return faiss.index_factory(self.dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
 
+    def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) the flat or ivf index holds (copies)."""
+        if isinstance(self._index, faiss.IndexIVFFlat):
+            return _ivf_contents(self._index)
+        ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        return ids, _flat_vectors(self._index.index)
+
     def _train_ivf(self) -> None:
         """(Re)build the ivf index from the vectors it holds, training a new quantiser."""
-        if isinstance(self._index, faiss.IndexIVFFlat):
-            ids, vectors = _ivf_contents(self._index)
-        else:
-            ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-            vectors = _flat_vectors(self._index.index)
-        n = len(ids)
-        nlist = ivf_lists(n)
-        index = faiss.index_factory(self.dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-        index.cp.niter = IVF_TRAIN_ITERATIONS
-        rng = np.random.default_rng(0)
-        cap = IVF_TRAIN_PER_LIST * nlist
-        sample = vectors if n <= cap else vectors[np.sort(rng.choice(n, cap, replace=False))]
-        index.train(sample)
-        index.add_with_ids(vectors, ids)
-        self._index = index
-        self._trained_at = n
+        ids, vectors = self._vectors()
+        self._index = build_ivf(self.dim, ids, vectors)
+        self._trained_at = len(ids)
+        if self.target_recall > 0:
+            self.nprobe, self.tuned_recall = tune_nprobe(self._index, vectors, ids,
+                                                         self.target_recall)
+
+    def _train_in_background(self) -> None:
+        """``auto``: build the ivf index off the lock, then catch up and swap it in."""
+        try:
+            with self._lock.read():
+                ids, vectors = self._vectors()
+                self._written = {}  # writes from now on, replayed on the new index
+            index = build_ivf(self.dim, ids, vectors)
+            nprobe, recall = tune_nprobe(index, vectors, ids, self.target_recall)
+            with self._lock.write():
+                written, self._written = self._written, None
+                if written:  # drop every face written since, then add back the live ones
+                    index.remove_ids(np.fromiter(written, np.int64, len(written)))
+                added = [(f, v) for f, v in written.items() if v is not None]
+                if added:
+                    index.add_with_ids(np.stack([v for _, v in added]),
+                                       np.array([f for f, _ in added], dtype=np.int64))
+                self._index = index
+                self._trained_at = len(ids)
+                self.nprobe, self.tuned_recall = nprobe, recall
+                self._gpu_index = None
+                self.switches += 1
+        except Exception:  # noqa: BLE001 - the current index keeps serving
+            log.exception("background training of a %s index failed", self.kind)
+        finally:
+            with self._lock.write():
+                self._written = None
+                self._trainer = None
+
+    def describe(self) -> dict:
+        """The index's current form: what it searches with, and (auto) whether it is
+        switching."""
+        is_ivf = isinstance(self._index, faiss.IndexIVF)
+        active = "ivf" if is_ivf else "hnsw" if self.kind == "hnsw" else "flat"
+        out: dict = {"kind": self.kind, "active": active}
+        if is_ivf:
+            out.update(nlist=int(self._index.nlist), nprobe=min(self.nprobe, self._index.nlist),
+                       trained_at=self._trained_at)
+            if self.tuned_recall is not None:
+                out.update(target_recall=self.target_recall,
+                           tuned_recall=round(self.tuned_recall, 4))
+        if self.kind == "auto":
+            out.update(switch_faces=self.switch_faces, training=self.training)
+        return out
+
+    @property
+    def training(self) -> bool:
+        """``auto``: a background (re)training is running."""
+        return self._trainer is not None
+
+    def wait_trained(self, timeout: float | None = None) -> None:
+        """``auto``: wait for a running background training to be swapped in."""
+        trainer = self._trainer
+        if trainer is not None:
+            trainer.join(timeout)
 
     def _rebuild_hnsw(self) -> None:
         """Rebuild the HNSW graph from its live vectors, dropping tombstones."""
@@ -220,10 +370,18 @@ class GalleryIndex:
                 if new:
                     self._subject_of[face_id] = subject_id
                     self._faces_of.setdefault(subject_id, set()).add(face_id)
+            if self._written is not None:
+                for face_id, vector in zip(face_ids[fresh].tolist(), vectors[fresh]):
+                    self._written[face_id] = vector
+            size = len(self._subject_of)
             if self.kind == "ivf":
-                size = len(self._subject_of)
                 if size >= max(IVF_MIN_TRAIN, IVF_RETRAIN_GROWTH * self._trained_at):
                     self._train_ivf()
+            elif self.kind == "auto" and self._trainer is None and size >= max(
+                    self.switch_faces, IVF_RETRAIN_GROWTH * self._trained_at):
+                self._trainer = threading.Thread(target=self._train_in_background,
+                                                 name="facegate-index-train", daemon=True)
+                self._trainer.start()
             self._gpu_index = None
             return int(fresh.sum())
 
@@ -247,6 +405,8 @@ class GalleryIndex:
             faces.discard(face_id)
             if not faces:
                 del self._faces_of[subject_id]
+        if self._written is not None:
+            self._written.update(dict.fromkeys(present))
         if self.kind == "hnsw":
             self._tombstones.update(present)
             if len(self._tombstones) > HNSW_REBUILD_FRACTION * self._index.ntotal:
@@ -292,7 +452,7 @@ class GalleryIndex:
 
     def _raw_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """FAISS search returning (scores, face ids); on the GPU mirror when there is one."""
-        if self.gpu and k <= GPU_MAX_K:
+        if self.gpu and k <= GPU_MAX_K and not isinstance(self._index, faiss.IndexIVF):
             with self._gpu_lock:
                 if self._gpu_index is None:
                     if self._gpu_resources is None:
@@ -310,7 +470,7 @@ class GalleryIndex:
         if isinstance(self._index, faiss.IndexIVFFlat):
             return faiss.SearchParametersIVF(nprobe=min(self.nprobe, self._index.nlist))
         if self.kind == "hnsw":
-            return faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, k))
+            return faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
         return None
 
     def search(self, queries: np.ndarray, top_k: int) -> list[list[dict]]:
@@ -365,6 +525,8 @@ class GalleryIndex:
                 "count": len(self._subject_of),
                 "ntotal": int(self._index.ntotal),
                 "trained_at": self._trained_at,
+                "nprobe": self.nprobe,
+                "tuned_recall": self.tuned_recall,
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "face_ids": list(self._subject_of),
                 "subject_ids": list(self._subject_of.values()),
@@ -379,8 +541,8 @@ class GalleryIndex:
             os.replace(tmp, prefix.with_suffix(suffix))
 
     @classmethod
-    def load(cls, prefix: Path, kind: str, gpu: bool = False,
-             nprobe: int = IVF_NPROBE) -> tuple[GalleryIndex, dict]:
+    def load(cls, prefix: Path, kind: str, gpu: bool = False, nprobe: int = IVF_NPROBE,
+             target_recall: float = 0.0, switch_faces: int = 0) -> tuple[GalleryIndex, dict]:
         """Read a snapshot; return (index, sidecar).  Raises :class:`SnapshotError`."""
         prefix = Path(prefix)
         try:
@@ -392,9 +554,12 @@ class GalleryIndex:
             raise SnapshotError(f"snapshot {prefix} has another format or index type")
         if hashlib.sha256(data).hexdigest() != sidecar.get("sha256"):
             raise SnapshotError(f"snapshot {prefix} does not match its checksum")
-        index = cls(sidecar["dim"], sidecar["model_id"], kind, gpu, nprobe)
+        index = cls(sidecar["dim"], sidecar["model_id"], kind, gpu, nprobe, target_recall,
+                    switch_faces)
         index._index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         index._trained_at = int(sidecar["trained_at"])
+        if index.target_recall and sidecar.get("tuned_recall") is not None:
+            index.nprobe, index.tuned_recall = int(sidecar["nprobe"]), sidecar["tuned_recall"]
         face_ids, subject_ids = sidecar["face_ids"], sidecar["subject_ids"]
         if (len(face_ids) != len(subject_ids) or len(face_ids) != sidecar["count"]
                 or index._index.ntotal != len(face_ids) + len(sidecar["tombstones"])):

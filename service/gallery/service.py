@@ -160,7 +160,8 @@ class GalleryService:
         self._gpu = bool(settings.faiss_gpu) and faiss.get_num_gpus() > 0
         self.source = ""  # where the indexes came from at start: "snapshot" or "store"
         self.snapshots = Snapshots(Path(settings.data_dir), self.store_url,
-                                   settings.index_type, self._gpu, settings.ivf_nprobe)
+                                   settings.index_type, self._gpu, settings.ivf_nprobe,
+                                   settings.target_recall, settings.auto_switch_faces)
         self.snapshot_dir = self.snapshots.directory
 
     # --- lifecycle --------------------------------------------------------------
@@ -409,6 +410,8 @@ class GalleryService:
         for gallery in galleries:
             index = self._indexes.get(gallery["name"])
             gallery["indexed"] = 0 if index is None else len(index)
+            if index is not None:
+                gallery["index"] = index.describe()
         return {
             "backend": self.store.backend,
             "index_type": self.settings.index_type,
@@ -457,7 +460,8 @@ class GalleryService:
     # --- applying the change log ------------------------------------------------
     def _new_index(self, dim: int, model_id: str) -> GalleryIndex:
         return GalleryIndex(dim, model_id, self.settings.index_type, self._gpu,
-                            self.settings.ivf_nprobe)
+                            self.settings.ivf_nprobe, self.settings.target_recall,
+                            self.settings.auto_switch_faces)
 
     def _apply(self, change: Change) -> None:
         """Apply one log entry to the indexes (caller holds the apply lock)."""

@@ -41,13 +41,22 @@ class Snapshots:
     """The snapshot set of one store (by URL) under ``data_dir``."""
 
     def __init__(
-        self, data_dir: Path, store_url: str, index_type: str, gpu: bool, nprobe: int
+        self,
+        data_dir: Path,
+        store_url: str,
+        index_type: str,
+        gpu: bool,
+        nprobe: int,
+        target_recall: float = 0.0,
+        switch_faces: int = 0,
     ) -> None:
         digest = hashlib.sha256(store_url.encode()).hexdigest()[:16]
         self.directory = Path(data_dir) / "snapshots" / digest
         self.index_type = index_type
         self.gpu = gpu
         self.nprobe = nprobe
+        self.target_recall = target_recall
+        self.switch_faces = switch_faces
 
     def _prefix(self, name: str) -> Path:
         return self.directory / hashlib.sha256(name.encode()).hexdigest()[:24]
@@ -85,7 +94,12 @@ class Snapshots:
             indexes = {}
             for name, prefix in spec["galleries"].items():
                 index, sidecar = GalleryIndex.load(
-                    self.directory / prefix, self.index_type, self.gpu, self.nprobe
+                    self.directory / prefix,
+                    self.index_type,
+                    self.gpu,
+                    self.nprobe,
+                    self.target_recall,
+                    self.switch_faces,
                 )
                 if sidecar["seq"] != seq or sidecar["gallery"] != name:
                     raise SnapshotError(f"snapshot of {name!r} does not belong to this set")
