@@ -150,10 +150,6 @@ class Settings(BaseSettings):
         1024 * 1024 * 1024, gt=0,
         description="memory of all decoded images in flight per worker; a decode waits until "
                     "its estimate fits; at least max_decode_bytes")
-    max_metadata_bytes: int = Field(
-        16 * 1024, gt=0, description="largest subject metadata (UTF-8 JSON bytes)")
-    max_metadata_depth: int = Field(
-        8, ge=1, description="deepest nesting of subject metadata (the object itself is 1)")
 
     # --- images by URL (off unless hosts are listed) ----------------------------
     url_allowlist: Annotated[list[str], NoDecode] = Field(

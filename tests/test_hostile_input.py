@@ -279,16 +279,28 @@ def test_dot_segment_ids_are_refused_on_every_route(client, victim, route, dots)
     assert client.get("/v1/galleries/victim").json()["subjects"] == 2
 
 
-@pytest.mark.parametrize(
-    "field,value", [("subject_id", ".."), ("subject_id", "."), ("gallery", ".."), ("source", ".")]
-)
-def test_dot_segment_ids_are_refused_in_bodies(client, victim, field, value):
-    if field == "subject_id":
-        r = client.post("/v1/galleries/victim/subjects", json={"subject_id": value})
-    elif field == "source":
-        r = client.post("/v1/galleries/copy/reenrol", json={"source": value})
-    else:
-        r = client.post("/v1/identify", files={"image": FACE.read_bytes()}, data={"gallery": value})
+#: Requests naming a gallery or subject in their body or form fields, by where the id goes.
+ID_IN_BODY = {
+    "subject_id": lambda c, v: c.post("/v1/galleries/victim/subjects", json={"subject_id": v}),
+    "source": lambda c, v: c.post("/v1/galleries/copy/reenrol", json={"source": v}),
+    "identify gallery": lambda c, v: c.post(
+        "/v1/identify", files={"image": FACE.read_bytes()}, data={"gallery": v}
+    ),
+    "verify gallery": lambda c, v: c.post(
+        "/v1/verify", files={"image1": FACE.read_bytes()}, data={"gallery": v, "subject_id": "a"}
+    ),
+    "verify subject_id": lambda c, v: c.post(
+        "/v1/verify",
+        files={"image1": FACE.read_bytes()},
+        data={"gallery": "victim", "subject_id": v},
+    ),
+}
+
+
+@pytest.mark.parametrize("value", [".", ".."])
+@pytest.mark.parametrize("where", ID_IN_BODY)
+def test_dot_segment_ids_are_refused_in_bodies(client, victim, where, value):
+    r = ID_IN_BODY[where](client, value)
     assert "dot-segment" in _error(r, 422, "validation_error")["message"]
     assert client.get("/v1/galleries/victim").json()["subjects"] == 2
 

@@ -27,6 +27,7 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "request_timeout",
     413: "request_too_large",
     415: "unsupported_media_type",
     422: "validation_error",
@@ -59,6 +60,10 @@ def forbidden(message: str = "invalid API key") -> ApiError:
 
 def request_too_large(limit: int) -> ApiError:
     return ApiError(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
+
+
+def request_timeout(seconds: float) -> ApiError:
+    return ApiError(408, "request_timeout", f"the request body did not arrive within {seconds} s")
 
 
 def unsupported_media_type(message: str) -> ApiError:

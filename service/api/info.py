@@ -78,6 +78,7 @@ async def info(state: State, check_index: Annotated[bool, Query(
         "limits": {"max_image_bytes": settings.max_image_bytes,
                    "max_image_pixels": settings.max_image_pixels,
                    "max_request_bytes": settings.max_request_bytes,
+                   "max_decode_bytes": settings.max_decode_bytes,
                    "top_k_max": settings.top_k_max},
         "image_urls": {"enabled": bool(settings.url_allowlist),
                        "allowed_hosts": list(settings.url_allowlist),

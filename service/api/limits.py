@@ -20,11 +20,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import route_guards
-from .errors import ApiError, error_response, request_too_large
-
-
-def request_timeout(seconds: float) -> ApiError:
-    return ApiError(408, "request_timeout", f"the request body did not arrive within {seconds} s")
+from .errors import ApiError, error_response, request_timeout, request_too_large
 
 
 class BodyLimitMiddleware:
