@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import gallery_transfer
 from ._options import add_model_options, load_pipeline, settings_from_args
 
 
@@ -35,6 +36,7 @@ def register(subparsers) -> None:
                            help="gallery store URL (default: FACEGATE_STORE_URL)")
     add_model_options(p_reenrol)
     p_reenrol.set_defaults(func=run_reenrol)
+    gallery_transfer.register(actions)
 
 
 def run_reenrol(args) -> int:

@@ -18,7 +18,10 @@ Tables:
 * ``faces``      (face_id — never reused, gallery, subject_id, embedding float32
   bytes, model_id, quality JSON text, optional image, created_at; since version 2
   ``source_face_id``: the face of another gallery this one was re-enrolled from,
-  unique per gallery, NULL for faces enrolled from an upload)
+  unique per gallery, NULL for faces enrolled from an upload); since version 3
+  ``content_sha256``: the sha256 of the photo a face was enrolled from by a bulk
+  import (``facegate gallery import``, ``POST /v1/galleries/{g}/faces``) or a restore,
+  so that the same photo is not enrolled twice into a gallery
 * ``changes``    (seq, gallery, op, face_id, subject_id, created_at) — the log
 * ``log_head``   (one row: the newest seq; every write locks it first)
 
@@ -72,6 +75,11 @@ SQLITE: dict[int, list[str]] = {
         """CREATE UNIQUE INDEX faces_by_source ON faces (gallery, source_face_id)
             WHERE source_face_id IS NOT NULL""",
     ],
+    3: [
+        "ALTER TABLE faces ADD COLUMN content_sha256 TEXT",
+        """CREATE INDEX faces_by_content ON faces (gallery, content_sha256)
+            WHERE content_sha256 IS NOT NULL""",
+    ],
 }
 
 POSTGRES: dict[int, list[str]] = {
@@ -117,6 +125,11 @@ POSTGRES: dict[int, list[str]] = {
         "ALTER TABLE faces ADD COLUMN source_face_id BIGINT",
         """CREATE UNIQUE INDEX faces_by_source ON faces (gallery, source_face_id)
             WHERE source_face_id IS NOT NULL""",
+    ],
+    3: [
+        "ALTER TABLE faces ADD COLUMN content_sha256 TEXT",
+        """CREATE INDEX faces_by_content ON faces (gallery, content_sha256)
+            WHERE content_sha256 IS NOT NULL""",
     ],
 }
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import json
 import time
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 
@@ -28,9 +29,10 @@ from service.gallery.errors import (
     SubjectNotFound,
 )
 from service.gallery.schema import LATEST, MIGRATIONS
-from service.gallery.store import Change, GalleryFaces, GalleryStore
+from service.gallery.store import Change, GalleryFaces, GalleryStore, NewFace, NewSubject
 
 MAX_JSON_BYTES = 64 * 1024
+EXPORT_CHUNK = 256  # faces fetched at a time by export_gallery
 
 
 def iso(ts: float) -> str:
@@ -69,6 +71,9 @@ class Cursor:
 
     def fetchall(self):
         return self._cursor.fetchall()
+
+    def fetchmany(self, size: int):
+        return self._cursor.fetchmany(size)
 
     @property
     def rowcount(self) -> int:
@@ -389,6 +394,116 @@ class SQLStore(GalleryStore):
         if row is None:
             raise FaceNotFound(f"face {face_id} does not exist in gallery {gallery!r}")
         return None if row[0] is None else bytes(row[0])
+
+    # --- many faces at once ---------------------------------------------------------
+    def write_faces(
+        self,
+        gallery: str,
+        model_id: str,
+        subjects: list[NewSubject],
+        faces: list[NewFace],
+        *,
+        new_gallery: bool = False,
+    ) -> tuple[list[dict], int | None]:
+        metadata = {s.subject_id: dump_json(s.metadata or {}, "metadata") for s in subjects}
+        qualities = [dump_json(f.quality or {}, "quality") for f in faces]
+        vectors = [np.ascontiguousarray(f.embedding, dtype="<f4").reshape(-1) for f in faces]
+        sizes = {v.size for v in vectors}
+        if len(sizes) > 1:
+            raise InvalidEmbedding(f"embeddings of one write differ in size: {sorted(sizes)}")
+        results: list[dict] = []
+        seq = None
+        with self._write() as cur:
+            row = self._gallery_row(cur, gallery)
+            now = time.time()
+            if row is None:
+                cur.execute("INSERT INTO galleries (name, model_id, dim, created_at) "
+                            "VALUES (?, ?, NULL, ?)", (gallery, model_id, now))
+                dim = None
+            elif new_gallery:
+                raise Conflict(f"gallery {gallery!r} already exists; restore into a new gallery")
+            elif row[1] != model_id:
+                raise GalleryModelMismatch(gallery, row[1], model_id)
+            else:
+                dim = row[2]
+            if sizes:
+                size = sizes.pop()
+                if dim is None:
+                    cur.execute("UPDATE galleries SET dim = ? WHERE name = ?", (size, gallery))
+                elif dim != size:
+                    raise InvalidEmbedding(
+                        f"gallery {gallery!r} holds {dim}-d embeddings, got {size}-d")
+            known = set()
+            for subject in subjects:
+                known.add(subject.subject_id)
+                created = now if subject.created_at is None else float(subject.created_at)
+                if cur.execute("SELECT 1 FROM subjects WHERE gallery = ? AND subject_id = ?",
+                               (gallery, subject.subject_id)).fetchone() is None:
+                    cur.execute(
+                        "INSERT INTO subjects (gallery, subject_id, metadata, created_at, "
+                        "updated_at) VALUES (?, ?, ?, ?, ?)",
+                        (gallery, subject.subject_id, metadata[subject.subject_id], created,
+                         created),
+                    )
+            for face, vector, quality in zip(faces, vectors, qualities, strict=True):
+                if face.subject_id not in known:
+                    self._require_subject(cur, gallery, face.subject_id)
+                    known.add(face.subject_id)
+                if face.content_sha256 is not None:
+                    done = cur.execute(
+                        "SELECT face_id, subject_id FROM faces "
+                        "WHERE gallery = ? AND content_sha256 = ? ORDER BY face_id LIMIT 1",
+                        (gallery, face.content_sha256),
+                    ).fetchone()
+                    if done is not None:
+                        results.append({"face_id": int(done[0]), "subject_id": done[1],
+                                        "created": False})
+                        continue
+                created = now if face.created_at is None else float(face.created_at)
+                face_id = int(cur.execute(
+                    "INSERT INTO faces (gallery, subject_id, embedding, model_id, quality, image, "
+                    "created_at, content_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "RETURNING face_id",
+                    (gallery, face.subject_id, vector.tobytes(), model_id, quality, face.image,
+                     created, face.content_sha256),
+                ).fetchone()[0])
+                seq = self._log(cur, gallery, "add", face_id, face.subject_id)
+                results.append({"face_id": face_id, "subject_id": face.subject_id,
+                                "created": True})
+        return results, seq
+
+    def content_hashes(self, gallery: str) -> set[str]:
+        with self._read() as cur:
+            rows = cur.execute(
+                "SELECT content_sha256 FROM faces WHERE gallery = ? AND content_sha256 IS NOT NULL",
+                (gallery,),
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def export_gallery(self, gallery: str) -> Iterator[tuple[str, dict]]:
+        with self._read() as cur:
+            name, model_id, dim, created_at = self._require_gallery(cur, gallery)
+            yield "gallery", {"name": name, "model_id": model_id, "dim": dim,
+                              "created_at": float(created_at)}
+            rows = cur.execute(
+                "SELECT subject_id, metadata, created_at FROM subjects WHERE gallery = ? "
+                "ORDER BY subject_id",
+                (gallery,),
+            ).fetchall()
+            for subject_id, metadata, created in rows:
+                yield "subject", {"subject_id": subject_id, "metadata": json.loads(metadata),
+                                  "created_at": float(created)}
+            cur.execute(
+                "SELECT face_id, subject_id, embedding, quality, image, created_at, "
+                "content_sha256 FROM faces WHERE gallery = ? ORDER BY face_id",
+                (gallery,),
+            )
+            while rows := cur.fetchmany(EXPORT_CHUNK):
+                for face_id, subject_id, embedding, quality, image, created, digest in rows:
+                    yield "face", {"face_id": int(face_id), "subject_id": subject_id,
+                                   "embedding": bytes(embedding), "quality": json.loads(quality),
+                                   "image": None if image is None else bytes(image),
+                                   "created_at": float(created), "content_sha256": digest}
 
     def image_counts(self, gallery: str) -> tuple[int, int]:
         with self._read() as cur:
