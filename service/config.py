@@ -103,6 +103,15 @@ class Settings(BaseSettings):
     max_faces: int = 32
     enroll_min_face_size: int = 40
     enroll_min_det_score: float = 0.8
+    enroll_min_sharpness: float = Field(
+        0.0, ge=0, description="enrolment refuses faces whose aligned crop's Laplacian variance "
+                               "(quality `sharpness`) is lower (`blurred_face`); 0 = off")
+    enroll_max_yaw_ratio: float = Field(
+        0.0, ge=0, description="enrolment refuses faces whose |quality `yaw_ratio`| is higher "
+                               "(`face_turned`); 0 = off")
+    enroll_max_roll_deg: float = Field(
+        0.0, ge=0, description="enrolment refuses faces whose |quality `roll_deg`| is higher "
+                               "(`face_tilted`); 0 = off")
 
     # --- request limits ---------------------------------------------------------
     max_image_bytes: int = 10 * 1024 * 1024

@@ -43,6 +43,7 @@ from service.gallery.errors import (
 )
 from service.gallery.service import check_name
 from service.pipeline.errors import PipelineError
+from service.pipeline.quality import check_enrol_quality
 
 CHUNK = 16
 SUBJECT_PAGE = 500
@@ -213,10 +214,11 @@ class Reenrolment:
         for photo, embedding in zip(located, embeddings):
             quality = face_quality(photo.detection, photo.crop)
             try:
+                check_enrol_quality(quality, settings)
                 self._add(photo, embedding, quality)
             except Conflict:  # a concurrent run got there first
                 self.report.faces_already_reenrolled += 1
-            except GalleryError as exc:  # e.g. the subject was deleted meanwhile
+            except (GalleryError, PipelineError) as exc:  # e.g. the subject was deleted
                 self._skip(photo, exc)
 
     def _add(self, photo: _Photo, embedding: np.ndarray, quality: dict) -> None:

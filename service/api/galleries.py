@@ -14,6 +14,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict
 
+from service.pipeline.quality import check_enrol_quality
 from service.pipeline.types import Timings
 from service.reenrol import Reenrolment
 
@@ -128,8 +129,10 @@ async def delete_subject(gallery: GalleryName, subject_id: SubjectId,
 async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Request,
                      state: State) -> dict:
     """The photo must show exactly one face of at least ``enroll_min_face_size`` px with a
-    detection score of at least ``enroll_min_det_score``; otherwise 422 with code
-    ``multiple_faces``, ``face_too_small`` or ``low_quality_face``.  The response gives
+    detection score of at least ``enroll_min_det_score``, and pass the enabled quality rules
+    (``enroll_min_sharpness``, ``enroll_max_yaw_ratio``, ``enroll_max_roll_deg``); otherwise
+    422 with code ``multiple_faces``, ``face_too_small``, ``low_quality_face``,
+    ``blurred_face``, ``face_turned`` or ``face_tilted``.  The response gives
     the store-assigned ``face_id`` and the face's quality figures."""
     settings = state.settings
     clock = Timings()
@@ -142,6 +145,7 @@ async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Reque
     found = await analysis.analyze(state, payload.images["image"], "enrol", clock)
     detection = found.detections[0]
     quality = analysis.face_quality(detection, found.crops[0])
+    check_enrol_quality(quality, settings)
     image = payload.images["image"] if settings.store_images else None
     face = await analysis.call(clock, "gallery", state.gallery.add_face, gallery, subject_id,
                                found.embeddings[0], state.model_id, quality, image)

@@ -1,11 +1,14 @@
-"""``facegate gallery export G FILE`` and ``facegate gallery restore FILE [--gallery NEW]``.
+"""``facegate gallery export G FILE``, ``restore FILE [--gallery NEW]``, ``import DIR --gallery G``.
 
-Both work directly on the configured store, without a running server (running servers
-see a restore through the store's change log).  The file format is described in
+All three work directly on the configured store, without a running server (running servers
+see a restore or an import through the store's change log).  The file format is described in
 :mod:`service.gallery.transfer`.  ``restore`` checks the whole file first and refuses one
 of another model than the configured recognizer (``model_mismatch``).
 
-Each prints a JSON summary; exit status 0 on success, 3 with a JSON error when the gallery
+``import`` is :class:`service.bulk.DirectoryImport`, with a progress bar (photos/s, ETA) on
+stderr and every refused photo listed before the JSON summary.
+
+Each prints a JSON summary as its last line; exit status 0 on success, 3 with a JSON error when the gallery
 or the file is refused, 2 when the configured recognizer cannot be resolved.
 """
 
@@ -66,6 +69,24 @@ def register(actions) -> None:
     add_store_options(p_restore)
     add_model_options(p_restore, detector=False)
     p_restore.set_defaults(func=run_restore)
+
+    p_import = actions.add_parser(
+        "import",
+        help="enrol a directory of photos (DIR/<subject_id>/*.jpg|png|webp)",
+        description="Enrol every photo of DIR/<subject_id>/ into gallery G in batches, under "
+        "the enrolment quality rules; subjects are created as needed; photos "
+        "already enrolled (same sha256) are skipped, so an interrupted import can "
+        "be run again.",
+    )
+    p_import.add_argument("directory", type=Path)
+    p_import.add_argument("--gallery", required=True, help="gallery to enrol into")
+    p_import.add_argument(
+        "--batch", type=int, default=16, help="photos detected and embedded together (default 16)"
+    )
+    p_import.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_store_options(p_import)
+    add_model_options(p_import)
+    p_import.set_defaults(func=run_import)
 
 
 def _fail(exc) -> int:
@@ -135,4 +156,55 @@ def run_restore(args) -> int:
     finally:
         gallery.stop()
     print(json.dumps(report))
+    return 0
+
+
+def run_import(args) -> int:
+    from tqdm import tqdm
+
+    from service.bulk import DirectoryImport
+    from service.gallery import GalleryService
+    from service.gallery.errors import GalleryError
+
+    from ._options import load_pipeline
+
+    if not args.directory.is_dir():
+        print(f"error: {args.directory} is not a directory", file=sys.stderr)
+        return 2
+    settings = store_settings(args)
+    pipeline = load_pipeline(settings)
+    if pipeline is None:
+        return 2
+    gallery = GalleryService.offline(settings)
+    try:
+        job = DirectoryImport(gallery, pipeline, settings, args.directory, args.gallery, args.batch)
+        with tqdm(
+            total=len(job.photos),
+            unit="photo",
+            desc=f"import {args.gallery}",
+            file=sys.stderr,
+            disable=args.no_progress,
+            dynamic_ncols=True,
+        ) as bar:
+
+            def progress(done: int, report) -> None:
+                bar.update(done - bar.n)
+                rate = report.enrolled / report.seconds if report.seconds > 0 else 0.0
+                bar.set_postfix(
+                    enrolled=report.enrolled, refused=len(report.refused), faces_s=f"{rate:.1f}"
+                )
+
+            summary = job.run(progress)
+    except GalleryError as exc:
+        return _fail(exc)
+    finally:
+        gallery.stop()
+    for refusal in summary["refusals"]:
+        print(f"refused {refusal['path']}: {refusal['code']}: {refusal['message']}")
+    print(
+        f"{summary['enrolled']} enrolled, {summary['already_enrolled']} already enrolled, "
+        f"{summary['refused']} refused of {summary['photos']} photos in "
+        f"{summary['seconds']} s ({summary['faces_per_s']} faces/s)"
+    )
+    print(json.dumps(summary))
     return 0
