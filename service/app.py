@@ -18,7 +18,17 @@ import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI
 
-from service.api import errors, extract, galleries, health, identify, info, transfer, verify
+from service.api import (
+    bulk,
+    errors,
+    extract,
+    galleries,
+    health,
+    identify,
+    info,
+    transfer,
+    verify,
+)
 from service.api.deps import AppState
 from service.api.limits import BodyLimitMiddleware
 from service.api.urls import UrlFetcher
@@ -120,7 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     errors.install(app, domain_errors=(PipelineError, GalleryError))
-    for module in (health, info, verify, identify, extract, galleries, transfer):
+    for module in (health, info, verify, identify, extract, galleries, bulk, transfer):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes,
                        metrics=metrics)

@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_request_bytes: int = 25 * 1024 * 1024
+    bulk_max_items: int = Field(
+        64, ge=1, description="most items of one bulk enrolment request "
+                              "(POST /v1/galleries/{g}/faces); more: 413 too_many_items")
 
     # --- images by URL (off unless hosts are listed) ----------------------------
     url_allowlist: Annotated[list[str], NoDecode] = Field(
