@@ -16,8 +16,10 @@ simply be run again.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,15 @@ BATCH = 16
 
 
 @dataclass
+class Located:
+    """One photo's enrolment face, aligned, before embedding."""
+
+    detection: object  # service.pipeline.types.Detection
+    crop: np.ndarray
+    quality: dict
+
+
+@dataclass
 class Accepted:
     """One photo's face, ready to enrol."""
 
@@ -44,37 +55,63 @@ class Accepted:
     detection: object  # service.pipeline.types.Detection
 
 
-def analyse_photos(pipeline, settings, photos: list[bytes]) -> list[Accepted | Exception]:
-    """Per photo, its enrolment face or the error that refuses it (``PipelineError``)."""
-    results: list[Accepted | Exception | None] = [None] * len(photos)
-    decoded = []
-    for i, data in enumerate(photos):
-        try:
-            decoded.append((i, pipeline.decode(data)))
-        except PipelineError as exc:
-            results[i] = exc
-    detections = pipeline.detector.detect_batch([image for _, image in decoded]) if decoded else []
-    located = []
-    for (i, image), found in zip(decoded, detections, strict=True):
-        try:
-            kept = select_faces(
-                found,
-                "enrol",
-                min_size=settings.enroll_min_face_size,
-                min_score=settings.enroll_min_det_score,
-            )
-            crop = np.asarray(pipeline.align(image, kept))[0]
-            quality = face_quality(kept[0], crop)
-            check_enrol_quality(quality, settings)
-        except PipelineError as exc:
-            results[i] = exc
-            continue
-        located.append((i, kept[0], crop, quality))
-    if located:
-        embeddings = pipeline.embed(np.stack([crop for _, _, crop, _ in located]))
-        for (i, detection, _, quality), embedding in zip(located, embeddings, strict=True):
-            results[i] = Accepted(np.asarray(embedding, dtype=np.float32), quality, detection)
-    return results  # type: ignore[return-value]
+def locate_photo(pipeline, settings, data: bytes) -> Located:
+    """decode -> detect -> exactly one face over the enrolment floor -> align -> the
+    enrolment quality rules; raises the ``PipelineError`` that refuses the photo."""
+    image = pipeline.decode(data)
+    kept = select_faces(
+        pipeline.detect(image),
+        "enrol",
+        min_size=settings.enroll_min_face_size,
+        min_score=settings.enroll_min_det_score,
+    )
+    crop = np.asarray(pipeline.align(image, kept))[0]
+    quality = face_quality(kept[0], crop)
+    check_enrol_quality(quality, settings)
+    return Located(kept[0], crop, quality)
+
+
+def embed_located(pipeline, located: list[Located]) -> list[Accepted]:
+    """Embed every located face in one model call."""
+    if not located:
+        return []
+    embeddings = pipeline.embed(np.stack([face.crop for face in located]))
+    return [
+        Accepted(np.asarray(embedding, dtype=np.float32), face.quality, face.detection)
+        for face, embedding in zip(located, embeddings, strict=True)
+    ]
+
+
+def _try_locate(pipeline, settings, data: bytes) -> Located | PipelineError:
+    try:
+        return locate_photo(pipeline, settings, data)
+    except PipelineError as exc:
+        return exc
+
+
+def analyse_photos(
+    pipeline, settings, photos: list[bytes], workers: int = 1
+) -> list[Accepted | Exception]:
+    """Per photo, its enrolment face or the error that refuses it (``PipelineError``).
+
+    Photos are located in ``workers`` threads, one photo at a time each (on CPU the
+    detector's batch call measured no faster than one image at a time, see BENCHMARKS.md),
+    and every accepted face is embedded in one model call."""
+    if workers > 1 and len(photos) > 1:
+        with ThreadPoolExecutor(min(workers, len(photos))) as pool:
+            found = list(pool.map(lambda data: _try_locate(pipeline, settings, data), photos))
+    else:
+        found = [_try_locate(pipeline, settings, data) for data in photos]
+    return merge_embedded(
+        found, embed_located(pipeline, [f for f in found if isinstance(f, Located)])
+    )
+
+
+def merge_embedded(found: list, accepted: list[Accepted]) -> list[Accepted | Exception]:
+    """``found`` (``Located`` or an error per photo) with each ``Located`` replaced, in
+    order, by its ``Accepted`` from :func:`embed_located`."""
+    faces = iter(accepted)
+    return [next(faces) if isinstance(item, Located) else item for item in found]
 
 
 def content_sha256(data: bytes) -> str:
@@ -158,7 +195,14 @@ class DirectoryImport:
     ``run(progress)`` calls ``progress(photos_done, report)`` after every batch."""
 
     def __init__(
-        self, gallery, pipeline, settings, root: Path, name: str, batch: int = BATCH
+        self,
+        gallery,
+        pipeline,
+        settings,
+        root: Path,
+        name: str,
+        batch: int = BATCH,
+        workers: int | None = None,
     ) -> None:
         self.gallery = gallery  # service.gallery.GalleryService
         self.pipeline = pipeline
@@ -167,6 +211,7 @@ class DirectoryImport:
         self.name = check_name(name, "gallery")
         self.model_id = pipeline.embedder.model_id
         self.batch = max(1, int(batch))
+        self.workers = workers or os.cpu_count() or 1
         self.report = Report(self.name, self.model_id)
         self.photos, refused = scan_directory(self.root)
         self.report.photos = len(self.photos)
@@ -220,7 +265,9 @@ class DirectoryImport:
 
     def _enrol(self, todo: list[tuple[str, Path, bytes]]) -> set[str]:
         """Analyse and enrol one batch; return the sha256 of the photos now enrolled."""
-        results = analyse_photos(self.pipeline, self.settings, [data for _, _, data in todo])
+        results = analyse_photos(
+            self.pipeline, self.settings, [data for _, _, data in todo], self.workers
+        )
         items, accepted = [], []
         for (subject_id, path, data), result in zip(todo, results, strict=True):
             if isinstance(result, Accepted):

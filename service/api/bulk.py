@@ -8,12 +8,12 @@ items (413 ``too_many_items``).
 
 Every item is answered in order, with its ``face_id`` or an ``error`` object carrying the
 usual codes (a bad image, no face, a subject id that is not valid, ...): one bad item does
-not refuse the others.  The photos go through the enrolment pipeline together (one
-detector batch, **one** embedding call), and the accepted items are committed **in one
-transaction** after every item was analysed: all of them or, if the server dies first,
-none.  A photo the gallery already holds (same sha256) is not enrolled again: its item
-answers with the existing ``face_id`` and ``created: false``, so a client that lost the
-answer (a crash, a timeout) simply sends the same request again.
+not refuse the others.  The photos go through the enrolment pipeline together (located
+concurrently in the worker threads, then **one** embedding call), and the accepted items
+are committed **in one transaction** after every item was analysed: all of them or, if
+the server dies first, none.  A photo the gallery already holds (same sha256) is not
+enrolled again: its item answers with the existing ``face_id`` and ``created: false``, so
+a client that lost the answer (a crash, a timeout) simply sends the same request again.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import re
+import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -31,9 +32,17 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.bulk import Accepted, analyse_photos, enrol_photos
+from service.bulk import (
+    Accepted,
+    Located,
+    embed_located,
+    enrol_photos,
+    locate_photo,
+    merge_embedded,
+)
 from service.gallery.errors import GalleryNotFound, InvalidInput
 from service.gallery.sql import dump_json
+from service.pipeline.errors import PipelineError
 from service.pipeline.types import Timings
 
 from . import analysis
@@ -206,6 +215,34 @@ async def _fetch(request: Request, item: _Item, max_image_bytes: int, clock: Tim
         item.refuse(exc)
 
 
+async def _analyse(state, photos: list[bytes], clock: Timings) -> list:
+    """Locate the photos' faces concurrently (each photo one worker-thread call, bounded like
+    every image of the service), then embed all accepted faces in one model call."""
+    found: list = [None] * len(photos)
+    pipeline, settings = state.pipeline, state.settings
+
+    async def locate(i: int) -> None:
+        try:
+            found[i] = await anyio.to_thread.run_sync(
+                locate_photo, pipeline, settings, photos[i], limiter=state.cpu_limiter
+            )
+        except PipelineError as exc:
+            found[i] = exc
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as group:
+        for i in range(len(photos)):
+            group.start_soon(locate, i)
+    clock.add("detect", time.perf_counter() - start)
+    start = time.perf_counter()
+    located = [item for item in found if isinstance(item, Located)]
+    accepted = await anyio.to_thread.run_sync(
+        embed_located, pipeline, located, limiter=state.cpu_limiter
+    )
+    clock.add("embed", time.perf_counter() - start)
+    return merge_embedded(found, accepted)
+
+
 @router.post(
     "/{gallery}/faces",
     response_model=BulkResult,
@@ -252,17 +289,7 @@ async def bulk_enrol(gallery: GalleryName, request: Request, state: State) -> di
     if fetches:
         await asyncio.gather(*fetches)
     todo = [item for item in items if item.error is None]
-    results = (
-        await anyio.to_thread.run_sync(
-            analyse_photos,
-            state.pipeline,
-            settings,
-            [item.image for item in todo],
-            limiter=state.cpu_limiter,
-        )
-        if todo
-        else []
-    )
+    results = await _analyse(state, [item.image for item in todo], clock)
     accepted: list[tuple[_Item, Accepted]] = []
     for item, result in zip(todo, results, strict=True):
         if isinstance(result, Accepted):
