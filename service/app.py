@@ -30,6 +30,7 @@ from service.api import (
     verify,
 )
 from service.api.deps import AppState
+from service.api.keys import build_keyring
 from service.api.limits import BodyLimitMiddleware
 from service.api.urls import UrlFetcher
 from service.batching import MicroBatcher
@@ -128,6 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="facegate", version=_version(), description=DESCRIPTION,
                   lifespan=lifespan)
     app.state.settings = settings
+    app.state.keyring = build_keyring(settings.api_keys, settings.api_keys_file)
     app.state.metrics = metrics
     errors.install(app, domain_errors=(PipelineError, GalleryError))
     for module in (health, info, verify, identify, extract, galleries, bulk, transfer):

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated; empty disables auth"
     )
+    api_keys_file: Path | None = Field(
+        None, description="JSON or YAML file of scoped API keys (id, key hash, scopes, "
+                          "galleries; `facegate keys add`); with FACEGATE_API_KEYS")
 
     # --- storage ----------------------------------------------------------------
     data_dir: Path = Path("var/data")

@@ -51,6 +51,7 @@ from .errors import ApiError, bad_request, describe, unsupported_media_type
 from .images import _fetch_urls, _read_upload, decode_base64
 from .openapi import ERROR_RESPONSES
 from .schemas import GALLERY_PATTERN, NAME_PATTERN
+from .scopes import require_scope
 
 router = APIRouter(
     prefix="/v1/galleries",
@@ -248,6 +249,7 @@ async def _analyse(state, photos: list[bytes], clock: Timings) -> list:
     response_model=BulkResult,
     response_model_exclude_none=True,
     summary="Enrol many photos in one request (bulk)",
+    dependencies=[require_scope("enrol")],
 )
 async def bulk_enrol(gallery: GalleryName, request: Request, state: State) -> dict:
     """Items ``{subject_id, image | image_url, metadata?}`` (JSON ``items`` list, or multipart

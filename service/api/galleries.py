@@ -36,6 +36,7 @@ from .schemas import (
     SubjectPage,
     SubjectUpdate,
 )
+from .scopes import allow_gallery, may_touch, require_scope
 
 router = APIRouter(prefix="/v1/galleries", tags=["galleries"],
                    dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
@@ -52,12 +53,16 @@ async def _call(fn, *args):
     return await analysis.call(Timings(), "gallery", fn, *args)
 
 
-@router.get("", response_model=GalleryList, summary="List galleries")
-async def list_galleries(state: State) -> dict:
-    return {"galleries": await _call(state.gallery.list_galleries)}
+@router.get("", response_model=GalleryList, summary="List galleries",
+            dependencies=[require_scope("identify")])
+async def list_galleries(request: Request, state: State) -> dict:
+    """The galleries the caller's API key may touch."""
+    galleries = await _call(state.gallery.list_galleries)
+    return {"galleries": [g for g in galleries if may_touch(request, g["name"])]}
 
 
-@router.put("/{gallery}", response_model=Gallery, summary="Create a gallery for the served model")
+@router.put("/{gallery}", response_model=Gallery, summary="Create a gallery for the served model",
+            dependencies=[require_scope("enrol")])
 async def create_gallery(gallery: GalleryName, response: Response,
                          state: State) -> dict:
     """Idempotent; 409 ``model_mismatch`` if the gallery exists for another model."""
@@ -67,19 +72,22 @@ async def create_gallery(gallery: GalleryName, response: Response,
     return info
 
 
-@router.get("/{gallery}", response_model=Gallery, summary="A gallery's model and sizes")
+@router.get("/{gallery}", response_model=Gallery, summary="A gallery's model and sizes",
+            dependencies=[require_scope("identify")])
 async def get_gallery(gallery: GalleryName, state: State) -> dict:
     return await _call(state.gallery.get_gallery, gallery)
 
 
-@router.delete("/{gallery}", summary="Delete a gallery with all its subjects and faces")
+@router.delete("/{gallery}", summary="Delete a gallery with all its subjects and faces",
+               dependencies=[require_scope("delete")])
 async def delete_gallery(gallery: GalleryName, state: State) -> dict:
     await _call(state.gallery.delete_gallery, gallery)
     return {"deleted": gallery}
 
 
 @router.post("/{gallery}/subjects", response_model=Subject, status_code=201,
-             summary="Create a subject (idempotent: 201 created, 200 already there)")
+             summary="Create a subject (idempotent: 201 created, 200 already there)",
+             dependencies=[require_scope("enrol")])
 async def create_subject(gallery: GalleryName, body: SubjectCreate, response: Response,
                          state: State) -> dict:
     """Creates the gallery on first use (for the served model).  Posting an existing
@@ -92,7 +100,8 @@ async def create_subject(gallery: GalleryName, body: SubjectCreate, response: Re
     return subject
 
 
-@router.get("/{gallery}/subjects", response_model=SubjectPage, summary="List subjects (paginated)")
+@router.get("/{gallery}/subjects", response_model=SubjectPage, summary="List subjects (paginated)",
+            dependencies=[require_scope("identify")])
 async def list_subjects(gallery: GalleryName, state: State,
                         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                         cursor: Annotated[str | None, Query(max_length=512)] = None) -> dict:
@@ -102,21 +111,24 @@ async def list_subjects(gallery: GalleryName, state: State,
 
 
 @router.get("/{gallery}/subjects/{subject_id}", response_model=Subject,
-            summary="A subject with its metadata and enrolled faces")
+            summary="A subject with its metadata and enrolled faces",
+            dependencies=[require_scope("identify")])
 async def get_subject(gallery: GalleryName, subject_id: SubjectId,
                       state: State) -> dict:
     return await _call(state.gallery.get_subject, gallery, subject_id)
 
 
 @router.patch("/{gallery}/subjects/{subject_id}", response_model=Subject,
-              summary="Update a subject's metadata (merge; null removes a key)")
+              summary="Update a subject's metadata (merge; null removes a key)",
+              dependencies=[require_scope("enrol")])
 async def update_subject(gallery: GalleryName, subject_id: SubjectId, body: SubjectUpdate,
                          state: State) -> dict:
     return await _call(state.gallery.update_subject, gallery, subject_id, body.metadata)
 
 
 @router.delete("/{gallery}/subjects/{subject_id}", response_model=SubjectDeleted,
-               summary="Delete a subject and all its faces")
+               summary="Delete a subject and all its faces",
+               dependencies=[require_scope("delete")])
 async def delete_subject(gallery: GalleryName, subject_id: SubjectId,
                          state: State) -> dict:
     removed = await _call(state.gallery.delete_subject, gallery, subject_id)
@@ -125,7 +137,7 @@ async def delete_subject(gallery: GalleryName, subject_id: SubjectId,
 
 @router.post("/{gallery}/subjects/{subject_id}/faces", response_model=EnrolledFace,
              status_code=201, openapi_extra=image_body(("image",)),
-             summary="Enrol one photo of a subject")
+             summary="Enrol one photo of a subject", dependencies=[require_scope("enrol")])
 async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Request,
                      state: State) -> dict:
     """The photo must show exactly one face of at least ``enroll_min_face_size`` px with a
@@ -155,8 +167,10 @@ async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Reque
 
 
 @router.post("/{gallery}/reenrol", response_model=ReenrolReport,
-             summary="Re-enrol another gallery's subjects with the served models")
-async def reenrol(gallery: GalleryName, body: ReenrolRequest, state: State) -> dict:
+             summary="Re-enrol another gallery's subjects with the served models",
+             dependencies=[require_scope("enrol")])
+async def reenrol(gallery: GalleryName, body: ReenrolRequest, request: Request,
+                  state: State) -> dict:
     """After a model upgrade: creates ``{gallery}`` for the served model if needed, copies
     every subject of ``source`` (same ``subject_id`` and metadata) and enrols every
     stored photo of ``source`` again, under the same quality rules as an upload.  Photos
@@ -165,6 +179,7 @@ async def reenrol(gallery: GalleryName, body: ReenrolRequest, state: State) -> d
     earlier call are not added again.  404 unknown ``source``; 409 ``conflict`` when
     ``source`` is ``{gallery}``, ``model_mismatch`` when ``{gallery}`` holds another model,
     ``no_stored_images`` when ``source`` kept no photos (``FACEGATE_STORE_IMAGES``)."""
+    allow_gallery(request, body.source)
     job = Reenrolment(state.gallery, state.pipeline, state.settings, body.source, gallery)
     await _call(job.prepare)
     # One chunk of photos per thread-pool call, bounded like other image work.
@@ -173,7 +188,8 @@ async def reenrol(gallery: GalleryName, body: ReenrolRequest, state: State) -> d
     return job.report.to_dict()
 
 
-@router.delete("/{gallery}/faces/{face_id}", summary="Delete one enrolled face")
+@router.delete("/{gallery}/faces/{face_id}", summary="Delete one enrolled face",
+               dependencies=[require_scope("delete")])
 async def delete_face(gallery: GalleryName, face_id: Annotated[int, Path(ge=1)],
                       state: State) -> dict:
     await _call(state.gallery.delete_face, gallery, face_id)

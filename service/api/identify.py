@@ -15,6 +15,7 @@ from .errors import ApiError
 from .images import read_payload
 from .openapi import ERROR_RESPONSES, image_body
 from .schemas import IdentifyOptions, IdentifyResponse
+from .scopes import allow_gallery, require_scope
 
 router = APIRouter(prefix="/v1", tags=["identify"], dependencies=[Depends(require_api_key)])
 
@@ -28,6 +29,7 @@ CUSTOM_POINT = "custom"
     responses=ERROR_RESPONSES,
     openapi_extra=image_body(("image",), IdentifyOptions),
     summary="Search every face of an image in a gallery",
+    dependencies=[require_scope("identify")],
 )
 async def identify(request: Request, state: State, timings: bool = False) -> dict:
     """For every face in ``image`` (largest first): its ``top_k`` most similar subjects of
@@ -42,6 +44,7 @@ async def identify(request: Request, state: State, timings: bool = False) -> dic
     payload = await read_payload(request, ("image",), ("image",), settings.max_image_bytes,
                                  timings=clock)
     opts = payload.options(IdentifyOptions)
+    allow_gallery(request, opts.gallery)
     if opts.top_k > settings.top_k_max:
         raise ApiError(422, "validation_error",
                        f"top_k: must be between 1 and {settings.top_k_max}")

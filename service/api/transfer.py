@@ -21,6 +21,7 @@ from service.gallery.transfer import MEDIA_TYPE, write_export
 from .deps import State, require_api_key
 from .openapi import ERROR_RESPONSES
 from .schemas import GALLERY_PATTERN
+from .scopes import require_scope
 
 router = APIRouter(
     prefix="/v1/galleries",
@@ -46,6 +47,7 @@ def _chunks(spool) -> Iterator[bytes]:
 @router.get(
     "/{gallery}/export",
     summary="Export a gallery (gzip JSON lines)",
+    dependencies=[require_scope("admin")],
     response_class=StreamingResponse,
     responses={
         200: {

@@ -19,6 +19,7 @@ from .errors import ApiError, bad_request
 from .images import read_payload
 from .openapi import ERROR_RESPONSES, image_body
 from .schemas import Face, SubjectRef, VerifyOptions, VerifyResponse
+from .scopes import allow_gallery, require_scope
 
 router = APIRouter(prefix="/v1", tags=["verify"], dependencies=[Depends(require_api_key)])
 
@@ -58,6 +59,7 @@ def _best_face(faces: GalleryFaces, embedding: np.ndarray) -> tuple[float, int]:
     responses=ERROR_RESPONSES,
     openapi_extra=image_body(("image1", "image2"), VerifyOptions),
     summary="Compare two faces, or a face with an enrolled subject",
+    dependencies=[require_scope("verify")],
 )
 async def verify(request: Request, state: State, timings: bool = False) -> dict:
     """Compare the face in ``image1`` with the face in ``image2``, or with the enrolled
@@ -74,6 +76,8 @@ async def verify(request: Request, state: State, timings: bool = False) -> dict:
     payload = await read_payload(request, ("image1", "image2"), ("image1",),
                                  settings.max_image_bytes, timings=clock)
     opts = payload.options(VerifyOptions)
+    if opts.gallery:
+        allow_gallery(request, opts.gallery)
     card = state.pipeline.recognizer_card
     point = check_point(card, opts.operating_point, settings)
     model_id = state.model_id
