@@ -19,6 +19,7 @@ import numpy as np
 from fastapi import FastAPI
 
 from service.api import (
+    audit,
     bulk,
     errors,
     extract,
@@ -36,6 +37,7 @@ from service.api.urls import UrlFetcher
 from service.batching import MicroBatcher
 from service.config import Settings, get_settings
 from service.gallery import open_gallery
+from service.gallery.audit import AuditWriter
 from service.gallery.errors import GalleryError
 from service.metrics import Metrics, MetricsMiddleware
 from service.pipeline.errors import PipelineError
@@ -77,6 +79,7 @@ async def _start(state: AppState) -> None:
     t1 = time.perf_counter()
     state.gallery = open_gallery(settings)  # set first: a failed start is still stopped
     await anyio.to_thread.run_sync(state.gallery.start)
+    state.audit = AuditWriter(state.gallery.store, settings.audit_retention_days)
     state.startup["gallery_s"] = round(time.perf_counter() - t1, 3)
 
     metrics = state.metrics
@@ -107,6 +110,8 @@ async def _stop(state: AppState) -> None:
         await state.batcher.stop()
     if state.fetcher is not None:
         await state.fetcher.aclose()
+    if state.audit is not None:
+        await anyio.to_thread.run_sync(state.audit.close)
     if state.gallery is not None:
         await anyio.to_thread.run_sync(state.gallery.stop)
 
@@ -132,7 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keyring = build_keyring(settings.api_keys, settings.api_keys_file)
     app.state.metrics = metrics
     errors.install(app, domain_errors=(PipelineError, GalleryError))
-    for module in (health, info, verify, identify, extract, galleries, bulk, transfer):
+    for module in (health, info, verify, identify, extract, galleries, bulk, transfer, audit):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes,
                        metrics=metrics)

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["models", "serve", "verify", "eval_pairs", "detect", "gallery", "keys"]
+COMMANDS = ["models", "serve", "verify", "eval_pairs", "detect", "gallery", "keys", "audit"]
 
 
 def build_parser() -> argparse.ArgumentParser:

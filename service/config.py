@@ -71,6 +71,10 @@ class Settings(BaseSettings):
         1, description="OpenMP threads per FAISS call (requests already run in parallel); 0 = all"
     )
 
+    audit_retention_days: float = Field(
+        365.0, ge=0, description="audit records older than this many days are deleted by the "
+                                 "service (at start, then hourly); 0 keeps them forever")
+
     # --- models -----------------------------------------------------------------
     models_dir: Path = Path("var/models")
     sources_dir: Path | None = Field(

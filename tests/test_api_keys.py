@@ -34,6 +34,7 @@ ROUTES = {
     ("POST", "/v1/detect"): ("verify", None),
     ("POST", "/v1/embed"): ("verify", None),
     ("GET", "/v1/info"): (None, None),
+    ("GET", "/v1/audit"): ("admin", None),
     ("GET", "/v1/galleries"): ("identify", None),
     ("PUT", "/v1/galleries/{gallery}"): ("enrol", "path"),
     ("GET", "/v1/galleries/{gallery}"): ("identify", "path"),

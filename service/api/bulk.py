@@ -46,6 +46,7 @@ from service.pipeline.errors import PipelineError
 from service.pipeline.types import Timings
 
 from . import analysis
+from .audit import Audit
 from .deps import State, require_api_key
 from .errors import ApiError, bad_request, describe, unsupported_media_type
 from .images import _fetch_urls, _read_upload, decode_base64
@@ -251,7 +252,9 @@ async def _analyse(state, photos: list[bytes], clock: Timings) -> list:
     summary="Enrol many photos in one request (bulk)",
     dependencies=[require_scope("enrol")],
 )
-async def bulk_enrol(gallery: GalleryName, request: Request, state: State) -> dict:
+async def bulk_enrol(
+    gallery: GalleryName, request: Request, state: State, _audit: Audit("enrol")
+) -> dict:
     """Items ``{subject_id, image | image_url, metadata?}`` (JSON ``items`` list, or multipart
     parts in order, each item starting with ``subject_id``); subjects are created as needed
     (with ``metadata``; an existing subject is left unchanged).  Each item is answered with

@@ -26,6 +26,7 @@ class AppState:
     batcher: MicroBatcher | None = None
     cpu_limiter: Any = None  # anyio.CapacityLimiter: images decoded/detected at once
     fetcher: Any = None  # service.api.urls.UrlFetcher: images by URL (shared HTTP client)
+    audit: Any = None  # service.gallery.audit.AuditWriter: searches' and refusals' records
     warmed: bool = False
     startup: dict[str, float] = field(default_factory=dict)
 

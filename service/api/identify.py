@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from service.pipeline.types import Timings
 
 from . import analysis
+from .audit import Audit
 from .decisions import check_point, decide, threshold_for
 from .deps import State, require_api_key
 from .errors import ApiError
@@ -31,7 +32,8 @@ CUSTOM_POINT = "custom"
     summary="Search every face of an image in a gallery",
     dependencies=[require_scope("identify")],
 )
-async def identify(request: Request, state: State, timings: bool = False) -> dict:
+async def identify(request: Request, state: State, entry: Audit("identify"),
+                   timings: bool = False) -> dict:
     """For every face in ``image`` (largest first): its ``top_k`` most similar subjects of
     ``gallery`` and ``match``, the best subject if its similarity reaches the threshold,
     else ``null`` (open-set: the person may not be enrolled).
@@ -45,6 +47,7 @@ async def identify(request: Request, state: State, timings: bool = False) -> dic
                                  timings=clock)
     opts = payload.options(IdentifyOptions)
     allow_gallery(request, opts.gallery)
+    entry.gallery = opts.gallery
     if opts.top_k > settings.top_k_max:
         raise ApiError(422, "validation_error",
                        f"top_k: must be between 1 and {settings.top_k_max}")
@@ -76,6 +79,7 @@ async def identify(request: Request, state: State, timings: bool = False) -> dic
             threshold = decision.threshold
             if decision.match:
                 match = best["subject_id"]
+        entry.add([c["subject_id"] for c in candidates], [c.get("face_id") for c in candidates])
         faces.append({
             **detection.to_dict(),
             "candidates": [{"subject_id": c["subject_id"],

@@ -18,6 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from service.gallery.transfer import MEDIA_TYPE, write_export
 
+from .audit import Audit
 from .deps import State, require_api_key
 from .openapi import ERROR_RESPONSES
 from .schemas import GALLERY_PATTERN
@@ -56,7 +57,9 @@ def _chunks(spool) -> Iterator[bytes]:
         }
     },
 )
-async def export_gallery(gallery: GalleryName, state: State) -> StreamingResponse:
+async def export_gallery(
+    gallery: GalleryName, state: State, _audit: Audit("export")
+) -> StreamingResponse:
     """The gallery with its subjects, metadata, faces (exact float32 embeddings, quality
     figures) and stored photos, model id and sha256, in the format that
     ``facegate gallery restore`` reads; 404 ``gallery_not_found``."""

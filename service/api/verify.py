@@ -13,6 +13,7 @@ from service.pipeline.errors import PipelineError
 from service.pipeline.types import Timings
 
 from . import analysis
+from .audit import Audit
 from .decisions import check_point, decide
 from .deps import AppState, State, require_api_key
 from .errors import ApiError, bad_request
@@ -61,7 +62,9 @@ def _best_face(faces: GalleryFaces, embedding: np.ndarray) -> tuple[float, int]:
     summary="Compare two faces, or a face with an enrolled subject",
     dependencies=[require_scope("verify")],
 )
-async def verify(request: Request, state: State, timings: bool = False) -> dict:
+async def verify(request: Request, state: State,
+                 entry: Audit("verify", only_with_gallery=True),
+                 timings: bool = False) -> dict:
     """Compare the face in ``image1`` with the face in ``image2``, or with the enrolled
     subject ``gallery``/``subject_id``.
 
@@ -78,6 +81,8 @@ async def verify(request: Request, state: State, timings: bool = False) -> dict:
     opts = payload.options(VerifyOptions)
     if opts.gallery:
         allow_gallery(request, opts.gallery)
+        entry.gallery = opts.gallery
+        entry.add([opts.subject_id])
     card = state.pipeline.recognizer_card
     point = check_point(card, opts.operating_point, settings)
     model_id = state.model_id
@@ -113,6 +118,7 @@ async def verify(request: Request, state: State, timings: bool = False) -> dict:
                            f"subject {opts.subject_id!r} has no enrolled face to compare with")
         first = await _analyze_labelled(state, payload.images["image1"], "image1", policy, clock)
         similarity, face_id = _best_face(faces, first.embeddings[0])
+        entry.add(face_ids=[face_id])
         subject = SubjectRef(gallery=opts.gallery, subject_id=opts.subject_id, face_id=face_id)
         face2 = None
 

@@ -8,8 +8,9 @@ of another model than the configured recognizer (``model_mismatch``).
 ``import`` is :class:`service.bulk.DirectoryImport`, with a progress bar (photos/s, ETA) on
 stderr and every refused photo listed before the JSON summary.
 
-Each prints a JSON summary as its last line; exit status 0 on success, 3 with a JSON error when the gallery
-or the file is refused, 2 when the configured recognizer cannot be resolved.
+Each prints a JSON summary as its last line; exit status 0 on success, 3 with a JSON error
+when the gallery or the file is refused, 2 when the models cannot be resolved.  Restores and
+imports leave audit records with key id ``cli``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import sys
 from pathlib import Path
 
 from ._options import add_model_options, settings_from_args
+
+#: The key id of the audit records of commands run on the store.
+CLI_KEY_ID = "cli"
 
 
 def add_store_options(parser) -> None:
@@ -131,6 +135,7 @@ def run_export(args) -> int:
 
 def run_restore(args) -> int:
     from service.gallery import GalleryService
+    from service.gallery.audit import AuditEntry, recording
     from service.gallery.errors import GalleryError
     from service.gallery.transfer import read_export, restore
     from service.registry import ModelError, default_registry, select_recognizer
@@ -150,7 +155,11 @@ def run_restore(args) -> int:
         return _fail(exc)
     gallery = GalleryService.offline(settings)
     try:
-        report = restore(gallery, export, card.id, card.sha256, args.gallery)
+        entry = AuditEntry(
+            "restore", key_id=CLI_KEY_ID, client="local", gallery=args.gallery or export.gallery
+        )
+        with recording(entry):
+            report = restore(gallery, export, card.id, card.sha256, args.gallery)
     except GalleryError as exc:
         return _fail(exc)
     finally:
@@ -164,6 +173,7 @@ def run_import(args) -> int:
 
     from service.bulk import DirectoryImport
     from service.gallery import GalleryService
+    from service.gallery.audit import AuditEntry, recording
     from service.gallery.errors import GalleryError
 
     from ._options import load_pipeline
@@ -194,7 +204,9 @@ def run_import(args) -> int:
                     enrolled=report.enrolled, refused=len(report.refused), faces_s=f"{rate:.1f}"
                 )
 
-            summary = job.run(progress)
+            entry = AuditEntry("import", key_id=CLI_KEY_ID, client="local", gallery=args.gallery)
+            with recording(entry):
+                summary = job.run(progress)
     except GalleryError as exc:
         return _fail(exc)
     finally:

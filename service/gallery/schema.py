@@ -23,6 +23,9 @@ Tables:
   import (``facegate gallery import``, ``POST /v1/galleries/{g}/faces``) or a restore,
   so that the same photo is not enrolled twice into a gallery
 * ``changes``    (seq, gallery, op, face_id, subject_id, created_at) — the log
+* ``audit``      (since version 4: id, at, key_id, client, action, gallery, subject_ids and
+  face_ids JSON lists, result) — who enrolled, deleted, searched, exported what, and when
+  (:mod:`service.gallery.audit`); ids only, never a photo or an embedding
 * ``log_head``   (one row: the newest seq; every write locks it first)
 
 PostgreSQL text keys use the "C" collation so that ordering (and keyset
@@ -80,6 +83,20 @@ SQLITE: dict[int, list[str]] = {
         """CREATE INDEX faces_by_content ON faces (gallery, content_sha256)
             WHERE content_sha256 IS NOT NULL""",
     ],
+    4: [
+        """CREATE TABLE audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            key_id TEXT NOT NULL,
+            client TEXT,
+            action TEXT NOT NULL,
+            gallery TEXT,
+            subject_ids TEXT NOT NULL DEFAULT '[]',
+            face_ids TEXT NOT NULL DEFAULT '[]',
+            result TEXT NOT NULL)""",
+        "CREATE INDEX audit_by_time ON audit (at)",
+        "CREATE INDEX audit_by_gallery ON audit (gallery, at)",
+    ],
 }
 
 POSTGRES: dict[int, list[str]] = {
@@ -130,6 +147,20 @@ POSTGRES: dict[int, list[str]] = {
         "ALTER TABLE faces ADD COLUMN content_sha256 TEXT",
         """CREATE INDEX faces_by_content ON faces (gallery, content_sha256)
             WHERE content_sha256 IS NOT NULL""",
+    ],
+    4: [
+        """CREATE TABLE audit (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            at DOUBLE PRECISION NOT NULL,
+            key_id TEXT NOT NULL,
+            client TEXT,
+            action TEXT NOT NULL,
+            gallery TEXT COLLATE "C",
+            subject_ids TEXT NOT NULL DEFAULT '[]',
+            face_ids TEXT NOT NULL DEFAULT '[]',
+            result TEXT NOT NULL)""",
+        "CREATE INDEX audit_by_time ON audit (at)",
+        "CREATE INDEX audit_by_gallery ON audit (gallery, at)",
     ],
 }
 

@@ -14,11 +14,12 @@ import abc
 import json
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 
 import numpy as np
 
+from service.gallery import audit
 from service.gallery.errors import (
     Conflict,
     FaceNotFound,
@@ -59,6 +60,8 @@ class Cursor:
     def __init__(self, cursor, qmark: bool) -> None:
         self._cursor = cursor
         self._qmark = qmark
+        #: (face_id, subject_id) of the change-log entries of this write transaction
+        self.changes: list[tuple[int | None, str | None]] | None = None
 
     def execute(self, sql: str, params: tuple | list = ()) -> Cursor:
         if not self._qmark:
@@ -87,7 +90,7 @@ class SQLStore(GalleryStore):
 
     # --- backend hooks ----------------------------------------------------------
     @abc.abstractmethod
-    def _write(self) -> AbstractContextManager[Cursor]:
+    def _write_tx(self) -> AbstractContextManager[Cursor]:
         """A write transaction holding the writer lock; commits on clean exit."""
 
     @abc.abstractmethod
@@ -100,6 +103,19 @@ class SQLStore(GalleryStore):
 
     def _notify(self, cur: Cursor, seq: int) -> None:
         """Announce ``seq`` to other replicas when the transaction commits."""
+
+    @contextmanager
+    def _write(self) -> Iterator[Cursor]:
+        """:meth:`_write_tx`, plus the audit row of the current request (see
+        :mod:`service.gallery.audit`) when the transaction appended change-log entries."""
+        entry = audit.current()
+        with self._write_tx() as cur:
+            cur.changes = []
+            yield cur
+            if entry is not None and cur.changes:
+                entry.add([s for _, s in cur.changes], [f for f, _ in cur.changes])
+                self._insert_audit(cur, [entry], [(f, s) for f, s in cur.changes])
+                entry.written = True
 
     # --- schema -----------------------------------------------------------------
     def migrate(self) -> int:
@@ -141,6 +157,8 @@ class SQLStore(GalleryStore):
             (seq, gallery, op, face_id, subject_id, time.time()),
         )
         self._notify(cur, seq)
+        if cur.changes is not None:
+            cur.changes.append((face_id, subject_id))
         return seq
 
     @staticmethod
@@ -504,6 +522,61 @@ class SQLStore(GalleryStore):
                                    "embedding": bytes(embedding), "quality": json.loads(quality),
                                    "image": None if image is None else bytes(image),
                                    "created_at": float(created), "content_sha256": digest}
+
+    # --- audit log ------------------------------------------------------------------
+    @staticmethod
+    def _insert_audit(cur: Cursor, entries: list, changes: list | None = None) -> None:
+        for entry in entries:
+            if changes is not None:  # this transaction's own changes
+                subjects = list(dict.fromkeys(s for _, s in changes if s is not None))
+                faces = list(dict.fromkeys(int(f) for f, _ in changes if f is not None))
+            else:
+                subjects, faces = entry.subject_ids, entry.face_ids
+            cur.execute(
+                "INSERT INTO audit (at, key_id, client, action, gallery, subject_ids, face_ids, "
+                "result) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (entry.at, entry.key_id, entry.client, entry.action, entry.gallery,
+                 json.dumps(subjects, ensure_ascii=False), json.dumps(faces), entry.result),
+            )
+
+    def append_audit(self, entries: list) -> None:
+        with self._write_tx() as cur:
+            self._insert_audit(cur, entries)
+
+    def prune_audit(self, before: float) -> int:
+        with self._write_tx() as cur:
+            return int(cur.execute("DELETE FROM audit WHERE at < ?", (float(before),)).rowcount)
+
+    def audit_records(self, *, gallery: str | None = None, subject_id: str | None = None,
+                      action: str | None = None, since: float | None = None,
+                      until: float | None = None, after: int = 0,
+                      limit: int = 100) -> tuple[list[dict], bool]:
+        sql = ("SELECT id, at, key_id, client, action, gallery, subject_ids, face_ids, result "
+               "FROM audit WHERE id > ?")
+        params: list = [int(after)]
+        for column, value in (("gallery", gallery), ("action", action)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        if since is not None:
+            sql += " AND at >= ?"
+            params.append(float(since))
+        if until is not None:
+            sql += " AND at < ?"
+            params.append(float(until))
+        if subject_id is not None:
+            needle = json.dumps(subject_id, ensure_ascii=False)
+            needle = needle.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+            sql += " AND subject_ids LIKE ? ESCAPE '!'"
+            params.append(f"%{needle}%")
+        sql += " ORDER BY id LIMIT ?"
+        params.append(int(limit) + 1)
+        with self._read() as cur:
+            rows = cur.execute(sql, params).fetchall()
+        more = len(rows) > limit
+        return [{"id": int(r[0]), "at": iso(r[1]), "key_id": r[2], "client": r[3],
+                 "action": r[4], "gallery": r[5], "subject_ids": json.loads(r[6]),
+                 "face_ids": json.loads(r[7]), "result": r[8]} for r in rows[:limit]], more
 
     def image_counts(self, gallery: str) -> tuple[int, int]:
         with self._read() as cur:

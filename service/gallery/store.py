@@ -211,6 +211,24 @@ class GalleryStore(abc.ABC):
         ``created_at`` epoch seconds).  The snapshot stays open until the iterator is
         exhausted or closed: consume it in one thread."""
 
+    # --- audit log (see service.gallery.audit) -------------------------------------
+    @abc.abstractmethod
+    def append_audit(self, entries: list) -> None:
+        """Append :class:`~service.gallery.audit.AuditEntry` rows in one transaction."""
+
+    @abc.abstractmethod
+    def prune_audit(self, before: float) -> int:
+        """Delete audit rows older than ``before`` (epoch seconds); return how many."""
+
+    @abc.abstractmethod
+    def audit_records(self, *, gallery: str | None = None, subject_id: str | None = None,
+                      action: str | None = None, since: float | None = None,
+                      until: float | None = None, after: int = 0,
+                      limit: int = 100) -> tuple[list[dict], bool]:
+        """Up to ``limit`` audit rows with ``id > after`` matching the filters (``since``
+        inclusive, ``until`` exclusive, epoch seconds; ``subject_id``: rows naming it),
+        oldest first; and whether more follow."""
+
     # --- re-enrolment (see service.reenrol) -------------------------------------
     @abc.abstractmethod
     def image_counts(self, gallery: str) -> tuple[int, int]:
