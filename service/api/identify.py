@@ -15,6 +15,7 @@ from .deps import State, require_api_key
 from .errors import ApiError
 from .images import read_payload
 from .openapi import ERROR_RESPONSES, image_body
+from .probes import probe_analysis
 from .schemas import IdentifyOptions, IdentifyResponse
 from .scopes import allow_gallery, require_scope
 
@@ -38,12 +39,15 @@ async def identify(request: Request, state: State, entry: Audit("identify"),
     ``gallery`` and ``match``, the best subject if its similarity reaches the threshold,
     else ``null`` (open-set: the person may not be enrolled).
 
+    Instead of ``image``: ``embedding`` (base64 float32) with ``model`` (the served model's
+    id) searches that one vector; its answer has no box.
+
     A subject's similarity is that of its **best** enrolled face (max fusion).  The
     threshold is ``threshold`` if given, else the card's threshold at ``operating_point``.
     """
     settings = state.settings
     clock = Timings()
-    payload = await read_payload(request, ("image",), ("image",), settings.max_image_bytes,
+    payload = await read_payload(request, ("image",), (), settings.max_image_bytes,
                                  timings=clock)
     opts = payload.options(IdentifyOptions)
     allow_gallery(request, opts.gallery)
@@ -66,12 +70,20 @@ async def identify(request: Request, state: State, entry: Audit("identify"),
     # Unknown gallery or another model's gallery: refused before any image work.
     await analysis.gallery_for_model(state, opts.gallery, clock)
 
-    found = await analysis.analyze(state, payload.images["image"], "all", clock)
+    if opts.embedding is not None:
+        if "image" in payload.images:
+            raise ApiError(400, "ambiguous_request", "give image or embedding, not both")
+        found = probe_analysis(state, opts.embedding, opts.model)
+    elif "image" in payload.images:
+        found = await analysis.analyze(state, payload.images["image"], "all", clock)
+    else:
+        raise ApiError(422, "missing_field", "missing image field(s): image (or embedding)")
+    detections = found.detections or [None] * len(found.embeddings)
     results = await analysis.call(clock, "search", gallery.search, opts.gallery,
                                   found.embeddings, opts.top_k, model_id)
     faces = []
     threshold = None
-    for detection, candidates in zip(found.detections, results):
+    for detection, candidates in zip(detections, results, strict=True):
         best = candidates[0] if candidates else None
         match = None
         if best is not None:
@@ -81,7 +93,7 @@ async def identify(request: Request, state: State, entry: Audit("identify"),
                 match = best["subject_id"]
         entry.add([c["subject_id"] for c in candidates], [c.get("face_id") for c in candidates])
         faces.append({
-            **detection.to_dict(),
+            **(detection.to_dict() if detection is not None else {}),
             "candidates": [{"subject_id": c["subject_id"],
                             "similarity": round(float(c["similarity"]), 6),
                             "face_id": c.get("face_id")} for c in candidates],

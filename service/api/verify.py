@@ -19,6 +19,7 @@ from .deps import AppState, State, require_api_key
 from .errors import ApiError, bad_request
 from .images import read_payload
 from .openapi import ERROR_RESPONSES, image_body
+from .probes import probe_analysis
 from .schemas import Face, SubjectRef, VerifyOptions, VerifyResponse
 from .scopes import allow_gallery, require_scope
 
@@ -71,14 +72,30 @@ async def verify(request: Request, state: State,
     A subject with several enrolled faces is compared by its **best** face (max
     fusion: the highest cosine over the subject's faces).  With several faces in an
     image the largest is used, or the request is refused with ``multiple_faces=refuse``.
+    Instead of ``image1``: ``embedding`` (base64 float32) with ``model`` (the served model's
+    id); the answer then has no ``face1``.
     The decision uses the recognition model card's threshold at ``operating_point``
     (default: the card's / the service's default); ``match`` is ``similarity >= threshold``.
     """
     settings = state.settings
     clock = Timings()
-    payload = await read_payload(request, ("image1", "image2"), ("image1",),
+    payload = await read_payload(request, ("image1", "image2"), (),
                                  settings.max_image_bytes, timings=clock)
     opts = payload.options(VerifyOptions)
+    if opts.embedding is not None:
+        if "image1" in payload.images:
+            raise bad_request("ambiguous_request", "give image1 or embedding, not both")
+        probe = probe_analysis(state, opts.embedding, opts.model)
+    elif "image1" not in payload.images:
+        raise ApiError(422, "missing_field", "missing image field(s): image1 (or embedding)")
+    else:
+        probe = None
+
+    async def first_face():
+        if probe is not None:
+            return probe
+        return await _analyze_labelled(state, payload.images["image1"], "image1", policy, clock)
+
     if opts.gallery:
         allow_gallery(request, opts.gallery)
         entry.gallery = opts.gallery
@@ -94,7 +111,7 @@ async def verify(request: Request, state: State,
             raise bad_request("ambiguous_request",
                               "send either image2 or gallery + subject_id, not both")
         results = await asyncio.gather(
-            _analyze_labelled(state, payload.images["image1"], "image1", policy, clock),
+            first_face(),
             _analyze_labelled(state, payload.images["image2"], "image2", policy, clock),
             return_exceptions=True,
         )
@@ -116,7 +133,7 @@ async def verify(request: Request, state: State,
         if not len(faces.face_ids):
             raise ApiError(422, "no_enrolled_face",
                            f"subject {opts.subject_id!r} has no enrolled face to compare with")
-        first = await _analyze_labelled(state, payload.images["image1"], "image1", policy, clock)
+        first = await first_face()
         similarity, face_id = _best_face(faces, first.embeddings[0])
         entry.add(face_ids=[face_id])
         subject = SubjectRef(gallery=opts.gallery, subject_id=opts.subject_id, face_id=face_id)
@@ -131,7 +148,7 @@ async def verify(request: Request, state: State,
         calibrated=decision.calibrated,
         operating_point=decision.operating_point,
         model=model_id,
-        face1=Face(**first.detections[0].to_dict()),
+        face1=Face(**first.detections[0].to_dict()) if first.detections else None,
         face2=Face(**face2) if face2 else None,
         subject=subject,
         timings=analysis.timings_ms(clock) if timings else None,
