@@ -93,7 +93,7 @@ async def audit_records(
 ) -> dict:
     """Who enrolled, deleted, searched for or exported whom, and when: in the order the
     records were written (a write's record with it; a search's or export's within about
-    0.2 s, in the background), so that following ``next_cursor`` never misses one.  A
+    half a second, in the background), so that following ``next_cursor`` never misses one.  A
     subject's records stay after the subject is deleted (ids only)."""
     if action is not None and action not in ACTIONS:
         raise ApiError(422, "validation_error", f"action: must be one of {', '.join(ACTIONS)}")

@@ -14,7 +14,7 @@ Two ways into the ``audit`` table:
   an acknowledged change always has its audit row and a rolled-back one never has;
 * everything else (searches, exports, refused requests): :class:`AuditWriter` queues the
   entry and a background thread appends queued entries in batches, so a search does not
-  wait for a store write.
+  wait for a store write; the writer commits at most every ``FLUSH_S`` (one fsync per batch).
 
 The writer thread also enforces the retention (``FACEGATE_AUDIT_RETENTION_DAYS``): rows
 older than that are deleted at start and then hourly.  Deleting a subject keeps its audit
@@ -46,7 +46,7 @@ ACTIONS = (
     "verify",
     "export",
 )
-FLUSH_S = 0.2
+FLUSH_S = 0.5  # the writer commits at most this often (one fsync per batch)
 BATCH = 500
 PRUNE_EVERY_S = 3600.0
 
@@ -107,6 +107,7 @@ class AuditWriter:
         self._queue: queue.Queue[AuditEntry | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._pruned_at = 0.0
+        self._wake = threading.Event()  # flush() and close() cut the wait between batches
         self._thread.start()
 
     def record(self, entry: AuditEntry) -> None:
@@ -117,10 +118,12 @@ class AuditWriter:
         """Wait until every entry queued so far is in the store."""
         done = threading.Event()
         self._queue.put(_Marker(done))  # type: ignore[arg-type]
+        self._wake.set()
         done.wait(timeout)
 
     def close(self) -> None:
         self._queue.put(None)
+        self._wake.set()
         self._thread.join(timeout=15)
 
     def prune(self) -> int:
@@ -166,6 +169,9 @@ class AuditWriter:
                     log.exception("audit log: could not write %d records", len(batch))
             for marker in markers:
                 marker.done.set()
+            if batch and not stop:  # let the next batch gather: one commit per FLUSH_S
+                self._wake.wait(FLUSH_S)
+                self._wake.clear()
 
 
 @dataclass
