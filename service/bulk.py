@@ -2,8 +2,9 @@
 
 :func:`analyse_photos` runs photos as ``POST /v1/galleries/{g}/subjects/{id}/faces`` runs
 one (decode, detect, exactly one face over the enrolment floor, align, the enrolment
-quality rules), but detects with the detector's batch call and embeds every accepted face
-in **one** model call.  :func:`enrol_photos` adds the accepted faces to a gallery with
+quality rules), locating faces photo by photo (in several threads when asked) and embedding
+every accepted face in **one** model call; re-enrolment (:mod:`service.reenrol`) uses it
+too.  :func:`enrol_photos` adds the accepted faces to a gallery with
 :func:`service.gallery.bulk.write_many` (one transaction; a photo already enrolled into
 the gallery, by sha256 of its bytes, is not added twice).
 

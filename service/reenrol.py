@@ -23,8 +23,9 @@ tried again on the next run.  Every write goes through :class:`GalleryService`
 and so through the store, with its change-log entry, like any enrolment.
 
 The work runs in chunks (:meth:`Reenrolment.step`): the REST route runs each
-chunk in the thread pool, the CLI in a loop.  A chunk's photos are detected with
-the detector's batch call and all their faces embedded in one call.
+chunk in the thread pool, the CLI in a loop.  A chunk's photos go through
+:func:`service.bulk.analyse_photos` (the enrolment pipeline of an upload) and all their
+faces are embedded in one call.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.api.analysis import face_quality, select_faces
+from service.bulk import Accepted, analyse_photos
 from service.gallery.errors import (
     Conflict,
     GalleryError,
@@ -42,8 +43,6 @@ from service.gallery.errors import (
     NoStoredImages,
 )
 from service.gallery.service import check_name
-from service.pipeline.errors import PipelineError
-from service.pipeline.quality import check_enrol_quality
 
 CHUNK = 16
 SUBJECT_PAGE = 500
@@ -54,9 +53,6 @@ class _Photo:
     face_id: int
     subject_id: str
     data: bytes
-    image: np.ndarray | None = None
-    detection: object = None
-    crop: np.ndarray | None = None
 
 
 @dataclass
@@ -183,42 +179,18 @@ class Reenrolment:
         })
 
     def _enrol(self, photos: list[_Photo]) -> None:
-        """decode -> detect (one batch) -> enrolment selection -> align -> embed (one batch)
-        -> store, as ``POST .../faces`` does for each photo."""
-        pipeline, settings = self.pipeline, self.settings
-        decoded = []
-        for photo in photos:
-            try:
-                photo.image = pipeline.decode(photo.data)
-                decoded.append(photo)
-            except PipelineError as exc:
-                self._skip(photo, exc)
-        if not decoded:
-            return
-        detections = pipeline.detector.detect_batch([p.image for p in decoded])
-        located = []
-        for photo, found in zip(decoded, detections):
-            try:
-                kept = select_faces(found, "enrol", min_size=settings.enroll_min_face_size,
-                                    min_score=settings.enroll_min_det_score)
-            except PipelineError as exc:
-                self._skip(photo, exc)
+        """The enrolment pipeline of an upload (:func:`service.bulk.analyse_photos`: one
+        face over the floor, the quality rules, one embedding call) -> store."""
+        results = analyse_photos(self.pipeline, self.settings, [p.data for p in photos])
+        for photo, result in zip(photos, results, strict=True):
+            if not isinstance(result, Accepted):
+                self._skip(photo, result)
                 continue
-            photo.detection = kept[0]
-            photo.crop = np.asarray(pipeline.align(photo.image, kept))[0]
-            photo.image = None  # the decoded pixels are not needed any more
-            located.append(photo)
-        if not located:
-            return
-        embeddings = pipeline.embed(np.stack([p.crop for p in located]))
-        for photo, embedding in zip(located, embeddings):
-            quality = face_quality(photo.detection, photo.crop)
             try:
-                check_enrol_quality(quality, settings)
-                self._add(photo, embedding, quality)
+                self._add(photo, result.embedding, result.quality)
             except Conflict:  # a concurrent run got there first
                 self.report.faces_already_reenrolled += 1
-            except (GalleryError, PipelineError) as exc:  # e.g. the subject was deleted
+            except GalleryError as exc:  # e.g. the subject was deleted meanwhile
                 self._skip(photo, exc)
 
     def _add(self, photo: _Photo, embedding: np.ndarray, quality: dict) -> None:
