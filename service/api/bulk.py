@@ -245,12 +245,63 @@ async def _analyse(state, photos: list[bytes], clock: Timings) -> list:
     return merge_embedded(found, accepted)
 
 
+_ITEM_SCHEMA = {
+    "type": "object",
+    "required": ["subject_id"],
+    "properties": {
+        "subject_id": {"type": "string", "pattern": NAME_PATTERN},
+        "image": {"type": "string", "format": "byte", "description": "base64 image"},
+        "image_url": {
+            "type": "string",
+            "format": "uri",
+            "description": "instead of image (FACEGATE_URL_ALLOWLIST)",
+        },
+        "metadata": {"type": "object", "description": "for a subject created here"},
+    },
+}
+BULK_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["items"],
+                    "properties": {
+                        "items": {
+                            "type": "array",
+                            "items": _ITEM_SCHEMA,
+                            "description": "at most FACEGATE_BULK_MAX_ITEMS",
+                        }
+                    },
+                }
+            },
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "description": "repeated parts in order; each item starts with subject_id, "
+                    "then image (file) or image_url, and optionally metadata "
+                    "(JSON text)",
+                    "properties": {
+                        "subject_id": {"type": "string"},
+                        "image": {"type": "string", "format": "binary"},
+                        "image_url": {"type": "string", "format": "uri"},
+                        "metadata": {"type": "string"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
 @router.post(
     "/{gallery}/faces",
     response_model=BulkResult,
     response_model_exclude_none=True,
     summary="Enrol many photos in one request (bulk)",
     dependencies=[require_scope("enrol")],
+    openapi_extra=BULK_BODY,
 )
 async def bulk_enrol(
     gallery: GalleryName, request: Request, state: State, _audit: Audit("enrol")

@@ -103,8 +103,11 @@ def read_keys_file(path: Path) -> list[ApiKey]:
     """The keys of a JSON or (``.yaml`` / ``.yml``) YAML keys file."""
     text = Path(path).read_text()
     if Path(path).suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path}: a YAML keys file needs PyYAML (pip install PyYAML); "
+                             "or write the file as JSON") from None
         data = yaml.safe_load(text)
     else:
         data = json.loads(text)
