@@ -40,8 +40,8 @@ from service.bulk import (
     locate_photo,
     merge_embedded,
 )
+from service.gallery.bulk import check_metadata
 from service.gallery.errors import GalleryNotFound, InvalidInput
-from service.gallery.sql import dump_json
 from service.pipeline.errors import PipelineError
 from service.pipeline.types import Timings
 
@@ -116,7 +116,7 @@ def _check_item(item: _Item) -> None:
     if not isinstance(item.subject_id, str) or not _NAME.match(item.subject_id):
         raise InvalidInput(f"items[{item.index}].subject_id must match {NAME_PATTERN}")
     if item.metadata is not None:
-        dump_json(item.metadata, f"items[{item.index}].metadata")
+        check_metadata(item.metadata, f"items[{item.index}].metadata")
     if (item.image is None) == (item.image_url is None):
         raise InvalidInput(f"items[{item.index}]: give image or image_url (exactly one)")
 

@@ -12,6 +12,7 @@ import re
 
 from service.gallery.errors import InvalidInput
 from service.gallery.service import GalleryService, check_name, check_vectors
+from service.gallery.sql import dump_json
 from service.gallery.store import NewFace, NewSubject
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -21,6 +22,13 @@ def check_sha256(value: object, what: str = "content_sha256") -> str:
     if not isinstance(value, str) or not SHA256_HEX.match(value):
         raise InvalidInput(f"{what} must be 64 lower-case hexadecimal digits")
     return value
+
+
+def check_metadata(value: object, what: str = "metadata") -> dict:
+    """A subject's metadata as the store will accept it (a JSON object within the size
+    limit), checked before anything is written; ``InvalidInput`` otherwise."""
+    dump_json(value, what)
+    return value  # type: ignore[return-value]
 
 
 def write_many(
