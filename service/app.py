@@ -19,14 +19,27 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from service.api import errors, extract, galleries, health, identify, info, verify
+from service.api import (
+    audit,
+    bulk,
+    errors,
+    extract,
+    galleries,
+    health,
+    identify,
+    info,
+    transfer,
+    verify,
+)
 from service.api.admission import AdmissionMiddleware
 from service.api.deps import AppState
+from service.api.keys import build_keyring
 from service.api.limits import BodyLimitMiddleware
 from service.api.urls import UrlFetcher
 from service.batching import MicroBatcher
 from service.config import Settings, get_settings
 from service.gallery import open_gallery
+from service.gallery.audit import AuditWriter
 from service.gallery.errors import GalleryError
 from service.metrics import Metrics, MetricsMiddleware
 from service.pipeline.errors import PipelineError
@@ -72,6 +85,7 @@ async def _start(state: AppState) -> None:
     t1 = time.perf_counter()
     state.gallery = open_gallery(settings)  # set first: a failed start is still stopped
     await anyio.to_thread.run_sync(state.gallery.start)
+    state.audit = AuditWriter(state.gallery.store, settings.audit_retention_days)
     state.startup["gallery_s"] = round(time.perf_counter() - t1, 3)
 
     metrics = state.metrics
@@ -105,6 +119,8 @@ async def _stop(state: AppState) -> None:
         await state.batcher.stop()
     if state.fetcher is not None:
         await state.fetcher.aclose()
+    if state.audit is not None:
+        await anyio.to_thread.run_sync(state.audit.close)
     if state.gallery is not None:
         await anyio.to_thread.run_sync(state.gallery.stop)
 
@@ -130,9 +146,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPIOffline(title="facegate", version=_version(), description=DESCRIPTION,
                          lifespan=lifespan, static_url=DOCS_ASSETS_URL, redirect_slashes=False)
     app.state.settings = settings
+    app.state.keyring = build_keyring(settings.api_keys, settings.api_keys_file)
     app.state.metrics = metrics
     errors.install(app, domain_errors=(PipelineError, GalleryError))
-    for module in (health, info, verify, identify, extract, galleries):
+    for module in (health, info, verify, identify, extract, galleries, bulk, transfer, audit):
         app.include_router(module.router)
     app.add_middleware(AdmissionMiddleware, settings=settings, metrics=metrics)  # inside the limit
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes,

@@ -12,7 +12,7 @@ import sys
 
 from service.helptext import summary
 
-COMMANDS = ["models", "serve", "verify", "eval_pairs", "detect", "gallery"]
+COMMANDS = ["models", "serve", "verify", "eval_pairs", "detect", "gallery", "keys", "audit"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
                                 "connection is closed")
     body_timeout_s: float = Field(
         60.0, gt=0, description="seconds a client has to send a request's body; slower: 408")
+    api_keys_file: Path | None = Field(
+        None, description="JSON or YAML file of scoped API keys (id, key hash, scopes, "
+                          "galleries; `facegate keys add`); with FACEGATE_API_KEYS")
 
     # --- storage ----------------------------------------------------------------
     data_dir: Path = Path("var/data")
@@ -103,6 +106,10 @@ class Settings(BaseSettings):
         1, description="OpenMP threads per FAISS call (requests already run in parallel); 0 = all"
     )
 
+    audit_retention_days: float = Field(
+        365.0, ge=0, description="audit records older than this many days are deleted by the "
+                                 "service (at start, then hourly); 0 keeps them forever")
+
     # --- models -----------------------------------------------------------------
     models_dir: Path = Path("var/models")
     sources_dir: Path | None = Field(
@@ -137,6 +144,15 @@ class Settings(BaseSettings):
     max_faces: int = 32
     enroll_min_face_size: int = 40
     enroll_min_det_score: float = 0.8
+    enroll_min_sharpness: float = Field(
+        0.0, ge=0, description="enrolment refuses faces whose aligned crop's Laplacian variance "
+                               "(quality `sharpness`) is lower (`blurred_face`); 0 = off")
+    enroll_max_yaw_ratio: float = Field(
+        0.0, ge=0, description="enrolment refuses faces whose |quality `yaw_ratio`| is higher "
+                               "(`face_turned`); 0 = off")
+    enroll_max_roll_deg: float = Field(
+        0.0, ge=0, description="enrolment refuses faces whose |quality `roll_deg`| is higher "
+                               "(`face_tilted`); 0 = off")
 
     # --- request limits ---------------------------------------------------------
     max_image_bytes: int = 10 * 1024 * 1024
@@ -150,6 +166,9 @@ class Settings(BaseSettings):
         1024 * 1024 * 1024, gt=0,
         description="memory of all decoded images in flight per worker; a decode waits until "
                     "its estimate fits; at least max_decode_bytes")
+    bulk_max_items: int = Field(
+        64, ge=1, description="most items of one bulk enrolment request "
+                              "(POST /v1/galleries/{g}/faces); more: 413 too_many_items")
 
     # --- images by URL (off unless hosts are listed) ----------------------------
     url_allowlist: Annotated[list[str], NoDecode] = Field(

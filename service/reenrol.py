@@ -23,8 +23,9 @@ tried again on the next run.  Every write goes through :class:`GalleryService`
 and so through the store, with its change-log entry, like any enrolment.
 
 The work runs in chunks (:meth:`Reenrolment.step`): the REST route runs each
-chunk in the thread pool, the CLI in a loop.  A chunk's photos are detected with
-the detector's batch call and all their faces embedded in one call.
+chunk in the thread pool, the CLI in a loop.  A chunk's photos go through
+:func:`service.bulk.analyse_photos` (the enrolment pipeline of an upload) and all their
+faces are embedded in one call.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from service.bulk import Accepted, analyse_photos
 from service.gallery.errors import (
     Conflict,
     GalleryError,
@@ -42,8 +44,6 @@ from service.gallery.errors import (
 )
 from service.gallery.names import check_gallery
 from service.gallery.service import GalleryService, check_model
-from service.pipeline.errors import PipelineError
-from service.pipeline.faces import Faces, face_quality
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -184,23 +184,15 @@ class Reenrolment:
         })
 
     def _enrol(self, photos: list[_Photo]) -> None:
-        """The pipeline's analysis path under the enrolment policy, as ``POST .../faces``
-        takes it for each photo (one batched detection, one embedding call), then store."""
-        pipeline = self.pipeline
-        results = pipeline.locate_batch([p.data for p in photos], "enrol")
-        located: list[tuple[_Photo, Faces]] = []
+        """The enrolment pipeline of an upload (:func:`service.bulk.analyse_photos`: one
+        face over the floor, the quality rules, one embedding call) -> store."""
+        results = analyse_photos(self.pipeline, self.settings, [p.data for p in photos])
         for photo, result in zip(photos, results, strict=True):
-            if isinstance(result, PipelineError):
+            if not isinstance(result, Accepted):
                 self._skip(photo, result)
-            else:
-                located.append((photo, result))
-        if not located:
-            return
-        pipeline.embed_faces([faces for _, faces in located])
-        for photo, faces in located:
-            quality = face_quality(faces.detections[0], faces.crops[0])
+                continue
             try:
-                self._add(photo, faces.embeddings[0], quality)
+                self._add(photo, result.embedding, result.quality)
             except Conflict:  # a concurrent run got there first
                 self.report.faces_already_reenrolled += 1
             except GalleryError as exc:  # e.g. the subject was deleted meanwhile

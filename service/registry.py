@@ -128,6 +128,14 @@ class Registry:
                 f"(remove {path.name}, or give the model another name)")
         return card
 
+    def sha256_of(self, model_id: str) -> str | None:
+        """The full sha256 of the card whose :attr:`ModelCard.id` is ``model_id`` (None: no
+        such card), e.g. for a gallery's model id."""
+        for card in self.cards.values():
+            if card.id == model_id:
+                return card.sha256
+        return None
+
     def names(self, task: str | None = None) -> list[str]:
         return [n for n, c in self.cards.items() if task is None or c.task == task]
 

@@ -231,3 +231,21 @@ def test_info_reports_url_fetching(client, source):
     urls = client.get("/v1/info").json()["image_urls"]
     assert urls == {"enabled": True, "allowed_hosts": [f"127.0.0.1:{source.port}"],
                     "timeout_s": TIMEOUT_S}
+
+
+def test_bulk_items_by_url(client, source):
+    """Bulk enrolment items may give ``image_url``: fetched like any image URL, and a failed
+    fetch refuses only its own item."""
+    items = [{"subject_id": "Abel_Pacheco", "image_url": f"{source.base}/a.jpg"},
+             {"subject_id": "x", "image_url": f"{source.base}/missing.jpg"},
+             {"subject_id": "y", "image_url": f"{source.base}/text"},
+             {"subject_id": "z", "image_url": "http://localhost:1/offlist.jpg"}]
+    r = client.post("/v1/galleries/bulk-urls/faces", json={"items": items})
+    assert r.status_code == 200, r.text
+    answers = r.json()["items"]
+    assert answers[0]["created"] is True and answers[0]["face_id"] >= 1
+    assert [a.get("error", {}).get("code") for a in answers[1:]] == [
+        "url_fetch_failed", "unsupported_image_type", "url_not_allowed"]
+    r = client.post("/v1/identify", data={"gallery": "bulk-urls"},
+                    files={"image": ("b.jpg", FILES["/b.jpg"].read_bytes())})
+    assert r.json()["faces"][0]["match"] == "Abel_Pacheco"

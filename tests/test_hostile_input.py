@@ -101,6 +101,9 @@ ROUTES = [
     ),
     Route("POST", "/v1/galleries/{gallery}/reenrol", "/v1/galleries/victim/reenrol", body="json"),
     Route("DELETE", "/v1/galleries/{gallery}/faces/{face_id}", "/v1/galleries/victim/faces/1"),
+    Route("POST", "/v1/galleries/{gallery}/faces", "/v1/galleries/victim/faces", body="json"),
+    Route("GET", "/v1/galleries/{gallery}/export", "/v1/galleries/victim/export"),
+    Route("GET", "/v1/audit", "/v1/audit"),
 ]
 KEYED = [r for r in ROUTES if r.keyed]
 WITH_BODY = [r for r in ROUTES if r.body]

@@ -26,6 +26,7 @@ except ImportError:  # older FastAPI: app.routes is already flat
 
 
 from .errors import forbidden, unauthorized
+from .keys import authenticate
 
 Guard = Callable[[Request], None]
 _GUARDS: set[Guard] = set()
@@ -59,12 +60,17 @@ def check_key(request: Request, keys: Iterable[str]) -> None:
         raise forbidden()
 
 
+def given_key(request: Request) -> str | None:
+    """The key the caller sent (``X-API-Key`` or ``Authorization: Bearer``), if any."""
+    return _given_key(request)
+
+
 @guard
 def require_api_key(request: Request) -> None:
-    """``X-API-Key`` must match one of ``settings.api_keys`` (no keys configured: open)."""
-    keys = request.app.state.settings.api_keys
-    if keys:
-        check_key(request, keys)
+    """The caller's key must be one of the keyring's (``FACEGATE_API_KEYS`` and
+    ``FACEGATE_API_KEYS_FILE``; none configured: open).  The key found is
+    ``request.state.api_key``, for the route's scope check (:mod:`service.api.scopes`)."""
+    request.state.api_key = authenticate(request.app.state.keyring, _given_key(request))
 
 
 @guard

@@ -17,6 +17,7 @@ from .errors import not_ready
 if TYPE_CHECKING:
     import anyio
 
+    from service.gallery.audit import AuditWriter
     from service.gallery.service import GalleryService
     from service.pipeline.pipeline import Pipeline
 
@@ -41,6 +42,7 @@ class AppState:
     batcher: MicroBatcher = _UNSET
     cpu_limiter: anyio.CapacityLimiter = _UNSET  # images decoded/detected at once
     fetcher: UrlFetcher = _UNSET  # images by URL (shared HTTP client)
+    audit: AuditWriter = _UNSET  # searches' and refusals' audit records
     warmed: bool = False
     startup: dict[str, float] = field(default_factory=dict)
 

@@ -22,6 +22,7 @@ from .deps import AppState, State, require_api_key
 from .images import read_payload
 from .openapi import ERROR_RESPONSES, image_body
 from .schemas import DetectOptions, DetectResponse, EmbedOptions, EmbedResponse
+from .scopes import require_scope
 
 router = APIRouter(prefix="/v1", tags=["extract"], dependencies=[Depends(require_api_key)])
 
@@ -54,6 +55,7 @@ async def _faces(request: Request, state: AppState, clock: Timings, options, emb
     responses=ERROR_RESPONSES,
     openapi_extra=image_body(("image",), DetectOptions),
     summary="Find every face of an image: box, score, landmarks, quality",
+    dependencies=[require_scope("verify")],
 )
 async def detect(request: Request, state: State, timings: bool = False) -> dict:
     """Every face of ``image``, largest first (at most ``max_faces``): box, detection score,
@@ -76,6 +78,7 @@ async def detect(request: Request, state: State, timings: bool = False) -> dict:
     responses=ERROR_RESPONSES,
     openapi_extra=image_body(("image",), EmbedOptions),
     summary="Every face of an image with its embedding",
+    dependencies=[require_scope("verify")],
 )
 async def embed(request: Request, state: State, timings: bool = False) -> dict:
     """As ``/v1/detect``, plus each face's L2-normalised ``embedding`` (cosine similarity =

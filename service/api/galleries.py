@@ -16,10 +16,12 @@ from pydantic import BaseModel, ConfigDict
 
 from service.gallery.names import GalleryNameStr, SubjectIdStr
 from service.pipeline.faces import face_quality
+from service.pipeline.quality import check_enrol_quality
 from service.pipeline.types import Timings
 from service.reenrol import Reenrolment
 
 from . import analysis
+from .audit import Audit
 from .deps import State, require_api_key
 from .images import read_payload
 from .openapi import ERROR_RESPONSES, image_body
@@ -37,6 +39,7 @@ from .schemas import (
     SubjectPage,
     SubjectUpdate,
 )
+from .scopes import allow_gallery, may_touch, require_scope
 
 router = APIRouter(prefix="/v1/galleries", tags=["galleries"],
                    dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
@@ -54,12 +57,16 @@ async def _call(fn, *args):
     return await analysis.call(Timings(), "gallery", fn, *args)
 
 
-@router.get("", response_model=GalleryList, summary="List galleries")
-async def list_galleries(state: State) -> dict:
-    return {"galleries": await _call(state.gallery.list_galleries)}
+@router.get("", response_model=GalleryList, summary="List galleries",
+            dependencies=[require_scope("identify")])
+async def list_galleries(request: Request, state: State) -> dict:
+    """The galleries the caller's API key may touch."""
+    galleries = await _call(state.gallery.list_galleries)
+    return {"galleries": [g for g in galleries if may_touch(request, g["name"])]}
 
 
-@router.put("/{gallery}", response_model=Gallery, summary="Create a gallery for the served model")
+@router.put("/{gallery}", response_model=Gallery, summary="Create a gallery for the served model",
+            dependencies=[require_scope("enrol")])
 async def create_gallery(gallery: GalleryName, response: Response,
                          state: State) -> dict:
     """Idempotent; 409 ``model_mismatch`` if the gallery exists for another model."""
@@ -70,19 +77,23 @@ async def create_gallery(gallery: GalleryName, response: Response,
     return info
 
 
-@router.get("/{gallery}", response_model=Gallery, summary="A gallery's model and sizes")
+@router.get("/{gallery}", response_model=Gallery, summary="A gallery's model and sizes",
+            dependencies=[require_scope("identify")])
 async def get_gallery(gallery: GalleryName, state: State) -> dict:
     return await _call(state.gallery.get_gallery, gallery)
 
 
-@router.delete("/{gallery}", summary="Delete a gallery with all its subjects and faces")
-async def delete_gallery(gallery: GalleryName, state: State) -> dict:
+@router.delete("/{gallery}", summary="Delete a gallery with all its subjects and faces",
+               dependencies=[require_scope("delete")])
+async def delete_gallery(gallery: GalleryName, state: State,
+                         _audit: Audit("delete_gallery")) -> dict:
     await _call(state.gallery.delete_gallery, gallery)
     return {"deleted": gallery}
 
 
 @router.post("/{gallery}/subjects", response_model=Subject, status_code=201,
-             summary="Create a subject (idempotent: 201 created, 200 already there)")
+             summary="Create a subject (idempotent: 201 created, 200 already there)",
+             dependencies=[require_scope("enrol")])
 async def create_subject(gallery: GalleryName, body: SubjectCreate, response: Response,
                          state: State) -> dict:
     """Creates the gallery on first use (for the served model).  Posting an existing
@@ -95,7 +106,8 @@ async def create_subject(gallery: GalleryName, body: SubjectCreate, response: Re
     return subject
 
 
-@router.get("/{gallery}/subjects", response_model=SubjectPage, summary="List subjects (paginated)")
+@router.get("/{gallery}/subjects", response_model=SubjectPage, summary="List subjects (paginated)",
+            dependencies=[require_scope("identify")])
 async def list_subjects(gallery: GalleryName, state: State,
                         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                         cursor: Annotated[str | None, Query(max_length=512)] = None) -> dict:
@@ -105,35 +117,40 @@ async def list_subjects(gallery: GalleryName, state: State,
 
 
 @router.get("/{gallery}/subjects/{subject_id}", response_model=Subject,
-            summary="A subject with its metadata and enrolled faces")
+            summary="A subject with its metadata and enrolled faces",
+            dependencies=[require_scope("identify")])
 async def get_subject(gallery: GalleryName, subject_id: SubjectId,
                       state: State) -> dict:
     return await _call(state.gallery.get_subject, gallery, subject_id)
 
 
 @router.patch("/{gallery}/subjects/{subject_id}", response_model=Subject,
-              summary="Update a subject's metadata (merge; null removes a key)")
+              summary="Update a subject's metadata (merge; null removes a key)",
+              dependencies=[require_scope("enrol")])
 async def update_subject(gallery: GalleryName, subject_id: SubjectId, body: SubjectUpdate,
                          state: State) -> dict:
     return await _call(state.gallery.update_subject, gallery, subject_id, body.metadata)
 
 
 @router.delete("/{gallery}/subjects/{subject_id}", response_model=SubjectDeleted,
-               summary="Delete a subject and all its faces")
+               summary="Delete a subject and all its faces",
+               dependencies=[require_scope("delete")])
 async def delete_subject(gallery: GalleryName, subject_id: SubjectId,
-                         state: State) -> dict:
+                         state: State, _audit: Audit("delete_subject")) -> dict:
     removed = await _call(state.gallery.delete_subject, gallery, subject_id)
     return {"gallery": gallery, "subject_id": subject_id, "faces_removed": int(removed)}
 
 
 @router.post("/{gallery}/subjects/{subject_id}/faces", response_model=EnrolledFace,
              status_code=201, openapi_extra=image_body(("image",)),
-             summary="Enrol one photo of a subject")
+             summary="Enrol one photo of a subject", dependencies=[require_scope("enrol")])
 async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Request,
-                     state: State) -> dict:
+                     state: State, _audit: Audit("enrol")) -> dict:
     """The photo must show exactly one face of at least ``enroll_min_face_size`` px with a
-    detection score of at least ``enroll_min_det_score``; otherwise 422 with code
-    ``multiple_faces``, ``face_too_small`` or ``low_quality_face``.  The response gives
+    detection score of at least ``enroll_min_det_score``, and pass the enabled quality rules
+    (``enroll_min_sharpness``, ``enroll_max_yaw_ratio``, ``enroll_max_roll_deg``); otherwise
+    422 with code ``multiple_faces``, ``face_too_small``, ``low_quality_face``,
+    ``blurred_face``, ``face_turned`` or ``face_tilted``.  The response gives
     the store-assigned ``face_id`` and the face's quality figures."""
     settings = state.settings
     clock = Timings()
@@ -146,6 +163,7 @@ async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Reque
     found = await analysis.analyze(state, payload.images["image"], "enrol", clock)
     detection = found.detections[0]
     quality = face_quality(detection, found.crops[0])
+    check_enrol_quality(quality, settings)
     image = payload.images["image"] if settings.store_images else None
     face = await analysis.call(clock, "gallery", state.gallery.add_face, gallery, subject_id,
                                found.embeddings[0], state.model_id, quality, image)
@@ -155,8 +173,10 @@ async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Reque
 
 
 @router.post("/{gallery}/reenrol", response_model=ReenrolReport,
-             summary="Re-enrol another gallery's subjects with the served models")
-async def reenrol(gallery: GalleryName, body: ReenrolRequest, state: State) -> dict:
+             summary="Re-enrol another gallery's subjects with the served models",
+             dependencies=[require_scope("enrol")])
+async def reenrol(gallery: GalleryName, body: ReenrolRequest, request: Request,
+                  state: State, _audit: Audit("reenrol")) -> dict:
     """After a model upgrade: creates ``{gallery}`` for the served model if needed, copies
     every subject of ``source`` (same ``subject_id`` and metadata) and enrols every
     stored photo of ``source`` again, under the same quality rules as an upload.  Photos
@@ -165,6 +185,7 @@ async def reenrol(gallery: GalleryName, body: ReenrolRequest, state: State) -> d
     earlier call are not added again.  404 unknown ``source``; 409 ``conflict`` when
     ``source`` is ``{gallery}``, ``model_mismatch`` when ``{gallery}`` holds another model,
     ``no_stored_images`` when ``source`` kept no photos (``FACEGATE_STORE_IMAGES``)."""
+    allow_gallery(request, body.source)
     job = Reenrolment(state.gallery, state.pipeline, state.settings, body.source, gallery)
     await _call(job.prepare)
     # One chunk of photos per thread-pool call, bounded like other image work.
@@ -173,8 +194,9 @@ async def reenrol(gallery: GalleryName, body: ReenrolRequest, state: State) -> d
     return job.report.to_dict()
 
 
-@router.delete("/{gallery}/faces/{face_id}", summary="Delete one enrolled face")
+@router.delete("/{gallery}/faces/{face_id}", summary="Delete one enrolled face",
+               dependencies=[require_scope("delete")])
 async def delete_face(gallery: GalleryName, face_id: Annotated[int, Path(ge=1)],
-                      state: State) -> dict:
+                      state: State, _audit: Audit("delete_face")) -> dict:
     await _call(state.gallery.delete_face, gallery, face_id)
     return {"gallery": gallery, "face_id": face_id, "deleted": True}

@@ -97,6 +97,21 @@ async def _fetch_urls(request: Request, urls: dict, max_image_bytes: int,
             await fetcher.aclose()
 
 
+async def read_json_object(request: Request) -> dict:
+    """The request's JSON body as an object; 400 ``invalid_json`` for anything else
+    (malformed, not UTF-8, nested too deeply for the parser, not an object)."""
+    body = await request.body()
+    try:
+        data = json.loads(body) if body else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request("invalid_json", f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("invalid_json", "the JSON body is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise bad_request("invalid_json", "the JSON body must be an object")
+    return data
+
+
 async def read_payload(request: Request, image_fields: tuple[str, ...], required: tuple[str, ...],
                        max_image_bytes: int, timings=None) -> Payload:
     """Parse the request body into images and options (see the module docstring).
@@ -131,15 +146,7 @@ async def read_payload(request: Request, image_fields: tuple[str, ...], required
         finally:
             await form.close()
     elif content_type == "application/json" or content_type.endswith("+json"):
-        body = await request.body()
-        try:
-            data = json.loads(body) if body else None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise bad_request("invalid_json", f"the body is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise bad_request("invalid_json", "the JSON body is nested too deeply") from None
-        if not isinstance(data, dict):
-            raise bad_request("invalid_json", "the JSON body must be an object")
+        data = await read_json_object(request)
         for key, value in data.items():
             if key in image_fields:
                 if not isinstance(value, str):

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from service.pipeline.decision import available_points
 
 from .deps import State, require_api_key
+from .scopes import require_scope
 
 router = APIRouter(prefix="/v1", tags=["info"], dependencies=[Depends(require_api_key)])
 
@@ -50,7 +51,8 @@ def _providers(component) -> list[str]:
     return providers
 
 
-@router.get("/info", summary="Served models, thresholds, providers, gallery sizes, batching")
+@router.get("/info", summary="Served models, thresholds, providers, gallery sizes, batching",
+            dependencies=[require_scope(None)])
 async def info(state: State, check_index: Annotated[bool, Query(
         description="also compare this replica's index with the store, exactly (every face "
                     "id and its subject, per gallery) in `index_check`; reads every face id "

@@ -66,6 +66,11 @@ class VerifyOptions(_Options):
         None, description="named false-match rate of the model card, e.g. fmr_1e-3")
     multiple_faces: Literal["largest", "refuse"] = Field(
         "largest", description="several faces in an image: use the largest, or refuse (422)")
+    embedding: str | None = Field(
+        None, description="instead of image1: base64 of a little-endian float32 embedding of "
+                          "the served model (with `model`)")
+    model: str | None = Field(None, description="with `embedding`: the id of the model that "
+                                                "made it; must be the served model")
 
 
 class SubjectRef(BaseModel):
@@ -82,7 +87,7 @@ class VerifyResponse(BaseModel):
                                          "operating point and a conservative fallback was used")
     operating_point: str
     model: str = Field(description="id of the recognition model (name@sha256-prefix)")
-    face1: Face
+    face1: Face | None = Field(None, description="absent for an `embedding` probe")
     face2: Face | None = None
     subject: SubjectRef | None = None
     timings: dict[str, float] | None = Field(None, description="milliseconds per stage")
@@ -99,6 +104,11 @@ class IdentifyOptions(_Options):
     threshold: OptionFloat | None = Field(None, ge=-1.0, le=1.0,
                                           description="explicit cosine threshold for `match`")
     operating_point: OperatingPoint | None = None
+    embedding: str | None = Field(
+        None, description="instead of image: base64 of a little-endian float32 embedding of "
+                          "the served model (with `model`)")
+    model: str | None = Field(None, description="with `embedding`: the id of the model that "
+                                                "made it; must be the served model")
 
 
 class Candidate(BaseModel):
@@ -108,6 +118,9 @@ class Candidate(BaseModel):
 
 
 class IdentifiedFace(Face):
+    box: list[float] | None = Field(None, description="absent for an `embedding` probe")
+    score: float | None = None
+    landmarks: list[list[float]] | None = None
     candidates: list[Candidate]
     match: str | None = Field(description="best subject at or above the threshold, else null")
 

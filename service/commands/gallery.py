@@ -20,6 +20,7 @@ from pathlib import Path
 
 from service.helptext import summary
 
+from . import gallery_transfer
 from ._options import add_model_options, load_pipeline, settings_from_args
 
 
@@ -38,6 +39,7 @@ def register(subparsers) -> None:
                            help="gallery store URL (default: FACEGATE_STORE_URL)")
     add_model_options(p_reenrol)
     p_reenrol.set_defaults(func=run_reenrol)
+    gallery_transfer.register(actions)
 
 
 def run_reenrol(args) -> int:

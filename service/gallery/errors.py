@@ -103,3 +103,26 @@ class InvalidEmbedding(InvalidInput):
 
     code = "invalid_embedding"
     status = 422
+
+
+class InvalidExport(InvalidInput):
+    """A gallery export file that is not one, is truncated, or was altered."""
+
+    code = "invalid_export"
+    status = 422
+
+
+class ExportModelMismatch(GalleryModelMismatch):
+    """An export file of another model than the one served: its embeddings cannot be used."""
+
+    def __init__(self, gallery: str, file_model: str, model_id: str) -> None:
+        GalleryError.__init__(
+            self,
+            f"the export of gallery {gallery!r} holds embeddings of model {file_model!r}, not "
+            f"of the served model {model_id!r}; embeddings of different models are never mixed. "
+            f"Restore it where {file_model!r} is served, then re-enrol it from its stored photos "
+            f"(`facegate gallery reenrol`).",
+        )
+        self.gallery = gallery
+        self.gallery_model = file_model
+        self.model_id = model_id

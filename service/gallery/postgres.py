@@ -63,7 +63,7 @@ class PostgresStore(SQLStore):
                 cur.execute(first)
             yield cur
 
-    def _write(self):
+    def _write_tx(self):
         return self._transaction("SELECT seq FROM log_head WHERE id = 1 FOR UPDATE")
 
     def _read(self):

@@ -18,8 +18,14 @@ Tables:
 * ``faces``      (face_id — never reused, gallery, subject_id, embedding float32
   bytes, model_id, quality JSON text, optional image, created_at; since version 2
   ``source_face_id``: the face of another gallery this one was re-enrolled from,
-  unique per gallery, NULL for faces enrolled from an upload)
+  unique per gallery, NULL for faces enrolled from an upload); since version 3
+  ``content_sha256``: the sha256 of the photo a face was enrolled from by a bulk
+  import (``facegate gallery import``, ``POST /v1/galleries/{g}/faces``) or a restore,
+  so that the same photo is not enrolled twice into a gallery
 * ``changes``    (seq, gallery, op, face_id, subject_id, created_at) — the log
+* ``audit``      (since version 4: id, at, key_id, client, action, gallery, subject_ids and
+  face_ids JSON lists, result) — who enrolled, deleted, searched, exported what, and when
+  (:mod:`service.gallery.audit`); ids only, never a photo or an embedding
 * ``log_head``   (one row: the newest seq; every write locks it first)
 
 PostgreSQL text keys use the "C" collation so that ordering (and keyset
@@ -72,6 +78,25 @@ SQLITE: dict[int, list[str]] = {
         """CREATE UNIQUE INDEX faces_by_source ON faces (gallery, source_face_id)
             WHERE source_face_id IS NOT NULL""",
     ],
+    3: [
+        "ALTER TABLE faces ADD COLUMN content_sha256 TEXT",
+        """CREATE INDEX faces_by_content ON faces (gallery, content_sha256)
+            WHERE content_sha256 IS NOT NULL""",
+    ],
+    4: [
+        """CREATE TABLE audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            key_id TEXT NOT NULL,
+            client TEXT,
+            action TEXT NOT NULL,
+            gallery TEXT,
+            subject_ids TEXT NOT NULL DEFAULT '[]',
+            face_ids TEXT NOT NULL DEFAULT '[]',
+            result TEXT NOT NULL)""",
+        "CREATE INDEX audit_by_time ON audit (at)",
+        "CREATE INDEX audit_by_gallery ON audit (gallery, at)",
+    ],
 }
 
 POSTGRES: dict[int, list[str]] = {
@@ -117,6 +142,25 @@ POSTGRES: dict[int, list[str]] = {
         "ALTER TABLE faces ADD COLUMN source_face_id BIGINT",
         """CREATE UNIQUE INDEX faces_by_source ON faces (gallery, source_face_id)
             WHERE source_face_id IS NOT NULL""",
+    ],
+    3: [
+        "ALTER TABLE faces ADD COLUMN content_sha256 TEXT",
+        """CREATE INDEX faces_by_content ON faces (gallery, content_sha256)
+            WHERE content_sha256 IS NOT NULL""",
+    ],
+    4: [
+        """CREATE TABLE audit (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            at DOUBLE PRECISION NOT NULL,
+            key_id TEXT NOT NULL,
+            client TEXT,
+            action TEXT NOT NULL,
+            gallery TEXT COLLATE "C",
+            subject_ids TEXT NOT NULL DEFAULT '[]',
+            face_ids TEXT NOT NULL DEFAULT '[]',
+            result TEXT NOT NULL)""",
+        "CREATE INDEX audit_by_time ON audit (at)",
+        "CREATE INDEX audit_by_gallery ON audit (gallery, at)",
     ],
 }
 

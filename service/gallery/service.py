@@ -498,6 +498,15 @@ class GalleryService:
             else:
                 self._catch_up(upto=change.seq)
 
+    def sync_to(self, seq: int | None) -> None:
+        """Apply the log up to ``seq``, a write this process just committed through the
+        store directly (bulk writes: :mod:`service.gallery.transfer`)."""
+        if seq is None or not self.indexing:
+            return
+        with self._apply_lock:
+            if self._applied_seq < seq:
+                self._catch_up(upto=seq)
+
     def catch_up(self) -> int:
         """Sync: read the store's head, apply every committed entry not applied yet (at
         least up to that head); return the new ``applied_seq``.  A failure is recorded

@@ -13,11 +13,13 @@ from __future__ import annotations
 import abc
 import json
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 
 import numpy as np
 
+from service.gallery import audit
 from service.gallery.errors import (
     Conflict,
     FaceNotFound,
@@ -28,12 +30,13 @@ from service.gallery.errors import (
     SubjectNotFound,
 )
 from service.gallery.schema import LATEST, MIGRATIONS
-from service.gallery.store import Change, GalleryFaces, GalleryStore
+from service.gallery.store import Change, GalleryFaces, GalleryStore, NewFace, NewSubject
 
 #: Limits of stored JSON (subject metadata, face quality), checked before any write,
 #: for create and update alike, so that whatever is stored can be read back.
 MAX_JSON_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 16
+EXPORT_CHUNK = 256  # faces fetched at a time by export_gallery
 
 
 def iso(ts: float) -> str:
@@ -83,6 +86,8 @@ class Cursor:
     def __init__(self, cursor, qmark: bool) -> None:
         self._cursor = cursor
         self._qmark = qmark
+        #: (face_id, subject_id) of the change-log entries of this write transaction
+        self.changes: list[tuple[int | None, str | None]] | None = None
 
     def execute(self, sql: str, params: tuple | list = ()) -> Cursor:
         if not self._qmark:
@@ -96,6 +101,9 @@ class Cursor:
     def fetchall(self):
         return self._cursor.fetchall()
 
+    def fetchmany(self, size: int):
+        return self._cursor.fetchmany(size)
+
     @property
     def rowcount(self) -> int:
         return self._cursor.rowcount
@@ -108,7 +116,7 @@ class SQLStore(GalleryStore):
 
     # --- backend hooks ----------------------------------------------------------
     @abc.abstractmethod
-    def _write(self) -> AbstractContextManager[Cursor]:
+    def _write_tx(self) -> AbstractContextManager[Cursor]:
         """A write transaction holding the writer lock; commits on clean exit."""
 
     @abc.abstractmethod
@@ -121,6 +129,19 @@ class SQLStore(GalleryStore):
 
     def _notify(self, cur: Cursor, seq: int) -> None:
         """Announce ``seq`` to other replicas when the transaction commits."""
+
+    @contextmanager
+    def _write(self) -> Iterator[Cursor]:
+        """:meth:`_write_tx`, plus the audit row of the current request (see
+        :mod:`service.gallery.audit`) when the transaction appended change-log entries."""
+        entry = audit.current()
+        with self._write_tx() as cur:
+            cur.changes = []
+            yield cur
+            if entry is not None and cur.changes:
+                entry.add([s for _, s in cur.changes], [f for f, _ in cur.changes])
+                self._insert_audit(cur, [entry], [(f, s) for f, s in cur.changes])
+                entry.written = True
 
     # --- schema -----------------------------------------------------------------
     def migrate(self) -> int:
@@ -162,6 +183,8 @@ class SQLStore(GalleryStore):
             (seq, gallery, op, face_id, subject_id, time.time()),
         )
         self._notify(cur, seq)
+        if cur.changes is not None:
+            cur.changes.append((face_id, subject_id))
         return seq
 
     @staticmethod
@@ -422,6 +445,171 @@ class SQLStore(GalleryStore):
         if row is None:
             raise FaceNotFound(f"face {face_id} does not exist in gallery {gallery!r}")
         return None if row[0] is None else bytes(row[0])
+
+    # --- many faces at once ---------------------------------------------------------
+    def write_faces(
+        self,
+        gallery: str,
+        model_id: str,
+        subjects: list[NewSubject],
+        faces: list[NewFace],
+        *,
+        new_gallery: bool = False,
+    ) -> tuple[list[dict], int | None]:
+        metadata = {s.subject_id: dump_json(s.metadata or {}, "metadata") for s in subjects}
+        qualities = [dump_json(f.quality or {}, "quality") for f in faces]
+        vectors = [np.ascontiguousarray(f.embedding, dtype="<f4").reshape(-1) for f in faces]
+        sizes = {v.size for v in vectors}
+        if len(sizes) > 1:
+            raise InvalidEmbedding(f"embeddings of one write differ in size: {sorted(sizes)}")
+        results: list[dict] = []
+        seq = None
+        with self._write() as cur:
+            row = self._gallery_row(cur, gallery)
+            now = time.time()
+            if row is None:
+                cur.execute("INSERT INTO galleries (name, model_id, dim, created_at) "
+                            "VALUES (?, ?, NULL, ?)", (gallery, model_id, now))
+                dim = None
+            elif new_gallery:
+                raise Conflict(f"gallery {gallery!r} already exists; restore into a new gallery")
+            elif row[1] != model_id:
+                raise GalleryModelMismatch(gallery, row[1], model_id)
+            else:
+                dim = row[2]
+            if sizes:
+                size = sizes.pop()
+                if dim is None:
+                    cur.execute("UPDATE galleries SET dim = ? WHERE name = ?", (size, gallery))
+                elif dim != size:
+                    raise InvalidEmbedding(
+                        f"gallery {gallery!r} holds {dim}-d embeddings, got {size}-d")
+            known = set()
+            for subject in subjects:
+                known.add(subject.subject_id)
+                created = now if subject.created_at is None else float(subject.created_at)
+                if cur.execute("SELECT 1 FROM subjects WHERE gallery = ? AND subject_id = ?",
+                               (gallery, subject.subject_id)).fetchone() is None:
+                    cur.execute(
+                        "INSERT INTO subjects (gallery, subject_id, metadata, created_at, "
+                        "updated_at) VALUES (?, ?, ?, ?, ?)",
+                        (gallery, subject.subject_id, metadata[subject.subject_id], created,
+                         created),
+                    )
+            for face, vector, quality in zip(faces, vectors, qualities, strict=True):
+                if face.subject_id not in known:
+                    self._require_subject(cur, gallery, face.subject_id)
+                    known.add(face.subject_id)
+                if face.content_sha256 is not None:
+                    done = cur.execute(
+                        "SELECT face_id, subject_id FROM faces "
+                        "WHERE gallery = ? AND content_sha256 = ? ORDER BY face_id LIMIT 1",
+                        (gallery, face.content_sha256),
+                    ).fetchone()
+                    if done is not None:
+                        results.append({"face_id": int(done[0]), "subject_id": done[1],
+                                        "created": False})
+                        continue
+                created = now if face.created_at is None else float(face.created_at)
+                face_id = int(cur.execute(
+                    "INSERT INTO faces (gallery, subject_id, embedding, model_id, quality, image, "
+                    "created_at, content_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "RETURNING face_id",
+                    (gallery, face.subject_id, vector.tobytes(), model_id, quality, face.image,
+                     created, face.content_sha256),
+                ).fetchone()[0])
+                seq = self._log(cur, gallery, "add", face_id, face.subject_id)
+                results.append({"face_id": face_id, "subject_id": face.subject_id,
+                                "created": True})
+        return results, seq
+
+    def content_hashes(self, gallery: str) -> set[str]:
+        with self._read() as cur:
+            rows = cur.execute(
+                "SELECT content_sha256 FROM faces WHERE gallery = ? AND content_sha256 IS NOT NULL",
+                (gallery,),
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def export_gallery(self, gallery: str) -> Iterator[tuple[str, dict]]:
+        with self._read() as cur:
+            name, model_id, dim, created_at = self._require_gallery(cur, gallery)
+            yield "gallery", {"name": name, "model_id": model_id, "dim": dim,
+                              "created_at": float(created_at)}
+            rows = cur.execute(
+                "SELECT subject_id, metadata, created_at FROM subjects WHERE gallery = ? "
+                "ORDER BY subject_id",
+                (gallery,),
+            ).fetchall()
+            for subject_id, metadata, created in rows:
+                yield "subject", {"subject_id": subject_id, "metadata": json.loads(metadata),
+                                  "created_at": float(created)}
+            cur.execute(
+                "SELECT face_id, subject_id, embedding, quality, image, created_at, "
+                "content_sha256 FROM faces WHERE gallery = ? ORDER BY face_id",
+                (gallery,),
+            )
+            while rows := cur.fetchmany(EXPORT_CHUNK):
+                for face_id, subject_id, embedding, quality, image, created, digest in rows:
+                    yield "face", {"face_id": int(face_id), "subject_id": subject_id,
+                                   "embedding": bytes(embedding), "quality": json.loads(quality),
+                                   "image": None if image is None else bytes(image),
+                                   "created_at": float(created), "content_sha256": digest}
+
+    # --- audit log ------------------------------------------------------------------
+    @staticmethod
+    def _insert_audit(cur: Cursor, entries: list, changes: list | None = None) -> None:
+        for entry in entries:
+            if changes is not None:  # this transaction's own changes
+                subjects = list(dict.fromkeys(s for _, s in changes if s is not None))
+                faces = list(dict.fromkeys(int(f) for f, _ in changes if f is not None))
+            else:
+                subjects, faces = entry.subject_ids, entry.face_ids
+            cur.execute(
+                "INSERT INTO audit (at, key_id, client, action, gallery, subject_ids, face_ids, "
+                "result) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (entry.at, entry.key_id, entry.client, entry.action, entry.gallery,
+                 json.dumps(subjects, ensure_ascii=False), json.dumps(faces), entry.result),
+            )
+
+    def append_audit(self, entries: list) -> None:
+        with self._write_tx() as cur:
+            self._insert_audit(cur, entries)
+
+    def prune_audit(self, before: float) -> int:
+        with self._write_tx() as cur:
+            return int(cur.execute("DELETE FROM audit WHERE at < ?", (float(before),)).rowcount)
+
+    def audit_records(self, *, gallery: str | None = None, subject_id: str | None = None,
+                      action: str | None = None, since: float | None = None,
+                      until: float | None = None, after: int = 0,
+                      limit: int = 100) -> tuple[list[dict], bool]:
+        sql = ("SELECT id, at, key_id, client, action, gallery, subject_ids, face_ids, result "
+               "FROM audit WHERE id > ?")
+        params: list = [int(after)]
+        for column, value in (("gallery", gallery), ("action", action)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        if since is not None:
+            sql += " AND at >= ?"
+            params.append(float(since))
+        if until is not None:
+            sql += " AND at < ?"
+            params.append(float(until))
+        if subject_id is not None:
+            needle = json.dumps(subject_id, ensure_ascii=False)
+            needle = needle.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+            sql += " AND subject_ids LIKE ? ESCAPE '!'"
+            params.append(f"%{needle}%")
+        sql += " ORDER BY id LIMIT ?"
+        params.append(int(limit) + 1)
+        with self._read() as cur:
+            rows = cur.execute(sql, params).fetchall()
+        more = len(rows) > limit
+        return [{"id": int(r[0]), "at": iso(r[1]), "key_id": r[2], "client": r[3],
+                 "action": r[4], "gallery": r[5], "subject_ids": json.loads(r[6]),
+                 "face_ids": json.loads(r[7]), "result": r[8]} for r in rows[:limit]], more
 
     def image_counts(self, gallery: str) -> tuple[int, int]:
         with self._read() as cur:

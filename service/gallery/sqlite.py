@@ -64,14 +64,14 @@ class SQLiteStore(SQLStore):
         conn.execute("COMMIT")
 
     @contextmanager
-    def _write(self):
+    def _write_tx(self):
         with self._write_lock:
             if self._writer is None:
                 self._writer = self._connect()
             with self._transaction(self._writer, "BEGIN IMMEDIATE") as cur:
                 yield cur
 
-    _ddl = _write
+    _ddl = _write_tx
 
     @contextmanager
     def _read(self):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,27 @@ class GalleryFaces:
     face_ids: np.ndarray  # (n,) int64
     subject_ids: list[str]
     embeddings: np.ndarray  # (n, dim) float32
+
+
+@dataclass(frozen=True)
+class NewSubject:
+    """A subject for :meth:`GalleryStore.write_faces` (created if absent, else left as is)."""
+
+    subject_id: str
+    metadata: dict | None = None
+    created_at: float | None = None  # epoch seconds; None: now
+
+
+@dataclass(frozen=True)
+class NewFace:
+    """A face for :meth:`GalleryStore.write_faces`."""
+
+    subject_id: str
+    embedding: np.ndarray
+    quality: dict
+    image: bytes | None = None
+    content_sha256: str | None = None  # the photo's hash: a second face of it is not added
+    created_at: float | None = None  # epoch seconds; None: now
 
 
 class GalleryStore(abc.ABC):
@@ -164,6 +186,57 @@ class GalleryStore(abc.ABC):
     @abc.abstractmethod
     def get_face_image(self, gallery: str, face_id: int) -> bytes | None:
         """The stored image of a face (``None`` if images are not stored)."""
+
+    # --- many faces at once (bulk enrolment, restore: service.gallery.transfer) ---
+    @abc.abstractmethod
+    def write_faces(
+        self,
+        gallery: str,
+        model_id: str,
+        subjects: list[NewSubject],
+        faces: list[NewFace],
+        *,
+        new_gallery: bool = False,
+    ) -> tuple[list[dict], int | None]:
+        """Create ``subjects`` (those absent) and add ``faces`` in **one** transaction, each
+        face with its own change-log entry; return (per face ``{face_id, subject_id,
+        created}``, the last seq written or ``None``).
+
+        The gallery is created for ``model_id`` if absent; with ``new_gallery`` an existing
+        gallery is refused (``Conflict``).  A face whose ``content_sha256`` is already in the
+        gallery is not added: its entry names the existing face with ``created=False``.
+        Every face's subject must be in ``subjects`` or exist already (``SubjectNotFound``).
+        """
+
+    @abc.abstractmethod
+    def content_hashes(self, gallery: str) -> set[str]:
+        """The ``content_sha256`` of every face of ``gallery`` (empty if it does not exist)."""
+
+    @abc.abstractmethod
+    def export_gallery(self, gallery: str) -> Iterator[tuple[str, dict]]:
+        """One gallery in one consistent snapshot, as ``("gallery", {...})`` first, then
+        ``("subject", {...})`` by subject id, then ``("face", {...})`` by face id (with
+        ``embedding`` bytes, ``quality``, ``image`` or None, ``content_sha256``,
+        ``created_at`` epoch seconds).  The snapshot stays open until the iterator is
+        exhausted or closed: consume it in one thread."""
+
+    # --- audit log (see service.gallery.audit) -------------------------------------
+    @abc.abstractmethod
+    def append_audit(self, entries: list) -> None:
+        """Append :class:`~service.gallery.audit.AuditEntry` rows in one transaction."""
+
+    @abc.abstractmethod
+    def prune_audit(self, before: float) -> int:
+        """Delete audit rows older than ``before`` (epoch seconds); return how many."""
+
+    @abc.abstractmethod
+    def audit_records(self, *, gallery: str | None = None, subject_id: str | None = None,
+                      action: str | None = None, since: float | None = None,
+                      until: float | None = None, after: int = 0,
+                      limit: int = 100) -> tuple[list[dict], bool]:
+        """Up to ``limit`` audit rows with ``id > after`` matching the filters (``since``
+        inclusive, ``until`` exclusive, epoch seconds; ``subject_id``: rows naming it),
+        oldest first; and whether more follow."""
 
     # --- re-enrolment (see service.reenrol) -------------------------------------
     @abc.abstractmethod

@@ -79,3 +79,21 @@ class LowQualityFace(PipelineError):
     """The face's detection score is below the quality required."""
 
     code, status = "low_quality_face", 422
+
+
+class BlurredFace(PipelineError):
+    """The aligned face is less sharp than the enrolment sharpness floor (blurred)."""
+
+    code, status = "blurred_face", 422
+
+
+class FaceTurned(PipelineError):
+    """The face is turned sideways (yaw) beyond the enrolment limit."""
+
+    code, status = "face_turned", 422
+
+
+class FaceTilted(PipelineError):
+    """The face is tilted (roll) beyond the enrolment limit."""
+
+    code, status = "face_tilted", 422

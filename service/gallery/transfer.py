@@ -1,0 +1,299 @@
+"""Gallery export and restore: one self-describing gzip file of JSON lines.
+
+The format (``facegate-gallery``, version 1), one JSON object per line:
+
+1. ``{"type": "header", "format": "facegate-gallery", "version": 1, "gallery", "model_id",
+   "model_sha256" (the recognizer file's sha256, null when unknown), "dim",
+   "created_at", "exported_at"}``
+2. ``{"type": "subject", "subject_id", "metadata", "created_at"}`` for every subject, by id
+3. ``{"type": "face", "face_id", "subject_id", "embedding" (base64 of the little-endian
+   float32 vector, exact), "quality" (the enrolment quality figures), "created_at",
+   "content_sha256" (or null), "image" (base64 of the stored photo, or null)}`` by face id
+4. ``{"type": "end", "subjects": n, "faces": m, "sha256": ...}``: the counts and the
+   sha256 of every preceding line's bytes (newlines included), so that a truncated or
+   altered file is refused.
+
+Times are epoch seconds.  An export is read in one consistent snapshot of the store.
+
+:func:`read_export` validates a whole file (structure, counts, checksum, every name,
+embedding and JSON object) before anything is written; :func:`restore` then refuses a
+file of another model than the served one (``model_mismatch``) and writes the gallery,
+its subjects and faces in one transaction (:func:`service.gallery.bulk.write_many`),
+one change-log entry per face.  Restored faces get new face ids; the gallery name may
+be changed, and must not exist yet.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import hashlib
+import json
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import numpy as np
+
+from service.gallery.bulk import check_sha256, write_many
+from service.gallery.errors import ExportModelMismatch, InvalidExport, InvalidInput
+from service.gallery.names import check_gallery, check_subject_id
+from service.gallery.service import GalleryService, check_name, check_vectors
+from service.gallery.store import GalleryStore, NewFace, NewSubject
+
+FORMAT = "facegate-gallery"
+VERSION = 1
+MEDIA_TYPE = "application/gzip"
+
+
+# --- writing ---------------------------------------------------------------------------
+def export_lines(
+    store: GalleryStore, gallery: str, model_sha256: Callable[[str], str | None] | None = None
+) -> Iterator[bytes]:
+    """The uncompressed lines of ``gallery``'s export (consume in one thread);
+    ``model_sha256(model_id)`` gives the header's model file sha256 (None: unknown)."""
+    digest = hashlib.sha256()
+    counts = {"subject": 0, "face": 0}
+
+    def line(record: dict) -> bytes:
+        data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        digest.update(data)
+        return data
+
+    for kind, row in store.export_gallery(gallery):
+        if kind == "gallery":
+            yield line(
+                {
+                    "type": "header",
+                    "format": FORMAT,
+                    "version": VERSION,
+                    "gallery": row["name"],
+                    "model_id": row["model_id"],
+                    "model_sha256": model_sha256 and model_sha256(row["model_id"]),
+                    "dim": row["dim"],
+                    "created_at": row["created_at"],
+                    "exported_at": time.time(),
+                }
+            )
+            continue
+        counts[kind] += 1
+        if kind == "subject":
+            yield line({"type": "subject", **row})
+        else:
+            image = row["image"]
+            yield line(
+                {
+                    "type": "face",
+                    "face_id": row["face_id"],
+                    "subject_id": row["subject_id"],
+                    "embedding": base64.b64encode(row["embedding"]).decode(),
+                    "quality": row["quality"],
+                    "created_at": row["created_at"],
+                    "content_sha256": row["content_sha256"],
+                    "image": None if image is None else base64.b64encode(image).decode(),
+                }
+            )
+    end = {
+        "type": "end",
+        "subjects": counts["subject"],
+        "faces": counts["face"],
+        "sha256": digest.hexdigest(),
+    }
+    yield json.dumps(end, separators=(",", ":")).encode() + b"\n"
+
+
+def write_export(
+    store: GalleryStore,
+    gallery: str,
+    out: BinaryIO,
+    model_sha256: Callable[[str], str | None] | None = None,
+) -> dict:
+    """Write ``gallery``'s export, gzip-compressed, to ``out``; return the end record."""
+    last = b""
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as gz:
+        for data in export_lines(store, gallery, model_sha256):
+            gz.write(data)
+            last = data
+    return json.loads(last)
+
+
+# --- reading ---------------------------------------------------------------------------
+@dataclass
+class Export:
+    """A validated export file."""
+
+    gallery: str
+    model_id: str
+    model_sha256: str | None
+    dim: int | None
+    subjects: list[NewSubject] = field(default_factory=list)
+    faces: list[NewFace] = field(default_factory=list)
+
+
+def _refuse(number: int, message: str) -> InvalidExport:
+    return InvalidExport(f"not a valid gallery export (line {number}): {message}")
+
+
+def _b64(value: object, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"{what} is not valid base64") from None
+
+
+def _time(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise InvalidInput(f"{what} must be a non-negative number (epoch seconds)")
+    return float(value)
+
+
+def _object(value: object, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a JSON object")
+    return value
+
+
+def _header(record: dict) -> Export:
+    if record.get("type") != "header" or record.get("format") != FORMAT:
+        raise InvalidInput(f"the first line is not a {FORMAT} header")
+    if record.get("version") != VERSION:
+        raise InvalidInput(
+            f"format version {record.get('version')!r} is not supported "
+            f"(this version reads {VERSION})"
+        )
+    dim = record.get("dim")
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+        raise InvalidInput("dim must be a positive integer or null")
+    sha = record.get("model_sha256")
+    return Export(
+        check_gallery(record.get("gallery")),
+        check_name(record.get("model_id"), "model_id"),
+        None if sha is None else check_sha256(sha, "model_sha256"),
+        dim,
+    )
+
+
+def _subject(record: dict) -> NewSubject:
+    return NewSubject(
+        check_subject_id(record.get("subject_id")),
+        _object(record.get("metadata"), "metadata"),
+        _time(record.get("created_at"), "created_at"),
+    )
+
+
+def _face(record: dict, export: Export, subjects: set[str]) -> NewFace:
+    subject_id = check_subject_id(record.get("subject_id"))
+    if subject_id not in subjects:
+        raise InvalidInput(f"face of subject {subject_id!r}, which the file does not list")
+    raw = _b64(record.get("embedding"), "embedding")
+    if export.dim is None or len(raw) != 4 * export.dim:
+        raise InvalidInput(f"embedding has {len(raw)} bytes, not {export.dim} float32 values")
+    vector = check_vectors(np.frombuffer(raw, dtype="<f4"), export.dim, batch=False)
+    image = record.get("image")
+    digest = record.get("content_sha256")
+    return NewFace(
+        subject_id,
+        vector,
+        _object(record.get("quality"), "quality"),
+        None if image is None else _b64(image, "image"),
+        None if digest is None else check_sha256(digest),
+        _time(record.get("created_at"), "created_at"),
+    )
+
+
+def read_export(source: BinaryIO) -> Export:
+    """Parse and check a whole export file (gzip, JSON lines); ``InvalidExport`` names the
+    first problem: not gzip, truncated, altered (checksum), malformed record."""
+    digest = hashlib.sha256()
+    export: Export | None = None
+    subjects: set[str] = set()
+    end: dict | None = None
+    number = 0
+    try:
+        with gzip.GzipFile(fileobj=source, mode="rb") as gz:
+            for number, data in enumerate(gz, start=1):
+                if end is not None:
+                    raise _refuse(number, "data after the end record")
+                try:
+                    record = json.loads(data)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise _refuse(number, "not a JSON object") from None
+                if not isinstance(record, dict) or not data.endswith(b"\n"):
+                    raise _refuse(number, "not a complete JSON object line")
+                kind = record.get("type")
+                try:
+                    if export is None:
+                        export = _header(record)
+                    elif kind == "subject":
+                        subject = _subject(record)
+                        if subject.subject_id in subjects:
+                            raise InvalidInput(f"subject {subject.subject_id!r} appears twice")
+                        subjects.add(subject.subject_id)
+                        export.subjects.append(subject)
+                    elif kind == "face":
+                        export.faces.append(_face(record, export, subjects))
+                    elif kind == "end":
+                        end = record
+                        continue
+                    else:
+                        raise InvalidInput(f"unknown record type {kind!r}")
+                except InvalidInput as exc:
+                    raise _refuse(number, exc.message) from None
+                digest.update(data)
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        raise InvalidExport(
+            f"not a valid gallery export: the gzip stream is damaged or truncated ({exc})"
+        ) from None
+    if export is None:
+        raise InvalidExport("not a valid gallery export: the file is empty")
+    if end is None:
+        raise InvalidExport(
+            f"not a valid gallery export: no end record after line {number}; the file is truncated"
+        )
+    if (end.get("subjects"), end.get("faces")) != (len(export.subjects), len(export.faces)):
+        raise InvalidExport(
+            f"not a valid gallery export: the end record counts {end.get('subjects')} subjects "
+            f"and {end.get('faces')} faces, the file holds {len(export.subjects)} and "
+            f"{len(export.faces)}"
+        )
+    if end.get("sha256") != digest.hexdigest():
+        raise InvalidExport(
+            "not a valid gallery export: the content does not match its "
+            "sha256 in the end record; the file was altered"
+        )
+    return export
+
+
+# --- restoring -------------------------------------------------------------------------
+def restore(
+    gallery: GalleryService,
+    export: Export,
+    model_id: str,
+    model_sha256: str | None,
+    target: str | None = None,
+) -> dict:
+    """Write a validated export into gallery ``target`` (default: the exported name), which
+    must not exist; refuse another model's file.  Returns a summary."""
+    name = check_gallery(target or export.gallery)
+    if export.model_id != model_id or (
+        export.model_sha256 is not None
+        and model_sha256 is not None
+        and export.model_sha256 != model_sha256
+    ):
+        raise ExportModelMismatch(export.gallery, export.model_id, model_id)
+    results = write_many(gallery, name, model_id, export.subjects, export.faces, new_gallery=True)
+    photos = sum(face.image is not None for face in export.faces)
+    return {
+        "gallery": name,
+        "source_gallery": export.gallery,
+        "model": model_id,
+        "subjects": len(export.subjects),
+        "faces": len(results),
+        "photos": photos if gallery.settings.store_images else 0,
+        "photos_dropped": 0 if gallery.settings.store_images else photos,
+    }
