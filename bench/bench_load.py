@@ -21,7 +21,10 @@ stays under 10 minutes: the levels with ``--soak-seconds 0``, then the soak with
         --variant forty:FACEGATE_PIPELINE_THREADS=40
     python bench/bench_load.py --admission compare --concurrency 1,8,32,128,256 --soak-seconds 0
 
-Latency percentiles and requests/s count accepted (200) requests; 503 ``overloaded``
+Latency percentiles and requests/s count accepted (200) requests, as the clients saw
+them; ``server_p50_ms`` / ``server_p99_ms`` are the same route's percentiles inside the
+server (from its ``/metrics`` histogram; admitted requests only when admission is on),
+free of the load generator's own delays on a busy machine; 503 ``overloaded``
 answers are counted apart (``overloaded``), and a client waits their ``Retry-After``,
 doubled per refusal in a row and jittered, before its next request (``--no-retry-after``:
 it resends at once).
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import sys
@@ -185,12 +189,16 @@ def run_variants(variants: list[str], args, people) -> dict:
         for endpoint in ("verify", "identify"):
             for level in args.concurrency:
                 for name, server in servers.items():
+                    before = server_histogram(server.base_url, endpoint)
                     result = asyncio.run(closed_loop(server.base_url, [endpoint], level,
                                                      args.duration, people,
                                                      not args.no_retry_after))
+                    result.update(server_quantiles(
+                        before, server_histogram(server.base_url, endpoint)))
                     modes[name]["levels"][f"{endpoint}@{level}"] = result
                     print(f"{name:>6s} {endpoint:8s} c={level:<4d} {result['rps']:7.2f} req/s  "
                           f"p50 {result['p50_ms']:8.1f} ms  p99 {result['p99_ms']:8.1f} ms  "
+                          f"server p50 {result['server_p50_ms']} p99 {result['server_p99_ms']}  "
                           f"overloaded {result['overloaded']}  errors {result['errors']}",
                           flush=True)
         first = next(iter(servers))
@@ -213,6 +221,42 @@ def run_variants(variants: list[str], args, people) -> dict:
         for tmp in tmps:
             tmp.cleanup()
     return modes
+
+
+def server_histogram(base_url: str, endpoint: str) -> dict[float, float]:
+    """The server's own cumulative latency histogram of ``POST /v1/<endpoint>`` answered
+    200 or not (``facegate_http_request_seconds``): upper bound -> count."""
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    label = f'route="/v1/{endpoint}"'
+    buckets = {}
+    for line in text.splitlines():
+        if line.startswith("facegate_http_request_seconds_bucket{") and label in line:
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(bound)] = float(line.split()[-1])
+    return buckets
+
+
+def server_quantiles(before: dict[float, float], after: dict[float, float]) -> dict:
+    """p50 / p99 (ms) of the requests the server's route answered between two readings,
+    interpolated linearly within the histogram's buckets: the latency inside the server
+    (admission wait included), free of the load generator's own delays."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    out = {}
+    for name, q in (("server_p50_ms", 0.5), ("server_p99_ms", 0.99)):
+        value = None
+        if total:
+            lower, below = 0.0, 0.0
+            for bound, cumulative in zip(bounds, counts, strict=True):
+                if cumulative >= q * total:
+                    upper = bound if math.isfinite(bound) else lower
+                    share = (q * total - below) / max(cumulative - below, 1e-9)
+                    value = round((lower + share * (upper - lower)) * 1000, 1)
+                    break
+                lower, below = bound, cumulative
+        out[name] = value
+    return out
 
 
 def _mean_batch(metrics: str) -> float | None:

@@ -28,7 +28,10 @@ def _photos(n: int) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = ServeProcess(tmp_path_factory.mktemp("crowd")).start()
+    # Unbounded admission, as before it existed: this test checks the gallery's consistency
+    # under concurrency; refusals under overload are tested in test_e2e_admission.py.
+    srv = ServeProcess(tmp_path_factory.mktemp("crowd"),
+                       env={"FACEGATE_ADMISSION": "false"}).start()
     yield srv
     srv.stop()
 

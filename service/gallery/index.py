@@ -371,7 +371,7 @@ class GalleryIndex:
                     self._subject_of[face_id] = subject_id
                     self._faces_of.setdefault(subject_id, set()).add(face_id)
             if self._written is not None:
-                for face_id, vector in zip(face_ids[fresh].tolist(), vectors[fresh]):
+                for face_id, vector in zip(face_ids[fresh].tolist(), vectors[fresh], strict=True):
                     self._written[face_id] = vector
             size = len(self._subject_of)
             if self.kind == "ivf":
