@@ -32,7 +32,7 @@ from service.gallery import (
     open_gallery,
 )
 from service.gallery.schema import LATEST
-from service.gallery.store import open_store
+from service.gallery.backends import open_store
 from tests.conftest import REPO
 
 DIM = 32

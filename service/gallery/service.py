@@ -49,7 +49,8 @@ from service.gallery.errors import (
 from service.gallery.index import INDEX_TYPES
 from service.gallery.replica import Replica
 from service.gallery.snapshots import Snapshots
-from service.gallery.store import Change, GalleryFaces, GalleryStore, open_store
+from service.gallery.backends import open_store
+from service.gallery.store import Change, GalleryFaces, GalleryStore
 
 log = logging.getLogger(__name__)
 
