@@ -21,12 +21,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service.gallery.consistency import compare_gallery
 from service.gallery.index import GalleryIndex
 from service.gallery.store import Change, GalleryStore
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,7 @@ class LogGap(RuntimeError):
 class Replica:
     """The indexes, ``applied_seq`` and sync bookkeeping of one process."""
 
-    def __init__(self, settings, gpu: bool, store: Callable[[], GalleryStore]) -> None:
+    def __init__(self, settings: Settings, gpu: bool, store: Callable[[], GalleryStore]) -> None:
         self.settings = settings
         self.gpu = gpu
         self._store = store
@@ -190,9 +194,10 @@ class Replica:
             reason = f"no successful sync with the store for {age} s (limit {limit} s)"
         else:
             reason = None
-        status = {"ready": reason is None, "applied_seq": applied, "head_seq": head,
-                  "lag": head - applied, "last_synced_age_s": age,
-                  "fresh": age is not None and age <= self.settings.sync_bound_s}
+        status: dict[str, object] = {
+            "ready": reason is None, "applied_seq": applied, "head_seq": head,
+            "lag": head - applied, "last_synced_age_s": age,
+            "fresh": age is not None and age <= self.settings.sync_bound_s}
         if reason is not None:
             status["reason"] = reason
         return status

@@ -37,10 +37,12 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 
+from service.gallery.backends import open_store
 from service.gallery.errors import (
     GalleryModelMismatch,
     InvalidEmbedding,
@@ -49,8 +51,10 @@ from service.gallery.errors import (
 from service.gallery.index import INDEX_TYPES
 from service.gallery.replica import Replica
 from service.gallery.snapshots import Snapshots
-from service.gallery.backends import open_store
 from service.gallery.store import Change, GalleryFaces, GalleryStore
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +128,7 @@ def decode_cursor(cursor: str) -> str:
 class GalleryService:
     """The gallery API used by the REST layer (see ``service/gallery/__init__.py``)."""
 
-    def __init__(self, settings, store: GalleryStore | None = None, *,
+    def __init__(self, settings: Settings, store: GalleryStore | None = None, *,
                  indexing: bool = True) -> None:
         if settings.index_type not in INDEX_TYPES:
             raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {settings.index_type!r}")
@@ -145,7 +149,7 @@ class GalleryService:
 
     # --- lifecycle --------------------------------------------------------------
     @classmethod
-    def offline(cls, settings) -> GalleryService:
+    def offline(cls, settings: Settings) -> GalleryService:
         """The store (migrated) without indexes, follower or snapshots: for commands that
         write while no server runs.  Writes still commit their change-log entries, which
         servers apply when they start (or follow, when they run).  Close with ``stop()``."""
