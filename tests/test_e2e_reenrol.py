@@ -22,7 +22,7 @@ import pytest
 
 from service.cli import main as cli_main
 from service.gallery import GalleryService
-from service.gallery.store import open_store
+from service.gallery.backends import open_store
 from tests.conftest import LFW, SHARED_MODELS
 from tests.service_helpers import ServeProcess
 

@@ -32,7 +32,7 @@ from service.gallery import (
     open_gallery,
 )
 from service.gallery.schema import LATEST
-from service.gallery.store import open_store
+from service.gallery.backends import open_store
 from tests.conftest import REPO
 
 DIM = 32
@@ -444,7 +444,7 @@ def test_check_index_compares_every_face_and_subject_with_the_store(services, in
     two.upsert_subject("empty", "nobody", None, MODEL)  # a gallery without faces
     two.catch_up()
     if index_type == "ivf":  # the trained index keeps its ids in inverted lists
-        two._indexes["g"].train()
+        two.replica.indexes["g"].train()
     stored = one.store.face_ids("g").tolist()
     for replica in (one, two):
         report = replica.check_index()
@@ -457,7 +457,7 @@ def test_check_index_compares_every_face_and_subject_with_the_store(services, in
         assert by_name["empty"]["consistent"] and by_name["empty"]["store_faces"] == 0
 
     # Make two's index differ from the store in each way the check counts.
-    index = two._indexes["g"]
+    index = two.replica.indexes["g"]
     index.remove([stored[0]])  # a stored face the index lost
     index.add([999_999], ["ghost"], unit(rng)[None])  # a face the store never had
     index._index.add_with_ids(unit(rng)[None], np.array([stored[2]]))  # a duplicate vector
@@ -473,7 +473,7 @@ def test_check_index_compares_every_face_and_subject_with_the_store(services, in
         "wrong_subject": [{"face_id": stored[1], "store": owner, "index": "someone-else"}]}
     assert two.check_index(examples=1)["galleries"][1]["examples"]["extra"] == [stored[2]]
     # a gallery only the index holds is all extra (every vector); the other replica agrees
-    two._indexes["phantom"] = index
+    two.replica.indexes["phantom"] = index
     phantom = next(g for g in two.check_index()["galleries"] if g["name"] == "phantom")
     assert phantom["store_faces"] == 0 and phantom["extra"] == phantom["index_faces"] == 12
     assert one.check_index()["consistent"]

@@ -154,7 +154,7 @@ def test_ivf_nprobe_setting_reaches_the_index_and_changes_recall(tmp_path, monke
         for i, vector in enumerate(vectors):
             service.upsert_subject("g", f"s{i}", None, "m")
             service.add_face("g", f"s{i}", vector, "m", {})
-        index = service._indexes["g"]
+        index = service.replica.indexes["g"]
         assert index.nprobe == 1 and index._trained_at == 300 and index._index.nlist > 1
         found = [h[0]["subject_id"] for h in service.search("g", queries, 1, "m")]
         recall_one = np.mean(np.array(found) == [f"s{i}" for i in range(400)])
@@ -164,7 +164,7 @@ def test_ivf_nprobe_setting_reaches_the_index_and_changes_recall(tmp_path, monke
     again = open_gallery(Settings(data_dir=tmp_path, index_type="ivf", faiss_gpu=False))
     again.start()
     try:
-        assert again.source == "snapshot" and again._indexes["g"].nprobe == 1000
+        assert again.source == "snapshot" and again.replica.indexes["g"].nprobe == 1000
         found = [h[0]["subject_id"] for h in again.search("g", queries, 1, "m")]
         recall_all = np.mean(np.array(found) == [f"s{i}" for i in range(400)])
     finally:

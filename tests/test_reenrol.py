@@ -20,7 +20,7 @@ from service.gallery import (
 )
 from service.gallery import sql as gallery_sql
 from service.gallery.schema import LATEST, MIGRATIONS
-from service.gallery.store import open_store
+from service.gallery.backends import open_store
 from service.pipeline.pipeline import Pipeline
 from service.reenrol import Reenrolment
 from tests.conftest import LFW, SHARED_MODELS

@@ -1,4 +1,5 @@
-"""Whether one gallery's index holds exactly what the store holds (``GalleryService.check_index``)."""
+"""Whether one gallery's index holds exactly what the store holds
+(``GalleryService.check_index``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 from service.gallery.index import GalleryIndex
 
 
-def compare_gallery(name: str, index: GalleryIndex | None, face_ids: Sequence[int],
+def compare_gallery(name: str, index: GalleryIndex | None, face_ids: Sequence[int] | np.ndarray,
                     subject_ids: Sequence[str], examples: int = 5) -> dict:
     """Compare an index with the store's faces of the same gallery (``face_ids`` ascending,
     ``subject_ids`` theirs).
@@ -23,7 +24,9 @@ def compare_gallery(name: str, index: GalleryIndex | None, face_ids: Sequence[in
       store's (or is missing).
     """
     store_ids = np.asarray(face_ids, dtype=np.int64).reshape(-1)
-    store_subject = dict(zip(store_ids.tolist(), subject_ids))
+    store_subject = dict(zip(store_ids.tolist(), subject_ids, strict=False))
+    held: np.ndarray
+    mapping: dict
     if index is None:
         held, mapping = np.zeros(0, np.int64), {}
     else:

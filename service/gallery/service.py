@@ -24,7 +24,9 @@ the ``applied_seq`` counter.  The log is gap-free by construction, so a gap
 means the log was tampered with: the service logs it and rebuilds every index
 from the store rather than skipping anything.
 
-Every public method is synchronous and thread-safe.
+The indexes, their log position and the follower are this service's
+:class:`~service.gallery.replica.Replica`; index snapshots live in
+:mod:`service.gallery.snapshots`.  Every public method is synchronous and thread-safe.
 """
 
 from __future__ import annotations
@@ -36,33 +38,33 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 
-from service.gallery.consistency import compare_gallery
+from service.gallery.backends import open_store
 from service.gallery.errors import (
     GalleryModelMismatch,
     InvalidCursor,
     InvalidEmbedding,
     InvalidInput,
 )
-from service.gallery.index import INDEX_TYPES, GalleryIndex
+from service.gallery.index import INDEX_TYPES
 from service.gallery.names import check_gallery, check_subject_id
+from service.gallery.replica import Replica
 from service.gallery.snapshots import Snapshots
-from service.gallery.store import Change, GalleryFaces, GalleryStore, open_store
+from service.gallery.store import Change, GalleryFaces, GalleryStore
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 log = logging.getLogger(__name__)
 
 NORM_TOLERANCE = 1e-3
 MAX_NAME_LENGTH = 128
 MAX_PAGE = 1000
-LOG_BATCH = 1000
 CHECK_ATTEMPTS = 3  # check_index re-reads the store this often while writes keep moving it
-
-
-class LogGap(RuntimeError):
-    """The change log skipped a sequence number."""
 
 
 def check_name(value: object, what: str) -> str:
@@ -140,7 +142,7 @@ def decode_cursor(gallery: str, cursor: str) -> str:
 class GalleryService:
     """The gallery API used by the REST layer (see ``service/gallery/__init__.py``)."""
 
-    def __init__(self, settings, store: GalleryStore | None = None, *,
+    def __init__(self, settings: Settings, store: GalleryStore | None = None, *,
                  indexing: bool = True) -> None:
         if settings.index_type not in INDEX_TYPES:
             raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {settings.index_type!r}")
@@ -148,16 +150,12 @@ class GalleryService:
         self.store_url = settings.resolved_store_url
         self.indexing = indexing
         self._store = store
-        self._indexes: dict[str, GalleryIndex] = {}
-        self._apply_lock = threading.RLock()
-        self._applied_seq = 0
-        self._head_seen = 0  # the store's head as last read by a sync
-        self._synced_at: float | None = None  # monotonic time the last successful sync began
-        self._sync_error: str | None = None  # why the last sync failed (None: it succeeded)
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._gpu = bool(settings.faiss_gpu) and faiss.get_num_gpus() > 0
+        #: The indexes, their log position and the follower (``replica.py``).
+        self.replica = Replica(settings, self._gpu, lambda: self.store)
         self.source = ""  # where the indexes came from at start: "snapshot" or "store"
         self.snapshots = Snapshots(Path(settings.data_dir), self.store_url,
                                    settings.index_type, self._gpu, settings.ivf_nprobe,
@@ -166,7 +164,7 @@ class GalleryService:
 
     # --- lifecycle --------------------------------------------------------------
     @classmethod
-    def offline(cls, settings) -> GalleryService:
+    def offline(cls, settings: Settings) -> GalleryService:
         """The store (migrated) without indexes, follower or snapshots: for commands that
         write while no server runs.  Writes still commit their change-log entries, which
         servers apply when they start (or follow, when they run).  Close with ``stop()``."""
@@ -192,15 +190,17 @@ class GalleryService:
             self._store = open_store(self.store_url)
         self._store.migrate()
         began = time.monotonic()
-        with self._apply_lock:
+        replica = self.replica
+        with replica.lock:
             if self._snapshots_enabled() and self._load_snapshots():
                 self.source = "snapshot"
             else:
-                self._rebuild()
+                replica.rebuild()
                 self.source = "store"
-            self._record_sync(began, self._applied_seq)
+            replica.record_sync(began, replica.applied_seq)
         self._stop.clear()
-        self._thread = threading.Thread(target=self._follow, name="gallery-follower", daemon=True)
+        self._thread = threading.Thread(target=replica.follow, args=(self._stop,),
+                                        name="gallery-follower", daemon=True)
         self._thread.start()
         self._ready.set()
 
@@ -232,33 +232,7 @@ class GalleryService:
         ``lag`` (entries between them not applied yet), ``last_synced_age_s`` (since the
         last successful sync began) and ``fresh`` (that age is within ``sync_bound_s``).
         """
-        applied = self._applied_seq
-        head = max(self._head_seen, applied)
-        synced_at, error = self._synced_at, self._sync_error
-        age = None if synced_at is None else round(time.monotonic() - synced_at, 3)
-        limit = self.settings.sync_unready_after_s
-        if not self.ready():
-            reason = ("the change-log follower is not running" if self._synced_at is not None
-                      else "the gallery index is not built yet")
-        elif error is not None:
-            reason = f"the last sync with the store failed ({error})"
-        elif age is None or age > limit:
-            reason = f"no successful sync with the store for {age} s (limit {limit} s)"
-        else:
-            reason = None
-        status = {"ready": reason is None, "applied_seq": applied, "head_seq": head,
-                  "lag": head - applied, "last_synced_age_s": age,
-                  "fresh": age is not None and age <= self.settings.sync_bound_s}
-        if reason is not None:
-            status["reason"] = reason
-        return status
-
-    def _record_sync(self, began: float, head: int) -> None:
-        """A sync that began at ``began`` read ``head`` and has applied everything up to it."""
-        self._head_seen = max(self._head_seen, head)
-        if self._sync_error is not None:
-            log.info("gallery sync with the store succeeded again at seq %d", head)
-        self._synced_at, self._sync_error = began, None
+        return self.replica.sync_status(self.ready())
 
     # --- galleries --------------------------------------------------------------
     def create_gallery(self, name: str, model_id: str, dim: int | None = None) -> dict:
@@ -389,7 +363,7 @@ class GalleryService:
         empty = np.asarray(queries).size == 0  # no faces in the probe image
         vectors = None if empty else check_vectors(queries, batch=True)
         # The index here, or (no face indexed here yet) the store, says what the gallery is.
-        index = self._indexes.get(gallery)
+        index = self.replica.indexes.get(gallery)
         if index is not None:
             current, dim = index.model_id, index.dim
         else:
@@ -408,7 +382,7 @@ class GalleryService:
         """Galleries with their sizes in the store and in this replica's index."""
         galleries = self.store.stats()
         for gallery in galleries:
-            index = self._indexes.get(gallery["name"])
+            index = self.replica.indexes.get(gallery["name"])
             gallery["indexed"] = 0 if index is None else len(index)
             if index is not None:
                 gallery["index"] = index.describe()
@@ -416,7 +390,7 @@ class GalleryService:
             "backend": self.store.backend,
             "index_type": self.settings.index_type,
             "gpu": self._gpu,
-            "applied_seq": self._applied_seq,
+            "applied_seq": self.replica.applied_seq,
             "source": self.source,
             "galleries": galleries,
             "subjects": sum(g["subjects"] for g in galleries),
@@ -425,7 +399,7 @@ class GalleryService:
 
     def index_face_ids(self, gallery: str) -> np.ndarray:
         """Sorted face ids this replica's index holds for ``gallery`` (for checks and tests)."""
-        index = self._indexes.get(gallery)
+        index = self.replica.indexes.get(gallery)
         return np.zeros(0, np.int64) if index is None else index.face_ids()
 
     def check_index(self, examples: int = 5) -> dict:
@@ -438,142 +412,36 @@ class GalleryService:
         a difference found when the store has moved on is re-checked up to
         ``CHECK_ATTEMPTS`` times.  Costs one read of every face id: an operator's check.
         """
-        with self._apply_lock:
+        with self.replica.lock:
             for _ in range(CHECK_ATTEMPTS):
                 head, stored = self.store.index_contents()
-                self._catch_up(upto=head)
-                galleries = self._compare(stored, examples)
+                self.replica.catch_up_to(head)
+                galleries = self.replica.compare(stored, examples)
                 consistent = all(g["consistent"] for g in galleries)
                 if consistent or self.store.head_seq() == head:
                     break
-        return {"consistent": consistent, "seq": head, "applied_seq": self._applied_seq,
+        return {"consistent": consistent, "seq": head, "applied_seq": self.replica.applied_seq,
                 "galleries": galleries}
 
-    def _compare(self, stored: dict[str, tuple[np.ndarray, list[str]]],
-                 examples: int = 5) -> list[dict]:
-        """:func:`compare_gallery` for every gallery of the store (``index_contents``) or of
-        this replica (caller holds the apply lock)."""
-        return [compare_gallery(name, self._indexes.get(name), *stored.get(name, ((), [])),
-                                examples=examples)
-                for name in sorted(set(stored) | set(self._indexes))]
-
-    # --- applying the change log ------------------------------------------------
-    def _new_index(self, dim: int, model_id: str) -> GalleryIndex:
-        return GalleryIndex(dim, model_id, self.settings.index_type, self._gpu,
-                            self.settings.ivf_nprobe, self.settings.target_recall,
-                            self.settings.auto_switch_faces)
-
-    def _apply(self, change: Change) -> None:
-        """Apply one log entry to the indexes (caller holds the apply lock)."""
-        name = change.gallery
-        if change.op == "add":
-            if change.embedding is None:
-                return  # deleted again by a later entry
-            index = self._indexes.get(name)
-            if index is None:
-                index = self._new_index(change.dim, change.model_id)
-                self._indexes[name] = index
-            index.add([change.face_id], [change.subject_id], change.embedding[None, :])
-        elif change.op == "delete_face":
-            if name in self._indexes:
-                self._indexes[name].remove([change.face_id])
-        elif change.op == "delete_subject":
-            if name in self._indexes:
-                self._indexes[name].remove_subject(change.subject_id)
-        elif change.op == "delete_gallery":
-            self._indexes.pop(name, None)
-        else:
-            raise ValueError(f"unknown change-log op {change.op!r} at seq {change.seq}")
-
+    # --- applying the change log (``Replica``) ------------------------------------
     def _apply_own(self, change: Change) -> None:
         """Apply a write this service just committed (and anything before it first)."""
-        if not self.indexing:
-            return
-        with self._apply_lock:
-            if self._applied_seq >= change.seq:
-                return
-            if self._applied_seq == change.seq - 1:
-                self._apply(change)
-                self._applied_seq = change.seq
-            else:
-                self._catch_up(upto=change.seq)
+        if self.indexing:
+            self.replica.apply_own(change)
 
     def sync_to(self, seq: int | None) -> None:
         """Apply the log up to ``seq``, a write this process just committed through the
         store directly (bulk writes: :mod:`service.gallery.transfer`)."""
         if seq is None or not self.indexing:
             return
-        with self._apply_lock:
-            if self._applied_seq < seq:
-                self._catch_up(upto=seq)
+        replica = self.replica
+        with replica.lock:
+            if replica.applied_seq < seq:
+                replica.catch_up_to(seq)
 
     def catch_up(self) -> int:
-        """Sync: read the store's head, apply every committed entry not applied yet (at
-        least up to that head); return the new ``applied_seq``.  A failure is recorded
-        (the replica is not ready until a sync succeeds) and raised."""
-        began = time.monotonic()
-        try:
-            head = self.store.head_seq()
-            self._head_seen = max(self._head_seen, head)
-            with self._apply_lock:
-                self._catch_up()
-                applied = self._applied_seq
-        except Exception as exc:
-            self._sync_error = f"{type(exc).__name__}: {exc}".strip()[:300]
-            raise
-        self._record_sync(began, head)
-        return applied
-
-    def _catch_up(self, upto: int | None = None) -> None:
-        try:
-            while True:
-                changes = self.store.changes_after(self._applied_seq, LOG_BATCH, upto)
-                for change in changes:
-                    if change.seq != self._applied_seq + 1:
-                        raise LogGap(f"change log jumps from seq {self._applied_seq} "
-                                     f"to {change.seq}")
-                    self._apply(change)
-                    self._applied_seq = change.seq
-                if len(changes) < LOG_BATCH:
-                    return
-        except LogGap:
-            log.exception("gallery change log has a gap; rebuilding every index from the store")
-            self._rebuild()
-
-    def _rebuild(self) -> None:
-        """Build every index from the store, in one consistent read."""
-        head, galleries = self.store.load_all()
-        indexes = {}
-        for gallery in galleries:
-            if gallery.dim is None:
-                continue  # no face ever added: nothing to index yet
-            index = self._new_index(gallery.dim, gallery.model_id)
-            if len(gallery.face_ids):
-                index.add(gallery.face_ids, gallery.subject_ids, gallery.embeddings)
-            indexes[gallery.name] = index
-        self._indexes = indexes
-        self._applied_seq = head
-        log.info("gallery indexes built from the store at seq %d (%d galleries)",
-                 head, len(indexes))
-
-    def _follow(self) -> None:
-        interval = float(self.settings.sync_interval_s)
-        failing = False
-        while not self._stop.is_set():
-            try:
-                self.store.wait_for_change(interval, self._stop)
-                if self._stop.is_set():
-                    return
-                self.catch_up()
-                failing = False
-            except Exception:
-                if failing:  # the first failure of a run has the traceback, the rest one line
-                    log.warning("gallery sync with the store failed again (%s); retrying",
-                                self._sync_error)
-                else:
-                    log.exception("gallery change-log follower failed; retrying")
-                failing = True
-                self._stop.wait(interval)
+        """Sync with the store now (:meth:`Replica.catch_up`); the new ``applied_seq``."""
+        return self.replica.catch_up()
 
     # --- snapshots --------------------------------------------------------------
     def _snapshots_enabled(self) -> bool:
@@ -581,9 +449,9 @@ class GalleryService:
 
     def write_snapshots(self) -> int:
         """Write every index with the seq it reflects (:class:`Snapshots`); return that seq."""
-        with self._apply_lock:
-            seq = self._applied_seq
-            self.snapshots.write(self._indexes, seq)
+        with self.replica.lock:
+            seq = self.replica.applied_seq
+            self.snapshots.write(self.replica.indexes, seq)
         return seq
 
     def _load_snapshots(self) -> bool:
@@ -591,26 +459,27 @@ class GalleryService:
         found = self.snapshots.read(self.store.head_seq())
         if found is None:
             return False
-        self._indexes, seq = found
-        self._applied_seq = seq
-        self._catch_up()
+        replica = self.replica
+        replica.indexes, seq = found
+        replica.applied_seq = seq
+        replica.catch_up_to()
         for _ in range(3):
             if self._verify():
                 log.info("gallery indexes loaded from snapshot seq %d, caught up to %d",
-                         seq, self._applied_seq)
+                         seq, replica.applied_seq)
                 return True
-            self._catch_up()  # the store may have moved on while we compared
+            replica.catch_up_to()  # the store may have moved on while we compared
         log.warning("gallery snapshot disagrees with the store; rebuilding")
         return False
 
     def _verify(self) -> bool:
         """Is every index of the store's model id and embedding dimension, and does it hold
-        exactly the store's faces (:meth:`_compare`, as ``check_index``)?"""
+        exactly the store's faces (``Replica.compare``, as ``check_index``)?"""
         stored = {g["name"]: g for g in self.store.stats()}
-        for name, index in self._indexes.items():
+        for name, index in self.replica.indexes.items():
             gallery = stored.get(name)
             if gallery is None or (index.model_id, index.dim) != (gallery["model_id"],
                                                                   gallery["dim"]):
                 return False
         _, contents = self.store.index_contents()
-        return all(g["consistent"] for g in self._compare(contents))
+        return all(g["consistent"] for g in self.replica.compare(contents))

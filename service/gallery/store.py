@@ -292,16 +292,3 @@ class GalleryStore(abc.ABC):
         early on ``NOTIFY``.
         """
         stop.wait(timeout)
-
-
-def open_store(url: str, *, pool_size: int = 8) -> GalleryStore:
-    """The store for ``url``: ``sqlite:///path/to/file`` or ``postgresql://...``."""
-    if url.startswith("sqlite:///"):
-        from service.gallery.sqlite import SQLiteStore
-
-        return SQLiteStore(url[len("sqlite:///"):])
-    if url.startswith(("postgresql://", "postgres://")):
-        from service.gallery.postgres import PostgresStore
-
-        return PostgresStore(url, pool_size=pool_size)
-    raise ValueError(f"unsupported store url {url!r}: expected sqlite:///... or postgresql://...")

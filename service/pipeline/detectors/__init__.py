@@ -7,6 +7,14 @@ Each family maps to a lazy ``"module:Class"`` import string; every class takes
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..types import Detector
+
+if TYPE_CHECKING:
+    from service.config import Settings
+    from service.registry import ModelCard
 
 DETECTOR_FAMILIES: dict[str, str] = {
     "scrfd": "service.pipeline.detectors.scrfd:SCRFDDetector",
@@ -27,8 +35,11 @@ def detector_class(family: str) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def build_detector(card, path, settings):
+def build_detector(card: ModelCard, path: Path | str, settings: Settings) -> Detector:
     """A ready (warmed-up) detector for ``card`` whose verified weights are at ``path``."""
     if card.task != "detection":
         raise ValueError(f"model {card.name!r} is a {card.task} model, not a detector")
-    return detector_class(card.family)(card, path, settings)
+    detector = detector_class(card.family)(card, path, settings)
+    if not isinstance(detector, Detector):
+        raise TypeError(f"{type(detector).__name__} does not implement the Detector protocol")
+    return detector
