@@ -20,7 +20,7 @@ from service.cli import main as cli_main
 from service.config import Settings
 from service.gallery import GalleryModelMismatch, open_gallery
 from service.gallery.audit import AuditEntry, recording
-from service.gallery.store import open_store
+from service.gallery.backends import open_store
 from tests.conftest import LFW, SHARED_MODELS
 from tests.service_helpers import InProcessServer
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from service.config import Settings
-from service.gallery.store import open_store
+from service.gallery.backends import open_store
 from tests.conftest import LFW, SHARED_MODELS
 from tests.service_helpers import InProcessServer, ServeProcess
 

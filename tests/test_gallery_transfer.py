@@ -22,7 +22,7 @@ import pytest
 from service.cli import main as cli_main
 from service.config import Settings
 from service.gallery.errors import InvalidExport
-from service.gallery.store import open_store
+from service.gallery.backends import open_store
 from service.gallery.transfer import read_export
 from tests.conftest import LFW, SHARED_MODELS
 from tests.service_helpers import InProcessServer

@@ -39,7 +39,7 @@ def _epoch(text: str | None) -> float | None:
 
 def run(args) -> int:
     from service.config import Settings
-    from service.gallery.store import open_store
+    from service.gallery.backends import open_store
 
     try:
         since, until = _epoch(args.since), _epoch(args.until)
