@@ -29,7 +29,7 @@ def _cmd_prepare(args) -> int:
     dirs = [Path(d) for d in args.models_dir] or _shared_models()
     report = prepare(args.src, args.dst, detector=args.detector, model_dirs=dirs, size=args.size,
                      workers=args.workers, limit_per_identity=args.limit_per_identity,
-                     progress=not args.quiet)
+                     progress=not args.quiet, recognizer=args.recognizer)
     summary = {k: (len(v) if isinstance(v, list) else v) for k, v in report.as_dict().items()}
     print(json.dumps(summary))
     return 0 if report.aligned else 1
@@ -65,10 +65,13 @@ def _embedder(model_path: str):
 
         card, path = Registry(MANIFEST_PATH, _shared_models()).resolve(model_path, "recognition")
         return ev.onnx_embedder(card, path)
+    from training.contract import input_contract
     from training.export import input_size_of, load_backbone
 
     model, state = load_backbone(model_path)
-    return ev.torch_embedder(model, input_size=input_size_of(state))
+    contract = input_contract(state["config"]["backbone"]["name"])
+    return ev.torch_embedder(model, input_size=input_size_of(state), mean=contract.mean,
+                             std=contract.std)
 
 
 def _cmd_evaluate(args) -> int:
@@ -129,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", default="yunet_2023mar", help="manifest name or .onnx path")
     p.add_argument("--models-dir", action="append", default=[],
                    help="where detector files live (default: ../shared/models)")
-    p.add_argument("--size", type=int, default=112)
+    p.add_argument("--size", type=int, default=112,
+                   help="crop side for the ArcFace template (ignored with --recognizer)")
+    p.add_argument("--recognizer", default=None,
+                   help="align with this recognizer card's crop contract (template and size), "
+                        "e.g. dlib_resnet_v1 for fine-tuning it")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--limit-per-identity", type=int, default=None)
     p.add_argument("--quiet", action="store_true")

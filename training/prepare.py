@@ -1,11 +1,13 @@
-"""``facegate-train prepare SRC DST``: raw photos → aligned 112×112 crops, with the service's own stages.
+"""``facegate-train prepare SRC DST``: raw photos → aligned crops, with the service's own stages.
 
 Each image under ``SRC/<identity>/`` is decoded by ``service.pipeline.decode``,
 its main face found by the service's detector (``primary_face``: the largest,
 most central one) and warped by ``service.pipeline.align.align_faces`` onto the
-ArcFace template — the exact path a request takes in the service, so training
-and serving see the same crops.  Images without a face are skipped and listed
-in ``DST/dataset.json``.
+crop contract of a recognizer's card (``recognizer``: its alignment template and
+crop size, e.g. ``dlib_resnet_v1``'s 150×150 chip) or, without one, the ArcFace
+112×112 template scaled to ``size`` — the exact path a request takes in the
+service, so training and serving see the same crops.  Images without a face are
+skipped and listed in ``DST/dataset.json``.
 """
 
 from __future__ import annotations
@@ -72,12 +74,33 @@ def list_images(src: Path, limit_per_identity: int | None = None,
     return out
 
 
+def crop_contract(recognizer: str | None, size: int = 112) -> tuple[np.ndarray, tuple[int, int]]:
+    """(template, (w, h)) of the crops: the recognizer card's alignment (the manifest's card,
+    as the service aligns for it), or the ArcFace template scaled to ``size``."""
+    from service.pipeline.align import ARCFACE_TEMPLATE
+
+    if recognizer is None:
+        return ARCFACE_TEMPLATE * (size / 112.0), (size, size)
+    from service.config import MANIFEST_PATH
+    from service.registry import Registry
+
+    registry = Registry(MANIFEST_PATH, [])
+    if recognizer not in registry.names("recognition"):
+        raise ValueError(f"unknown recognizer {recognizer!r}; known: "
+                         f"{', '.join(registry.names('recognition'))}")
+    card = registry.cards[recognizer]
+    if card.alignment is None:
+        return ARCFACE_TEMPLATE.copy(), (112, 112)
+    width, height = card.alignment.size
+    return np.asarray(card.alignment.template, dtype=np.float32), (int(width), int(height))
+
+
 def prepare(src: Path, dst: Path, detector: str = "yunet_2023mar", model_dirs: list[Path] = (),
             size: int = 112, workers: int = 1, limit_per_identity: int | None = None,
             identities: list[str] | None = None, keys: list[str] | None = None,
-            progress: bool = True) -> PrepareReport:
+            progress: bool = True, recognizer: str | None = None) -> PrepareReport:
     """Align every face photo of ``src`` into ``dst`` (PNG, lossless); see the module docstring."""
-    from service.pipeline.align import ARCFACE_TEMPLATE, align_faces
+    from service.pipeline.align import align_faces
     from service.pipeline.decode import decode_image
     from service.pipeline.pipeline import primary_face
 
@@ -87,7 +110,7 @@ def prepare(src: Path, dst: Path, detector: str = "yunet_2023mar", model_dirs: l
     if src.resolve() == dst.resolve():
         raise ValueError("DST must differ from SRC")
     det, settings = build_service_detector(detector, list(model_dirs))
-    template = ARCFACE_TEMPLATE * (size / 112.0)
+    template, crop_size = crop_contract(recognizer, size)
     items = list_images(src, limit_per_identity, identities, keys)
     report = PrepareReport(images=len(items), detector=det.card.name)
     start = time.perf_counter()
@@ -104,7 +127,7 @@ def prepare(src: Path, dst: Path, detector: str = "yunet_2023mar", model_dirs: l
         index = primary_face(detections, image.shape)
         if index is None:
             return rel, "no_face"
-        crop = align_faces(image, [detections[index].landmarks], template, (size, size))[0]
+        crop = align_faces(image, [detections[index].landmarks], template, crop_size)[0]
         out = dst / identity / (path.stem + ".png")
         out.parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(out), crop)
@@ -127,6 +150,7 @@ def prepare(src: Path, dst: Path, detector: str = "yunet_2023mar", model_dirs: l
             seen.add(rel.split("/")[0])
     report.identities = len(seen)
     report.seconds = round(time.perf_counter() - start, 2)
-    write_dataset_info(dst, {"source": str(src), "size": [size, size],
+    write_dataset_info(dst, {"source": str(src), "size": list(crop_size),
+                             "recognizer": recognizer,
                              "template": (np.asarray(template)).round(4).tolist(), **report.as_dict()})
     return report

@@ -8,10 +8,16 @@ is found, the image's central square (``NO_FACE_FRACTION`` of the shorter side)
 is aligned as if it were the face and the image is counted in ``no_face``.
 Thresholds at FMR 1e-2/1e-3/1e-4 come from the scores of every pair of evaluated
 images with different identities.
+
+With ``--chips DIR`` the aligned chips are kept in ``DIR`` (one ``.npz`` per detector,
+detector input, alignment template and crop size, and image list) and reused: models
+that share a crop contract (e.g. ``dlib_resnet_v1`` and models fine-tuned from it) are
+compared on the very same chips, and only the embedding is run again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -50,13 +56,15 @@ def register(subparsers) -> None:
                         help="run a dynamic-input detector on an NxN letterbox for every image "
                              "(as InsightFace's FaceAnalysis does with 640) instead of the "
                              "image's own size")
+    parser.add_argument("--chips", type=Path, default=None, metavar="DIR",
+                        help="cache the aligned chips in DIR and reuse them for every model with "
+                             "the same detector and crop contract")
     parser.add_argument("--json", action="store_true", help="print only the JSON report")
     parser.set_defaults(func=run)
 
 
-def embed_images(pipeline, paths: list[Path], flip: bool, workers: int
-                 ) -> tuple[np.ndarray, list[bool]]:
-    """(N, dim) embeddings of each image's main face, and whether the fallback was used."""
+def align_images(pipeline, paths: list[Path], workers: int) -> tuple[np.ndarray, list[bool]]:
+    """(N, h, w, 3) aligned chips of each image's main face, and whether the fallback was used."""
     from service.pipeline.align import align_faces
     from service.pipeline.pipeline import primary_face
 
@@ -68,8 +76,8 @@ def embed_images(pipeline, paths: list[Path], flip: bool, workers: int
             landmarks = fallback_landmarks(image.shape, pipeline.template, pipeline.crop_size)
         else:
             landmarks = detections[index].landmarks
-        crops = align_faces(image, [landmarks], pipeline.template, pipeline.crop_size)
-        return pipeline.embedder.embed(crops, flip=flip)[0], index is None
+        return align_faces(image, [landmarks], pipeline.template, pipeline.crop_size)[0], (
+            index is None)
 
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:
@@ -79,8 +87,44 @@ def embed_images(pipeline, paths: list[Path], flip: bool, workers: int
     return np.stack([r[0] for r in results]), [r[1] for r in results]
 
 
+def chips_key(pipeline, paths: list[Path]) -> str:
+    """What the chips depend on: detector weights and input, crop template and size, images."""
+    parts = [pipeline.detector_card.id, str(getattr(pipeline.detector, "fixed_size", None)),
+             np.asarray(pipeline.template, np.float32).round(4).tobytes().hex(),
+             str(tuple(pipeline.crop_size)), *map(str, paths)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def cached_chips(pipeline, paths: list[Path], workers: int, directory: Path | None
+                 ) -> tuple[np.ndarray, list[bool]]:
+    """``align_images``, read from / written to ``directory`` when given."""
+    if directory is None:
+        return align_images(pipeline, paths, workers)
+    path = Path(directory) / f"chips-{pipeline.detector_card.name}-{chips_key(pipeline, paths)}.npz"
+    if path.is_file():
+        with np.load(path) as data:
+            return data["chips"], [bool(f) for f in data["fallback"]]
+    chips, fallback = align_images(pipeline, paths, workers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, chips=chips, fallback=np.asarray(fallback))
+    tmp.replace(path)
+    return chips, fallback
+
+
+def embed_images(pipeline, paths: list[Path], flip: bool, workers: int,
+                 chips_dir: Path | None = None) -> tuple[np.ndarray, list[bool]]:
+    """(N, dim) embeddings of each image's main face, and whether the fallback was used."""
+    chips, fallback = cached_chips(pipeline, paths, workers, chips_dir)
+    batch = 64
+    vectors = [pipeline.embedder.embed(chips[i:i + batch], flip=flip)
+               for i in range(0, len(chips), batch)]
+    return np.concatenate(vectors), fallback
+
+
 def evaluate(pipeline, pairs_path: Path, images_dir: Path, flip: bool = False,
-             limit_folds: int | None = None, workers: int = 1) -> dict:
+             limit_folds: int | None = None, workers: int = 1,
+             chips_dir: Path | None = None) -> dict:
     """The full report as a dict (see the module docstring)."""
     from service.pipeline.pairs import (fmr_thresholds, impostor_scores_all, kfold_accuracy,
                                         parse_pairs, roc_auc_points)
@@ -91,7 +135,8 @@ def evaluate(pipeline, pairs_path: Path, images_dir: Path, flip: bool = False,
     keys = sorted({p.a for p in pairs} | {p.b for p in pairs})
     index = {k: i for i, k in enumerate(keys)}
     start = time.perf_counter()
-    embeddings, fallback = embed_images(pipeline, [images_dir / k for k in keys], flip, workers)
+    embeddings, fallback = embed_images(pipeline, [images_dir / k for k in keys], flip, workers,
+                                        chips_dir)
     elapsed = time.perf_counter() - start
     scores = np.array([float(embeddings[index[p.a]] @ embeddings[index[p.b]]) for p in pairs])
     labels = np.array([p.same for p in pairs])
@@ -142,7 +187,8 @@ def run(args) -> int:
     if args.letterbox:
         pipeline.detector.use_fixed_input((args.letterbox, args.letterbox))
     report = evaluate(pipeline, args.pairs, args.images, flip=args.flip,
-                      limit_folds=args.limit_folds, workers=max(1, args.workers))
+                      limit_folds=args.limit_folds, workers=max(1, args.workers),
+                      chips_dir=args.chips)
     if not args.json:
         print(f"{report['detector']} + {report['recognizer']}: accuracy "
               f"{report['accuracy'] * 100:.2f}% ± {report['std'] * 100:.2f} over "
