@@ -4,6 +4,7 @@
     facegate-train train --config cfg.yaml [key=value ...]      (also under torchrun)
     facegate-train evaluate CHECKPOINT_OR_ONNX --pairs pairs.txt --aligned DIR [--raw DIR] --out DIR
     facegate-train export CHECKPOINT models/NAME.onnx --pairs ... --aligned ... [--raw ...]
+    facegate-train export CHECKPOINT models/NAME.onnx --parity-dir ALIGNED   (uncalibrated card)
     facegate-train losses                                        (the loss catalogue)
 """
 
@@ -88,6 +89,18 @@ def _cmd_export(args) -> int:
     from training import evaluate as ev
     from training.export import export
 
+    if args.parity_dir and not (args.pairs or args.bin):
+        # no evaluation here: the card is calibrated afterwards (e.g. from facegate eval-pairs)
+        import cv2
+        import numpy as np
+
+        files = sorted(Path(args.parity_dir).glob("*/*.png"))[: args.parity_faces]
+        crops = np.stack([cv2.imread(str(f), cv2.IMREAD_COLOR) for f in files]) if files else []
+        result = export(args.checkpoint, args.onnx, crops, name=args.name,
+                        description=args.description, licence=args.licence,
+                        training_extra=json.loads(args.training_note or "{}"))
+        print(json.dumps(result))
+        return 0
     pair_set = _pair_set(args)
     model = _embedder(args.checkpoint)
     report = ev.evaluate_model(model, pair_set)
@@ -163,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--licence", default="")
     p.add_argument("--training-note", default=None, help="JSON merged into the card's training")
     p.add_argument("--parity-faces", type=int, default=32)
+    p.add_argument("--parity-dir", default=None,
+                   help="without --pairs/--bin: aligned crops (DIR/<id>/*.png) for the parity "
+                        "check; the card then has no evaluation or thresholds (calibrate it "
+                        "afterwards, e.g. bench/finetune_experiment.py calibrate)")
     p.add_argument("--reports", type=Path, default=None,
                    help="also write the evaluation JSON and ROC plot here")
     p.set_defaults(func=_cmd_export)
