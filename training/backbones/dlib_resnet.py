@@ -9,10 +9,14 @@ parse_dlib_network`, or :func:`~service.convert.dlib_resnet.parse_faceapi_networ
 for the face-api.js port) reading the source package ``facegate models install``
 caches. One reader, two consumers.
 
-dlib's ``affine`` layers (batch norms frozen into a per-channel scale and shift)
-stay per-channel affine layers here, trainable but without batch statistics, so a
-fine-tuned network is still exactly a dlib-style network and small batches cannot
-disturb it. Parameters are grouped by stage for freezing (``stem``, ``level1`` ..
+Every dlib ``affine`` layer (a batch norm frozen into a per-channel scale and
+shift) follows a convolution and is folded into it, ``gamma * (W*x + b) + beta``,
+as the converter folds it for ONNX: unfolded, ``gamma`` (2 to 23 in these weights)
+and ``W`` are two parameters for one product and magnify each other's steps;
+folded, there is one parameter per weight, no batch statistics for small batches
+to disturb, and the exported graph is the converter's. The weights are small
+(|w| < 0.1) and the 128-d output's norm is ~0.5, so fine-tuning needs a small
+backbone learning rate (see ``training/configs/dlib_resnet_*``). Parameters are grouped by stage for freezing (``stem``, ``level1`` ..
 ``level5``, ``fc``): stage ``levelK`` holds the residual blocks of one width (32,
 64, 128, 256, 256).
 """
@@ -50,6 +54,10 @@ class Affine(nn.Module):
         return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 
+def _follows_con(ops: list[Op], index: int) -> bool:
+    return index > 0 and ops[index - 1].kind == "con"
+
+
 def _pad_to(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Zero-pad (C, H, W) at the far end up to ``shape``, as dlib's ``add_prev`` does."""
     pads = [0, shape[3] - x.shape[3], 0, shape[2] - x.shape[2], 0, shape[1] - x.shape[1]]
@@ -68,6 +76,8 @@ class Stage(nn.Module):
                 pad = 0 if op.stride != 1 else op.window // 2
                 layers.append(nn.Conv2d(channels, op.filters, op.window, op.stride, pad))
                 channels = op.filters
+            elif op.kind == "affine" and _follows_con(ops, len(layers)):
+                layers.append(nn.Identity())  # folded into the convolution before it
             elif op.kind == "affine":
                 layers.append(Affine(channels))
             elif op.kind == "fc":
@@ -82,7 +92,7 @@ class Stage(nn.Module):
         tags: dict[int, torch.Tensor] = {}
         for op, layer in zip(self.ops, self.layers, strict=True):
             if op.kind in ("con", "affine", "fc"):
-                x = layer(x)
+                x = layer(x)  # a folded affine is an Identity
             elif op.kind == "relu":
                 x = F.relu(x)
             elif op.kind == "max_pool":
@@ -161,10 +171,16 @@ class DlibResNet(nn.Module):
             raise ValueError("the parsed network is not dlib_face_recognition_resnet_model_v1")
         layers = [layer for name in self.stage_names for layer in getattr(self, name).layers]
         with torch.no_grad():
-            for layer, params in zip(layers, net.params, strict=True):
+            for index, (layer, params) in enumerate(zip(layers, net.params, strict=True)):
                 if isinstance(layer, nn.Conv2d):
-                    layer.weight.copy_(torch.from_numpy(params["weight"]))
-                    layer.bias.copy_(torch.from_numpy(params["bias"]))
+                    weight = params["weight"].astype(np.float64)
+                    bias = params["bias"].astype(np.float64)
+                    if index + 1 < len(net.ops) and net.ops[index + 1].kind == "affine":
+                        gamma = net.params[index + 1]["gamma"].astype(np.float64)
+                        weight = weight * gamma[:, None, None, None]
+                        bias = bias * gamma + net.params[index + 1]["beta"]
+                    layer.weight.copy_(torch.from_numpy(weight.astype(np.float32)))
+                    layer.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
                 elif isinstance(layer, Affine):
                     layer.weight.copy_(torch.from_numpy(params["gamma"]))
                     layer.bias.copy_(torch.from_numpy(params["beta"]))
