@@ -16,9 +16,9 @@ and ``W`` are two parameters for one product and magnify each other's steps;
 folded, there is one parameter per weight, no batch statistics for small batches
 to disturb, and the exported graph is the converter's. The weights are small
 (|w| < 0.1) and the 128-d output's norm is ~0.5, so fine-tuning needs a small
-backbone learning rate (see ``training/configs/dlib_resnet_*``). Parameters are grouped by stage for freezing (``stem``, ``level1`` ..
-``level5``, ``fc``): stage ``levelK`` holds the residual blocks of one width (32,
-64, 128, 256, 256).
+backbone learning rate (see ``training/configs/dlib_resnet_*``). Parameters are
+grouped by stage for freezing (``stem``, ``level1`` .. ``level5``, ``fc``): stage
+``levelK`` holds the residual blocks of one width (32, 64, 128, 256, 256).
 """
 
 from __future__ import annotations
