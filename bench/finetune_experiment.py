@@ -178,6 +178,11 @@ def lfw(args) -> dict:
     return {"lfw": results, "detector": args.detector}
 
 
+def _manifest_card(name: str | None) -> dict:
+    manifest = json.loads((REPO / "models" / "manifest.json").read_text())
+    return next((m for m in manifest["models"] if m["name"] == name), {})
+
+
 def calibrate(args) -> dict:
     """Write eval-pairs' LFW figures and FMR thresholds into each ``--recognizer`` card (an
     ``.onnx`` path with its ``.card.json``): calibrated as ``dlib_resnet_v1``'s own card was, on
@@ -191,7 +196,11 @@ def calibrate(args) -> dict:
         row = report["lfw"][card["name"]]
         full = row["report"]
         card["thresholds"] = {k: v["threshold"] for k, v in full["thresholds"].items()}
-        card["default_operating_point"] = "fmr_1e-3"
+        # the operating point of the card the model was fine-tuned from (dlib_resnet_v1: fmr_1e-2)
+        init = card.get("training", {}).get("init")
+        card["default_operating_point"] = _manifest_card(init).get("default_operating_point") or (
+            "fmr_1e-3"
+        )
         card["evaluation"]["lfw_grayscale"] = {
             "detector": full["detector"],
             "accuracy": full["accuracy"],
