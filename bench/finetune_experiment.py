@@ -213,7 +213,9 @@ def calibrate(args) -> dict:
             "tar_at_far_1e-3_pairs": row["tar_at_far_1e-3_pairs"],
             "note": "thresholds read off the cosines of every pair of the 7,701 pairs.txt "
             "images with different identities",
-            "command": row["command"].replace(str(REPO.parent), ".."),
+            "command": row["command"]
+            .replace(str(SHARED), "../shared")
+            .replace(str(Path.home()), "~"),
         }
         ModelCard.model_validate(card)
         card_path.write_text(json.dumps(card, indent=2) + "\n")
