@@ -275,3 +275,30 @@ def test_a_missing_image_is_reported_before_any_model_loads(tmp_path, capsys, co
                              "--detector", "no_such_detector")
     assert code == 2 and out == ""
     assert err == f"error: cannot read {missing}: No such file or directory\n"
+
+
+@pytest.mark.timeout(300)
+def test_eval_pairs_reuses_cached_chips_for_the_same_crop_contract(tmp_path, capsys):
+    """``--chips``: the first run writes the aligned chips, a second run reads them back and
+    reports the same figures; a changed chip (as a detector change would give) is used, which
+    shows the cache is really read."""
+    import numpy as np
+
+    pairs = subset_pairs(tmp_path / "pairs.txt", per_class=10, folds=1)
+    args = ["eval-pairs", "--pairs", str(pairs), "--images", str(LFW / "images"), *MODELS,
+            *PEER, "--json", "--chips", str(tmp_path / "chips")]
+    code, out, _ = run_cli(capsys, *args)
+    first = json.loads(out)
+    files = list((tmp_path / "chips").glob("chips-scrfd_2.5g_bnkps-*.npz"))
+    assert code == 0 and len(files) == 1
+    with np.load(files[0]) as data:
+        chips, fallback = data["chips"], data["fallback"]
+    assert chips.shape == (first["images"], 112, 112, 3) and chips.std() > 20
+    code, out, _ = run_cli(capsys, *args)
+    second = json.loads(out)
+    assert code == 0 and second["accuracy"] == first["accuracy"]
+    assert second["fold_thresholds"] == first["fold_thresholds"]
+    # overwrite every chip with grey: the cached (not recomputed) chips now decide
+    np.savez(files[0], chips=np.full_like(chips, 128), fallback=fallback)
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and json.loads(out)["accuracy"] == 0.5

@@ -4,6 +4,7 @@
     facegate-train train --config cfg.yaml [key=value ...]      (also under torchrun)
     facegate-train evaluate CHECKPOINT_OR_ONNX --pairs pairs.txt --aligned DIR [--raw DIR] --out DIR
     facegate-train export CHECKPOINT models/NAME.onnx --pairs ... --aligned ... [--raw ...]
+    facegate-train export CHECKPOINT models/NAME.onnx --parity-dir ALIGNED   (uncalibrated card)
     facegate-train losses                                        (the loss catalogue)
 """
 
@@ -31,7 +32,7 @@ def _cmd_prepare(args) -> int:
     dirs = [Path(d) for d in args.models_dir] or _shared_models()
     report = prepare(args.src, args.dst, detector=args.detector, model_dirs=dirs, size=args.size,
                      workers=args.workers, limit_per_identity=args.limit_per_identity,
-                     progress=not args.quiet)
+                     progress=not args.quiet, recognizer=args.recognizer)
     summary = {k: (len(v) if isinstance(v, list) else v) for k, v in report.as_dict().items()}
     print(json.dumps(summary))
     return 0 if report.aligned else 1
@@ -67,10 +68,13 @@ def _embedder(model_path: str):
 
         card, path = Registry(MANIFEST_PATH, _shared_models()).resolve(model_path, "recognition")
         return ev.onnx_embedder(card, path)
+    from training.contract import input_contract
     from training.export import input_size_of, load_backbone
 
     model, state = load_backbone(model_path)
-    return ev.torch_embedder(model, input_size=input_size_of(state))
+    contract = input_contract(state["config"]["backbone"]["name"])
+    return ev.torch_embedder(model, input_size=input_size_of(state), mean=contract.mean,
+                             std=contract.std)
 
 
 def _cmd_evaluate(args) -> int:
@@ -87,6 +91,18 @@ def _cmd_export(args) -> int:
     from training import evaluate as ev
     from training.export import export
 
+    if args.parity_dir and not (args.pairs or args.bin):
+        # no evaluation here: the card is calibrated afterwards (e.g. from facegate eval-pairs)
+        import cv2
+        import numpy as np
+
+        files = sorted(Path(args.parity_dir).glob("*/*.png"))[: args.parity_faces]
+        crops = np.stack([cv2.imread(str(f), cv2.IMREAD_COLOR) for f in files]) if files else []
+        result = export(args.checkpoint, args.onnx, crops, name=args.name,
+                        description=args.description, licence=args.licence,
+                        training_extra=json.loads(args.training_note or "{}"))
+        print(json.dumps(result))
+        return 0
     pair_set = _pair_set(args)
     model = _embedder(args.checkpoint)
     report = ev.evaluate_model(model, pair_set)
@@ -131,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", default="yunet_2023mar", help="manifest name or .onnx path")
     p.add_argument("--models-dir", action="append", default=[],
                    help="where detector files live (default: ../shared/models)")
-    p.add_argument("--size", type=int, default=112)
+    p.add_argument("--size", type=int, default=112,
+                   help="crop side for the ArcFace template (ignored with --recognizer)")
+    p.add_argument("--recognizer", default=None,
+                   help="align with this recognizer card's crop contract (template and size), "
+                        "e.g. dlib_resnet_v1 for fine-tuning it")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--limit-per-identity", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
@@ -158,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--licence", default="")
     p.add_argument("--training-note", default=None, help="JSON merged into the card's training")
     p.add_argument("--parity-faces", type=int, default=32)
+    p.add_argument("--parity-dir", default=None,
+                   help="without --pairs/--bin: aligned crops (DIR/<id>/*.png) for the parity "
+                        "check; the card then has no evaluation or thresholds (calibrate it "
+                        "afterwards, e.g. bench/finetune_experiment.py calibrate)")
     p.add_argument("--reports", type=Path, default=None,
                    help="also write the evaluation JSON and ROC plot here")
     p.set_defaults(func=_cmd_export)

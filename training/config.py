@@ -5,6 +5,8 @@ Example (``configs/`` style)::
     data: {root: /tmp/celeba112, format: folder}
     backbone: {name: mobilefacenet, embedding_dim: 128, params: {width: 0.5}}
     loss: {name: cosface, params: {s: 32.0, m: 0.35}}
+    # fine-tuning: init: dlib_resnet_v1 (with backbone {name: dlib_resnet, embedding_dim: 128}),
+    # optim.backbone_lr_mult, optim.freeze_epochs, backbone.freeze: [stem, level1]
     epochs: 20
     batch_size: 128
     amp: bf16
@@ -27,6 +29,7 @@ class DataConfig:
     root: str = ""
     format: str = "folder"  # folder | recordio
     identities: list[str] | None = None  # restrict to these (folder format)
+    split: str | None = None  # or a split file's "train" identities (training/splits/*.json)
     max_identities: int | None = None  # the first N identities (sorted), for small runs
     min_images: int = 1
     size: int = 112  # crops are resized to this side when it differs (= backbone input_size)
@@ -42,6 +45,7 @@ class BackboneConfig:
     name: str = "mobilefacenet"
     embedding_dim: int = 512
     params: dict[str, Any] = field(default_factory=dict)  # width, input_size, dropout
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes never trained
 
 
 @dataclass
@@ -70,6 +74,8 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | constant | step
     milestones: list[float] = field(default_factory=list)  # step: epochs where lr *= 0.1
     grad_clip: float = 5.0  # max global grad norm; 0 = off
+    backbone_lr_mult: float = 1.0  # backbone lr = lr * this (fine-tuning: < 1); centres get lr
+    freeze_epochs: float = 0.0  # backbone frozen (only the centres train) for these epochs
 
 
 @dataclass
@@ -104,6 +110,11 @@ class TrainConfig:
     progress: bool = True
     checkpoint_every: int = 1  # epochs
     resume: str | None = None  # checkpoint path, or "auto" = output/last.pt if present
+    # start from pretrained weights: a manifest model the backbone can load (dlib_resnet_v1 for
+    # backbone dlib_resnet) or a checkpoint this package wrote (same backbone); a resumed run
+    # ignores it
+    init: str | None = None
+    init_centres: str = "mean"  # with init: mean | random (class centres at start)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -29,10 +29,13 @@ STD = 128.0
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def to_tensor(image_bgr: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 BGR → (3, H, W) float32 RGB, ``(x − MEAN) / STD``."""
+def to_tensor(image_bgr: np.ndarray, mean=MEAN, std=STD) -> torch.Tensor:
+    """(H, W, 3) uint8 BGR → (3, H, W) float32 RGB, ``(x − mean) / std`` (scalars or RGB triples:
+    a backbone's :class:`training.contract.InputContract`)."""
     rgb = np.ascontiguousarray(image_bgr[..., ::-1], dtype=np.float32)
-    return torch.from_numpy((rgb - MEAN) / STD).permute(2, 0, 1).contiguous()
+    mean = np.asarray(mean, dtype=np.float32)
+    std = np.asarray(std, dtype=np.float32)
+    return torch.from_numpy((rgb - mean) / std).permute(2, 0, 1).contiguous()
 
 
 @dataclass
@@ -99,6 +102,7 @@ class FaceImageFolder(Dataset):
             raise ValueError(f"no images under {self.root}")
         self.augment = augment
         self.size = size
+        self.mean, self.std = MEAN, STD  # the backbone's contract (set by the training loop)
 
     @property
     def num_classes(self) -> int:
@@ -122,7 +126,7 @@ class FaceImageFolder(Dataset):
         image = self.read(index)
         if self.augment is not None:
             image = self.augment(image)
-        return to_tensor(image), self.samples[index][1]
+        return to_tensor(image, self.mean, self.std), self.samples[index][1]
 
 
 class RecordIODataset(Dataset):
@@ -170,6 +174,7 @@ class RecordIODataset(Dataset):
             raise ValueError(f"{self.rec_path}: {len(missing)} records missing from train.idx "
                              f"(first: key {missing[0]})")
         self.augment = augment
+        self.mean, self.std = MEAN, STD  # the backbone's contract (set by the training loop)
         self._labels: list[int] | None = None
 
     def __getstate__(self):  # file handles do not cross DataLoader worker processes
@@ -260,7 +265,7 @@ class RecordIODataset(Dataset):
         image = resize(image, self.size)
         if self.augment is not None:
             image = self.augment(image)
-        return to_tensor(image), int(labels[0])
+        return to_tensor(image, self.mean, self.std), int(labels[0])
 
 
 def _write_record(rec, payload: bytes) -> None:

@@ -270,12 +270,16 @@ def roc_png(fpr: np.ndarray, tpr: np.ndarray, title: str) -> bytes:
     return buf.getvalue()
 
 
-def torch_embedder(model, device: str = "cpu", batch: int = 64, input_size: int | None = None
-                   ) -> EmbedFn:
-    """An :data:`EmbedFn` over a PyTorch backbone (eval mode, the training normalisation and resize)."""
+def torch_embedder(model, device: str = "cpu", batch: int = 64, input_size: int | None = None,
+                   mean=None, std=None) -> EmbedFn:
+    """An :data:`EmbedFn` over a PyTorch backbone (eval mode, the training normalisation and resize;
+    ``mean``/``std``: the backbone's contract, default the package's own)."""
     import torch
 
     from training.data import MEAN, STD, resize
+
+    mean = np.asarray(MEAN if mean is None else mean, dtype=np.float32)
+    std = np.asarray(STD if std is None else std, dtype=np.float32)
 
     def embed(crops: np.ndarray) -> np.ndarray:
         model.eval()
@@ -284,7 +288,7 @@ def torch_embedder(model, device: str = "cpu", batch: int = 64, input_size: int 
             for start in range(0, len(crops), batch):
                 chunk = np.stack([resize(c, input_size) for c in crops[start:start + batch]])
                 rgb = np.ascontiguousarray(chunk[..., ::-1], dtype=np.float32)
-                x = torch.from_numpy((rgb - MEAN) / STD).permute(0, 3, 1, 2).to(device)
+                x = torch.from_numpy((rgb - mean) / std).permute(0, 3, 1, 2).to(device)
                 out.append(model(x).float().cpu().numpy())
         return np.concatenate(out)
 

@@ -9,9 +9,11 @@
    minimum cosine; above tolerance the ONNX file is deleted and
    :class:`ExportError` raised;
 3. writes ``<name>.card.json`` beside it (the service's ``ModelCard`` schema):
-   preprocessing (RGB, mean 127.5, std 128 — :mod:`training.data` — and the
-   backbone's input side: the service resizes its 112×112 aligned crops to it
-   exactly as training did), the ArcFace 112×112 alignment template, embedding dim, loss and its parameters, training data,
+   the backbone's input contract (:mod:`training.contract`: RGB, mean 127.5, std
+   128 and the ArcFace 112×112 template for this package's own networks, the
+   pretrained model's card for a fine-tuned one, e.g. dlib's 150×150 chip), the
+   backbone's input side (the service resizes its aligned crops to it exactly as
+   training did), embedding dim, loss and its parameters, training data,
    evaluation results and FMR-calibrated thresholds, and the file's sha256.
 """
 
@@ -25,7 +27,8 @@ import numpy as np
 import torch
 
 from training.backbones import build_backbone
-from training.data import MEAN, STD, resize
+from training.contract import input_contract
+from training.data import resize
 
 
 class ExportError(RuntimeError):
@@ -61,8 +64,10 @@ def to_onnx(model: torch.nn.Module, path: Path, input_size: int = 112, opset: in
 
 
 def parity_check(model: torch.nn.Module, onnx_path: Path, crops: np.ndarray,
-                 max_abs_tol: float = 1e-3, min_cosine: float = 0.99999) -> dict:
-    """ONNX Runtime vs PyTorch on ``crops`` ((N, H, W, 3) uint8 BGR aligned faces)."""
+                 max_abs_tol: float = 1e-3, min_cosine: float = 0.99999,
+                 mean=127.5, std=128.0) -> dict:
+    """ONNX Runtime vs PyTorch on ``crops`` ((N, H, W, 3) uint8 BGR aligned faces), normalised
+    ``(rgb - mean) / std`` (the model's input contract)."""
     import onnxruntime as ort
 
     if len(crops) == 0:
@@ -71,7 +76,8 @@ def parity_check(model: torch.nn.Module, onnx_path: Path, crops: np.ndarray,
     side = session.get_inputs()[0].shape[2]
     crops = np.stack([resize(c, side if isinstance(side, int) else None) for c in crops])
     rgb = np.ascontiguousarray(crops[..., ::-1], dtype=np.float32)
-    blob = ((rgb - MEAN) / STD).transpose(0, 3, 1, 2).copy()
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    blob = ((rgb - mean) / std).transpose(0, 3, 1, 2).copy()
     with torch.inference_mode():
         reference = model.eval()(torch.from_numpy(blob)).numpy()
     got = session.run(["embedding"], {"input": blob})[0]
@@ -93,9 +99,10 @@ def build_card(name: str, onnx_path: Path, state: dict, evaluation: dict | None 
                commercial_use: bool = False, training_extra: dict | None = None,
                input_size: int = 112) -> dict:
     """The card dict (validated against the service's ``ModelCard`` schema)."""
-    from service.registry import ARCFACE_TEMPLATE_112, ModelCard, sha256_file
+    from service.registry import ModelCard, sha256_file
 
     cfg = state["config"]
+    contract = input_contract(cfg["backbone"]["name"])
     history = state.get("history", [])
     training = {
         "backbone": cfg["backbone"],
@@ -108,16 +115,16 @@ def build_card(name: str, onnx_path: Path, state: dict, evaluation: dict | None 
         "epochs": state.get("epoch"), "steps": state.get("step"),
         "batch_size": cfg["batch_size"], "world_size": state.get("world_size"),
         "amp": cfg["amp"], "seed": cfg["seed"],
+        "init": cfg.get("init"),
         "final_epoch_loss": history[-1]["loss"] if history else None,
         **(training_extra or {}),
     }
     card = ModelCard(
-        name=name, task="recognition", family="arcface", file=onnx_path.name,
+        name=name, task="recognition",
+        family="arcface" if contract.source == "arcface" else "dlib", file=onnx_path.name,
         sha256=sha256_file(onnx_path), source="trained with facegate-train", licence=licence,
         commercial_use=commercial_use, description=description,
-        preprocessing={"input_size": (input_size, input_size), "color": "RGB",
-                       "mean": (MEAN, MEAN, MEAN), "std": (STD, STD, STD), "layout": "NCHW"},
-        alignment={"template": [tuple(p) for p in ARCFACE_TEMPLATE_112], "size": (112, 112)},
+        **contract.card_fields(input_size),
         embedding_dim=int(cfg["backbone"]["embedding_dim"]),
         thresholds=thresholds or {},
         default_operating_point="fmr_1e-3" if thresholds and "fmr_1e-3" in thresholds else None,
@@ -136,7 +143,8 @@ def export(checkpoint: Path | str, onnx_path: Path | str, parity_crops: np.ndarr
     input_size = input_size_of(state)
     to_onnx(model, onnx_path, input_size)
     try:
-        parity = parity_check(model, onnx_path, parity_crops)
+        contract = input_contract(state["config"]["backbone"]["name"])
+        parity = parity_check(model, onnx_path, parity_crops, mean=contract.mean, std=contract.std)
     except ExportError:
         onnx_path.unlink(missing_ok=True)
         raise

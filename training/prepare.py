@@ -1,9 +1,11 @@
-"""``facegate-train prepare SRC DST``: raw photos → aligned 112×112 crops, with the service's own stages.
+"""``facegate-train prepare SRC DST``: raw photos → aligned crops, with the service's own stages.
 
 Each image under ``SRC/<identity>/`` is decoded by ``service.pipeline.decode``,
 its main face found by the service's detector (``service.pipeline.faces.main_face``:
-the largest) and warped onto the ArcFace template by ``Pipeline.locate`` — the exact
-path a request takes in the service, so training and serving see the same crops.
+the largest) and warped by ``Pipeline.locate`` onto the crop contract of a recognizer's
+card (``recognizer``: its alignment template and crop size, e.g. ``dlib_resnet_v1``'s
+150×150 chip) or, without one, the ArcFace 112×112 template scaled to ``size`` — the
+exact path a request takes in the service, so training and serving see the same crops.
 Images without a face are skipped and listed in ``DST/dataset.json``.
 """
 
@@ -71,12 +73,32 @@ def list_images(src: Path, limit_per_identity: int | None = None,
     return out
 
 
+def crop_contract(recognizer: str | None, size: int = 112) -> tuple[np.ndarray, tuple[int, int]]:
+    """(template, (w, h)) of the crops: the recognizer card's alignment (the manifest's card,
+    as the service aligns for it), or the ArcFace template scaled to ``size``."""
+    from service.pipeline.align import ARCFACE_TEMPLATE
+
+    if recognizer is None:
+        return ARCFACE_TEMPLATE * (size / 112.0), (size, size)
+    from service.config import MANIFEST_PATH
+    from service.registry import Registry
+
+    registry = Registry(MANIFEST_PATH, [])
+    if recognizer not in registry.names("recognition"):
+        raise ValueError(f"unknown recognizer {recognizer!r}; known: "
+                         f"{', '.join(registry.names('recognition'))}")
+    card = registry.cards[recognizer]
+    if card.alignment is None:
+        return ARCFACE_TEMPLATE.copy(), (112, 112)
+    width, height = card.alignment.size
+    return np.asarray(card.alignment.template, dtype=np.float32), (int(width), int(height))
+
+
 def prepare(src: Path, dst: Path, detector: str = "yunet_2023mar", model_dirs: list[Path] = (),
             size: int = 112, workers: int = 1, limit_per_identity: int | None = None,
             identities: list[str] | None = None, keys: list[str] | None = None,
-            progress: bool = True) -> PrepareReport:
+            progress: bool = True, recognizer: str | None = None) -> PrepareReport:
     """Align every face photo of ``src`` into ``dst`` (PNG, lossless); see the module docstring."""
-    from service.pipeline.align import ARCFACE_TEMPLATE
     from service.pipeline.errors import NoFace, PipelineError
     from service.pipeline.pipeline import Pipeline
 
@@ -86,8 +108,8 @@ def prepare(src: Path, dst: Path, detector: str = "yunet_2023mar", model_dirs: l
     if src.resolve() == dst.resolve():
         raise ValueError("DST must differ from SRC")
     det, settings = build_service_detector(detector, list(model_dirs))
-    template = ARCFACE_TEMPLATE * (size / 112.0)
-    faces = Pipeline(det, None, settings, template=template, crop_size=(size, size))
+    template, crop_size = crop_contract(recognizer, size)
+    faces = Pipeline(det, None, settings, template=template, crop_size=crop_size)
     items = list_images(src, limit_per_identity, identities, keys)
     report = PrepareReport(images=len(items), detector=det.card.name)
     start = time.perf_counter()
@@ -123,6 +145,7 @@ def prepare(src: Path, dst: Path, detector: str = "yunet_2023mar", model_dirs: l
             seen.add(rel.split("/")[0])
     report.identities = len(seen)
     report.seconds = round(time.perf_counter() - start, 2)
-    write_dataset_info(dst, {"source": str(src), "size": [size, size],
+    write_dataset_info(dst, {"source": str(src), "size": list(crop_size),
+                             "recognizer": recognizer,
                              "template": (np.asarray(template)).round(4).tolist(), **report.as_dict()})
     return report

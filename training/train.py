@@ -13,7 +13,13 @@
   number of processes; a run stopped by ``max_steps`` resumes mid-epoch;
 * deterministic seeding (per rank), tqdm progress with samples/s and ETA,
   ``metrics.csv`` and optionally TensorBoard;
-* optional verification on LFW-style pairs after epochs (rank 0).
+* optional verification on LFW-style pairs after epochs (rank 0);
+* fine-tuning: ``init`` loads pretrained weights (a manifest model such as
+  ``dlib_resnet_v1``, or a checkpoint of this package), the class centres start at
+  each identity's mean normalised embedding, the backbone can train at
+  ``optim.backbone_lr_mult`` times the learning rate, stay frozen for
+  ``optim.freeze_epochs`` and keep ``backbone.freeze`` prefixes frozen throughout;
+  batches are normalised with the backbone's input contract (:mod:`training.contract`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from training import losses as L
 from training.backbones import build_backbone
 from training.config import TrainConfig
+from training.contract import input_contract
 from training.data import Augment, FaceImageFolder, PKSampler, RecordIODataset, ResumableSampler
 from training.partial_fc import MarginClassifier
 
@@ -90,16 +97,88 @@ def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
 def build_dataset(cfg: TrainConfig):
     augment = Augment(flip=cfg.data.flip, brightness=cfg.data.brightness,
                       contrast=cfg.data.contrast, grayscale=cfg.data.grayscale)
+    contract = input_contract(cfg.backbone.name)
     if cfg.data.format == "recordio":
-        return RecordIODataset(cfg.data.root, augment, cfg.data.size)
-    if cfg.data.format != "folder":
+        dataset = RecordIODataset(cfg.data.root, augment, cfg.data.size)
+    elif cfg.data.format != "folder":
         raise ValueError(f"unknown data format {cfg.data.format!r}: use folder or recordio")
-    identities = cfg.data.identities
-    if identities is None and cfg.data.max_identities:
-        names = sorted(p.name for p in Path(cfg.data.root).iterdir() if p.is_dir())
-        identities = names[: cfg.data.max_identities]
-    return FaceImageFolder(cfg.data.root, augment, identities=identities,
-                           min_images=cfg.data.min_images, size=cfg.data.size)
+    else:
+        identities = cfg.data.identities
+        if identities is None and cfg.data.split:
+            identities = json.loads(Path(cfg.data.split).read_text())["train"]
+        if identities is None and cfg.data.max_identities:
+            names = sorted(p.name for p in Path(cfg.data.root).iterdir() if p.is_dir())
+            identities = names[: cfg.data.max_identities]
+        dataset = FaceImageFolder(cfg.data.root, augment, identities=identities,
+                                  min_images=cfg.data.min_images, size=cfg.data.size)
+    dataset.mean, dataset.std = contract.mean, contract.std
+    return dataset
+
+
+def init_backbone(cfg: TrainConfig, backbone: nn.Module) -> None:
+    """Load ``cfg.init`` into ``backbone``: a manifest model it can load, or a checkpoint of
+    this package with the same backbone."""
+    from training.contract import PRETRAINED_CONTRACTS
+
+    ref = cfg.init
+    if ref is None:
+        return
+    if not ref.endswith(".pt") and not Path(ref).is_file():
+        if PRETRAINED_CONTRACTS.get(cfg.backbone.name) is None or not hasattr(backbone,
+                                                                              "load_dlib"):
+            raise ValueError(f"init {ref!r}: backbone {cfg.backbone.name!r} loads no pretrained "
+                             "model; give a checkpoint path, or use backbone dlib_resnet")
+        from training.backbones.dlib_resnet import pretrained_network
+
+        backbone.load_dlib(pretrained_network(ref))
+        return
+    state = torch.load(ref, map_location="cpu", weights_only=False)
+    theirs = state.get("config", {}).get("backbone", {})
+    if (theirs.get("name"), theirs.get("embedding_dim")) != (cfg.backbone.name,
+                                                             cfg.backbone.embedding_dim):
+        raise ValueError(f"init {ref}: a {theirs.get('name')} ({theirs.get('embedding_dim')}-d) "
+                         f"checkpoint cannot start a {cfg.backbone.name} "
+                         f"({cfg.backbone.embedding_dim}-d) run")
+    backbone.load_state_dict(state["backbone"])
+
+
+def freeze_prefixes(backbone: nn.Module, prefixes: list[str]) -> int:
+    """Stop training parameters whose name starts with one of ``prefixes``; returns how many."""
+    count = 0
+    for name, param in backbone.named_parameters():
+        if any(name == p or name.startswith(p.rstrip(".") + ".") for p in prefixes):
+            param.requires_grad_(False)
+            count += 1
+    if prefixes and not count:
+        raise ValueError(f"backbone.freeze {prefixes} matches no parameter")
+    return count
+
+
+@torch.no_grad()
+def mean_embedding_centres(backbone: nn.Module, dataset, num_classes: int, device,
+                           batch_size: int = 64) -> torch.Tensor:
+    """(C, d) class centres: each identity's mean L2-normalised embedding (no augmentation),
+    normalised; the usual start of a classification head on a pretrained backbone."""
+    augment, dataset.augment = dataset.augment, None
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+        sums = None
+        counts = torch.zeros(num_classes, device=device)
+        for images, labels in loader:
+            emb = nn.functional.normalize(backbone(images.to(device)).float(), dim=1)
+            labels = labels.to(device)
+            if sums is None:
+                sums = torch.zeros(num_classes, emb.shape[1], device=device)
+            sums.index_add_(0, labels, emb)
+            counts.index_add_(0, labels, torch.ones_like(labels, dtype=counts.dtype))
+    finally:
+        dataset.augment = augment
+        backbone.train(was_training)
+    if sums is None or bool((counts == 0).any()):
+        raise ValueError("every class needs at least one image to initialise its centre")
+    return nn.functional.normalize(sums / counts[:, None], dim=1)
 
 
 class Objective(nn.Module):
@@ -142,10 +221,11 @@ class Objective(nn.Module):
 
 
 def build_optimizer(cfg: TrainConfig, backbone: nn.Module, objective: Objective):
-    groups = [{"params": [p for p in backbone.parameters() if p.requires_grad], "name": "backbone"}]
+    o = cfg.optim
+    groups = [{"params": [p for p in backbone.parameters() if p.requires_grad], "name": "backbone",
+               "lr": o.lr * o.backbone_lr_mult}]
     if objective.classifier is not None:
         groups.append({"params": [objective.classifier.weight], "name": "centres"})
-    o = cfg.optim
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     if o.name == "adamw":
@@ -390,9 +470,10 @@ def evaluate_pairs(cfg: TrainConfig, backbone: nn.Module, device, cache: dict) -
             cache["pairs"] = ev.load_pairs(cfg.eval.pairs, cfg.eval.aligned, cfg.eval.raw or None,
                                            cfg.eval.folds, cfg.eval.max_pairs_per_fold)
     module = backbone.module if hasattr(backbone, "module") else backbone
-    report = ev.evaluate_model(ev.torch_embedder(module, str(device), input_size=cfg.data.size),
-                               cache["pairs"],
-                               calibrate=False)
+    contract = input_contract(cfg.backbone.name)
+    embed = ev.torch_embedder(module, str(device), input_size=cfg.data.size, mean=contract.mean,
+                              std=contract.std)
+    report = ev.evaluate_model(embed, cache["pairs"], calibrate=False)
     module.train()
     return report
 
@@ -439,10 +520,23 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     params = dict(cfg.backbone.params)
     if params.setdefault("input_size", cfg.data.size) != cfg.data.size:
         raise ValueError(f"backbone input_size {params['input_size']} != data.size {cfg.data.size}")
-    backbone = build_backbone(cfg.backbone.name, cfg.backbone.embedding_dim, **params).to(device)
+    backbone = build_backbone(cfg.backbone.name, cfg.backbone.embedding_dim, **params)
+    resume = cfg.resume
+    if resume == "auto":
+        resume = str(out / "last.pt") if (out / "last.pt").exists() else None
+    if not resume:
+        init_backbone(cfg, backbone)
+    freeze_prefixes(backbone, cfg.backbone.freeze)
+    backbone = backbone.to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     backbone = backbone.to(memory_format=memory_format)
     objective = Objective(cfg, num_classes).to(device)
+    if cfg.init and not resume and objective.classifier is not None:
+        if cfg.init_centres == "mean":
+            objective.classifier.load_full_weight(
+                mean_embedding_centres(backbone, dataset, num_classes, device))
+        elif cfg.init_centres != "random":
+            raise ValueError(f"unknown init_centres {cfg.init_centres!r}: use mean or random")
     if world.world_size > 1:
         backbone = nn.parallel.DistributedDataParallel(
             backbone, device_ids=[device.index] if device.type == "cuda" else None)
@@ -452,9 +546,6 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     scaler = build_scaler(device, world.world_size) if amp_dtype == torch.float16 else None
 
     start_epoch, step, history, skip_batches = 0, 0, [], 0
-    resume = cfg.resume
-    if resume == "auto":
-        resume = str(out / "last.pt") if (out / "last.pt").exists() else None
     if resume:
         state = load_checkpoint(Path(resume), world, backbone, objective, optimizer, scaler, cfg)
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
@@ -494,7 +585,11 @@ def _train(cfg: TrainConfig, world: World) -> dict:
                 group["lr"] = base * factor
             images = images.to(device, non_blocking=True).to(memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            # frozen warm-up: only the centres train (no backbone gradients at all)
+            frozen = (epoch * steps_per_epoch + batch_index
+                      < cfg.optim.freeze_epochs * steps_per_epoch)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None), \
+                    torch.set_grad_enabled(not frozen):
                 embeddings = backbone(images)
             loss, parts = objective(embeddings.float(), labels)
             optimizer.zero_grad(set_to_none=True)

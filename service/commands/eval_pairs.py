@@ -9,10 +9,16 @@ is found, the image's central square (``NO_FACE_FRACTION`` of the shorter side, 
 the image is counted in ``no_face``.
 Thresholds at FMR 1e-2/1e-3/1e-4 come from the scores of every pair of evaluated
 images with different identities.
+
+With ``--chips DIR`` the aligned chips are kept in ``DIR`` (one ``.npz`` per detector,
+detector input, alignment template and crop size, and image list) and reused: models
+that share a crop contract (e.g. ``dlib_resnet_v1`` and models fine-tuned from it) are
+compared on the very same chips, and only the embedding is run again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -40,13 +46,16 @@ def register(subparsers) -> None:
                         help="run a dynamic-input detector on an NxN letterbox for every image "
                              "(as InsightFace's FaceAnalysis does with 640) instead of the "
                              "image's own size")
+    parser.add_argument("--chips", type=Path, default=None, metavar="DIR",
+                        help="cache the aligned chips in DIR and reuse them for every model with "
+                             "the same detector and crop contract")
     parser.add_argument("--json", action="store_true", help="print only the JSON report")
     parser.set_defaults(func=run)
 
 
-def embed_images(pipeline, paths: list[Path], workers: int) -> tuple[np.ndarray, list[bool]]:
-    """(N, dim) embeddings of each image's main face (the pipeline's analysis path, policy
-    ``largest``), and whether the no-face fallback was used."""
+def align_images(pipeline, paths: list[Path], workers: int) -> tuple[np.ndarray, list[bool]]:
+    """(N, h, w, 3) aligned chips of each image's main face (the pipeline's analysis path,
+    policy ``largest``), and whether the no-face fallback was used."""
     from service.pipeline.align import align_faces
     from service.pipeline.pairs import fallback_landmarks
 
@@ -55,8 +64,9 @@ def embed_images(pipeline, paths: list[Path], workers: int) -> tuple[np.ndarray,
         faces = pipeline.locate(image, "largest", allow_none=True)
         if not faces.detections:
             landmarks = fallback_landmarks(image.shape, pipeline.template, pipeline.crop_size)
-            faces.crops = align_faces(image, [landmarks], pipeline.template, pipeline.crop_size)
-        return pipeline.embed(faces.crops)[0], not faces.detections
+            chip = align_faces(image, [landmarks], pipeline.template, pipeline.crop_size)[0]
+            return chip, True
+        return faces.crops[0], False
 
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:
@@ -66,8 +76,43 @@ def embed_images(pipeline, paths: list[Path], workers: int) -> tuple[np.ndarray,
     return np.stack([r[0] for r in results]), [r[1] for r in results]
 
 
+def chips_key(pipeline, paths: list[Path]) -> str:
+    """What the chips depend on: detector weights and input, crop template and size, images."""
+    parts = [pipeline.detector_card.id, str(getattr(pipeline.detector, "fixed_size", None)),
+             np.asarray(pipeline.template, np.float32).round(4).tobytes().hex(),
+             str(tuple(pipeline.crop_size)), *map(str, paths)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def cached_chips(pipeline, paths: list[Path], workers: int, directory: Path | None
+                 ) -> tuple[np.ndarray, list[bool]]:
+    """``align_images``, read from / written to ``directory`` when given."""
+    if directory is None:
+        return align_images(pipeline, paths, workers)
+    path = Path(directory) / f"chips-{pipeline.detector_card.name}-{chips_key(pipeline, paths)}.npz"
+    if path.is_file():
+        with np.load(path) as data:
+            return data["chips"], [bool(f) for f in data["fallback"]]
+    chips, fallback = align_images(pipeline, paths, workers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, chips=chips, fallback=np.asarray(fallback))
+    tmp.replace(path)
+    return chips, fallback
+
+
+def embed_images(pipeline, paths: list[Path], workers: int,
+                 chips_dir: Path | None = None) -> tuple[np.ndarray, list[bool]]:
+    """(N, dim) embeddings of each image's main face, and whether the fallback was used."""
+    chips, fallback = cached_chips(pipeline, paths, workers, chips_dir)
+    batch = 64
+    vectors = [pipeline.embed(chips[i:i + batch])
+               for i in range(0, len(chips), batch)]
+    return np.concatenate(vectors), fallback
+
+
 def evaluate(pipeline, pairs_path: Path, images_dir: Path, limit_folds: int | None = None,
-             workers: int = 1) -> dict:
+             workers: int = 1, chips_dir: Path | None = None) -> dict:
     """The full report as a dict (see the module docstring); flip-augmented when the
     pipeline's embedder is (``--flip``: ``FACEGATE_FLIP_AUGMENT``)."""
     from service.pipeline.pairs import (
@@ -84,7 +129,8 @@ def evaluate(pipeline, pairs_path: Path, images_dir: Path, limit_folds: int | No
     keys = sorted({p.a for p in pairs} | {p.b for p in pairs})
     index = {k: i for i, k in enumerate(keys)}
     start = time.perf_counter()
-    embeddings, fallback = embed_images(pipeline, [images_dir / k for k in keys], workers)
+    embeddings, fallback = embed_images(pipeline, [images_dir / k for k in keys], workers,
+                                        chips_dir)
     elapsed = time.perf_counter() - start
     scores = np.array([float(embeddings[index[p.a]] @ embeddings[index[p.b]]) for p in pairs])
     labels = np.array([p.same for p in pairs])
@@ -135,7 +181,7 @@ def run(args) -> int:
     if args.letterbox:
         pipeline.detector.use_fixed_input((args.letterbox, args.letterbox))
     report = evaluate(pipeline, args.pairs, args.images, limit_folds=args.limit_folds,
-                      workers=max(1, args.workers))
+                      workers=max(1, args.workers), chips_dir=args.chips)
     if not args.json:
         print(f"{report['detector']} + {report['recognizer']}: accuracy "
               f"{report['accuracy'] * 100:.2f}% ± {report['std'] * 100:.2f} over "

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from service.gallery import audit
+from service.gallery.audit import current as current_audit
 from service.gallery.errors import (
     Conflict,
     FaceNotFound,
@@ -134,7 +134,7 @@ class SQLStore(GalleryStore):
     def _write(self) -> Iterator[Cursor]:
         """:meth:`_write_tx`, plus the audit row of the current request (see
         :mod:`service.gallery.audit`) when the transaction appended change-log entries."""
-        entry = audit.current()
+        entry = current_audit()
         with self._write_tx() as cur:
             cur.changes = []
             yield cur

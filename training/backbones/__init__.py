@@ -2,7 +2,8 @@
 
 ``build_backbone(name, embedding_dim, **kwargs)`` is the one way the training
 loop and the exporter create a network: ``iresnet18/34/50/100``,
-``mobilefacenet``, and the loss-comparison study's ``resnet50`` and ``mobilenetv1``.
+``mobilefacenet``, the loss-comparison study's ``resnet50`` and ``mobilenetv1``, and
+``dlib_resnet`` (the default recognizer's network, for fine-tuning from its weights).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from functools import partial
 
 from torch import nn
 
+from training.backbones.dlib_resnet import DlibResNet
 from training.backbones.iresnet import IResNet
 from training.backbones.mobilefacenet import MobileFaceNet
 from training.backbones.mobilenet import MobileNetV1
@@ -24,6 +26,7 @@ BACKBONES = {
     "mobilefacenet": MobileFaceNet,
     "resnet50": ResNet50,
     "mobilenetv1": MobileNetV1,
+    "dlib_resnet": DlibResNet,  # 150x150 dlib chip, 128-d; init: dlib_resnet_v1
 }
 
 
