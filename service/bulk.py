@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +117,7 @@ def enrol_photos(
     gallery,
     name: str,
     model_id: str,
-    items: list[tuple[str, dict | None, bytes]],
+    items: Sequence[tuple[str, dict | None, bytes]],
     accepted: list[Accepted],
 ) -> list[dict]:
     """Add ``accepted[i]`` for ``items[i] = (subject_id, metadata, photo)`` in one transaction;

@@ -78,7 +78,7 @@ class BodyLimitMiddleware:
                 chunks.append(body)
                 if not message.get("more_body", False):
                     break
-        if deadline.cancelled_caught:
+        if deadline.cancelled_caught and self.body_timeout_s is not None:
             await self._refuse(request_timeout(self.body_timeout_s), scope, receive, send)
             return
         replayed = False

@@ -1,4 +1,5 @@
-"""Whether one gallery's index holds exactly what the store holds (``GalleryService.check_index``)."""
+"""Whether one gallery's index holds exactly what the store holds
+(``GalleryService.check_index``)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def compare_gallery(name: str, index: GalleryIndex | None, face_ids: Sequence[in
       store's (or is missing).
     """
     store_ids = np.asarray(face_ids, dtype=np.int64).reshape(-1)
-    store_subject = dict(zip(store_ids.tolist(), subject_ids))
+    store_subject = dict(zip(store_ids.tolist(), subject_ids, strict=True))
+    mapping: dict[int, str]
     if index is None:
         held, mapping = np.zeros(0, np.int64), {}
     else:
