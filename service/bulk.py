@@ -19,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +34,12 @@ from service.gallery.store import NewFace, NewSubject
 from service.pipeline.errors import PipelineError
 from service.pipeline.faces import face_quality
 from service.pipeline.quality import check_enrol_quality
+from service.pipeline.types import Detection
+
+if TYPE_CHECKING:
+    from service.config import Settings
+    from service.gallery.service import GalleryService
+    from service.pipeline.pipeline import Pipeline
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 BATCH = 16
@@ -42,7 +49,7 @@ BATCH = 16
 class Located:
     """One photo's enrolment face, aligned, before embedding."""
 
-    detection: object  # service.pipeline.types.Detection
+    detection: Detection
     crop: np.ndarray
     quality: dict
 
@@ -53,7 +60,7 @@ class Accepted:
 
     embedding: np.ndarray
     quality: dict
-    detection: object  # service.pipeline.types.Detection
+    detection: Detection
 
 
 def locate_photo(pipeline, settings, data: bytes) -> Located:
@@ -114,10 +121,10 @@ def content_sha256(data: bytes) -> str:
 
 
 def enrol_photos(
-    gallery,
+    gallery: GalleryService,
     name: str,
     model_id: str,
-    items: list[tuple[str, dict | None, bytes]],
+    items: Sequence[tuple[str, dict | None, bytes]],
     accepted: list[Accepted],
 ) -> list[dict]:
     """Add ``accepted[i]`` for ``items[i] = (subject_id, metadata, photo)`` in one transaction;
@@ -191,15 +198,15 @@ class DirectoryImport:
 
     def __init__(
         self,
-        gallery,
-        pipeline,
-        settings,
+        gallery: GalleryService,
+        pipeline: Pipeline,
+        settings: Settings,
         root: Path,
         name: str,
         batch: int = BATCH,
         workers: int | None = None,
     ) -> None:
-        self.gallery = gallery  # service.gallery.GalleryService
+        self.gallery = gallery
         self.pipeline = pipeline
         self.settings = settings
         self.root = Path(root)

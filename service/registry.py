@@ -18,9 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 ARCFACE_TEMPLATE_112 = [
     [38.2946, 51.6963],
@@ -49,7 +52,7 @@ class Alignment(BaseModel):
     """Similarity-transform target: five (x, y) points in a crop of ``size`` (w, h)."""
 
     template: list[tuple[float, float]] = Field(
-        default_factory=lambda: [tuple(p) for p in ARCFACE_TEMPLATE_112]
+        default_factory=lambda: [(float(x), float(y)) for x, y in ARCFACE_TEMPLATE_112]
     )
     size: tuple[int, int] = (112, 112)
 
@@ -72,9 +75,9 @@ class ModelCard(BaseModel):
     thresholds: dict[str, float] = Field(default_factory=dict,
                                          description="operating point (fmr_1e-3 ...) -> cosine")
     default_operating_point: str | None = None
-    evaluation: dict = Field(default_factory=dict)
-    training: dict = Field(default_factory=dict)
-    extra: dict = Field(default_factory=dict, description="family-specific settings")
+    evaluation: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict, description="family-specific settings")
 
     @property
     def fallback_for(self) -> str | None:
@@ -224,5 +227,5 @@ def select_recognizer(configured: str | None, registry: Registry) -> tuple[str, 
     return DEFAULT_RECOGNIZER, "default"
 
 
-def default_registry(settings) -> Registry:  # settings: service.config.Settings
+def default_registry(settings: Settings) -> Registry:
     return Registry(settings.manifest, [settings.models_dir])

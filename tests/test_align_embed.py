@@ -51,7 +51,7 @@ def assert_crops_match_norm_crop(pipeline, image, faces) -> np.ndarray:
     crops = pipeline.align(image, faces)
     assert crops.shape == (len(faces), 112, 112, 3) and crops.dtype == np.uint8
     errors = []
-    for crop, face in zip(crops, faces):
+    for crop, face in zip(crops, faces, strict=True):
         reference = face_align.norm_crop(image, face.landmarks)
         errors.append(np.abs(crop.astype(int) - reference.astype(int)).mean())
     assert max(errors, default=0.0) <= 1.0, errors
@@ -117,7 +117,9 @@ def test_flip_augmentation(shared_registry, pipeline):
     image = cv2.imread(str(GROUP_PHOTO))
     crops = pipeline.align(image, pipeline.detect(image))
     plain = pipeline.embedder
-    raw = plain._forward(plain.preprocess(crops)) + plain._forward(plain.preprocess(crops[:, :, ::-1]))
+    raw = plain._forward(plain.preprocess(crops)) + plain._forward(
+        plain.preprocess(crops[:, :, ::-1])
+    )
     expected = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     flipped = flipper.embed(crops)
     np.testing.assert_allclose(flipped, expected, atol=1e-5)
@@ -137,7 +139,8 @@ def tiny_dynamic_model(path: Path) -> ModelCard:
              helper.make_node("Flatten", ["r"], ["f"]),
              helper.make_node("MatMul", ["f", "fc"], ["output"])]
     graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 112, 112])],
+        nodes, "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 112, 112])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 16])], [conv, fc])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8

@@ -190,7 +190,8 @@ def test_good_requests_work_under_auth(server, client, images):
     assert httpx.get(f"{server.base_url}/v1/info").status_code == 401
     metrics = httpx.get(f"{server.base_url}/metrics").text
     for series in ('facegate_stage_seconds_count{route="/v1/verify",stage="detect"}',
-                   'facegate_stage_seconds_count{route="/v1/identify",stage="search"}', "facegate_faces_per_image_count",
+                   'facegate_stage_seconds_count{route="/v1/identify",stage="search"}',
+                   "facegate_faces_per_image_count",
                    'facegate_gallery_faces{gallery="people"} 1.0',
                    'facegate_http_request_seconds_count{method="POST",route="/v1/verify"}'):
         assert series in metrics, series

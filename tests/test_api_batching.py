@@ -52,7 +52,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows(pipeline, crop
             await batcher.stop()
 
     results = _run(main())
-    for request, got in zip(requests, results):
+    for request, got in zip(requests, results, strict=True):
         assert got.shape == (len(request), 128)
         np.testing.assert_allclose(got, pipeline.embed(request), atol=1e-5)
     assert sum(sizes) == sum(len(r) for r in requests)

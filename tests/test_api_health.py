@@ -33,14 +33,19 @@ def test_not_ready_until_started(tmp_path):
     assert info.status_code == 503 and info.json()["error"]["code"] == "not_ready"
     assert unauthorised.status_code == 401  # auth is checked before readiness
     assert metrics.status_code == 200
-    assert 'facegate_http_requests_total{method="GET",route="/readyz",status="503"} 1.0' in metrics.text
+    assert (
+        'facegate_http_requests_total{method="GET",route="/readyz",status="503"} 1.0'
+        in metrics.text
+    )
     # every app has its own registry: a second app starts from zero
     other = create_app(Settings(data_dir=tmp_path))
     assert other.state.metrics.registry is not app.state.metrics.registry
 
     # the OpenAPI description documents both body forms of the image endpoints
     spec = openapi.json()
-    for path in ("/v1/verify", "/v1/identify", "/v1/galleries/{gallery}/subjects/{subject_id}/faces"):
+    for path in (
+        "/v1/verify", "/v1/identify", "/v1/galleries/{gallery}/subjects/{subject_id}/faces"
+    ):
         content = spec["paths"][path]["post"]["requestBody"]["content"]
         assert {"multipart/form-data", "application/json"} <= set(content), path
     assert "best" in spec["paths"]["/v1/identify"]["post"]["description"]

@@ -180,8 +180,12 @@ def test_bench_embed_quick():
         assert row["ort"] > 0 and row["torch_fp32"] > 0
     best = result["best_faces_per_s"]
     assert best["ort"] == max(row["ort"] for row in result["rows"])
-    assert result["ort_vs_fastest_torch"] == pytest.approx(best["ort"] / best["torch_fp32"], rel=1e-2)
+    assert result["ort_vs_fastest_torch"] == pytest.approx(
+        best["ort"] / best["torch_fp32"], rel=1e-2
+    )
     roofline = result["roofline_faces_per_s"]["fp32"]
     assert roofline == pytest.approx(report["matmul_tflops"]["fp32"] * 1e12
                                      / (result["gflops_per_face"] * 1e9), rel=0.05)
-    assert result["ort_fraction_of_fp32_roofline"] == pytest.approx(best["ort"] / roofline, rel=0.02)
+    assert result["ort_fraction_of_fp32_roofline"] == pytest.approx(
+        best["ort"] / roofline, rel=0.02
+    )

@@ -1,4 +1,5 @@
-"""decode_image: every refusal is typed and happens before decoding; accepted formats decode right."""
+"""decode_image: every refusal is typed and happens before decoding; accepted formats decode
+right."""
 
 from __future__ import annotations
 
@@ -82,7 +83,9 @@ def test_zero_bytes():
 
 
 def test_text_is_unsupported():
-    assert_refused(b"name,age\nalice,30\n" * 10, UnsupportedImageType, 415, "unsupported_image_type")
+    assert_refused(
+        b"name,age\nalice,30\n" * 10, UnsupportedImageType, 415, "unsupported_image_type"
+    )
 
 
 def test_gif_and_pdf_are_unsupported(photo_rgb):

@@ -107,7 +107,9 @@ def test_parsed_network_matches_the_published_architecture(source_files):
     net = parse_dlib_network(source_files["network"].read_bytes())
     assert net.channel_means == pytest.approx((122.782, 117.001, 104.298), abs=1e-4)
     assert net.loss == pytest.approx({"margin": 0.04, "distance_threshold": 0.6}, abs=1e-6)
-    convs = [p["weight"].shape for op, p in zip(net.ops, net.params) if op.kind == "con"]
+    convs = [
+        p["weight"].shape for op, p in zip(net.ops, net.params, strict=True) if op.kind == "con"
+    ]
     assert len(convs) == 29 and convs[0] == (32, 3, 7, 7) and convs[-1] == (256, 256, 3, 3)
     total = sum(a.size for p in net.params for a in p.values())
     assert total == 5_614_592
@@ -157,7 +159,7 @@ def test_onnx_descriptors_match_dlib_on_real_photos(card, source_files, converte
     batch = np.stack([(chip.astype(np.float32) - mean) / std for _, _, chip in chips])
     ours = session.run(None, {"input": batch.transpose(0, 3, 1, 2)})[0]
     assert ours.shape == (len(chips), 128)
-    for (rgb, shape, chip), vector in zip(chips, ours):
+    for (rgb, shape, chip), vector in zip(chips, ours, strict=True):
         reference = np.asarray(recognizer.compute_face_descriptor(chip))
         # dlib's own chip extraction from the full image gives the same descriptor.
         assert np.allclose(reference, recognizer.compute_face_descriptor(rgb, shape), atol=1e-6)
@@ -192,7 +194,7 @@ def test_faceapi_port_converts_to_the_same_network(source_files, dlib_chips):
         mean = np.asarray(card.preprocessing.mean, np.float32)
         batch = np.stack([(chip.astype(np.float32) - mean) / 256.0 for _, _, chip in chips])
         ours = session.run(None, {"input": batch.transpose(0, 3, 1, 2)})[0]
-    for (_, _, chip), vector in zip(chips, ours):
+    for (_, _, chip), vector in zip(chips, ours, strict=True):
         reference = np.asarray(recognizer.compute_face_descriptor(chip))
         assert vector @ reference / np.linalg.norm(vector) / np.linalg.norm(reference) >= 0.999
 
@@ -214,7 +216,7 @@ def test_alignment_template_reproduces_dlib_chips(card, source_files, converted,
     recognizer = dlib.face_recognition_model_v1(str(source_files["network"]))
     template = np.asarray(card.alignment.template, np.float32)
     cosines = []
-    for rgb, shape, chip in dlib_chips:
+    for rgb, _shape, chip in dlib_chips:
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         detections = detector.detect(bgr)
         assert detections

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
+import insightface
 import numpy as np
 import pytest
 
-import insightface
 from service.config import Settings
 from service.pipeline.detectors import build_detector, detector_class
 from service.pipeline.detectors.base import letterbox
@@ -104,7 +104,7 @@ def test_scrfd_parity_with_insightface(shared_registry, group_photo, lfw_images,
         faces = ours.detect(image)
         boxes, kpss = reference.detect(image, input_size=ours.input_size_for(image))
         assert len(faces) == len(boxes)
-        for face, box, kps in zip(faces, boxes, kpss):
+        for face, box, kps in zip(faces, boxes, kpss, strict=True):
             assert box_iou(face.box, box[:4]) >= 0.95
             assert np.abs(face.landmarks - kps).max() <= 1.5
             assert abs(face.score - box[4]) < 1e-3
@@ -168,10 +168,10 @@ def test_batch_equals_one_by_one(shared_registry, group_photo, lfw_images):
         det = detector(shared_registry, name)
         images = [group_photo, *lfw_images[:5]]
         batched = det.detect_batch(images)
-        for image, faces in zip(images, batched):
+        for image, faces in zip(images, batched, strict=True):
             single = det.detect(image)
             assert len(single) == len(faces)
-            for a, b in zip(single, faces):
+            for a, b in zip(single, faces, strict=True):
                 np.testing.assert_allclose(a.box, b.box, atol=1e-3)
                 np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-3)
 
@@ -181,7 +181,8 @@ def test_settings_limit_the_results(shared_registry, group_photo):
     top = detector(shared_registry, "scrfd_2.5g_bnkps").detect(group_photo)
     limited = detector(shared_registry, "scrfd_2.5g_bnkps", max_faces=2).detect(group_photo)
     assert [f.score for f in limited] == [f.score for f in top[:2]]
-    assert detector(shared_registry, "scrfd_2.5g_bnkps", min_face_size=400).detect(group_photo) == []
+    large_only = detector(shared_registry, "scrfd_2.5g_bnkps", min_face_size=400)
+    assert large_only.detect(group_photo) == []
     strict = detector(shared_registry, "scrfd_2.5g_bnkps", det_threshold=0.99).detect(group_photo)
     assert len(strict) < 6 and all(f.score >= 0.99 for f in strict)
 
@@ -197,7 +198,8 @@ def test_mtcnn_default_detector(group_photo, default_models_dir):
     from service.registry import Registry
 
     settings = Settings(models_dir=default_models_dir)
-    card, path = Registry(settings.manifest, [default_models_dir]).resolve("mtcnn", task="detection")
+    registry = Registry(settings.manifest, [default_models_dir])
+    card, path = registry.resolve("mtcnn", task="detection")
     faces = build_detector(card, path, settings).detect(group_photo)
     confident = [f for f in faces if f.score >= 0.95]
     assert len(confident) == 6

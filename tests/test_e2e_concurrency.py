@@ -65,7 +65,8 @@ async def _client(n: int, base_url: str, photos: list[bytes], deadline: float, l
                                       files={"image": ("p.jpg", rng.choice(photos))})
             elif op == "verify":
                 r = await client.post("/v1/verify", files={
-                    "image1": ("a.jpg", rng.choice(photos)), "image2": ("b.jpg", rng.choice(photos))})
+                    "image1": ("a.jpg", rng.choice(photos)),
+                    "image2": ("b.jpg", rng.choice(photos))})
             else:
                 if not mine:
                     continue

@@ -254,7 +254,7 @@ def test_patch_metadata_identify_a_group_and_verify_by_best_face(server):
     body = r.json()
     faces = sorted(body["faces"], key=lambda f: f["box"][0])  # left to right
     assert len(faces) == 2
-    for face, subject in zip(faces, ("blair", "schroeder")):
+    for face, subject in zip(faces, ("blair", "schroeder"), strict=True):
         assert face["candidates"][0]["subject_id"] == subject, face["candidates"]
         assert face["candidates"][0]["similarity"] > face["candidates"][1]["similarity"]
         assert face["match"] == (subject if face["candidates"][0]["similarity"]

@@ -321,7 +321,7 @@ def test_subject_faces_are_read_from_the_store(gallery):
 def test_deletes_leave_search(gallery):
     rng = np.random.default_rng(5)
     a, b = unit(rng), unit(rng)
-    for subject, centre in (("a", a), ("b", b)):
+    for subject in ("a", "b"):
         gallery.upsert_subject("g", subject, None, MODEL)
     a_faces = [gallery.add_face("g", "a", near(rng, a), MODEL, {})["face_id"] for _ in range(3)]
     b_face = gallery.add_face("g", "b", near(rng, b), MODEL, {})["face_id"]
@@ -406,7 +406,7 @@ def test_sixteen_threads_mixing_writes_and_searches_keep_index_and_store_equal(s
         replica = one if seed % 2 else two
         mine: list[int] = []
         try:
-            for step in range(30):
+            for _ in range(30):
                 action = rng.integers(0, 10)
                 if action < 5 or not mine:
                     face = replica.add_face("g", f"s{rng.integers(0, 8)}", unit(rng), MODEL, {})

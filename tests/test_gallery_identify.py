@@ -76,15 +76,15 @@ def test_identifies_real_people_by_their_best_face(tmp_path, celeba_embeddings):
         results = service.search("celeba", probes, 5, MODEL)
 
         top1 = [hits[0]["subject_id"] for hits in results]
-        accuracy = np.mean([t == i for t, i in zip(top1, identities)])
+        accuracy = np.mean([t == i for t, i in zip(top1, identities, strict=True)])
         assert accuracy >= 0.8, f"rank-1 accuracy {accuracy:.2f} on {PEOPLE} people"
-        for identity, probe, hits in zip(identities, probes, results):
+        for probe, hits in zip(probes, results, strict=True):
             assert len({h["subject_id"] for h in hits}) == len(hits) == 5
             best = max(float(v @ probe) for v in celeba_embeddings[hits[0]["subject_id"]][:2])
             assert hits[0]["similarity"] == pytest.approx(best, abs=1e-5)  # max fusion
 
         # Deleting a correctly identified person removes them from every result.
-        found = next(i for t, i in zip(top1, identities) if t == i)
+        found = next(i for t, i in zip(top1, identities, strict=True) if t == i)
         service.delete_subject("celeba", found)
         again = service.search("celeba", probes, 5, MODEL)
         assert all(found not in {h["subject_id"] for h in hits} for hits in again)

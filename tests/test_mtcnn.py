@@ -200,7 +200,7 @@ def test_each_network_matches_facenet_pytorch(detector, reference):
                 theirs = reference.nets[net](torch.from_numpy(batch))
             # facenet-pytorch's O-Net returns (reg, landmarks, prob) like ours
             assert len(ours) == len(theirs)
-            for a, b in zip(ours, theirs):
+            for a, b in zip(ours, theirs, strict=True):
                 assert a.shape == tuple(b.shape)
                 assert float(np.abs(a - b.numpy()).max()) <= 1e-4, net
 
@@ -246,7 +246,7 @@ def test_end_to_end_matches_facenet_pytorch(detector, facenet_compatible, refere
             assert np.abs(face.landmarks - ref_points[j]).max() <= 1.0, path
             assert abs(face.score - ref_boxes[j, 4]) < 1e-3
         ours = detector.detect(bgr)
-        for r, points in zip(ref_boxes, ref_points):
+        for r, points in zip(ref_boxes, ref_points, strict=True):
             total += 1
             # a truncation moves a box by < 1 px per stage: small faces lose IoU, not place
             tolerance = max(3.0, 0.05 * (r[2] - r[0]))
@@ -302,10 +302,10 @@ def test_lfw_crops_one_central_face(detector, lfw_100):
 def test_detect_batch_equals_detect(detector, lfw_100):
     images = lfw_100[:3] + [cv2.imread(str(p)) for p in _photos(0, 3, seed=11)]
     batched = detector.detect_batch(images)
-    for image, faces in zip(images, batched):
+    for image, faces in zip(images, batched, strict=True):
         single = detector.detect(image)
         assert len(single) == len(faces)
-        for a, b in zip(single, faces):
+        for a, b in zip(single, faces, strict=True):
             np.testing.assert_allclose(a.box, b.box, atol=1e-3)
             np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-3)
 

@@ -10,9 +10,9 @@ import threading
 import zipfile
 from pathlib import Path
 
+import insightface
 import pytest
 
-import insightface
 from service.cli import main
 from service.commands.models import PullError, download
 from service.registry import sha256_file
@@ -54,7 +54,9 @@ def test_models_verify_fails_on_tampered_and_missing(tmp_path, capsys):
     shutil.copyfile(SHARED_MODELS / "yunet_2023mar.onnx", bad)
     with open(bad, "ab") as fh:
         fh.write(b"\0")
-    code, out, _ = run_cli(capsys, "models", "verify", "yunet_2023mar", "--models-dir", str(tmp_path))
+    code, out, _ = run_cli(
+        capsys, "models", "verify", "yunet_2023mar", "--models-dir", str(tmp_path)
+    )
     assert code == 1 and "CHECKSUM MISMATCH" in out
     code, out, _ = run_cli(capsys, "models", "verify", "scrfd_2.5g_bnkps",
                            "--models-dir", str(tmp_path))
@@ -95,9 +97,13 @@ def test_models_pull_downloads_verifies_and_installs(tmp_path, file_server, caps
     models_dir = tmp_path / "models"
 
     for source in (f"{base}/yunet.onnx", f"{base}/pack.zip"):
-        manifest = write_manifest(tmp_path / "manifest.json", "yunet_pull", "yunet_pull.onnx", source)
+        manifest = write_manifest(
+            tmp_path / "manifest.json", "yunet_pull", "yunet_pull.onnx", source
+        )
         monkeypatch.setenv("FACEGATE_MANIFEST", str(manifest))
-        code, out, err = run_cli(capsys, "models", "pull", "yunet_pull", "--models-dir", str(models_dir))
+        code, out, err = run_cli(
+            capsys, "models", "pull", "yunet_pull", "--models-dir", str(models_dir)
+        )
         assert code == 0, err
         installed = models_dir / "yunet_pull.onnx"
         assert sha256_file(installed) == sha256_file(SHARED_MODELS / "yunet_2023mar.onnx")
@@ -159,7 +165,9 @@ def test_models_install_offline_prints_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_detect_command(capsys):
-    code, out, _ = run_cli(capsys, "detect", str(GROUP_PHOTO), *MODELS, "--detector", "yunet_2023mar")
+    code, out, _ = run_cli(
+        capsys, "detect", str(GROUP_PHOTO), *MODELS, "--detector", "yunet_2023mar"
+    )
     report = json.loads(out)
     assert code == 0 and report["width"] == 1280 and len(report["faces"]) == 6
     assert all(len(f["landmarks"]) == 5 and f["score"] >= 0.5 for f in report["faces"])

@@ -1,4 +1,5 @@
-"""``require_reference``: a parity test's missing reference library fails unless skips are allowed."""
+"""``require_reference``: a parity test's missing reference library fails unless skips are
+allowed."""
 
 from __future__ import annotations
 

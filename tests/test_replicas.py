@@ -95,7 +95,7 @@ def _assert_every_index_equals_store(replicas: list[Replica], gallery: str) -> i
     its subject, by ``/v1/info?check_index=true``), all at one seq; return the face count."""
     states = wait_converged(replicas)
     checks = [r.index_check() for r in replicas]
-    for replica, check in zip(replicas, checks):
+    for replica, check in zip(replicas, checks, strict=True):
         assert check["consistent"], f"{replica}: index differs from the store: {check} ({states})"
     assert len({c["seq"] for c in checks}) == 1, [c["seq"] for c in checks]
     counts = {next(g["store_faces"] for g in c["galleries"] if g["name"] == gallery)
@@ -367,7 +367,7 @@ def test_32_clients_mixed_load_every_index_equals_store(replicas, photos):
     for replica in replicas:
         with replica.client() as client:
             subjects = {s["subject_id"]: len(s["faces"]) for s in list_subjects(client, gallery)}
-            assert subjects == {**{s: 1 for s in alive}, **{s: 0 for s in empty}}
+            assert subjects == {**dict.fromkeys(alive, 1), **dict.fromkeys(empty, 0)}
             for subject in rng.sample(sorted(alive), min(6, len(alive))):
                 candidates = identify(client, gallery, photo(alive[subject][0]), top_k=3)
                 assert candidates and candidates[0]["subject_id"] == subject, (replica, subject)

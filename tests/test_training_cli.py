@@ -69,7 +69,9 @@ def test_cli_prepare_train_evaluate_export_then_serve(tmp_path, capsys):
     assert json.loads((celeba / "dataset.json").read_text())["aligned"] == summary["aligned"]
 
     fold = [p for p in parse_pairs(LFW / "pairs.txt") if p.fold == 0]
-    chosen = [p for p in fold if p.same][: PAIRS // 2] + [p for p in fold if not p.same][: PAIRS // 2]
+    chosen = (
+        [p for p in fold if p.same][: PAIRS // 2] + [p for p in fold if not p.same][: PAIRS // 2]
+    )
     keys = sorted({p.a for p in chosen} | {p.b for p in chosen})
     link_subset(tmp_path / "lfw", [LFW / "images" / k for k in keys])
     lfw = tmp_path / "lfw112"

@@ -1,4 +1,5 @@
-"""The sharded class-centre softmax over 2 real processes (gloo on CPU) equals the single-process one."""
+"""The sharded class-centre softmax over 2 real processes (gloo on CPU) equals the single-process
+one."""
 
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def test_two_rank_sharded_softmax_matches_one_process(tmp_path):
     assert ranges == [(0, 6), (6, 11)]
 
 
-# --------------------------------------------------------------------------- clipping and fp16 under DDP
+# ----------------------------------------------------------------- clipping and fp16 under DDP
 
 STEPS, CLIP, IN = 4, 0.05, 10
 
@@ -137,7 +138,8 @@ def _clip_worker(rank: int, port: int, out: str) -> None:
             optimizer.zero_grad(set_to_none=True)
             clf(model(x[s, rows]), y[s, rows]).backward()
             norms.append(clip_and_step(optimizer, None, CLIP, WORLD))
-        result = {"norms": norms, "backbone": {k: v.clone() for k, v in backbone.state_dict().items()},
+        result = {"norms": norms,
+                  "backbone": {k: v.clone() for k, v in backbone.state_dict().items()},
                   "centres": clf.full_weight()}
 
         # fp16 scaler: a non-finite gradient in one rank's centre shard only skips the step on
@@ -149,7 +151,9 @@ def _clip_worker(rank: int, port: int, out: str) -> None:
         if rank == 1:
             clf.weight.grad[0, 0] = float("inf")
         result["inf_step"] = clip_and_step(optimizer, scaler, CLIP, WORLD)
-        result["unchanged"] = all(torch.equal(a, p) for a, p in zip(before, backbone.parameters()))
+        result["unchanged"] = all(
+            torch.equal(a, p) for a, p in zip(before, backbone.parameters(), strict=True)
+        )
         result["scale_after_inf"] = scaler.get_scale()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(clf(model(x[1, :B]), y[1, :B])).backward()
@@ -178,7 +182,7 @@ def test_global_grad_clipping_keeps_the_backbone_replicated_and_equal_to_one_pro
 
     # every rank: the same global norm, the same backbone (bit for bit), as one process gets
     assert got[0]["norms"] == got[1]["norms"]
-    for (norm, stepped), (ref, _) in zip(got[0]["norms"], norms):
+    for (norm, stepped), (ref, _) in zip(got[0]["norms"], norms, strict=True):
         assert stepped and norm == pytest.approx(ref, rel=1e-4)
     for key, value in backbone.state_dict().items():
         assert torch.equal(got[0]["backbone"][key], got[1]["backbone"][key]), key
@@ -192,7 +196,7 @@ def test_global_grad_clipping_keeps_the_backbone_replicated_and_equal_to_one_pro
         assert got[r]["unchanged"]
         assert got[r]["scale_after_inf"] == 2.0 ** 15
         assert got[r]["fp16_step"][1]
-    for a, b in zip(got[0]["backbone_after_fp16"], got[1]["backbone_after_fp16"]):
+    for a, b in zip(got[0]["backbone_after_fp16"], got[1]["backbone_after_fp16"], strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(got[0]["backbone_after_fp16"][0], got[0]["backbone"]["0.weight"])
 

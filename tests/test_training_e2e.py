@@ -18,7 +18,8 @@ PAIRS_PER_FOLD = 16
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """One intra-op thread: CPU training on a shared 2-core box is fastest without OpenMP contention."""
+    """One intra-op thread: CPU training on a shared 2-core box is fastest without OpenMP
+    contention."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -75,7 +76,8 @@ def test_prepare_train_evaluate_export_and_serve(celeba_tiny, tmp_path):  # noqa
     card_json = json.loads((tmp_path / "models" / "tiny_arcface.card.json").read_text())
     card = ModelCard.model_validate(card_json)
     assert card.embedding_dim == 32 and card.preprocessing.input_size == (56, 56)
-    assert card.training["loss"]["name"] == "arcface" and card.training["loss"]["params"]["m"] == 0.3
+    loss = card.training["loss"]
+    assert loss["name"] == "arcface" and loss["params"]["m"] == 0.3
     assert set(card.thresholds) == {"fmr_1e-2", "fmr_1e-3", "fmr_1e-4"}
 
     # a model that is not the exported one fails the parity check

@@ -14,7 +14,8 @@ from training import evaluate as ev
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """One intra-op thread: CPU training on a shared 2-core box is fastest without OpenMP contention."""
+    """One intra-op thread: CPU training on a shared 2-core box is fastest without OpenMP
+    contention."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -64,7 +65,8 @@ def test_report_accuracy_tar_and_calibration():
     sims = emb @ emb.T
     upper = np.triu(np.ones_like(sims, bool), 1) & (ids[:, None] != ids[None, :])
     # (1e-6: float32 products summed in another order differ in the last bit)
-    assert np.mean(sims[upper] >= th["fmr_1e-2"] + 1e-6) <= 1e-2 < np.mean(sims[upper] >= th["fmr_1e-2"] - 0.02)
+    at_1e2 = th["fmr_1e-2"]
+    assert np.mean(sims[upper] >= at_1e2 + 1e-6) <= 1e-2 < np.mean(sims[upper] >= at_1e2 - 0.02)
 
 
 def test_separable_embeddings_score_perfectly_and_random_ones_do_not():
@@ -80,7 +82,8 @@ def test_flip_embeddings_sum_the_mirror_image():
     images = np.random.default_rng(0).integers(0, 255, (3, 8, 8, 3), dtype=np.uint8)
 
     def embed(crops):  # an embedding that sees left/right asymmetry
-        return crops.reshape(len(crops), 8, -1)[:, :, :12].reshape(len(crops), -1).astype(np.float32)
+        n = len(crops)
+        return crops.reshape(n, 8, -1)[:, :, :12].reshape(n, -1).astype(np.float32)
 
     got = ev.flip_embeddings(embed, images)
     want = embed(images) + embed(images[:, :, ::-1])

@@ -1,4 +1,5 @@
-"""The training loop on a tiny real set: every loss learns, checkpoints resume exactly, data readers."""
+"""The training loop on a tiny real set: every loss learns, checkpoints resume exactly, data
+readers."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ PER_IDENTITY = 5
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """One intra-op thread: CPU training on a shared 2-core box is fastest without OpenMP contention."""
+    """One intra-op thread: CPU training on a shared 2-core box is fastest without OpenMP
+    contention."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,4 +1,5 @@
-"""The project's own trained models in ``models/``: cards valid, files verified, usable by the service."""
+"""The project's own trained models in ``models/``: cards valid, files verified, usable by the
+service."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The RecordIO reader under forked DataLoader workers, split (multi-part) records, header-only labels."""
+"""The RecordIO reader under forked DataLoader workers, split (multi-part) records, header-only
+labels."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def recordio(celeba_tiny, tmp_path):  # noqa: F811
 
 def _offsets(root: Path) -> dict[int, int]:
     lines = (root / "train.idx").read_text().split()
-    return {int(k): int(v) for k, v in zip(lines[::2], lines[1::2])}
+    return {int(k): int(v) for k, v in zip(lines[::2], lines[1::2], strict=True)}
 
 
 @pytest.mark.timeout(120)
@@ -60,7 +61,8 @@ def test_two_forked_workers_read_exactly_what_one_process_reads(recordio):
     single = RecordIODataset(root)
     expected = [single[i] for i in range(len(single))]
     assert [label for _, label in expected] == [label for _, label in items]
-    for (tensor, _), (data, _) in zip(expected, items):  # the split record joined again
+    # the split record joined again
+    for (tensor, _), (data, _) in zip(expected, items, strict=True):
         np.testing.assert_array_equal(tensor.numpy(), _decoded(data))
 
     # the dataset has already opened its file in this process: the workers must not share it
@@ -71,7 +73,7 @@ def test_two_forked_workers_read_exactly_what_one_process_reads(recordio):
     for _ in range(3):
         got = [(images[0], int(labels[0])) for images, labels in loader]
         assert len(got) == len(expected)
-        for (a, la), (b, lb) in zip(got, expected):
+        for (a, la), (b, lb) in zip(got, expected, strict=True):
             assert la == lb
             assert torch.equal(a, b)
 

@@ -1,6 +1,7 @@
 """The audit log over HTTP: recording requests, and ``GET /v1/audit`` (admin scope).
 
-A route that must leave an audit record takes ``entry: Audit("identify")``: the entry
+A route that must leave an audit record takes
+``entry: IdentifyAudit`` (``Annotated[AuditEntry, Depends(audited("identify"))]``): the entry
 (key id, client address, action, the path's gallery) is current while the route runs, so
 store writes record it in their own transaction (:mod:`service.gallery.audit`); the route
 adds the ids it returns (searches) and names the gallery when it comes in the body.  When
@@ -10,6 +11,7 @@ result), the entry is queued to the background :class:`~service.gallery.audit.Au
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Annotated
 
@@ -30,12 +32,14 @@ router = APIRouter(
 )
 
 
-def Audit(action: str, *, only_with_gallery: bool = False):  # noqa: N802 (a dependency type)
-    """A route parameter type: the request's :class:`AuditEntry` for ``action``.
+def audited(
+    action: str, *, only_with_gallery: bool = False
+) -> Callable[[Request], AsyncIterator[AuditEntry]]:
+    """A route dependency: the request's :class:`AuditEntry` for ``action``.
     ``only_with_gallery``: no record unless the route names a gallery (verify against a
     subject, not two photos)."""
 
-    async def entry(request: Request):
+    async def entry(request: Request) -> AsyncIterator[AuditEntry]:
         current = audit.begin(
             AuditEntry(
                 action,
@@ -55,7 +59,18 @@ def Audit(action: str, *, only_with_gallery: bool = False):  # noqa: N802 (a dep
             if writer is not None and wanted and (not current.written or current.result != "ok"):
                 writer.record(current)
 
-    return Annotated[AuditEntry, Depends(entry)]
+    return entry
+
+
+# the audited routes' parameter types (one entry per request)
+VerifyAudit = Annotated[AuditEntry, Depends(audited("verify", only_with_gallery=True))]
+IdentifyAudit = Annotated[AuditEntry, Depends(audited("identify"))]
+EnrolAudit = Annotated[AuditEntry, Depends(audited("enrol"))]
+ReenrolAudit = Annotated[AuditEntry, Depends(audited("reenrol"))]
+DeleteGalleryAudit = Annotated[AuditEntry, Depends(audited("delete_gallery"))]
+DeleteSubjectAudit = Annotated[AuditEntry, Depends(audited("delete_subject"))]
+DeleteFaceAudit = Annotated[AuditEntry, Depends(audited("delete_face"))]
+ExportAudit = Annotated[AuditEntry, Depends(audited("export"))]
 
 
 class AuditRecord(BaseModel):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from fastapi import Request
 from starlette.routing import compile_path
@@ -21,8 +22,9 @@ try:  # FastAPI >= 0.16x nests included routers; this flattens them (as the Open
     from fastapi.routing import iter_route_contexts
 except ImportError:  # older FastAPI: app.routes is already flat
 
-    def iter_route_contexts(routes):  # type: ignore[no-redef]
-        return routes
+    # a different function of the same name (no RouteContext in older FastAPI)
+    def iter_route_contexts(routes: Sequence[Any]) -> Iterator[Any]:  # type: ignore[misc]
+        return iter(routes)
 
 
 from .errors import forbidden, unauthorized

@@ -46,7 +46,7 @@ from service.pipeline.errors import PipelineError
 from service.pipeline.types import Timings
 
 from . import analysis
-from .audit import Audit
+from .audit import EnrolAudit
 from .deps import State, require_api_key
 from .errors import ApiError, bad_request, describe, unsupported_media_type
 from .galleries import GalleryName
@@ -95,6 +95,13 @@ class _Item:
     image: bytes | None = None
     image_url: Any = None
     error: tuple[str, str] | None = None  # (code, message)
+
+    @property
+    def photo(self) -> bytes:
+        """The photo's bytes, once read or fetched (every item without an error has them)."""
+        if self.image is None:
+            raise RuntimeError(f"items[{self.index}]: no photo read")
+        return self.image
 
     def refuse(self, exc: BaseException) -> None:
         if self.error is None:
@@ -301,7 +308,7 @@ BULK_BODY = {
     openapi_extra=BULK_BODY,
 )
 async def bulk_enrol(
-    gallery: GalleryName, request: Request, state: State, _audit: Audit("enrol")
+    gallery: GalleryName, request: Request, state: State, _audit: EnrolAudit
 ) -> dict:
     """Items ``{subject_id, image | image_url, metadata?}`` (JSON ``items`` list, or multipart
     parts in order, each item starting with ``subject_id``); subjects are created as needed
@@ -342,7 +349,7 @@ async def bulk_enrol(
     if fetches:
         await asyncio.gather(*fetches)
     todo = [item for item in items if item.error is None]
-    results = await _analyse(state, [item.image for item in todo], clock)
+    results = await _analyse(state, [item.photo for item in todo], clock)
     accepted: list[tuple[_Item, Accepted]] = []
     for item, result in zip(todo, results, strict=True):
         if isinstance(result, Accepted):

@@ -21,7 +21,7 @@ from service.pipeline.types import Timings
 from service.reenrol import Reenrolment
 
 from . import analysis
-from .audit import Audit
+from .audit import DeleteFaceAudit, DeleteGalleryAudit, DeleteSubjectAudit, EnrolAudit, ReenrolAudit
 from .deps import State, require_api_key
 from .images import read_payload
 from .openapi import ERROR_RESPONSES, image_body
@@ -86,7 +86,7 @@ async def get_gallery(gallery: GalleryName, state: State) -> dict:
 @router.delete("/{gallery}", summary="Delete a gallery with all its subjects and faces",
                dependencies=[require_scope("delete")])
 async def delete_gallery(gallery: GalleryName, state: State,
-                         _audit: Audit("delete_gallery")) -> dict:
+                         _audit: DeleteGalleryAudit) -> dict:
     await _call(state.gallery.delete_gallery, gallery)
     return {"deleted": gallery}
 
@@ -136,7 +136,7 @@ async def update_subject(gallery: GalleryName, subject_id: SubjectId, body: Subj
                summary="Delete a subject and all its faces",
                dependencies=[require_scope("delete")])
 async def delete_subject(gallery: GalleryName, subject_id: SubjectId,
-                         state: State, _audit: Audit("delete_subject")) -> dict:
+                         state: State, _audit: DeleteSubjectAudit) -> dict:
     removed = await _call(state.gallery.delete_subject, gallery, subject_id)
     return {"gallery": gallery, "subject_id": subject_id, "faces_removed": int(removed)}
 
@@ -145,7 +145,7 @@ async def delete_subject(gallery: GalleryName, subject_id: SubjectId,
              status_code=201, openapi_extra=image_body(("image",)),
              summary="Enrol one photo of a subject", dependencies=[require_scope("enrol")])
 async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Request,
-                     state: State, _audit: Audit("enrol")) -> dict:
+                     state: State, _audit: EnrolAudit) -> dict:
     """The photo must show exactly one face of at least ``enroll_min_face_size`` px with a
     detection score of at least ``enroll_min_det_score``, and pass the enabled quality rules
     (``enroll_min_sharpness``, ``enroll_max_yaw_ratio``, ``enroll_max_roll_deg``); otherwise
@@ -176,7 +176,7 @@ async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Reque
              summary="Re-enrol another gallery's subjects with the served models",
              dependencies=[require_scope("enrol")])
 async def reenrol(gallery: GalleryName, body: ReenrolRequest, request: Request,
-                  state: State, _audit: Audit("reenrol")) -> dict:
+                  state: State, _audit: ReenrolAudit) -> dict:
     """After a model upgrade: creates ``{gallery}`` for the served model if needed, copies
     every subject of ``source`` (same ``subject_id`` and metadata) and enrols every
     stored photo of ``source`` again, under the same quality rules as an upload.  Photos
@@ -197,6 +197,6 @@ async def reenrol(gallery: GalleryName, body: ReenrolRequest, request: Request,
 @router.delete("/{gallery}/faces/{face_id}", summary="Delete one enrolled face",
                dependencies=[require_scope("delete")])
 async def delete_face(gallery: GalleryName, face_id: Annotated[int, Path(ge=1)],
-                      state: State, _audit: Audit("delete_face")) -> dict:
+                      state: State, _audit: DeleteFaceAudit) -> dict:
     await _call(state.gallery.delete_face, gallery, face_id)
     return {"gallery": gallery, "face_id": face_id, "deleted": True}

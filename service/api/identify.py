@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fastapi import APIRouter, Depends, Request
 
 from service.pipeline.decision import Threshold, decide, operating_point, threshold_for
-from service.pipeline.types import Timings
+from service.pipeline.types import Detection, Timings
 
 from . import analysis
-from .audit import Audit
+from .audit import IdentifyAudit
 from .deps import State, require_api_key
 from .errors import ApiError
 from .images import read_payload
@@ -28,7 +30,7 @@ router = APIRouter(prefix="/v1", tags=["identify"], dependencies=[Depends(requir
     summary="Search every face of an image in a gallery",
     dependencies=[require_scope("identify")],
 )
-async def identify(request: Request, state: State, entry: Audit("identify"),
+async def identify(request: Request, state: State, entry: IdentifyAudit,
                    timings: bool = False) -> dict:
     """For every face in ``image`` (largest first): its ``top_k`` most similar subjects of
     ``gallery`` and ``match``, the best subject if its similarity reaches the threshold,
@@ -71,7 +73,7 @@ async def identify(request: Request, state: State, entry: Audit("identify"),
         found = await analysis.analyze(state, payload.images["image"], "all", clock)
     else:
         raise ApiError(422, "missing_field", "missing image field(s): image (or embedding)")
-    detections = found.detections or [None] * len(found.embeddings)
+    detections: Sequence[Detection | None] = found.detections or [None] * len(found.embeddings)
     results = await analysis.call(clock, "search", gallery.search, opts.gallery,
                                   found.embeddings, opts.top_k, model_id)
     faces = []

@@ -120,14 +120,18 @@ async def read_payload(request: Request, image_fields: tuple[str, ...], required
     as the ``fetch`` stage.
     """
     payload = Payload()
-    payload.fields.update({k: v for k, v in request.query_params.items() if k not in RESPONSE_FLAGS})
+    payload.fields.update(
+        {k: v for k, v in request.query_params.items() if k not in RESPONSE_FLAGS}
+    )
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         try:
             form = await request.form(max_files=len(image_fields) + 2, max_fields=64,
                                       max_part_size=max_image_bytes * 2)
         except StarletteHTTPException as exc:
-            raise bad_request("invalid_multipart", f"malformed multipart body: {exc.detail}") from None
+            raise bad_request(
+                "invalid_multipart", f"malformed multipart body: {exc.detail}"
+            ) from None
         try:
             for key in form:
                 values = form.getlist(key)

@@ -1,4 +1,5 @@
-"""``GET /v1/info``: what this instance serves (models, thresholds, providers, galleries, batching)."""
+"""``GET /v1/info``: what this instance serves (models, thresholds, providers, galleries,
+batching)."""
 
 from __future__ import annotations
 

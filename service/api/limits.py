@@ -15,6 +15,8 @@ the connection (the rest of the body is never read).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import anyio
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,13 +24,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .auth import route_guards
 from .errors import ApiError, error_response, request_timeout, request_too_large
 
+if TYPE_CHECKING:
+    from service.metrics import Metrics
+
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int, metrics=None,
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics | None = None,
                  body_timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.metrics = metrics  # service.metrics.Metrics: counts the refusals
+        self.metrics = metrics  # counts the refusals
         self.body_timeout_s = body_timeout_s
 
     async def _refuse(self, err: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
@@ -78,7 +83,7 @@ class BodyLimitMiddleware:
                 chunks.append(body)
                 if not message.get("more_body", False):
                     break
-        if deadline.cancelled_caught:
+        if deadline.cancelled_caught and self.body_timeout_s is not None:
             await self._refuse(request_timeout(self.body_timeout_s), scope, receive, send)
             return
         replayed = False

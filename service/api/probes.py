@@ -16,7 +16,6 @@ import numpy as np
 
 from service.gallery.errors import InvalidEmbedding
 from service.gallery.service import check_vectors
-
 from service.pipeline.faces import Faces
 
 from .deps import AppState

@@ -59,8 +59,9 @@ class Face(BaseModel):
 class VerifyOptions(_Options):
     """Options of ``POST /v1/verify`` (form fields, JSON keys or query parameters)."""
 
-    gallery: GalleryNameStr | None = Field(None, pattern=GALLERY_PATTERN,
-                                description="compare image1 with a gallery subject instead of image2")
+    gallery: GalleryNameStr | None = Field(
+        None, pattern=GALLERY_PATTERN,
+        description="compare image1 with a gallery subject instead of image2")
     subject_id: SubjectIdStr | None = Field(None, pattern=NAME_PATTERN)
     operating_point: OperatingPoint | None = Field(
         None, description="named false-match rate of the model card, e.g. fmr_1e-3")
@@ -117,7 +118,7 @@ class Candidate(BaseModel):
     face_id: int | None = None
 
 
-class IdentifiedFace(Face):
+class IdentifiedFace(BaseModel):  # a Face whose box is absent for an `embedding` probe
     box: list[float] | None = Field(None, description="absent for an `embedding` probe")
     score: float | None = None
     landmarks: list[list[float]] | None = None
@@ -233,7 +234,8 @@ class Subject(BaseModel):
 
 class SubjectPage(BaseModel):
     subjects: list[dict[str, Any]]
-    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null at the end")
+    next_cursor: str | None = Field(
+        description="pass as `cursor` for the next page; null at the end")
 
 
 class EnrolledFace(BaseModel):

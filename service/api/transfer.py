@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from service.gallery.transfer import MEDIA_TYPE, write_export
 
-from .audit import Audit
+from .audit import ExportAudit
 from .deps import State, require_api_key
 from .galleries import GalleryName
 from .openapi import ERROR_RESPONSES
@@ -56,7 +56,7 @@ def _chunks(spool) -> Iterator[bytes]:
     },
 )
 async def export_gallery(
-    gallery: GalleryName, state: State, _audit: Audit("export")
+    gallery: GalleryName, state: State, _audit: ExportAudit
 ) -> StreamingResponse:
     """The gallery with its subjects, metadata, faces (exact float32 embeddings, quality
     figures) and stored photos, model id and sha256, in the format that

@@ -1,4 +1,5 @@
-"""Images given by URL (``image_url``, ``image1_url``, ``image2_url``), fetched from allow-listed hosts.
+"""Images given by URL (``image_url``, ``image1_url``, ``image2_url``), fetched from allow-listed
+hosts.
 
 Off by default: only hosts named in ``settings.url_allowlist`` (``FACEGATE_URL_ALLOWLIST``)
 are ever contacted; with an empty list every URL is refused (400 ``url_not_allowed``).
@@ -206,4 +207,4 @@ async def fetch_all(fetcher: UrlFetcher, urls: dict[str, tuple[str, object]], ma
     finally:
         if timings is not None:
             timings.add("fetch", time.perf_counter() - start)
-    return dict(zip(urls, results))
+    return dict(zip(urls, results, strict=True))

@@ -11,7 +11,7 @@ from service.pipeline.decision import decide, operating_point, threshold_for
 from service.pipeline.types import Timings
 
 from . import analysis
-from .audit import Audit
+from .audit import VerifyAudit
 from .deps import State, require_api_key
 from .errors import ApiError, bad_request
 from .images import read_payload
@@ -47,7 +47,7 @@ def _best_face(faces: GalleryFaces, embedding: np.ndarray) -> tuple[float, int]:
     dependencies=[require_scope("verify")],
 )
 async def verify(request: Request, state: State,
-                 entry: Audit("verify", only_with_gallery=True),
+                 entry: VerifyAudit,
                  timings: bool = False) -> dict:
     """Compare the face in ``image1`` with the face in ``image2``, or with the enrolled
     subject ``gallery``/``subject_id``.

@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=10,
-        timeout_keep_alive=settings.keep_alive_s,
+        # uvicorn annotates int but only hands it to loop.call_later (seconds as a float)
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]
         http=PROTOCOL,  # headers within FACEGATE_HEADER_TIMEOUT_S
     )
     return 0

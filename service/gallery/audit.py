@@ -31,6 +31,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.gallery.store import GalleryStore
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +105,10 @@ def recording(entry: AuditEntry) -> Iterator[AuditEntry]:
 class AuditWriter:
     """Appends entries to the store in the background, and prunes old rows."""
 
-    def __init__(self, store, retention_days: float = 0.0) -> None:
-        self.store = store  # service.gallery.store.GalleryStore
+    def __init__(self, store: GalleryStore, retention_days: float = 0.0) -> None:
+        self.store = store
         self.retention_s = float(retention_days) * 86400.0
-        self._queue: queue.Queue[AuditEntry | None] = queue.Queue()
+        self._queue: queue.Queue[AuditEntry | _Marker | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._pruned_at = 0.0
         self._wake = threading.Event()  # flush() and close() cut the wait between batches
@@ -117,7 +121,7 @@ class AuditWriter:
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every entry queued so far is in the store."""
         done = threading.Event()
-        self._queue.put(_Marker(done))  # type: ignore[arg-type]
+        self._queue.put(_Marker(done))
         self._wake.set()
         done.wait(timeout)
 

@@ -24,9 +24,9 @@ def compare_gallery(name: str, index: GalleryIndex | None, face_ids: Sequence[in
       store's (or is missing).
     """
     store_ids = np.asarray(face_ids, dtype=np.int64).reshape(-1)
-    store_subject = dict(zip(store_ids.tolist(), subject_ids, strict=False))
+    store_subject = dict(zip(store_ids.tolist(), subject_ids, strict=True))
     held: np.ndarray
-    mapping: dict
+    mapping: dict[int, str]
     if index is None:
         held, mapping = np.zeros(0, np.int64), {}
     else:

@@ -13,7 +13,8 @@ both dialects; never edit a released one.
 
 Tables:
 
-* ``galleries``  (name, model_id, dim — the model's, given at creation or set by the first face, created_at)
+* ``galleries``  (name, model_id, dim — the model's, given at creation or set by the first
+  face, created_at)
 * ``subjects``   (gallery, subject_id, metadata JSON text, created_at, updated_at)
 * ``faces``      (face_id — never reused, gallery, subject_id, embedding float32
   bytes, model_id, quality JSON text, optional image, created_at; since version 2

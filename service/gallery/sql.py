@@ -60,7 +60,7 @@ def json_depth(value: object) -> int:
     return deepest
 
 
-def dump_json(value: dict, what: str) -> str:
+def dump_json(value: object, what: str) -> str:
     """A JSON object as text, refusing anything that could not be read back as it was:
     not an object, too deep, too large, not serialisable, or not valid Unicode."""
     if not isinstance(value, dict):
@@ -363,7 +363,8 @@ class SQLStore(GalleryStore):
     ) -> tuple[list[dict], bool]:
         with self._read() as cur:
             self._require_gallery(cur, gallery)
-            sql = "SELECT subject_id, metadata, created_at, updated_at FROM subjects WHERE gallery = ?"
+            sql = ("SELECT subject_id, metadata, created_at, updated_at FROM subjects "
+                   "WHERE gallery = ?")
             params: list = [gallery]
             if after is not None:
                 sql += " AND subject_id > ?"
@@ -558,7 +559,8 @@ class SQLStore(GalleryStore):
 
     # --- audit log ------------------------------------------------------------------
     @staticmethod
-    def _insert_audit(cur: Cursor, entries: list, changes: list | None = None) -> None:
+    def _insert_audit(cur: Cursor, entries: list[audit.AuditEntry],
+                      changes: list[tuple[int | None, str | None]] | None = None) -> None:
         for entry in entries:
             if changes is not None:  # this transaction's own changes
                 subjects = list(dict.fromkeys(s for _, s in changes if s is not None))
@@ -572,7 +574,7 @@ class SQLStore(GalleryStore):
                  json.dumps(subjects, ensure_ascii=False), json.dumps(faces), entry.result),
             )
 
-    def append_audit(self, entries: list) -> None:
+    def append_audit(self, entries: list[audit.AuditEntry]) -> None:
         with self._write_tx() as cur:
             self._insert_audit(cur, entries)
 
@@ -647,7 +649,8 @@ class SQLStore(GalleryStore):
 
     def changes_after(self, seq: int, limit: int = 1000, upto: int | None = None) -> list[Change]:
         sql = (
-            "SELECT c.seq, c.gallery, c.op, c.face_id, c.subject_id, f.embedding, g.model_id, g.dim "
+            "SELECT c.seq, c.gallery, c.op, c.face_id, c.subject_id, f.embedding, g.model_id, "
+            "g.dim "
             "FROM changes c "
             "LEFT JOIN faces f ON c.op = 'add' AND f.face_id = c.face_id "
             "LEFT JOIN galleries g ON c.op = 'add' AND g.name = c.gallery "

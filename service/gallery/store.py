@@ -26,8 +26,15 @@ import abc
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from service.gallery.audit import AuditEntry
+
+#: A gallery, subject, face or audit row as returned to callers: a JSON object.
+Record: TypeAlias = dict[str, Any]
 
 OPS = ("add", "delete_face", "delete_subject", "delete_gallery")
 
@@ -68,7 +75,7 @@ class NewSubject:
     """A subject for :meth:`GalleryStore.write_faces` (created if absent, else left as is)."""
 
     subject_id: str
-    metadata: dict | None = None
+    metadata: Record | None = None
     created_at: float | None = None  # epoch seconds; None: now
 
 
@@ -78,7 +85,7 @@ class NewFace:
 
     subject_id: str
     embedding: np.ndarray
-    quality: dict
+    quality: Record
     image: bytes | None = None
     content_sha256: str | None = None  # the photo's hash: a second face of it is not added
     created_at: float | None = None  # epoch seconds; None: now
@@ -113,16 +120,16 @@ class GalleryStore(abc.ABC):
     @abc.abstractmethod
     def create_gallery(
         self, name: str, model_id: str, dim: int | None = None
-    ) -> tuple[dict, bool]:
+    ) -> tuple[Record, bool]:
         """Create a gallery or return the existing one (model ids must agree).  ``dim``: the
         model's embedding dimension, when known before the first face."""
 
     @abc.abstractmethod
-    def get_gallery(self, name: str) -> dict:
+    def get_gallery(self, name: str) -> Record:
         """``name``, ``model_id``, ``dim``, ``subjects``, ``faces``, ``created_at``."""
 
     @abc.abstractmethod
-    def list_galleries(self) -> list[dict]:
+    def list_galleries(self) -> list[Record]:
         """Every gallery, by name."""
 
     @abc.abstractmethod
@@ -135,19 +142,19 @@ class GalleryStore(abc.ABC):
         self,
         gallery: str,
         subject_id: str,
-        metadata: dict | None,
+        metadata: Record | None,
         model_id: str,
         dim: int | None = None,
-    ) -> tuple[dict, bool]:
+    ) -> tuple[Record, bool]:
         """Create (and the gallery, with ``dim`` as in :meth:`create_gallery`, if needed) or
         return the existing subject unchanged."""
 
     @abc.abstractmethod
-    def get_subject(self, gallery: str, subject_id: str) -> dict:
+    def get_subject(self, gallery: str, subject_id: str) -> Record:
         """The subject with its faces."""
 
     @abc.abstractmethod
-    def update_subject(self, gallery: str, subject_id: str, metadata: dict) -> dict:
+    def update_subject(self, gallery: str, subject_id: str, metadata: Record) -> Record:
         """Merge ``metadata`` into the subject's metadata (``None`` values remove keys)."""
 
     @abc.abstractmethod
@@ -157,7 +164,7 @@ class GalleryStore(abc.ABC):
     @abc.abstractmethod
     def list_subjects(
         self, gallery: str, limit: int, after: str | None
-    ) -> tuple[list[dict], bool]:
+    ) -> tuple[list[Record], bool]:
         """Up to ``limit`` subjects with ``subject_id > after``; and whether more follow."""
 
     # --- faces ------------------------------------------------------------------
@@ -168,10 +175,10 @@ class GalleryStore(abc.ABC):
         subject_id: str,
         embedding: np.ndarray,
         model_id: str,
-        quality: dict,
+        quality: Record,
         image: bytes | None,
         source_face_id: int | None = None,
-    ) -> tuple[dict, int]:
+    ) -> tuple[Record, int]:
         """Insert one face; return (face dict, seq).
 
         ``source_face_id`` records the face (of another gallery) this one was
@@ -197,7 +204,7 @@ class GalleryStore(abc.ABC):
         faces: list[NewFace],
         *,
         new_gallery: bool = False,
-    ) -> tuple[list[dict], int | None]:
+    ) -> tuple[list[Record], int | None]:
         """Create ``subjects`` (those absent) and add ``faces`` in **one** transaction, each
         face with its own change-log entry; return (per face ``{face_id, subject_id,
         created}``, the last seq written or ``None``).
@@ -213,7 +220,7 @@ class GalleryStore(abc.ABC):
         """The ``content_sha256`` of every face of ``gallery`` (empty if it does not exist)."""
 
     @abc.abstractmethod
-    def export_gallery(self, gallery: str) -> Iterator[tuple[str, dict]]:
+    def export_gallery(self, gallery: str) -> Iterator[tuple[str, Record]]:
         """One gallery in one consistent snapshot, as ``("gallery", {...})`` first, then
         ``("subject", {...})`` by subject id, then ``("face", {...})`` by face id (with
         ``embedding`` bytes, ``quality``, ``image`` or None, ``content_sha256``,
@@ -222,7 +229,7 @@ class GalleryStore(abc.ABC):
 
     # --- audit log (see service.gallery.audit) -------------------------------------
     @abc.abstractmethod
-    def append_audit(self, entries: list) -> None:
+    def append_audit(self, entries: list[AuditEntry]) -> None:
         """Append :class:`~service.gallery.audit.AuditEntry` rows in one transaction."""
 
     @abc.abstractmethod
@@ -233,7 +240,7 @@ class GalleryStore(abc.ABC):
     def audit_records(self, *, gallery: str | None = None, subject_id: str | None = None,
                       action: str | None = None, since: float | None = None,
                       until: float | None = None, after: int = 0,
-                      limit: int = 100) -> tuple[list[dict], bool]:
+                      limit: int = 100) -> tuple[list[Record], bool]:
         """Up to ``limit`` audit rows with ``id > after`` matching the filters (``since``
         inclusive, ``until`` exclusive, epoch seconds; ``subject_id``: rows naming it),
         oldest first; and whether more follow."""
@@ -281,7 +288,7 @@ class GalleryStore(abc.ABC):
         read in one consistent snapshot: what every index should hold at that seq."""
 
     @abc.abstractmethod
-    def stats(self) -> list[dict]:
+    def stats(self) -> list[Record]:
         """Per gallery: ``name``, ``model_id``, ``subjects``, ``faces``."""
 
     # --- waking the follower ----------------------------------------------------

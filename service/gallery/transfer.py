@@ -34,7 +34,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import numpy as np
 
@@ -108,7 +108,7 @@ def export_lines(
 def write_export(
     store: GalleryStore,
     gallery: str,
-    out: BinaryIO,
+    out: IO[bytes],
     model_sha256: Callable[[str], str | None] | None = None,
 ) -> dict:
     """Write ``gallery``'s export, gzip-compressed, to ``out``; return the end record."""
