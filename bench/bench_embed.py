@@ -102,15 +102,16 @@ def bench_backbone(name: str, batches: list[int], repeats: int, args) -> dict:
     for batch in batches:
         faces = rng.standard_normal((batch, 3, 112, 112), dtype=np.float32)
         row = {"batch": batch}
-        seconds = median_seconds(lambda faces=faces: session.run(None, {input_name: faces}), repeats)
+        seconds = median_seconds(lambda faces=faces: session.run(None, {input_name: faces}),
+                                 repeats)
         row["ort"] = round(batch / seconds, 2)
         x = torch.from_numpy(faces).to(device)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         for label, dtype in variants.items():
             def run(dtype=dtype, x=x):
-                with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
-                                                            enabled=dtype is not None):
+                with torch.inference_mode(), torch.autocast(
+                        device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     model(x)
                 if device.type == "cuda":
                     torch.cuda.synchronize()

@@ -87,7 +87,7 @@ def build_insightface(detector_file: Path, recognizer_file: Path, det_size: int)
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         boxes, kpss = det.detect(img, input_size=(det_size, det_size))
         return [(box[:4], rec.get(img, Face(bbox=box[:4], kps=kps, det_score=box[4])))
-                for box, kps in zip(boxes, kpss)]
+                for box, kps in zip(boxes, kpss, strict=True)]
 
     return run
 

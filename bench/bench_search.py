@@ -18,8 +18,8 @@ sizes and, per index type (exact ``flat``, ``ivf``, ``hnsw``), reports:
 built index (``FACEGATE_IVF_NPROBE``; default: the index default): recall@1 against
 latency.
 
-It also builds a raw FAISS ``IVF,PQ`` index (``dim / 8``-byte codes) at one size to measure the memory
-of a compressed alternative.  Random vectors on the sphere have no cluster
+It also builds a raw FAISS ``IVF,PQ`` index (``dim / 8``-byte codes) at one size to measure the
+memory of a compressed alternative.  Random vectors on the sphere have no cluster
 structure, a hard case for IVF and HNSW; ``--real-faces`` measures real faces.
 
 ``--real-faces`` measures identity recall@1 on real faces instead: CelebA photos
@@ -248,7 +248,7 @@ def embed_photos(root: Path, paths: list[str], detector: str, recognizer: str,
     stored: dict[str, np.ndarray] = {}
     if cache.is_file():
         with np.load(cache) as data:
-            stored = dict(zip(data["paths"].tolist(), data["embeddings"]))
+            stored = dict(zip(data["paths"].tolist(), data["embeddings"], strict=True))
     missing = [p for p in paths if p not in stored]
     start = time.perf_counter()
     if missing:
@@ -296,7 +296,7 @@ def real_faces(args, sizes: list[int], kinds: list[str], threads: list[int],
                                                  args.recognizer, cache)
     found = ~np.isnan(embeddings[:, 0])
     enrolled, queries, query_ids = {}, [], []
-    for (path, identity), vector, ok in zip(photos, embeddings, found):
+    for (_path, identity), vector, ok in zip(photos, embeddings, found, strict=True):
         if not ok:
             continue
         if identity not in enrolled:

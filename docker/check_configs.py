@@ -26,7 +26,6 @@ import yaml
 
 from service.config import Settings
 
-
 #: The services ``docker compose --profile <name> up`` must start.
 PROFILES = {
     "gpu": ["facegate", "grafana", "prometheus"],

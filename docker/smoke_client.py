@@ -122,7 +122,7 @@ def enrol(base: str, name: str, files: list[Path]) -> tuple[list[Path], Path]:
     subject unchanged."""
     url = f"{base}/v1/galleries/{GALLERY}/subjects/{name}"
     enrolled: list[Path] = []
-    for index, path in enumerate(files):
+    for path in files:
         if len(enrolled) == ENROLLED_PER_PERSON:
             return enrolled, path
         body, content_type = multipart({}, {"image": path})

@@ -31,8 +31,8 @@ from service.gallery import (
     SubjectNotFound,
     open_gallery,
 )
-from service.gallery.schema import LATEST
 from service.gallery.backends import open_store
+from service.gallery.schema import LATEST
 from tests.conftest import REPO
 
 DIM = 32

@@ -21,8 +21,8 @@ import pytest
 
 from service.cli import main as cli_main
 from service.config import Settings
-from service.gallery.errors import InvalidExport
 from service.gallery.backends import open_store
+from service.gallery.errors import InvalidExport
 from service.gallery.transfer import read_export
 from tests.conftest import LFW, SHARED_MODELS
 from tests.service_helpers import InProcessServer

@@ -19,8 +19,8 @@ from service.gallery import (
     open_gallery,
 )
 from service.gallery import sql as gallery_sql
-from service.gallery.schema import LATEST, MIGRATIONS
 from service.gallery.backends import open_store
+from service.gallery.schema import LATEST, MIGRATIONS
 from service.pipeline.pipeline import Pipeline
 from service.reenrol import Reenrolment
 from tests.conftest import LFW, SHARED_MODELS

@@ -223,13 +223,15 @@ def _read_details(reader: DlibReader, op: Op, channels: int) -> tuple[dict, int]
         reader.expect_int(pad, "con padding_x")
         fshape = reader.alias_tensor()
         bshape = reader.alias_tensor()
-        if fshape != (op.filters, channels, op.window, op.window) or bshape != (1, op.filters, 1, 1):
+        if (fshape != (op.filters, channels, op.window, op.window)
+                or bshape != (1, op.filters, 1, 1)):
             raise DlibFormatError(f"con: unexpected filter/bias shapes {fshape} {bshape}")
         for _ in range(4):  # learning-rate / weight-decay multipliers
             reader.float()
         nweights = int(np.prod(fshape))
         if params.size != nweights + op.filters:
-            raise DlibFormatError(f"con: {params.size} parameters, expected {nweights + op.filters}")
+            raise DlibFormatError(
+                f"con: {params.size} parameters, expected {nweights + op.filters}")
         return {"weight": params[:nweights].reshape(fshape),
                 "bias": params[nweights:].copy()}, op.filters
     if op.kind == "affine":
@@ -383,7 +385,7 @@ def build_onnx(net: DlibNetwork, fold_affine: bool = True) -> onnx.ModelProto:
             # dlib adds tensors of different sizes by treating what lies outside the
             # smaller one as zero: pad both to the larger shape at the far end.
             other, other_shape = tags[op.tag]
-            target = tuple(max(a, b) for a, b in zip(shape, other_shape))
+            target = tuple(max(a, b) for a, b in zip(shape, other_shape, strict=True))
             terms = []
             for name, sh in ((current, shape), (other, other_shape)):
                 if sh != target:

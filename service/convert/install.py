@@ -280,8 +280,9 @@ def install_defaults(settings, cache_dir: Path | None = None) -> list[Path]:
     (no download, no conversion). When a default's registry is unreachable and a
     fallback card exists for it, the fallback is installed instead (with a
     warning); the default recognizer's fallback is then served while
-    ``FACEGATE_RECOGNIZER`` is unset (:func:`service.registry.select_recognizer`). Returns the installed paths in
-    manifest order; raises :class:`InstallError` with a one-line reason on failure.
+    ``FACEGATE_RECOGNIZER`` is unset (:func:`service.registry.select_recognizer`). Returns the
+    installed paths in manifest order; raises :class:`InstallError` with a one-line reason on
+    failure.
     """
     registry = Registry(settings.manifest, [])
     cards = installable_cards(registry)

@@ -85,7 +85,8 @@ class _TensorRef:
             raise TorchPickleError(f"storage {self.storage.key!r} has no data")
         if not self.size:
             return np.array(data[self.offset], dtype=data.dtype)
-        extent = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride)) + 1
+        extent = self.offset + sum(
+            (n - 1) * s for n, s in zip(self.size, self.stride, strict=True)) + 1
         if min(self.size) > 0 and (extent > data.size or self.offset < 0
                                    or any(s < 0 for s in self.stride)):
             raise TorchPickleError(f"tensor view exceeds storage {self.storage.key!r}")

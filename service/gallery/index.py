@@ -366,7 +366,7 @@ class GalleryIndex:
             if not fresh.any():
                 return 0
             self._index.add_with_ids(vectors[fresh], face_ids[fresh])
-            for face_id, subject_id, new in zip(face_ids.tolist(), subject_ids, fresh):
+            for face_id, subject_id, new in zip(face_ids.tolist(), subject_ids, fresh, strict=True):
                 if new:
                     self._subject_of[face_id] = subject_id
                     self._faces_of.setdefault(subject_id, set()).add(face_id)
@@ -483,7 +483,7 @@ class GalleryIndex:
             k = min(total, top_k * OVERFETCH + len(self._tombstones))
             while True:
                 scores, ids = self._raw_search(queries, k)
-                results = [self._fuse(s, i, top_k) for s, i in zip(scores, ids)]
+                results = [self._fuse(s, i, top_k) for s, i in zip(scores, ids, strict=True)]
                 if k >= total or all(len(r) >= top_k for r in results):
                     return results
                 k = min(total, k * OVERFETCH)
@@ -492,7 +492,7 @@ class GalleryIndex:
         """Best face per subject, in score order (faiss returns faces best first)."""
         seen: set[str] = set()
         hits = []
-        for score, face_id in zip(scores.tolist(), ids.tolist()):
+        for score, face_id in zip(scores.tolist(), ids.tolist(), strict=True):
             subject_id = self._subject_of.get(face_id)
             if subject_id is None or subject_id in seen:
                 continue  # -1 padding, tombstone, or a worse face of a listed subject
@@ -564,7 +564,7 @@ class GalleryIndex:
         if (len(face_ids) != len(subject_ids) or len(face_ids) != sidecar["count"]
                 or index._index.ntotal != len(face_ids) + len(sidecar["tombstones"])):
             raise SnapshotError(f"snapshot {prefix} is inconsistent (counts differ)")
-        for face_id, subject_id in zip(face_ids, subject_ids):
+        for face_id, subject_id in zip(face_ids, subject_ids, strict=True):
             index._subject_of[int(face_id)] = subject_id
             index._faces_of.setdefault(subject_id, set()).add(int(face_id))
         index._tombstones = {int(f) for f in sidecar["tombstones"]}

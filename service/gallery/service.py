@@ -145,7 +145,8 @@ class GalleryService:
     def __init__(self, settings: Settings, store: GalleryStore | None = None, *,
                  indexing: bool = True) -> None:
         if settings.index_type not in INDEX_TYPES:
-            raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {settings.index_type!r}")
+            raise ValueError(
+                f"index_type must be one of {INDEX_TYPES}, got {settings.index_type!r}")
         self.settings = settings
         self.store_url = settings.resolved_store_url
         self.indexing = indexing
@@ -278,7 +279,8 @@ class GalleryService:
                                       check_subject_id(subject_id))
 
     def update_subject(self, gallery: str, subject_id: str, metadata: dict) -> dict:
-        """Merge ``metadata`` into the subject's (top-level keys; a ``None`` value removes a key)."""
+        """Merge ``metadata`` into the subject's (top-level keys; a ``None`` value removes a
+        key)."""
         return self.store.update_subject(check_gallery(gallery),
                                          check_subject_id(subject_id), metadata)
 

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from service.gallery.audit import AuditEntry
 from service.gallery.audit import current as current_audit
 from service.gallery.errors import (
     Conflict,
@@ -559,7 +560,7 @@ class SQLStore(GalleryStore):
 
     # --- audit log ------------------------------------------------------------------
     @staticmethod
-    def _insert_audit(cur: Cursor, entries: list[audit.AuditEntry],
+    def _insert_audit(cur: Cursor, entries: list[AuditEntry],
                       changes: list[tuple[int | None, str | None]] | None = None) -> None:
         for entry in entries:
             if changes is not None:  # this transaction's own changes
@@ -574,7 +575,7 @@ class SQLStore(GalleryStore):
                  json.dumps(subjects, ensure_ascii=False), json.dumps(faces), entry.result),
             )
 
-    def append_audit(self, entries: list[audit.AuditEntry]) -> None:
+    def append_audit(self, entries: list[AuditEntry]) -> None:
         with self._write_tx() as cur:
             self._insert_audit(cur, entries)
 

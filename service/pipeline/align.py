@@ -23,11 +23,13 @@ ARCFACE_TEMPLATE = np.asarray(ARCFACE_TEMPLATE_112, dtype=np.float32)
 
 
 def estimate_similarity(landmarks: np.ndarray, template: np.ndarray) -> np.ndarray:
-    """2x3 matrix of the least-squares similarity transform mapping ``landmarks`` onto ``template``."""
+    """2x3 matrix of the least-squares similarity transform mapping ``landmarks`` onto
+    ``template``."""
     src = np.asarray(landmarks, dtype=np.float64).reshape(-1, 2)
     dst = np.asarray(template, dtype=np.float64).reshape(-1, 2)
     if src.shape != dst.shape or src.shape[0] < 2:
-        raise ValueError(f"landmarks {src.shape} and template {dst.shape} must be matching (N>=2, 2)")
+        raise ValueError(
+            f"landmarks {src.shape} and template {dst.shape} must be matching (N>=2, 2)")
     if hasattr(SimilarityTransform, "from_estimate"):
         transform = SimilarityTransform.from_estimate(src, dst)
         if not transform:

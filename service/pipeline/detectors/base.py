@@ -144,7 +144,8 @@ class OnnxDetector:
         return round_up(w * scale), round_up(h * scale)
 
     def blob(self, images: list[np.ndarray]) -> np.ndarray:
-        """Letterboxed uint8 images of one size -> NCHW float32, colour order and mean/std of the card."""
+        """Letterboxed uint8 images of one size -> NCHW float32, colour order and mean/std of
+        the card."""
         if len(set(self.std)) == 1:
             return cv2.dnn.blobFromImages(images, 1.0 / self.std[0], None, self.mean,
                                           swapRB=self.swap_rb, crop=False)
@@ -154,7 +155,8 @@ class OnnxDetector:
         batch = (batch - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
 
-    def _run(self, canvases: list[np.ndarray], input_size: tuple[int, int]) -> list[list[np.ndarray]]:
+    def _run(self, canvases: list[np.ndarray],
+             input_size: tuple[int, int]) -> list[list[np.ndarray]]:
         """Per-image raw outputs; one batched run when the model allows it."""
         if self.dynamic_batch and len(canvases) > 1:
             outputs = self.session.run(self.output_names, {self.input_name: self.blob(canvases)})

@@ -342,7 +342,7 @@ class MTCNNDetector:
         batch = crops.transpose(0, 3, 1, 2)
         outputs = [self.run_network(net, batch[start:start + MAX_CROP_BATCH])
                    for start in range(0, len(batch), MAX_CROP_BATCH)]
-        return [np.concatenate(parts) for parts in zip(*outputs)]
+        return [np.concatenate(parts) for parts in zip(*outputs, strict=True)]
 
     # -- the cascade ---------------------------------------------------------------------
     def detect(self, image: np.ndarray) -> list[Detection]:
@@ -360,14 +360,16 @@ class MTCNNDetector:
             groups.setdefault(integral.shape[:2], []).append(i)
         proposals: list[np.ndarray] = [np.zeros((0, 5), np.float32)] * len(images)
         for members in groups.values():
-            for i, cand in zip(members, self._proposals([integrals[i] for i in members])):
+            for i, cand in zip(members, self._proposals([integrals[i] for i in members]),
+                                  strict=True):
                 proposals[i] = cand
         idx = np.concatenate([np.full(len(p), i, np.int64) for i, p in enumerate(proposals)])
         cand = np.concatenate(proposals).astype(np.float32)
         boxes, scores, landmarks, idx = self._refine_and_output(integrals, cand, idx)
         # back to the original pixels of shrunk photos (pixel centres map onto pixel centres)
         grow = np.array([image.shape[1] / (integral.shape[1] - 1)
-                         for image, integral in zip(images, integrals)], np.float32)[idx]
+                         for image, integral in zip(images, integrals, strict=True)],
+                        np.float32)[idx]
         boxes = (boxes + 0.5) * grow[:, None] - 0.5
         landmarks = (landmarks + 0.5) * grow[:, None, None] - 0.5
         return self._detections(len(images), boxes, scores, landmarks, idx)

@@ -24,7 +24,7 @@ VARIANCES = (0.1, 0.2)
 def priors(width: int, height: int) -> np.ndarray:
     """(P, 4) float32 priors (cx, cy, w, h) in input pixels."""
     parts = []
-    for stride, sizes in zip(STRIDES, MIN_SIZES):
+    for stride, sizes in zip(STRIDES, MIN_SIZES, strict=True):
         rows, cols = int(np.ceil(height / stride)), int(np.ceil(width / stride))
         ys, xs = np.mgrid[:rows, :cols]
         cx = ((xs.reshape(-1) + 0.5) * stride).astype(np.float32)
@@ -54,11 +54,13 @@ class RetinaFaceDetector(OnnxDetector):
             raise ValueError(f"RetinaFace output has {scores.shape[0]} rows, expected "
                              f"{table.shape[0]} priors for input {input_size}")
         if keep.size == 0:
-            return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32)
+            return (np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
+                    np.zeros((0, 5, 2), np.float32))
         prior = table[keep]
         loc = loc[keep]
         centre = prior[:, :2] + loc[:, :2] * VARIANCES[0] * prior[:, 2:]
         size = prior[:, 2:] * np.exp(loc[:, 2:] * VARIANCES[1])
         boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
-        kps = prior[:, None, :2] + landmarks[keep].reshape(-1, 5, 2) * VARIANCES[0] * prior[:, None, 2:]
+        kps = (prior[:, None, :2]
+               + landmarks[keep].reshape(-1, 5, 2) * VARIANCES[0] * prior[:, None, 2:])
         return boxes, scores[keep], kps

@@ -42,5 +42,6 @@ class SCRFDDetector(OnnxDetector):
             all_kps.append(centers[:, None, :] + kps.reshape(-1, 5, 2)[keep] * stride)
             all_scores.append(scores[keep])
         if not all_scores:
-            return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32)
+            return (np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
+                    np.zeros((0, 5, 2), np.float32))
         return np.concatenate(all_boxes), np.concatenate(all_scores), np.concatenate(all_kps)
