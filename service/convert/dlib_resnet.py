@@ -32,6 +32,7 @@ sha256 can be recorded in the model card.
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,7 +106,8 @@ class DlibReader:
             raise DlibFormatError(f"bad bool {char!r} at byte {self.pos - 1}")
         return char == b"1"
 
-    def expect_int(self, expected: int, what: str) -> None:
+    # the methods int/float/bool shadow the builtins in this class body's annotations
+    def expect_int(self, expected: builtins.int, what: str) -> None:
         found = self.int()
         if found != expected:
             raise DlibFormatError(f"{what}: expected {expected}, found {found} "
@@ -126,9 +128,9 @@ class DlibReader:
         raw = self._take(4 * count)
         return np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape)
 
-    def alias_tensor(self) -> tuple[int, int, int, int]:
+    def alias_tensor(self) -> tuple[builtins.int, builtins.int, builtins.int, builtins.int]:
         self.expect_int(1, "alias_tensor version")
-        return tuple(self.int() for _ in range(4))
+        return self.int(), self.int(), self.int(), self.int()
 
 
 # --------------------------------------------------------------------------------------
@@ -338,8 +340,8 @@ def build_onnx(net: DlibNetwork, fold_affine: bool = True) -> onnx.ModelProto:
     """
     g = CountedGraph()
     current = "input"
-    shape = (3, net.input_size, net.input_size)  # (C, H, W) of `current`
-    tags: dict[int, tuple[str, tuple[int, int, int]]] = {}
+    shape: tuple[int, ...] = (3, net.input_size, net.input_size)  # (C, H, W) of `current`
+    tags: dict[int, tuple[str, tuple[int, ...]]] = {}
     ops, params = net.ops, net.params
     index = 0
     while index < len(ops):

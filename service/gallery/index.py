@@ -55,6 +55,7 @@ import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeAlias
 
 import faiss
 import numpy as np
@@ -81,6 +82,9 @@ AUTO_EXACT_CPU_MS = 2.0
 EXACT_NS_PER_FACE_DIM = 0.17
 TARGET_RECALL = 0.99
 TUNE_QUERIES = 400
+
+#: the FAISS index a gallery searches: an id map over a flat or HNSW index, or an IVF index
+FaissIndex: TypeAlias = "faiss.IndexIDMap2 | faiss.IndexIVFFlat"
 
 
 def auto_switch_faces(dim: int) -> int:
@@ -114,8 +118,7 @@ def tune_nprobe(index: faiss.IndexIVF, vectors: np.ndarray, ids: np.ndarray, tar
     sample = vectors[rows]
 
     def recall_at(nprobe: int) -> float:
-        params = faiss.SearchParametersIVF(nprobe=nprobe)
-        _, found = index.search(sample, 2, params=params)
+        _, found = index.search(sample, 2, params=_ivf_params(nprobe))
         first_other = np.where(found[:, 0] == ids[rows], found[:, 1], found[:, 0])
         return float(np.mean(first_other == truth))
 
@@ -139,6 +142,7 @@ def build_ivf(dim: int, ids: np.ndarray, vectors: np.ndarray) -> faiss.IndexIVFF
     n = len(ids)
     nlist = ivf_lists(n)
     index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    assert isinstance(index, faiss.IndexIVFFlat)  # faiss returns the index downcast
     index.cp.niter = IVF_TRAIN_ITERATIONS
     rng = np.random.default_rng(0)
     cap = IVF_TRAIN_PER_LIST * nlist
@@ -188,9 +192,22 @@ class _RWLock:
                 self._cond.notify_all()
 
 
-def _flat_vectors(flat: faiss.Index) -> np.ndarray:
+def _ivf_params(nprobe: int) -> faiss.SearchParametersIVF:
+    params = faiss.SearchParametersIVF()
+    params.nprobe = nprobe
+    return params
+
+
+def _remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
+    """Remove ``ids`` from ``index``; the selector FAISS's own wrapper builds for an id array."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    return index.remove_ids(faiss.IDSelectorBatch(ids.size, faiss.swig_ptr(ids)))
+
+
+def _flat_vectors(index: faiss.Index) -> np.ndarray:
     """A copy of the vectors stored in an ``IndexFlat``."""
-    flat = faiss.downcast_index(flat)
+    flat = faiss.downcast_index(index)
+    assert isinstance(flat, faiss.IndexFlat)
     return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(
         flat.ntotal, flat.d).copy()
 
@@ -198,6 +215,7 @@ def _flat_vectors(flat: faiss.Index) -> np.ndarray:
 def _ivf_contents(ivf: faiss.IndexIVFFlat) -> tuple[np.ndarray, np.ndarray]:
     """(ids, vectors) held by an ``IndexIVFFlat``, read from its inverted lists."""
     lists = ivf.invlists
+    assert lists is not None  # an IndexIVF always owns its inverted lists
     ids, vectors = [], []
     for list_no in range(ivf.nlist):
         size = lists.list_size(list_no)
@@ -209,6 +227,13 @@ def _ivf_contents(ivf: faiss.IndexIVFFlat) -> tuple[np.ndarray, np.ndarray]:
     if not ids:
         return np.zeros(0, np.int64), np.zeros((0, ivf.d), np.float32)
     return np.concatenate(ids), np.concatenate(vectors)
+
+
+def _hnsw(index: faiss.IndexIDMap2) -> faiss.IndexHNSW:
+    """The HNSW index inside an ``hnsw`` gallery's id map."""
+    hnsw = faiss.downcast_index(index.index)
+    assert isinstance(hnsw, faiss.IndexHNSW)
+    return hnsw
 
 
 def ivf_lists(n: int) -> int:
@@ -245,25 +270,25 @@ class GalleryIndex:
         self._trainer: threading.Thread | None = None
         self._written: dict[int, np.ndarray | None] | None = None
         self.gpu = bool(gpu) and kind in ("flat", "auto") and faiss.get_num_gpus() > 0
-        self._index = self._empty()
+        self._index: FaissIndex = self._empty()
         self._trained_at = 0  # ivf: gallery size when the coarse quantiser was trained
         self._subject_of: dict[int, str] = {}
         self._faces_of: dict[str, set[int]] = {}
         self._tombstones: set[int] = set()
         self._lock = _RWLock()
-        self._gpu_index = None
-        self._gpu_ids = None
-        self._gpu_resources = None
+        self._gpu_index: faiss.GpuIndex | None = None
+        self._gpu_ids: np.ndarray | None = None
+        self._gpu_resources: faiss.StandardGpuResources | None = None
         self._gpu_lock = threading.Lock()
 
     # --- construction -----------------------------------------------------------
-    def _empty(self) -> faiss.Index:
+    def _empty(self) -> faiss.IndexIDMap2:
+        inner = f"HNSW{HNSW_M},Flat" if self.kind == "hnsw" else "Flat"
+        index = faiss.index_factory(self.dim, f"IDMap2,{inner}", faiss.METRIC_INNER_PRODUCT)
+        assert isinstance(index, faiss.IndexIDMap2)  # faiss returns the index downcast
         if self.kind == "hnsw":
-            index = faiss.index_factory(self.dim, f"IDMap2,HNSW{HNSW_M},Flat",
-                                        faiss.METRIC_INNER_PRODUCT)
-            faiss.downcast_index(index.index).hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-            return index
-        return faiss.index_factory(self.dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT)
+            _hnsw(index).hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        return index
 
     def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) the flat or ivf index holds (copies)."""
@@ -292,7 +317,7 @@ class GalleryIndex:
             with self._lock.write():
                 written, self._written = self._written, None
                 if written:  # drop every face written since, then add back the live ones
-                    index.remove_ids(np.fromiter(written, np.int64, len(written)))
+                    _remove_ids(index, np.fromiter(written, np.int64, len(written)))
                 added = [(f, v) for f, v in written.items() if v is not None]
                 if added:
                     index.add_with_ids(np.stack([v for _, v in added]),
@@ -312,11 +337,11 @@ class GalleryIndex:
     def describe(self) -> dict:
         """The index's current form: what it searches with, and (auto) whether it is
         switching."""
-        is_ivf = isinstance(self._index, faiss.IndexIVF)
-        active = "ivf" if is_ivf else "hnsw" if self.kind == "hnsw" else "flat"
+        ivf = self._index if isinstance(self._index, faiss.IndexIVF) else None
+        active = "ivf" if ivf is not None else "hnsw" if self.kind == "hnsw" else "flat"
         out: dict = {"kind": self.kind, "active": active}
-        if is_ivf:
-            out.update(nlist=int(self._index.nlist), nprobe=min(self.nprobe, self._index.nlist),
+        if ivf is not None:
+            out.update(nlist=int(ivf.nlist), nprobe=min(self.nprobe, ivf.nlist),
                        trained_at=self._trained_at)
             if self.tuned_recall is not None:
                 out.update(target_recall=self.target_recall,
@@ -338,8 +363,9 @@ class GalleryIndex:
 
     def _rebuild_hnsw(self) -> None:
         """Rebuild the HNSW graph from its live vectors, dropping tombstones."""
+        assert isinstance(self._index, faiss.IndexIDMap2)  # hnsw is never ivf
         ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-        vectors = _flat_vectors(faiss.downcast_index(self._index.index).storage)
+        vectors = _flat_vectors(_hnsw(self._index).storage)
         keep = ~np.isin(ids, np.fromiter(self._tombstones, np.int64, len(self._tombstones)))
         index = self._empty()
         if keep.any():
@@ -412,7 +438,7 @@ class GalleryIndex:
             if len(self._tombstones) > HNSW_REBUILD_FRACTION * self._index.ntotal:
                 self._rebuild_hnsw()
         else:
-            self._index.remove_ids(np.array(present, dtype=np.int64))
+            _remove_ids(self._index, np.array(present, dtype=np.int64))
         self._gpu_index = None
         return len(present)
 
@@ -436,6 +462,7 @@ class GalleryIndex:
         with self._lock.read():
             if isinstance(self._index, faiss.IndexIVFFlat):
                 lists = self._index.invlists
+                assert lists is not None  # an IndexIVF always owns its inverted lists
                 ids = [faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n)).copy()
                        for n in range(self._index.nlist) if lists.list_size(n)]
                 held = np.concatenate(ids) if ids else np.zeros(0, np.int64)
@@ -452,25 +479,28 @@ class GalleryIndex:
 
     def _raw_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """FAISS search returning (scores, face ids); on the GPU mirror when there is one."""
-        if self.gpu and k <= GPU_MAX_K and not isinstance(self._index, faiss.IndexIVF):
+        index = self._index
+        if self.gpu and k <= GPU_MAX_K and isinstance(index, faiss.IndexIDMap2):
             with self._gpu_lock:
-                if self._gpu_index is None:
+                gpu_index, row_ids = self._gpu_index, self._gpu_ids
+                if gpu_index is None or row_ids is None:
                     if self._gpu_resources is None:
                         self._gpu_resources = faiss.StandardGpuResources()
                     # Mirror the flat storage; its row numbers map to ids through id_map.
-                    self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0,
-                                                             self._index.index)
-                    self._gpu_ids = faiss.vector_to_array(self._index.id_map)
-                gpu_index, row_ids = self._gpu_index, self._gpu_ids
+                    gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index.index)
+                    row_ids = faiss.vector_to_array(index.id_map)
+                    self._gpu_index, self._gpu_ids = gpu_index, row_ids
             scores, rows = gpu_index.search(queries, k)
             return scores, np.where(rows >= 0, row_ids[np.maximum(rows, 0)], -1)
-        return self._index.search(queries, k, params=self._params(k))
+        return index.search(queries, k, params=self._params(k))
 
-    def _params(self, k: int):
+    def _params(self, k: int) -> faiss.SearchParameters | None:
         if isinstance(self._index, faiss.IndexIVFFlat):
-            return faiss.SearchParametersIVF(nprobe=min(self.nprobe, self._index.nlist))
+            return _ivf_params(min(self.nprobe, self._index.nlist))
         if self.kind == "hnsw":
-            return faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
+            # SearchParametersHNSW is missing from faiss's type stub (it is in the module)
+            return faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
+                efSearch=max(self.ef_search, k))
         return None
 
     def search(self, queries: np.ndarray, top_k: int) -> list[list[dict]]:
@@ -556,7 +586,10 @@ class GalleryIndex:
             raise SnapshotError(f"snapshot {prefix} does not match its checksum")
         index = cls(sidecar["dim"], sidecar["model_id"], kind, gpu, nprobe, target_recall,
                     switch_faces)
-        index._index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        restored = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        if not isinstance(restored, faiss.IndexIDMap2 | faiss.IndexIVFFlat):
+            raise SnapshotError(f"snapshot {prefix} holds a {type(restored).__name__} index")
+        index._index = restored
         index._trained_at = int(sidecar["trained_at"])
         if index.target_recall and sidecar.get("tuned_recall") is not None:
             index.nprobe, index.tuned_recall = int(sidecar["nprobe"]), sidecar["tuned_recall"]

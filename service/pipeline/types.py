@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -37,7 +37,7 @@ class Detection:
     def area(self) -> float:
         return max(self.width, 0.0) * max(self.height, 0.0)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "box": [round(float(v), 2) for v in self.box],
             "score": round(float(self.score), 5),

@@ -68,8 +68,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, score_threshold: float,
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
     keep = cv2.dnn.NMSBoxes(xywh.tolist(), scores.astype(float).tolist(),
                             float(score_threshold), float(iou_threshold))
-    keep = np.asarray(keep, dtype=np.int64).reshape(-1)
-    return keep[np.argsort(-scores[keep], kind="stable")]
+    kept = np.asarray(keep, dtype=np.int64).reshape(-1)
+    return kept[np.argsort(-scores[kept], kind="stable")]
 
 
 class OnnxDetector:
@@ -146,10 +146,10 @@ class OnnxDetector:
     def blob(self, images: list[np.ndarray]) -> np.ndarray:
         """Letterboxed uint8 images of one size -> NCHW float32, colour order and mean/std of
         the card."""
-        if len(set(self.std)) == 1:
-            return cv2.dnn.blobFromImages(images, 1.0 / self.std[0], None, self.mean,
+        if len(set(self.std)) == 1:  # size (0, 0): the images' own size
+            return cv2.dnn.blobFromImages(images, 1.0 / self.std[0], (0, 0), self.mean,
                                           swapRB=self.swap_rb, crop=False)
-        batch = np.stack(images).astype(np.float32)
+        batch: np.ndarray = np.stack(images).astype(np.float32)
         if self.swap_rb:
             batch = batch[..., ::-1]
         batch = (batch - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
