@@ -32,6 +32,7 @@ from sklearn.metrics import auc, roc_curve
 
 from service.pipeline.pairs import (
     FMR_POINTS,
+    Pair,
     fmr_threshold,
     fmr_thresholds,
     impostor_scores_all,
@@ -88,12 +89,13 @@ def load_pairs(pairs_path: Path | str, aligned_root: Path | str, raw_root: Path 
     if folds is not None:
         pairs = [p for p in pairs if p.fold < folds]
     if max_pairs_per_fold is not None:  # keep the same/different balance of each fold
-        kept, count = [], {}
+        kept: list[Pair] = []
+        count: dict[tuple[int, bool], int] = {}
         for p in pairs:
-            key = (p.fold, p.same)
-            if count.get(key, 0) < max_pairs_per_fold // 2:
+            bucket = (p.fold, p.same)
+            if count.get(bucket, 0) < max_pairs_per_fold // 2:
                 kept.append(p)
-                count[key] = count.get(key, 0) + 1
+                count[bucket] = count.get(bucket, 0) + 1
         pairs = kept
     keys = sorted({p.a for p in pairs} | {p.b for p in pairs})
     index = {k: i for i, k in enumerate(keys)}
@@ -149,7 +151,7 @@ def load_bin(path: Path | str, size: int = 112) -> PairSet:
 def write_bin(path: Path | str, pair_set: PairSet) -> None:
     """Write a :class:`PairSet` as an InsightFace-style ``.bin`` (JPEG crops, consecutive pairs)."""
     bins = []
-    for a, b in zip(pair_set.first, pair_set.second):
+    for a, b in zip(pair_set.first, pair_set.second, strict=True):
         for i in (a, b):
             ok, buf = cv2.imencode(".jpg", pair_set.images[i], [cv2.IMWRITE_JPEG_QUALITY, 95])
             bins.append(buf.tobytes())

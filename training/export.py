@@ -53,7 +53,10 @@ def load_backbone(checkpoint: Path | str) -> tuple[torch.nn.Module, dict]:
 
 def to_onnx(model: torch.nn.Module, path: Path, input_size: int = 112, opset: int = 17) -> None:
     """Export with a dynamic batch axis (TorchScript exporter: no extra dependencies)."""
-    model = model.eval().float().to(memory_format=torch.contiguous_format)
+    # Module.to takes memory_format at run time; torch's stubs omit it from the overloads
+    model = model.eval().float().to(  # type: ignore[call-overload]
+        memory_format=torch.contiguous_format
+    )
     dummy = torch.zeros(2, 3, input_size, input_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

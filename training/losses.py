@@ -207,6 +207,8 @@ class L2SoftmaxHead(ClassificationHead):
 class _AnnealedHead(ClassificationHead):
     """Shared by L-Softmax and SphereFace: ψ_m with λ annealing, counted in a saved buffer."""
 
+    iteration: torch.Tensor  # registered buffer
+
     def __init__(self, m: int, schedule: LambdaSchedule | None):
         super().__init__()
         if int(m) != m or m < 1:
@@ -332,6 +334,8 @@ class CenterLoss(nn.Module):
     the update, so every rank applies the update of the global batch and the
     (replicated) centres stay equal to those of one process on that batch.
     """
+
+    centers: torch.Tensor  # registered buffer
 
     def __init__(self, num_classes: int, embedding_dim: int, alpha: float = 0.5):
         super().__init__()

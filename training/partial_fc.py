@@ -80,7 +80,7 @@ class MarginClassifier(nn.Module):
         padded[: local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
-        return torch.cat([p[: e - s] for p, (s, e) in zip(parts, sizes)]).cpu()
+        return torch.cat([p[: e - s] for p, (s, e) in zip(parts, sizes, strict=True)]).cpu()
 
     def local_rows(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's block of a (C, ...) tensor saved under any world size."""

@@ -8,6 +8,7 @@ loop and the exporter create a network: ``iresnet18/34/50/100``,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 from torch import nn
@@ -18,7 +19,7 @@ from training.backbones.mobilefacenet import MobileFaceNet
 from training.backbones.mobilenet import MobileNetV1
 from training.backbones.resnet import ResNet50
 
-BACKBONES = {
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "iresnet18": partial(IResNet, 18),
     "iresnet34": partial(IResNet, 34),
     "iresnet50": partial(IResNet, 50),
