@@ -41,7 +41,8 @@ def to_tensor(image_bgr: np.ndarray, mean=MEAN, std=STD) -> torch.Tensor:
 
 @dataclass
 class Augment:
-    """Training-time augmentation on uint8 BGR crops: horizontal flip (default) and optional extras."""
+    """Training-time augmentation on uint8 BGR crops: horizontal flip (default) and optional
+    extras."""
 
     flip: bool = True
     brightness: float = 0.0  # max relative change, 0 = off
@@ -295,7 +296,9 @@ def write_recordio(root: Path | str, items: Sequence[tuple[bytes, int]]) -> None
     root.mkdir(parents=True, exist_ok=True)
     header = RecordIODataset.HEADER
     records = [header.pack(2, 0.0, 0, 0) + struct.pack("<ff", len(items) + 1, len(items) + 1)]
-    records += [header.pack(0, float(label), i + 1, 0) + data for i, (data, label) in enumerate(items)]
+    records += [
+        header.pack(0, float(label), i + 1, 0) + data for i, (data, label) in enumerate(items)
+    ]
     with open(root / "train.rec", "wb") as rec, open(root / "train.idx", "w") as idx:
         for key, payload in enumerate(records):
             if len(payload) > RecordIODataset.LENGTH_MASK:
@@ -339,7 +342,10 @@ class PKSampler(Sampler[int]):
             batch: list[int] = []
             for ident in chosen:
                 pool = self.by_label[ident]
-                picks = rng.sample(pool, self.k) if len(pool) >= self.k else rng.choices(pool, k=self.k)
+                if len(pool) >= self.k:
+                    picks = rng.sample(pool, self.k)
+                else:
+                    picks = rng.choices(pool, k=self.k)
                 batch.extend(picks)
             out.append(batch)
         for batch in out[self.rank::self.world_size]:

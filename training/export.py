@@ -86,7 +86,8 @@ def parity_check(model: torch.nn.Module, onnx_path: Path, crops: np.ndarray,
     got = session.run(["embedding"], {"input": blob})[0]
     max_abs = float(np.max(np.abs(got - reference)))
     scale = float(np.max(np.abs(reference)))
-    cos = np.sum(got * reference, 1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1))
+    norms = np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1)
+    cos = np.sum(got * reference, 1) / norms
     result = {"faces": len(crops), "max_abs_diff": max_abs, "max_abs_output": scale,
               "min_cosine": float(np.min(cos)), "max_abs_tolerance": max_abs_tol,
               "min_cosine_tolerance": min_cosine, "batch": len(crops)}

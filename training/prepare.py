@@ -45,7 +45,8 @@ def default_model_dirs(shared: Path | None) -> list[Path]:
 
 
 def build_service_detector(detector: str, model_dirs: list[Path], det_size: int | None = None):
-    """The service's detector (manifest name or .onnx path), sha256-verified through its registry."""
+    """The service's detector (manifest name or .onnx path), sha256-verified through its
+    registry."""
     from service.config import Settings
     from service.pipeline.detectors import build_detector
     from service.registry import Registry
@@ -148,5 +149,6 @@ def prepare(src: Path, dst: Path, detector: str = "yunet_2023mar", model_dirs: S
     report.seconds = round(time.perf_counter() - start, 2)
     write_dataset_info(dst, {"source": str(src), "size": list(crop_size),
                              "recognizer": recognizer,
-                             "template": (np.asarray(template)).round(4).tolist(), **report.as_dict()})
+                             "template": (np.asarray(template)).round(4).tolist(),
+                             **report.as_dict()})
     return report

@@ -213,7 +213,9 @@ class Objective(nn.Module):
             elif loss.aux.name == "marginal":
                 self.metric = L.MarginalLoss(**loss.aux.params)
             else:
-                raise ValueError(f"unknown auxiliary loss {loss.aux.name!r}: use center or marginal")
+                raise ValueError(
+                    f"unknown auxiliary loss {loss.aux.name!r}: use center or marginal"
+                )
             self.aux_weight = float(loss.aux.weight)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -589,8 +591,8 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         if cfg.progress and world.main:
             from tqdm import tqdm
 
-            bar = tqdm(total=steps_per_epoch, initial=first_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="step", dynamic_ncols=True)
+            bar = tqdm(total=steps_per_epoch, initial=first_batch,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True)
         for images, labels in loader:
             factor = lr_factor(cfg, epoch * steps_per_epoch + batch_index, steps_per_epoch)
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):

@@ -32,7 +32,8 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_backbone(name: str, embedding_dim: int = 512, **kwargs) -> nn.Module:
-    """A backbone by name; ``kwargs`` go to its constructor (``input_size``, ``width``, ``dropout``)."""
+    """A backbone by name; ``kwargs`` go to its constructor (``input_size``, ``width``,
+    ``dropout``)."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
     try:
