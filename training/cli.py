@@ -87,17 +87,28 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _read_bgr(path: Path):
+    """A BGR image, or a clear error when the file is not one."""
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"{path}: not a readable image")
+    return image
+
+
 def _cmd_export(args) -> int:
     from training import evaluate as ev
     from training.export import export
 
     if args.parity_dir and not (args.pairs or args.bin):
         # no evaluation here: the card is calibrated afterwards (e.g. from facegate eval-pairs)
-        import cv2
         import numpy as np
 
         files = sorted(Path(args.parity_dir).glob("*/*.png"))[: args.parity_faces]
-        crops = np.stack([cv2.imread(str(f), cv2.IMREAD_COLOR) for f in files]) if files else []
+        crops = np.empty((0, 0, 0, 3), dtype=np.uint8)  # none: the parity check says so
+        if files:
+            crops = np.stack([_read_bgr(f) for f in files])
         result = export(args.checkpoint, args.onnx, crops, name=args.name,
                         description=args.description, licence=args.licence,
                         training_extra=json.loads(args.training_note or "{}"))

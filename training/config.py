@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,9 @@ def from_dict(data: dict) -> TrainConfig:
     return _build(TrainConfig, data)
 
 
-def load_config(path: Path | str | None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(
+    path: Path | str | None, overrides: Sequence[str] = ()
+) -> TrainConfig:
     """A config from a YAML/JSON file (or defaults when ``path`` is None) plus overrides."""
     data: dict = {}
     if path is not None:

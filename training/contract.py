@@ -48,9 +48,9 @@ def input_contract(backbone: str) -> InputContract:
     name = PRETRAINED_CONTRACTS.get(backbone)
     if name is None:
         return InputContract(
-            (MEAN,) * 3,
-            (STD,) * 3,
-            tuple(tuple(p) for p in ARCFACE_TEMPLATE_112),
+            (MEAN, MEAN, MEAN),
+            (STD, STD, STD),
+            tuple((x, y) for x, y in ARCFACE_TEMPLATE_112),
             (112, 112),
             "arcface",
         )
@@ -62,9 +62,9 @@ def input_contract(backbone: str) -> InputContract:
     if pre.color != "RGB" or pre.layout != "NCHW" or align is None:
         raise ValueError(f"{name}: only RGB NCHW cards with an alignment can be fine-tuned")
     return InputContract(
-        tuple(pre.mean),
-        tuple(pre.std),
-        tuple(tuple(p) for p in align.template),
-        tuple(align.size),
+        pre.mean,
+        pre.std,
+        tuple((x, y) for x, y in align.template),
+        align.size,
         name,
     )

@@ -8,6 +8,7 @@ model what it was trained on.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 #: the normalisation the training package uses and exports into every card
 MEAN = 127.5
@@ -40,7 +41,8 @@ def to_tensor(image_bgr: np.ndarray, mean=MEAN, std=STD) -> torch.Tensor:
 
 @dataclass
 class Augment:
-    """Training-time augmentation on uint8 BGR crops: horizontal flip (default) and optional extras."""
+    """Training-time augmentation on uint8 BGR crops: horizontal flip (default) and optional
+    extras."""
 
     flip: bool = True
     brightness: float = 0.0  # max relative change, 0 = off
@@ -102,7 +104,9 @@ class FaceImageFolder(Dataset):
             raise ValueError(f"no images under {self.root}")
         self.augment = augment
         self.size = size
-        self.mean, self.std = MEAN, STD  # the backbone's contract (set by the training loop)
+        # the backbone's contract (set by the training loop): scalars or RGB triples
+        self.mean: float | tuple[float, float, float] = MEAN
+        self.std: float | tuple[float, float, float] = STD
 
     @property
     def num_classes(self) -> int:
@@ -163,7 +167,8 @@ class RecordIODataset(Dataset):
             if line.strip():
                 key, offset = line.split("\t")
                 self.offsets[int(key)] = int(offset)
-        self._fh, self._pid = None, None
+        self._fh: io.FileIO | None = None
+        self._pid: int | None = None
         flag, labels = self._read_labels(0)
         if flag > 0:  # header record: images are keys 1 .. label[0]-1
             self.keys = list(range(1, int(labels[0])))
@@ -174,7 +179,9 @@ class RecordIODataset(Dataset):
             raise ValueError(f"{self.rec_path}: {len(missing)} records missing from train.idx "
                              f"(first: key {missing[0]})")
         self.augment = augment
-        self.mean, self.std = MEAN, STD  # the backbone's contract (set by the training loop)
+        # the backbone's contract (set by the training loop): scalars or RGB triples
+        self.mean: float | tuple[float, float, float] = MEAN
+        self.std: float | tuple[float, float, float] = STD
         self._labels: list[int] | None = None
 
     def __getstate__(self):  # file handles do not cross DataLoader worker processes
@@ -182,7 +189,7 @@ class RecordIODataset(Dataset):
         state["_fh"], state["_pid"] = None, None
         return state
 
-    def _file(self):
+    def _file(self) -> io.FileIO:
         if self._fh is None or self._pid != os.getpid():
             # one unbuffered handle per process, kept open for the dataset's lifetime
             self._fh = open(self.rec_path, "rb", buffering=0)  # noqa: SIM115
@@ -289,7 +296,9 @@ def write_recordio(root: Path | str, items: Sequence[tuple[bytes, int]]) -> None
     root.mkdir(parents=True, exist_ok=True)
     header = RecordIODataset.HEADER
     records = [header.pack(2, 0.0, 0, 0) + struct.pack("<ff", len(items) + 1, len(items) + 1)]
-    records += [header.pack(0, float(label), i + 1, 0) + data for i, (data, label) in enumerate(items)]
+    records += [
+        header.pack(0, float(label), i + 1, 0) + data for i, (data, label) in enumerate(items)
+    ]
     with open(root / "train.rec", "wb") as rec, open(root / "train.idx", "w") as idx:
         for key, payload in enumerate(records):
             if len(payload) > RecordIODataset.LENGTH_MASK:
@@ -327,13 +336,16 @@ class PKSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         identities = sorted(self.by_label)
-        out: list[int] = []
+        out: list[list[int]] = []
         for _ in range(self.batches * self.world_size):
             chosen = rng.sample(identities, self.p)
-            batch = []
+            batch: list[int] = []
             for ident in chosen:
                 pool = self.by_label[ident]
-                picks = rng.sample(pool, self.k) if len(pool) >= self.k else rng.choices(pool, k=self.k)
+                if len(pool) >= self.k:
+                    picks = rng.sample(pool, self.k)
+                else:
+                    picks = rng.choices(pool, k=self.k)
                 batch.extend(picks)
             out.append(batch)
         for batch in out[self.rank::self.world_size]:
@@ -344,7 +356,7 @@ class ResumableSampler(Sampler[int]):
     """``sampler`` (with ``set_epoch``) that leaves out its first ``skip`` indices, for the epoch
     a stopped run resumes in; ``skip`` is set per epoch by the training loop."""
 
-    def __init__(self, sampler):
+    def __init__(self, sampler: PKSampler | DistributedSampler) -> None:
         self.sampler, self.skip = sampler, 0
 
     def set_epoch(self, epoch: int) -> None:

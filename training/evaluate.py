@@ -1,4 +1,5 @@
-"""Verification evaluation: LFW-style pairs, ROC, TAR@FAR, threshold calibration, JSON + PNG reports.
+"""Verification evaluation: LFW-style pairs, ROC, TAR@FAR, threshold calibration,
+JSON + PNG reports.
 
 The protocol is the one InsightFace reports (``verification.py``): each face's
 embedding is the sum of the embeddings of the crop and its mirror image,
@@ -32,6 +33,7 @@ from sklearn.metrics import auc, roc_curve
 
 from service.pipeline.pairs import (
     FMR_POINTS,
+    Pair,
     fmr_threshold,
     fmr_thresholds,
     impostor_scores_all,
@@ -83,17 +85,19 @@ def _fallback_crop(raw_root: Path, key: str, size: int = 112) -> np.ndarray:
 
 def load_pairs(pairs_path: Path | str, aligned_root: Path | str, raw_root: Path | str | None = None,
                folds: int | None = None, max_pairs_per_fold: int | None = None) -> PairSet:
-    """A :class:`PairSet` from ``pairs.txt`` and aligned crops (optionally the first ``folds`` folds)."""
+    """A :class:`PairSet` from ``pairs.txt`` and aligned crops (optionally the first
+    ``folds`` folds)."""
     pairs = parse_pairs(pairs_path)
     if folds is not None:
         pairs = [p for p in pairs if p.fold < folds]
     if max_pairs_per_fold is not None:  # keep the same/different balance of each fold
-        kept, count = [], {}
+        kept: list[Pair] = []
+        count: dict[tuple[int, bool], int] = {}
         for p in pairs:
-            key = (p.fold, p.same)
-            if count.get(key, 0) < max_pairs_per_fold // 2:
+            bucket = (p.fold, p.same)
+            if count.get(bucket, 0) < max_pairs_per_fold // 2:
                 kept.append(p)
-                count[key] = count.get(key, 0) + 1
+                count[bucket] = count.get(bucket, 0) + 1
         pairs = kept
     keys = sorted({p.a for p in pairs} | {p.b for p in pairs})
     index = {k: i for i, k in enumerate(keys)}
@@ -117,7 +121,8 @@ def load_pairs(pairs_path: Path | str, aligned_root: Path | str, raw_root: Path 
 class _BinUnpickler(pickle.Unpickler):
     """Only what an InsightFace ``.bin`` holds: lists, tuples, bytes, bools, numpy arrays."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "bytearray")}
 
     def find_class(self, module, name):
@@ -149,7 +154,7 @@ def load_bin(path: Path | str, size: int = 112) -> PairSet:
 def write_bin(path: Path | str, pair_set: PairSet) -> None:
     """Write a :class:`PairSet` as an InsightFace-style ``.bin`` (JPEG crops, consecutive pairs)."""
     bins = []
-    for a, b in zip(pair_set.first, pair_set.second):
+    for a, b in zip(pair_set.first, pair_set.second, strict=True):
         for i in (a, b):
             ok, buf = cv2.imencode(".jpg", pair_set.images[i], [cv2.IMWRITE_JPEG_QUALITY, 95])
             bins.append(buf.tobytes())
@@ -158,7 +163,8 @@ def write_bin(path: Path | str, pair_set: PairSet) -> None:
 
 
 def flip_embeddings(embed: EmbedFn, images: np.ndarray, batch: int = 128) -> np.ndarray:
-    """L2-normalised (embedding(crop) + embedding(mirrored crop)), the InsightFace test-time rule."""
+    """L2-normalised (embedding(crop) + embedding(mirrored crop)), the InsightFace test-time
+    rule."""
     out = []
     for start in range(0, len(images), batch):
         chunk = images[start:start + batch]
@@ -195,7 +201,8 @@ def verification_report(embeddings: np.ndarray, pair_set: PairSet, calibrate: bo
         from service.pipeline.pairs import best_threshold
 
         t = best_threshold(scores, pair_set.same)
-        mean, std, per_fold, thresholds = float(np.mean((scores >= t) == pair_set.same)), 0.0, [], [t]
+        mean = float(np.mean((scores >= t) == pair_set.same))
+        std, per_fold, thresholds = 0.0, [], [t]
     fpr, tpr, _ = roc_curve(pair_set.same.astype(int), scores)
     report = {
         "dataset": pair_set.name,
@@ -208,7 +215,9 @@ def verification_report(embeddings: np.ndarray, pair_set: PairSet, calibrate: bo
         "fold_thresholds": [round(t, 6) for t in thresholds],
         "auc": round(float(auc(fpr, tpr)), 6),
         "tar_at_far": tar_at_far(scores, pair_set.same),
-        "protocol": "flip-summed embeddings, cosine, contiguous folds, threshold from the other folds",
+        "protocol": (
+            "flip-summed embeddings, cosine, contiguous folds, threshold from the other folds"
+        ),
     }
     if calibrate:
         if pair_set.identities is not None:
@@ -241,8 +250,9 @@ def save_report(report: dict, out_dir: Path | str, stem: str = "verification") -
     paths["json"].write_text(json.dumps(clean, indent=2))
     if fpr is not None:
         paths["roc"] = out_dir / f"{stem}_roc.png"
-        paths["roc"].write_bytes(roc_png(fpr, tpr, f"{clean['dataset']}: "
-                                         f"{100 * clean['accuracy']:.2f}% ± {100 * clean['std']:.2f}"))
+        title = (f"{clean['dataset']}: "
+                 f"{100 * clean['accuracy']:.2f}% ± {100 * clean['std']:.2f}")
+        paths["roc"].write_bytes(roc_png(fpr, tpr, title))
     return paths
 
 

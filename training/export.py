@@ -53,7 +53,10 @@ def load_backbone(checkpoint: Path | str) -> tuple[torch.nn.Module, dict]:
 
 def to_onnx(model: torch.nn.Module, path: Path, input_size: int = 112, opset: int = 17) -> None:
     """Export with a dynamic batch axis (TorchScript exporter: no extra dependencies)."""
-    model = model.eval().float().to(memory_format=torch.contiguous_format)
+    # Module.to takes memory_format at run time; torch's stubs omit it from the overloads
+    model = model.eval().float().to(  # type: ignore[call-overload]
+        memory_format=torch.contiguous_format
+    )
     dummy = torch.zeros(2, 3, input_size, input_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -83,7 +86,8 @@ def parity_check(model: torch.nn.Module, onnx_path: Path, crops: np.ndarray,
     got = session.run(["embedding"], {"input": blob})[0]
     max_abs = float(np.max(np.abs(got - reference)))
     scale = float(np.max(np.abs(reference)))
-    cos = np.sum(got * reference, 1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1))
+    norms = np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1)
+    cos = np.sum(got * reference, 1) / norms
     result = {"faces": len(crops), "max_abs_diff": max_abs, "max_abs_output": scale,
               "min_cosine": float(np.min(cos)), "max_abs_tolerance": max_abs_tol,
               "min_cosine_tolerance": min_cosine, "batch": len(crops)}

@@ -78,7 +78,8 @@ def _autocast_off(device_type: str):
 
 
 def chebyshev_cos_multiple(cos: torch.Tensor, m: int) -> torch.Tensor:
-    """cos(m·θ) as the Chebyshev polynomial T_m(cos θ): T0 = 1, T1 = c, T_{n+1} = 2c·T_n − T_{n-1}."""
+    """cos(m·θ) as the Chebyshev polynomial T_m(cos θ): T0 = 1, T1 = c,
+    T_{n+1} = 2c·T_n − T_{n-1}."""
     t_prev, t_cur = torch.ones_like(cos), cos
     if m == 0:
         return t_prev
@@ -87,7 +88,9 @@ def chebyshev_cos_multiple(cos: torch.Tensor, m: int) -> torch.Tensor:
     return t_cur
 
 
-def margin_psi(cos: torch.Tensor, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0) -> torch.Tensor:
+def margin_psi(
+    cos: torch.Tensor, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0
+) -> torch.Tensor:
     """The monotonic target logit ψ(θ) = (-1)^k cos(m1·θ + m2) − 2k − m3 (see module docstring).
 
     ``cos`` must already be float32 (or float64) and in [-1, 1].
@@ -178,7 +181,8 @@ class ClassificationHead(nn.Module):
 
 
 class SoftmaxHead(ClassificationHead):
-    """Softmax cross-entropy: logit_j = W_jᵀx = ‖W_j‖‖x‖cos θ_j (bias-free, as in the margin papers)."""
+    """Softmax cross-entropy: logit_j = W_jᵀx = ‖W_j‖‖x‖cos θ_j (bias-free, as in the margin
+    papers)."""
 
     formula = "logit_j = ||W_j|| ||x|| cos(theta_j)"
 
@@ -206,6 +210,8 @@ class L2SoftmaxHead(ClassificationHead):
 
 class _AnnealedHead(ClassificationHead):
     """Shared by L-Softmax and SphereFace: ψ_m with λ annealing, counted in a saved buffer."""
+
+    iteration: torch.Tensor  # registered buffer
 
     def __init__(self, m: int, schedule: LambdaSchedule | None):
         super().__init__()
@@ -302,7 +308,8 @@ class CombinedMarginHead(ClassificationHead):
 
 
 class CosFaceHead(CombinedMarginHead):
-    """CosFace / LMCL (Wang et al. 2018), = AM-Softmax (Wang et al. 2018): target = s·(cos θ_y − m)."""
+    """CosFace / LMCL (Wang et al. 2018), = AM-Softmax (Wang et al. 2018):
+    target = s·(cos θ_y − m)."""
 
     formula = "target = s (cos(theta_y) - m)"
 
@@ -311,7 +318,8 @@ class CosFaceHead(CombinedMarginHead):
 
 
 class ArcFaceHead(CombinedMarginHead):
-    """ArcFace (Deng et al. 2019): target = s·cos(θ_y + m), continued monotonically for θ + m > π."""
+    """ArcFace (Deng et al. 2019): target = s·cos(θ_y + m), continued monotonically for
+    θ + m > π."""
 
     formula = "target = s cos(theta_y + m)"
 
@@ -332,6 +340,8 @@ class CenterLoss(nn.Module):
     the update, so every rank applies the update of the global batch and the
     (replicated) centres stay equal to those of one process on that batch.
     """
+
+    centers: torch.Tensor  # registered buffer
 
     def __init__(self, num_classes: int, embedding_dim: int, alpha: float = 0.5):
         super().__init__()
@@ -396,7 +406,9 @@ class TripletLoss(nn.Module):
             eye = torch.eye(len(labels), dtype=torch.bool, device=x.device)
             pos_mask, neg_mask = same & ~eye, ~same
             if not pos_mask.any() or not neg_mask.any():
-                raise ValueError("a triplet batch needs at least one positive pair and one negative")
+                raise ValueError(
+                    "a triplet batch needs at least one positive pair and one negative"
+                )
             big = torch.finfo(d.dtype).max / 4
             if self.mining == "batch_hard":
                 hardest_pos = torch.where(pos_mask, d, torch.zeros_like(d)).max(dim=1).values

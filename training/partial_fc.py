@@ -1,4 +1,5 @@
-"""The class-centre matrix, sharded across ranks, with Partial-FC sampling and a distributed softmax.
+"""The class-centre matrix, sharded across ranks, with Partial-FC sampling and a distributed
+softmax.
 
 After An et al., "Partial FC: Training 10 Million Identities on a Single
 Machine" (2021): rank ``r`` of ``W`` owns a contiguous block of class centres;
@@ -24,7 +25,8 @@ from training.losses import in_distributed_run as _distributed
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, end) of the class block owned by ``rank`` (the first ``C mod W`` ranks get one more)."""
+    """[start, end) of the class block owned by ``rank`` (the first ``C mod W`` ranks get one
+    more)."""
     base, extra = divmod(num_classes, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
@@ -59,7 +61,8 @@ class MarginClassifier(nn.Module):
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError("sample_rate must be in (0, 1]")
         self.head = head
-        self.embedding_dim, self.num_classes, self.sample_rate = embedding_dim, num_classes, sample_rate
+        self.embedding_dim, self.num_classes = embedding_dim, num_classes
+        self.sample_rate = sample_rate
         self.rank = dist.get_rank() if rank is None and _distributed() else (rank or 0)
         self.world_size = (dist.get_world_size() if world_size is None and _distributed()
                            else (world_size or 1))
@@ -80,7 +83,7 @@ class MarginClassifier(nn.Module):
         padded[: local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
-        return torch.cat([p[: e - s] for p, (s, e) in zip(parts, sizes)]).cpu()
+        return torch.cat([p[: e - s] for p, (s, e) in zip(parts, sizes, strict=True)]).cpu()
 
     def local_rows(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's block of a (C, ...) tensor saved under any world size."""
@@ -112,7 +115,8 @@ class MarginClassifier(nn.Module):
         return all_emb, torch.cat(all_lab)
 
     def _sample(self, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(index of sampled local centres or None, labels remapped into the sample; -1 = not here)."""
+        """(index of sampled local centres or None, labels remapped into the sample;
+        -1 = not here)."""
         local = (labels >= self.start) & (labels < self.end)
         local_labels = torch.where(local, labels - self.start, torch.full_like(labels, -1))
         num_local = self.end - self.start

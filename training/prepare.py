@@ -12,6 +12,7 @@ Images without a face are skipped and listed in ``DST/dataset.json``.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,15 +45,16 @@ def default_model_dirs(shared: Path | None) -> list[Path]:
 
 
 def build_service_detector(detector: str, model_dirs: list[Path], det_size: int | None = None):
-    """The service's detector (manifest name or .onnx path), sha256-verified through its registry."""
+    """The service's detector (manifest name or .onnx path), sha256-verified through its
+    registry."""
     from service.config import Settings
     from service.pipeline.detectors import build_detector
     from service.registry import Registry
 
-    overrides = {"detector": detector}
     if det_size:
-        overrides["det_size"] = det_size
-    settings = Settings(**overrides)
+        settings = Settings(detector=detector, det_size=det_size)
+    else:
+        settings = Settings(detector=detector)
     registry = Registry(settings.manifest, [*model_dirs, settings.models_dir])
     card, path = registry.resolve(detector, task="detection")
     return build_detector(card, path, settings), settings
@@ -66,7 +68,7 @@ def list_images(src: Path, limit_per_identity: int | None = None,
         return [(key.split("/")[0], src / key) for key in sorted(set(keys))]
     names = identities if identities is not None else sorted(
         p.name for p in src.iterdir() if p.is_dir())
-    out = []
+    out: list[tuple[str, Path]] = []
     for name in names:
         files = sorted(f for f in (src / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         out.extend((name, f) for f in files[:limit_per_identity])
@@ -94,7 +96,7 @@ def crop_contract(recognizer: str | None, size: int = 112) -> tuple[np.ndarray, 
     return np.asarray(card.alignment.template, dtype=np.float32), (int(width), int(height))
 
 
-def prepare(src: Path, dst: Path, detector: str = "yunet_2023mar", model_dirs: list[Path] = (),
+def prepare(src: Path, dst: Path, detector: str = "yunet_2023mar", model_dirs: Sequence[Path] = (),
             size: int = 112, workers: int = 1, limit_per_identity: int | None = None,
             identities: list[str] | None = None, keys: list[str] | None = None,
             progress: bool = True, recognizer: str | None = None) -> PrepareReport:
@@ -147,5 +149,6 @@ def prepare(src: Path, dst: Path, detector: str = "yunet_2023mar", model_dirs: l
     report.seconds = round(time.perf_counter() - start, 2)
     write_dataset_info(dst, {"source": str(src), "size": list(crop_size),
                              "recognizer": recognizer,
-                             "template": (np.asarray(template)).round(4).tolist(), **report.as_dict()})
+                             "template": (np.asarray(template)).round(4).tolist(),
+                             **report.as_dict()})
     return report

@@ -31,6 +31,7 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,6 +99,7 @@ def build_dataset(cfg: TrainConfig):
     augment = Augment(flip=cfg.data.flip, brightness=cfg.data.brightness,
                       contrast=cfg.data.contrast, grayscale=cfg.data.grayscale)
     contract = input_contract(cfg.backbone.name)
+    dataset: RecordIODataset | FaceImageFolder
     if cfg.data.format == "recordio":
         dataset = RecordIODataset(cfg.data.root, augment, cfg.data.size)
     elif cfg.data.format != "folder":
@@ -115,6 +117,13 @@ def build_dataset(cfg: TrainConfig):
     return dataset
 
 
+def _unwrapped(backbone: nn.Module) -> nn.Module:
+    """The network inside a ``DistributedDataParallel`` wrapper, or ``backbone`` itself."""
+    inner = getattr(backbone, "module", backbone)
+    assert isinstance(inner, nn.Module)
+    return inner
+
+
 def init_backbone(cfg: TrainConfig, backbone: nn.Module) -> None:
     """Load ``cfg.init`` into ``backbone``: a manifest model it can load, or a checkpoint of
     this package with the same backbone."""
@@ -124,11 +133,12 @@ def init_backbone(cfg: TrainConfig, backbone: nn.Module) -> None:
     if ref is None:
         return
     if not ref.endswith(".pt") and not Path(ref).is_file():
-        if PRETRAINED_CONTRACTS.get(cfg.backbone.name) is None or not hasattr(backbone,
-                                                                              "load_dlib"):
+        from training.backbones.dlib_resnet import DlibResNet, pretrained_network
+
+        if PRETRAINED_CONTRACTS.get(cfg.backbone.name) is None or not isinstance(backbone,
+                                                                                 DlibResNet):
             raise ValueError(f"init {ref!r}: backbone {cfg.backbone.name!r} loads no pretrained "
                              "model; give a checkpoint path, or use backbone dlib_resnet")
-        from training.backbones.dlib_resnet import pretrained_network
 
         backbone.load_dlib(pretrained_network(ref))
         return
@@ -203,7 +213,9 @@ class Objective(nn.Module):
             elif loss.aux.name == "marginal":
                 self.metric = L.MarginalLoss(**loss.aux.params)
             else:
-                raise ValueError(f"unknown auxiliary loss {loss.aux.name!r}: use center or marginal")
+                raise ValueError(
+                    f"unknown auxiliary loss {loss.aux.name!r}: use center or marginal"
+                )
             self.aux_weight = float(loss.aux.weight)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -372,13 +384,13 @@ def save_checkpoint(path: Path, cfg: TrainConfig, world: World, backbone: nn.Mod
                         for k, v in sorted(local.items())}
     rng = _rng_state()
     if world.world_size > 1:
-        ranks = [None] * world.world_size
+        ranks: list[Any] = [None] * world.world_size
         dist.all_gather_object(ranks, rng)
     else:
         ranks = [rng]
     if not world.main:
         return
-    module = backbone.module if hasattr(backbone, "module") else backbone
+    module = _unwrapped(backbone)
     opt_state = optimizer.state_dict()
     centre_ids = _centre_param_ids(opt_state)
     opt_state = {"state": {k: v for k, v in opt_state["state"].items() if k not in centre_ids},
@@ -418,7 +430,7 @@ def load_checkpoint(path: Path, world: World, backbone: nn.Module, objective: Ob
     (seed, step, rank) so that no rank replays the random stream of the run's start.
     """
     state = torch.load(path, map_location="cpu", weights_only=False)
-    module = backbone.module if hasattr(backbone, "module") else backbone
+    module = _unwrapped(backbone)
     module.load_state_dict(state["backbone"])
     clf = objective.classifier
     if clf is not None and state["centres"] is not None:
@@ -469,7 +481,7 @@ def evaluate_pairs(cfg: TrainConfig, backbone: nn.Module, device, cache: dict) -
         else:
             cache["pairs"] = ev.load_pairs(cfg.eval.pairs, cfg.eval.aligned, cfg.eval.raw or None,
                                            cfg.eval.folds, cfg.eval.max_pairs_per_fold)
-    module = backbone.module if hasattr(backbone, "module") else backbone
+    module = _unwrapped(backbone)
     contract = input_contract(cfg.backbone.name)
     embed = ev.torch_embedder(module, str(device), input_size=cfg.data.size, mean=contract.mean,
                               std=contract.std)
@@ -499,15 +511,16 @@ def _train(cfg: TrainConfig, world: World) -> dict:
 
     dataset = build_dataset(cfg)
     num_classes = dataset.num_classes
+    base_sampler: PKSampler | DistributedSampler
     if cfg.loss.pk or cfg.loss.name == "triplet":
         p, k = cfg.loss.pk or [max(2, cfg.batch_size // 4), 4]
-        sampler = PKSampler(dataset.labels, p, k, cfg.seed, world.rank, world.world_size)
+        base_sampler = PKSampler(dataset.labels, p, k, cfg.seed, world.rank, world.world_size)
         batch_size = p * k
     else:
-        sampler = DistributedSampler(dataset, world.world_size, world.rank, shuffle=True,
-                                     seed=cfg.seed, drop_last=True)
+        base_sampler = DistributedSampler(dataset, world.world_size, world.rank, shuffle=True,
+                                          seed=cfg.seed, drop_last=True)
         batch_size = cfg.batch_size
-    sampler = ResumableSampler(sampler)
+    sampler = ResumableSampler(base_sampler)
     generator = torch.Generator().manual_seed(cfg.seed + world.rank)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
@@ -529,7 +542,8 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     freeze_prefixes(backbone, cfg.backbone.freeze)
     backbone = backbone.to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    backbone = backbone.to(memory_format=memory_format)
+    # Module.to takes memory_format at run time; torch's stubs omit it from the overloads
+    backbone = backbone.to(memory_format=memory_format)  # type: ignore[call-overload]
     objective = Objective(cfg, num_classes).to(device)
     if cfg.init and not resume and objective.classifier is not None:
         if cfg.init_centres == "mean":
@@ -577,11 +591,11 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         if cfg.progress and world.main:
             from tqdm import tqdm
 
-            bar = tqdm(total=steps_per_epoch, initial=first_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="step", dynamic_ncols=True)
+            bar = tqdm(total=steps_per_epoch, initial=first_batch,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True)
         for images, labels in loader:
             factor = lr_factor(cfg, epoch * steps_per_epoch + batch_index, steps_per_epoch)
-            for group, base in zip(optimizer.param_groups, base_lrs):
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * factor
             images = images.to(device, non_blocking=True).to(memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)

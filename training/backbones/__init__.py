@@ -8,6 +8,7 @@ loop and the exporter create a network: ``iresnet18/34/50/100``,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 from torch import nn
@@ -18,7 +19,7 @@ from training.backbones.mobilefacenet import MobileFaceNet
 from training.backbones.mobilenet import MobileNetV1
 from training.backbones.resnet import ResNet50
 
-BACKBONES = {
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "iresnet18": partial(IResNet, 18),
     "iresnet34": partial(IResNet, 34),
     "iresnet50": partial(IResNet, 50),
@@ -31,7 +32,8 @@ BACKBONES = {
 
 
 def build_backbone(name: str, embedding_dim: int = 512, **kwargs) -> nn.Module:
-    """A backbone by name; ``kwargs`` go to its constructor (``input_size``, ``width``, ``dropout``)."""
+    """A backbone by name; ``kwargs`` go to its constructor (``input_size``, ``width``,
+    ``dropout``)."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
     try:

@@ -27,7 +27,8 @@ def downsampled(size: int, strides: int) -> int:
 
 
 class EmbeddingHead(nn.Module):
-    """The BN-neck of ArcFace-style networks: BN2d → dropout → flatten → FC → BN1d (no affine scale).
+    """The BN-neck of ArcFace-style networks: BN2d → dropout → flatten → FC → BN1d
+    (no affine scale).
 
     The final BatchNorm1d keeps the embedding centred; its output is the
     embedding (normalised later by the loss and by the service).

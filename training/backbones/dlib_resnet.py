@@ -120,7 +120,8 @@ def _stages(ops: list[Op]) -> list[tuple[str, list[Op]]]:
     stem_end = 4  # con 7x7/2, affine, relu, max_pool
     head_start = len(ops) - 2  # avg_pool_everything, fc
     stages: list[tuple[str, list[Op]]] = [("stem", ops[:stem_end])]
-    width, current = None, []
+    width: int | None = None
+    current: list[Op] = []
     index = stem_end
     while index < head_start:
         op = ops[index]
@@ -180,6 +181,7 @@ class DlibResNet(nn.Module):
                         weight = weight * gamma[:, None, None, None]
                         bias = bias * gamma + net.params[index + 1]["beta"]
                     layer.weight.copy_(torch.from_numpy(weight.astype(np.float32)))
+                    assert layer.bias is not None  # the converted convolutions carry a bias
                     layer.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
                 elif isinstance(layer, Affine):
                     layer.weight.copy_(torch.from_numpy(params["gamma"]))

@@ -1,4 +1,5 @@
-"""IResNet-18/34/50/100: the improved residual networks of the ArcFace family (Duta et al.; Deng et al.).
+"""IResNet-18/34/50/100: the improved residual networks of the ArcFace family
+(Duta et al.; Deng et al.).
 
 Input 112×112 (any multiple of 16 works), four stride-2 stages, pre-activation
 style blocks BN → conv3×3 → BN → PReLU → conv3×3(stride) → BN, and the BN-neck

@@ -1,4 +1,5 @@
-"""MobileFaceNet (Chen, Liu, Gao, Han 2018): inverted residual bottlenecks and a global depthwise head.
+"""MobileFaceNet (Chen, Liu, Gao, Han 2018): inverted residual bottlenecks and a global
+depthwise head.
 
 Table 1 of the paper at 112×112: conv3×3/2 (64) → depthwise 3×3 (64) →
 bottlenecks (t, c, n, s) = (2,64,5,2) (4,128,1,2) (2,128,6,1) (4,128,1,2)
