@@ -32,22 +32,27 @@ def main(base_url: str, images: Path, timeout_s: float) -> int:
             return 1
         time.sleep(1)
     ready_after = timeout_s - (deadline - time.monotonic())
-    pairs = {"same": (("Abel_Pacheco", 1), ("Abel_Pacheco", 4)),
-             "different": (("Abel_Pacheco", 1), ("Akhmed_Zakayev", 1))}
+    pairs = {
+        "same": (("Abel_Pacheco", 1), ("Abel_Pacheco", 4)),
+        "different": (("Abel_Pacheco", 1), ("Akhmed_Zakayev", 1)),
+    }
     answers = {}
     with httpx.Client(base_url=base_url, timeout=60) as client:
         for kind, (a, b) in pairs.items():
-            r = client.post("/v1/verify", files={"image1": photo(images, *a),
-                                                 "image2": photo(images, *b)})
+            r = client.post(
+                "/v1/verify", files={"image1": photo(images, *a), "image2": photo(images, *b)}
+            )
             if r.status_code != 200:
                 print(f"quickstart: /v1/verify ({kind}) answered {r.status_code}: {r.text}")
                 return 1
             answers[kind] = r.json()
     same, different = answers["same"], answers["different"]
-    print(f"quickstart: ready after {ready_after:.0f}s on {same['model']}; same person "
-          f"{same['similarity']:.3f} match={same['match']}, different people "
-          f"{different['similarity']:.3f} match={different['match']} "
-          f"(threshold {same['threshold']:.3f} at {same['operating_point']})")
+    print(
+        f"quickstart: ready after {ready_after:.0f}s on {same['model']}; same person "
+        f"{same['similarity']:.3f} match={same['match']}, different people "
+        f"{different['similarity']:.3f} match={different['match']} "
+        f"(threshold {same['threshold']:.3f} at {same['operating_point']})"
+    )
     return 0 if same["match"] is True and different["match"] is False else 1
 
 

@@ -44,11 +44,23 @@ def aligned_faces(pipeline: Pipeline, n: int) -> np.ndarray:
     return np.stack(crops)
 
 
-async def run(pipeline: Pipeline, crops: np.ndarray, enabled: bool, concurrency: int,
-              requests: int, max_batch: int, max_wait_ms: float) -> dict:
+async def run(
+    pipeline: Pipeline,
+    crops: np.ndarray,
+    enabled: bool,
+    concurrency: int,
+    requests: int,
+    max_batch: int,
+    max_wait_ms: float,
+) -> dict:
     sizes: list[int] = []
-    batcher = MicroBatcher(pipeline.embedder, enabled=enabled, max_batch=max_batch,
-                           max_wait_ms=max_wait_ms, observer=lambda n, w: sizes.append(n))
+    batcher = MicroBatcher(
+        pipeline.embedder,
+        enabled=enabled,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        observer=lambda n, w: sizes.append(n),
+    )
     await batcher.start()
     latencies: list[float] = []
     counter = iter(range(requests))
@@ -65,11 +77,15 @@ async def run(pipeline: Pipeline, crops: np.ndarray, enabled: bool, concurrency:
     await batcher.stop()
     latencies.sort()
     return {
-        "batching": enabled, "concurrency": concurrency, "faces": requests,
-        "seconds": round(elapsed, 4), "faces_per_s": round(requests / elapsed, 1),
+        "batching": enabled,
+        "concurrency": concurrency,
+        "faces": requests,
+        "seconds": round(elapsed, 4),
+        "faces_per_s": round(requests / elapsed, 1),
         "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2),
         "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000, 2),
-        "batches": len(sizes), "mean_batch": round(sum(sizes) / len(sizes), 2),
+        "batches": len(sizes),
+        "mean_batch": round(sum(sizes) / len(sizes), 2),
     }
 
 
@@ -83,13 +99,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--faces", type=int, default=64, help="distinct LFW faces aligned")
-    parser.add_argument("--quick", action="store_true",
-                        help="a short run for tests: 16 faces, 32 requests, concurrency 1,8")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run for tests: 16 faces, 32 requests, concurrency 1,8",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.faces, args.requests, args.concurrency = 16, 32, "1,8"
-    overrides = {k: v for k, v in {"models_dir": args.models_dir, "detector": args.detector,
-                                   "recognizer": args.recognizer}.items() if v}
+    overrides = {
+        k: v
+        for k, v in {
+            "models_dir": args.models_dir,
+            "detector": args.detector,
+            "recognizer": args.recognizer,
+        }.items()
+        if v
+    }
     settings = Settings(**overrides)
     pipeline = Pipeline.from_settings(settings)
     crops = aligned_faces(pipeline, args.faces)
@@ -97,15 +123,30 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for level in [int(c) for c in args.concurrency.split(",")]:
         for enabled in (False, True):
-            row = asyncio.run(run(pipeline, crops, enabled, level, args.requests,
-                                  args.max_batch, args.max_wait_ms))
+            row = asyncio.run(
+                run(
+                    pipeline, crops, enabled, level, args.requests, args.max_batch, args.max_wait_ms
+                )
+            )
             rows.append(row)
-            print(f"{pipeline.embedder.model_id:40s} batching={'on ' if enabled else 'off'} "
-                  f"c={level:<3d} {row['faces_per_s']:7.1f} faces/s  p50 {row['p50_ms']:7.2f} ms"
-                  f"  p99 {row['p99_ms']:7.2f} ms  mean batch {row['mean_batch']}", flush=True)
-    print(json.dumps({"model": pipeline.embedder.model_id, "cpu_count": os.cpu_count(),
-                      "intra_op_threads": settings.intra_op_threads, "faces": len(crops),
-                      "max_batch": args.max_batch, "rows": rows}))
+            print(
+                f"{pipeline.embedder.model_id:40s} batching={'on ' if enabled else 'off'} "
+                f"c={level:<3d} {row['faces_per_s']:7.1f} faces/s  p50 {row['p50_ms']:7.2f} ms"
+                f"  p99 {row['p99_ms']:7.2f} ms  mean batch {row['mean_batch']}",
+                flush=True,
+            )
+    print(
+        json.dumps(
+            {
+                "model": pipeline.embedder.model_id,
+                "cpu_count": os.cpu_count(),
+                "intra_op_threads": settings.intra_op_threads,
+                "faces": len(crops),
+                "max_batch": args.max_batch,
+                "rows": rows,
+            }
+        )
+    )
     return 0
 
 

@@ -102,40 +102,59 @@ def bench_backbone(name: str, batches: list[int], repeats: int, args) -> dict:
     for batch in batches:
         faces = rng.standard_normal((batch, 3, 112, 112), dtype=np.float32)
         row = {"batch": batch}
-        seconds = median_seconds(lambda faces=faces: session.run(None, {input_name: faces}),
-                                 repeats)
+        seconds = median_seconds(
+            lambda faces=faces: session.run(None, {input_name: faces}), repeats
+        )
         row["ort"] = round(batch / seconds, 2)
         x = torch.from_numpy(faces).to(device)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         for label, dtype in variants.items():
+
             def run(dtype=dtype, x=x):
-                with torch.inference_mode(), torch.autocast(
-                        device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                with (
+                    torch.inference_mode(),
+                    torch.autocast(
+                        device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+                    ),
+                ):
                     model(x)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
 
             row[label] = round(batch / median_seconds(run, repeats), 2)
         rows.append(row)
-        print(f"{name:14s} batch {batch:4d}: " + "  ".join(
-            f"{k} {v:9.1f}/s" for k, v in row.items() if k != "batch"), file=sys.stderr)
+        print(
+            f"{name:14s} batch {batch:4d}: "
+            + "  ".join(f"{k} {v:9.1f}/s" for k, v in row.items() if k != "batch"),
+            file=sys.stderr,
+        )
 
     best = {key: max(r[key] for r in rows) for key in rows[0] if key != "batch"}
     fastest_torch = max(v for k, v in best.items() if k.startswith("torch"))
-    return {"gflops_per_face": round(flops / 1e9, 3), "ort_providers": providers,
-            "torch_device": str(device), "rows": rows, "best_faces_per_s": best,
-            "ort_vs_fastest_torch": round(best["ort"] / fastest_torch, 3), "flops": flops}
+    return {
+        "gflops_per_face": round(flops / 1e9, 3),
+        "ort_providers": providers,
+        "torch_device": str(device),
+        "rows": rows,
+        "best_faces_per_s": best,
+        "ort_vs_fastest_torch": round(best["ort"] / fastest_torch, 3),
+        "flops": flops,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="mobilefacenet only, batches 1 and 8, 2 repeats")
+    parser.add_argument(
+        "--quick", action="store_true", help="mobilefacenet only, batches 1 and 8, 2 repeats"
+    )
     parser.add_argument("--backbones", default="iresnet50,mobilefacenet")
-    parser.add_argument("--batches", default="",
-                        help="comma-separated batch sizes (default: 1,8,32,64,128,256 on a GPU, "
-                             "1,8,32,64 on a CPU)")
+    parser.add_argument(
+        "--batches",
+        default="",
+        help="comma-separated batch sizes (default: 1,8,32,64,128,256 on a GPU, "
+        "1,8,32,64 on a CPU)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--embedding-dim", type=int, default=512)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -152,24 +171,36 @@ def main(argv: list[str] | None = None) -> int:
     rates = {"fp32": matmul_rate(torch, device, torch.float32, side)}
     if device.type == "cuda":
         rates["bf16"] = matmul_rate(torch, device, torch.bfloat16, side)
-    print("matmul TFLOP/s: " + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in rates.items()),
-          file=sys.stderr)
+    print(
+        "matmul TFLOP/s: " + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in rates.items()),
+        file=sys.stderr,
+    )
 
-    batches = [int(b) for b in (args.batches or ("1,8,32,64,128,256" if device.type == "cuda"
-                                                  else "1,8,32,64")).split(",")]
+    batches = [
+        int(b)
+        for b in (
+            args.batches or ("1,8,32,64,128,256" if device.type == "cuda" else "1,8,32,64")
+        ).split(",")
+    ]
     report = {}
     for name in args.backbones.split(","):
         result = bench_backbone(name, batches, args.repeats, args)
         flops = result.pop("flops")
         result["roofline_faces_per_s"] = {k: round(v / flops, 1) for k, v in rates.items()}
         result["ort_fraction_of_fp32_roofline"] = round(
-            result["best_faces_per_s"]["ort"] / result["roofline_faces_per_s"]["fp32"], 3)
+            result["best_faces_per_s"]["ort"] / result["roofline_faces_per_s"]["fp32"], 3
+        )
         report[name] = result
-    print(json.dumps({
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "matmul_tflops": {k: round(v / 1e12, 3) for k, v in rates.items()},
-        "batches": batches, "backbones": report,
-    }))
+    print(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "matmul_tflops": {k: round(v / 1e12, 3) for k, v in rates.items()},
+                "batches": batches,
+                "backbones": report,
+            }
+        )
+    )
     return 0
 
 

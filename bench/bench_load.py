@@ -79,8 +79,9 @@ def enrol(base_url: str, people) -> int:
     with httpx.Client(base_url=base_url, timeout=60) as client:
         for name, first, _ in people:
             client.post(f"/v1/galleries/{GALLERY}/subjects", json={"subject_id": name})
-            r = client.post(f"/v1/galleries/{GALLERY}/subjects/{name}/faces",
-                            files={"image": ("f.jpg", first)})
+            r = client.post(
+                f"/v1/galleries/{GALLERY}/subjects/{name}/faces", files={"image": ("f.jpg", first)}
+            )
             ok += r.status_code == 201
     return ok
 
@@ -89,14 +90,22 @@ def _request(client: httpx.AsyncClient, endpoint: str, rng: random.Random, peopl
     second = rng.choice(people)[2]
     if endpoint == "verify":
         other = rng.choice(people)[2]
-        return client.post("/v1/verify", files={"image1": ("a.jpg", second),
-                                                "image2": ("b.jpg", other)})
-    return client.post("/v1/identify", data={"gallery": GALLERY, "top_k": "5"},
-                       files={"image": ("p.jpg", second)})
+        return client.post(
+            "/v1/verify", files={"image1": ("a.jpg", second), "image2": ("b.jpg", other)}
+        )
+    return client.post(
+        "/v1/identify", data={"gallery": GALLERY, "top_k": "5"}, files={"image": ("p.jpg", second)}
+    )
 
 
-async def closed_loop(base_url: str, endpoints: list[str], concurrency: int, seconds: float,
-                      people, honour_retry_after: bool = True) -> dict:
+async def closed_loop(
+    base_url: str,
+    endpoints: list[str],
+    concurrency: int,
+    seconds: float,
+    people,
+    honour_retry_after: bool = True,
+) -> dict:
     """``concurrency`` clients, each sending its next request when the last one is answered
     (after a 503 ``overloaded``, once its ``Retry-After`` has passed, with exponential
     backoff and jitter over consecutive refusals: :func:`backoff`, as a well-behaved client).
@@ -146,9 +155,15 @@ async def closed_loop(base_url: str, endpoints: list[str], concurrency: int, sec
             return None
         return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 1)
 
-    return {"requests": len(latencies), "seconds": round(elapsed, 2),
-            "rps": round(len(latencies) / elapsed, 2), "p50_ms": pct(0.50), "p99_ms": pct(0.99),
-            "overloaded": overloaded, "errors": errors}
+    return {
+        "requests": len(latencies),
+        "seconds": round(elapsed, 2),
+        "rps": round(len(latencies) / elapsed, 2),
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "overloaded": overloaded,
+        "errors": errors,
+    }
 
 
 def backoff(retry_after: float, refusals: int, rng: random.Random, cap: float = 8.0) -> float:
@@ -184,34 +199,57 @@ def run_variants(variants: list[str], args, people) -> dict:
             tmp = tempfile.TemporaryDirectory(prefix="facegate-bench-")
             tmps.append(tmp)
             servers[name] = ServeProcess(Path(tmp.name), env={**base, **env}).start()
-            modes[name] = {"env": env, "enrolled": enrol(servers[name].base_url, people),
-                           "levels": {}}
+            modes[name] = {
+                "env": env,
+                "enrolled": enrol(servers[name].base_url, people),
+                "levels": {},
+            }
         for endpoint in ("verify", "identify"):
             for level in args.concurrency:
                 for name, server in servers.items():
                     before = server_histogram(server.base_url, endpoint)
-                    result = asyncio.run(closed_loop(server.base_url, [endpoint], level,
-                                                     args.duration, people,
-                                                     not args.no_retry_after))
-                    result.update(server_quantiles(
-                        before, server_histogram(server.base_url, endpoint)))
+                    result = asyncio.run(
+                        closed_loop(
+                            server.base_url,
+                            [endpoint],
+                            level,
+                            args.duration,
+                            people,
+                            not args.no_retry_after,
+                        )
+                    )
+                    result.update(
+                        server_quantiles(before, server_histogram(server.base_url, endpoint))
+                    )
                     modes[name]["levels"][f"{endpoint}@{level}"] = result
-                    print(f"{name:>6s} {endpoint:8s} c={level:<4d} {result['rps']:7.2f} req/s  "
-                          f"p50 {result['p50_ms']:8.1f} ms  p99 {result['p99_ms']:8.1f} ms  "
-                          f"server p50 {result['server_p50_ms']} p99 {result['server_p99_ms']}  "
-                          f"overloaded {result['overloaded']}  errors {result['errors']}",
-                          flush=True)
+                    print(
+                        f"{name:>6s} {endpoint:8s} c={level:<4d} {result['rps']:7.2f} req/s  "
+                        f"p50 {result['p50_ms']:8.1f} ms  p99 {result['p99_ms']:8.1f} ms  "
+                        f"server p50 {result['server_p50_ms']} p99 {result['server_p99_ms']}  "
+                        f"overloaded {result['overloaded']}  errors {result['errors']}",
+                        flush=True,
+                    )
         first = next(iter(servers))
         if args.soak_seconds > 0:
             pid = servers[first].proc.pid
             start_rss = rss_mb(pid)
-            soak = asyncio.run(closed_loop(servers[first].base_url, ["verify", "identify"],
-                                           args.soak_concurrency, args.soak_seconds, people))
+            soak = asyncio.run(
+                closed_loop(
+                    servers[first].base_url,
+                    ["verify", "identify"],
+                    args.soak_concurrency,
+                    args.soak_seconds,
+                    people,
+                )
+            )
             soak.update(rss_start_mb=round(start_rss, 1), rss_end_mb=round(rss_mb(pid), 1))
             modes[first]["soak"] = soak
-            print(f"soak ({first}) {args.soak_seconds:.0f}s c={args.soak_concurrency}: "
-                  f"{soak['rps']} req/s, RSS {soak['rss_start_mb']} -> {soak['rss_end_mb']} MiB, "
-                  f"errors {soak['errors']}", flush=True)
+            print(
+                f"soak ({first}) {args.soak_seconds:.0f}s c={args.soak_concurrency}: "
+                f"{soak['rps']} req/s, RSS {soak['rss_start_mb']} -> {soak['rss_end_mb']} MiB, "
+                f"errors {soak['errors']}",
+                flush=True,
+            )
         for name, server in servers.items():
             metrics = httpx.get(f"{server.base_url}/metrics", timeout=30).text
             modes[name]["mean_batch_size"] = _mean_batch(metrics)
@@ -271,23 +309,37 @@ def _mean_batch(metrics: str) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", default="1,8,32,128",
-                        help="comma-separated client counts (default 1,8,32,128)")
+    parser.add_argument(
+        "--concurrency",
+        default="1,8,32,128",
+        help="comma-separated client counts (default 1,8,32,128)",
+    )
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per level")
     parser.add_argument("--soak-seconds", type=float, default=300.0)
     parser.add_argument("--soak-concurrency", type=int, default=8)
-    parser.add_argument("--variant", action="append", dest="variants",
-                        help="NAME:VAR=value,... a server configuration to measure (repeatable);"
-                             " default: on:FACEGATE_BATCHING=true and off:FACEGATE_BATCHING=false")
-    parser.add_argument("--admission", choices=("default", "compare"), default="default",
-                        help="compare: measure admission control on and off (batching on) "
-                             "instead of the default variants")
-    parser.add_argument("--no-retry-after", action="store_true",
-                        help="clients resend at once after a 503 overloaded instead of waiting "
-                             "its Retry-After")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        dest="variants",
+        help="NAME:VAR=value,... a server configuration to measure (repeatable);"
+        " default: on:FACEGATE_BATCHING=true and off:FACEGATE_BATCHING=false",
+    )
+    parser.add_argument(
+        "--admission",
+        choices=("default", "compare"),
+        default="default",
+        help="compare: measure admission control on and off (batching on) "
+        "instead of the default variants",
+    )
+    parser.add_argument(
+        "--no-retry-after",
+        action="store_true",
+        help="clients resend at once after a 503 overloaded instead of waiting its Retry-After",
+    )
     parser.add_argument("--people", type=int, default=30, help="LFW people enrolled")
-    parser.add_argument("--quick", action="store_true",
-                        help="a short run for tests: levels 1,4; 1 s each; 2 s soak")
+    parser.add_argument(
+        "--quick", action="store_true", help="a short run for tests: levels 1,4; 1 s each; 2 s soak"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.concurrency, args.duration, args.soak_seconds, args.people = "1,4", 1.0, 2.0, 4
@@ -297,15 +349,18 @@ def main(argv: list[str] | None = None) -> int:
     variants = args.variants or (
         ["on:FACEGATE_ADMISSION=true", "off:FACEGATE_ADMISSION=false"]
         if args.admission == "compare"
-        else ["on:FACEGATE_BATCHING=true", "off:FACEGATE_BATCHING=false"])
+        else ["on:FACEGATE_BATCHING=true", "off:FACEGATE_BATCHING=false"]
+    )
     load_before = os.getloadavg()[0]
-    results = {"machine": os.environ.get("FACEGATE_BENCH_MACHINE", ""),
-               "cpu_count": os.cpu_count(), "duration_s": args.duration,
-               "concurrency": args.concurrency,
-               "modes": run_variants(variants, args, people)}
+    results = {
+        "machine": os.environ.get("FACEGATE_BENCH_MACHINE", ""),
+        "cpu_count": os.cpu_count(),
+        "duration_s": args.duration,
+        "concurrency": args.concurrency,
+        "modes": run_variants(variants, args, people),
+    }
     # other work on the machine skews every figure: record the load it was under
-    results["loadavg_1min"] = {"start": round(load_before, 2),
-                               "end": round(os.getloadavg()[0], 2)}
+    results["loadavg_1min"] = {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)}
     print(json.dumps(results, sort_keys=True))
     return 0
 

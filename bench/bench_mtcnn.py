@@ -67,8 +67,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--spinning", action="store_true")
-    parser.add_argument("--quick", action="store_true",
-                        help="a short run for tests: 8 photos per data set, 2 rounds, batch 4")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run for tests: 8 photos per data set, 2 rounds, batch 4",
+    )
     args = parser.parse_args()
     if args.quick:
         args.images, args.rounds, args.batch = 8, 2, 4
@@ -95,8 +98,10 @@ def main() -> None:
         spinning = build_detector(card, model_path, Settings())
         options = session_options(spinning.settings)  # ONNX Runtime's default: spinning
         providers = select_providers(list(spinning.settings.providers))
-        spinning.sessions = {net: ort.InferenceSession(blob, options, providers=providers)
-                             for net, blob in split_networks(onnx.load(model_path)).items()}
+        spinning.sessions = {
+            net: ort.InferenceSession(blob, options, providers=providers)
+            for net, blob in split_networks(onnx.load(model_path)).items()
+        }
     references = {}
     if not args.no_reference:
         try:
@@ -115,22 +120,22 @@ def main() -> None:
         paths = {
             "detect": lambda images=images: [detector.detect(im) for im in images],
             "detect_batch": lambda images=images: [
-                detector.detect_batch(images[i:i + args.batch])
-                for i in range(0, len(images), args.batch)],
+                detector.detect_batch(images[i : i + args.batch])
+                for i in range(0, len(images), args.batch)
+            ],
         }
         if spinning is not None:
-            paths["detect_spinning"] = lambda images=images: [spinning.detect(im)
-                                                              for im in images]
+            paths["detect_spinning"] = lambda images=images: [spinning.detect(im) for im in images]
         for name, ref in references.items():
             paths[name] = lambda images=images, ref=ref: [ref.detect(im) for im in images]
-        detector.detect_batch(images[:args.batch])  # warm-up
+        detector.detect_batch(images[: args.batch])  # warm-up
         for ref in references.values():
             ref.detect(images[0])
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
         faces: dict[str, int] = {}
         names = list(paths)
         for r in range(args.rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 wall, cpu, result = timed(paths[name])
                 samples[name].append((wall, cpu))
                 faces[name] = count_faces(name, result)
@@ -138,11 +143,15 @@ def main() -> None:
         for name, runs in samples.items():
             wall = statistics.median(w for w, _ in runs)
             cpu = statistics.median(c for _, c in runs)
-            row[name] = {"images_per_s": round(len(images) / wall, 2),
-                         "cpu_s_per_image": round(cpu / len(images), 4), "faces": faces[name]}
+            row[name] = {
+                "images_per_s": round(len(images) / wall, 2),
+                "cpu_s_per_image": round(cpu / len(images), 4),
+                "faces": faces[name],
+            }
         for name in references:
             row[f"cpu_ratio_{name}_vs_detect"] = round(
-                row[name]["cpu_s_per_image"] / row["detect"]["cpu_s_per_image"], 2)
+                row[name]["cpu_s_per_image"] / row["detect"]["cpu_s_per_image"], 2
+            )
         shape = images[0].shape
         results[dataset] = {"images": len(images), "first_shape": list(shape), **row}
         print(dataset, json.dumps(row))

@@ -86,8 +86,10 @@ def build_insightface(detector_file: Path, recognizer_file: Path, det_size: int)
         """(box, embedding as ArcFaceONNX returns it, not normalised) of every face."""
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         boxes, kpss = det.detect(img, input_size=(det_size, det_size))
-        return [(box[:4], rec.get(img, Face(bbox=box[:4], kps=kps, det_score=box[4])))
-                for box, kps in zip(boxes, kpss, strict=True)]
+        return [
+            (box[:4], rec.get(img, Face(bbox=box[:4], kps=kps, det_score=box[4])))
+            for box, kps in zip(boxes, kpss, strict=True)
+        ]
 
     return run
 
@@ -108,8 +110,10 @@ def agreement(ours, theirs, images: list[bytes]) -> dict:
     for data in images:
         mine, other = ours(data), theirs(data)
         equal_counts += len(mine) == len(other)
-        pairs = sorted(((_iou(a[0], b[0]), i, j) for i, a in enumerate(mine)
-                        for j, b in enumerate(other)), reverse=True)
+        pairs = sorted(
+            ((_iou(a[0], b[0]), i, j) for i, a in enumerate(mine) for j, b in enumerate(other)),
+            reverse=True,
+        )
         used_i, used_j = set(), set()
         for iou, i, j in pairs:
             if iou < 0.5 or i in used_i or j in used_j:
@@ -148,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
 
     images = load_images(args.images)
     ours = build_ours(args.detector, args.recognizer)
-    theirs = build_insightface(SHARED / "models" / "scrfd_2.5g_bnkps.onnx",
-                               SHARED / "models" / f"{args.recognizer}.onnx", args.det_size)
+    theirs = build_insightface(
+        SHARED / "models" / "scrfd_2.5g_bnkps.onnx",
+        SHARED / "models" / f"{args.recognizer}.onnx",
+        args.det_size,
+    )
     ours(images[0]), theirs(images[0])  # warm-up (lazy sessions, caches)
 
     ours_s, theirs_s = [], []
@@ -157,33 +164,45 @@ def main(argv: list[str] | None = None) -> int:
     faces = {}
     for r in range(args.rounds):
         order = [("ours", ours, ours_s), ("insightface", theirs, theirs_s)]
-        for name, run, sink in (order if r % 2 == 0 else order[::-1]):
+        for name, run, sink in order if r % 2 == 0 else order[::-1]:
             seconds, cpu_seconds, count = time_path(run, images)
             sink.append(seconds)
             cpu[name].append(cpu_seconds)
             faces[name] = count
-        print(f"round {r + 1}: ours {len(images) / ours_s[-1]:.2f} img/s, insightface "
-              f"{len(images) / theirs_s[-1]:.2f} img/s", file=sys.stderr)
+        print(
+            f"round {r + 1}: ours {len(images) / ours_s[-1]:.2f} img/s, insightface "
+            f"{len(images) / theirs_s[-1]:.2f} img/s",
+            file=sys.stderr,
+        )
     same = agreement(ours, theirs, images)
     print(f"agreement: {same}", file=sys.stderr)
     ours_ips = len(images) / statistics.median(ours_s)
     theirs_ips = len(images) / statistics.median(theirs_s)
-    print(json.dumps({
-        "ours_images_per_s": round(ours_ips, 3),
-        "insightface_images_per_s": round(theirs_ips, 3),
-        "ratio": round(ours_ips / theirs_ips, 3),
-        "ours_faces_per_s": round(faces["ours"] * ours_ips / len(images), 3),
-        "insightface_faces_per_s": round(faces["insightface"] * theirs_ips / len(images), 3),
-        "ours_cpu_ms_per_image": round(1000 * statistics.median(cpu["ours"]) / len(images), 2),
-        "insightface_cpu_ms_per_image": round(
-            1000 * statistics.median(cpu["insightface"]) / len(images), 2),
-        "images": len(images),
-        "rounds": args.rounds,
-        "faces": faces,
-        "agreement": same,
-        "detector": args.detector,
-        "recognizer": args.recognizer,
-    }))
+    print(
+        json.dumps(
+            {
+                "ours_images_per_s": round(ours_ips, 3),
+                "insightface_images_per_s": round(theirs_ips, 3),
+                "ratio": round(ours_ips / theirs_ips, 3),
+                "ours_faces_per_s": round(faces["ours"] * ours_ips / len(images), 3),
+                "insightface_faces_per_s": round(
+                    faces["insightface"] * theirs_ips / len(images), 3
+                ),
+                "ours_cpu_ms_per_image": round(
+                    1000 * statistics.median(cpu["ours"]) / len(images), 2
+                ),
+                "insightface_cpu_ms_per_image": round(
+                    1000 * statistics.median(cpu["insightface"]) / len(images), 2
+                ),
+                "images": len(images),
+                "rounds": args.rounds,
+                "faces": faces,
+                "agreement": same,
+                "detector": args.detector,
+                "recognizer": args.recognizer,
+            }
+        )
+    )
     return 0
 
 

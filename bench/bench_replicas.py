@@ -88,12 +88,14 @@ def machine_busy() -> tuple[float, float]:
 
 def summary_ms(upper: list[float], lower: list[float]) -> dict:
     """Percentiles of the enrol-to-visible upper bounds, and the same of the lower bounds."""
-    return {"samples": len(upper),
-            "p50_ms": round(percentile(upper, 50) * 1000, 1),
-            "p99_ms": round(percentile(upper, 99) * 1000, 1),
-            "max_ms": round(max(upper) * 1000, 1) if upper else float("nan"),
-            "lower_p50_ms": round(percentile(lower, 50) * 1000, 1),
-            "lower_p99_ms": round(percentile(lower, 99) * 1000, 1)}
+    return {
+        "samples": len(upper),
+        "p50_ms": round(percentile(upper, 50) * 1000, 1),
+        "p99_ms": round(percentile(upper, 99) * 1000, 1),
+        "max_ms": round(max(upper) * 1000, 1) if upper else float("nan"),
+        "lower_p50_ms": round(percentile(lower, 50) * 1000, 1),
+        "lower_p99_ms": round(percentile(lower, 99) * 1000, 1),
+    }
 
 
 def enrol_gallery(replica: Replica, size: int) -> tuple[list[str], list[bytes]]:
@@ -116,8 +118,13 @@ def enrol_gallery(replica: Replica, size: int) -> tuple[list[str], list[bytes]]:
     return enrolled, probes
 
 
-async def identify_load(replicas: list[Replica], probes: list[bytes], clients: int,
-                        duration: float, stop: asyncio.Event | None = None) -> dict:
+async def identify_load(
+    replicas: list[Replica],
+    probes: list[bytes],
+    clients: int,
+    duration: float,
+    stop: asyncio.Event | None = None,
+) -> dict:
     """Closed-loop identify clients, client ``k`` on replica ``k % n``, for ``duration``
     seconds (or until ``stop`` is set)."""
     latencies: list[float] = []
@@ -133,8 +140,11 @@ async def identify_load(replicas: list[Replica], probes: list[bytes], clients: i
             while time.monotonic() < deadline and not (stop and stop.is_set()):
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post("/v1/identify", data={"gallery": GALLERY},
-                                          files={"image": ("probe.jpg", rng.choice(probes))})
+                    r = await client.post(
+                        "/v1/identify",
+                        data={"gallery": GALLERY},
+                        files={"image": ("probe.jpg", rng.choice(probes))},
+                    )
                 except httpx.HTTPError as exc:
                     errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
                     continue
@@ -154,22 +164,27 @@ async def identify_load(replicas: list[Replica], probes: list[bytes], clients: i
     elapsed = time.monotonic() - started
     busy1, total1 = machine_busy()
     replica_cpu = sum(cpu_seconds(p) for p in pids) - replica_cpu0
-    return {"requests": len(latencies), "seconds": round(elapsed, 2),
-            "rps": round(len(latencies) / elapsed, 2),
-            "p50_ms": round(percentile(latencies, 50) * 1000, 1),
-            "p99_ms": round(percentile(latencies, 99) * 1000, 1),
-            "no_face": no_face, "errors": errors,
-            "client_cpu_s": round(time.process_time() - cpu0, 2),
-            # where the machine's CPU went: the serving replicas' share of it, their CPU
-            # time per answered request, and how busy the whole machine was
-            "replica_cpu_s": round(replica_cpu, 2),
-            "replica_cpu_ms_per_request": round(1000 * replica_cpu / max(1, len(latencies)), 1),
-            "machine_busy": round((busy1 - busy0) / max(1e-9, total1 - total0), 3),
-            "replica_share_of_machine": round(replica_cpu / max(1e-9, total1 - total0), 3)}
+    return {
+        "requests": len(latencies),
+        "seconds": round(elapsed, 2),
+        "rps": round(len(latencies) / elapsed, 2),
+        "p50_ms": round(percentile(latencies, 50) * 1000, 1),
+        "p99_ms": round(percentile(latencies, 99) * 1000, 1),
+        "no_face": no_face,
+        "errors": errors,
+        "client_cpu_s": round(time.process_time() - cpu0, 2),
+        # where the machine's CPU went: the serving replicas' share of it, their CPU
+        # time per answered request, and how busy the whole machine was
+        "replica_cpu_s": round(replica_cpu, 2),
+        "replica_cpu_ms_per_request": round(1000 * replica_cpu / max(1, len(latencies)), 1),
+        "machine_busy": round((busy1 - busy0) / max(1e-9, total1 - total0), 3),
+        "replica_share_of_machine": round(replica_cpu / max(1e-9, total1 - total0), 3),
+    }
 
 
-async def visibility(replicas: list[Replica], samples: int, pool: list[str],
-                     offset: int) -> tuple[list[float], list[float]]:
+async def visibility(
+    replicas: list[Replica], samples: int, pool: list[str], offset: int
+) -> tuple[list[float], list[float]]:
     """Enrol-to-visible seconds, one per (write, other replica) pair, bracketed: the time the
     answer that first showed the write arrived (an upper bound), and the time the poll before
     it, which did not show it yet, was sent (a lower bound; 0 when the first poll showed it)."""
@@ -195,12 +210,14 @@ async def visibility(replicas: list[Replica], samples: int, pool: list[str],
             path = pool.pop()
             writer = (offset + done) % len(replicas)
             subject = f"v{offset + done:05d}"
-            r = await clients[writer].post(f"/v1/galleries/{VISIBILITY_GALLERY}/subjects",
-                                           json={"subject_id": subject})
+            r = await clients[writer].post(
+                f"/v1/galleries/{VISIBILITY_GALLERY}/subjects", json={"subject_id": subject}
+            )
             r.raise_for_status()
             r = await clients[writer].post(
                 f"/v1/galleries/{VISIBILITY_GALLERY}/subjects/{subject}/faces",
-                files={"image": ("photo.jpg", photo(path))})
+                files={"image": ("photo.jpg", photo(path))},
+            )
             acknowledged = time.monotonic()
             if is_unsuitable(r):
                 continue
@@ -225,24 +242,37 @@ async def visibility_under_load(replicas, probes, clients, samples, pool, offset
     finally:
         stop.set()
         throughput = await load
-    return {**summary_ms(upper, lower), "identify_rps_meanwhile": throughput["rps"],
-            "identify_errors": throughput["errors"]}
+    return {
+        **summary_ms(upper, lower),
+        "identify_rps_meanwhile": throughput["rps"],
+        "identify_errors": throughput["errors"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--replicas", default="1,2,4", help="replica counts to compare")
     parser.add_argument("--clients", type=int, default=8, help="concurrent identify clients")
-    parser.add_argument("--duration", type=float, default=15.0,
-                        help="seconds per throughput run")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="throughput runs per replica count, interleaved (median reported)")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per throughput run")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="throughput runs per replica count, interleaved (median reported)",
+    )
     parser.add_argument("--gallery-size", type=int, default=50, help="enrolled identities")
-    parser.add_argument("--visibility-samples", type=int, default=60,
-                        help="enrolments timed for enrol-to-visible, idle and again under load")
-    parser.add_argument("--intra-op-threads", type=int, default=1,
-                        help="FACEGATE_INTRA_OP_THREADS of every replica (0: ONNX Runtime's "
-                             "default, one per core)")
+    parser.add_argument(
+        "--visibility-samples",
+        type=int,
+        default=60,
+        help="enrolments timed for enrol-to-visible, idle and again under load",
+    )
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=1,
+        help="FACEGATE_INTRA_OP_THREADS of every replica (0: ONNX Runtime's default, one per core)",
+    )
     parser.add_argument("--quick", action="store_true", help="a few seconds per step (for tests)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -253,61 +283,83 @@ def main(argv: list[str] | None = None) -> int:
     env = {"FACEGATE_INTRA_OP_THREADS": str(args.intra_op_threads)}
     root = Path(tempfile.mkdtemp(prefix="facegate-bench-replicas-"))
     replicas: list[Replica] = []
-    result = {"cpus": os.cpu_count(), "clients": args.clients, "duration_s": args.duration,
-              "rounds": args.rounds, "intra_op_threads": args.intra_op_threads,
-              "store": "postgresql",
-              "models": {k: os.environ.get(k) for k in ("FACEGATE_DETECTOR",
-                                                        "FACEGATE_RECOGNIZER")},
-              "runs": {}}
+    result = {
+        "cpus": os.cpu_count(),
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "intra_op_threads": args.intra_op_threads,
+        "store": "postgresql",
+        "models": {k: os.environ.get(k) for k in ("FACEGATE_DETECTOR", "FACEGATE_RECOGNIZER")},
+        "runs": {},
+    }
     pool = [p for paths in celeba_photos().values() for p in paths[4:]]
     random.Random(0).shuffle(pool)
     cluster = PostgresCluster().start()
     try:
         url = cluster.create_database()
-        replicas += [Replica(root / f"r{i + 1}", url, env=env, name=f"replica {i + 1}")
-                     for i in range(max(counts))]
+        replicas += [
+            Replica(root / f"r{i + 1}", url, env=env, name=f"replica {i + 1}")
+            for i in range(max(counts))
+        ]
         t0 = time.monotonic()
         start_all(replicas)
         result["start_s"] = round(time.monotonic() - t0, 1)
         enrolled, probes = enrol_gallery(replicas[0], args.gallery_size)
         result["gallery_size"], result["probes"] = len(enrolled), len(probes)
-        print(f"{len(replicas)} replicas started in {result['start_s']}s; "
-              f"{len(enrolled)} identities enrolled", flush=True)
+        print(
+            f"{len(replicas)} replicas started in {result['start_s']}s; "
+            f"{len(enrolled)} identities enrolled",
+            flush=True,
+        )
 
         # Every replica count in turn, round after round, on the same running replicas
         # (idle replicas only wait on LISTEN): drift in the machine's load spreads evenly.
         rounds: dict[int, list[dict]] = {n: [] for n in counts}
         for k in range(args.rounds):
             for n in counts:
-                run = asyncio.run(identify_load(replicas[:n], probes, args.clients,
-                                                args.duration))
+                run = asyncio.run(identify_load(replicas[:n], probes, args.clients, args.duration))
                 rounds[n].append(run)
                 print(f"round {k + 1}, {n} replica(s): {run}", flush=True)
         for n, runs in rounds.items():
             rps = sorted(r["rps"] for r in runs)
             median = runs[[r["rps"] for r in runs].index(rps[len(rps) // 2])]
-            keys = ("p50_ms", "p99_ms", "client_cpu_s", "replica_cpu_ms_per_request",
-                    "machine_busy", "replica_share_of_machine")
-            result["runs"][str(n)] = {"rps_median": median["rps"], "rps_all": rps,
-                                      **{key: median[key] for key in keys},
-                                      "errors": sum(sum(r["errors"].values()) for r in runs)}
+            keys = (
+                "p50_ms",
+                "p99_ms",
+                "client_cpu_s",
+                "replica_cpu_ms_per_request",
+                "machine_busy",
+                "replica_share_of_machine",
+            )
+            result["runs"][str(n)] = {
+                "rps_median": median["rps"],
+                "rps_all": rps,
+                **{key: median[key] for key in keys},
+                "errors": sum(sum(r["errors"].values()) for r in runs),
+            }
 
         if len(replicas) >= 2:
             upper, lower = asyncio.run(visibility(replicas, args.visibility_samples, pool, 0))
             result["visible_idle"] = summary_ms(upper, lower)
-            print(f"enrol-to-visible over {len(replicas)} replicas, idle: "
-                  f"{result['visible_idle']}", flush=True)
-            result["visible_loaded"] = asyncio.run(visibility_under_load(
-                replicas, probes, args.clients, args.visibility_samples, pool, 10**5))
-            print(f"enrol-to-visible, under identify load: {result['visible_loaded']}",
-                  flush=True)
+            print(
+                f"enrol-to-visible over {len(replicas)} replicas, idle: {result['visible_idle']}",
+                flush=True,
+            )
+            result["visible_loaded"] = asyncio.run(
+                visibility_under_load(
+                    replicas, probes, args.clients, args.visibility_samples, pool, 10**5
+                )
+            )
+            print(f"enrol-to-visible, under identify load: {result['visible_loaded']}", flush=True)
         result["rss_mb"] = [rss_mb(r.proc.pid) for r in replicas]
     finally:
         stop_all(replicas)
         cluster.stop()
     base = result["runs"][str(counts[0])]["rps_median"]
-    result["speedup"] = {n: round(run["rps_median"] / base, 2) if base else None
-                         for n, run in result["runs"].items()}
+    result["speedup"] = {
+        n: round(run["rps_median"] / base, 2) if base else None for n, run in result["runs"].items()
+    }
     print(json.dumps(result))
     return 0
 

@@ -82,7 +82,7 @@ def unit_vectors(rng: np.random.Generator, n: int, dim: int, chunk: int = 100_00
     for start in range(0, n, chunk):
         block = rng.standard_normal((min(chunk, n - start), dim), dtype=np.float32)
         block /= np.linalg.norm(block, axis=1, keepdims=True)
-        out[start:start + len(block)] = block
+        out[start : start + len(block)] = block
     return out
 
 
@@ -104,8 +104,9 @@ def exact_top1(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return index.search(queries, 1)[1][:, 0]
 
 
-def build(kind: str, vectors: np.ndarray, subjects: list[str],
-          target_recall: float = 0.0) -> tuple[GalleryIndex, float]:
+def build(
+    kind: str, vectors: np.ndarray, subjects: list[str], target_recall: float = 0.0
+) -> tuple[GalleryIndex, float]:
     """The service's index over ``vectors`` (face ids 0..n-1), and its build seconds;
     with ``target_recall`` an ivf index's probe count is tuned for it (part of the build)."""
     n, dim = vectors.shape
@@ -113,10 +114,15 @@ def build(kind: str, vectors: np.ndarray, subjects: list[str],
     faiss.omp_set_num_threads(ALL_CORES)  # build with every core
     start = time.perf_counter()
     tuned = kind == "ivf" and target_recall > 0
-    index = GalleryIndex(dim, "bench", kind, nprobe=0 if tuned else IVF_NPROBE,
-                         target_recall=target_recall if tuned else 0.0)
+    index = GalleryIndex(
+        dim,
+        "bench",
+        kind,
+        nprobe=0 if tuned else IVF_NPROBE,
+        target_recall=target_recall if tuned else 0.0,
+    )
     for lo in range(0, n, 100_000):
-        index.add(ids[lo:lo + 100_000], subjects[lo:lo + 100_000], vectors[lo:lo + 100_000])
+        index.add(ids[lo : lo + 100_000], subjects[lo : lo + 100_000], vectors[lo : lo + 100_000])
     if kind == "ivf" and index._trained_at == 0:
         index.train()  # smaller than IVF_MIN_TRAIN: force IVF so it is measured
     return index, time.perf_counter() - start
@@ -129,16 +135,18 @@ def snapshot_seconds(index: GalleryIndex, folder: Path) -> dict:
     start = time.perf_counter()
     index.save(prefix, seq=1, gallery="bench")
     saved = time.perf_counter()
-    GalleryIndex.load(prefix, index.kind, nprobe=index.nprobe or IVF_NPROBE,
-                      target_recall=index.target_recall)
+    GalleryIndex.load(
+        prefix, index.kind, nprobe=index.nprobe or IVF_NPROBE, target_recall=index.target_recall
+    )
     loaded = time.perf_counter()
     for suffix in (".faiss", ".json"):
         prefix.with_suffix(suffix).unlink()
     return {"snapshot_save_s": round(saved - start, 2), "snapshot_load_s": round(loaded - saved, 2)}
 
 
-def settings_of(index: GalleryIndex, nprobes: list[int],
-                efs: list[int] | None = None) -> list[int | None]:
+def settings_of(
+    index: GalleryIndex, nprobes: list[int], efs: list[int] | None = None
+) -> list[int | None]:
     """Search breadths to measure: the ``--nprobe`` list for an ivf index, ``--ef-search``
     for hnsw, else one pass."""
     if index.kind == "hnsw":
@@ -172,14 +180,20 @@ def timed_searches(index: GalleryIndex, queries: np.ndarray):
     return latencies, cpu, top
 
 
-def row_of(index: GalleryIndex, build_s: float, threads: int, latencies, cpu,
-           recall: float) -> dict:
+def row_of(
+    index: GalleryIndex, build_s: float, threads: int, latencies, cpu, recall: float
+) -> dict:
     n = len(index)
     size = faiss.serialize_index(index._index).nbytes
     return {
-        "kind": index.kind, "size": n, "threads": threads, "build_s": round(build_s, 2),
-        "p50_ms": percentile_ms(latencies, 50), "p99_ms": percentile_ms(latencies, 99),
-        "cpu_p50_ms": percentile_ms(cpu, 50), "cpu_p99_ms": percentile_ms(cpu, 99),
+        "kind": index.kind,
+        "size": n,
+        "threads": threads,
+        "build_s": round(build_s, 2),
+        "p50_ms": percentile_ms(latencies, 50),
+        "p99_ms": percentile_ms(latencies, 99),
+        "cpu_p50_ms": percentile_ms(cpu, 50),
+        "cpu_p99_ms": percentile_ms(cpu, 99),
         "recall_at_1": round(recall, 4),
         "bytes_per_vector": round(size / n, 1),
         "gib_per_million": round(size / n * 1e6 / 2**30, 3),
@@ -187,14 +201,22 @@ def row_of(index: GalleryIndex, build_s: float, threads: int, latencies, cpu,
     }
 
 
-def bench_kind(kind: str, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray,
-               threads: list[int], nprobes: list[int] | None = None,
-               target_recall: float = 0.0, snapshot_dir: Path | None = None,
-               efs: list[int] | None = None) -> list[dict]:
+def bench_kind(
+    kind: str,
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    threads: list[int],
+    nprobes: list[int] | None = None,
+    target_recall: float = 0.0,
+    snapshot_dir: Path | None = None,
+    efs: list[int] | None = None,
+) -> list[dict]:
     """Build one index, then measure its searches once per OpenMP thread count (and,
     for ivf, per probe count)."""
-    index, build_s = build(kind, vectors, [f"s{i // 2}" for i in range(len(vectors))],
-                           target_recall)
+    index, build_s = build(
+        kind, vectors, [f"s{i // 2}" for i in range(len(vectors))], target_recall
+    )
     snapshot = snapshot_seconds(index, snapshot_dir) if snapshot_dir else {}
     rows = []
     for count in threads:
@@ -203,8 +225,12 @@ def bench_kind(kind: str, vectors: np.ndarray, queries: np.ndarray, truth: np.nd
             apply_setting(index, nprobe)
             latencies, cpu, top = timed_searches(index, queries)
             found = np.array([-1 if hit is None else hit["face_id"] for hit in top])
-            rows.append({**row_of(index, build_s, count, latencies, cpu,
-                                  float(np.mean(found == truth))), **snapshot})
+            rows.append(
+                {
+                    **row_of(index, build_s, count, latencies, cpu, float(np.mean(found == truth))),
+                    **snapshot,
+                }
+            )
     return rows
 
 
@@ -212,15 +238,21 @@ def _params(index: GalleryIndex) -> dict:
     from service.gallery import index as module
 
     if index.kind == "ivf":
-        params = {"nlist": int(index._index.nlist),
-                  "nprobe": min(index.nprobe, int(index._index.nlist))}
+        params = {
+            "nlist": int(index._index.nlist),
+            "nprobe": min(index.nprobe, int(index._index.nlist)),
+        }
         if index.tuned_recall is not None:
-            params.update(target_recall=index.target_recall,
-                          tuned_recall=round(index.tuned_recall, 4))
+            params.update(
+                target_recall=index.target_recall, tuned_recall=round(index.tuned_recall, 4)
+            )
         return params
     if index.kind == "hnsw":
-        return {"M": module.HNSW_M, "efConstruction": module.HNSW_EF_CONSTRUCTION,
-                "efSearch": index.ef_search}
+        return {
+            "M": module.HNSW_M,
+            "efConstruction": module.HNSW_EF_CONSTRUCTION,
+            "efSearch": index.ef_search,
+        }
     return {}
 
 
@@ -232,13 +264,17 @@ def celeba_photos(root: Path, identities: int, per_identity: int) -> list[tuple[
     for line in (root / "identities.txt").read_text().splitlines()[1:]:
         path, identity = line.split()
         by_identity.setdefault(identity, []).append(path)
-    chosen = sorted(by_identity)[:identities or None]
-    return [(path, identity) for identity in chosen
-            for path in sorted(by_identity[identity])[:per_identity or None]]
+    chosen = sorted(by_identity)[: identities or None]
+    return [
+        (path, identity)
+        for identity in chosen
+        for path in sorted(by_identity[identity])[: per_identity or None]
+    ]
 
 
-def embed_photos(root: Path, paths: list[str], detector: str, recognizer: str,
-                 cache: Path) -> tuple[np.ndarray, float, int]:
+def embed_photos(
+    root: Path, paths: list[str], detector: str, recognizer: str, cache: Path
+) -> tuple[np.ndarray, float, int]:
     """Embedding of each photo's primary face (NaN row: no face), through the service
     pipeline; cached per photo in ``cache``.  Returns (embeddings, seconds, newly embedded)."""
     from service.config import MANIFEST_PATH, Settings
@@ -252,21 +288,24 @@ def embed_photos(root: Path, paths: list[str], detector: str, recognizer: str,
     missing = [p for p in paths if p not in stored]
     start = time.perf_counter()
     if missing:
-        settings = Settings(detector=detector, recognizer=recognizer,
-                            providers=["CPUExecutionProvider"])
+        settings = Settings(
+            detector=detector, recognizer=recognizer, providers=["CPUExecutionProvider"]
+        )
         pipeline = Pipeline.from_settings(settings, Registry(MANIFEST_PATH, [SHARED / "models"]))
         dim = None
         for path in missing:
-            faces = pipeline.analyze((root / "images" / path).read_bytes(), "largest",
-                                     allow_none=True)
+            faces = pipeline.analyze(
+                (root / "images" / path).read_bytes(), "largest", allow_none=True
+            )
             if faces.detections:
                 stored[path] = faces.embeddings[0].astype(np.float32)
                 dim = len(stored[path])
             else:
                 stored[path] = None
         dim = dim or next(len(v) for v in stored.values() if v is not None)
-        stored = {p: np.full(dim, np.nan, np.float32) if v is None else v
-                  for p, v in stored.items()}
+        stored = {
+            p: np.full(dim, np.nan, np.float32) if v is None else v for p, v in stored.items()
+        }
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npz")
         np.savez(tmp, paths=np.array(list(stored)), embeddings=np.stack(list(stored.values())))
@@ -283,17 +322,19 @@ def fitted_distractors(rng: np.random.Generator, real: np.ndarray, n: int) -> np
     for lo in range(0, n, 100_000):
         z = rng.standard_normal((min(100_000, n - lo), real.shape[1]))
         block = (mean + z @ chol.T).astype(np.float32)
-        out[lo:lo + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        out[lo : lo + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out
 
 
-def real_faces(args, sizes: list[int], kinds: list[str], threads: list[int],
-               nprobes: list[int]) -> dict:
+def real_faces(
+    args, sizes: list[int], kinds: list[str], threads: list[int], nprobes: list[int]
+) -> dict:
     root = Path(args.celeba)
     photos = celeba_photos(root, args.identities, args.photos_per_identity)
     cache = Path(args.embed_cache or EMBED_CACHE / f"celeba-{args.detector}-{args.recognizer}.npz")
-    embeddings, embed_s, embedded = embed_photos(root, [p for p, _ in photos], args.detector,
-                                                 args.recognizer, cache)
+    embeddings, embed_s, embedded = embed_photos(
+        root, [p for p, _ in photos], args.detector, args.recognizer, cache
+    )
     found = ~np.isnan(embeddings[:, 0])
     enrolled, queries, query_ids = {}, [], []
     for (_path, identity), vector, ok in zip(photos, embeddings, found, strict=True):
@@ -307,25 +348,30 @@ def real_faces(args, sizes: list[int], kinds: list[str], threads: list[int],
     real = embeddings[found]
     gallery, names = np.stack(list(enrolled.values())), list(enrolled)
     queries, query_ids = np.stack(queries), np.array(query_ids)
-    print(f"{len(photos)} photos of {len({i for _, i in photos})} identities "
-          f"({embedded} embedded in {embed_s:.1f}s, {int((~found).sum())} without a face): "
-          f"{len(names)} enrolled, {len(queries)} queries", flush=True)
+    print(
+        f"{len(photos)} photos of {len({i for _, i in photos})} identities "
+        f"({embedded} embedded in {embed_s:.1f}s, {int((~found).sum())} without a face): "
+        f"{len(names)} enrolled, {len(queries)} queries",
+        flush=True,
+    )
     rng = np.random.default_rng(args.seed)
     distractors = fitted_distractors(rng, real, max(sizes) - len(names))
     # Distractors should score against a query like other people's faces do.
     own = np.array([names.index(i) for i in query_ids])
     impostor = np.delete((queries @ gallery.T).ravel(), np.arange(len(queries)) * len(names) + own)
-    fake = (queries @ distractors[:len(names)].T).ravel()
-    check = {"real_impostor_mean": round(float(impostor.mean()), 3),
-             "real_impostor_p99": round(float(np.percentile(impostor, 99)), 3),
-             "distractor_mean": round(float(fake.mean()), 3),
-             "distractor_p99": round(float(np.percentile(fake, 99)), 3)}
+    fake = (queries @ distractors[: len(names)].T).ravel()
+    check = {
+        "real_impostor_mean": round(float(impostor.mean()), 3),
+        "real_impostor_p99": round(float(np.percentile(impostor, 99)), 3),
+        "distractor_mean": round(float(fake.mean()), 3),
+        "distractor_p99": round(float(np.percentile(fake, 99)), 3),
+    }
     print(f"query cosine to other enrolled people vs to as many distractors: {check}", flush=True)
     results = []
     for size in [len(names), *sizes]:
-        vectors = np.concatenate([gallery, distractors[:size - len(names)]])
+        vectors = np.concatenate([gallery, distractors[: size - len(names)]])
         subjects = names + [f"distractor{i}" for i in range(size - len(names))]
-        for kind in (["flat"] if size == len(names) else kinds):
+        for kind in ["flat"] if size == len(names) else kinds:
             if kind == "hnsw" and size > args.hnsw_max:
                 continue
             index, build_s = build(kind, vectors, subjects, args.target_recall)
@@ -339,26 +385,36 @@ def real_faces(args, sizes: list[int], kinds: list[str], threads: list[int],
                     row = row_of(index, build_s, count, latencies, cpu, float(np.mean(hit)))
                     row.update(snapshot)
                     results.append(row)
-                    print(f"{kind:>6} n={size:>8} {row['params']}: build {row['build_s']:7.2f}s"
-                          f"  cpu p50 {row['cpu_p50_ms']:7.3f} ms  identity recall@1 "
-                          f"{row['recall_at_1']:.4f}", flush=True)
+                    print(
+                        f"{kind:>6} n={size:>8} {row['params']}: build {row['build_s']:7.2f}s"
+                        f"  cpu p50 {row['cpu_p50_ms']:7.3f} ms  identity recall@1 "
+                        f"{row['recall_at_1']:.4f}",
+                        flush=True,
+                    )
     return {
         "benchmark": "gallery_search_real_faces",
         "load_average": [round(x, 1) for x in os.getloadavg()],
-        "detector": args.detector, "recognizer": args.recognizer, "dim": int(gallery.shape[1]),
-        "photos": len(photos), "photos_without_face": int((~found).sum()),
-        "identities": len(names), "queries": len(queries),
-        "embed_s": round(embed_s, 1), "embedded_now": embedded,
+        "detector": args.detector,
+        "recognizer": args.recognizer,
+        "dim": int(gallery.shape[1]),
+        "photos": len(photos),
+        "photos_without_face": int((~found).sum()),
+        "identities": len(names),
+        "queries": len(queries),
+        "embed_s": round(embed_s, 1),
+        "embedded_now": embedded,
         "distractors": "unit vectors from a Gaussian fitted to the real embeddings",
         "distractor_check": check,
-        "search_threads": threads, "faiss": faiss.__version__,
+        "search_threads": threads,
+        "faiss": faiss.__version__,
         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "results": results,
     }
 
 
-def bench_ivfpq(vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray, threads: int,
-                bits: int = 8) -> dict:
+def bench_ivfpq(
+    vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray, threads: int, bits: int = 8
+) -> dict:
     """A compressed alternative (not a service option): IVF + product-quantised codes of
     ``dim / 8`` bytes (64 bytes for 512-d)."""
     n, dim = vectors.shape
@@ -367,8 +423,9 @@ def bench_ivfpq(vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray, thr
     start = time.perf_counter()
     # "np": no polysemous training (its codebook reordering only serves Hamming
     # filtering, which this search does not use; it was 80% of the build time).
-    index = faiss.index_factory(dim, f"IVF{nlist},PQ{code_bytes}x{bits}np",
-                                faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(
+        dim, f"IVF{nlist},PQ{code_bytes}x{bits}np", faiss.METRIC_INNER_PRODUCT
+    )
     index.cp.niter = IVF_TRAIN_ITERATIONS
     index.train(vectors[: max(64 * nlist, 256 * 40)])
     index.add_with_ids(vectors, np.arange(n, dtype=np.int64))
@@ -383,14 +440,18 @@ def bench_ivfpq(vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray, thr
         latencies.append(time.perf_counter() - t0)
     size = faiss.serialize_index(index).nbytes
     return {
-        "kind": "ivfpq", "size": n, "build_s": round(build_s, 2),
-        "p50_ms": percentile_ms(latencies, 50), "p99_ms": percentile_ms(latencies, 99),
-        "cpu_p50_ms": percentile_ms(cpu, 50), "cpu_p99_ms": percentile_ms(cpu, 99),
+        "kind": "ivfpq",
+        "size": n,
+        "build_s": round(build_s, 2),
+        "p50_ms": percentile_ms(latencies, 50),
+        "p99_ms": percentile_ms(latencies, 99),
+        "cpu_p50_ms": percentile_ms(cpu, 50),
+        "cpu_p99_ms": percentile_ms(cpu, 99),
         "recall_at_1": round(float(np.mean(np.array(top1) == truth)), 4),
         "bytes_per_vector": round(size / n, 1),
         "gib_per_million": round(size / n * 1e6 / 2**30, 3),
-        "threads": threads, "params": {"nlist": nlist, "nprobe": 32,
-                                       "subquantizers": code_bytes, "bits": bits},
+        "threads": threads,
+        "params": {"nlist": nlist, "nprobe": 32, "subquantizers": code_bytes, "bits": bits},
     }
 
 
@@ -399,39 +460,62 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="small sizes, 64-d, for tests")
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--kinds", default="flat,ivf,hnsw")
-    parser.add_argument("--hnsw-max", type=int, default=10_000,
-                        help="largest gallery to build an HNSW graph for (slow to build)")
-    parser.add_argument("--pq-size", type=int, default=0,
-                        help="gallery size for the IVF-PQ memory figure (0: skip)")
+    parser.add_argument(
+        "--hnsw-max",
+        type=int,
+        default=10_000,
+        help="largest gallery to build an HNSW graph for (slow to build)",
+    )
+    parser.add_argument(
+        "--pq-size", type=int, default=0, help="gallery size for the IVF-PQ memory figure (0: skip)"
+    )
     parser.add_argument("--pq-bits", type=int, default=8, help="bits per PQ sub-code")
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--threads", default="1",
-                        help="OpenMP threads while searching; a list (1,2) measures each")
-    parser.add_argument("--nprobe", default="",
-                        help="ivf: probe counts to measure on each built index, e.g. 1,8,32,128 "
-                             f"(default: the index default, {IVF_NPROBE})")
-    parser.add_argument("--target-recall", type=float, default=0.0,
-                        help="ivf: tune the probe count for this recall on the gallery's own "
-                             "vectors when it is trained (FACEGATE_IVF_NPROBE=0), instead of "
-                             "--nprobe")
-    parser.add_argument("--ef-search", default="",
-                        help="hnsw: efSearch values to measure on each built graph, e.g. "
-                             "128,256,512 (default: the index default)")
-    parser.add_argument("--snapshot-dir", default="",
-                        help="also time writing and loading each index's snapshot here")
+    parser.add_argument(
+        "--threads", default="1", help="OpenMP threads while searching; a list (1,2) measures each"
+    )
+    parser.add_argument(
+        "--nprobe",
+        default="",
+        help="ivf: probe counts to measure on each built index, e.g. 1,8,32,128 "
+        f"(default: the index default, {IVF_NPROBE})",
+    )
+    parser.add_argument(
+        "--target-recall",
+        type=float,
+        default=0.0,
+        help="ivf: tune the probe count for this recall on the gallery's own "
+        "vectors when it is trained (FACEGATE_IVF_NPROBE=0), instead of "
+        "--nprobe",
+    )
+    parser.add_argument(
+        "--ef-search",
+        default="",
+        help="hnsw: efSearch values to measure on each built graph, e.g. "
+        "128,256,512 (default: the index default)",
+    )
+    parser.add_argument(
+        "--snapshot-dir",
+        default="",
+        help="also time writing and loading each index's snapshot here",
+    )
     parser.add_argument("--seed", type=int, default=0)
     real = parser.add_argument_group("real faces (--real-faces)")
-    real.add_argument("--real-faces", action="store_true",
-                      help="identity recall@1 of CelebA photos in a gallery padded with "
-                           "distractors, instead of synthetic vectors")
+    real.add_argument(
+        "--real-faces",
+        action="store_true",
+        help="identity recall@1 of CelebA photos in a gallery padded with "
+        "distractors, instead of synthetic vectors",
+    )
     real.add_argument("--celeba", default=str(SHARED / "data" / "celeba"))
     real.add_argument("--identities", type=int, default=0, help="first N identities (0: all)")
     real.add_argument("--photos-per-identity", type=int, default=0, help="at most N (0: all)")
     real.add_argument("--detector", default="yunet_2023mar")
     real.add_argument("--recognizer", default="mobilefacenet_peer_128d")
-    real.add_argument("--embed-cache", default="",
-                      help=f"embedding cache file (default under {EMBED_CACHE})")
+    real.add_argument(
+        "--embed-cache", default="", help=f"embedding cache file (default under {EMBED_CACHE})"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.queries, args.pq_size, args.hnsw_max = "1000,4000", 40, 4000, 4000
@@ -461,34 +545,52 @@ def main(argv: list[str] | None = None) -> dict:
         for kind in kinds:
             if kind == "hnsw" and size > args.hnsw_max:
                 continue
-            for row in bench_kind(kind, vectors[:size], queries, truth, threads, nprobes,
-                                  args.target_recall,
-                                  Path(args.snapshot_dir) if args.snapshot_dir else None,
-                                  args.efs):
+            for row in bench_kind(
+                kind,
+                vectors[:size],
+                queries,
+                truth,
+                threads,
+                nprobes,
+                args.target_recall,
+                Path(args.snapshot_dir) if args.snapshot_dir else None,
+                args.efs,
+            ):
                 results.append(row)
-                print(f"{kind:>6} n={size:>8} threads={row['threads']} {row['params']}: "
-                      f"build {row['build_s']:8.2f}s"
-                      f"  p50 {row['p50_ms']:8.3f} ms  p99 {row['p99_ms']:8.3f} ms"
-                      f"  cpu p50 {row['cpu_p50_ms']:8.3f} ms  recall@1 {row['recall_at_1']:.4f}"
-                      f"  {row['bytes_per_vector']:7.1f} B/vec", flush=True)
+                print(
+                    f"{kind:>6} n={size:>8} threads={row['threads']} {row['params']}: "
+                    f"build {row['build_s']:8.2f}s"
+                    f"  p50 {row['p50_ms']:8.3f} ms  p99 {row['p99_ms']:8.3f} ms"
+                    f"  cpu p50 {row['cpu_p50_ms']:8.3f} ms  recall@1 {row['recall_at_1']:.4f}"
+                    f"  {row['bytes_per_vector']:7.1f} B/vec",
+                    flush=True,
+                )
         if args.pq_size and size == min(sizes, key=lambda s: abs(s - args.pq_size)):
             row = bench_ivfpq(vectors[:size], queries, truth, threads[0], args.pq_bits)
             results.append(row)
-            print(f" ivfpq n={size:>8}: build {row['build_s']:8.2f}s  p50 {row['p50_ms']:8.3f} ms"
-                  f"  recall@1 {row['recall_at_1']:.4f}  {row['bytes_per_vector']:7.1f} B/vec",
-                  flush=True)
+            print(
+                f" ivfpq n={size:>8}: build {row['build_s']:8.2f}s  p50 {row['p50_ms']:8.3f} ms"
+                f"  recall@1 {row['recall_at_1']:.4f}  {row['bytes_per_vector']:7.1f} B/vec",
+                flush=True,
+            )
 
     memory = {}
     for row in results:  # per kind, measured at its largest size
-        memory[row["kind"]] = {"gib_per_million": row["gib_per_million"],
-                               "measured_at": row["size"]}
+        memory[row["kind"]] = {
+            "gib_per_million": row["gib_per_million"],
+            "measured_at": row["size"],
+        }
     report = {
         "benchmark": "gallery_search",
         "load_average": [round(x, 1) for x in os.getloadavg()],
-        "dim": args.dim, "queries": args.queries, "search_threads": threads,
-        "faiss": faiss.__version__, "machine": platform.machine(),
+        "dim": args.dim,
+        "queries": args.queries,
+        "search_threads": threads,
+        "faiss": faiss.__version__,
+        "machine": platform.machine(),
         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "results": results, "memory_per_million": memory,
+        "results": results,
+        "memory_per_million": memory,
     }
     print(json.dumps(report))
     return report

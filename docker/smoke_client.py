@@ -47,8 +47,13 @@ def check(condition: bool, message: str) -> None:
 # --- HTTP -------------------------------------------------------------------------
 
 
-def request(method: str, url: str, body: bytes | None = None,
-            content_type: str | None = None, timeout: float = 60) -> tuple[int, bytes]:
+def request(
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    content_type: str | None = None,
+    timeout: float = 60,
+) -> tuple[int, bytes]:
     headers = {"Content-Type": content_type} if content_type else {}
     req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
@@ -69,20 +74,29 @@ def multipart(fields: dict[str, str], files: dict[str, Path | bytes]) -> tuple[b
     boundary = uuid.uuid4().hex
     parts: list[bytes] = []
     for name, value in fields.items():
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
-                     f"{value}\r\n".encode())
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+            f"{value}\r\n".encode()
+        )
     for name, source in files.items():
         data = source.read_bytes() if isinstance(source, Path) else source
         filename = source.name if isinstance(source, Path) else "upload.jpg"
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
-                     f'filename="{filename}"\r\nContent-Type: image/jpeg\r\n\r\n'.encode()
-                     + data + b"\r\n")
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+            f'filename="{filename}"\r\nContent-Type: image/jpeg\r\n\r\n'.encode()
+            + data
+            + b"\r\n"
+        )
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
-def post_form(url: str, fields: dict[str, str], files: dict[str, Path | bytes],
-              expect: tuple[int, ...] = (200,)) -> dict:
+def post_form(
+    url: str,
+    fields: dict[str, str],
+    files: dict[str, Path | bytes],
+    expect: tuple[int, ...] = (200,),
+) -> dict:
     body, content_type = multipart(fields, files)
     return call_json("POST", url, expect, body=body, content_type=content_type)
 
@@ -130,8 +144,10 @@ def enrol(base: str, name: str, files: list[Path]) -> tuple[list[Path], Path]:
         if status == 422:  # several faces, a small or a poor face: the next photo
             code = json.loads(raw)["error"]["code"]
             faces = call_json("GET", url)["faces"]
-            check(len(faces) == len(enrolled),
-                  f"refused photo {path.name} ({code}) changed {name}: {len(faces)} faces")
+            check(
+                len(faces) == len(enrolled),
+                f"refused photo {path.name} ({code}) changed {name}: {len(faces)} faces",
+            )
             continue
         check(status == 201, f"enrol {path.name}: HTTP {status}: {raw[:300]!r}")
         check(json.loads(raw)["subject_id"] == name, f"{path.name} enrolled under another id")
@@ -154,22 +170,30 @@ def identify_all(base: str, held_out: dict[str, Path]) -> dict[str, dict]:
     """Identify each held-out photo; the best candidate must be its own subject."""
     results = {}
     for name, path in held_out.items():
-        answer = post_form(f"{base}/v1/identify", {"gallery": GALLERY, "top_k": "3"},
-                           {"image": path})
+        answer = post_form(
+            f"{base}/v1/identify", {"gallery": GALLERY, "top_k": "3"}, {"image": path}
+        )
         check(len(answer["faces"]) >= 1, f"identify found no face in {path.name}")
-        face = max(answer["faces"], key=lambda f: (f["box"][2] - f["box"][0])
-                   * (f["box"][3] - f["box"][1]))
+        face = max(
+            answer["faces"], key=lambda f: (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1])
+        )
         top = face["candidates"][0]
         check(top["subject_id"] == name, f"identify {path.name}: top candidate {top} is not {name}")
         check(face["match"] == name, f"identify {path.name}: match {face['match']!r}")
-        results[name] = {"photo": path.name, "similarity": top["similarity"],
-                         "threshold": answer["threshold"]}
+        results[name] = {
+            "photo": path.name,
+            "similarity": top["similarity"],
+            "threshold": answer["threshold"],
+        }
     return results
 
 
 def metric_names(text: str) -> set[str]:
-    return {line.split("{")[0].split(" ")[0] for line in text.splitlines()
-            if line and not line.startswith("#")}
+    return {
+        line.split("{")[0].split(" ")[0]
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def dashboard_metrics(dashboard: Path) -> set[str]:
@@ -183,15 +207,21 @@ def dashboard_metrics(dashboard: Path) -> set[str]:
 def populate(base: str, lfw_images: Path, state_path: Path, dashboard: Path) -> None:
     info = call_json("GET", f"{base}/v1/info")
     models = info["models"]
-    print(f"serving detector {models['detector']['id']} ({models['detector']['providers']}), "
-          f"recognizer {models['recognizer']['id']} ({models['recognizer']['providers']})")
+    print(
+        f"serving detector {models['detector']['id']} ({models['detector']['providers']}), "
+        f"recognizer {models['recognizer']['id']} ({models['recognizer']['providers']})"
+    )
     chosen = photos(lfw_images)
 
     enrolled, held_out = {}, {}
     for name, files in chosen.items():
-        call_json("POST", f"{base}/v1/galleries/{GALLERY}/subjects", (200, 201),
-                  body=json.dumps({"subject_id": name, "metadata": {"source": "lfw"}}).encode(),
-                  content_type="application/json")
+        call_json(
+            "POST",
+            f"{base}/v1/galleries/{GALLERY}/subjects",
+            (200, 201),
+            body=json.dumps({"subject_id": name, "metadata": {"source": "lfw"}}).encode(),
+            content_type="application/json",
+        )
         enrolled[name], held_out[name] = enrol(base, name, files)
     check(subject_ids(base) == sorted(PEOPLE), f"gallery holds {subject_ids(base)}")
     print("enrolled: " + ", ".join(p.name for ps in enrolled.values() for p in ps))
@@ -202,24 +232,34 @@ def populate(base: str, lfw_images: Path, state_path: Path, dashboard: Path) -> 
     diff = post_form(f"{base}/v1/verify", {}, {"image1": enrolled[a][0], "image2": enrolled[b][0]})
     check(diff["match"] is False, f"different people ({a}, {b}) matched: {diff}")
     check(same["similarity"] > diff["similarity"], "same-person score not above different-person")
-    to_subject = post_form(f"{base}/v1/verify", {"gallery": GALLERY, "subject_id": b},
-                           {"image1": held_out[b]})
+    to_subject = post_form(
+        f"{base}/v1/verify", {"gallery": GALLERY, "subject_id": b}, {"image1": held_out[b]}
+    )
     check(to_subject["match"] is True, f"{b} held-out photo does not verify against {b}")
-    print(f"verify: same {same['similarity']:.3f}, different {diff['similarity']:.3f}, "
-          f"threshold {same['threshold']:.3f} ({same['operating_point']}); "
-          f"vs enrolled subject {to_subject['similarity']:.3f}")
+    print(
+        f"verify: same {same['similarity']:.3f}, different {diff['similarity']:.3f}, "
+        f"threshold {same['threshold']:.3f} ({same['operating_point']}); "
+        f"vs enrolled subject {to_subject['similarity']:.3f}"
+    )
 
     identified = identify_all(base, held_out)
     print("identify: " + ", ".join(f"{n} {r['similarity']:.3f}" for n, r in identified.items()))
 
-    status, raw = request("POST", f"{base}/v1/galleries/{GALLERY}/subjects/{a}/faces",
-                          *multipart({}, {"image": b"this is not an image"}))
+    status, raw = request(
+        "POST",
+        f"{base}/v1/galleries/{GALLERY}/subjects/{a}/faces",
+        *multipart({}, {"image": b"this is not an image"}),
+    )
     check(status in (400, 415, 422), f"bad upload answered HTTP {status}: {raw[:200]!r}")
     check("error" in json.loads(raw), f"bad upload error is not typed: {raw[:200]!r}")
-    faces_before = {n: len(call_json("GET", f"{base}/v1/galleries/{GALLERY}/subjects/{n}")["faces"])
-                    for n in PEOPLE}
-    check(all(c == ENROLLED_PER_PERSON for c in faces_before.values()),
-          f"faces per subject after a bad upload: {faces_before}")
+    faces_before = {
+        n: len(call_json("GET", f"{base}/v1/galleries/{GALLERY}/subjects/{n}")["faces"])
+        for n in PEOPLE
+    }
+    check(
+        all(c == ENROLLED_PER_PERSON for c in faces_before.values()),
+        f"faces per subject after a bad upload: {faces_before}",
+    )
 
     status, raw = request("GET", f"{base}/metrics")
     check(status == 200, f"/metrics answered HTTP {status}")
@@ -228,20 +268,29 @@ def populate(base: str, lfw_images: Path, state_path: Path, dashboard: Path) -> 
     wanted = dashboard_metrics(dashboard)
     missing = sorted(m for m in wanted if m not in exported)
     check(not missing, f"dashboard queries metrics that /metrics does not export: {missing}")
-    verify_count = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith("facegate_http_requests_total{")
-                       and 'route="/v1/verify"' in line and 'status="200"' in line)
+    verify_count = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("facegate_http_requests_total{")
+        and 'route="/v1/verify"' in line
+        and 'status="200"' in line
+    )
     check(verify_count >= 3, f"/metrics counts {verify_count} verify requests, sent 3")
     print(f"metrics: {len(exported)} series names, the dashboard's {len(wanted)} all exported")
 
-    state_path.write_text(json.dumps({"subjects": sorted(PEOPLE), "faces": faces_before,
-                                      "identify": identified}, indent=2))
+    state_path.write_text(
+        json.dumps(
+            {"subjects": sorted(PEOPLE), "faces": faces_before, "identify": identified}, indent=2
+        )
+    )
 
 
 def persisted(base: str, lfw_images: Path, state_path: Path) -> None:
     state = json.loads(state_path.read_text())
-    check(subject_ids(base) == state["subjects"],
-          f"after restart the gallery holds {subject_ids(base)}, expected {state['subjects']}")
+    check(
+        subject_ids(base) == state["subjects"],
+        f"after restart the gallery holds {subject_ids(base)}, expected {state['subjects']}",
+    )
     for name, count in state["faces"].items():
         faces = call_json("GET", f"{base}/v1/galleries/{GALLERY}/subjects/{name}")["faces"]
         check(len(faces) == count, f"after restart {name} has {len(faces)} faces, expected {count}")
@@ -249,8 +298,10 @@ def persisted(base: str, lfw_images: Path, state_path: Path) -> None:
     identified = identify_all(base, held_out)
     for name, result in identified.items():
         before = state["identify"][name]["similarity"]
-        check(abs(result["similarity"] - before) < 1e-3,
-              f"{name}: similarity {result['similarity']:.4f} after restart, {before:.4f} before")
+        check(
+            abs(result["similarity"] - before) < 1e-3,
+            f"{name}: similarity {result['similarity']:.4f} after restart, {before:.4f} before",
+        )
     print(f"after restart: {len(state['subjects'])} subjects, faces and scores unchanged")
 
 
@@ -273,19 +324,30 @@ def replicas(first: str, second: str, lfw_images: Path) -> None:
     chosen = photos(lfw_images)
     held_out = {}
     for name in PEOPLE[:2]:
-        call_json("POST", f"{first}/v1/galleries/{GALLERY}/subjects", (200, 201),
-                  body=json.dumps({"subject_id": name}).encode(), content_type="application/json")
+        call_json(
+            "POST",
+            f"{first}/v1/galleries/{GALLERY}/subjects",
+            (200, 201),
+            body=json.dumps({"subject_id": name}).encode(),
+            content_type="application/json",
+        )
         _, held_out[name] = enrol(first, name, chosen[name])
     a, b = PEOPLE[0], PEOPLE[1]
-    seen = wait_for(f"replica 2 identifying {a} enrolled through replica 1",
-                    lambda: top_match(second, held_out[a]) == a)
+    seen = wait_for(
+        f"replica 2 identifying {a} enrolled through replica 1",
+        lambda: top_match(second, held_out[a]) == a,
+    )
     check(subject_ids(second) == sorted(PEOPLE[:2]), f"replica 2 lists {subject_ids(second)}")
     call_json("DELETE", f"{second}/v1/galleries/{GALLERY}/subjects/{b}")
-    gone = wait_for(f"replica 1 forgetting {b} deleted through replica 2",
-                    lambda: top_match(first, held_out[b]) != b)
+    gone = wait_for(
+        f"replica 1 forgetting {b} deleted through replica 2",
+        lambda: top_match(first, held_out[b]) != b,
+    )
     check(subject_ids(first) == [a], f"replica 1 lists {subject_ids(first)} after the delete")
-    print(f"replicas: enrolment visible on the other replica after {seen:.2f}s, "
-          f"deletion after {gone:.2f}s")
+    print(
+        f"replicas: enrolment visible on the other replica after {seen:.2f}s, "
+        f"deletion after {gone:.2f}s"
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -99,18 +99,26 @@ async def _start(state: AppState) -> None:
     state.fetcher = UrlFetcher.from_settings(settings, user_agent=f"facegate/{_version()}")
     # The one embedder of the app: every embedding, whoever asks, goes through the batcher.
     assert pipeline.embedder is not None  # from_settings builds both models
-    state.batcher = MicroBatcher(pipeline.embedder, enabled=settings.batching,
-                                 max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                                 observer=observe)
+    state.batcher = MicroBatcher(
+        pipeline.embedder,
+        enabled=settings.batching,
+        max_batch=settings.max_batch,
+        max_wait_ms=settings.max_wait_ms,
+        observer=observe,
+    )
     await state.batcher.start()
     state.pipeline = pipeline.with_embedder(state.batcher)
     # Warm the whole embedding path once (sessions were warmed when built).
     size = state.pipeline.crop_size
     await state.batcher.embed_async(np.zeros((1, size[1], size[0], 3), dtype=np.uint8))
     state.warmed = True
-    log.info("facegate ready: detector %s, recognizer %s (%s), startup %s",
-             state.pipeline.detector_card.name, state.pipeline.recognizer_card.name,
-             state.pipeline.recognizer_selection, state.startup)
+    log.info(
+        "facegate ready: detector %s, recognizer %s (%s), startup %s",
+        state.pipeline.detector_card.name,
+        state.pipeline.recognizer_card.name,
+        state.pipeline.recognizer_selection,
+        state.startup,
+    )
 
 
 async def _stop(state: AppState) -> None:
@@ -143,8 +151,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Swagger UI and ReDoc from the assets of the installed ``fastapi-offline`` package
     # (FastAPI's own pages load them from a CDN: a blank page on an offline host).
     # No redirects: a 307 from ``/x/`` to ``/x`` would send a write to another resource.
-    app = FastAPIOffline(title="facegate", version=_version(), description=DESCRIPTION,
-                         lifespan=lifespan, static_url=DOCS_ASSETS_URL, redirect_slashes=False)
+    app = FastAPIOffline(
+        title="facegate",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        static_url=DOCS_ASSETS_URL,
+        redirect_slashes=False,
+    )
     app.state.settings = settings
     app.state.keyring = build_keyring(settings.api_keys, settings.api_keys_file)
     app.state.metrics = metrics
@@ -152,7 +166,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, info, verify, identify, extract, galleries, bulk, transfer, audit):
         app.include_router(module.router)
     app.add_middleware(AdmissionMiddleware, settings=settings, metrics=metrics)  # inside the limit
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes,
-                       metrics=metrics, body_timeout_s=settings.body_timeout_s)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        metrics=metrics,
+        body_timeout_s=settings.body_timeout_s,
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -44,8 +44,15 @@ class MicroBatcher:
     """An ``Embedder`` that coalesces concurrent ``embed`` calls into batched calls of the
     embedder it wraps."""
 
-    def __init__(self, embedder: Embedder, *, enabled: bool = True, max_batch: int = 32,
-                 max_wait_ms: float = 2.0, observer: BatchObserver | None = None) -> None:
+    def __init__(
+        self,
+        embedder: Embedder,
+        *,
+        enabled: bool = True,
+        max_batch: int = 32,
+        max_wait_ms: float = 2.0,
+        observer: BatchObserver | None = None,
+    ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.embedder = embedder
@@ -96,8 +103,11 @@ class MicroBatcher:
         return asyncio.run_coroutine_threadsafe(self.embed_async(crops), loop).result()
 
     def config(self) -> dict:
-        return {"enabled": self.enabled, "max_batch": self.max_batch,
-                "max_wait_ms": self.max_wait_s * 1000.0}
+        return {
+            "enabled": self.enabled,
+            "max_batch": self.max_batch,
+            "max_wait_ms": self.max_wait_s * 1000.0,
+        }
 
     def stats(self) -> dict:
         mean = self.faces / self.batches if self.batches else 0.0
@@ -180,11 +190,11 @@ class MicroBatcher:
             if not batch:
                 continue
             started = time.perf_counter()
-            crops = batch[0].crops if len(batch) == 1 else np.concatenate(
-                [job.crops for job in batch])
+            crops = (
+                batch[0].crops if len(batch) == 1 else np.concatenate([job.crops for job in batch])
+            )
             try:
-                result = await anyio.to_thread.run_sync(self.fn, crops,
-                                                        limiter=self._model_threads)
+                result = await anyio.to_thread.run_sync(self.fn, crops, limiter=self._model_threads)
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 for job in batch:
                     if not job.future.done():
@@ -195,7 +205,7 @@ class MicroBatcher:
             for job in batch:
                 n = len(job.crops)
                 if not job.future.done():
-                    job.future.set_result(result[offset:offset + n])
+                    job.future.set_result(result[offset : offset + n])
                 offset += n
 
     def _record(self, size: int, waits: list[float]) -> None:

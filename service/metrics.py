@@ -20,10 +20,40 @@ from prometheus_client import (
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 1.5, 2.5, 5.0,
-                   10.0, 30.0)
-STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5,
-                 5.0)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.4,
+    0.6,
+    1.0,
+    1.5,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+STAGE_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.08,
+    0.15,
+    0.3,
+    0.6,
+    1.2,
+    2.5,
+    5.0,
+)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 FACE_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
@@ -34,46 +64,83 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("facegate_http_requests_total", "HTTP requests answered",
-                                ["route", "method", "status"], registry=r)
-        self.latency = Histogram("facegate_http_request_seconds", "HTTP request latency",
-                                 ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
-        self.stage = Histogram("facegate_stage_seconds",
-                               "time per pipeline stage per request, by route",
-                               ["route", "stage"], buckets=STAGE_BUCKETS, registry=r)
-        self.batch_size = Histogram("facegate_embed_batch_size",
-                                    "faces per embedding batch run by the micro-batcher",
-                                    buckets=BATCH_BUCKETS, registry=r)
-        self.batch_wait = Histogram("facegate_embed_batch_wait_seconds",
-                                    "time a face waited in the micro-batcher queue",
-                                    buckets=STAGE_BUCKETS, registry=r)
-        self.faces_per_image = Histogram("facegate_faces_per_image", "faces detected per image",
-                                         buckets=FACE_BUCKETS, registry=r)
-        self.rejects = Counter("facegate_rejects_total", "requests refused, by error code",
-                               ["reason"], registry=r)
-        self.admission_wait = Histogram("facegate_admission_wait_seconds",
-                                        "time an admitted request waited for a pipeline slot",
-                                        buckets=STAGE_BUCKETS, registry=r)
+        self.requests = Counter(
+            "facegate_http_requests_total",
+            "HTTP requests answered",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "facegate_http_request_seconds",
+            "HTTP request latency",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage = Histogram(
+            "facegate_stage_seconds",
+            "time per pipeline stage per request, by route",
+            ["route", "stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "facegate_embed_batch_size",
+            "faces per embedding batch run by the micro-batcher",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_wait = Histogram(
+            "facegate_embed_batch_wait_seconds",
+            "time a face waited in the micro-batcher queue",
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.faces_per_image = Histogram(
+            "facegate_faces_per_image", "faces detected per image", buckets=FACE_BUCKETS, registry=r
+        )
+        self.rejects = Counter(
+            "facegate_rejects_total", "requests refused, by error code", ["reason"], registry=r
+        )
+        self.admission_wait = Histogram(
+            "facegate_admission_wait_seconds",
+            "time an admitted request waited for a pipeline slot",
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
         self.admission_refused = Counter(
-            "facegate_admission_refused_total", "requests dropped by admission control unrun: "
+            "facegate_admission_refused_total",
+            "requests dropped by admission control unrun: "
             "overloaded (queue full), deadline (waited too long), disconnected (client left)",
-            ["reason"], registry=r)
-        self.admission_in_flight = Gauge("facegate_admission_in_flight",
-                                         "requests holding a pipeline slot", registry=r)
-        self.admission_queued = Gauge("facegate_admission_queued",
-                                      "requests waiting for a pipeline slot", registry=r)
-        self.admission_limit = Gauge("facegate_admission_limit",
-                                     "admission bounds: in_flight slots, queue length",
-                                     ["bound"], registry=r)
-        self.gallery_subjects = Gauge("facegate_gallery_subjects", "subjects per gallery",
-                                      ["gallery"], registry=r)
-        self.gallery_faces = Gauge("facegate_gallery_faces", "faces per gallery", ["gallery"],
-                                   registry=r)
-        self.sync_lag = Gauge("facegate_gallery_sync_lag", "change-log entries not yet applied",
-                              registry=r)
-        self.sync_age = Gauge("facegate_gallery_sync_age_seconds",
-                              "seconds since the last successful sync with the store began",
-                              registry=r)
+            ["reason"],
+            registry=r,
+        )
+        self.admission_in_flight = Gauge(
+            "facegate_admission_in_flight", "requests holding a pipeline slot", registry=r
+        )
+        self.admission_queued = Gauge(
+            "facegate_admission_queued", "requests waiting for a pipeline slot", registry=r
+        )
+        self.admission_limit = Gauge(
+            "facegate_admission_limit",
+            "admission bounds: in_flight slots, queue length",
+            ["bound"],
+            registry=r,
+        )
+        self.gallery_subjects = Gauge(
+            "facegate_gallery_subjects", "subjects per gallery", ["gallery"], registry=r
+        )
+        self.gallery_faces = Gauge(
+            "facegate_gallery_faces", "faces per gallery", ["gallery"], registry=r
+        )
+        self.sync_lag = Gauge(
+            "facegate_gallery_sync_lag", "change-log entries not yet applied", registry=r
+        )
+        self.sync_age = Gauge(
+            "facegate_gallery_sync_age_seconds",
+            "seconds since the last successful sync with the store began",
+            registry=r,
+        )
 
     def observe_stages(self, scope: Scope, stages: dict[str, float]) -> None:
         """Stage times of one request, labelled by its route template (as the HTTP series)."""
@@ -153,4 +220,5 @@ class MetricsMiddleware:
             code = str(status["code"])
             self.metrics.requests.labels(route=path, method=method, status=code).inc()
             self.metrics.latency.labels(route=path, method=method).observe(
-                time.perf_counter() - start)
+                time.perf_counter() - start
+            )

@@ -74,7 +74,9 @@ class Report:
 
     def to_dict(self) -> dict:
         return {
-            "source": self.source, "target": self.target, "model": self.model,
+            "source": self.source,
+            "target": self.target,
+            "model": self.model,
             "subjects_copied": self.subjects_copied,
             "subjects_existing": self.subjects_existing,
             "faces_reenrolled": self.faces_reenrolled,
@@ -92,8 +94,15 @@ class Reenrolment:
     it returns False; ``report.to_dict()`` is the answer.  ``run()`` does it all.
     """
 
-    def __init__(self, gallery: GalleryService, pipeline: Pipeline, settings: Settings,
-                 source: str, target: str, chunk: int = CHUNK) -> None:
+    def __init__(
+        self,
+        gallery: GalleryService,
+        pipeline: Pipeline,
+        settings: Settings,
+        source: str,
+        target: str,
+        chunk: int = CHUNK,
+    ) -> None:
         self.gallery = gallery
         self.pipeline = pipeline
         self.settings = settings
@@ -115,8 +124,10 @@ class Reenrolment:
         target and copy every subject."""
         gallery = self.gallery
         if self.source == self.target:
-            raise Conflict(f"source and target are the same gallery {self.source!r}; "
-                           "re-enrol into a new gallery")
+            raise Conflict(
+                f"source and target are the same gallery {self.source!r}; "
+                "re-enrol into a new gallery"
+            )
         gallery.get_gallery(self.source)  # GalleryNotFound
         try:
             existing = gallery.get_gallery(self.target)
@@ -138,8 +149,9 @@ class Reenrolment:
         self._done = gallery.store.reenrolled_sources(self.target)
 
     def _copy_subject(self, subject_id: str, metadata: dict | None) -> None:
-        _, created = self.gallery.upsert_subject(self.target, subject_id, metadata or {},
-                                                 self.model_id, self.pipeline.dim)
+        _, created = self.gallery.upsert_subject(
+            self.target, subject_id, metadata or {}, self.model_id, self.pipeline.dim
+        )
         if created:
             self.report.subjects_copied += 1
         else:
@@ -177,11 +189,14 @@ class Reenrolment:
         return self.report.to_dict()
 
     def _skip(self, photo: _Photo, exc: Exception) -> None:
-        self.report.skipped.append({
-            "face_id": photo.face_id, "subject_id": photo.subject_id,
-            "code": getattr(exc, "code", "error"),
-            "message": getattr(exc, "message", None) or str(exc),
-        })
+        self.report.skipped.append(
+            {
+                "face_id": photo.face_id,
+                "subject_id": photo.subject_id,
+                "code": getattr(exc, "code", "error"),
+                "message": getattr(exc, "message", None) or str(exc),
+            }
+        )
 
     def _enrol(self, photos: list[_Photo]) -> None:
         """The enrolment pipeline of an upload (:func:`service.bulk.analyse_photos`: one
@@ -203,7 +218,14 @@ class Reenrolment:
         if photo.subject_id not in self._subjects:  # added to the source after prepare()
             subject = gallery.get_subject(self.source, photo.subject_id)
             self._copy_subject(photo.subject_id, subject["metadata"])
-        gallery.add_face(self.target, photo.subject_id, embedding, self.model_id, quality,
-                         photo.data, photo.face_id)
+        gallery.add_face(
+            self.target,
+            photo.subject_id,
+            embedding,
+            self.model_id,
+            quality,
+            photo.data,
+            photo.face_id,
+        )
         self._done.add(photo.face_id)
         self.report.faces_reenrolled += 1

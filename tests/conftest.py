@@ -29,9 +29,11 @@ def require_reference(module: str, why: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        message = (f"{module} is not importable ({exc}); it is {why}. Install the extras "
-                   "(pip install -e '.[dev,train]') or set FACEGATE_ALLOW_SKIP_REFERENCES=1 "
-                   "to skip the tests that need it")
+        message = (
+            f"{module} is not importable ({exc}); it is {why}. Install the extras "
+            "(pip install -e '.[dev,train]') or set FACEGATE_ALLOW_SKIP_REFERENCES=1 "
+            "to skip the tests that need it"
+        )
         if os.environ.get(ALLOW_SKIP_REFERENCES) == "1":
             pytest.skip(message, allow_module_level=True)
         pytest.fail(message, pytrace=False)
@@ -77,11 +79,13 @@ def _no_proxy_for_localhost():
 def pytest_terminal_summary(terminalreporter):
     """Print the figures tests recorded with ``record_property`` (accuracy and the like):
     pytest keeps a passing test's output to itself, so a figure only printed would not show."""
-    lines = [f"{report.nodeid}: {name}: {value}"
-             for outcome in ("passed", "failed")
-             for report in terminalreporter.stats.get(outcome, [])
-             if report.when == "call"
-             for name, value in report.user_properties]
+    lines = [
+        f"{report.nodeid}: {name}: {value}"
+        for outcome in ("passed", "failed")
+        for report in terminalreporter.stats.get(outcome, [])
+        if report.when == "call"
+        for name, value in report.user_properties
+    ]
     if lines:
         terminalreporter.section("recorded figures")
         for line in lines:

@@ -24,8 +24,9 @@ from service.convert.mtcnn import WHEEL_MEMBERS
 THRESHOLDS = [0.6, 0.7, 0.7]
 
 
-def load_reference(wheel: Path, root: Path, min_face_size: int = 20,
-                   threads: int | None = 1) -> types.SimpleNamespace:
+def load_reference(
+    wheel: Path, root: Path, min_face_size: int = 20, threads: int | None = 1
+) -> types.SimpleNamespace:
     """``torch``, the three networks (``nets``) and ``detect(bgr) -> (boxes, points)``
     with boxes (N, 5: x1, y1, x2, y2, score) and points (N, 5, 2).
 
@@ -44,17 +45,28 @@ def load_reference(wheel: Path, root: Path, min_face_size: int = 20,
             return torch.empty((0,), dtype=torch.int64)
         shifted = (boxes + (idxs.to(boxes) * (boxes.max() + 1))[:, None]).double().numpy()
         xywh = np.concatenate([shifted[:, :2], shifted[:, 2:] - shifted[:, :2]], axis=1)
-        keep = np.asarray(cv2.dnn.NMSBoxes(xywh.tolist(), scores.double().tolist(), 0.0,
-                                           float(threshold)), dtype=np.int64).reshape(-1)
+        keep = np.asarray(
+            cv2.dnn.NMSBoxes(xywh.tolist(), scores.double().tolist(), 0.0, float(threshold)),
+            dtype=np.int64,
+        ).reshape(-1)
         keep = keep[np.argsort(-scores.numpy()[keep], kind="stable")]
         return torch.from_numpy(keep)
 
-    stubs = {name: types.ModuleType(name) for name in (
-        "torchvision", "torchvision.transforms", "torchvision.transforms.functional",
-        "torchvision.ops", "torchvision.ops.boxes")}
+    stubs = {
+        name: types.ModuleType(name)
+        for name in (
+            "torchvision",
+            "torchvision.transforms",
+            "torchvision.transforms.functional",
+            "torchvision.ops",
+            "torchvision.ops.boxes",
+        )
+    }
     stubs["torchvision.ops.boxes"].batched_nms = batched_nms
-    packages = {name: types.ModuleType(name) for name in (
-        "facenet_pytorch", "facenet_pytorch.models", "facenet_pytorch.models.utils")}
+    packages = {
+        name: types.ModuleType(name)
+        for name in ("facenet_pytorch", "facenet_pytorch.models", "facenet_pytorch.models.utils")
+    }
     for package in packages.values():
         package.__path__ = []
     saved = {name: sys.modules.get(name) for name in [*stubs, *packages]}
@@ -63,8 +75,9 @@ def load_reference(wheel: Path, root: Path, min_face_size: int = 20,
     try:
         modules = {}
         for name, rel in (
-                ("facenet_pytorch.models.utils.detect_face", "models/utils/detect_face.py"),
-                ("facenet_pytorch.models.mtcnn", "models/mtcnn.py")):
+            ("facenet_pytorch.models.utils.detect_face", "models/utils/detect_face.py"),
+            ("facenet_pytorch.models.mtcnn", "models/mtcnn.py"),
+        ):
             spec = importlib.util.spec_from_file_location(name, root / "facenet_pytorch" / rel)
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
@@ -89,9 +102,16 @@ def load_reference(wheel: Path, root: Path, min_face_size: int = 20,
         torch.set_num_threads(threads or previous)
         try:
             with torch.no_grad():
-                boxes, points = detect_face(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), min_face_size,
-                                            nets["pnet"], nets["rnet"], nets["onet"],
-                                            THRESHOLDS, 0.709, "cpu")
+                boxes, points = detect_face(
+                    cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB),
+                    min_face_size,
+                    nets["pnet"],
+                    nets["rnet"],
+                    nets["onet"],
+                    THRESHOLDS,
+                    0.709,
+                    "cpu",
+                )
         finally:
             torch.set_num_threads(previous)
         return np.asarray(boxes[0], np.float64).reshape(-1, 5), np.asarray(points[0], np.float64)

@@ -25,8 +25,10 @@ import pytest
 
 
 def _bin_dir() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: int(Path(p).parts[4]) if Path(p).parts[4].isdigit() else 0)
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parts[4]) if Path(p).parts[4].isdigit() else 0,
+    )
     if found:
         return Path(found[-1]).parent
     initdb = shutil.which("initdb")
@@ -61,17 +63,40 @@ class PostgresCluster:
     def start(self) -> PostgresCluster:
         if self._as_postgres:
             shutil.chown(self.root, "postgres", "postgres")
-        self._run(self.bin / "initdb", "-D", self.data, "-U", "postgres", "-A", "trust",
-                  "-E", "UTF8", "--no-sync")
+        self._run(
+            self.bin / "initdb",
+            "-D",
+            self.data,
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
         self.start_server()
         return self
 
     def start_server(self) -> None:
         """Start the server (again) on the same port and data directory."""
-        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} "
-                   f"-c fsync=off -c max_connections=200")
-        self._run(self.bin / "pg_ctl", "start", "-w", "-t", "60", "-D", self.data,
-                  "-l", self.root / "server.log", "-o", options)
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} "
+            f"-c fsync=off -c max_connections=200"
+        )
+        self._run(
+            self.bin / "pg_ctl",
+            "start",
+            "-w",
+            "-t",
+            "60",
+            "-D",
+            self.data,
+            "-l",
+            self.root / "server.log",
+            "-o",
+            options,
+        )
 
     def stop_server(self) -> None:
         """Stop the server (``fast``: clients are disconnected), keeping its data."""
@@ -80,8 +105,12 @@ class PostgresCluster:
     def server_pids(self) -> list[int]:
         """The postmaster and every backend it runs."""
         postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
-        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(postmaster)], check=False,
-                                  capture_output=True, text=True).stdout.split()
+        children = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(postmaster)],
+            check=False,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         return [postmaster, *map(int, children)]
 
     def stop(self) -> None:

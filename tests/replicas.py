@@ -33,8 +33,14 @@ UNSUITABLE_PHOTO = {"no_face", "multiple_faces", "face_too_small", "low_quality_
 class Replica(ServeProcess):
     """One ``facegate serve`` process; ``kill()`` sends SIGKILL, ``start()`` brings it back."""
 
-    def __init__(self, data_dir: Path, store_url: str = "", env: dict[str, str] | None = None,
-                 workers: int = 1, name: str = "replica"):
+    def __init__(
+        self,
+        data_dir: Path,
+        store_url: str = "",
+        env: dict[str, str] | None = None,
+        workers: int = 1,
+        name: str = "replica",
+    ):
         extra = {"FACEGATE_STORE_URL": store_url} if store_url else {}
         super().__init__(data_dir, env={**extra, **(env or {})}, workers=workers)
         self.name = name
@@ -119,8 +125,10 @@ def create_subject(client: httpx.Client, gallery: str, subject_id: str) -> httpx
 
 
 def add_face(client: httpx.Client, gallery: str, subject_id: str, image: bytes) -> httpx.Response:
-    return client.post(f"/v1/galleries/{gallery}/subjects/{subject_id}/faces",
-                       files={"image": ("photo.jpg", image)})
+    return client.post(
+        f"/v1/galleries/{gallery}/subjects/{subject_id}/faces",
+        files={"image": ("photo.jpg", image)},
+    )
 
 
 def enrol(client: httpx.Client, gallery: str, subject_id: str, image: bytes) -> httpx.Response:
@@ -133,14 +141,19 @@ def enrol(client: httpx.Client, gallery: str, subject_id: str, image: bytes) -> 
 
 def is_unsuitable(response: httpx.Response) -> bool:
     """A 422 refusal because the photo does not suit enrolment (not a service failure)."""
-    return (response.status_code == 422
-            and response.json().get("error", {}).get("code") in UNSUITABLE_PHOTO)
+    return (
+        response.status_code == 422
+        and response.json().get("error", {}).get("code") in UNSUITABLE_PHOTO
+    )
 
 
 def identify(client: httpx.Client, gallery: str, image: bytes, top_k: int = 5) -> list[dict] | None:
     """Candidates for the largest face (best first), or None when no face is found."""
-    r = client.post("/v1/identify", files={"image": ("probe.jpg", image)},
-                    data={"gallery": gallery, "top_k": str(top_k)})
+    r = client.post(
+        "/v1/identify",
+        files={"image": ("probe.jpg", image)},
+        data={"gallery": gallery, "top_k": str(top_k)},
+    )
     if r.status_code == 422 and r.json()["error"]["code"] == "no_face":
         return None
     r.raise_for_status()
@@ -184,8 +197,12 @@ def wait_converged(replicas: Iterable[Replica], timeout: float = 30.0) -> list[d
     while True:
         states = [r.sync() for r in replicas]
         heads = {s.get("head_seq") for s in states}
-        if (all(s["status"] == "ready" and s.get("applied_seq") == s.get("head_seq")
-                for s in states) and len(heads) == 1):
+        if (
+            all(
+                s["status"] == "ready" and s.get("applied_seq") == s.get("head_seq") for s in states
+            )
+            and len(heads) == 1
+        ):
             return states
         if time.monotonic() > deadline:
             raise AssertionError(f"replicas did not converge within {timeout}s: {states}")

@@ -53,8 +53,13 @@ class ServeProcess:
         self.data_dir = Path(data_dir)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **TEST_MODELS, "FACEGATE_DATA_DIR": str(self.data_dir),
-                    "FACEGATE_LOG_LEVEL": "warning", **(env or {})}
+        self.env = {
+            **os.environ,
+            **TEST_MODELS,
+            "FACEGATE_DATA_DIR": str(self.data_dir),
+            "FACEGATE_LOG_LEVEL": "warning",
+            **(env or {}),
+        }
         self.workers = workers
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir / f"serve-{self.port}.log"
@@ -63,9 +68,22 @@ class ServeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--workers", str(self.workers)],
-                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "service.cli",
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    str(self.workers),
+                ],
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         try:
             wait_ready(self.base_url, timeout, self.proc)
@@ -102,8 +120,9 @@ class InProcessServer:
         self.app = create_app(settings)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="on")
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

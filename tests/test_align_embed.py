@@ -74,8 +74,10 @@ def test_aligned_crops_match_insightface_norm_crop_on_100_lfw_images(pipeline):
         without_face += not faces
         errors.extend(assert_crops_match_norm_crop(pipeline, image, faces))
     assert without_face <= 2 and len(errors) >= 98
-    print(f"\n{len(errors)} LFW crops vs norm_crop: mean abs difference "
-          f"{np.mean(errors):.3f}, max {np.max(errors):.3f} grey levels")
+    print(
+        f"\n{len(errors)} LFW crops vs norm_crop: mean abs difference "
+        f"{np.mean(errors):.3f}, max {np.max(errors):.3f} grey levels"
+    )
 
 
 def test_other_template_and_size():
@@ -134,19 +136,30 @@ def tiny_dynamic_model(path: Path) -> ModelCard:
     rng = np.random.default_rng(7)
     conv = numpy_helper.from_array(rng.normal(0, 0.1, (8, 3, 8, 8)).astype(np.float32), "w")
     fc = numpy_helper.from_array(rng.normal(0, 0.1, (8 * 14 * 14, 16)).astype(np.float32), "fc")
-    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], strides=[8, 8]),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("Flatten", ["r"], ["f"]),
-             helper.make_node("MatMul", ["f", "fc"], ["output"])]
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["c"], strides=[8, 8]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"]),
+        helper.make_node("MatMul", ["f", "fc"], ["output"]),
+    ]
     graph = helper.make_graph(
-        nodes, "tiny",
+        nodes,
+        "tiny",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 112, 112])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 16])], [conv, fc])
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 16])],
+        [conv, fc],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save(model, path)
-    return ModelCard(name="tiny", task="recognition", family="arcface", file=path.name,
-                     sha256=sha256_file(path), embedding_dim=16)
+    return ModelCard(
+        name="tiny",
+        task="recognition",
+        family="arcface",
+        file=path.name,
+        sha256=sha256_file(path),
+        embedding_dim=16,
+    )
 
 
 def test_dynamic_batch_model_chunks_equal_one_by_one(tmp_path, pipeline):
@@ -171,8 +184,9 @@ def test_pipeline_refuses_a_tampered_model(tmp_path):
         byte = fh.read(1)
         fh.seek(5000)
         fh.write(bytes([byte[0] ^ 0x01]))
-    settings = Settings(models_dir=tmp_path, detector="scrfd_2.5g_bnkps",
-                        recognizer="mobilefacenet_peer_128d")
+    settings = Settings(
+        models_dir=tmp_path, detector="scrfd_2.5g_bnkps", recognizer="mobilefacenet_peer_128d"
+    )
     with pytest.raises(ModelError, match="checksum mismatch"):
         Pipeline.from_settings(settings, Registry(MANIFEST_PATH, [tmp_path]))
 

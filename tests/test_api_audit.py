@@ -232,12 +232,15 @@ def test_rest_audit_log(tmp_path, store_url):
             assert client.delete("/v1/galleries/a", headers=app).status_code == 200
             r = client.delete("/v1/galleries/a/faces/999", headers=app)  # refused: recorded
             assert r.status_code == 404
-            tail = client.get("/v1/audit", headers=admin,
-                              params={"cursor": str(first[-1]["id"])}).json()["records"]
+            tail = client.get(
+                "/v1/audit", headers=admin, params={"cursor": str(first[-1]["id"])}
+            ).json()["records"]
             tail = [r for r in tail if r["action"].startswith("delete")]
             assert [(r["action"], r["face_ids"], r["result"]) for r in tail] == [
-                ("delete_face", [bulk_face], "ok"), ("delete_gallery", [], "ok"),
-                ("delete_face", [], "gallery_not_found")]
+                ("delete_face", [bulk_face], "ok"),
+                ("delete_gallery", [], "ok"),
+                ("delete_face", [], "gallery_not_found"),
+            ]
     finally:
         server.stop()
 

@@ -16,8 +16,12 @@ def pipeline():
     from service.config import Settings
     from service.pipeline.pipeline import Pipeline
 
-    settings = Settings(models_dir=SHARED_MODELS, detector="yunet_2023mar",
-                        recognizer="mobilefacenet_peer_128d", providers=["CPUExecutionProvider"])
+    settings = Settings(
+        models_dir=SHARED_MODELS,
+        detector="yunet_2023mar",
+        recognizer="mobilefacenet_peer_128d",
+        providers=["CPUExecutionProvider"],
+    )
     return Pipeline.from_settings(settings)
 
 
@@ -39,10 +43,11 @@ def _run(coro):
 
 def test_concurrent_requests_share_batches_and_get_their_own_rows(pipeline, crops):
     sizes: list[int] = []
-    batcher = MicroBatcher(pipeline.embedder, max_batch=8, max_wait_ms=20.0,
-                           observer=lambda n, waits: sizes.append(n))
+    batcher = MicroBatcher(
+        pipeline.embedder, max_batch=8, max_wait_ms=20.0, observer=lambda n, waits: sizes.append(n)
+    )
     # Requests of 1 and 2 faces, all in flight at once.
-    requests = [crops[i:i + 1 + (i % 2)] for i in range(len(crops) - 1)]
+    requests = [crops[i : i + 1 + (i % 2)] for i in range(len(crops) - 1)]
 
     async def main():
         await batcher.start()
@@ -66,7 +71,7 @@ def test_disabled_batcher_runs_each_request_alone(pipeline, crops):
     batcher = MicroBatcher(pipeline.embedder, enabled=False, observer=lambda n, w: sizes.append(n))
 
     async def main():
-        return await asyncio.gather(*(batcher.embed_async(crops[i:i + 1]) for i in range(6)))
+        return await asyncio.gather(*(batcher.embed_async(crops[i : i + 1]) for i in range(6)))
 
     results = _run(main())
     assert sizes == [1] * 6
@@ -90,8 +95,9 @@ def test_failure_reaches_every_waiting_caller_and_the_batcher_recovers(pipeline,
     async def main():
         await batcher.start()
         try:
-            first = await asyncio.gather(*(batcher.embed_async(crops[i:i + 1]) for i in range(3)),
-                                         return_exceptions=True)
+            first = await asyncio.gather(
+                *(batcher.embed_async(crops[i : i + 1]) for i in range(3)), return_exceptions=True
+            )
             second = await batcher.embed_async(crops[:2])
             return first, second
         finally:
@@ -126,11 +132,15 @@ def test_the_batcher_is_the_pipelines_embedder_for_worker_threads(pipeline, crop
     from service.pipeline.types import Embedder
 
     sizes: list[int] = []
-    batcher = MicroBatcher(pipeline.embedder, max_batch=8, max_wait_ms=30.0,
-                           observer=lambda n, waits: sizes.append(n))
+    batcher = MicroBatcher(
+        pipeline.embedder, max_batch=8, max_wait_ms=30.0, observer=lambda n, waits: sizes.append(n)
+    )
     assert isinstance(batcher, Embedder)
     assert (batcher.model_id, batcher.dim, batcher.card) == (
-        pipeline.model_id, pipeline.dim, pipeline.recognizer_card)
+        pipeline.model_id,
+        pipeline.dim,
+        pipeline.recognizer_card,
+    )
     batched = pipeline.with_embedder(batcher)
     assert batched.embedder is batcher and batched.detector is pipeline.detector
 
@@ -139,8 +149,9 @@ def test_the_batcher_is_the_pipelines_embedder_for_worker_threads(pipeline, crop
         try:
             with pytest.raises(RuntimeError, match="embed_async"):
                 batcher.embed(crops[:1])  # on the event loop it would block it
-            return await asyncio.gather(*(anyio.to_thread.run_sync(batched.embed, crops[i:i + 1])
-                                          for i in range(8)))
+            return await asyncio.gather(
+                *(anyio.to_thread.run_sync(batched.embed, crops[i : i + 1]) for i in range(8))
+            )
         finally:
             await batcher.stop()
 

@@ -23,8 +23,15 @@ from tests.service_helpers import ServeProcess
 GROUP_PHOTO = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 SAME = ("Abel_Pacheco/Abel_Pacheco_0001.jpg", "Abel_Pacheco/Abel_Pacheco_0004.jpg")  # pairs.txt
 OTHER = "Akhmed_Zakayev/Akhmed_Zakayev_0001.jpg"
-QUALITY_KEYS = {"det_score", "face_width_px", "face_height_px", "face_size_px", "sharpness",
-                "roll_deg", "yaw_ratio"}
+QUALITY_KEYS = {
+    "det_score",
+    "face_width_px",
+    "face_height_px",
+    "face_size_px",
+    "sharpness",
+    "roll_deg",
+    "yaw_ratio",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +52,11 @@ def _photo(name: str) -> bytes:
 
 
 def _embed(client: httpx.Client, image: bytes, **options) -> dict:
-    r = client.post("/v1/embed", files={"image": ("face.jpg", image)},
-                    data={k: str(v) for k, v in options.items()})
+    r = client.post(
+        "/v1/embed",
+        files={"image": ("face.jpg", image)},
+        data={k: str(v) for k, v in options.items()},
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -87,8 +97,9 @@ def test_embeddings_give_verify_similarity_and_decision(client):
     assert ea["faces"][0]["box"] == same["face1"]["box"]
 
     # base64 JSON in, base64 float32 out (option as a query parameter): the same vector
-    r = client.post("/v1/embed?embedding_format=base64",
-                    json={"image": base64.b64encode(a).decode()})
+    r = client.post(
+        "/v1/embed?embedding_format=base64", json={"image": base64.b64encode(a).decode()}
+    )
     assert r.status_code == 200, r.text
     packed = r.json()
     assert packed["embedding_format"] == "base64"
@@ -124,12 +135,14 @@ def test_detect_finds_every_face_of_the_group_photo(client):
     largest = _embed(client, photo, multiple_faces="largest")["faces"]
     assert len(largest) == 1 and largest[0]["box"] == faces[0]["box"]
     for route in ("/v1/detect", "/v1/embed"):
-        r = client.post(route, files={"image": ("group.jpg", photo)},
-                        data={"multiple_faces": "refuse"})
+        r = client.post(
+            route, files={"image": ("group.jpg", photo)}, data={"multiple_faces": "refuse"}
+        )
         assert r.status_code == 422 and r.json()["error"]["code"] == "multiple_faces", r.text
         # one face is fine under refuse
-        r = client.post(route, files={"image": ("a.jpg", _photo(SAME[0]))},
-                        data={"multiple_faces": "refuse"})
+        r = client.post(
+            route, files={"image": ("a.jpg", _photo(SAME[0]))}, data={"multiple_faces": "refuse"}
+        )
         assert r.status_code == 200 and len(r.json()["faces"]) == 1, r.text
 
 
@@ -142,14 +155,23 @@ def test_detect_and_embed_bad_input(server, client):
         assert r.status_code == 200, r.text
         assert r.json()["faces"] == [] and r.json()["image"] == {"width": 64, "height": 48}
         cases = [
-            ({"files": {"image": ("t.txt", b"plain text, not an image\n" * 4)}}, 415,
-             "unsupported_image_type"),
+            (
+                {"files": {"image": ("t.txt", b"plain text, not an image\n" * 4)}},
+                415,
+                "unsupported_image_type",
+            ),
             ({"files": {"image": ("e.jpg", b"")}}, 400, "empty_image"),
             ({"json": {"max_faces": 2}}, 422, "missing_field"),
-            ({"files": {"image": ("a.jpg", blank)}, "data": {"max_faces": "0"}}, 422,
-             "validation_error"),
-            ({"files": {"image": ("a.jpg", blank)}, "data": {"top_k": "3"}}, 422,
-             "validation_error"),
+            (
+                {"files": {"image": ("a.jpg", blank)}, "data": {"max_faces": "0"}},
+                422,
+                "validation_error",
+            ),
+            (
+                {"files": {"image": ("a.jpg", blank)}, "data": {"top_k": "3"}},
+                422,
+                "validation_error",
+            ),
             ({"json": {"image": "@@not base64@@"}}, 400, "invalid_base64"),
             # images by URL are off unless FACEGATE_URL_ALLOWLIST names hosts
             ({"json": {"image_url": f"{server.base_url}/healthz"}}, 400, "url_not_allowed"),
@@ -159,20 +181,25 @@ def test_detect_and_embed_bad_input(server, client):
             assert r.status_code == status and r.json()["error"]["code"] == code, (route, r.text)
         r = client.post(route, json={"image_url": "http://127.0.0.1:9/a.jpg"})
         assert "FACEGATE_URL_ALLOWLIST" in r.json()["error"]["message"]
-    r = client.post("/v1/embed", files={"image": ("a.jpg", blank)},
-                    data={"embedding_format": "hex"})
+    r = client.post(
+        "/v1/embed", files={"image": ("a.jpg", blank)}, data={"embedding_format": "hex"}
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
-    r = client.post("/v1/verify", json={"image1_url": "http://127.0.0.1:9/a.jpg",
-                                        "image2_url": "http://127.0.0.1:9/b.jpg"})
+    r = client.post(
+        "/v1/verify",
+        json={"image1_url": "http://127.0.0.1:9/a.jpg", "image2_url": "http://127.0.0.1:9/b.jpg"},
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "url_not_allowed"
 
     metrics = httpx.get(f"{server.base_url}/metrics", trust_env=False).text
-    for series in ('facegate_http_requests_total{method="POST",route="/v1/detect",status="200"}',
-                   'facegate_http_requests_total{method="POST",route="/v1/embed",status="200"}',
-                   'facegate_http_request_seconds_count{method="POST",route="/v1/embed"}',
-                   'facegate_stage_seconds_count{route="/v1/detect",stage="quality"}',
-                   'facegate_rejects_total{reason="url_not_allowed"}',
-                   'facegate_rejects_total{reason="unsupported_image_type"}'):
+    for series in (
+        'facegate_http_requests_total{method="POST",route="/v1/detect",status="200"}',
+        'facegate_http_requests_total{method="POST",route="/v1/embed",status="200"}',
+        'facegate_http_request_seconds_count{method="POST",route="/v1/embed"}',
+        'facegate_stage_seconds_count{route="/v1/detect",stage="quality"}',
+        'facegate_rejects_total{reason="url_not_allowed"}',
+        'facegate_rejects_total{reason="unsupported_image_type"}',
+    ):
         assert series in metrics, series
     assert 'status="500"' not in metrics
 

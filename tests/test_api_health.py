@@ -20,10 +20,14 @@ def test_not_ready_until_started(tmp_path):
     async def main():
         transport = httpx.ASGITransport(app=app)  # no lifespan: nothing loaded
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return (await client.get("/healthz"), await client.get("/readyz"),
-                    await client.get("/v1/info", headers={"X-API-Key": "k"}),
-                    await client.get("/v1/info"), await client.get("/metrics"),
-                    await client.get("/openapi.json"))
+            return (
+                await client.get("/healthz"),
+                await client.get("/readyz"),
+                await client.get("/v1/info", headers={"X-API-Key": "k"}),
+                await client.get("/v1/info"),
+                await client.get("/metrics"),
+                await client.get("/openapi.json"),
+            )
 
     health, ready, info, unauthorised, metrics, openapi = asyncio.run(main())
     assert health.status_code == 200 and health.json() == {"status": "ok"}
@@ -44,7 +48,9 @@ def test_not_ready_until_started(tmp_path):
     # the OpenAPI description documents both body forms of the image endpoints
     spec = openapi.json()
     for path in (
-        "/v1/verify", "/v1/identify", "/v1/galleries/{gallery}/subjects/{subject_id}/faces"
+        "/v1/verify",
+        "/v1/identify",
+        "/v1/galleries/{gallery}/subjects/{subject_id}/faces",
     ):
         content = spec["paths"][path]["post"]["requestBody"]["content"]
         assert {"multipart/form-data", "application/json"} <= set(content), path
@@ -130,9 +136,14 @@ def test_readiness_follows_the_store(tmp_path):
 
     bound_s, unready_after_s = 1.0, 2.5
     cluster = PostgresCluster().start()  # its own server: stopping it disturbs no other test
-    server = ServeProcess(tmp_path, env={"FACEGATE_STORE_URL": cluster.create_database(),
-                                         "FACEGATE_SYNC_BOUND_S": str(bound_s),
-                                         "FACEGATE_SYNC_UNREADY_AFTER_S": str(unready_after_s)})
+    server = ServeProcess(
+        tmp_path,
+        env={
+            "FACEGATE_STORE_URL": cluster.create_database(),
+            "FACEGATE_SYNC_BOUND_S": str(bound_s),
+            "FACEGATE_SYNC_UNREADY_AFTER_S": str(unready_after_s),
+        },
+    )
     try:
         server.start(timeout=120)
         ready = _readyz(server.base_url)
@@ -152,8 +163,10 @@ def test_readiness_follows_the_store(tmp_path):
         cluster.stop_server()
         down, detected_s = _until(not_ready, 10)
         body = down.json()
-        assert body["status"] == "not_ready" and body["checks"] == {"models": True,
-                                                                   "gallery": False}
+        assert body["status"] == "not_ready" and body["checks"] == {
+            "models": True,
+            "gallery": False,
+        }
         assert "last sync with the store failed" in body["reason"], body
         assert body["reason"] == body["sync"]["reason"] and body["sync"]["ready"] is False
         time.sleep(1.0)
@@ -183,9 +196,11 @@ def test_readiness_follows_the_store(tmp_path):
         assert hung.json()["sync"]["last_synced_age_s"] > unready_after_s
         assert unready_after_s - 0.6 <= hung_s <= unready_after_s + 2.0, hung_s
         _, thawed_s = _until(ready_again, 30)
-        print(f"\nstore stopped: 503 after {detected_s:.2f}s, 200 again {recovered_s:.2f}s "
-              f"after the restart; store frozen: 503 after {hung_s:.2f}s, 200 again "
-              f"{thawed_s:.2f}s after it resumed")
+        print(
+            f"\nstore stopped: 503 after {detected_s:.2f}s, 200 again {recovered_s:.2f}s "
+            f"after the restart; store frozen: 503 after {hung_s:.2f}s, 200 again "
+            f"{thawed_s:.2f}s after it resumed"
+        )
         assert detected_s <= bound_s, detected_s
     finally:
         server.stop()

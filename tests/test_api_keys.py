@@ -238,15 +238,33 @@ def test_yaml_keys_file(tmp_path):
     path = tmp_path / "keys.yaml"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert cli_main(["keys", "add", "--id", "kiosk", "--scopes", "verify,identify",
-                         "--galleries", "a,b", "--file", str(path)]) == 0
+        assert (
+            cli_main(
+                [
+                    "keys",
+                    "add",
+                    "--id",
+                    "kiosk",
+                    "--scopes",
+                    "verify,identify",
+                    "--galleries",
+                    "a,b",
+                    "--file",
+                    str(path),
+                ]
+            )
+            == 0
+        )
     key = out.getvalue().strip()
     assert "hash: sha256:" in path.read_text() and key not in path.read_text()
     (record,) = read_keys_file(path)
     assert (record.id, record.hash) == ("kiosk", hash_key(key))
     assert record.scopes == {"verify", "identify"} and record.galleries == {"a", "b"}
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"keys": [{"id": "k", "hash": "plain-key", "scopes": ["verify"],
-                                         "galleries": ["*"]}]}))
+    bad.write_text(
+        json.dumps(
+            {"keys": [{"id": "k", "hash": "plain-key", "scopes": ["verify"], "galleries": ["*"]}]}
+        )
+    )
     with pytest.raises(ValueError, match="never the key"):
         read_keys_file(bad)

@@ -36,10 +36,15 @@ def _probes(person: str) -> tuple[int, ...]:
 
 
 def _start(tmp_path_factory, index_type: str) -> InProcessServer:
-    settings = Settings(models_dir=SHARED_MODELS, detector="yunet_2023mar",
-                        recognizer="mobilefacenet_peer_128d", providers=["CPUExecutionProvider"],
-                        data_dir=tmp_path_factory.mktemp(f"verify-{index_type}"),
-                        index_type=index_type, faiss_gpu=False)
+    settings = Settings(
+        models_dir=SHARED_MODELS,
+        detector="yunet_2023mar",
+        recognizer="mobilefacenet_peer_128d",
+        providers=["CPUExecutionProvider"],
+        data_dir=tmp_path_factory.mktemp(f"verify-{index_type}"),
+        index_type=index_type,
+        faiss_gpu=False,
+    )
     return InProcessServer(settings).start()
 
 
@@ -56,16 +61,20 @@ def _enrol(client: httpx.Client, gallery: str, person: str) -> dict[int, np.ndar
     faces = {}
     for number in PEOPLE[person][1]:
         image = _photo(person, number)
-        r = client.post(f"/v1/galleries/{gallery}/subjects/{person}/faces",
-                        files={"image": ("face.jpg", image)})
+        r = client.post(
+            f"/v1/galleries/{gallery}/subjects/{person}/faces", files={"image": ("face.jpg", image)}
+        )
         assert r.status_code == 201, r.text
         faces[r.json()["face_id"]] = _embed(client, image)
     return faces
 
 
 def _verify(client: httpx.Client, gallery: str, subject_id: str, image: bytes) -> httpx.Response:
-    return client.post("/v1/verify", files={"image1": ("probe.jpg", image)},
-                       data={"gallery": gallery, "subject_id": subject_id})
+    return client.post(
+        "/v1/verify",
+        files={"image1": ("probe.jpg", image)},
+        data={"gallery": gallery, "subject_id": subject_id},
+    )
 
 
 def _best(faces: dict[int, np.ndarray], probe: np.ndarray) -> tuple[float, int]:
@@ -86,16 +95,22 @@ def test_verify_with_a_flat_index_equals_the_subjects_search_candidate(tmp_path_
                     image = _photo(person, number)
                     probe = _embed(client, image)
                     # The ranking of every subject by its best face (exact with a flat index)
-                    ranked = {c["subject_id"]: c for c in
-                              gallery.search("people", probe[None], len(PEOPLE), model_id)[0]}
+                    ranked = {
+                        c["subject_id"]: c
+                        for c in gallery.search("people", probe[None], len(PEOPLE), model_id)[0]
+                    }
                     for subject in PEOPLE:
                         r = _verify(client, "people", subject, image)
                         assert r.status_code == 200, r.text
                         body = r.json()
-                        assert body["subject"] == {"gallery": "people", "subject_id": subject,
-                                                   "face_id": ranked[subject]["face_id"]}
+                        assert body["subject"] == {
+                            "gallery": "people",
+                            "subject_id": subject,
+                            "face_id": ranked[subject]["face_id"],
+                        }
                         assert body["similarity"] == pytest.approx(
-                            ranked[subject]["similarity"], abs=1e-5)
+                            ranked[subject]["similarity"], abs=1e-5
+                        )
                         similarity, face_id = _best(enrolled[subject], probe)
                         assert body["similarity"] == pytest.approx(similarity, abs=1e-4)
                         assert body["subject"]["face_id"] == face_id
@@ -133,8 +148,12 @@ def _check_ivf(server: InProcessServer) -> None:
         own = np.stack(list(faces.values()))
         count = IVF_FACES - len(faces)
         near_probe = count * 3 // 4
-        centres = np.concatenate([np.repeat(probe[None], near_probe, axis=0),
-                                  own[np.arange(count - near_probe) % len(own)]])
+        centres = np.concatenate(
+            [
+                np.repeat(probe[None], near_probe, axis=0),
+                own[np.arange(count - near_probe) % len(own)],
+            ]
+        )
         vectors = _unit(centres + 0.05 * rng.standard_normal(centres.shape).astype(np.float32))
         for i, vector in enumerate(vectors):
             subject = f"d{i // 4:04d}"
@@ -146,8 +165,9 @@ def _check_ivf(server: InProcessServer) -> None:
 
         # What verify used to do, ask the index for every subject, does not find this one.
         ranked = gallery.search("crowd", probe[None], subjects, model_id)[0]
-        assert "powell" not in {c["subject_id"] for c in ranked}, \
+        assert "powell" not in {c["subject_id"] for c in ranked}, (
             "the IVF search probed the subject's lists; the test no longer shows the miss"
+        )
         assert len(ranked) < subjects
 
         r = _verify(client, "crowd", "powell", image)
@@ -155,8 +175,7 @@ def _check_ivf(server: InProcessServer) -> None:
         body = r.json()
         similarity, face_id = _best(faces, probe)
         assert body["similarity"] == pytest.approx(similarity, abs=1e-4)
-        assert body["subject"] == {"gallery": "crowd", "subject_id": "powell",
-                                   "face_id": face_id}
+        assert body["subject"] == {"gallery": "crowd", "subject_id": "powell", "face_id": face_id}
         assert body["match"] == (body["similarity"] >= body["threshold"])
 
         # A distractor subject is scored by its own faces too; a missing one is still 404.

@@ -26,22 +26,44 @@ from tests.conftest import CELEBA, LFW, REPO, SHARED, SHARED_MODELS, require_ref
 QUICK_PAIRS = 16  # bench/loss_comparison.py --quick: LFW pairs evaluated (first fold)
 QUICK_IDENTITIES = 10  # bench/loss_comparison.py --quick: CelebA identities trained on
 #: bench/loss_comparison.py's losses, in its order
-LOSSES = ["softmax", "l2softmax", "lsoftmax", "normface", "sphereface", "cosface", "arcface",
-          "combined", "center", "marginal", "triplet", "triplet_batch_hard"]
+LOSSES = [
+    "softmax",
+    "l2softmax",
+    "lsoftmax",
+    "normface",
+    "sphereface",
+    "cosface",
+    "arcface",
+    "combined",
+    "center",
+    "marginal",
+    "triplet",
+    "triplet_batch_hard",
+]
 
 
 def run_quick(script: str, *args: str, env: dict[str, str] | None = None) -> dict:
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--quick", *args],
-                          cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True,
-                          text=True, timeout=280, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--quick", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.timeout(300)
 def test_bench_batching_quick(default_models_dir):
-    report = run_quick("bench_batching.py", "--models-dir", str(default_models_dir),
-                       env={"FACEGATE_PROVIDERS": "CPUExecutionProvider"})
+    report = run_quick(
+        "bench_batching.py",
+        "--models-dir",
+        str(default_models_dir),
+        env={"FACEGATE_PROVIDERS": "CPUExecutionProvider"},
+    )
     assert report["model"].startswith("dlib_resnet_v1@")
     assert report["faces"] == 16  # distinct LFW faces detected and aligned
     rows = {(row["concurrency"], row["batching"]): row for row in report["rows"]}
@@ -74,23 +96,26 @@ def test_bench_mtcnn_quick():
         for name in references:
             assert abs(row[name]["faces"] - row["detect"]["faces"]) <= 1, (dataset, name)
             assert row[f"cpu_ratio_{name}_vs_detect"] == pytest.approx(
-                row[name]["cpu_s_per_image"] / row["detect"]["cpu_s_per_image"],
-                rel=2e-2, abs=1e-2)
+                row[name]["cpu_s_per_image"] / row["detect"]["cpu_s_per_image"], rel=2e-2, abs=1e-2
+            )
 
 
 @pytest.mark.timeout(300)
 def test_dlib_resnet_speed_quick(default_models_dir):
     require_reference("dlib", "the reference being timed (dlib-bin, dev extra)")
-    report = run_quick("dlib_resnet_speed.py", "--models-dir", str(default_models_dir),
-                       "--shared", str(SHARED))
+    report = run_quick(
+        "dlib_resnet_speed.py", "--models-dir", str(default_models_dir), "--shared", str(SHARED)
+    )
     assert report["chips"] == 8 and report["descriptor_shape"] == [8, 128]
     for name in ("onnxruntime", "dlib"):
         side = report[name]
         assert side["chips_per_second"] > 0 and side["seconds_per_batch"] > 0
         assert side["chips_per_second"] == pytest.approx(
-            report["chips"] / side["seconds_per_batch"], rel=1e-2)
+            report["chips"] / side["seconds_per_batch"], rel=1e-2
+        )
     assert report["speedup"] == pytest.approx(
-        report["onnxruntime"]["chips_per_second"] / report["dlib"]["chips_per_second"], rel=1e-2)
+        report["onnxruntime"]["chips_per_second"] / report["dlib"]["chips_per_second"], rel=1e-2
+    )
     # Both sides computed the same descriptors from the same chips.
     assert report["max_abs_difference"] <= 1e-4
 
@@ -101,8 +126,9 @@ def test_derive_dlib_template_quick(default_models_dir):
     from service.config import Settings
     from service.registry import Registry
 
-    report = run_quick("derive_dlib_template.py", "--models-dir", str(default_models_dir),
-                       "--shared", str(SHARED))
+    report = run_quick(
+        "derive_dlib_template.py", "--models-dir", str(default_models_dir), "--shared", str(SHARED)
+    )
     assert report["detector"] == "mtcnn" and report["photos"] == 20
     assert report["matched_faces"] >= 12  # mtcnn finds most faces dlib's HOG detector found
     assert report["chip_pixel_difference"] <= 1.0  # our chip transform is dlib's
@@ -125,16 +151,22 @@ def aligned_tiny(tmp_path_factory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("loss-comparison-data")
     names = sorted(p.name for p in (CELEBA / "images").iterdir() if p.is_dir())[:QUICK_IDENTITIES]
-    report = prepare(CELEBA / "images", root / "celeba112", detector="yunet_2023mar",
-                     model_dirs=[SHARED_MODELS], limit_per_identity=4, identities=names,
-                     progress=False)
+    report = prepare(
+        CELEBA / "images",
+        root / "celeba112",
+        detector="yunet_2023mar",
+        model_dirs=[SHARED_MODELS],
+        limit_per_identity=4,
+        identities=names,
+        progress=False,
+    )
     assert report.identities == QUICK_IDENTITIES and report.aligned >= 3 * QUICK_IDENTITIES
     pairs = [p for p in parse_pairs(LFW / "pairs.txt") if p.fold == 0]
-    chosen = [p for p in pairs if p.same][:QUICK_PAIRS // 2] + \
-        [p for p in pairs if not p.same][:QUICK_PAIRS // 2]
+    chosen = [p for p in pairs if p.same][: QUICK_PAIRS // 2] + [p for p in pairs if not p.same][
+        : QUICK_PAIRS // 2
+    ]
     keys = sorted({p.a for p in chosen} | {p.b for p in chosen})
-    prepare(LFW / "images", root / "lfw112", model_dirs=[SHARED_MODELS], keys=keys,
-            progress=False)
+    prepare(LFW / "images", root / "lfw112", model_dirs=[SHARED_MODELS], keys=keys, progress=False)
     return root / "celeba112", root / "lfw112"
 
 
@@ -143,8 +175,15 @@ def test_loss_comparison_quick(aligned_tiny, tmp_path):
     require_reference("torch", "what the training losses run on (train extra)")
     data, lfw_aligned = aligned_tiny
     out = tmp_path / "out"
-    report = run_quick("loss_comparison.py", "--data", str(data), "--lfw-aligned",
-                       str(lfw_aligned), "--out", str(out))
+    report = run_quick(
+        "loss_comparison.py",
+        "--data",
+        str(data),
+        "--lfw-aligned",
+        str(lfw_aligned),
+        "--out",
+        str(out),
+    )
     runs = report["results"]
     assert [r["loss"] for r in runs] == LOSSES
     images = len(list(data.glob("*/*.png")))
@@ -157,8 +196,9 @@ def test_loss_comparison_quick(aligned_tiny, tmp_path):
         # accuracy on the 16 pairs: a multiple of 1/16, at least chance (threshold fitted)
         assert 0.5 <= r["final_accuracy"] <= r["best_accuracy"] <= 1.0, r
         for accuracy in (r["final_accuracy"], r["best_accuracy"]):
-            assert accuracy * QUICK_PAIRS == pytest.approx(round(accuracy * QUICK_PAIRS),
-                                                           abs=1e-4), r
+            assert accuracy * QUICK_PAIRS == pytest.approx(
+                round(accuracy * QUICK_PAIRS), abs=1e-4
+            ), r
         assert 1 <= r["best_epoch"] <= 2 and 1 <= r["epochs_to_converge"] <= 2, r
         assert r["seconds"] >= 0 and r["samples_per_second"] > 0, r
     assert json.loads((out / "results.json").read_text()) == runs
@@ -184,8 +224,9 @@ def test_bench_embed_quick():
         best["ort"] / best["torch_fp32"], rel=1e-2
     )
     roofline = result["roofline_faces_per_s"]["fp32"]
-    assert roofline == pytest.approx(report["matmul_tflops"]["fp32"] * 1e12
-                                     / (result["gflops_per_face"] * 1e9), rel=0.05)
+    assert roofline == pytest.approx(
+        report["matmul_tflops"]["fp32"] * 1e12 / (result["gflops_per_face"] * 1e9), rel=0.05
+    )
     assert result["ort_fraction_of_fp32_roofline"] == pytest.approx(
         best["ort"] / roofline, rel=0.02
     )

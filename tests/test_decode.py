@@ -54,14 +54,22 @@ def encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
 
 
 def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return (struct.pack(">I", len(payload)) + kind + payload
-            + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+    return (
+        struct.pack(">I", len(payload))
+        + kind
+        + payload
+        + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+    )
 
 
 def png_with_header(width: int, height: int, idat: bytes) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat)
-            + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", idat)
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def assert_refused(data: bytes, error: type[PipelineError], status: int, code: str, **limits):
@@ -90,8 +98,12 @@ def test_text_is_unsupported():
 
 def test_gif_and_pdf_are_unsupported(photo_rgb):
     assert_refused(encode(photo_rgb, "GIF"), UnsupportedImageType, 415, "unsupported_image_type")
-    assert_refused(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", UnsupportedImageType,
-                   415, "unsupported_image_type")
+    assert_refused(
+        b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n",
+        UnsupportedImageType,
+        415,
+        "unsupported_image_type",
+    )
 
 
 def test_over_byte_limit(jpeg_bytes):
@@ -142,12 +154,14 @@ def test_truncated_bmp(photo_rgb):
 def test_corrupt_bmp(photo_rgb):
     data = encode(photo_rgb, "BMP")
     assert data[14:18] == struct.pack("<I", 40)  # BITMAPINFOHEADER
-    for offset, field, message in [(28, struct.pack("<H", 7), "pixel depth"),
-                                   (14, struct.pack("<I", 99), "header"),
-                                   (10, struct.pack("<I", 10**7), "truncated"),
-                                   (18, struct.pack("<i", 0), "header")]:
+    for offset, field, message in [
+        (28, struct.pack("<H", 7), "pixel depth"),
+        (14, struct.pack("<I", 99), "header"),
+        (10, struct.pack("<I", 10**7), "truncated"),
+        (18, struct.pack("<i", 0), "header"),
+    ]:
         corrupt = bytearray(data)
-        corrupt[offset:offset + len(field)] = field
+        corrupt[offset : offset + len(field)] = field
         with pytest.raises(CorruptImage, match=message) as info:
             decode_image(bytes(corrupt), **LIMITS)
         assert "BytesIO" not in str(info.value)  # no in-memory object in the message
@@ -160,8 +174,13 @@ def test_webp_and_bmp_headers_over_the_pixel_limit(photo_rgb):
     bits = struct.unpack("<I", lossless[21:25])[0] & ~((1 << 28) - 1)
     lossless[21:25] = struct.pack("<I", bits | (8000 - 1) | ((8000 - 1) << 14))  # VP8L
     animated = io.BytesIO()
-    Image.fromarray(photo_rgb).save(animated, format="WEBP", save_all=True, lossless=True,
-                                    append_images=[Image.fromarray(255 - photo_rgb)])
+    Image.fromarray(photo_rgb).save(
+        animated,
+        format="WEBP",
+        save_all=True,
+        lossless=True,
+        append_images=[Image.fromarray(255 - photo_rgb)],
+    )
     extended = bytearray(animated.getvalue())
     assert extended[12:16] == b"VP8X"
     extended[24:30] = (20000 - 1).to_bytes(3, "little") * 2  # the VP8X canvas
@@ -199,11 +218,13 @@ def test_mutated_images_raise_only_typed_errors():
     face = Image.open(PHOTO).convert("RGB").crop((60, 60, 190, 190)).resize((96, 96))
     exif = Image.Exif()
     exif[0x0112] = 6
-    sources = {"JPEG": encode(np.asarray(face), "JPEG", quality=90, exif=exif.tobytes()),
-               "PNG": encode(np.asarray(face.convert("RGBA")), "PNG"),
-               "WEBP": encode(np.asarray(face), "WEBP", quality=80),
-               "WEBP lossless": encode(np.asarray(face), "WEBP", lossless=True),
-               "BMP": encode(np.asarray(face), "BMP")}
+    sources = {
+        "JPEG": encode(np.asarray(face), "JPEG", quality=90, exif=exif.tobytes()),
+        "PNG": encode(np.asarray(face.convert("RGBA")), "PNG"),
+        "WEBP": encode(np.asarray(face), "WEBP", quality=80),
+        "WEBP lossless": encode(np.asarray(face), "WEBP", lossless=True),
+        "BMP": encode(np.asarray(face), "BMP"),
+    }
     rng = random.Random(20261202)
     outcomes = {"decoded": 0, "refused": 0}
     start = time.perf_counter()
@@ -238,13 +259,17 @@ def test_png_decompression_bomb_refused_from_header():
 
 def test_huge_dimensions_in_header(jpeg_bytes):
     # A PNG header declaring 60000 x 60000 (beyond Pillow's own bomb limit too) ...
-    assert_refused(png_with_header(60000, 60000, zlib.compress(b"\x00" * 10)), TooManyPixels,
-                   413, "too_many_pixels")
+    assert_refused(
+        png_with_header(60000, 60000, zlib.compress(b"\x00" * 10)),
+        TooManyPixels,
+        413,
+        "too_many_pixels",
+    )
     # ... and a real JPEG whose SOF0 frame header is rewritten to 30000 x 30000.
     data = bytearray(jpeg_bytes)
     sof = data.find(b"\xff\xc0")
     assert sof > 0
-    data[sof + 5:sof + 9] = struct.pack(">HH", 30000, 30000)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 30000, 30000)
     assert_refused(bytes(data), TooManyPixels, 413, "too_many_pixels")
     # The limit is the caller's: a real photo over a small pixel budget is refused too.
     assert_refused(jpeg_bytes, TooManyPixels, 413, "too_many_pixels", max_pixels=250 * 250 - 1)

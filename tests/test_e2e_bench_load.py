@@ -16,8 +16,15 @@ from tests.service_helpers import TEST_MODELS
 @pytest.mark.timeout(300)
 def test_bench_load_quick():
     env = {**os.environ, **TEST_MODELS}
-    proc = subprocess.run([sys.executable, "bench/bench_load.py", "--quick"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=280, check=False)
+    proc = subprocess.run(
+        [sys.executable, "bench/bench_load.py", "--quick"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result["modes"]) == {"on", "off"}

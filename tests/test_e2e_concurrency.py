@@ -30,8 +30,9 @@ def _photos(n: int) -> list[bytes]:
 def server(tmp_path_factory):
     # Unbounded admission, as before it existed: this test checks the gallery's consistency
     # under concurrency; refusals under overload are tested in test_e2e_admission.py.
-    srv = ServeProcess(tmp_path_factory.mktemp("crowd"),
-                       env={"FACEGATE_ADMISSION": "false"}).start()
+    srv = ServeProcess(
+        tmp_path_factory.mktemp("crowd"), env={"FACEGATE_ADMISSION": "false"}
+    ).start()
     yield srv
     srv.stop()
 
@@ -46,27 +47,37 @@ async def _client(n: int, base_url: str, photos: list[bytes], deadline: float, l
             start = time.perf_counter()
             if op == "enrol":
                 subject = f"c{n:02d}-{i:03d}"
-                r = await client.post(f"/v1/galleries/{GALLERY}/subjects",
-                                      json={"subject_id": subject})
+                r = await client.post(
+                    f"/v1/galleries/{GALLERY}/subjects", json={"subject_id": subject}
+                )
                 ledger["status"][("subject", r.status_code)] += 1
                 if r.status_code != 201:
                     ledger["errors"].append((op, r.status_code, r.text))
                     continue
                 ledger["subjects"].add(subject)
-                r = await client.post(f"/v1/galleries/{GALLERY}/subjects/{subject}/faces",
-                                      files={"image": ("f.jpg", rng.choice(photos))})
+                r = await client.post(
+                    f"/v1/galleries/{GALLERY}/subjects/{subject}/faces",
+                    files={"image": ("f.jpg", rng.choice(photos))},
+                )
                 if r.status_code == 201:
                     face_id = r.json()["face_id"]
                     ledger["faces"][face_id] = subject
                     mine.append((subject, face_id))
                 i += 1
             elif op == "identify":
-                r = await client.post("/v1/identify", data={"gallery": GALLERY, "top_k": "3"},
-                                      files={"image": ("p.jpg", rng.choice(photos))})
+                r = await client.post(
+                    "/v1/identify",
+                    data={"gallery": GALLERY, "top_k": "3"},
+                    files={"image": ("p.jpg", rng.choice(photos))},
+                )
             elif op == "verify":
-                r = await client.post("/v1/verify", files={
-                    "image1": ("a.jpg", rng.choice(photos)),
-                    "image2": ("b.jpg", rng.choice(photos))})
+                r = await client.post(
+                    "/v1/verify",
+                    files={
+                        "image1": ("a.jpg", rng.choice(photos)),
+                        "image2": ("b.jpg", rng.choice(photos)),
+                    },
+                )
             else:
                 if not mine:
                     continue
@@ -90,8 +101,9 @@ def test_concurrent_clients_leave_a_consistent_gallery(server):
 
     async def main():
         deadline = time.monotonic() + DURATION_S
-        await asyncio.gather(*(_client(n, server.base_url, photos, deadline, ledger)
-                               for n in range(CLIENTS)))
+        await asyncio.gather(
+            *(_client(n, server.base_url, photos, deadline, ledger) for n in range(CLIENTS))
+        )
 
     started = time.monotonic()
     asyncio.run(main())
@@ -99,9 +111,11 @@ def test_concurrent_clients_leave_a_consistent_gallery(server):
     latencies = sorted(ledger["latency"])
     p50 = latencies[len(latencies) // 2]
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-    print(f"\n{len(latencies)} requests from {CLIENTS} clients in {elapsed:.1f} s "
-          f"({len(latencies) / elapsed:.1f}/s), p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms;"
-          f" {dict(ledger['status'])}")
+    print(
+        f"\n{len(latencies)} requests from {CLIENTS} clients in {elapsed:.1f} s "
+        f"({len(latencies) / elapsed:.1f}/s), p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms;"
+        f" {dict(ledger['status'])}"
+    )
     assert not ledger["errors"], ledger["errors"][:5]
     assert ledger["faces"], "no enrolment was acknowledged"
 

@@ -93,8 +93,10 @@ def test_kill9_mid_burst_keeps_every_acknowledged_enrolment_once(tmp_path, recor
 
         server.start()
         with server.client() as client:
-            subjects = {s["subject_id"]: [f["face_id"] for f in s["faces"]]
-                        for s in list_subjects(client, GALLERY)}
+            subjects = {
+                s["subject_id"]: [f["face_id"] for f in s["faces"]]
+                for s in list_subjects(client, GALLERY)
+            }
             face_ids = [f for faces in subjects.values() for f in faces]
             # every acknowledged enrolment exactly once, nothing twice, nothing invented
             for subject, (face_id, _) in acked.items():
@@ -114,10 +116,12 @@ def test_kill9_mid_burst_keeps_every_acknowledged_enrolment_once(tmp_path, recor
                 assert candidates and candidates[0]["subject_id"] == subject, subject
                 assert candidates[0]["face_id"] == face_id
                 assert candidates[0]["similarity"] >= SAME_PHOTO
-        record_property("kill -9 mid-burst",
-                        f"{len(attempted)} enrolments attempted, {len(acked)} acknowledged, "
-                        f"{in_flight} committed unacknowledged, cut off {dict(cut_off)}; "
-                        f"{time.monotonic() - started:.1f}s in all")
+        record_property(
+            "kill -9 mid-burst",
+            f"{len(attempted)} enrolments attempted, {len(acked)} acknowledged, "
+            f"{in_flight} committed unacknowledged, cut off {dict(cut_off)}; "
+            f"{time.monotonic() - started:.1f}s in all",
+        )
     finally:
         server.stop()
     assert time.monotonic() - started < 60

@@ -46,16 +46,20 @@ def shrunk(data: bytes) -> bytes:
 
 
 def serve(data_dir, recognizer: str, **env: str) -> ServeProcess:
-    return ServeProcess(data_dir, env={"FACEGATE_RECOGNIZER": recognizer,
-                                       "FACEGATE_FAISS_GPU": "false", **env}).start()
+    return ServeProcess(
+        data_dir, env={"FACEGATE_RECOGNIZER": recognizer, "FACEGATE_FAISS_GPU": "false", **env}
+    ).start()
 
 
 def enrol(client: httpx.Client, gallery: str, subject_id: str, image: bytes) -> dict:
-    r = client.post(f"/v1/galleries/{gallery}/subjects",
-                    json={"subject_id": subject_id, "metadata": {"name": subject_id.lower()}})
+    r = client.post(
+        f"/v1/galleries/{gallery}/subjects",
+        json={"subject_id": subject_id, "metadata": {"name": subject_id.lower()}},
+    )
     assert r.status_code in (200, 201), r.text
-    r = client.post(f"/v1/galleries/{gallery}/subjects/{subject_id}/faces",
-                    files={"image": ("face.jpg", image)})
+    r = client.post(
+        f"/v1/galleries/{gallery}/subjects/{subject_id}/faces", files={"image": ("face.jpg", image)}
+    )
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -92,12 +96,19 @@ def test_reenrol_after_recognizer_upgrade(tmp_path, monkeypatch):
     server.stop()
 
     # --- recognizer B: "old" is refused, re-enrolled into "new" ---------------------------
-    server = serve(data_dir, MODEL_B, FACEGATE_STORE_IMAGES="true",
-                   FACEGATE_ENROLL_MIN_FACE_SIZE=str(B_MIN_FACE))
+    server = serve(
+        data_dir,
+        MODEL_B,
+        FACEGATE_STORE_IMAGES="true",
+        FACEGATE_ENROLL_MIN_FACE_SIZE=str(B_MIN_FACE),
+    )
     try:
         with httpx.Client(base_url=server.base_url, timeout=120) as client:
-            r = client.post("/v1/identify", files={"image": ("p.jpg", photo(PEOPLE[0], 3))},
-                            data={"gallery": "old"})
+            r = client.post(
+                "/v1/identify",
+                files={"image": ("p.jpg", photo(PEOPLE[0], 3))},
+                data={"gallery": "old"},
+            )
             assert r.status_code == 409 and error_code(r) == "model_mismatch", r.text
             assert "/v1/galleries/NEW/reenrol" in r.json()["error"]["message"]
 
@@ -120,11 +131,15 @@ def test_reenrol_after_recognizer_upgrade(tmp_path, monkeypatch):
             subject = client.get(f"/v1/galleries/new/subjects/{PEOPLE[1]}").json()
             assert subject["metadata"] == {"name": PEOPLE[1].lower()}
             assert sorted(f["reenrolled_from"] for f in subject["faces"]) == sorted(
-                fid for fid, name in old_faces.items() if name == PEOPLE[1])
+                fid for fid, name in old_faces.items() if name == PEOPLE[1]
+            )
 
             for name in PEOPLE:  # another photo of each person is found in "new"
-                r = client.post("/v1/identify", files={"image": ("p.jpg", photo(name, 3))},
-                                data={"gallery": "new"})
+                r = client.post(
+                    "/v1/identify",
+                    files={"image": ("p.jpg", photo(name, 3))},
+                    data={"gallery": "new"},
+                )
                 assert r.status_code == 200, r.text
                 face = r.json()["faces"][0]
                 assert face["candidates"][0]["subject_id"] == name, face["candidates"]
@@ -155,11 +170,15 @@ def test_reenrol_after_recognizer_upgrade(tmp_path, monkeypatch):
         assert server.stop() in (0, -15), server.log()
 
     # --- the CLI on the stopped server's store ---------------------------------------------
-    for key, value in {"FACEGATE_DATA_DIR": str(data_dir), "FACEGATE_STORE_URL": "",
-                       "FACEGATE_MODELS_DIR": str(SHARED_MODELS),
-                       "FACEGATE_DETECTOR": "yunet_2023mar", "FACEGATE_RECOGNIZER": MODEL_B,
-                       "FACEGATE_PROVIDERS": "CPUExecutionProvider",
-                       "FACEGATE_STORE_IMAGES": "true"}.items():
+    for key, value in {
+        "FACEGATE_DATA_DIR": str(data_dir),
+        "FACEGATE_STORE_URL": "",
+        "FACEGATE_MODELS_DIR": str(SHARED_MODELS),
+        "FACEGATE_DETECTOR": "yunet_2023mar",
+        "FACEGATE_RECOGNIZER": MODEL_B,
+        "FACEGATE_PROVIDERS": "CPUExecutionProvider",
+        "FACEGATE_STORE_IMAGES": "true",
+    }.items():
         monkeypatch.setenv(key, value)
     cli_report = run_cli(["--source", "old", "--target", "cli"])
     assert cli_report["subjects_copied"] == len(PEOPLE)
@@ -168,8 +187,10 @@ def test_reenrol_after_recognizer_upgrade(tmp_path, monkeypatch):
     again = run_cli(["--source", "old", "--target", "cli"])
     assert again["faces_reenrolled"] == 0
     assert again["faces_already_reenrolled"] == len(old_faces)
-    assert run_cli(["--source", "plain", "--target", "cli2"], code=3)["error"]["code"] \
+    assert (
+        run_cli(["--source", "plain", "--target", "cli2"], code=3)["error"]["code"]
         == "no_stored_images"
+    )
 
     store = open_store(f"sqlite:///{data_dir / 'gallery.sqlite3'}")
     try:
@@ -185,8 +206,11 @@ def test_reenrol_after_recognizer_upgrade(tmp_path, monkeypatch):
     server = serve(data_dir, MODEL_B)
     try:
         with httpx.Client(base_url=server.base_url, timeout=60) as client:
-            r = client.post("/v1/identify", files={"image": ("p.jpg", photo(PEOPLE[3], 3))},
-                            data={"gallery": "cli"})
+            r = client.post(
+                "/v1/identify",
+                files={"image": ("p.jpg", photo(PEOPLE[3], 3))},
+                data={"gallery": "cli"},
+            )
             assert r.status_code == 200, r.text
             assert r.json()["faces"][0]["match"] == PEOPLE[3]
     finally:

@@ -58,8 +58,11 @@ def server(tmp_path_factory):
 
 def _identify(client: httpx.Client, image: bytes, top_k: int = 5) -> dict | None:
     """The answer, or None when the detector finds no face (a failure to acquire)."""
-    r = client.post("/v1/identify", files={"image": ("probe.jpg", image)},
-                    data={"gallery": GALLERY, "top_k": str(top_k)})
+    r = client.post(
+        "/v1/identify",
+        files={"image": ("probe.jpg", image)},
+        data={"gallery": GALLERY, "top_k": str(top_k)},
+    )
     if r.status_code == 422 and r.json()["error"]["code"] == "no_face":
         return None
     assert r.status_code == 200, r.text
@@ -70,19 +73,23 @@ def _identify(client: httpx.Client, image: bytes, top_k: int = 5) -> dict | None
 def test_enrol_identify_verify_delete_restart(server, record_property):
     identities = _celeba_identities()
     ids = list(identities)
-    enrolled_ids, unenrolled_ids = ids[:N_ENROLLED], ids[N_ENROLLED:N_ENROLLED + N_UNENROLLED]
+    enrolled_ids, unenrolled_ids = ids[:N_ENROLLED], ids[N_ENROLLED : N_ENROLLED + N_UNENROLLED]
     client = httpx.Client(base_url=server.base_url, timeout=60)
 
     # --- enrol one photo per identity (the next photo if the first is refused) -----
     enrolled: dict[str, str] = {}
     refused = defaultdict(int)
     for identity in enrolled_ids:
-        r = client.post(f"/v1/galleries/{GALLERY}/subjects",
-                        json={"subject_id": identity, "metadata": {"source": "celeba"}})
+        r = client.post(
+            f"/v1/galleries/{GALLERY}/subjects",
+            json={"subject_id": identity, "metadata": {"source": "celeba"}},
+        )
         assert r.status_code == 201, r.text
         for path in identities[identity][:3]:
-            r = client.post(f"/v1/galleries/{GALLERY}/subjects/{identity}/faces",
-                            files={"image": ("face.jpg", (CELEBA / "images" / path).read_bytes())})
+            r = client.post(
+                f"/v1/galleries/{GALLERY}/subjects/{identity}/faces",
+                files={"image": ("face.jpg", (CELEBA / "images" / path).read_bytes())},
+            )
             if r.status_code == 201:
                 enrolled[identity] = path
                 break
@@ -109,8 +116,10 @@ def test_enrol_identify_verify_delete_restart(server, record_property):
         rank5 += identity in ranked
         matched_sims.append(candidates[0]["similarity"])
     n = len(probes)
-    figure = (f"rank-1 {rank1 / n:.3f}, rank-5 {rank5 / n:.3f} over {n} probes ({no_face} "
-              f"without a detected face, counted as misses), {N_ENROLLED}-subject gallery")
+    figure = (
+        f"rank-1 {rank1 / n:.3f}, rank-5 {rank5 / n:.3f} over {n} probes ({no_face} "
+        f"without a detected face, counted as misses), {N_ENROLLED}-subject gallery"
+    )
     print(f"identify: {figure}")
     record_property("identify", figure)
     assert rank1 / n >= 0.6, f"rank-1 accuracy {rank1 / n:.3f} is below the floor"
@@ -126,8 +135,10 @@ def test_enrol_identify_verify_delete_restart(server, record_property):
         unknown_best.append(body["faces"][0]["candidates"][0]["similarity"])
     mean_known = sum(matched_sims) / len(matched_sims)
     mean_unknown = sum(unknown_best) / len(unknown_best)
-    print(f"open set: mean best similarity {mean_known:.3f} (enrolled) vs "
-          f"{mean_unknown:.3f} (not enrolled)")
+    print(
+        f"open set: mean best similarity {mean_known:.3f} (enrolled) vs "
+        f"{mean_unknown:.3f} (not enrolled)"
+    )
     assert mean_unknown < mean_known
 
     # --- verify LFW pairs ---------------------------------------------------------------
@@ -135,17 +146,24 @@ def test_enrol_identify_verify_delete_restart(server, record_property):
     same_sims, diff_sims = [], []
     pairs = _lfw_pairs(N_PAIRS)
     for a, b, same in pairs:
-        r = client.post("/v1/verify", files={"image1": ("a.jpg", (LFW / a).read_bytes()),
-                                             "image2": ("b.jpg", (LFW / b).read_bytes())})
+        r = client.post(
+            "/v1/verify",
+            files={
+                "image1": ("a.jpg", (LFW / a).read_bytes()),
+                "image2": ("b.jpg", (LFW / b).read_bytes()),
+            },
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         correct += body["match"] == same
         (same_sims if same else diff_sims).append(body["similarity"])
     accuracy = correct / len(pairs)
-    figure = (f"{accuracy:.3f} of {len(pairs)} LFW pairs at threshold {body['threshold']} "
-              f"({body['operating_point']}, calibrated={body['calibrated']}); mean similarity "
-              f"same {sum(same_sims) / len(same_sims):.3f}, different "
-              f"{sum(diff_sims) / len(diff_sims):.3f}")
+    figure = (
+        f"{accuracy:.3f} of {len(pairs)} LFW pairs at threshold {body['threshold']} "
+        f"({body['operating_point']}, calibrated={body['calibrated']}); mean similarity "
+        f"same {sum(same_sims) / len(same_sims):.3f}, different "
+        f"{sum(diff_sims) / len(diff_sims):.3f}"
+    )
     print(f"verify: {figure}")
     record_property("verify", figure)
     assert accuracy >= 0.8
@@ -153,14 +171,21 @@ def test_enrol_identify_verify_delete_restart(server, record_property):
 
     # --- verify against an enrolled subject ------------------------------------------------
     someone = next(iter(results))
-    r = client.post("/v1/verify", files={"image1": ("p.jpg", (CELEBA / "images" /
-                                                             probes[someone]).read_bytes())},
-                    data={"gallery": GALLERY, "subject_id": someone})
+    r = client.post(
+        "/v1/verify",
+        files={"image1": ("p.jpg", (CELEBA / "images" / probes[someone]).read_bytes())},
+        data={"gallery": GALLERY, "subject_id": someone},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["subject"]["subject_id"] == someone
     assert r.json()["similarity"] == pytest.approx(
-        next(c["similarity"] for c in results[someone]["faces"][0]["candidates"]
-             if c["subject_id"] == someone), abs=1e-5)
+        next(
+            c["similarity"]
+            for c in results[someone]["faces"][0]["candidates"]
+            if c["subject_id"] == someone
+        ),
+        abs=1e-5,
+    )
 
     # --- delete a subject: it vanishes from results ---------------------------------------
     victim = next(i for i in results if results[i]["faces"][0]["candidates"][0]["subject_id"] == i)
@@ -210,8 +235,10 @@ def _embedding(client: httpx.Client, image: bytes) -> np.ndarray:
 
 
 #: subject -> (LFW name, photos enrolled, a probe for verify, a photo for the group image)
-PEOPLE = {"blair": ("Tony_Blair", (18, 48), 53, 64),
-          "schroeder": ("Gerhard_Schroeder", (5, 17), 27, 25)}
+PEOPLE = {
+    "blair": ("Tony_Blair", (18, 48), 53, 64),
+    "schroeder": ("Gerhard_Schroeder", (5, 17), 27, 25),
+}
 
 
 @pytest.mark.timeout(300)
@@ -220,21 +247,27 @@ def test_patch_metadata_identify_a_group_and_verify_by_best_face(server):
     client = httpx.Client(base_url=server.base_url, timeout=60)
     enrolled: dict[str, dict[int, np.ndarray]] = {}
     for subject, (name, photos, _, _) in PEOPLE.items():
-        r = client.post(f"/v1/galleries/{gallery}/subjects",
-                        json={"subject_id": subject, "metadata": {"name": name, "desk": "B2"}})
+        r = client.post(
+            f"/v1/galleries/{gallery}/subjects",
+            json={"subject_id": subject, "metadata": {"name": name, "desk": "B2"}},
+        )
         assert r.status_code == 201, r.text
         enrolled[subject] = {}
         for number in photos:
             image = _lfw(name, number)
-            r = client.post(f"/v1/galleries/{gallery}/subjects/{subject}/faces",
-                            files={"image": ("face.jpg", image)})
+            r = client.post(
+                f"/v1/galleries/{gallery}/subjects/{subject}/faces",
+                files={"image": ("face.jpg", image)},
+            )
             assert r.status_code == 201, r.text
             enrolled[subject][r.json()["face_id"]] = _embedding(client, image)
 
     # --- PATCH merges metadata (null removes a key) and leaves the faces alone -------------
     before = client.get(f"/v1/galleries/{gallery}/subjects/blair").json()
-    r = client.patch(f"/v1/galleries/{gallery}/subjects/blair",
-                     json={"metadata": {"desk": None, "country": "UK"}})
+    r = client.patch(
+        f"/v1/galleries/{gallery}/subjects/blair",
+        json={"metadata": {"desk": None, "country": "UK"}},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["metadata"] == {"name": "Tony_Blair", "country": "UK"}
     after = client.get(f"/v1/galleries/{gallery}/subjects/blair").json()
@@ -244,12 +277,17 @@ def test_patch_metadata_identify_a_group_and_verify_by_best_face(server):
     assert other["metadata"] == {"name": "Gerhard_Schroeder", "desk": "B2"}
 
     # --- identify: every face of a two-person image, each found as its own subject --------
-    left, right = (cv2.imdecode(np.frombuffer(_lfw(PEOPLE[s][0], PEOPLE[s][3]), np.uint8),
-                                cv2.IMREAD_COLOR) for s in ("blair", "schroeder"))
+    left, right = (
+        cv2.imdecode(np.frombuffer(_lfw(PEOPLE[s][0], PEOPLE[s][3]), np.uint8), cv2.IMREAD_COLOR)
+        for s in ("blair", "schroeder")
+    )
     ok, group = cv2.imencode(".jpg", np.concatenate([left, right], axis=1))
     assert ok
-    r = client.post("/v1/identify", files={"image": ("group.jpg", group.tobytes())},
-                    data={"gallery": gallery, "top_k": "2"})
+    r = client.post(
+        "/v1/identify",
+        files={"image": ("group.jpg", group.tobytes())},
+        data={"gallery": gallery, "top_k": "2"},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     faces = sorted(body["faces"], key=lambda f: f["box"][0])  # left to right
@@ -257,19 +295,22 @@ def test_patch_metadata_identify_a_group_and_verify_by_best_face(server):
     for face, subject in zip(faces, ("blair", "schroeder"), strict=True):
         assert face["candidates"][0]["subject_id"] == subject, face["candidates"]
         assert face["candidates"][0]["similarity"] > face["candidates"][1]["similarity"]
-        assert face["match"] == (subject if face["candidates"][0]["similarity"]
-                                 >= body["threshold"] else None)
+        assert face["match"] == (
+            subject if face["candidates"][0]["similarity"] >= body["threshold"] else None
+        )
     assert faces[0]["box"][2] <= left.shape[1] <= faces[1]["box"][0]
 
     # --- verify against a subject with two faces: the best one decides (max fusion) -------
     for subject, (name, _, probe_number, _) in PEOPLE.items():
         image = _lfw(name, probe_number)
         probe = _embedding(client, image)
-        cosines = {face_id: float(vector @ probe) for face_id, vector in
-                   enrolled[subject].items()}
+        cosines = {face_id: float(vector @ probe) for face_id, vector in enrolled[subject].items()}
         best = max(cosines, key=cosines.get)
-        r = client.post("/v1/verify", files={"image1": ("probe.jpg", image)},
-                        data={"gallery": gallery, "subject_id": subject})
+        r = client.post(
+            "/v1/verify",
+            files={"image1": ("probe.jpg", image)},
+            data={"gallery": gallery, "subject_id": subject},
+        )
         assert r.status_code == 200, r.text
         answer = r.json()
         assert answer["subject"] == {"gallery": gallery, "subject_id": subject, "face_id": best}

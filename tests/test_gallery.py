@@ -58,8 +58,12 @@ def store_url(request, tmp_path) -> str:
 
 
 def make_settings(tmp_path: Path, store_url: str, name: str = "a", **overrides) -> Settings:
-    values = {"data_dir": tmp_path / f"replica-{name}", "store_url": store_url,
-              "sync_interval_s": 0.05, "faiss_gpu": False}
+    values = {
+        "data_dir": tmp_path / f"replica-{name}",
+        "store_url": store_url,
+        "sync_interval_s": 0.05,
+        "faiss_gpu": False,
+    }
     values.update(overrides)
     return Settings(**values)
 
@@ -125,7 +129,10 @@ def test_a_new_gallery_knows_its_dimension_before_its_first_face(services):
     assert first.search("known", unit(rng, 1), 3, MODEL) == [[]]
     second = services("b")  # another replica, built from the store
     assert {g["name"]: g["dim"] for g in second.list_galleries()} == {
-        "auto": DIM, "known": DIM, "later": None}
+        "auto": DIM,
+        "known": DIM,
+        "later": None,
+    }
     face = first.add_face("known", "s", unit(rng), MODEL, {})
     second.catch_up()
     assert second.search("known", unit(rng, 1), 1, MODEL)[0][0]["face_id"] == face["face_id"]
@@ -136,10 +143,13 @@ def test_delete_gallery_removes_everything(gallery):
     gallery.upsert_subject("g", "s1", None, MODEL)
     face = gallery.add_face("g", "s1", unit(rng), MODEL, {})
     gallery.delete_gallery("g")
-    for call in (lambda: gallery.get_gallery("g"), lambda: gallery.delete_gallery("g"),
-                 lambda: gallery.search("g", unit(rng, 1), 1, MODEL),
-                 lambda: gallery.get_subject("g", "s1"),
-                 lambda: gallery.delete_face("g", face["face_id"])):
+    for call in (
+        lambda: gallery.get_gallery("g"),
+        lambda: gallery.delete_gallery("g"),
+        lambda: gallery.search("g", unit(rng, 1), 1, MODEL),
+        lambda: gallery.get_subject("g", "s1"),
+        lambda: gallery.delete_face("g", face["face_id"]),
+    ):
         with pytest.raises(GalleryNotFound) as exc:
             call()
         assert exc.value.code == "gallery_not_found" and exc.value.status == 404
@@ -170,9 +180,11 @@ def test_subject_crud_and_idempotent_creation(gallery):
 
     with pytest.raises(GalleryModelMismatch):
         gallery.upsert_subject("g", "bob", None, "model-b")
-    for call in (lambda: gallery.get_subject("g", "bob"),
-                 lambda: gallery.update_subject("g", "bob", {}),
-                 lambda: gallery.delete_subject("g", "bob")):
+    for call in (
+        lambda: gallery.get_subject("g", "bob"),
+        lambda: gallery.update_subject("g", "bob", {}),
+        lambda: gallery.delete_subject("g", "bob"),
+    ):
         with pytest.raises(SubjectNotFound) as exc:
             call()
         assert exc.value.code == "subject_not_found" and exc.value.status == 404
@@ -208,8 +220,13 @@ def test_list_subjects_keyset_pagination(gallery):
     assert [s["subject_id"] for s in seen] == sorted(names)  # code-point order on both backends
     assert all(s["metadata"] == {"n": s["subject_id"]} for s in seen)
     person7 = next(s for s in seen if s["subject_id"] == "person-007")
-    assert person7["faces"] == [{"face_id": face["face_id"], "created_at": face["created_at"],
-                                 "quality": {"sharpness": 1.5}}]
+    assert person7["faces"] == [
+        {
+            "face_id": face["face_id"],
+            "created_at": face["created_at"],
+            "quality": {"sharpness": 1.5},
+        }
+    ]
     exact, cursor = gallery.list_subjects("g", len(names), None)
     assert len(exact) == len(names) and cursor is None
 
@@ -380,8 +397,9 @@ def test_two_replicas_see_each_others_writes_within_a_second(services):
     wait_until(lambda: one.search("g", bob[None], 1, MODEL)[0][0]["face_id"] == bob_face["face_id"])
 
     one.delete_subject("g", "bob")
-    wait_until(lambda: [h["subject_id"] for h in two.search("g", bob[None], 5, MODEL)[0]]
-               == ["alice"])
+    wait_until(
+        lambda: [h["subject_id"] for h in two.search("g", bob[None], 5, MODEL)[0]] == ["alice"]
+    )
     two.delete_face("g", face["face_id"])
     wait_until(lambda: one.search("g", alice[None], 5, MODEL)[0] == [])
     two.delete_gallery("g")
@@ -451,9 +469,15 @@ def test_check_index_compares_every_face_and_subject_with_the_store(services, in
         assert report["consistent"] and report["seq"] == report["applied_seq"] == 13, report
         by_name = {g["name"]: g for g in report["galleries"]}
         assert by_name["g"] == {
-            "name": "g", "consistent": True, "store_faces": 11, "index_faces": 11,
-            "missing": 0, "extra": 0, "wrong_subject": 0,
-            "examples": {"missing": [], "extra": [], "wrong_subject": []}}
+            "name": "g",
+            "consistent": True,
+            "store_faces": 11,
+            "index_faces": 11,
+            "missing": 0,
+            "extra": 0,
+            "wrong_subject": 0,
+            "examples": {"missing": [], "extra": [], "wrong_subject": []},
+        }
         assert by_name["empty"]["consistent"] and by_name["empty"]["store_faces"] == 0
 
     # Make two's index differ from the store in each way the check counts.
@@ -469,8 +493,10 @@ def test_check_index_compares_every_face_and_subject_with_the_store(services, in
     assert (g["missing"], g["extra"], g["wrong_subject"]) == (1, 2, 1)
     owner = one.store.index_contents()[1]["g"][1][1]
     assert g["examples"] == {
-        "missing": [stored[0]], "extra": sorted([stored[2], 999_999]),
-        "wrong_subject": [{"face_id": stored[1], "store": owner, "index": "someone-else"}]}
+        "missing": [stored[0]],
+        "extra": sorted([stored[2], 999_999]),
+        "wrong_subject": [{"face_id": stored[1], "store": owner, "index": "someone-else"}],
+    }
     assert two.check_index(examples=1)["galleries"][1]["examples"]["extra"] == [stored[2]]
     # a gallery only the index holds is all extra (every vector); the other replica agrees
     two.replica.indexes["phantom"] = index
@@ -481,10 +507,19 @@ def test_check_index_compares_every_face_and_subject_with_the_store(services, in
 
 def test_sync_settings_are_validated(monkeypatch):
     defaults = Settings()
-    assert (defaults.sync_interval_s, defaults.sync_bound_s,
-            defaults.sync_unready_after_s) == (0.25, 1.0, 5.0)
-    for bad in ({"sync_interval_s": 0}, {"sync_interval_s": -1}, {"sync_interval_s": 1.0},
-                {"sync_bound_s": 0}, {"sync_bound_s": 5.0}, {"sync_unready_after_s": 0.5}):
+    assert (defaults.sync_interval_s, defaults.sync_bound_s, defaults.sync_unready_after_s) == (
+        0.25,
+        1.0,
+        5.0,
+    )
+    for bad in (
+        {"sync_interval_s": 0},
+        {"sync_interval_s": -1},
+        {"sync_interval_s": 1.0},
+        {"sync_bound_s": 0},
+        {"sync_bound_s": 5.0},
+        {"sync_unready_after_s": 0.5},
+    ):
         with pytest.raises(ValidationError):
             Settings(**bad)
     monkeypatch.setenv("FACEGATE_SYNC_BOUND_S", "0.2")
@@ -517,7 +552,10 @@ def test_acknowledged_faces_survive_kill_9(tmp_path, store_url):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, store_url, str(tmp_path / "child")],
-        stdout=subprocess.PIPE, text=True, env=env, cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
     )
     acked = []
     try:
@@ -719,9 +757,16 @@ def test_postgres_notify_wakes_other_replicas_before_the_poll(tmp_path, postgres
     services = []
     try:
         for name in ("one", "two"):
-            service = open_gallery(make_settings(tmp_path, postgres_url, name,
-                                                 sync_interval_s=30.0, sync_bound_s=31.0,
-                                                 sync_unready_after_s=60.0))
+            service = open_gallery(
+                make_settings(
+                    tmp_path,
+                    postgres_url,
+                    name,
+                    sync_interval_s=30.0,
+                    sync_bound_s=31.0,
+                    sync_unready_after_s=60.0,
+                )
+            )
             assert not service.ready()
             service.start()
             services.append(service)
@@ -731,13 +776,21 @@ def test_postgres_notify_wakes_other_replicas_before_the_poll(tmp_path, postgres
         one.upsert_subject("g", "alice", None, MODEL)
         alice = unit(rng)
         face = one.add_face("g", "alice", alice, MODEL, {})
-        wait_until(lambda: two.search("g", alice[None], 1, MODEL)[0][:1]
-                   and two.search("g", alice[None], 1, MODEL)[0][0]["face_id"] == face["face_id"])
+        wait_until(
+            lambda: (
+                two.search("g", alice[None], 1, MODEL)[0][:1]
+                and two.search("g", alice[None], 1, MODEL)[0][0]["face_id"] == face["face_id"]
+            )
+        )
         one.delete_face("g", face["face_id"])
         wait_until(lambda: two.search("g", alice[None], 1, MODEL)[0] == [])
         status = two.sync_status()
         assert {k: status[k] for k in ("ready", "applied_seq", "head_seq", "lag")} == {
-            "ready": True, "applied_seq": 2, "head_seq": 2, "lag": 0}
+            "ready": True,
+            "applied_seq": 2,
+            "head_seq": 2,
+            "lag": 0,
+        }
         assert 0 <= status["last_synced_age_s"] < 5 and "reason" not in status
     finally:
         for service in services:

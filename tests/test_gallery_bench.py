@@ -13,8 +13,14 @@ from tests.conftest import CELEBA, REPO
 
 @pytest.mark.timeout(300)
 def test_search_benchmark_quick_mode():
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_search.py"), "--quick"],
-                          capture_output=True, text=True, cwd=REPO, timeout=280, check=False)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_search.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=280,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     rows = {(r["kind"], r["size"]): r for r in report["results"]}
@@ -37,9 +43,22 @@ def test_search_benchmark_quick_mode():
 
 @pytest.mark.timeout(300)
 def test_search_benchmark_nprobe_sweep_trades_recall_for_probes():
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_search.py"), "--quick",
-                           "--kinds", "ivf", "--nprobe", "1,32"],
-                          capture_output=True, text=True, cwd=REPO, timeout=280, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "bench_search.py"),
+            "--quick",
+            "--kinds",
+            "ivf",
+            "--nprobe",
+            "1,32",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=280,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     rows = {(r["size"], r["params"]["nprobe"]): r for r in report["results"] if r["kind"] == "ivf"}
@@ -54,10 +73,17 @@ def test_search_benchmark_nprobe_sweep_trades_recall_for_probes():
 @pytest.mark.timeout(300)
 def test_search_benchmark_real_faces_quick_mode(tmp_path):
     cache = tmp_path / "embeddings.npz"
-    command = [sys.executable, str(REPO / "bench" / "bench_search.py"), "--quick",
-               "--real-faces", "--embed-cache", str(cache)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=280,
-                          check=False)
+    command = [
+        sys.executable,
+        str(REPO / "bench" / "bench_search.py"),
+        "--quick",
+        "--real-faces",
+        "--embed-cache",
+        str(cache),
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, timeout=280, check=False
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["benchmark"] == "gallery_search_real_faces" and report["dim"] == 128
@@ -68,8 +94,10 @@ def test_search_benchmark_real_faces_quick_mode(tmp_path):
     assert report["photos"] == report["embedded_now"] == photos and cache.is_file()
     assert report["identities"] == 20 and report["queries"] >= 50
     rows = {(r["kind"], r["size"]): r for r in report["results"]}
-    assert set(rows) == {("flat", 20), *((k, n) for k in ("flat", "ivf", "hnsw")
-                                         for n in (1000, 4000))}
+    assert set(rows) == {
+        ("flat", 20),
+        *((k, n) for k in ("flat", "ivf", "hnsw") for n in (1000, 4000)),
+    }
     bare = rows[("flat", 20)]["recall_at_1"]
     assert bare >= 0.8  # the peer model tells 20 CelebA identities apart
     for (kind, size), row in rows.items():
@@ -82,10 +110,12 @@ def test_search_benchmark_real_faces_quick_mode(tmp_path):
     check = report["distractor_check"]  # distractors score like other people's faces
     assert abs(check["distractor_mean"] - check["real_impostor_mean"]) < 0.1
     # A second run reads every embedding from the cache and gives the same figures.
-    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=280,
-                           check=False)
+    again = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, timeout=280, check=False
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     second = json.loads(again.stdout.strip().splitlines()[-1])
     assert second["embedded_now"] == 0
     assert [r["recall_at_1"] for r in second["results"]] == [
-        r["recall_at_1"] for r in report["results"]]
+        r["recall_at_1"] for r in report["results"]
+    ]

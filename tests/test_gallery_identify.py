@@ -28,10 +28,12 @@ def celeba_embeddings() -> dict[str, list[np.ndarray]]:
     import onnxruntime as ort
     from insightface.utils.face_align import norm_crop
 
-    detector = cv2.FaceDetectorYN.create(str(SHARED_MODELS / "yunet_2023mar.onnx"), "",
-                                         (320, 320), 0.6, 0.3, 50)
-    recogniser = ort.InferenceSession(str(SHARED_MODELS / "mobilefacenet_peer_128d.onnx"),
-                                      providers=["CPUExecutionProvider"])
+    detector = cv2.FaceDetectorYN.create(
+        str(SHARED_MODELS / "yunet_2023mar.onnx"), "", (320, 320), 0.6, 0.3, 50
+    )
+    recogniser = ort.InferenceSession(
+        str(SHARED_MODELS / "mobilefacenet_peer_128d.onnx"), providers=["CPUExecutionProvider"]
+    )
     photos = collections.defaultdict(list)
     for line in (CELEBA / "identities.txt").read_text().splitlines()[1:]:
         if line.strip():

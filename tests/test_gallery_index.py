@@ -63,8 +63,9 @@ def test_removed_faces_never_come_back(kind, monkeypatch):
     assert not returned & (set(gone.tolist()) | set(ids[60:63].tolist()))
     assert "s20" not in {h["subject_id"] for hits in results for h in hits}
     assert len(index) == len(ids) - 33
-    assert index.face_ids().tolist() == sorted(set(ids.tolist()) - set(gone.tolist())
-                                               - set(ids[60:63].tolist()))
+    assert index.face_ids().tolist() == sorted(
+        set(ids.tolist()) - set(gone.tolist()) - set(ids[60:63].tolist())
+    )
 
 
 def test_ivf_trains_once_large_enough_and_keeps_exact_matches(monkeypatch):

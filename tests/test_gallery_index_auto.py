@@ -116,8 +116,9 @@ def celeba_faces() -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
     enrolled, names, queries, query_ids = [], [], [], []
     for identity in sorted(by_identity)[:IDENTITIES]:
         for path in sorted(by_identity[identity])[:PHOTOS_EACH]:
-            found = pipeline.analyze((CELEBA / "images" / path).read_bytes(), "largest",
-                                     allow_none=True)
+            found = pipeline.analyze(
+                (CELEBA / "images" / path).read_bytes(), "largest", allow_none=True
+            )
             if not len(found.detections):
                 continue
             vector = found.embeddings[0].astype(np.float32)

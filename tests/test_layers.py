@@ -19,19 +19,39 @@ PACKAGES = ("service", "training")
 
 #: (modules, the packages/modules they must never import).
 RULES: list[tuple[str, tuple[str, ...]]] = [
-    ("service.pipeline", ("service.api", "service.commands", "service.cli", "service.app",
-                          "service.convert", "service.reenrol", "service.gallery")),
-    ("service.gallery", ("service.api", "service.commands", "service.cli", "service.app",
-                         "service.reenrol")),
+    (
+        "service.pipeline",
+        (
+            "service.api",
+            "service.commands",
+            "service.cli",
+            "service.app",
+            "service.convert",
+            "service.reenrol",
+            "service.gallery",
+        ),
+    ),
+    (
+        "service.gallery",
+        ("service.api", "service.commands", "service.cli", "service.app", "service.reenrol"),
+    ),
     # the store interface knows no backend (they import it): no cycle, even a lazy one
-    ("service.gallery.store", ("service.gallery.sql", "service.gallery.sqlite",
-                               "service.gallery.postgres", "service.gallery.backends")),
+    (
+        "service.gallery.store",
+        (
+            "service.gallery.sql",
+            "service.gallery.sqlite",
+            "service.gallery.postgres",
+            "service.gallery.backends",
+        ),
+    ),
     ("service.reenrol", ("service.api", "service.commands", "service.cli", "service.app")),
     ("service.batching", ("service.api", "service.commands", "service.cli", "service.app")),
-    ("service.registry", ("service.api", "service.commands", "service.pipeline",
-                          "service.gallery")),
-    ("service.config", ("service.api", "service.commands", "service.pipeline",
-                        "service.gallery")),
+    (
+        "service.registry",
+        ("service.api", "service.commands", "service.pipeline", "service.gallery"),
+    ),
+    ("service.config", ("service.api", "service.commands", "service.pipeline", "service.gallery")),
     ("training", ("service.commands", "service.api", "service.cli", "service.app")),
 ]
 
@@ -44,14 +64,16 @@ def module_name(path: Path) -> str:
 
 
 def modules() -> dict[str, Path]:
-    return {module_name(p): p for package in PACKAGES
-            for p in sorted((REPO / package).rglob("*.py"))}
+    return {
+        module_name(p): p for package in PACKAGES for p in sorted((REPO / package).rglob("*.py"))
+    }
 
 
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def imports(name: str, path: Path, *, at_import_time: bool = False) -> set[str]:
@@ -65,8 +87,9 @@ def imports(name: str, path: Path, *, at_import_time: bool = False) -> set[str]:
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if at_import_time and isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef
-                                             | ast.Lambda):
+            if at_import_time and isinstance(
+                child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda
+            ):
                 continue
             if at_import_time and isinstance(child, ast.If) and _is_type_checking(child):
                 for stmt in child.orelse:
@@ -97,8 +120,13 @@ def test_the_import_reader_sees_every_kind_of_import():
     """The checker itself: absolute, relative, in-function and TYPE_CHECKING imports."""
     probe = REPO / "service" / "pipeline" / "pipeline.py"
     everything = imports("service.pipeline.pipeline", probe)
-    assert {"service.registry", "service.pipeline.faces", "service.pipeline.faces.Faces",
-            "service.config", "numpy"} <= everything
+    assert {
+        "service.registry",
+        "service.pipeline.faces",
+        "service.pipeline.faces.Faces",
+        "service.config",
+        "numpy",
+    } <= everything
     now = imports("service.pipeline.pipeline", probe, at_import_time=True)
     assert "service.config" not in now and "service.pipeline.faces" in now
     cli = imports("service.commands.verify", REPO / "service" / "commands" / "verify.py")
@@ -110,18 +138,23 @@ def test_no_upward_imports(layer, forbidden):
     found = modules()
     checked = [name for name in found if _within(name, layer)]
     assert checked, f"no module under {layer}"
-    wrong = sorted(f"{name} imports {target}"
-                   for name in checked
-                   for target in imports(name, found[name])
-                   if any(_within(target, up) for up in forbidden))
+    wrong = sorted(
+        f"{name} imports {target}"
+        for name in checked
+        for target in imports(name, found[name])
+        if any(_within(target, up) for up in forbidden)
+    )
     assert not wrong, "\n".join(wrong)
 
 
 def test_module_level_imports_have_no_cycle():
     found = modules()
-    graph = {name: sorted(t for t in imports(name, path, at_import_time=True)
-                          if t in found and t != name)
-             for name, path in found.items()}
+    graph = {
+        name: sorted(
+            t for t in imports(name, path, at_import_time=True) if t in found and t != name
+        )
+        for name, path in found.items()
+    }
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     path: list[str] = []
 
@@ -130,7 +163,7 @@ def test_module_level_imports_have_no_cycle():
         path.append(node)
         for nxt in graph[node]:
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := walk(nxt)):
                 return cycle
         path.pop()

@@ -16,8 +16,14 @@ from service.config import Settings
 from tests.conftest import LFW, SHARED_MODELS
 from tests.service_helpers import InProcessServer
 
-MODELS = ["--models-dir", str(SHARED_MODELS), "--detector", "yunet_2023mar",
-          "--recognizer", "mobilefacenet_peer_128d"]
+MODELS = [
+    "--models-dir",
+    str(SHARED_MODELS),
+    "--detector",
+    "yunet_2023mar",
+    "--recognizer",
+    "mobilefacenet_peer_128d",
+]
 
 
 def lfw(name: str, number: int) -> Path:
@@ -40,9 +46,13 @@ def two_people(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    settings = Settings(models_dir=SHARED_MODELS, detector="yunet_2023mar",
-                        recognizer="mobilefacenet_peer_128d", providers=["CPUExecutionProvider"],
-                        data_dir=tmp_path_factory.mktemp("main-face-server"))
+    settings = Settings(
+        models_dir=SHARED_MODELS,
+        detector="yunet_2023mar",
+        recognizer="mobilefacenet_peer_128d",
+        providers=["CPUExecutionProvider"],
+        data_dir=tmp_path_factory.mktemp("main-face-server"),
+    )
     srv = InProcessServer(settings).start()
     yield srv
     srv.stop()
@@ -81,8 +91,9 @@ def test_cli_and_rest_compare_the_same_main_face(server, capsys, two_people):
 
 def test_cli_and_rest_refuse_an_unknown_operating_point(server, capsys, two_people):
     other = lfw("Abel_Pacheco", 4)
-    code, by_cli = cli(capsys, "verify", str(two_people), str(other), *MODELS,
-                       "--operating-point", "fmr_1e-9")
+    code, by_cli = cli(
+        capsys, "verify", str(two_people), str(other), *MODELS, "--operating-point", "fmr_1e-9"
+    )
     answer = rest(server, two_people, other, operating_point="fmr_1e-9")
     assert code == 3 and answer.status_code == 400
     assert by_cli["error"]["code"] == answer.json()["error"]["code"] == "unknown_operating_point"
@@ -98,10 +109,11 @@ def test_verify_timings_add_up_to_the_request(server, two_people):
 
     for _ in range(3):
         started = time.perf_counter()
-        files = {"image1": ("a.png", two_people.read_bytes()),
-                 "image2": ("b.jpg", lfw("Abel_Pacheco", 4).read_bytes())}
-        answer = httpx.post(f"{server.base_url}/v1/verify?timings=true", files=files,
-                            timeout=60)
+        files = {
+            "image1": ("a.png", two_people.read_bytes()),
+            "image2": ("b.jpg", lfw("Abel_Pacheco", 4).read_bytes()),
+        }
+        answer = httpx.post(f"{server.base_url}/v1/verify?timings=true", files=files, timeout=60)
         waited_ms = (time.perf_counter() - started) * 1000.0
         assert answer.status_code == 200, answer.text
         timings = answer.json()["timings"]

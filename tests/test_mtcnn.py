@@ -29,6 +29,7 @@ from tests.conftest import CELEBA, LFW, require_reference
 
 # -- fixtures ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def card():
     return Registry(MANIFEST_PATH, []).cards["mtcnn"]
@@ -95,6 +96,7 @@ def group_photo() -> np.ndarray:
 
 # -- torch_pickle ------------------------------------------------------------------------
 
+
 def test_state_dicts_read_without_torch_equal_torch_load(wheel, reference):
     torch = reference.torch
     with zipfile.ZipFile(wheel) as archive:
@@ -110,9 +112,11 @@ def test_state_dicts_read_without_torch_equal_torch_load(wheel, reference):
 
 def test_zip_format_with_strided_and_nested_tensors(reference):
     torch = reference.torch
-    state = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4).t(),
-             "sub": {"ids": torch.tensor([5, -7], dtype=torch.int64)},
-             "half": torch.tensor([0.5, 2.0], dtype=torch.float16)[1:]}
+    state = {
+        "w": torch.arange(12, dtype=torch.float32).reshape(3, 4).t(),
+        "sub": {"ids": torch.tensor([5, -7], dtype=torch.int64)},
+        "half": torch.tensor([0.5, 2.0], dtype=torch.float16)[1:],
+    }
     buffer = io.BytesIO()
     torch.save(state, buffer)
     ours = load_state_dict(buffer.getvalue())
@@ -133,8 +137,13 @@ def test_refuses_a_pickle_naming_another_global(tmp_path):
     marker = tmp_path / "executed"
     payload = pickle.dumps({"conv1.weight": _Payload(marker)}, protocol=2)
     # legacy layout: magic, protocol, sys info, then the hostile object
-    legacy = b"".join(pickle.dumps(v, protocol=2) for v in
-                      (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True})) + payload
+    legacy = (
+        b"".join(
+            pickle.dumps(v, protocol=2)
+            for v in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True})
+        )
+        + payload
+    )
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("archive/data.pkl", payload)
@@ -158,6 +167,7 @@ def test_garbage_and_truncated_files_are_typed_errors(wheel):
 
 
 # -- conversion -----------------------------------------------------------------------------
+
 
 def test_conversion_is_deterministic_and_matches_the_card(wheel, onnx_path, card, tmp_path):
     again = convert_mtcnn(wheel, tmp_path)
@@ -189,9 +199,13 @@ def test_each_network_matches_facenet_pytorch(detector, reference):
         h, w = norm.shape[:2]
         inputs = {"pnet": norm.transpose(2, 0, 1)[None]}
         for net, size in (("rnet", 24), ("onet", 48)):
-            crops = [cv2.resize(norm[y:y + h // 2, x:x + w // 2], (size, size),
-                                interpolation=cv2.INTER_AREA)
-                     for y in (0, h // 4, h // 2) for x in (0, w // 4, w // 2)]
+            crops = [
+                cv2.resize(
+                    norm[y : y + h // 2, x : x + w // 2], (size, size), interpolation=cv2.INTER_AREA
+                )
+                for y in (0, h // 4, h // 2)
+                for x in (0, w // 4, w // 2)
+            ]
             inputs[net] = np.stack(crops).transpose(0, 3, 1, 2)
         for net, batch in inputs.items():
             batch = np.ascontiguousarray(batch, np.float32)
@@ -211,11 +225,20 @@ def test_area_resize_equals_torch_area_interpolation(reference):
     tensor = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
     for depth in (cv2.CV_32S, cv2.CV_64F):
         integral = cv2.integral(image, sdepth=depth)
-        for region, out in (((0, 0, 250, 250), (150, 150)), ((0, 0, 250, 250), (13, 13)),
-                            ((40, 60, 37, 37), (24, 24)), ((100, 120, 17, 23), (48, 48))):
+        for region, out in (
+            ((0, 0, 250, 250), (150, 150)),
+            ((0, 0, 250, 250), (13, 13)),
+            ((40, 60, 37, 37), (24, 24)),
+            ((100, 120, 17, 23), (48, 48)),
+        ):
             r, c, h, w = region
-            theirs = torch.nn.functional.interpolate(tensor[:, :, r:r + h, c:c + w], size=out,
-                                                     mode="area")[0].permute(1, 2, 0).numpy()
+            theirs = (
+                torch.nn.functional.interpolate(
+                    tensor[:, :, r : r + h, c : c + w], size=out, mode="area"
+                )[0]
+                .permute(1, 2, 0)
+                .numpy()
+            )
             ours = area_resize(integral, np.array([region]), *out)[0]
             assert np.abs(ours - theirs).max() < 1e-3
             # the batched (several regions) path gives the same
@@ -228,6 +251,7 @@ def test_area_resize_equals_torch_area_interpolation(reference):
 
 
 # -- the detector against facenet-pytorch ---------------------------------------------------------
+
 
 @pytest.mark.timeout(300)
 def test_end_to_end_matches_facenet_pytorch(detector, facenet_compatible, reference):
@@ -250,8 +274,11 @@ def test_end_to_end_matches_facenet_pytorch(detector, facenet_compatible, refere
             total += 1
             # a truncation moves a box by < 1 px per stage: small faces lose IoU, not place
             tolerance = max(3.0, 0.05 * (r[2] - r[0]))
-            agree += any(np.abs(f.box - r[:4]).max() <= tolerance
-                         and np.abs(f.landmarks - points).max() <= 3.0 for f in ours)
+            agree += any(
+                np.abs(f.box - r[:4]).max() <= tolerance
+                and np.abs(f.landmarks - points).max() <= 3.0
+                for f in ours
+            )
     assert total >= 20
     print(f"defaults agree with facenet-pytorch on {agree}/{total} faces")
     assert agree >= 0.9 * total
@@ -261,6 +288,7 @@ def test_truncated_boxes_make_landmarks_mirror_consistent(detector, facenet_comp
     """On a mirrored photo a landmark should sit at the mirrored position (x -> W-1-x).
     Cropping the integer box but placing landmarks by the fractional one (facenet-pytorch)
     biases every x to the right; truncating the boxes (original MTCNN) removes most of it."""
+
     def subject(faces):
         return next(f for f in faces if f.box[0] < 125 < f.box[2] and f.box[1] < 125 < f.box[3])
 
@@ -279,6 +307,7 @@ def test_truncated_boxes_make_landmarks_mirror_consistent(detector, facenet_comp
 
 
 # -- the detector on its own ----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def lfw_100() -> list[np.ndarray]:
@@ -325,8 +354,9 @@ def test_group_photo_six_faces_with_ordered_landmarks(detector, group_photo):
         assert 0 <= (x1 + x2) / 2 < w and 0 <= (y1 + y2) / 2 < h and face.width > 80
         lm = face.landmarks
         assert lm.shape == (5, 2) and lm.dtype == np.float32
-        assert np.all((lm[:, 0] > x1 - 2) & (lm[:, 0] < x2 + 2)
-                      & (lm[:, 1] > y1 - 2) & (lm[:, 1] < y2 + 2))
+        assert np.all(
+            (lm[:, 0] > x1 - 2) & (lm[:, 0] < x2 + 2) & (lm[:, 1] > y1 - 2) & (lm[:, 1] < y2 + 2)
+        )
         left_eye, right_eye, nose, left_mouth, right_mouth = lm
         assert left_eye[0] < right_eye[0] and left_mouth[0] < right_mouth[0]
         assert max(left_eye[1], right_eye[1]) < nose[1] < min(left_mouth[1], right_mouth[1])

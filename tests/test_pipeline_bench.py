@@ -13,18 +13,26 @@ from .conftest import REPO
 
 @pytest.mark.timeout(300)
 def test_bench_pipeline_quick():
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_pipeline.py"), "--quick"],
-                          capture_output=True, text=True, cwd=REPO, timeout=280, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_pipeline.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=280,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["ours_images_per_s"] > 0 and report["insightface_images_per_s"] > 0
     assert report["ratio"] == pytest.approx(
-        report["ours_images_per_s"] / report["insightface_images_per_s"], rel=1e-2)
+        report["ours_images_per_s"] / report["insightface_images_per_s"], rel=1e-2
+    )
     # Both paths find the same faces on the same images.
     assert report["faces"]["ours"] == report["faces"]["insightface"] >= 10
     for side in ("ours", "insightface"):
         assert report[f"{side}_faces_per_s"] == pytest.approx(
-            report[f"{side}_images_per_s"] * report["faces"][side] / report["images"], rel=1e-2)
+            report[f"{side}_images_per_s"] * report["faces"][side] / report["images"], rel=1e-2
+        )
     # Same run, same answer: every image has as many faces on both paths, every face pairs
     # with one of InsightFace's, and the two embeddings of a face agree (the landmarks differ
     # slightly because the detector runs at another input size).

@@ -58,8 +58,9 @@ def test_models_verify_fails_on_tampered_and_missing(tmp_path, capsys):
         capsys, "models", "verify", "yunet_2023mar", "--models-dir", str(tmp_path)
     )
     assert code == 1 and "CHECKSUM MISMATCH" in out
-    code, out, _ = run_cli(capsys, "models", "verify", "scrfd_2.5g_bnkps",
-                           "--models-dir", str(tmp_path))
+    code, out, _ = run_cli(
+        capsys, "models", "verify", "scrfd_2.5g_bnkps", "--models-dir", str(tmp_path)
+    )
     assert code == 1 and "missing" in out
 
 
@@ -79,9 +80,16 @@ def file_server(tmp_path):
 
 
 def write_manifest(path: Path, name: str, file: str, source: str) -> Path:
-    card = {"name": name, "task": "detection", "family": "yunet", "file": file,
-            "sha256": sha256_file(SHARED_MODELS / "yunet_2023mar.onnx"), "source": source,
-            "licence": "MIT", "commercial_use": True}
+    card = {
+        "name": name,
+        "task": "detection",
+        "family": "yunet",
+        "file": file,
+        "sha256": sha256_file(SHARED_MODELS / "yunet_2023mar.onnx"),
+        "source": source,
+        "licence": "MIT",
+        "commercial_use": True,
+    }
     path.write_text(json.dumps({"version": 1, "models": [card]}))
     return path
 
@@ -111,16 +119,18 @@ def test_models_pull_downloads_verifies_and_installs(tmp_path, file_server, caps
         installed.unlink()
 
     # A file whose checksum differs is refused and nothing is left behind.
-    manifest = write_manifest(tmp_path / "manifest.json", "yunet_pull", "yunet_pull.onnx",
-                              f"{base}/tampered.onnx")
+    manifest = write_manifest(
+        tmp_path / "manifest.json", "yunet_pull", "yunet_pull.onnx", f"{base}/tampered.onnx"
+    )
     monkeypatch.setenv("FACEGATE_MANIFEST", str(manifest))
     code, _, err = run_cli(capsys, "models", "pull", "yunet_pull", "--models-dir", str(models_dir))
     assert code == 1 and "checksum mismatch" in err
     assert list(models_dir.iterdir()) == []
 
     # An unreachable source (a closed local port) gives a clear error.
-    manifest = write_manifest(tmp_path / "manifest.json", "yunet_pull", "yunet_pull.onnx",
-                              "http://127.0.0.1:9/yunet.onnx")
+    manifest = write_manifest(
+        tmp_path / "manifest.json", "yunet_pull", "yunet_pull.onnx", "http://127.0.0.1:9/yunet.onnx"
+    )
     monkeypatch.setenv("FACEGATE_MANIFEST", str(manifest))
     code, _, err = run_cli(capsys, "models", "pull", "yunet_pull", "--models-dir", str(models_dir))
     assert code == 1 and "cannot reach" in err
@@ -129,9 +139,11 @@ def test_models_pull_downloads_verifies_and_installs(tmp_path, file_server, caps
 
 def test_models_pull_refuses_cards_without_a_download_url(tmp_path, capsys):
     """The shipped manifest: models whose source is no file URL are refused before any fetch."""
-    for name, why in (("retinaface_mnet025", "no download URL"),
-                      ("mobilefacenet_peer_128d", "no download URL"),
-                      ("mtcnn", "facegate models install")):
+    for name, why in (
+        ("retinaface_mnet025", "no download URL"),
+        ("mobilefacenet_peer_128d", "no download URL"),
+        ("mtcnn", "facegate models install"),
+    ):
         code, _, err = run_cli(capsys, "models", "pull", name, "--models-dir", str(tmp_path))
         assert code == 1 and why in err, (name, err)
     assert list(tmp_path.iterdir()) == []
@@ -181,11 +193,20 @@ def test_detect_command_refuses_bad_input(tmp_path, capsys):
 
 
 def test_verify_command(capsys):
-    code, out, _ = run_cli(capsys, "verify", lfw("Abel_Pacheco", 1), lfw("Abel_Pacheco", 4),
-                           *MODELS, *PEER)
+    code, out, _ = run_cli(
+        capsys, "verify", lfw("Abel_Pacheco", 1), lfw("Abel_Pacheco", 4), *MODELS, *PEER
+    )
     same = json.loads(out)
-    code2, out2, _ = run_cli(capsys, "verify", lfw("Abel_Pacheco", 1), lfw("Aaron_Peirsol", 1),
-                             *MODELS, *PEER, "--operating-point", "fmr_1e-2")
+    code2, out2, _ = run_cli(
+        capsys,
+        "verify",
+        lfw("Abel_Pacheco", 1),
+        lfw("Aaron_Peirsol", 1),
+        *MODELS,
+        *PEER,
+        "--operating-point",
+        "fmr_1e-2",
+    )
     different = json.loads(out2)
     assert code == 0 and code2 == 0
     assert same["match"] is True and different["match"] is False
@@ -212,7 +233,7 @@ def subset_pairs(path: Path, per_class: int = 50, folds: int = 2) -> Path:
     body = []
     for fold in range(folds):
         start = 1 + fold * 2 * full
-        body += lines[start:start + per_class] + lines[start + full:start + full + per_class]
+        body += lines[start : start + per_class] + lines[start + full : start + full + per_class]
     path.write_text(f"{folds}\t{per_class}\n" + "\n".join(body) + "\n")
     return path
 
@@ -220,8 +241,19 @@ def subset_pairs(path: Path, per_class: int = 50, folds: int = 2) -> Path:
 @pytest.mark.timeout(300)
 def test_eval_pairs_on_an_lfw_subset(tmp_path, capsys):
     pairs = subset_pairs(tmp_path / "pairs.txt")
-    code, out, _ = run_cli(capsys, "eval-pairs", "--pairs", str(pairs), "--images",
-                           str(LFW / "images"), *MODELS, *PEER, "--json", "--workers", "2")
+    code, out, _ = run_cli(
+        capsys,
+        "eval-pairs",
+        "--pairs",
+        str(pairs),
+        "--images",
+        str(LFW / "images"),
+        *MODELS,
+        *PEER,
+        "--json",
+        "--workers",
+        "2",
+    )
     report = json.loads(out)
     assert code == 0
     assert report["pairs"] == 200 and report["folds"] == 2
@@ -231,8 +263,11 @@ def test_eval_pairs_on_an_lfw_subset(tmp_path, capsys):
     assert report["accuracy"] >= 0.96
     assert report["images_per_second"] > 0
     points = report["thresholds"]
-    assert points["fmr_1e-2"]["threshold"] < points["fmr_1e-3"]["threshold"] < \
-        points["fmr_1e-4"]["threshold"]
+    assert (
+        points["fmr_1e-2"]["threshold"]
+        < points["fmr_1e-3"]["threshold"]
+        < points["fmr_1e-4"]["threshold"]
+    )
     assert points["fmr_1e-3"]["fmr"] <= 1e-3
 
 
@@ -279,8 +314,15 @@ def test_a_missing_image_is_reported_before_any_model_loads(tmp_path, capsys, co
     it looked at its inputs before loading anything."""
     missing = tmp_path / "missing.jpg"
     images = [str(missing), lfw("Abel_Pacheco", 1)] if command == "verify" else [str(missing)]
-    code, out, err = run_cli(capsys, command, *images, "--models-dir", str(tmp_path / "none"),
-                             "--detector", "no_such_detector")
+    code, out, err = run_cli(
+        capsys,
+        command,
+        *images,
+        "--models-dir",
+        str(tmp_path / "none"),
+        "--detector",
+        "no_such_detector",
+    )
     assert code == 2 and out == ""
     assert err == f"error: cannot read {missing}: No such file or directory\n"
 
@@ -293,8 +335,18 @@ def test_eval_pairs_reuses_cached_chips_for_the_same_crop_contract(tmp_path, cap
     import numpy as np
 
     pairs = subset_pairs(tmp_path / "pairs.txt", per_class=10, folds=1)
-    args = ["eval-pairs", "--pairs", str(pairs), "--images", str(LFW / "images"), *MODELS,
-            *PEER, "--json", "--chips", str(tmp_path / "chips")]
+    args = [
+        "eval-pairs",
+        "--pairs",
+        str(pairs),
+        "--images",
+        str(LFW / "images"),
+        *MODELS,
+        *PEER,
+        "--json",
+        "--chips",
+        str(tmp_path / "chips"),
+    ]
     code, out, _ = run_cli(capsys, *args)
     first = json.loads(out)
     files = list((tmp_path / "chips").glob("chips-scrfd_2.5g_bnkps-*.npz"))

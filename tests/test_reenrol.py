@@ -34,14 +34,22 @@ def photo(name: str, number: int) -> bytes:
 
 
 def model_settings(recognizer: str, **overrides) -> Settings:
-    return Settings(models_dir=SHARED_MODELS, detector="yunet_2023mar", recognizer=recognizer,
-                    providers=["CPUExecutionProvider"], faiss_gpu=False, **overrides)
+    return Settings(
+        models_dir=SHARED_MODELS,
+        detector="yunet_2023mar",
+        recognizer=recognizer,
+        providers=["CPUExecutionProvider"],
+        faiss_gpu=False,
+        **overrides,
+    )
 
 
 @pytest.fixture(scope="module")
 def pipelines():
-    return {name: Pipeline.from_settings(model_settings(name))
-            for name in ("facegate_mfn_cosface", "mobilefacenet_peer_128d")}
+    return {
+        name: Pipeline.from_settings(model_settings(name))
+        for name in ("facegate_mfn_cosface", "mobilefacenet_peer_128d")
+    }
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -56,8 +64,13 @@ def services(tmp_path, store_url):
     started = []
 
     def start(name: str, **overrides):
-        settings = model_settings("mobilefacenet_peer_128d", data_dir=tmp_path / name,
-                                  store_url=store_url, sync_interval_s=0.05, **overrides)
+        settings = model_settings(
+            "mobilefacenet_peer_128d",
+            data_dir=tmp_path / name,
+            store_url=store_url,
+            sync_interval_s=0.05,
+            **overrides,
+        )
         service = open_gallery(settings)
         service.start()
         started.append(service)
@@ -100,9 +113,14 @@ def test_reenrol_on_both_backends(services, pipelines, tmp_path):
     assert report["subjects_copied"] == len(PEOPLE) + 1
     assert report["faces_reenrolled"] == len(faces)
     assert report["faces_without_image"] == 1 and report["faces_already_reenrolled"] == 0
-    assert report["skipped"] == [{"face_id": garbage["face_id"], "subject_id": "nobody",
-                                  "code": "unsupported_image_type",
-                                  "message": report["skipped"][0]["message"]}]
+    assert report["skipped"] == [
+        {
+            "face_id": garbage["face_id"],
+            "subject_id": "nobody",
+            "code": "unsupported_image_type",
+            "message": report["skipped"][0]["message"],
+        }
+    ]
     assert no_image["face_id"] not in one.store.reenrolled_sources("new")
     assert one.store.reenrolled_sources("new") == set(faces)
     assert one.get_gallery("new")["model_id"] == model_b
@@ -114,8 +132,7 @@ def test_reenrol_on_both_backends(services, pipelines, tmp_path):
     assert len(stored) == len(faces)
     assert np.array_equal(two.index_face_ids("new"), stored)
     for name in PEOPLE:
-        candidates = two.search("new", embed_one(new_pipe, photo(name, 3))[None, :], 1,
-                                model_b)[0]
+        candidates = two.search("new", embed_one(new_pipe, photo(name, 3))[None, :], 1, model_b)[0]
         assert candidates[0]["subject_id"] == name
 
     again = Reenrolment(one, new_pipe, settings, "old", "new", chunk=4).run()
@@ -157,12 +174,18 @@ def test_version_1_store_migrates_to_source_face_ids(store_url, monkeypatch):
         vector = np.zeros(4, "<f4")
         vector[0] = 1.0
         with store._write() as cur:  # a face written by the version-1 code
-            cur.execute("INSERT INTO galleries (name, model_id, dim, created_at) "
-                        "VALUES ('g', 'm', 4, 0)")
-            cur.execute("INSERT INTO subjects (gallery, subject_id, metadata, created_at, "
-                        "updated_at) VALUES ('g', 's', '{}', 0, 0)")
-            cur.execute("INSERT INTO faces (gallery, subject_id, embedding, model_id, quality, "
-                        "created_at) VALUES ('g', 's', ?, 'm', '{}', 0)", (vector.tobytes(),))
+            cur.execute(
+                "INSERT INTO galleries (name, model_id, dim, created_at) VALUES ('g', 'm', 4, 0)"
+            )
+            cur.execute(
+                "INSERT INTO subjects (gallery, subject_id, metadata, created_at, "
+                "updated_at) VALUES ('g', 's', '{}', 0, 0)"
+            )
+            cur.execute(
+                "INSERT INTO faces (gallery, subject_id, embedding, model_id, quality, "
+                "created_at) VALUES ('g', 's', ?, 'm', '{}', 0)",
+                (vector.tobytes(),),
+            )
         monkeypatch.setattr(gallery_sql, "LATEST", LATEST)
         assert LATEST >= 2 and len(MIGRATIONS[store.dialect]) == LATEST
         assert store.migrate() == LATEST

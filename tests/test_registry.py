@@ -8,8 +8,13 @@ from service.registry import ModelError, Registry, sha256_file
 
 from .conftest import SHARED_MODELS
 
-SHARED_NAMES = ["yunet_2023mar", "scrfd_500m_bnkps_640", "scrfd_2.5g_bnkps",
-                "retinaface_mnet025", "mobilefacenet_peer_128d"]
+SHARED_NAMES = [
+    "yunet_2023mar",
+    "scrfd_500m_bnkps_640",
+    "scrfd_2.5g_bnkps",
+    "retinaface_mnet025",
+    "mobilefacenet_peer_128d",
+]
 
 
 def test_every_shared_model_resolves_with_checksum(shared_registry):
@@ -71,7 +76,8 @@ def _tampered_with_card(tmp_path, shared_registry, sha256: str | None = None):
     data[1000] ^= 0xFF
     bad.write_bytes(bytes(data))
     card = shared_registry.cards["mobilefacenet_peer_128d"].model_copy(
-        update={"sha256": sha256 or sha256_file(bad)})
+        update={"sha256": sha256 or sha256_file(bad)}
+    )
     (tmp_path / "mobilefacenet_peer_128d.card.json").write_text(card.model_dump_json())
     return bad
 
@@ -88,9 +94,13 @@ def test_a_card_in_the_models_dir_cannot_change_a_known_models_sha256(tmp_path, 
     with pytest.raises(ModelError, match="cannot change the checksum"):
         shared_registry.resolve(str(bad))
     # the CLI says so in one line and exits 1
-    result = subprocess.run([sys.executable, "-m", "service.cli", "models", "list",
-                             "--models-dir", str(tmp_path)], capture_output=True, text=True,
-                            timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "models", "list", "--models-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and "cannot change the checksum" in result.stderr
 

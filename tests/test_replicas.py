@@ -74,8 +74,10 @@ def replicas(postgres_cluster, tmp_path_factory):
     """Three replicas on one fresh PostgreSQL database, started together."""
     url = postgres_cluster.create_database()
     root = tmp_path_factory.mktemp("replicas")
-    group = [Replica(root / f"r{i + 1}", url, env=REPLICA_ENV, name=f"replica {i + 1}")
-             for i in range(N_REPLICAS)]
+    group = [
+        Replica(root / f"r{i + 1}", url, env=REPLICA_ENV, name=f"replica {i + 1}")
+        for i in range(N_REPLICAS)
+    ]
     try:
         start_all(group)
         yield group
@@ -98,15 +100,15 @@ def _assert_every_index_equals_store(replicas: list[Replica], gallery: str) -> i
     for replica, check in zip(replicas, checks, strict=True):
         assert check["consistent"], f"{replica}: index differs from the store: {check} ({states})"
     assert len({c["seq"] for c in checks}) == 1, [c["seq"] for c in checks]
-    counts = {next(g["store_faces"] for g in c["galleries"] if g["name"] == gallery)
-              for c in checks}
+    counts = {
+        next(g["store_faces"] for g in c["galleries"] if g["name"] == gallery) for c in checks
+    }
     assert len(counts) == 1, counts
     return counts.pop()
 
 
 @pytest.mark.timeout(300)
-def test_enrol_on_one_identify_on_others_and_delete_propagates(replicas, photos,
-                                                               record_property):
+def test_enrol_on_one_identify_on_others_and_delete_propagates(replicas, photos, record_property):
     clients = [r.client() for r in replicas]
     gallery = "celeba"
 
@@ -146,10 +148,13 @@ def test_enrol_on_one_identify_on_others_and_delete_propagates(replicas, photos,
             assert [c["subject_id"] for c in mine] == [c["subject_id"] for c in reference]
             assert [c["face_id"] for c in mine] == [c["face_id"] for c in reference]
             assert [c["similarity"] for c in mine] == pytest.approx(
-                [c["similarity"] for c in reference], abs=1e-5)
+                [c["similarity"] for c in reference], abs=1e-5
+            )
     hits = sum(1 for identity, a in answers[0].items() if a and a[0]["subject_id"] == identity)
-    print(f"\nrank-1 {hits}/{len(probes)} on each of {N_REPLICAS} replicas "
-          f"({len(enrolled)} enrolled through replica 1)")
+    print(
+        f"\nrank-1 {hits}/{len(probes)} on each of {N_REPLICAS} replicas "
+        f"({len(enrolled)} enrolled through replica 1)"
+    )
     record_property("rank-1", f"{hits}/{len(probes)} on each of {N_REPLICAS} replicas")
     # accuracy itself is the single-server end-to-end test's subject; this only rules out
     # agreeing on nonsense
@@ -171,14 +176,18 @@ def test_enrol_on_one_identify_on_others_and_delete_propagates(replicas, photos,
                 vanished[name] = time.monotonic() - acknowledged
                 return
 
-    watchers = [threading.Thread(target=watch, args=(name, client))
-                for name, client in (("replica 1", clients[0]), ("replica 2", clients[1]))]
+    watchers = [
+        threading.Thread(target=watch, args=(name, client))
+        for name, client in (("replica 1", clients[0]), ("replica 2", clients[1]))
+    ]
     for thread in watchers:
         thread.start()
     for thread in watchers:
         thread.join()
-    print(f"delete through replica 3 gone from identify (time to first answer without it, "
-          f"request time included): {vanished}")
+    print(
+        f"delete through replica 3 gone from identify (time to first answer without it, "
+        f"request time included): {vanished}"
+    )
     assert set(vanished) == {"replica 1", "replica 2"}
     assert max(vanished.values()) <= VISIBILITY_BOUND_S, vanished
     assert _assert_every_index_equals_store(replicas, gallery) == len(enrolled) - 1
@@ -244,9 +253,11 @@ def test_kill9_during_enrol_burst_loses_and_duplicates_nothing(replicas, photos)
         stop.set()
         for thread in threads:
             thread.join()
-    print(f"\nburst: {len(attempted)} enrolments attempted, {len(acked)} acknowledged "
-          f"({acked_before_kill} before the kill), transport errors {dict(transport_errors)}, "
-          f"restart to ready {restart_s:.1f}s")
+    print(
+        f"\nburst: {len(attempted)} enrolments attempted, {len(acked)} acknowledged "
+        f"({acked_before_kill} before the kill), transport errors {dict(transport_errors)}, "
+        f"restart to ready {restart_s:.1f}s"
+    )
     assert not unexpected, unexpected
     assert transport_errors[replicas[victim_index].name] > 0, "the kill hit no request"
     assert sum(1 for a in acked.values() if a[2] == replicas[victim_index].name) > 0
@@ -255,8 +266,10 @@ def test_kill9_during_enrol_burst_loses_and_duplicates_nothing(replicas, photos)
     stored = _assert_every_index_equals_store(replicas, gallery)
     for replica in replicas:
         with replica.client() as client:
-            subjects = {s["subject_id"]: [f["face_id"] for f in s["faces"]]
-                        for s in list_subjects(client, gallery)}
+            subjects = {
+                s["subject_id"]: [f["face_id"] for f in s["faces"]]
+                for s in list_subjects(client, gallery)
+            }
         # every acknowledged enrolment exactly once; nothing enrolled twice
         for subject, (face_id, _, _) in acked.items():
             assert subjects.get(subject) == [face_id], (replica, subject, subjects.get(subject))
@@ -326,11 +339,15 @@ def test_32_clients_mixed_load_every_index_equals_store(replicas, photos):
                     settled = sent - since > VISIBILITY_BOUND_S
                     top = candidates[0]["subject_id"] if candidates else None
                     if settled and probe_deleted and top == subject:
-                        failures.append(f"{name} still finds {subject}, deleted "
-                                        f"{sent - since:.2f}s before the request")
+                        failures.append(
+                            f"{name} still finds {subject}, deleted "
+                            f"{sent - since:.2f}s before the request"
+                        )
                     if settled and not probe_deleted and top != subject:
-                        failures.append(f"{name} misses {subject}, enrolled "
-                                        f"{sent - since:.2f}s before the request (top {top})")
+                        failures.append(
+                            f"{name} misses {subject}, enrolled "
+                            f"{sent - since:.2f}s before the request (top {top})"
+                        )
                     ops["identify"] += 1
                 else:
                     subject = mine.pop(rng.randrange(len(mine)))
@@ -355,9 +372,11 @@ def test_32_clients_mixed_load_every_index_equals_store(replicas, photos):
     for thread in threads:
         thread.join()
     elapsed = time.monotonic() - started
-    print(f"\n{N_CLIENTS} clients over {N_REPLICAS} replicas for {elapsed:.1f}s: {dict(ops)} "
-          f"({sum(ops.values()) / elapsed:.1f} ops/s); {len(alive)} subjects alive, "
-          f"{len(deleted)} deleted, {len(empty)} refused photos")
+    print(
+        f"\n{N_CLIENTS} clients over {N_REPLICAS} replicas for {elapsed:.1f}s: {dict(ops)} "
+        f"({sum(ops.values()) / elapsed:.1f} ops/s); {len(alive)} subjects alive, "
+        f"{len(deleted)} deleted, {len(empty)} refused photos"
+    )
     assert not failures, failures[:10]
     assert ops["enrol"] and ops["identify"] and ops["delete"]
 
@@ -377,8 +396,9 @@ def test_32_clients_mixed_load_every_index_equals_store(replicas, photos):
                 assert subject not in [c["subject_id"] for c in candidates], (replica, subject)
 
 
-def _observe_workers(server: Replica, gallery: str, subject: str, image: bytes,
-                     present: bool, acknowledged: float) -> dict[int, list[tuple[float, bool]]]:
+def _observe_workers(
+    server: Replica, gallery: str, subject: str, image: bytes, present: bool, acknowledged: float
+) -> dict[int, list[tuple[float, bool]]]:
     """Identify ``image`` on fresh connections until both workers have answered at least
     twice after the bound; per worker pid, (seconds after the acknowledgement the request
     was sent, whether the answer reflected the write)."""
@@ -393,8 +413,9 @@ def _observe_workers(server: Replica, gallery: str, subject: str, image: bytes,
         stored, indexed = gallery_sizes(info).get(gallery, (0, 0))
         assert indexed == stored or sent <= VISIBILITY_BOUND_S, (info["worker_pid"], info)
         seen.setdefault(info["worker_pid"], []).append((round(sent, 3), found == present))
-        settled = [pid for pid, obs in seen.items()
-                   if sum(t > VISIBILITY_BOUND_S for t, _ in obs) >= 2]
+        settled = [
+            pid for pid, obs in seen.items() if sum(t > VISIBILITY_BOUND_S for t, _ in obs) >= 2
+        ]
         if len(settled) >= 2:
             break
     return seen
@@ -403,8 +424,11 @@ def _observe_workers(server: Replica, gallery: str, subject: str, image: bytes,
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_workers_see_each_others_writes_within_bound(backend, request, tmp_path, photos):
-    url = (request.getfixturevalue("postgres_cluster").create_database()
-           if backend == "postgresql" else "")
+    url = (
+        request.getfixturevalue("postgres_cluster").create_database()
+        if backend == "postgresql"
+        else ""
+    )
     server = Replica(tmp_path, url, env=REPLICA_ENV, workers=2, name=f"{backend} x2")
     server.start(timeout=120)
     gallery = "workers"
@@ -427,8 +451,10 @@ def test_workers_see_each_others_writes_within_bound(backend, request, tmp_path,
         after_delete = _observe_workers(server, gallery, subject, photo(path), False, deleted_at)
     finally:
         server.stop()
-    print(f"\n{backend}, 2 workers: (seconds after ack, answer up to date) per worker pid\n"
-          f"  after enrol: {after_enrol}\n  after delete: {after_delete}")
+    print(
+        f"\n{backend}, 2 workers: (seconds after ack, answer up to date) per worker pid\n"
+        f"  after enrol: {after_enrol}\n  after delete: {after_delete}"
+    )
     for seen in (after_enrol, after_delete):
         assert len(seen) == 2, f"requests reached only one worker: {seen}"
         for pid, observations in seen.items():
@@ -440,10 +466,15 @@ def test_workers_see_each_others_writes_within_bound(backend, request, tmp_path,
 def test_bench_replicas_quick():
     """``bench/bench_replicas.py --quick`` (1 and 2 replicas on PostgreSQL) ends with one JSON
     line holding throughput per replica count and enrol-to-visible latencies."""
-    proc = subprocess.run([sys.executable, "bench/bench_replicas.py", "--quick"], check=False,
-                          cwd=REPO,
-                          env={**os.environ, **TEST_MODELS}, capture_output=True, text=True,
-                          timeout=280)
+    proc = subprocess.run(
+        [sys.executable, "bench/bench_replicas.py", "--quick"],
+        check=False,
+        cwd=REPO,
+        env={**os.environ, **TEST_MODELS},
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result["runs"]) == {"1", "2"}

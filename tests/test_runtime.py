@@ -29,15 +29,20 @@ def test_threads_and_spinning_follow_settings():
 
 def test_unavailable_providers_are_skipped_and_cpu_is_last():
     assert select_providers(["NoSuchExecutionProvider"]) == ["CPUExecutionProvider"]
-    session = create_session(SHARED_MODELS / "yunet_2023mar.onnx",
-                             Settings(providers=["NoSuchExecutionProvider"], ort_spinning=False))
+    session = create_session(
+        SHARED_MODELS / "yunet_2023mar.onnx",
+        Settings(providers=["NoSuchExecutionProvider"], ort_spinning=False),
+    )
     assert providers_in_use(session) == ["CPUExecutionProvider"]
 
 
-
 def test_mtcnn_sleeps_whatever_the_setting_and_sets_it_once():
-    assert session_options(Settings(ort_spinning=True), spinning=False).get_session_config_entry(
-        "session.intra_op.allow_spinning") == "0"
+    assert (
+        session_options(Settings(ort_spinning=True), spinning=False).get_session_config_entry(
+            "session.intra_op.allow_spinning"
+        )
+        == "0"
+    )
 
 
 def test_loading_the_default_pipeline_prints_no_runtime_warning(default_models_dir):
@@ -48,12 +53,15 @@ def test_loading_the_default_pipeline_prints_no_runtime_warning(default_models_d
 
     from .conftest import REPO
 
-    script = ("from service.config import Settings\n"
-              "from service.pipeline.pipeline import Pipeline\n"
-              f"Pipeline.from_settings(Settings(models_dir={str(default_models_dir)!r}, "
-              "providers=['CPUExecutionProvider']))\n"
-              "print('built')\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    script = (
+        "from service.config import Settings\n"
+        "from service.pipeline.pipeline import Pipeline\n"
+        f"Pipeline.from_settings(Settings(models_dir={str(default_models_dir)!r}, "
+        "providers=['CPUExecutionProvider']))\n"
+        "print('built')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0 and done.stdout.strip() == "built", done.stderr
     assert "allow_spinning" not in done.stderr and "onnxruntime" not in done.stderr, done.stderr

@@ -55,9 +55,19 @@ def test_cli_prepare_train_evaluate_export_then_serve(tmp_path, capsys):
     photos = {n: sorted((CELEBA / "images" / n).iterdir()) for n in names}
     link_subset(tmp_path / "celeba", [f for files in photos.values() for f in files])
     celeba = tmp_path / "celeba112"
-    code, out, err = cli(capsys, "prepare", tmp_path / "celeba", celeba, "--models-dir",
-                         SHARED_MODELS, "--limit-per-identity", PER_IDENTITY, "--workers", 1,
-                         "--quiet")
+    code, out, err = cli(
+        capsys,
+        "prepare",
+        tmp_path / "celeba",
+        celeba,
+        "--models-dir",
+        SHARED_MODELS,
+        "--limit-per-identity",
+        PER_IDENTITY,
+        "--workers",
+        1,
+        "--quiet",
+    )
     summary = json.loads(out)
     assert code == 0, err
     assert summary["images"] == sum(min(len(f), PER_IDENTITY) for f in photos.values())
@@ -69,23 +79,43 @@ def test_cli_prepare_train_evaluate_export_then_serve(tmp_path, capsys):
     assert json.loads((celeba / "dataset.json").read_text())["aligned"] == summary["aligned"]
 
     fold = [p for p in parse_pairs(LFW / "pairs.txt") if p.fold == 0]
-    chosen = (
-        [p for p in fold if p.same][: PAIRS // 2] + [p for p in fold if not p.same][: PAIRS // 2]
-    )
+    chosen = [p for p in fold if p.same][: PAIRS // 2] + [p for p in fold if not p.same][
+        : PAIRS // 2
+    ]
     keys = sorted({p.a for p in chosen} | {p.b for p in chosen})
     link_subset(tmp_path / "lfw", [LFW / "images" / k for k in keys])
     lfw = tmp_path / "lfw112"
-    code, out, err = cli(capsys, "prepare", tmp_path / "lfw", lfw, "--models-dir", SHARED_MODELS,
-                         "--workers", 1, "--quiet")
+    code, out, err = cli(
+        capsys,
+        "prepare",
+        tmp_path / "lfw",
+        lfw,
+        "--models-dir",
+        SHARED_MODELS,
+        "--workers",
+        1,
+        "--quiet",
+    )
     assert code == 0 and json.loads(out)["images"] == len(keys), err
-    pairs = ["--pairs", LFW / "pairs.txt", "--aligned", lfw, "--raw", LFW / "images",
-             "--folds", 1, "--max-pairs-per-fold", PAIRS]
+    pairs = [
+        "--pairs",
+        LFW / "pairs.txt",
+        "--aligned",
+        lfw,
+        "--raw",
+        LFW / "images",
+        "--folds",
+        1,
+        "--max-pairs-per-fold",
+        PAIRS,
+    ]
 
     # train: the tiny config as a JSON file, the epoch count as a command-line override
     run = tmp_path / "run"
     config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(tiny_config(celeba, run, "arcface", {"s": 16.0, "m": 0.3},
-                                             epochs=5).to_dict()))
+    config.write_text(
+        json.dumps(tiny_config(celeba, run, "arcface", {"s": 16.0, "m": 0.3}, epochs=5).to_dict())
+    )
     code, out, err = cli(capsys, "train", "--config", config, "epochs=2")
     trained = json.loads(out.strip().splitlines()[-1])
     assert code == 0, err
@@ -97,8 +127,9 @@ def test_cli_prepare_train_evaluate_export_then_serve(tmp_path, capsys):
     assert state["config"]["data"]["root"] == str(celeba)
 
     # evaluate: JSON report + ROC plot of the checkpoint on the chosen pairs
-    code, out, err = cli(capsys, "evaluate", checkpoint, *pairs, "--out", tmp_path / "reports",
-                         "--stem", "lfw")
+    code, out, err = cli(
+        capsys, "evaluate", checkpoint, *pairs, "--out", tmp_path / "reports", "--stem", "lfw"
+    )
     evaluated = json.loads(out)
     assert code == 0, err
     report = json.loads((tmp_path / "reports" / "lfw.json").read_text())
@@ -111,9 +142,21 @@ def test_cli_prepare_train_evaluate_export_then_serve(tmp_path, capsys):
 
     # export: ONNX + card with a passing parity check, the evaluation and the training note
     onnx_path = tmp_path / "models" / "tiny_cli.onnx"
-    code, out, err = cli(capsys, "export", checkpoint, onnx_path, *pairs, "--parity-faces", 8,
-                         "--description", "tiny CLI model", "--training-note", '{"note": "cli"}',
-                         "--reports", tmp_path / "export_reports")
+    code, out, err = cli(
+        capsys,
+        "export",
+        checkpoint,
+        onnx_path,
+        *pairs,
+        "--parity-faces",
+        8,
+        "--description",
+        "tiny CLI model",
+        "--training-note",
+        '{"note": "cli"}',
+        "--reports",
+        tmp_path / "export_reports",
+    )
     exported = json.loads(out)
     assert code == 0, err
     assert exported["onnx"] == str(onnx_path) and exported["accuracy"] == report["accuracy"]
@@ -137,10 +180,12 @@ def test_cli_prepare_train_evaluate_export_then_serve(tmp_path, capsys):
 
     # serve: the service's embedder loads the file by its card; unit-norm embeddings of the
     # card's dimension, the checkpoint's flip-summed ones (the evaluation protocol)
-    rec_card, rec_path = Registry(MANIFEST_PATH, [SHARED_MODELS]).resolve(str(onnx_path),
-                                                                         "recognition")
-    embedder = OnnxEmbedder(rec_card, rec_path, Settings(providers=["CPUExecutionProvider"],
-                                                         batching=False), flip=True)
+    rec_card, rec_path = Registry(MANIFEST_PATH, [SHARED_MODELS]).resolve(
+        str(onnx_path), "recognition"
+    )
+    embedder = OnnxEmbedder(
+        rec_card, rec_path, Settings(providers=["CPUExecutionProvider"], batching=False), flip=True
+    )
     faces = ev.load_pairs(LFW / "pairs.txt", lfw, LFW / "images", 1, PAIRS).images[:4]
     served = embedder.embed(faces)
     assert served.shape == (4, card.embedding_dim) and served.dtype == np.float32

@@ -55,12 +55,19 @@ def _worker(rank: int, port: int, out: str) -> None:
         clf = MarginClassifier(ArcFaceHead(16.0, 0.4), D, C)
         assert (clf.rank, clf.world_size) == (rank, WORLD)
         clf.load_full_weight(w)
-        local = x[rank * B:(rank + 1) * B].clone().requires_grad_(True)
-        loss = clf(local, y[rank * B:(rank + 1) * B])
+        local = x[rank * B : (rank + 1) * B].clone().requires_grad_(True)
+        loss = clf(local, y[rank * B : (rank + 1) * B])
         loss.backward()
-        torch.save({"loss": loss.detach(), "x_grad": local.grad, "w_grad": clf.weight.grad,
-                    "range": (clf.start, clf.end), "full": clf.full_weight()},
-                   os.path.join(out, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "loss": loss.detach(),
+                "x_grad": local.grad,
+                "w_grad": clf.weight.grad,
+                "range": (clf.start, clf.end),
+                "full": clf.full_weight(),
+            },
+            os.path.join(out, f"rank{rank}.pt"),
+        )
 
 
 @pytest.mark.timeout(180)
@@ -85,8 +92,9 @@ def test_two_rank_sharded_softmax_matches_one_process(tmp_path):
         # each rank's centres get exactly the single-process gradient of its block
         torch.testing.assert_close(got["w_grad"], ref.weight.grad[start:end], rtol=1e-4, atol=1e-6)
         # embeddings get WORLD x the gradient, which DDP's averaging turns into the exact one
-        torch.testing.assert_close(got["x_grad"] / WORLD, xr.grad[rank * B:(rank + 1) * B],
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            got["x_grad"] / WORLD, xr.grad[rank * B : (rank + 1) * B], rtol=1e-4, atol=1e-6
+        )
         # the gathered matrix (what checkpoints store) is the full one, in class order
         torch.testing.assert_close(got["full"], w)
     assert ranges == [(0, 6), (6, 11)]
@@ -120,8 +128,11 @@ def _model_and_optimizer(rank: int | None = None, world_size: int | None = None)
     clf.load_full_weight(_step_data()[2])
     cfg = TrainConfig()
     cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay = 0.5, 0.9, 0.0
-    return backbone, clf, lambda model: build_optimizer(cfg, model,
-                                                             types.SimpleNamespace(classifier=clf))
+    return (
+        backbone,
+        clf,
+        lambda model: build_optimizer(cfg, model, types.SimpleNamespace(classifier=clf)),
+    )
 
 
 def _clip_worker(rank: int, port: int, out: str) -> None:
@@ -138,9 +149,11 @@ def _clip_worker(rank: int, port: int, out: str) -> None:
             optimizer.zero_grad(set_to_none=True)
             clf(model(x[s, rows]), y[s, rows]).backward()
             norms.append(clip_and_step(optimizer, None, CLIP, WORLD))
-        result = {"norms": norms,
-                  "backbone": {k: v.clone() for k, v in backbone.state_dict().items()},
-                  "centres": clf.full_weight()}
+        result = {
+            "norms": norms,
+            "backbone": {k: v.clone() for k, v in backbone.state_dict().items()},
+            "centres": clf.full_weight(),
+        }
 
         # fp16 scaler: a non-finite gradient in one rank's centre shard only skips the step on
         # every rank, and both ranks back off the scale identically
@@ -194,7 +207,7 @@ def test_global_grad_clipping_keeps_the_backbone_replicated_and_equal_to_one_pro
         norm, stepped = got[r]["inf_step"]
         assert not stepped and not np.isfinite(norm)
         assert got[r]["unchanged"]
-        assert got[r]["scale_after_inf"] == 2.0 ** 15
+        assert got[r]["scale_after_inf"] == 2.0**15
         assert got[r]["fp16_step"][1]
     for a, b in zip(got[0]["backbone_after_fp16"], got[1]["backbone_after_fp16"], strict=True):
         assert torch.equal(a, b)
@@ -211,9 +224,13 @@ def _centre_data():
     only on rank 1's, classes 0-2 on both (in different numbers), so both kinds of update count."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(CENTRE_STEPS, WORLD * B, D, generator=g)
-    y = torch.tensor([[0, 0, 1, 3, 3, 2, 0, 1, 1, 2, 4, 4],
-                      [3, 1, 1, 2, 0, 0, 4, 0, 2, 2, 2, 1],
-                      [3, 3, 3, 0, 1, 2, 2, 4, 0, 1, 4, 4]])
+    y = torch.tensor(
+        [
+            [0, 0, 1, 3, 3, 2, 0, 1, 1, 2, 4, 4],
+            [3, 1, 1, 2, 0, 0, 4, 0, 2, 2, 2, 1],
+            [3, 3, 3, 0, 1, 2, 2, 4, 0, 1, 4, 4],
+        ]
+    )
     centres = torch.randn(CENTRE_CLASSES, D, generator=g)
     return x, y, centres
 
@@ -230,8 +247,10 @@ def _centre_worker(rank: int, port: int, out: str) -> None:
         for s in range(CENTRE_STEPS):
             rows = slice(rank * B, (rank + 1) * B)
             losses.append(loss_fn(x[s, rows], y[s, rows]).item())
-        torch.save({"centres": loss_fn.centers.clone(), "losses": losses},
-                   os.path.join(out, f"centre{rank}.pt"))
+        torch.save(
+            {"centres": loss_fn.centers.clone(), "losses": losses},
+            os.path.join(out, f"centre{rank}.pt"),
+        )
 
 
 def _paper_centres(x, y, centres) -> list:

@@ -16,6 +16,7 @@ from tests.test_training_loop import celeba_tiny, tiny_config  # noqa: F401
 
 PAIRS_PER_FOLD = 16
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One intra-op thread: CPU training on a shared 2-core box is fastest without OpenMP
@@ -50,13 +51,15 @@ def test_prepare_train_evaluate_export_and_serve(celeba_tiny, tmp_path):  # noqa
 
     # evaluate: the first LFW fold's pairs, aligned by the same prepare step
     pairs = [p for p in parse_pairs(LFW / "pairs.txt") if p.fold == 0]
-    chosen = [p for p in pairs if p.same][: PAIRS_PER_FOLD // 2] + \
-        [p for p in pairs if not p.same][: PAIRS_PER_FOLD // 2]
+    chosen = [p for p in pairs if p.same][: PAIRS_PER_FOLD // 2] + [p for p in pairs if not p.same][
+        : PAIRS_PER_FOLD // 2
+    ]
     keys = sorted({p.a for p in chosen} | {p.b for p in chosen})
     lfw_aligned = tmp_path / "lfw112"
     prepare(LFW / "images", lfw_aligned, model_dirs=[SHARED_MODELS], keys=keys, progress=False)
-    pair_set = ev.load_pairs(LFW / "pairs.txt", lfw_aligned, LFW / "images", folds=1,
-                             max_pairs_per_fold=PAIRS_PER_FOLD)
+    pair_set = ev.load_pairs(
+        LFW / "pairs.txt", lfw_aligned, LFW / "images", folds=1, max_pairs_per_fold=PAIRS_PER_FOLD
+    )
     assert len(pair_set.same) == PAIRS_PER_FOLD and pair_set.same.sum() == PAIRS_PER_FOLD // 2
     model, _ = load_backbone(checkpoint)
     embed = ev.torch_embedder(model, input_size=56)
@@ -69,9 +72,13 @@ def test_prepare_train_evaluate_export_and_serve(celeba_tiny, tmp_path):  # noqa
 
     # export: ONNX + card, parity on real aligned faces
     onnx_path = tmp_path / "models" / "tiny_arcface.onnx"
-    result = export(checkpoint, onnx_path, pair_set.images[:8],
-                    evaluation={"lfw": {k: v for k, v in report.items() if k[0] != "_"}},
-                    thresholds=ev.card_thresholds(report))
+    result = export(
+        checkpoint,
+        onnx_path,
+        pair_set.images[:8],
+        evaluation={"lfw": {k: v for k, v in report.items() if k[0] != "_"}},
+        thresholds=ev.card_thresholds(report),
+    )
     assert result["parity"]["max_abs_diff"] < 1e-3 and result["parity"]["min_cosine"] > 0.9999
     card_json = json.loads((tmp_path / "models" / "tiny_arcface.card.json").read_text())
     card = ModelCard.model_validate(card_json)
@@ -93,8 +100,11 @@ def test_prepare_train_evaluate_export_and_serve(celeba_tiny, tmp_path):  # noqa
     rec_card, rec_path = registry.resolve(str(onnx_path), task="recognition")
     det_card, det_path = registry.resolve("yunet_2023mar", task="detection")
     settings = Settings(providers=["CPUExecutionProvider"], batching=False)
-    pipeline = Pipeline(build_detector(det_card, det_path, settings),
-                        OnnxEmbedder(rec_card, rec_path, settings, flip=False), settings)
+    pipeline = Pipeline(
+        build_detector(det_card, det_path, settings),
+        OnnxEmbedder(rec_card, rec_path, settings, flip=False),
+        settings,
+    )
     key = keys[0]
     faces = pipeline.analyze((LFW / "images" / key).read_bytes(), "largest")
     assert faces.embeddings.shape == (1, 32)

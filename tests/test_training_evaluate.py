@@ -33,9 +33,14 @@ def _synthetic_pairs(n_id=40, per=3, dim=16, noise=0.6, seed=0):
         first.append(i), second.append(i + 1), same.append(True)
         first.append(i), second.append((i + per) % (n_id * per)), same.append(False)
     n = len(same)
-    pair_set = ev.PairSet(images=np.zeros((n_id * per, 4, 4, 3), np.uint8), first=np.array(first),
-                          second=np.array(second), same=np.array(same),
-                          folds=np.arange(n) * 10 // n, identities=[str(i) for i in ids])
+    pair_set = ev.PairSet(
+        images=np.zeros((n_id * per, 4, 4, 3), np.uint8),
+        first=np.array(first),
+        second=np.array(second),
+        same=np.array(same),
+        folds=np.arange(n) * 10 // n,
+        identities=[str(i) for i in ids],
+    )
     emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     return emb.astype(np.float32), pair_set
 
@@ -97,8 +102,13 @@ def test_insightface_bin_round_trip_and_restricted_unpickling(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (8, 112, 112, 3), dtype=np.uint8)
     images[:] = np.clip(images.astype(int) // 8 * 8, 0, 255).astype(np.uint8)
-    pairs = ev.PairSet(images=images, first=np.array([0, 2, 4, 6]), second=np.array([1, 3, 5, 7]),
-                       same=np.array([True, False, True, False]), folds=np.zeros(4, int))
+    pairs = ev.PairSet(
+        images=images,
+        first=np.array([0, 2, 4, 6]),
+        second=np.array([1, 3, 5, 7]),
+        same=np.array([True, False, True, False]),
+        folds=np.zeros(4, int),
+    )
     ev.write_bin(tmp_path / "x.bin", pairs)
     loaded = ev.load_bin(tmp_path / "x.bin")
     assert loaded.images.shape == (8, 112, 112, 3)
@@ -114,11 +124,18 @@ def test_insightface_bin_round_trip_and_restricted_unpickling(tmp_path):
         ev.load_bin(tmp_path / "evil.bin")
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    ("iresnet18", {"input_size": 32}), ("iresnet34", {"input_size": 32}),
-    ("iresnet50", {"input_size": 32}), ("iresnet100", {"input_size": 32}),
-    ("mobilefacenet", {}), ("resnet50", {"width": 16}), ("mobilenetv1", {"width": 0.25}),
-])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("iresnet18", {"input_size": 32}),
+        ("iresnet34", {"input_size": 32}),
+        ("iresnet50", {"input_size": 32}),
+        ("iresnet100", {"input_size": 32}),
+        ("mobilefacenet", {}),
+        ("resnet50", {"width": 16}),
+        ("mobilenetv1", {"width": 0.25}),
+    ],
+)
 def test_backbones_map_faces_to_the_configured_dimension(name, kwargs):
     from training.backbones import build_backbone
 

@@ -23,6 +23,7 @@ from training.data import FaceImageFolder, PKSampler, RecordIODataset, write_rec
 IDENTITIES = 6
 PER_IDENTITY = 5
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One intra-op thread: CPU training on a shared 2-core box is fastest without OpenMP
@@ -41,8 +42,15 @@ def prepared_celeba(root: Path) -> Path:
     if (dst / "dataset.json").is_file():
         return dst
     names = sorted(p.name for p in (CELEBA / "images").iterdir() if p.is_dir())[:IDENTITIES]
-    report = prepare(CELEBA / "images", dst, detector="yunet_2023mar", model_dirs=[SHARED_MODELS],
-                     limit_per_identity=PER_IDENTITY, identities=names, progress=False)
+    report = prepare(
+        CELEBA / "images",
+        dst,
+        detector="yunet_2023mar",
+        model_dirs=[SHARED_MODELS],
+        limit_per_identity=PER_IDENTITY,
+        identities=names,
+        progress=False,
+    )
     assert report.aligned >= IDENTITIES * 3, report
     return dst
 
@@ -55,11 +63,22 @@ def celeba_tiny(tmp_path_factory) -> Path:
 def tiny_config(data: Path, out: Path, loss: str, params: dict | None = None, **extra):
     """Small real backbone (MobileFaceNet, width 0.25, 56 px input), one thread, no workers."""
     overrides = [
-        f"data.root={data}", "data.workers=0", "data.size=56", "data.flip=false",
-        "backbone.name=mobilefacenet", "backbone.embedding_dim=32", "backbone.params={width: 0.25}",
-        f"loss.name={loss}", f"loss.params={json.dumps(params or {})}",
-        "batch_size=16", "threads=1", "progress=false", f"output={out}",
-        "optim.lr=0.05", "optim.schedule=constant", "optim.weight_decay=0",
+        f"data.root={data}",
+        "data.workers=0",
+        "data.size=56",
+        "data.flip=false",
+        "backbone.name=mobilefacenet",
+        "backbone.embedding_dim=32",
+        "backbone.params={width: 0.25}",
+        f"loss.name={loss}",
+        f"loss.params={json.dumps(params or {})}",
+        "batch_size=16",
+        "threads=1",
+        "progress=false",
+        f"output={out}",
+        "optim.lr=0.05",
+        "optim.schedule=constant",
+        "optim.weight_decay=0",
     ]
     overrides += [f"{k}={json.dumps(v)}" for k, v in extra.items()]
     return load_config(None, overrides)
@@ -97,14 +116,22 @@ LOSSES = [
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("loss,params,extra", LOSSES,
-                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(LOSSES)])
+@pytest.mark.parametrize(
+    "loss,params,extra", LOSSES, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(LOSSES)]
+)
 def test_each_loss_falls_on_real_faces(celeba_tiny, tmp_path, loss, params, extra):
     from training.train import train
 
     # one identity-balanced batch repeated: the loss must go down as the net fits it
-    cfg = tiny_config(celeba_tiny, tmp_path / "run", loss, params, epochs=12, **extra,
-                      **{"data.max_identities": 4, "data.min_images": 4})
+    cfg = tiny_config(
+        celeba_tiny,
+        tmp_path / "run",
+        loss,
+        params,
+        epochs=12,
+        **extra,
+        **{"data.max_identities": 4, "data.min_images": 4},
+    )
     cfg.batch_size = 16
     summary = train(cfg)
     losses = [h["loss"] for h in summary["history"]]
@@ -117,17 +144,23 @@ def test_resume_reproduces_an_uninterrupted_run(celeba_tiny, tmp_path):
     from training.train import train
 
     extra = {"data.max_identities": 4, "data.flip": True, "loss.sample_rate": 0.5}
-    straight = train(tiny_config(celeba_tiny, tmp_path / "a", "cosface", {"s": 16.0}, epochs=3,
-                                 **extra))
-    first = train(tiny_config(celeba_tiny, tmp_path / "b", "cosface", {"s": 16.0}, epochs=2,
-                              **extra))
+    straight = train(
+        tiny_config(celeba_tiny, tmp_path / "a", "cosface", {"s": 16.0}, epochs=3, **extra)
+    )
+    first = train(
+        tiny_config(celeba_tiny, tmp_path / "b", "cosface", {"s": 16.0}, epochs=2, **extra)
+    )
     assert (tmp_path / "b" / "last.pt").is_file()
-    resumed = train(tiny_config(celeba_tiny, tmp_path / "b", "cosface", {"s": 16.0}, epochs=3,
-                                resume="auto", **extra))
+    resumed = train(
+        tiny_config(
+            celeba_tiny, tmp_path / "b", "cosface", {"s": 16.0}, epochs=3, resume="auto", **extra
+        )
+    )
     assert resumed["history"][:2] == first["history"]
     assert resumed["steps"] == straight["steps"]
-    assert resumed["history"][-1]["loss"] == pytest.approx(straight["history"][-1]["loss"],
-                                                           rel=1e-4)
+    assert resumed["history"][-1]["loss"] == pytest.approx(
+        straight["history"][-1]["loss"], rel=1e-4
+    )
     state = torch.load(tmp_path / "b" / "last.pt", map_location="cpu", weights_only=False)
     assert state["centres"].shape == (4, 32) and state["epoch"] == 3
 
@@ -136,8 +169,14 @@ def test_recordio_reader_round_trips_insightface_format(celeba_tiny, tmp_path):
     folder = FaceImageFolder(celeba_tiny)
     items = []
     for path, label in folder.samples[:7]:
-        items.append((path.read_bytes() if path.suffix == ".jpg" else
-                      cv2.imencode(".jpg", cv2.imread(str(path)))[1].tobytes(), label))
+        items.append(
+            (
+                path.read_bytes()
+                if path.suffix == ".jpg"
+                else cv2.imencode(".jpg", cv2.imread(str(path)))[1].tobytes(),
+                label,
+            )
+        )
     write_recordio(tmp_path / "rec", items)
     rec = RecordIODataset(tmp_path / "rec")
     assert len(rec) == 7
@@ -158,7 +197,7 @@ def test_pk_sampler_builds_identity_balanced_batches():
     order = list(sampler)
     assert len(order) == len(sampler)
     for start in range(0, len(order), 12):
-        batch = [labels[i] for i in order[start:start + 12]]
+        batch = [labels[i] for i in order[start : start + 12]]
         counts = {lab: batch.count(lab) for lab in set(batch)}
         assert len(counts) == 4 and set(counts.values()) == {3}
     sampler.set_epoch(1)

@@ -40,8 +40,9 @@ def test_shipped_model_loads_and_embeds_a_real_face(name):
 
     settings = Settings(providers=["CPUExecutionProvider"], batching=False)
     det_card, det_path = registry.resolve("yunet_2023mar", task="detection")
-    pipeline = Pipeline(build_detector(det_card, det_path, settings),
-                        OnnxEmbedder(card, path, settings), settings)
+    pipeline = Pipeline(
+        build_detector(det_card, det_path, settings), OnnxEmbedder(card, path, settings), settings
+    )
     a = pipeline.analyze((LFW / "images/Abel_Pacheco/Abel_Pacheco_0001.jpg").read_bytes())
     b = pipeline.analyze((LFW / "images/Abel_Pacheco/Abel_Pacheco_0001.jpg").read_bytes())
     assert a.detections and a.embeddings[0].shape == (128,)
@@ -77,8 +78,9 @@ def test_finetuned_model_keeps_the_defaults_contract_and_verifies(name, default_
 
     settings = Settings(providers=["CPUExecutionProvider"], batching=False)
     det_card, det_path = registry.resolve("mtcnn", task="detection")
-    pipeline = Pipeline(build_detector(det_card, det_path, settings),
-                        OnnxEmbedder(card, path, settings), settings)
+    pipeline = Pipeline(
+        build_detector(det_card, det_path, settings), OnnxEmbedder(card, path, settings), settings
+    )
 
     def embedding(person: str, number: int) -> np.ndarray:
         photo = LFW / "images" / person / f"{person}_{number:04d}.jpg"

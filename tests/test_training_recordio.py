@@ -68,8 +68,9 @@ def test_two_forked_workers_read_exactly_what_one_process_reads(recordio):
     # the dataset has already opened its file in this process: the workers must not share it
     shared = RecordIODataset(root)
     assert shared.labels and shared[0][1] == items[0][1]
-    loader = torch.utils.data.DataLoader(shared, batch_size=1, num_workers=2,
-                                         multiprocessing_context="fork")
+    loader = torch.utils.data.DataLoader(
+        shared, batch_size=1, num_workers=2, multiprocessing_context="fork"
+    )
     for _ in range(3):
         got = [(images[0], int(labels[0])) for images, labels in loader]
         assert len(got) == len(expected)

@@ -30,21 +30,44 @@ def _free_port() -> int:
 
 def _overrides(data, out, **extra) -> list[str]:
     values = {
-        "data.root": str(data), "data.workers": 0, "data.size": 56, "data.flip": True,
-        "backbone.name": "mobilefacenet", "backbone.embedding_dim": 32,
-        "backbone.params": {"width": 0.25}, "loss.name": "arcface",
-        "loss.params": {"s": 16.0, "m": 0.3}, "batch_size": BATCH, "threads": 1,
-        "progress": False, "output": str(out), "optim.lr": 0.05, "optim.weight_decay": 0,
-        "optim.grad_clip": 1.0, "epochs": 2, "device": "cpu", **extra,
+        "data.root": str(data),
+        "data.workers": 0,
+        "data.size": 56,
+        "data.flip": True,
+        "backbone.name": "mobilefacenet",
+        "backbone.embedding_dim": 32,
+        "backbone.params": {"width": 0.25},
+        "loss.name": "arcface",
+        "loss.params": {"s": 16.0, "m": 0.3},
+        "batch_size": BATCH,
+        "threads": 1,
+        "progress": False,
+        "output": str(out),
+        "optim.lr": 0.05,
+        "optim.weight_decay": 0,
+        "optim.grad_clip": 1.0,
+        "epochs": 2,
+        "device": "cpu",
+        **extra,
     }
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
 
 
 def _run(args: list[str]) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=240, check=False)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -60,9 +83,20 @@ def test_torchrun_two_processes_then_resume_mid_epoch_in_one(celeba_tiny, tmp_pa
     from training.train import Objective, World, build_optimizer, load_checkpoint
 
     out = tmp_path / "run"
-    two = _run(["-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-                "-m", "training.cli", "train", *_overrides(celeba_tiny, out, max_steps=2)])
+    two = _run(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}",
+            "-m",
+            "training.cli",
+            "train",
+            *_overrides(celeba_tiny, out, max_steps=2),
+        ]
+    )
     assert two["world_size"] == 2 and two["steps"] == 2 and two["identities"] == 6
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     # stopped after 2 of the epoch's 3 steps: the epoch is not counted as done
@@ -92,8 +126,9 @@ def test_torchrun_two_processes_then_resume_mid_epoch_in_one(celeba_tiny, tmp_pa
 
     # resume in one process: the rest of epoch 1 (28 images: 7 steps of 4; 16 images seen ->
     # 3 left), then 2 steps of epoch 2
-    one = _run(["-m", "training.cli", "train",
-                *_overrides(celeba_tiny, out, max_steps=7, resume="auto")])
+    one = _run(
+        ["-m", "training.cli", "train", *_overrides(celeba_tiny, out, max_steps=7, resume="auto")]
+    )
     assert one["world_size"] == 1 and one["steps"] == 7
     history = json.loads((out / "summary.json").read_text())["history"]
     assert [(h["epoch"], h["step"]) for h in history] == [(1, 2), (1, 5), (2, 7)]

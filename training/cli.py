@@ -1,11 +1,11 @@
 """``facegate-train``: prepare → train → evaluate → export.
 
-    facegate-train prepare SRC DST [--detector yunet_2023mar] [--models-dir DIR]
-    facegate-train train --config cfg.yaml [key=value ...]      (also under torchrun)
-    facegate-train evaluate CHECKPOINT_OR_ONNX --pairs pairs.txt --aligned DIR [--raw DIR] --out DIR
-    facegate-train export CHECKPOINT models/NAME.onnx --pairs ... --aligned ... [--raw ...]
-    facegate-train export CHECKPOINT models/NAME.onnx --parity-dir ALIGNED   (uncalibrated card)
-    facegate-train losses                                        (the loss catalogue)
+facegate-train prepare SRC DST [--detector yunet_2023mar] [--models-dir DIR]
+facegate-train train --config cfg.yaml [key=value ...]      (also under torchrun)
+facegate-train evaluate CHECKPOINT_OR_ONNX --pairs pairs.txt --aligned DIR [--raw DIR] --out DIR
+facegate-train export CHECKPOINT models/NAME.onnx --pairs ... --aligned ... [--raw ...]
+facegate-train export CHECKPOINT models/NAME.onnx --parity-dir ALIGNED   (uncalibrated card)
+facegate-train losses                                        (the loss catalogue)
 """
 
 from __future__ import annotations
@@ -30,9 +30,17 @@ def _cmd_prepare(args) -> int:
     from training.prepare import prepare
 
     dirs = [Path(d) for d in args.models_dir] or _shared_models()
-    report = prepare(args.src, args.dst, detector=args.detector, model_dirs=dirs, size=args.size,
-                     workers=args.workers, limit_per_identity=args.limit_per_identity,
-                     progress=not args.quiet, recognizer=args.recognizer)
+    report = prepare(
+        args.src,
+        args.dst,
+        detector=args.detector,
+        model_dirs=dirs,
+        size=args.size,
+        workers=args.workers,
+        limit_per_identity=args.limit_per_identity,
+        progress=not args.quiet,
+        recognizer=args.recognizer,
+    )
     summary = {k: (len(v) if isinstance(v, list) else v) for k, v in report.as_dict().items()}
     print(json.dumps(summary))
     return 0 if report.aligned else 1
@@ -73,8 +81,9 @@ def _embedder(model_path: str):
 
     model, state = load_backbone(model_path)
     contract = input_contract(state["config"]["backbone"]["name"])
-    return ev.torch_embedder(model, input_size=input_size_of(state), mean=contract.mean,
-                             std=contract.std)
+    return ev.torch_embedder(
+        model, input_size=input_size_of(state), mean=contract.mean, std=contract.std
+    )
 
 
 def _cmd_evaluate(args) -> int:
@@ -82,8 +91,15 @@ def _cmd_evaluate(args) -> int:
 
     report = ev.evaluate_model(_embedder(args.model), _pair_set(args))
     paths = ev.save_report(report, args.out, args.stem)
-    print(json.dumps({"accuracy": report["accuracy"], "std": report["std"],
-                      **{k: str(v) for k, v in paths.items()}}))
+    print(
+        json.dumps(
+            {
+                "accuracy": report["accuracy"],
+                "std": report["std"],
+                **{k: str(v) for k, v in paths.items()},
+            }
+        )
+    )
     return 0
 
 
@@ -109,9 +125,15 @@ def _cmd_export(args) -> int:
         crops = np.empty((0, 0, 0, 3), dtype=np.uint8)  # none: the parity check says so
         if files:
             crops = np.stack([_read_bgr(f) for f in files])
-        result = export(args.checkpoint, args.onnx, crops, name=args.name,
-                        description=args.description, licence=args.licence,
-                        training_extra=json.loads(args.training_note or "{}"))
+        result = export(
+            args.checkpoint,
+            args.onnx,
+            crops,
+            name=args.name,
+            description=args.description,
+            licence=args.licence,
+            training_extra=json.loads(args.training_note or "{}"),
+        )
         print(json.dumps(result))
         return 0
     pair_set = _pair_set(args)
@@ -120,10 +142,17 @@ def _cmd_export(args) -> int:
     if args.reports:
         ev.save_report(report, args.reports, Path(args.onnx).stem)
     evaluation = {"lfw": {k: v for k, v in report.items() if not k.startswith("_")}}
-    result = export(args.checkpoint, args.onnx, pair_set.images[: args.parity_faces],
-                    name=args.name, evaluation=evaluation,
-                    thresholds=ev.card_thresholds(report), description=args.description,
-                    licence=args.licence, training_extra=json.loads(args.training_note or "{}"))
+    result = export(
+        args.checkpoint,
+        args.onnx,
+        pair_set.images[: args.parity_faces],
+        name=args.name,
+        evaluation=evaluation,
+        thresholds=ev.card_thresholds(report),
+        description=args.description,
+        licence=args.licence,
+        training_extra=json.loads(args.training_note or "{}"),
+    )
     print(json.dumps({**result, "accuracy": report["accuracy"], "std": report["std"]}))
     return 0
 
@@ -148,21 +177,36 @@ def _add_pairs(parser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facegate-train", description=summary(__doc__))
-    parser.add_argument("--threads", type=int, default=None,
-                        help="PyTorch CPU threads (1 is fastest on a busy shared CPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="PyTorch CPU threads (1 is fastest on a busy shared CPU)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="align raw photos into an ImageFolder of 112x112 crops")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
     p.add_argument("--detector", default="yunet_2023mar", help="manifest name or .onnx path")
-    p.add_argument("--models-dir", action="append", default=[],
-                   help="where detector files live (default: ../shared/models)")
-    p.add_argument("--size", type=int, default=112,
-                   help="crop side for the ArcFace template (ignored with --recognizer)")
-    p.add_argument("--recognizer", default=None,
-                   help="align with this recognizer card's crop contract (template and size), "
-                        "e.g. dlib_resnet_v1 for fine-tuning it")
+    p.add_argument(
+        "--models-dir",
+        action="append",
+        default=[],
+        help="where detector files live (default: ../shared/models)",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=112,
+        help="crop side for the ArcFace template (ignored with --recognizer)",
+    )
+    p.add_argument(
+        "--recognizer",
+        default=None,
+        help="align with this recognizer card's crop contract (template and size), "
+        "e.g. dlib_resnet_v1 for fine-tuning it",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--limit-per-identity", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
@@ -189,12 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--licence", default="")
     p.add_argument("--training-note", default=None, help="JSON merged into the card's training")
     p.add_argument("--parity-faces", type=int, default=32)
-    p.add_argument("--parity-dir", default=None,
-                   help="without --pairs/--bin: aligned crops (DIR/<id>/*.png) for the parity "
-                        "check; the card then has no evaluation or thresholds (calibrate it "
-                        "afterwards, e.g. bench/finetune_experiment.py calibrate)")
-    p.add_argument("--reports", type=Path, default=None,
-                   help="also write the evaluation JSON and ROC plot here")
+    p.add_argument(
+        "--parity-dir",
+        default=None,
+        help="without --pairs/--bin: aligned crops (DIR/<id>/*.png) for the parity "
+        "check; the card then has no evaluation or thresholds (calibrate it "
+        "afterwards, e.g. bench/finetune_experiment.py calibrate)",
+    )
+    p.add_argument(
+        "--reports",
+        type=Path,
+        default=None,
+        help="also write the evaluation JSON and ROC plot here",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("losses", help="list the available losses")

@@ -136,9 +136,12 @@ def _build(cls, data: dict):
 
 
 _NESTED = {
-    (TrainConfig, "data"): DataConfig, (TrainConfig, "backbone"): BackboneConfig,
-    (TrainConfig, "loss"): LossConfig, (TrainConfig, "optim"): OptimConfig,
-    (TrainConfig, "eval"): EvalConfig, (LossConfig, "aux"): AuxLossConfig,
+    (TrainConfig, "data"): DataConfig,
+    (TrainConfig, "backbone"): BackboneConfig,
+    (TrainConfig, "loss"): LossConfig,
+    (TrainConfig, "optim"): OptimConfig,
+    (TrainConfig, "eval"): EvalConfig,
+    (LossConfig, "aux"): AuxLossConfig,
 }
 
 
@@ -146,9 +149,7 @@ def from_dict(data: dict) -> TrainConfig:
     return _build(TrainConfig, data)
 
 
-def load_config(
-    path: Path | str | None, overrides: Sequence[str] = ()
-) -> TrainConfig:
+def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """A config from a YAML/JSON file (or defaults when ``path`` is None) plus overrides."""
     data: dict = {}
     if path is not None:

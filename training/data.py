@@ -78,9 +78,14 @@ class FaceImageFolder(Dataset):
     ``size`` resizes crops for a backbone whose input is smaller than the crop.
     """
 
-    def __init__(self, root: Path | str, augment: Augment | None = None,
-                 identities: Sequence[str] | None = None, min_images: int = 1,
-                 size: int | None = None):
+    def __init__(
+        self,
+        root: Path | str,
+        augment: Augment | None = None,
+        identities: Sequence[str] | None = None,
+        min_images: int = 1,
+        size: int | None = None,
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset directory not found: {self.root}")
@@ -93,8 +98,9 @@ class FaceImageFolder(Dataset):
         self.samples: list[tuple[Path, int]] = []
         self.classes: list[str] = []
         for name in names:
-            files = sorted(f for f in (self.root / name).iterdir()
-                           if f.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(
+                f for f in (self.root / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
+            )
             if len(files) < min_images:
                 continue
             label = len(self.classes)
@@ -176,8 +182,10 @@ class RecordIODataset(Dataset):
             self.keys = sorted(k for k in self.offsets)
         missing = [k for k in self.keys if k not in self.offsets]
         if missing:
-            raise ValueError(f"{self.rec_path}: {len(missing)} records missing from train.idx "
-                             f"(first: key {missing[0]})")
+            raise ValueError(
+                f"{self.rec_path}: {len(missing)} records missing from train.idx "
+                f"(first: key {missing[0]})"
+            )
         self.augment = augment
         # the backbone's contract (set by the training loop): scalars or RGB triples
         self.mean: float | tuple[float, float, float] = MEAN
@@ -211,9 +219,11 @@ class RecordIODataset(Dataset):
                 raise ValueError(f"{self.rec_path}: bad record magic at key {key}")
             cflag, length = lrecord >> 29, lrecord & self.LENGTH_MASK
             if cflag not in ((0, 1) if not chunks else (2, 3)):
-                raise ValueError(f"{self.rec_path}: record {key} has a part with continuation "
-                                 f"flag {cflag} out of sequence (train.idx must point at the "
-                                 "first part of each record)")
+                raise ValueError(
+                    f"{self.rec_path}: record {key} has a part with continuation "
+                    f"flag {cflag} out of sequence (train.idx must point at the "
+                    "first part of each record)"
+                )
             take = length if need is None else min(length, need - size)
             data = fh.read(take)
             if len(data) < take:
@@ -236,7 +246,7 @@ class RecordIODataset(Dataset):
         end = self.HEADER.size + 4 * flag
         if len(payload) < end:
             raise ValueError(f"{self.rec_path}: record {key} is shorter than its {flag} labels")
-        return flag, list(np.frombuffer(payload[self.HEADER.size:end], np.float32)), end
+        return flag, list(np.frombuffer(payload[self.HEADER.size : end], np.float32)), end
 
     def _read_labels(self, key: int) -> tuple[int, list[float]]:
         """A record's header only, not its image."""
@@ -280,13 +290,19 @@ def _write_record(rec, payload: bytes) -> None:
     magic = RecordIODataset.MAGIC_BYTES
     start = 0
     for i in range(0, len(payload) - 3, 4):
-        if payload[i:i + 4] == magic:
-            rec.write(struct.pack("<II", RecordIODataset.MAGIC, ((1 if start == 0 else 2) << 29)
-                                  | (i - start)))
+        if payload[i : i + 4] == magic:
+            rec.write(
+                struct.pack(
+                    "<II", RecordIODataset.MAGIC, ((1 if start == 0 else 2) << 29) | (i - start)
+                )
+            )
             rec.write(payload[start:i])
             start = i + 4
-    rec.write(struct.pack("<II", RecordIODataset.MAGIC,
-                          ((3 if start else 0) << 29) | (len(payload) - start)))
+    rec.write(
+        struct.pack(
+            "<II", RecordIODataset.MAGIC, ((3 if start else 0) << 29) | (len(payload) - start)
+        )
+    )
     rec.write(payload[start:] + b"\0" * (-len(payload) % 4))
 
 
@@ -314,8 +330,15 @@ class PKSampler(Sampler[int]):
     fewer than K images are sampled with replacement.  Deterministic per epoch.
     """
 
-    def __init__(self, labels: Sequence[int], p: int, k: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        labels: Sequence[int],
+        p: int,
+        k: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if k < 2:
             raise ValueError("K must be at least 2 images per identity")
         self.by_label: dict[int, list[int]] = defaultdict(list)
@@ -348,7 +371,7 @@ class PKSampler(Sampler[int]):
                     picks = rng.choices(pool, k=self.k)
                 batch.extend(picks)
             out.append(batch)
-        for batch in out[self.rank::self.world_size]:
+        for batch in out[self.rank :: self.world_size]:
             yield from batch
 
 

@@ -83,8 +83,13 @@ def _fallback_crop(raw_root: Path, key: str, size: int = 112) -> np.ndarray:
     return align_faces(image, [landmarks], template, (size, size))[0]
 
 
-def load_pairs(pairs_path: Path | str, aligned_root: Path | str, raw_root: Path | str | None = None,
-               folds: int | None = None, max_pairs_per_fold: int | None = None) -> PairSet:
+def load_pairs(
+    pairs_path: Path | str,
+    aligned_root: Path | str,
+    raw_root: Path | str | None = None,
+    folds: int | None = None,
+    max_pairs_per_fold: int | None = None,
+) -> PairSet:
     """A :class:`PairSet` from ``pairs.txt`` and aligned crops (optionally the first
     ``folds`` folds)."""
     pairs = parse_pairs(pairs_path)
@@ -112,18 +117,25 @@ def load_pairs(pairs_path: Path | str, aligned_root: Path | str, raw_root: Path 
         crops.append(crop)
     return PairSet(
         images=np.stack(crops),
-        first=np.array([index[p.a] for p in pairs]), second=np.array([index[p.b] for p in pairs]),
-        same=np.array([p.same for p in pairs]), folds=np.array([p.fold for p in pairs]),
-        identities=[k.split("/")[0] for k in keys], name=Path(pairs_path).parent.name or "pairs",
+        first=np.array([index[p.a] for p in pairs]),
+        second=np.array([index[p.b] for p in pairs]),
+        same=np.array([p.same for p in pairs]),
+        folds=np.array([p.fold for p in pairs]),
+        identities=[k.split("/")[0] for k in keys],
+        name=Path(pairs_path).parent.name or "pairs",
     )
 
 
 class _BinUnpickler(pickle.Unpickler):
     """Only what an InsightFace ``.bin`` holds: lists, tuples, bytes, bools, numpy arrays."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "bytearray")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("builtins", "bytearray"),
+    }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -146,9 +158,14 @@ def load_bin(path: Path | str, size: int = 112) -> PairSet:
     n = len(issame)
     if len(images) != 2 * n:
         raise ValueError(f"{path}: {len(images)} images for {n} pairs")
-    return PairSet(images=np.stack(images), first=np.arange(0, 2 * n, 2),
-                   second=np.arange(1, 2 * n, 2), same=np.asarray(issame, bool),
-                   folds=np.arange(n) * 10 // n, name=Path(path).stem)
+    return PairSet(
+        images=np.stack(images),
+        first=np.arange(0, 2 * n, 2),
+        second=np.arange(1, 2 * n, 2),
+        same=np.asarray(issame, bool),
+        folds=np.arange(n) * 10 // n,
+        name=Path(path).stem,
+    )
 
 
 def write_bin(path: Path | str, pair_set: PairSet) -> None:
@@ -167,7 +184,7 @@ def flip_embeddings(embed: EmbedFn, images: np.ndarray, batch: int = 128) -> np.
     rule."""
     out = []
     for start in range(0, len(images), batch):
-        chunk = images[start:start + batch]
+        chunk = images[start : start + batch]
         vec = embed(chunk) + embed(np.ascontiguousarray(chunk[:, :, ::-1]))
         out.append(vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12))
     return np.concatenate(out).astype(np.float32)
@@ -184,10 +201,13 @@ def tar_at_far(scores: np.ndarray, same: np.ndarray, fars: Sequence[float] = FAR
     out = {}
     for far in fars:
         point = operating_point(impostors, scores[same], far)
-        out[f"{far:.0e}"] = {"tar": round(point["tmr"], 6), "far": round(point["fmr"], 6),
-                             "threshold": point["threshold"],
-                             # fewer than 1/FAR impostor pairs cannot measure that FAR
-                             "resolvable": bool(far * len(impostors) >= 1)}
+        out[f"{far:.0e}"] = {
+            "tar": round(point["tmr"], 6),
+            "far": round(point["fmr"], 6),
+            "threshold": point["threshold"],
+            # fewer than 1/FAR impostor pairs cannot measure that FAR
+            "resolvable": bool(far * len(impostors) >= 1),
+        }
     return out
 
 
@@ -226,11 +246,14 @@ def verification_report(embeddings: np.ndarray, pair_set: PairSet, calibrate: bo
         else:
             impostors = scores[~pair_set.same]
             source = "impostor pairs of the pair list"
-        report["calibration"] = {"impostor_source": source,
-                                 **fmr_thresholds(impostors, scores[pair_set.same])}
+        report["calibration"] = {
+            "impostor_source": source,
+            **fmr_thresholds(impostors, scores[pair_set.same]),
+        }
         # unrounded, for the card: a rounded-down threshold would admit extra impostors
-        report["thresholds"] = {name: float(fmr_threshold(impostors, fmr))
-                                for name, fmr in FMR_POINTS.items()}
+        report["thresholds"] = {
+            name: float(fmr_threshold(impostors, fmr)) for name, fmr in FMR_POINTS.items()
+        }
     report["_roc"] = (fpr, tpr)
     return report
 
@@ -250,8 +273,7 @@ def save_report(report: dict, out_dir: Path | str, stem: str = "verification") -
     paths["json"].write_text(json.dumps(clean, indent=2))
     if fpr is not None:
         paths["roc"] = out_dir / f"{stem}_roc.png"
-        title = (f"{clean['dataset']}: "
-                 f"{100 * clean['accuracy']:.2f}% ± {100 * clean['std']:.2f}")
+        title = f"{clean['dataset']}: {100 * clean['accuracy']:.2f}% ± {100 * clean['std']:.2f}"
         paths["roc"].write_bytes(roc_png(fpr, tpr, title))
     return paths
 
@@ -280,8 +302,9 @@ def roc_png(fpr: np.ndarray, tpr: np.ndarray, title: str) -> bytes:
     return buf.getvalue()
 
 
-def torch_embedder(model, device: str = "cpu", batch: int = 64, input_size: int | None = None,
-                   mean=None, std=None) -> EmbedFn:
+def torch_embedder(
+    model, device: str = "cpu", batch: int = 64, input_size: int | None = None, mean=None, std=None
+) -> EmbedFn:
     """An :data:`EmbedFn` over a PyTorch backbone (eval mode, the training normalisation and resize;
     ``mean``/``std``: the backbone's contract, default the package's own)."""
     import torch
@@ -296,7 +319,7 @@ def torch_embedder(model, device: str = "cpu", batch: int = 64, input_size: int 
         out = []
         with torch.inference_mode():
             for start in range(0, len(crops), batch):
-                chunk = np.stack([resize(c, input_size) for c in crops[start:start + batch]])
+                chunk = np.stack([resize(c, input_size) for c in crops[start : start + batch]])
                 rgb = np.ascontiguousarray(chunk[..., ::-1], dtype=np.float32)
                 x = torch.from_numpy((rgb - mean) / std).permute(0, 3, 1, 2).to(device)
                 out.append(model(x).float().cpu().numpy())
@@ -314,8 +337,9 @@ def onnx_embedder(card, path, settings=None) -> EmbedFn:
     from service.config import Settings
     from service.pipeline.embed import OnnxEmbedder
 
-    embedder = OnnxEmbedder(card, path, settings or Settings(providers=["CPUExecutionProvider"]),
-                            flip=False)
+    embedder = OnnxEmbedder(
+        card, path, settings or Settings(providers=["CPUExecutionProvider"]), flip=False
+    )
     return lambda crops: embedder.embed(crops, flip=False)
 
 

@@ -54,21 +54,37 @@ def load_backbone(checkpoint: Path | str) -> tuple[torch.nn.Module, dict]:
 def to_onnx(model: torch.nn.Module, path: Path, input_size: int = 112, opset: int = 17) -> None:
     """Export with a dynamic batch axis (TorchScript exporter: no extra dependencies)."""
     # Module.to takes memory_format at run time; torch's stubs omit it from the overloads
-    model = model.eval().float().to(  # type: ignore[call-overload]
-        memory_format=torch.contiguous_format
+    model = (
+        model.eval()
+        .float()
+        .to(  # type: ignore[call-overload]
+            memory_format=torch.contiguous_format
+        )
     )
     dummy = torch.zeros(2, 3, input_size, input_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (dummy,), str(path), input_names=["input"],
-                          output_names=["embedding"], opset_version=opset,
-                          dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
-                          dynamo=False)
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=["input"],
+            output_names=["embedding"],
+            opset_version=opset,
+            dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
+            dynamo=False,
+        )
 
 
-def parity_check(model: torch.nn.Module, onnx_path: Path, crops: np.ndarray,
-                 max_abs_tol: float = 1e-3, min_cosine: float = 0.99999,
-                 mean=127.5, std=128.0) -> dict:
+def parity_check(
+    model: torch.nn.Module,
+    onnx_path: Path,
+    crops: np.ndarray,
+    max_abs_tol: float = 1e-3,
+    min_cosine: float = 0.99999,
+    mean=127.5,
+    std=128.0,
+) -> dict:
     """ONNX Runtime vs PyTorch on ``crops`` ((N, H, W, 3) uint8 BGR aligned faces), normalised
     ``(rgb - mean) / std`` (the model's input contract)."""
     import onnxruntime as ort
@@ -88,20 +104,36 @@ def parity_check(model: torch.nn.Module, onnx_path: Path, crops: np.ndarray,
     scale = float(np.max(np.abs(reference)))
     norms = np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1)
     cos = np.sum(got * reference, 1) / norms
-    result = {"faces": len(crops), "max_abs_diff": max_abs, "max_abs_output": scale,
-              "min_cosine": float(np.min(cos)), "max_abs_tolerance": max_abs_tol,
-              "min_cosine_tolerance": min_cosine, "batch": len(crops)}
+    result = {
+        "faces": len(crops),
+        "max_abs_diff": max_abs,
+        "max_abs_output": scale,
+        "min_cosine": float(np.min(cos)),
+        "max_abs_tolerance": max_abs_tol,
+        "min_cosine_tolerance": min_cosine,
+        "batch": len(crops),
+    }
     if not (max_abs <= max_abs_tol * max(1.0, scale) and result["min_cosine"] >= min_cosine):
-        raise ExportError(f"ONNX parity failed: max |onnx - torch| = {max_abs:.3g} "
-                          f"(tolerance {max_abs_tol * max(1.0, scale):.3g}), min cosine "
-                          f"{result['min_cosine']:.7f} (tolerance {min_cosine})")
+        raise ExportError(
+            f"ONNX parity failed: max |onnx - torch| = {max_abs:.3g} "
+            f"(tolerance {max_abs_tol * max(1.0, scale):.3g}), min cosine "
+            f"{result['min_cosine']:.7f} (tolerance {min_cosine})"
+        )
     return result
 
 
-def build_card(name: str, onnx_path: Path, state: dict, evaluation: dict | None = None,
-               thresholds: dict | None = None, description: str = "", licence: str = "",
-               commercial_use: bool = False, training_extra: dict | None = None,
-               input_size: int = 112) -> dict:
+def build_card(
+    name: str,
+    onnx_path: Path,
+    state: dict,
+    evaluation: dict | None = None,
+    thresholds: dict | None = None,
+    description: str = "",
+    licence: str = "",
+    commercial_use: bool = False,
+    training_extra: dict | None = None,
+    input_size: int = 112,
+) -> dict:
     """The card dict (validated against the service's ``ModelCard`` schema)."""
     from service.registry import ModelCard, sha256_file
 
@@ -112,34 +144,53 @@ def build_card(name: str, onnx_path: Path, state: dict, evaluation: dict | None 
         "backbone": cfg["backbone"],
         "loss": cfg["loss"],
         "optimizer": cfg["optim"],
-        "data": {"root": cfg["data"]["root"], "format": cfg["data"]["format"],
-                 "identities": len(state["classes"]) if state.get("classes") else None,
-                 "augmentation": {k: cfg["data"][k] for k in ("flip", "brightness", "contrast",
-                                                               "grayscale")}},
-        "epochs": state.get("epoch"), "steps": state.get("step"),
-        "batch_size": cfg["batch_size"], "world_size": state.get("world_size"),
-        "amp": cfg["amp"], "seed": cfg["seed"],
+        "data": {
+            "root": cfg["data"]["root"],
+            "format": cfg["data"]["format"],
+            "identities": len(state["classes"]) if state.get("classes") else None,
+            "augmentation": {
+                k: cfg["data"][k] for k in ("flip", "brightness", "contrast", "grayscale")
+            },
+        },
+        "epochs": state.get("epoch"),
+        "steps": state.get("step"),
+        "batch_size": cfg["batch_size"],
+        "world_size": state.get("world_size"),
+        "amp": cfg["amp"],
+        "seed": cfg["seed"],
         "init": cfg.get("init"),
         "final_epoch_loss": history[-1]["loss"] if history else None,
         **(training_extra or {}),
     }
     card = ModelCard(
-        name=name, task="recognition",
-        family="arcface" if contract.source == "arcface" else "dlib", file=onnx_path.name,
-        sha256=sha256_file(onnx_path), source="trained with facegate-train", licence=licence,
-        commercial_use=commercial_use, description=description,
+        name=name,
+        task="recognition",
+        family="arcface" if contract.source == "arcface" else "dlib",
+        file=onnx_path.name,
+        sha256=sha256_file(onnx_path),
+        source="trained with facegate-train",
+        licence=licence,
+        commercial_use=commercial_use,
+        description=description,
         **contract.card_fields(input_size),
         embedding_dim=int(cfg["backbone"]["embedding_dim"]),
         thresholds=thresholds or {},
         default_operating_point="fmr_1e-3" if thresholds and "fmr_1e-3" in thresholds else None,
-        evaluation=evaluation or {}, training=training,
+        evaluation=evaluation or {},
+        training=training,
     )
     return json.loads(card.model_dump_json())
 
 
-def export(checkpoint: Path | str, onnx_path: Path | str, parity_crops: np.ndarray,
-           name: str | None = None, evaluation: dict | None = None,
-           thresholds: dict | None = None, **card_fields) -> dict:
+def export(
+    checkpoint: Path | str,
+    onnx_path: Path | str,
+    parity_crops: np.ndarray,
+    name: str | None = None,
+    evaluation: dict | None = None,
+    thresholds: dict | None = None,
+    **card_fields,
+) -> dict:
     """Export, parity-check and write the card; returns ``{"onnx", "card", "parity"}``."""
     onnx_path = Path(onnx_path)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,8 +205,15 @@ def export(checkpoint: Path | str, onnx_path: Path | str, parity_crops: np.ndarr
         raise
     evaluation = dict(evaluation or {})
     evaluation["onnx_parity"] = parity
-    card = build_card(name or onnx_path.stem, onnx_path, state, evaluation, thresholds,
-                      input_size=input_size, **card_fields)
+    card = build_card(
+        name or onnx_path.stem,
+        onnx_path,
+        state,
+        evaluation,
+        thresholds,
+        input_size=input_size,
+        **card_fields,
+    )
     card_path = onnx_path.with_name(onnx_path.stem + ".card.json")
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     return {"onnx": str(onnx_path), "card": str(card_path), "parity": parity}

@@ -163,8 +163,13 @@ class ClassificationHead(nn.Module):
         """The target-class cosine replacement ψ (before scaling), for rows' true classes."""
         return cos
 
-    def forward(self, cos: torch.Tensor, labels: torch.Tensor, feat_norm: torch.Tensor,
-                weight_norm: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        cos: torch.Tensor,
+        labels: torch.Tensor,
+        feat_norm: torch.Tensor,
+        weight_norm: torch.Tensor,
+    ) -> torch.Tensor:
         with _autocast_off(cos.device.type):
             cos = cos.float().clamp(-1.0, 1.0)
             feat_norm, weight_norm = feat_norm.float(), weight_norm.float()
@@ -363,7 +368,8 @@ class CenterLoss(nn.Module):
     def _update(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         diff = torch.zeros_like(self.centers).index_add_(0, labels, self.centers[labels] - x)
         counts = torch.zeros(self.centers.shape[0], device=x.device).index_add_(
-            0, labels, torch.ones_like(labels, dtype=torch.float32))
+            0, labels, torch.ones_like(labels, dtype=torch.float32)
+        )
         if in_distributed_run():
             dist.all_reduce(diff)
             dist.all_reduce(counts)

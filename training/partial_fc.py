@@ -55,8 +55,15 @@ class MarginClassifier(nn.Module):
     divided by the world size so that it is exact too.
     """
 
-    def __init__(self, head: ClassificationHead, embedding_dim: int, num_classes: int,
-                 sample_rate: float = 1.0, rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        head: ClassificationHead,
+        embedding_dim: int,
+        num_classes: int,
+        sample_rate: float = 1.0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError("sample_rate must be in (0, 1]")
@@ -64,8 +71,9 @@ class MarginClassifier(nn.Module):
         self.embedding_dim, self.num_classes = embedding_dim, num_classes
         self.sample_rate = sample_rate
         self.rank = dist.get_rank() if rank is None and _distributed() else (rank or 0)
-        self.world_size = (dist.get_world_size() if world_size is None and _distributed()
-                           else (world_size or 1))
+        self.world_size = (
+            dist.get_world_size() if world_size is None and _distributed() else (world_size or 1)
+        )
         self.start, self.end = shard_range(num_classes, self.rank, self.world_size)
         self.weight = nn.Parameter(torch.empty(self.end - self.start, embedding_dim))
         nn.init.normal_(self.weight, std=0.01)
@@ -89,7 +97,7 @@ class MarginClassifier(nn.Module):
         """This rank's block of a (C, ...) tensor saved under any world size."""
         if full.shape[0] != self.num_classes:
             raise ValueError(f"{full.shape[0]} class rows, the classifier has {self.num_classes}")
-        return full[self.start:self.end]
+        return full[self.start : self.end]
 
     def full_weight(self) -> torch.Tensor:
         """All class centres (C, d), gathered from every rank (rank order = class order)."""
@@ -99,8 +107,10 @@ class MarginClassifier(nn.Module):
     def load_full_weight(self, full: torch.Tensor) -> None:
         """Take this rank's block of a (C, d) matrix saved under any world size."""
         if full.shape != (self.num_classes, self.embedding_dim):
-            raise ValueError(f"class-centre matrix {tuple(full.shape)} does not match "
-                             f"({self.num_classes}, {self.embedding_dim})")
+            raise ValueError(
+                f"class-centre matrix {tuple(full.shape)} does not match "
+                f"({self.num_classes}, {self.embedding_dim})"
+            )
         self.weight.copy_(self.local_rows(full).to(self.weight.device))
 
     # ------------------------------------------------------------------ forward
@@ -160,7 +170,8 @@ def distributed_cross_entropy(logits: torch.Tensor, local_labels: torch.Tensor) 
     sum_exp = all_reduce_grad(torch.exp(logits - row_max).sum(dim=1))
     here = local_labels >= 0
     target = torch.zeros(logits.shape[0], device=logits.device, dtype=logits.dtype)
-    target = target.index_put((torch.nonzero(here, as_tuple=True)[0],),
-                              logits[here, local_labels[here]])
+    target = target.index_put(
+        (torch.nonzero(here, as_tuple=True)[0],), logits[here, local_labels[here]]
+    )
     target = all_reduce_grad(target)
     return (torch.log(sum_exp) + row_max.squeeze(1) - target).mean()

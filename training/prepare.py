@@ -60,14 +60,20 @@ def build_service_detector(detector: str, model_dirs: list[Path], det_size: int 
     return build_detector(card, path, settings), settings
 
 
-def list_images(src: Path, limit_per_identity: int | None = None,
-                identities: list[str] | None = None,
-                keys: list[str] | None = None) -> list[tuple[str, Path]]:
+def list_images(
+    src: Path,
+    limit_per_identity: int | None = None,
+    identities: list[str] | None = None,
+    keys: list[str] | None = None,
+) -> list[tuple[str, Path]]:
     """(identity, path) for ``src/<identity>/<image>``, sorted (or exactly ``keys``, "id/file")."""
     if keys is not None:
         return [(key.split("/")[0], src / key) for key in sorted(set(keys))]
-    names = identities if identities is not None else sorted(
-        p.name for p in src.iterdir() if p.is_dir())
+    names = (
+        identities
+        if identities is not None
+        else sorted(p.name for p in src.iterdir() if p.is_dir())
+    )
     out: list[tuple[str, Path]] = []
     for name in names:
         files = sorted(f for f in (src / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
@@ -87,8 +93,9 @@ def crop_contract(recognizer: str | None, size: int = 112) -> tuple[np.ndarray, 
 
     registry = Registry(MANIFEST_PATH, [])
     if recognizer not in registry.names("recognition"):
-        raise ValueError(f"unknown recognizer {recognizer!r}; known: "
-                         f"{', '.join(registry.names('recognition'))}")
+        raise ValueError(
+            f"unknown recognizer {recognizer!r}; known: {', '.join(registry.names('recognition'))}"
+        )
     card = registry.cards[recognizer]
     if card.alignment is None:
         return ARCFACE_TEMPLATE.copy(), (112, 112)
@@ -96,10 +103,19 @@ def crop_contract(recognizer: str | None, size: int = 112) -> tuple[np.ndarray, 
     return np.asarray(card.alignment.template, dtype=np.float32), (int(width), int(height))
 
 
-def prepare(src: Path, dst: Path, detector: str = "yunet_2023mar", model_dirs: Sequence[Path] = (),
-            size: int = 112, workers: int = 1, limit_per_identity: int | None = None,
-            identities: list[str] | None = None, keys: list[str] | None = None,
-            progress: bool = True, recognizer: str | None = None) -> PrepareReport:
+def prepare(
+    src: Path,
+    dst: Path,
+    detector: str = "yunet_2023mar",
+    model_dirs: Sequence[Path] = (),
+    size: int = 112,
+    workers: int = 1,
+    limit_per_identity: int | None = None,
+    identities: list[str] | None = None,
+    keys: list[str] | None = None,
+    progress: bool = True,
+    recognizer: str | None = None,
+) -> PrepareReport:
     """Align every face photo of ``src`` into ``dst`` (PNG, lossless); see the module docstring."""
     from service.pipeline.errors import NoFace, PipelineError
     from service.pipeline.pipeline import Pipeline
@@ -147,8 +163,14 @@ def prepare(src: Path, dst: Path, detector: str = "yunet_2023mar", model_dirs: S
             seen.add(rel.split("/")[0])
     report.identities = len(seen)
     report.seconds = round(time.perf_counter() - start, 2)
-    write_dataset_info(dst, {"source": str(src), "size": list(crop_size),
-                             "recognizer": recognizer,
-                             "template": (np.asarray(template)).round(4).tolist(),
-                             **report.as_dict()})
+    write_dataset_info(
+        dst,
+        {
+            "source": str(src),
+            "size": list(crop_size),
+            "recognizer": recognizer,
+            "template": (np.asarray(template)).round(4).tolist(),
+            **report.as_dict(),
+        },
+    )
     return report

@@ -96,8 +96,12 @@ def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
 
 
 def build_dataset(cfg: TrainConfig):
-    augment = Augment(flip=cfg.data.flip, brightness=cfg.data.brightness,
-                      contrast=cfg.data.contrast, grayscale=cfg.data.grayscale)
+    augment = Augment(
+        flip=cfg.data.flip,
+        brightness=cfg.data.brightness,
+        contrast=cfg.data.contrast,
+        grayscale=cfg.data.grayscale,
+    )
     contract = input_contract(cfg.backbone.name)
     dataset: RecordIODataset | FaceImageFolder
     if cfg.data.format == "recordio":
@@ -111,8 +115,13 @@ def build_dataset(cfg: TrainConfig):
         if identities is None and cfg.data.max_identities:
             names = sorted(p.name for p in Path(cfg.data.root).iterdir() if p.is_dir())
             identities = names[: cfg.data.max_identities]
-        dataset = FaceImageFolder(cfg.data.root, augment, identities=identities,
-                                  min_images=cfg.data.min_images, size=cfg.data.size)
+        dataset = FaceImageFolder(
+            cfg.data.root,
+            augment,
+            identities=identities,
+            min_images=cfg.data.min_images,
+            size=cfg.data.size,
+        )
     dataset.mean, dataset.std = contract.mean, contract.std
     return dataset
 
@@ -135,20 +144,27 @@ def init_backbone(cfg: TrainConfig, backbone: nn.Module) -> None:
     if not ref.endswith(".pt") and not Path(ref).is_file():
         from training.backbones.dlib_resnet import DlibResNet, pretrained_network
 
-        if PRETRAINED_CONTRACTS.get(cfg.backbone.name) is None or not isinstance(backbone,
-                                                                                 DlibResNet):
-            raise ValueError(f"init {ref!r}: backbone {cfg.backbone.name!r} loads no pretrained "
-                             "model; give a checkpoint path, or use backbone dlib_resnet")
+        if PRETRAINED_CONTRACTS.get(cfg.backbone.name) is None or not isinstance(
+            backbone, DlibResNet
+        ):
+            raise ValueError(
+                f"init {ref!r}: backbone {cfg.backbone.name!r} loads no pretrained "
+                "model; give a checkpoint path, or use backbone dlib_resnet"
+            )
 
         backbone.load_dlib(pretrained_network(ref))
         return
     state = torch.load(ref, map_location="cpu", weights_only=False)
     theirs = state.get("config", {}).get("backbone", {})
-    if (theirs.get("name"), theirs.get("embedding_dim")) != (cfg.backbone.name,
-                                                             cfg.backbone.embedding_dim):
-        raise ValueError(f"init {ref}: a {theirs.get('name')} ({theirs.get('embedding_dim')}-d) "
-                         f"checkpoint cannot start a {cfg.backbone.name} "
-                         f"({cfg.backbone.embedding_dim}-d) run")
+    if (theirs.get("name"), theirs.get("embedding_dim")) != (
+        cfg.backbone.name,
+        cfg.backbone.embedding_dim,
+    ):
+        raise ValueError(
+            f"init {ref}: a {theirs.get('name')} ({theirs.get('embedding_dim')}-d) "
+            f"checkpoint cannot start a {cfg.backbone.name} "
+            f"({cfg.backbone.embedding_dim}-d) run"
+        )
     backbone.load_state_dict(state["backbone"])
 
 
@@ -165,8 +181,9 @@ def freeze_prefixes(backbone: nn.Module, prefixes: list[str]) -> int:
 
 
 @torch.no_grad()
-def mean_embedding_centres(backbone: nn.Module, dataset, num_classes: int, device,
-                           batch_size: int = 64) -> torch.Tensor:
+def mean_embedding_centres(
+    backbone: nn.Module, dataset, num_classes: int, device, batch_size: int = 64
+) -> torch.Tensor:
     """(C, d) class centres: each identity's mean L2-normalised embedding (no augmentation),
     normalised; the usual start of a classification head on a pretrained backbone."""
     augment, dataset.augment = dataset.augment, None
@@ -234,8 +251,13 @@ class Objective(nn.Module):
 
 def build_optimizer(cfg: TrainConfig, backbone: nn.Module, objective: Objective):
     o = cfg.optim
-    groups = [{"params": [p for p in backbone.parameters() if p.requires_grad], "name": "backbone",
-               "lr": o.lr * o.backbone_lr_mult}]
+    groups = [
+        {
+            "params": [p for p in backbone.parameters() if p.requires_grad],
+            "name": "backbone",
+            "lr": o.lr * o.backbone_lr_mult,
+        }
+    ]
     if objective.classifier is not None:
         groups.append({"params": [objective.classifier.weight], "name": "centres"})
     if o.name == "sgd":
@@ -346,8 +368,11 @@ class MetricLog:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -365,9 +390,20 @@ def _centre_param_ids(opt_state: dict) -> set[int]:
     return {i for g in opt_state["param_groups"] if g.get("name") == "centres" for i in g["params"]}
 
 
-def save_checkpoint(path: Path, cfg: TrainConfig, world: World, backbone: nn.Module,
-                    objective: Objective, optimizer, scaler, epoch: int, step: int,
-                    history: list, classes: list[str] | None, epoch_samples: int = 0) -> None:
+def save_checkpoint(
+    path: Path,
+    cfg: TrainConfig,
+    world: World,
+    backbone: nn.Module,
+    objective: Objective,
+    optimizer,
+    scaler,
+    epoch: int,
+    step: int,
+    history: list,
+    classes: list[str] | None,
+    epoch_samples: int = 0,
+) -> None:
     """Rank 0 writes; every rank must call (centres, their optimizer state and RNGs are gathered).
 
     ``epoch`` is the number of finished epochs, ``epoch_samples`` how many samples (all ranks
@@ -380,8 +416,9 @@ def save_checkpoint(path: Path, cfg: TrainConfig, world: World, backbone: nn.Mod
     centre_optim = None
     if clf is not None:  # the centres' momentum / Adam moments, gathered like the centres
         local = optimizer.state.get(clf.weight, {})
-        centre_optim = {k: clf.gather_rows(v) if _per_centre(v, clf) else v
-                        for k, v in sorted(local.items())}
+        centre_optim = {
+            k: clf.gather_rows(v) if _per_centre(v, clf) else v for k, v in sorted(local.items())
+        }
     rng = _rng_state()
     if world.world_size > 1:
         ranks: list[Any] = [None] * world.world_size
@@ -393,15 +430,18 @@ def save_checkpoint(path: Path, cfg: TrainConfig, world: World, backbone: nn.Mod
     module = _unwrapped(backbone)
     opt_state = optimizer.state_dict()
     centre_ids = _centre_param_ids(opt_state)
-    opt_state = {"state": {k: v for k, v in opt_state["state"].items() if k not in centre_ids},
-                 "param_groups": opt_state["param_groups"]}
+    opt_state = {
+        "state": {k: v for k, v in opt_state["state"].items() if k not in centre_ids},
+        "param_groups": opt_state["param_groups"],
+    }
     state = {
         "config": cfg.to_dict(),
         "backbone": module.state_dict(),
         "centres": full,
         "centre_optim": centre_optim,
-        "objective_buffers": {k: v for k, v in objective.state_dict().items()
-                              if not k.endswith("classifier.weight")},
+        "objective_buffers": {
+            k: v for k, v in objective.state_dict().items() if not k.endswith("classifier.weight")
+        },
         "optimizer": opt_state,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch,
@@ -421,8 +461,15 @@ def _per_centre(value, clf: MarginClassifier) -> bool:
     return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == clf.weight.shape[0]
 
 
-def load_checkpoint(path: Path, world: World, backbone: nn.Module, objective: Objective,
-                    optimizer, scaler, cfg: TrainConfig | None = None) -> dict:
+def load_checkpoint(
+    path: Path,
+    world: World,
+    backbone: nn.Module,
+    objective: Objective,
+    optimizer,
+    scaler,
+    cfg: TrainConfig | None = None,
+) -> dict:
     """Restore a checkpoint written under any number of processes into this rank.
 
     The centres and their optimizer state are resharded; each rank gets back its own RNG
@@ -441,15 +488,21 @@ def load_checkpoint(path: Path, world: World, backbone: nn.Module, objective: Ob
     if clf is not None and (centre_optim is not None or state["world_size"] != world.world_size):
         # the centres' state is stored gathered (or, in older files, as rank 0's shard only)
         centre_ids = _centre_param_ids(opt_state) or {len(optimizer.param_groups[0]["params"])}
-        opt_state = {"state": {k: v for k, v in opt_state["state"].items() if k not in centre_ids},
-                     "param_groups": opt_state["param_groups"]}
+        opt_state = {
+            "state": {k: v for k, v in opt_state["state"].items() if k not in centre_ids},
+            "param_groups": opt_state["param_groups"],
+        }
     optimizer.load_state_dict(opt_state)
     if clf is not None and centre_optim:
         weight = clf.weight
         optimizer.state[weight] = {
-            k: (clf.local_rows(v).to(weight.device, weight.dtype).clone()
-                if torch.is_tensor(v) and v.dim() > 0 else v)
-            for k, v in centre_optim.items()}
+            k: (
+                clf.local_rows(v).to(weight.device, weight.dtype).clone()
+                if torch.is_tensor(v) and v.dim() > 0
+                else v
+            )
+            for k, v in centre_optim.items()
+        }
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     rng = state.get("rng")
@@ -479,12 +532,18 @@ def evaluate_pairs(cfg: TrainConfig, backbone: nn.Module, device, cache: dict) -
         if cfg.eval.bin:
             cache["pairs"] = ev.load_bin(cfg.eval.bin)
         else:
-            cache["pairs"] = ev.load_pairs(cfg.eval.pairs, cfg.eval.aligned, cfg.eval.raw or None,
-                                           cfg.eval.folds, cfg.eval.max_pairs_per_fold)
+            cache["pairs"] = ev.load_pairs(
+                cfg.eval.pairs,
+                cfg.eval.aligned,
+                cfg.eval.raw or None,
+                cfg.eval.folds,
+                cfg.eval.max_pairs_per_fold,
+            )
     module = _unwrapped(backbone)
     contract = input_contract(cfg.backbone.name)
-    embed = ev.torch_embedder(module, str(device), input_size=cfg.data.size, mean=contract.mean,
-                              std=contract.std)
+    embed = ev.torch_embedder(
+        module, str(device), input_size=cfg.data.size, mean=contract.mean, std=contract.std
+    )
     report = ev.evaluate_model(embed, cache["pairs"], calibrate=False)
     module.train()
     return report
@@ -517,15 +576,23 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         base_sampler = PKSampler(dataset.labels, p, k, cfg.seed, world.rank, world.world_size)
         batch_size = p * k
     else:
-        base_sampler = DistributedSampler(dataset, world.world_size, world.rank, shuffle=True,
-                                          seed=cfg.seed, drop_last=True)
+        base_sampler = DistributedSampler(
+            dataset, world.world_size, world.rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
         batch_size = cfg.batch_size
     sampler = ResumableSampler(base_sampler)
     generator = torch.Generator().manual_seed(cfg.seed + world.rank)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=cfg.data.workers > 0, generator=generator,
-                        worker_init_fn=_seed_worker)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.data.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.data.workers > 0,
+        generator=generator,
+        worker_init_fn=_seed_worker,
+    )
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} images is less than one batch of {batch_size}")
@@ -548,12 +615,14 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     if cfg.init and not resume and objective.classifier is not None:
         if cfg.init_centres == "mean":
             objective.classifier.load_full_weight(
-                mean_embedding_centres(backbone, dataset, num_classes, device))
+                mean_embedding_centres(backbone, dataset, num_classes, device)
+            )
         elif cfg.init_centres != "random":
             raise ValueError(f"unknown init_centres {cfg.init_centres!r}: use mean or random")
     if world.world_size > 1:
         backbone = nn.parallel.DistributedDataParallel(
-            backbone, device_ids=[device.index] if device.type == "cuda" else None)
+            backbone, device_ids=[device.index] if device.type == "cuda" else None
+        )
     optimizer = build_optimizer(cfg, backbone, objective)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     amp_dtype = _amp_dtype(cfg)
@@ -591,8 +660,13 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         if cfg.progress and world.main:
             from tqdm import tqdm
 
-            bar = tqdm(total=steps_per_epoch, initial=first_batch,
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", dynamic_ncols=True)
+            bar = tqdm(
+                total=steps_per_epoch,
+                initial=first_batch,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                unit="step",
+                dynamic_ncols=True,
+            )
         for images, labels in loader:
             factor = lr_factor(cfg, epoch * steps_per_epoch + batch_index, steps_per_epoch)
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
@@ -600,16 +674,20 @@ def _train(cfg: TrainConfig, world: World) -> dict:
             images = images.to(device, non_blocking=True).to(memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
             # frozen warm-up: only the centres train (no backbone gradients at all)
-            frozen = (epoch * steps_per_epoch + batch_index
-                      < cfg.optim.freeze_epochs * steps_per_epoch)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None), \
-                    torch.set_grad_enabled(not frozen):
+            frozen = (
+                epoch * steps_per_epoch + batch_index < cfg.optim.freeze_epochs * steps_per_epoch
+            )
+            with (
+                torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
+                torch.set_grad_enabled(not frozen),
+            ):
                 embeddings = backbone(images)
             loss, parts = objective(embeddings.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             (scaler.scale(loss) if scaler is not None else loss).backward()
-            grad_norm, stepped = clip_and_step(optimizer, scaler, cfg.optim.grad_clip,
-                                               world.world_size)
+            grad_norm, stepped = clip_and_step(
+                optimizer, scaler, cfg.optim.grad_clip, world.world_size
+            )
             skipped += not stepped
             value = float(loss.detach())
             if not math.isfinite(value):
@@ -635,8 +713,12 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         if bar is not None:
             bar.close()
         finished = batch_index >= steps_per_epoch
-        entry = {"epoch": epoch + 1, "step": step, "loss": epoch_loss / max(1, epoch_steps),
-                 "seconds": round(time.perf_counter() - epoch_start, 2)}
+        entry = {
+            "epoch": epoch + 1,
+            "step": step,
+            "loss": epoch_loss / max(1, epoch_steps),
+            "seconds": round(time.perf_counter() - epoch_start, 2),
+        }
         if not finished:  # stopped by max_steps: a resumed run continues this epoch
             entry["batches"] = batch_index
         last = stop or epoch + 1 == cfg.epochs
@@ -651,18 +733,34 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         if last or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0):
             names = ["last.pt"] + ([f"epoch_{epoch + 1:03d}.pt"] if last and finished else [])
             for name in names:
-                save_checkpoint(out / name, cfg, world, backbone, objective, optimizer, scaler,
-                                epoch + 1 if finished else epoch, step, history, classes,
-                                0 if finished else batch_index * batch_size * world.world_size)
+                save_checkpoint(
+                    out / name,
+                    cfg,
+                    world,
+                    backbone,
+                    objective,
+                    optimizer,
+                    scaler,
+                    epoch + 1 if finished else epoch,
+                    step,
+                    history,
+                    classes,
+                    0 if finished else batch_index * batch_size * world.world_size,
+                )
         world.barrier()
         if stop:
             break
     log.close()
     summary = {
-        "output": str(out), "checkpoint": str(out / "last.pt"), "history": history,
-        "images": len(dataset), "identities": num_classes, "steps": step,
+        "output": str(out),
+        "checkpoint": str(out / "last.pt"),
+        "history": history,
+        "images": len(dataset),
+        "identities": num_classes,
+        "steps": step,
         "skipped_steps": skipped,
-        "world_size": world.world_size, "device": str(device),
+        "world_size": world.world_size,
+        "device": str(device),
         "seconds": round(time.perf_counter() - started, 2),
         "samples_per_second": round(samples_seen / max(1e-9, time.perf_counter() - started), 2),
     }

@@ -26,13 +26,20 @@ from service.pipeline.types import Timings
 from .deps import AppState
 
 
-async def locate(state: AppState, data: bytes, policy: Policy, timings: Timings, *,
-                 allow_none: bool = False, limit: int | None = None) -> Faces:
+async def locate(
+    state: AppState,
+    data: bytes,
+    policy: Policy,
+    timings: Timings,
+    *,
+    allow_none: bool = False,
+    limit: int | None = None,
+) -> Faces:
     """Find and align the faces of one image under ``policy``, without embedding them."""
     found = await anyio.to_thread.run_sync(
-        partial(state.pipeline.locate, data, policy, timings, allow_none=allow_none,
-                limit=limit),
-        limiter=state.cpu_limiter)
+        partial(state.pipeline.locate, data, policy, timings, allow_none=allow_none, limit=limit),
+        limiter=state.cpu_limiter,
+    )
     state.metrics.faces_per_image.observe(found.detected)
     return found
 
@@ -45,22 +52,31 @@ async def embed(state: AppState, found: list[Faces], timings: Timings) -> None:
         state.pipeline.embed_faces(found, timings)  # nothing to embed: no model call
 
 
-async def analyze(state: AppState, data: bytes, policy: Policy, timings: Timings, *,
-                  allow_none: bool = False, limit: int | None = None) -> Faces:
+async def analyze(
+    state: AppState,
+    data: bytes,
+    policy: Policy,
+    timings: Timings,
+    *,
+    allow_none: bool = False,
+    limit: int | None = None,
+) -> Faces:
     """Find the faces of one image under ``policy`` and embed them."""
     found = await locate(state, data, policy, timings, allow_none=allow_none, limit=limit)
     await embed(state, [found], timings)
     return found
 
 
-async def analyze_labelled(state: AppState, images: dict[str, bytes], policy: Policy,
-                           timings: Timings) -> list[Faces]:
+async def analyze_labelled(
+    state: AppState, images: dict[str, bytes], policy: Policy, timings: Timings
+) -> list[Faces]:
     """The faces of several images, one after another in one worker thread (batched
     detection), then embedded in one call; a refusal names its image's field."""
     fields = list(images)
     results = await anyio.to_thread.run_sync(
         partial(state.pipeline.locate_batch, [images[f] for f in fields], policy, timings),
-        limiter=state.cpu_limiter)
+        limiter=state.cpu_limiter,
+    )
     found = []
     for field, result in zip(fields, results, strict=True):
         if isinstance(result, PipelineError):

@@ -21,7 +21,6 @@ from starlette.types import Scope
 try:  # FastAPI >= 0.16x nests included routers; this flattens them (as the OpenAPI schema does)
     from fastapi.routing import iter_route_contexts
 except ImportError:  # older FastAPI: app.routes is already flat
-
     # a different function of the same name (no RouteContext in older FastAPI)
     def iter_route_contexts(routes: Sequence[Any]) -> Iterator[Any]:  # type: ignore[misc]
         return iter(routes)

@@ -75,15 +75,21 @@ def not_ready(message: str = "service is starting or shutting down") -> ApiError
 
 
 def overloaded(in_flight: int, queue: int, retry_after_s: int) -> ApiError:
-    return ApiError(503, "overloaded",
-                    f"the service is at capacity ({in_flight} requests running, {queue} "
-                    "waiting); retry later", headers={"Retry-After": str(retry_after_s)})
+    return ApiError(
+        503,
+        "overloaded",
+        f"the service is at capacity ({in_flight} requests running, {queue} waiting); retry later",
+        headers={"Retry-After": str(retry_after_s)},
+    )
 
 
 def deadline_exceeded(waited_s: float) -> ApiError:
-    return ApiError(504, "deadline_exceeded",
-                    f"the request waited {waited_s:g} s for admission and was dropped unrun "
-                    "(its deadline: X-Request-Timeout, or the server's request timeout)")
+    return ApiError(
+        504,
+        "deadline_exceeded",
+        f"the request waited {waited_s:g} s for admission and was dropped unrun "
+        "(its deadline: X-Request-Timeout, or the server's request timeout)",
+    )
 
 
 def invalid_header(message: str) -> ApiError:

@@ -37,12 +37,19 @@ def encode_embedding(vector: np.ndarray, fmt: str) -> list[float] | str:
 
 async def _faces(request: Request, state: AppState, clock: Timings, options, embed: bool):
     settings = state.settings
-    payload = await read_payload(request, ("image",), ("image",), settings.max_image_bytes,
-                                 timings=clock)
+    payload = await read_payload(
+        request, ("image",), ("image",), settings.max_image_bytes, timings=clock
+    )
     opts = payload.options(options)
     step = analysis.analyze if embed else analysis.locate
-    found = await step(state, payload.images["image"], opts.multiple_faces, clock,
-                       allow_none=True, limit=opts.max_faces)
+    found = await step(
+        state,
+        payload.images["image"],
+        opts.multiple_faces,
+        clock,
+        allow_none=True,
+        limit=opts.max_faces,
+    )
     faces = await analysis.call(clock, "quality", found.describe)
     image = {"width": found.image_size[0], "height": found.image_size[1]}
     return opts, found, faces, image

@@ -41,12 +41,17 @@ from .schemas import (
 )
 from .scopes import allow_gallery, may_touch, require_scope
 
-router = APIRouter(prefix="/v1/galleries", tags=["galleries"],
-                   dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1/galleries",
+    tags=["galleries"],
+    dependencies=[Depends(require_api_key)],
+    responses=ERROR_RESPONSES,
+)
 
 GalleryName = Annotated[GalleryNameStr, Path(pattern=GALLERY_PATTERN, description="gallery name")]
-SubjectId = Annotated[SubjectIdStr, Path(pattern=NAME_PATTERN,
-                                         description="client-chosen subject id")]
+SubjectId = Annotated[
+    SubjectIdStr, Path(pattern=NAME_PATTERN, description="client-chosen subject id")
+]
 
 
 class _NoOptions(BaseModel):
@@ -57,95 +62,141 @@ async def _call(fn, *args):
     return await analysis.call(Timings(), "gallery", fn, *args)
 
 
-@router.get("", response_model=GalleryList, summary="List galleries",
-            dependencies=[require_scope("identify")])
+@router.get(
+    "",
+    response_model=GalleryList,
+    summary="List galleries",
+    dependencies=[require_scope("identify")],
+)
 async def list_galleries(request: Request, state: State) -> dict:
     """The galleries the caller's API key may touch."""
     galleries = await _call(state.gallery.list_galleries)
     return {"galleries": [g for g in galleries if may_touch(request, g["name"])]}
 
 
-@router.put("/{gallery}", response_model=Gallery, summary="Create a gallery for the served model",
-            dependencies=[require_scope("enrol")])
-async def create_gallery(gallery: GalleryName, response: Response,
-                         state: State) -> dict:
+@router.put(
+    "/{gallery}",
+    response_model=Gallery,
+    summary="Create a gallery for the served model",
+    dependencies=[require_scope("enrol")],
+)
+async def create_gallery(gallery: GalleryName, response: Response, state: State) -> dict:
     """Idempotent; 409 ``model_mismatch`` if the gallery exists for another model."""
     existed = gallery in {g["name"] for g in await _call(state.gallery.list_galleries)}
-    info = await _call(state.gallery.create_gallery, gallery, state.model_id,
-                       state.pipeline.dim)
+    info = await _call(state.gallery.create_gallery, gallery, state.model_id, state.pipeline.dim)
     response.status_code = status.HTTP_200_OK if existed else status.HTTP_201_CREATED
     return info
 
 
-@router.get("/{gallery}", response_model=Gallery, summary="A gallery's model and sizes",
-            dependencies=[require_scope("identify")])
+@router.get(
+    "/{gallery}",
+    response_model=Gallery,
+    summary="A gallery's model and sizes",
+    dependencies=[require_scope("identify")],
+)
 async def get_gallery(gallery: GalleryName, state: State) -> dict:
     return await _call(state.gallery.get_gallery, gallery)
 
 
-@router.delete("/{gallery}", summary="Delete a gallery with all its subjects and faces",
-               dependencies=[require_scope("delete")])
-async def delete_gallery(gallery: GalleryName, state: State,
-                         _audit: DeleteGalleryAudit) -> dict:
+@router.delete(
+    "/{gallery}",
+    summary="Delete a gallery with all its subjects and faces",
+    dependencies=[require_scope("delete")],
+)
+async def delete_gallery(gallery: GalleryName, state: State, _audit: DeleteGalleryAudit) -> dict:
     await _call(state.gallery.delete_gallery, gallery)
     return {"deleted": gallery}
 
 
-@router.post("/{gallery}/subjects", response_model=Subject, status_code=201,
-             summary="Create a subject (idempotent: 201 created, 200 already there)",
-             dependencies=[require_scope("enrol")])
-async def create_subject(gallery: GalleryName, body: SubjectCreate, response: Response,
-                         state: State) -> dict:
+@router.post(
+    "/{gallery}/subjects",
+    response_model=Subject,
+    status_code=201,
+    summary="Create a subject (idempotent: 201 created, 200 already there)",
+    dependencies=[require_scope("enrol")],
+)
+async def create_subject(
+    gallery: GalleryName, body: SubjectCreate, response: Response, state: State
+) -> dict:
     """Creates the gallery on first use (for the served model).  Posting an existing
     ``subject_id`` again returns it unchanged with 200 (its metadata is only changed
     by ``PATCH``)."""
-    subject, created = await _call(state.gallery.upsert_subject, gallery, body.subject_id,
-                                   body.metadata, state.model_id, state.pipeline.dim)
+    subject, created = await _call(
+        state.gallery.upsert_subject,
+        gallery,
+        body.subject_id,
+        body.metadata,
+        state.model_id,
+        state.pipeline.dim,
+    )
     if not created:
         response.status_code = status.HTTP_200_OK
     return subject
 
 
-@router.get("/{gallery}/subjects", response_model=SubjectPage, summary="List subjects (paginated)",
-            dependencies=[require_scope("identify")])
-async def list_subjects(gallery: GalleryName, state: State,
-                        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                        cursor: Annotated[str | None, Query(max_length=512)] = None) -> dict:
+@router.get(
+    "/{gallery}/subjects",
+    response_model=SubjectPage,
+    summary="List subjects (paginated)",
+    dependencies=[require_scope("identify")],
+)
+async def list_subjects(
+    gallery: GalleryName,
+    state: State,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> dict:
     """Subjects ordered by ``subject_id``; pass ``next_cursor`` as ``cursor`` for the next page."""
     subjects, next_cursor = await _call(state.gallery.list_subjects, gallery, limit, cursor)
     return {"subjects": subjects, "next_cursor": next_cursor}
 
 
-@router.get("/{gallery}/subjects/{subject_id}", response_model=Subject,
-            summary="A subject with its metadata and enrolled faces",
-            dependencies=[require_scope("identify")])
-async def get_subject(gallery: GalleryName, subject_id: SubjectId,
-                      state: State) -> dict:
+@router.get(
+    "/{gallery}/subjects/{subject_id}",
+    response_model=Subject,
+    summary="A subject with its metadata and enrolled faces",
+    dependencies=[require_scope("identify")],
+)
+async def get_subject(gallery: GalleryName, subject_id: SubjectId, state: State) -> dict:
     return await _call(state.gallery.get_subject, gallery, subject_id)
 
 
-@router.patch("/{gallery}/subjects/{subject_id}", response_model=Subject,
-              summary="Update a subject's metadata (merge; null removes a key)",
-              dependencies=[require_scope("enrol")])
-async def update_subject(gallery: GalleryName, subject_id: SubjectId, body: SubjectUpdate,
-                         state: State) -> dict:
+@router.patch(
+    "/{gallery}/subjects/{subject_id}",
+    response_model=Subject,
+    summary="Update a subject's metadata (merge; null removes a key)",
+    dependencies=[require_scope("enrol")],
+)
+async def update_subject(
+    gallery: GalleryName, subject_id: SubjectId, body: SubjectUpdate, state: State
+) -> dict:
     return await _call(state.gallery.update_subject, gallery, subject_id, body.metadata)
 
 
-@router.delete("/{gallery}/subjects/{subject_id}", response_model=SubjectDeleted,
-               summary="Delete a subject and all its faces",
-               dependencies=[require_scope("delete")])
-async def delete_subject(gallery: GalleryName, subject_id: SubjectId,
-                         state: State, _audit: DeleteSubjectAudit) -> dict:
+@router.delete(
+    "/{gallery}/subjects/{subject_id}",
+    response_model=SubjectDeleted,
+    summary="Delete a subject and all its faces",
+    dependencies=[require_scope("delete")],
+)
+async def delete_subject(
+    gallery: GalleryName, subject_id: SubjectId, state: State, _audit: DeleteSubjectAudit
+) -> dict:
     removed = await _call(state.gallery.delete_subject, gallery, subject_id)
     return {"gallery": gallery, "subject_id": subject_id, "faces_removed": int(removed)}
 
 
-@router.post("/{gallery}/subjects/{subject_id}/faces", response_model=EnrolledFace,
-             status_code=201, openapi_extra=image_body(("image",)),
-             summary="Enrol one photo of a subject", dependencies=[require_scope("enrol")])
-async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Request,
-                     state: State, _audit: EnrolAudit) -> dict:
+@router.post(
+    "/{gallery}/subjects/{subject_id}/faces",
+    response_model=EnrolledFace,
+    status_code=201,
+    openapi_extra=image_body(("image",)),
+    summary="Enrol one photo of a subject",
+    dependencies=[require_scope("enrol")],
+)
+async def enrol_face(
+    gallery: GalleryName, subject_id: SubjectId, request: Request, state: State, _audit: EnrolAudit
+) -> dict:
     """The photo must show exactly one face of at least ``enroll_min_face_size`` px with a
     detection score of at least ``enroll_min_det_score``, and pass the enabled quality rules
     (``enroll_min_sharpness``, ``enroll_max_yaw_ratio``, ``enroll_max_roll_deg``); otherwise
@@ -154,8 +205,9 @@ async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Reque
     the store-assigned ``face_id`` and the face's quality figures."""
     settings = state.settings
     clock = Timings()
-    payload = await read_payload(request, ("image",), ("image",), settings.max_image_bytes,
-                                 timings=clock)
+    payload = await read_payload(
+        request, ("image",), ("image",), settings.max_image_bytes, timings=clock
+    )
     payload.options(_NoOptions)
     # Unknown gallery/subject or another model's gallery: refused before any image work.
     await analysis.gallery_for_model(state, gallery, clock)
@@ -165,18 +217,37 @@ async def enrol_face(gallery: GalleryName, subject_id: SubjectId, request: Reque
     quality = face_quality(detection, found.crops[0])
     check_enrol_quality(quality, settings)
     image = payload.images["image"] if settings.store_images else None
-    face = await analysis.call(clock, "gallery", state.gallery.add_face, gallery, subject_id,
-                               found.embeddings[0], state.model_id, quality, image)
+    face = await analysis.call(
+        clock,
+        "gallery",
+        state.gallery.add_face,
+        gallery,
+        subject_id,
+        found.embeddings[0],
+        state.model_id,
+        quality,
+        image,
+    )
     state.metrics.observe_stages(request.scope, clock.stages)
-    return {**face, "gallery": gallery, "subject_id": subject_id, "model": state.model_id,
-            "quality": face.get("quality") or quality, "face": detection.to_dict()}
+    return {
+        **face,
+        "gallery": gallery,
+        "subject_id": subject_id,
+        "model": state.model_id,
+        "quality": face.get("quality") or quality,
+        "face": detection.to_dict(),
+    }
 
 
-@router.post("/{gallery}/reenrol", response_model=ReenrolReport,
-             summary="Re-enrol another gallery's subjects with the served models",
-             dependencies=[require_scope("enrol")])
-async def reenrol(gallery: GalleryName, body: ReenrolRequest, request: Request,
-                  state: State, _audit: ReenrolAudit) -> dict:
+@router.post(
+    "/{gallery}/reenrol",
+    response_model=ReenrolReport,
+    summary="Re-enrol another gallery's subjects with the served models",
+    dependencies=[require_scope("enrol")],
+)
+async def reenrol(
+    gallery: GalleryName, body: ReenrolRequest, request: Request, state: State, _audit: ReenrolAudit
+) -> dict:
     """After a model upgrade: creates ``{gallery}`` for the served model if needed, copies
     every subject of ``source`` (same ``subject_id`` and metadata) and enrols every
     stored photo of ``source`` again, under the same quality rules as an upload.  Photos
@@ -194,9 +265,13 @@ async def reenrol(gallery: GalleryName, body: ReenrolRequest, request: Request,
     return job.report.to_dict()
 
 
-@router.delete("/{gallery}/faces/{face_id}", summary="Delete one enrolled face",
-               dependencies=[require_scope("delete")])
-async def delete_face(gallery: GalleryName, face_id: Annotated[int, Path(ge=1)],
-                      state: State, _audit: DeleteFaceAudit) -> dict:
+@router.delete(
+    "/{gallery}/faces/{face_id}",
+    summary="Delete one enrolled face",
+    dependencies=[require_scope("delete")],
+)
+async def delete_face(
+    gallery: GalleryName, face_id: Annotated[int, Path(ge=1)], state: State, _audit: DeleteFaceAudit
+) -> dict:
     await _call(state.gallery.delete_face, gallery, face_id)
     return {"gallery": gallery, "face_id": face_id, "deleted": True}

@@ -28,16 +28,27 @@ async def readyz(request: Request) -> JSONResponse:
         sync = await run_in_threadpool(state.gallery.sync_status)
     gallery_ready = bool(sync and sync["ready"])
     ready = models and gallery_ready
-    body = {"status": "ready" if ready else "not_ready",
-            "checks": {"models": models, "gallery": gallery_ready}, "sync": sync}
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "checks": {"models": models, "gallery": gallery_ready},
+        "sync": sync,
+    }
     if not ready:
-        body["reason"] = ("models not loaded and warmed yet" if not models
-                          else sync["reason"] if sync else "gallery not started yet")
+        body["reason"] = (
+            "models not loaded and warmed yet"
+            if not models
+            else sync["reason"]
+            if sync
+            else "gallery not started yet"
+        )
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics (text exposition format)",
-            dependencies=[Depends(require_metrics_key)])
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text exposition format)",
+    dependencies=[Depends(require_metrics_key)],
+)
 async def metrics(request: Request) -> Response:
     registry_owner = request.app.state.metrics
     state = getattr(request.app.state, "facegate", None)

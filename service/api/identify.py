@@ -21,6 +21,7 @@ from .scopes import allow_gallery, require_scope
 
 router = APIRouter(prefix="/v1", tags=["identify"], dependencies=[Depends(require_api_key)])
 
+
 @router.post(
     "/identify",
     response_model=IdentifyResponse,
@@ -30,8 +31,9 @@ router = APIRouter(prefix="/v1", tags=["identify"], dependencies=[Depends(requir
     summary="Search every face of an image in a gallery",
     dependencies=[require_scope("identify")],
 )
-async def identify(request: Request, state: State, entry: IdentifyAudit,
-                   timings: bool = False) -> dict:
+async def identify(
+    request: Request, state: State, entry: IdentifyAudit, timings: bool = False
+) -> dict:
     """For every face in ``image`` (largest first): its ``top_k`` most similar subjects of
     ``gallery`` and ``match``, the best subject if its similarity reaches the threshold,
     else ``null`` (open-set: the person may not be enrolled).
@@ -44,22 +46,23 @@ async def identify(request: Request, state: State, entry: IdentifyAudit,
     """
     settings = state.settings
     clock = Timings()
-    payload = await read_payload(request, ("image",), (), settings.max_image_bytes,
-                                 timings=clock)
+    payload = await read_payload(request, ("image",), (), settings.max_image_bytes, timings=clock)
     opts = payload.options(IdentifyOptions)
     allow_gallery(request, opts.gallery)
     entry.gallery = opts.gallery
     if opts.top_k > settings.top_k_max:
-        raise ApiError(422, "validation_error",
-                       f"top_k: must be between 1 and {settings.top_k_max}")
+        raise ApiError(
+            422, "validation_error", f"top_k: must be between 1 and {settings.top_k_max}"
+        )
     if opts.threshold is not None and opts.operating_point is not None:
         raise ApiError(400, "ambiguous_request", "give threshold or operating_point, not both")
     card = state.pipeline.recognizer_card
     if opts.threshold is not None:
         rule = Threshold.custom(opts.threshold)
     else:
-        rule = threshold_for(card, operating_point(card, opts.operating_point,
-                                                   settings.operating_point))
+        rule = threshold_for(
+            card, operating_point(card, opts.operating_point, settings.operating_point)
+        )
     model_id = state.model_id
     gallery = state.gallery
     # Unknown gallery or another model's gallery: refused before any image work.
@@ -74,8 +77,9 @@ async def identify(request: Request, state: State, entry: IdentifyAudit,
     else:
         raise ApiError(422, "missing_field", "missing image field(s): image (or embedding)")
     detections: Sequence[Detection | None] = found.detections or [None] * len(found.embeddings)
-    results = await analysis.call(clock, "search", gallery.search, opts.gallery,
-                                  found.embeddings, opts.top_k, model_id)
+    results = await analysis.call(
+        clock, "search", gallery.search, opts.gallery, found.embeddings, opts.top_k, model_id
+    )
     faces = []
     for detection, candidates in zip(detections, results, strict=True):
         best = candidates[0] if candidates else None
@@ -83,13 +87,20 @@ async def identify(request: Request, state: State, entry: IdentifyAudit,
         if best is not None and decide(best["similarity"], rule).match:
             match = best["subject_id"]
         entry.add([c["subject_id"] for c in candidates], [c.get("face_id") for c in candidates])
-        faces.append({
-            **(detection.to_dict() if detection is not None else {}),
-            "candidates": [{"subject_id": c["subject_id"],
-                            "similarity": round(float(c["similarity"]), 6),
-                            "face_id": c.get("face_id")} for c in candidates],
-            "match": match,
-        })
+        faces.append(
+            {
+                **(detection.to_dict() if detection is not None else {}),
+                "candidates": [
+                    {
+                        "subject_id": c["subject_id"],
+                        "similarity": round(float(c["similarity"]), 6),
+                        "face_id": c.get("face_id"),
+                    }
+                    for c in candidates
+                ],
+                "match": match,
+            }
+        )
     state.metrics.observe_stages(request.scope, clock.stages)
     body = {
         "gallery": opts.gallery,

@@ -85,8 +85,9 @@ async def _read_upload(name: str, upload: UploadFile, max_bytes: int) -> bytes:
     return data
 
 
-async def _fetch_urls(request: Request, urls: dict, max_image_bytes: int,
-                      timings) -> dict[str, bytes]:
+async def _fetch_urls(
+    request: Request, urls: dict, max_image_bytes: int, timings
+) -> dict[str, bytes]:
     """Fetch with the app's shared fetcher (built by the lifespan), or one for this request."""
     shared = getattr(getattr(request.app.state, "facegate", None), "fetcher", None)
     fetcher = shared or UrlFetcher.from_settings(request.app.state.settings)
@@ -112,8 +113,13 @@ async def read_json_object(request: Request) -> dict:
     return data
 
 
-async def read_payload(request: Request, image_fields: tuple[str, ...], required: tuple[str, ...],
-                       max_image_bytes: int, timings=None) -> Payload:
+async def read_payload(
+    request: Request,
+    image_fields: tuple[str, ...],
+    required: tuple[str, ...],
+    max_image_bytes: int,
+    timings=None,
+) -> Payload:
     """Parse the request body into images and options (see the module docstring).
 
     Images given by URL are fetched last (concurrently), their time added to ``timings``
@@ -126,8 +132,9 @@ async def read_payload(request: Request, image_fields: tuple[str, ...], required
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         try:
-            form = await request.form(max_files=len(image_fields) + 2, max_fields=64,
-                                      max_part_size=max_image_bytes * 2)
+            form = await request.form(
+                max_files=len(image_fields) + 2, max_fields=64, max_part_size=max_image_bytes * 2
+            )
         except StarletteHTTPException as exc:
             raise bad_request(
                 "invalid_multipart", f"malformed multipart body: {exc.detail}"

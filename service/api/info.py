@@ -52,12 +52,22 @@ def _providers(component) -> list[str]:
     return providers
 
 
-@router.get("/info", summary="Served models, thresholds, providers, gallery sizes, batching",
-            dependencies=[require_scope(None)])
-async def info(state: State, check_index: Annotated[bool, Query(
-        description="also compare this replica's index with the store, exactly (every face "
-                    "id and its subject, per gallery) in `index_check`; reads every face id "
-                    "of the store")] = False) -> dict:
+@router.get(
+    "/info",
+    summary="Served models, thresholds, providers, gallery sizes, batching",
+    dependencies=[require_scope(None)],
+)
+async def info(
+    state: State,
+    check_index: Annotated[
+        bool,
+        Query(
+            description="also compare this replica's index with the store, exactly (every face "
+            "id and its subject, per gallery) in `index_check`; reads every face id "
+            "of the store"
+        ),
+    ] = False,
+) -> dict:
     pipeline, settings = state.pipeline, state.settings
     detector = _card(pipeline.detector_card)
     detector["providers"] = _providers(pipeline.detector)
@@ -73,19 +83,26 @@ async def info(state: State, check_index: Annotated[bool, Query(
         "version": _version(),
         "worker_pid": os.getpid(),
         "models": {"detector": detector, "recognizer": recognizer},
-        "matching": {"fusion": "max: a subject scores as its best enrolled face",
-                     "metric": "cosine", "index_type": settings.index_type},
+        "matching": {
+            "fusion": "max: a subject scores as its best enrolled face",
+            "metric": "cosine",
+            "index_type": settings.index_type,
+        },
         "galleries": await run_in_threadpool(state.gallery.stats),
         "sync": await run_in_threadpool(state.gallery.sync_status),
         "batching": {**state.batcher.config(), **state.batcher.stats()},
-        "limits": {"max_image_bytes": settings.max_image_bytes,
-                   "max_image_pixels": settings.max_image_pixels,
-                   "max_request_bytes": settings.max_request_bytes,
-                   "max_decode_bytes": settings.max_decode_bytes,
-                   "top_k_max": settings.top_k_max},
-        "image_urls": {"enabled": bool(settings.url_allowlist),
-                       "allowed_hosts": list(settings.url_allowlist),
-                       "timeout_s": settings.url_timeout_s},
+        "limits": {
+            "max_image_bytes": settings.max_image_bytes,
+            "max_image_pixels": settings.max_image_pixels,
+            "max_request_bytes": settings.max_request_bytes,
+            "max_decode_bytes": settings.max_decode_bytes,
+            "top_k_max": settings.top_k_max,
+        },
+        "image_urls": {
+            "enabled": bool(settings.url_allowlist),
+            "allowed_hosts": list(settings.url_allowlist),
+            "timeout_s": settings.url_timeout_s,
+        },
         "store_images": settings.store_images,
         "startup_seconds": state.startup,
         **extra,

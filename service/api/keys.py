@@ -106,8 +106,10 @@ def read_keys_file(path: Path) -> list[ApiKey]:
         try:
             import yaml
         except ImportError:
-            raise ValueError(f"{path}: a YAML keys file needs PyYAML (pip install PyYAML); "
-                             "or write the file as JSON") from None
+            raise ValueError(
+                f"{path}: a YAML keys file needs PyYAML (pip install PyYAML); "
+                "or write the file as JSON"
+            ) from None
         data = yaml.safe_load(text)
     else:
         data = json.loads(text)

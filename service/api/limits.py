@@ -29,8 +29,13 @@ if TYPE_CHECKING:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics | None = None,
-                 body_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        metrics: Metrics | None = None,
+        body_timeout_s: float | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics  # counts the refusals
@@ -39,8 +44,12 @@ class BodyLimitMiddleware:
     async def _refuse(self, err: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
         if self.metrics is not None:
             self.metrics.rejects.labels(reason=err.code).inc()
-        response = error_response(err.status, err.code, err.message,
-                                  headers={**(err.headers or {}), "Connection": "close"})
+        response = error_response(
+            err.status,
+            err.code,
+            err.message,
+            headers={**(err.headers or {}), "Connection": "close"},
+        )
         await response(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

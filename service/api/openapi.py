@@ -30,11 +30,16 @@ def image_body(image_fields: tuple[str, ...], options: type[BaseModel] | None = 
     if options is not None:
         option_props = options.model_json_schema().get("properties", {})
     option_props = {
-        **{f"{name}_url": {"type": "string", "format": "uri",
-                           "description": f"instead of {name}: an http(s) URL of the image, "
-                                          "fetched only from hosts on the server's "
-                                          "FACEGATE_URL_ALLOWLIST"}
-           for name in image_fields},
+        **{
+            f"{name}_url": {
+                "type": "string",
+                "format": "uri",
+                "description": f"instead of {name}: an http(s) URL of the image, "
+                "fetched only from hosts on the server's "
+                "FACEGATE_URL_ALLOWLIST",
+            }
+            for name in image_fields
+        },
         **option_props,
     }
     multipart = {
@@ -47,9 +52,14 @@ def image_body(image_fields: tuple[str, ...], options: type[BaseModel] | None = 
     as_json = {
         "type": "object",
         "properties": {
-            **{name: {"type": "string", "format": "byte",
-                      "description": "base64 image (JPEG, PNG, WebP or BMP)"}
-               for name in image_fields},
+            **{
+                name: {
+                    "type": "string",
+                    "format": "byte",
+                    "description": "base64 image (JPEG, PNG, WebP or BMP)",
+                }
+                for name in image_fields
+            },
             **option_props,
         },
     }

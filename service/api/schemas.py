@@ -50,7 +50,8 @@ class Face(BaseModel):
     box: list[float] = Field(description="x1, y1, x2, y2 in image pixels")
     score: float = Field(description="detection score")
     landmarks: list[list[float]] = Field(
-        description="left eye, right eye, nose tip, left and right mouth corners (x, y)")
+        description="left eye, right eye, nose tip, left and right mouth corners (x, y)"
+    )
 
 
 # --- verify ------------------------------------------------------------------------------
@@ -60,18 +61,26 @@ class VerifyOptions(_Options):
     """Options of ``POST /v1/verify`` (form fields, JSON keys or query parameters)."""
 
     gallery: GalleryNameStr | None = Field(
-        None, pattern=GALLERY_PATTERN,
-        description="compare image1 with a gallery subject instead of image2")
+        None,
+        pattern=GALLERY_PATTERN,
+        description="compare image1 with a gallery subject instead of image2",
+    )
     subject_id: SubjectIdStr | None = Field(None, pattern=NAME_PATTERN)
     operating_point: OperatingPoint | None = Field(
-        None, description="named false-match rate of the model card, e.g. fmr_1e-3")
+        None, description="named false-match rate of the model card, e.g. fmr_1e-3"
+    )
     multiple_faces: Literal["largest", "refuse"] = Field(
-        "largest", description="several faces in an image: use the largest, or refuse (422)")
+        "largest", description="several faces in an image: use the largest, or refuse (422)"
+    )
     embedding: str | None = Field(
-        None, description="instead of image1: base64 of a little-endian float32 embedding of "
-                          "the served model (with `model`)")
-    model: str | None = Field(None, description="with `embedding`: the id of the model that "
-                                                "made it; must be the served model")
+        None,
+        description="instead of image1: base64 of a little-endian float32 embedding of "
+        "the served model (with `model`)",
+    )
+    model: str | None = Field(
+        None,
+        description="with `embedding`: the id of the model that made it; must be the served model",
+    )
 
 
 class SubjectRef(BaseModel):
@@ -84,8 +93,10 @@ class VerifyResponse(BaseModel):
     match: bool
     similarity: float = Field(description="cosine similarity in [-1, 1]")
     threshold: float
-    calibrated: bool = Field(description="false: the card has no calibrated threshold for this "
-                                         "operating point and a conservative fallback was used")
+    calibrated: bool = Field(
+        description="false: the card has no calibrated threshold for this "
+        "operating point and a conservative fallback was used"
+    )
     operating_point: str
     model: str = Field(description="id of the recognition model (name@sha256-prefix)")
     face1: Face | None = Field(None, description="absent for an `embedding` probe")
@@ -102,14 +113,19 @@ class IdentifyOptions(_Options):
 
     gallery: GalleryNameStr = Field(pattern=GALLERY_PATTERN)
     top_k: OptionInt = Field(5, ge=1, description="candidates per face, 1..settings.top_k_max")
-    threshold: OptionFloat | None = Field(None, ge=-1.0, le=1.0,
-                                          description="explicit cosine threshold for `match`")
+    threshold: OptionFloat | None = Field(
+        None, ge=-1.0, le=1.0, description="explicit cosine threshold for `match`"
+    )
     operating_point: OperatingPoint | None = None
     embedding: str | None = Field(
-        None, description="instead of image: base64 of a little-endian float32 embedding of "
-                          "the served model (with `model`)")
-    model: str | None = Field(None, description="with `embedding`: the id of the model that "
-                                                "made it; must be the served model")
+        None,
+        description="instead of image: base64 of a little-endian float32 embedding of "
+        "the served model (with `model`)",
+    )
+    model: str | None = Field(
+        None,
+        description="with `embedding`: the id of the model that made it; must be the served model",
+    )
 
 
 class Candidate(BaseModel):
@@ -141,19 +157,24 @@ class IdentifyResponse(BaseModel):
 class DetectOptions(_Options):
     """Options of ``POST /v1/detect`` (form fields, JSON keys or query parameters)."""
 
-    max_faces: OptionInt | None = Field(None, ge=1, description="answer at most this many faces, "
-                                                          "largest first")
+    max_faces: OptionInt | None = Field(
+        None, ge=1, description="answer at most this many faces, largest first"
+    )
     multiple_faces: Literal["all", "largest", "refuse"] = Field(
-        "all", description="several faces: answer all (largest first), only the largest, or "
-                           "refuse (422 `multiple_faces`)")
+        "all",
+        description="several faces: answer all (largest first), only the largest, or "
+        "refuse (422 `multiple_faces`)",
+    )
 
 
 class EmbedOptions(DetectOptions):
     """Options of ``POST /v1/embed``."""
 
     embedding_format: Literal["float", "base64"] = Field(
-        "float", description="`float`: a list of numbers; `base64`: the little-endian float32 "
-                             "vector, base64-encoded (several times fewer bytes)")
+        "float",
+        description="`float`: a list of numbers; `base64`: the little-endian float32 "
+        "vector, base64-encoded (several times fewer bytes)",
+    )
 
 
 class FaceQuality(BaseModel):
@@ -163,8 +184,10 @@ class FaceQuality(BaseModel):
     face_size_px: float = Field(description="the smaller of the box's width and height")
     sharpness: float = Field(description="variance of the Laplacian of the aligned crop")
     roll_deg: float = Field(description="angle of the eye line")
-    yaw_ratio: float = Field(description="nose offset from the eyes' midpoint over the eye "
-                                         "distance (0 frontal, about +-0.5 profile)")
+    yaw_ratio: float = Field(
+        description="nose offset from the eyes' midpoint over the eye "
+        "distance (0 frontal, about +-0.5 profile)"
+    )
 
 
 class DetectedFace(Face):
@@ -185,13 +208,16 @@ class DetectResponse(BaseModel):
 
 class EmbeddedFace(DetectedFace):
     embedding: list[float] | str = Field(
-        description="L2-normalised embedding: numbers, or base64 of little-endian float32")
+        description="L2-normalised embedding: numbers, or base64 of little-endian float32"
+    )
 
 
 class EmbedResponse(BaseModel):
     image: ImageSize
-    model: str = Field(description="id of the recognition model (name@sha256-prefix), as in "
-                                   "/v1/verify and the galleries")
+    model: str = Field(
+        description="id of the recognition model (name@sha256-prefix), as in "
+        "/v1/verify and the galleries"
+    )
     model_sha256: str | None = Field(description="full sha256 of the recognition model file")
     detector: str = Field(description="id of the detection model")
     embedding_dim: int
@@ -204,14 +230,16 @@ class EmbedResponse(BaseModel):
 
 
 class SubjectCreate(_Options):
-    subject_id: SubjectIdStr = Field(pattern=NAME_PATTERN,
-                                     description="client-chosen, unique per gallery")
+    subject_id: SubjectIdStr = Field(
+        pattern=NAME_PATTERN, description="client-chosen, unique per gallery"
+    )
     metadata: dict[str, Any] | None = None
 
 
 class SubjectUpdate(_Options):
     metadata: dict[str, Any] = Field(
-        description="merged into the subject's metadata; a key set to null is removed")
+        description="merged into the subject's metadata; a key set to null is removed"
+    )
 
 
 class FaceInfo(BaseModel):
@@ -235,7 +263,8 @@ class Subject(BaseModel):
 class SubjectPage(BaseModel):
     subjects: list[dict[str, Any]]
     next_cursor: str | None = Field(
-        description="pass as `cursor` for the next page; null at the end")
+        description="pass as `cursor` for the next page; null at the end"
+    )
 
 
 class EnrolledFace(BaseModel):
@@ -275,8 +304,10 @@ class GalleryList(BaseModel):
 
 
 class ReenrolRequest(_Options):
-    source: GalleryNameStr = Field(pattern=GALLERY_PATTERN,
-                        description="the gallery to re-enrol from (usually an older model's)")
+    source: GalleryNameStr = Field(
+        pattern=GALLERY_PATTERN,
+        description="the gallery to re-enrol from (usually an older model's)",
+    )
 
 
 class SkippedFace(BaseModel):
@@ -294,9 +325,11 @@ class ReenrolReport(BaseModel):
     subjects_existing: int = Field(description="source subjects the target already had")
     faces_reenrolled: int = Field(description="faces enrolled in the target by this call")
     faces_already_reenrolled: int = Field(
-        description="source faces re-enrolled into the target by an earlier call (not repeated)")
+        description="source faces re-enrolled into the target by an earlier call (not repeated)"
+    )
     faces_skipped: int = Field(description="photos the current models refused (see `skipped`)")
     faces_without_image: int = Field(
         description="source faces without a stored photo (enrolled while "
-                    "FACEGATE_STORE_IMAGES was false): they cannot be re-enrolled")
+        "FACEGATE_STORE_IMAGES was false): they cannot be re-enrolled"
+    )
     skipped: list[SkippedFace]

@@ -64,8 +64,9 @@ class UrlFetcher:
     (``HTTP(S)_PROXY``, ``NO_PROXY``).
     """
 
-    def __init__(self, allowlist: list[str], timeout_s: float = 5.0,
-                 user_agent: str = "facegate") -> None:
+    def __init__(
+        self, allowlist: list[str], timeout_s: float = 5.0, user_agent: str = "facegate"
+    ) -> None:
         self.allowed = {parse_host(entry) for entry in allowlist}
         self.timeout_s = float(timeout_s)
         self.user_agent = user_agent
@@ -82,11 +83,16 @@ class UrlFetcher:
     def _client_for_fetch(self) -> httpx.AsyncClient:
         if self._client is None or self._client.is_closed:
             self._client = httpx.AsyncClient(
-                follow_redirects=False, trust_env=True, timeout=httpx.Timeout(self.timeout_s),
+                follow_redirects=False,
+                trust_env=True,
+                timeout=httpx.Timeout(self.timeout_s),
                 # images are compressed already: ask for the body as it is, so that the
                 # size limit counts what the source sends
-                headers={"User-Agent": self.user_agent, "Accept": "image/*",
-                         "Accept-Encoding": "identity"},
+                headers={
+                    "User-Agent": self.user_agent,
+                    "Accept": "image/*",
+                    "Accept-Encoding": "identity",
+                },
             )
         return self._client
 
@@ -101,7 +107,8 @@ class UrlFetcher:
         if not self.enabled:
             raise not_allowed(
                 f"{name}: images by URL are disabled on this server (FACEGATE_URL_ALLOWLIST "
-                "is empty); send the image itself")
+                "is empty); send the image itself"
+            )
         if not isinstance(url, str) or not url.strip():
             raise bad_request("invalid_url", f"{name}: must be a non-empty URL string")
         try:
@@ -113,8 +120,9 @@ class UrlFetcher:
     def _check_parsed(self, name: str, url: httpx.URL) -> httpx.URL:
         scheme = url.scheme.lower()
         if scheme not in DEFAULT_PORTS:
-            raise not_allowed(f"{name}: only http and https URLs are fetched, not "
-                              f"{scheme or 'a relative URL'!r}")
+            raise not_allowed(
+                f"{name}: only http and https URLs are fetched, not {scheme or 'a relative URL'!r}"
+            )
         if url.userinfo:
             raise not_allowed(f"{name}: URLs with credentials (user:password@) are not accepted")
         host = url.host.lower()
@@ -122,11 +130,11 @@ class UrlFetcher:
             raise bad_request("invalid_url", f"{name}: the URL has no host")
         port = url.port or DEFAULT_PORTS[scheme]
         allowed = (host, port) in self.allowed or (
-            port == DEFAULT_PORTS[scheme] and (host, None) in self.allowed)
+            port == DEFAULT_PORTS[scheme] and (host, None) in self.allowed
+        )
         if not allowed:
             shown = f"[{host}]" if ":" in host else host
-            raise not_allowed(f"{name}: host {shown}:{port} is not on this server's URL "
-                              "allow-list")
+            raise not_allowed(f"{name}: host {shown}:{port} is not on this server's URL allow-list")
         return url
 
     # -- fetching ------------------------------------------------------------------------------
@@ -138,14 +146,17 @@ class UrlFetcher:
             async with asyncio.timeout(deadline):
                 return await self._fetch(name, target, max_bytes)
         except TimeoutError:
-            raise fetch_failed(f"{name}: the source did not answer in time (more than "
-                               f"{deadline:g} s in all)") from None
+            raise fetch_failed(
+                f"{name}: the source did not answer in time (more than {deadline:g} s in all)"
+            ) from None
         except httpx.TimeoutException as exc:
-            raise fetch_failed(f"{name}: the source timed out after {self.timeout_s:g} s "
-                               f"({type(exc).__name__})") from None
+            raise fetch_failed(
+                f"{name}: the source timed out after {self.timeout_s:g} s ({type(exc).__name__})"
+            ) from None
         except httpx.HTTPError as exc:
-            raise fetch_failed(f"{name}: could not fetch the URL: {type(exc).__name__}: "
-                               f"{exc}") from None
+            raise fetch_failed(
+                f"{name}: could not fetch the URL: {type(exc).__name__}: {exc}"
+            ) from None
 
     async def _fetch(self, name: str, url: httpx.URL, max_bytes: int) -> bytes:
         client = self._client_for_fetch()
@@ -158,12 +169,15 @@ class UrlFetcher:
                     try:
                         url = self._check_parsed(f"{name} (redirect)", url.join(location))
                     except httpx.InvalidURL as exc:
-                        raise fetch_failed(f"{name}: the source redirected to an invalid URL "
-                                           f"({exc})") from None
+                        raise fetch_failed(
+                            f"{name}: the source redirected to an invalid URL ({exc})"
+                        ) from None
                     continue
                 if not response.is_success:
-                    raise fetch_failed(f"{name}: the source answered {response.status_code} "
-                                       f"{response.reason_phrase}".rstrip())
+                    raise fetch_failed(
+                        f"{name}: the source answered {response.status_code} "
+                        f"{response.reason_phrase}".rstrip()
+                    )
                 return await _read_bounded(name, response, max_bytes)
             finally:
                 await response.aclose()
@@ -173,20 +187,24 @@ class UrlFetcher:
 async def _read_bounded(name: str, response: httpx.Response, max_bytes: int) -> bytes:
     declared = response.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise ImageTooLarge(f"{name}: the source's body ({int(declared)} bytes) is larger than "
-                            f"the limit of {max_bytes} bytes")
+        raise ImageTooLarge(
+            f"{name}: the source's body ({int(declared)} bytes) is larger than "
+            f"the limit of {max_bytes} bytes"
+        )
     chunks, total = [], 0
     async for chunk in response.aiter_bytes(CHUNK_BYTES):  # decoded (gzip etc.) bytes count
         total += len(chunk)
         if total > max_bytes:
-            raise ImageTooLarge(f"{name}: the source's body is larger than the limit of "
-                                f"{max_bytes} bytes")
+            raise ImageTooLarge(
+                f"{name}: the source's body is larger than the limit of {max_bytes} bytes"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def fetch_all(fetcher: UrlFetcher, urls: dict[str, tuple[str, object]], max_bytes: int,
-                    timings=None) -> dict[str, bytes]:
+async def fetch_all(
+    fetcher: UrlFetcher, urls: dict[str, tuple[str, object]], max_bytes: int, timings=None
+) -> dict[str, bytes]:
     """Fetch ``{image_field: (url_field, url)}`` concurrently -> ``{image_field: bytes}``.
 
     Every URL is checked before any is fetched; the first failure is raised at once and
@@ -195,8 +213,10 @@ async def fetch_all(fetcher: UrlFetcher, urls: dict[str, tuple[str, object]], ma
     for field_name, url in urls.values():
         fetcher.check(field_name, url)
     start = time.perf_counter()
-    tasks = [asyncio.ensure_future(fetcher.fetch(field_name, url, max_bytes))
-             for field_name, url in urls.values()]
+    tasks = [
+        asyncio.ensure_future(fetcher.fetch(field_name, url, max_bytes))
+        for field_name, url in urls.values()
+    ]
     try:
         results = await asyncio.gather(*tasks)
     except BaseException:

@@ -30,8 +30,10 @@ def _best_face(faces: GalleryFaces, embedding: np.ndarray) -> tuple[float, int]:
     every index type (an approximate index can miss a subject's faces).
     """
     if faces.embeddings.shape[1] != embedding.shape[0]:
-        raise InvalidEmbedding(f"gallery {faces.name!r} holds {faces.embeddings.shape[1]}-d "
-                               f"embeddings, the probe is {embedding.shape[0]}-d")
+        raise InvalidEmbedding(
+            f"gallery {faces.name!r} holds {faces.embeddings.shape[1]}-d "
+            f"embeddings, the probe is {embedding.shape[0]}-d"
+        )
     scores = faces.embeddings @ embedding
     best = int(np.argmax(scores))
     return float(scores[best]), int(faces.face_ids[best])
@@ -46,9 +48,7 @@ def _best_face(faces: GalleryFaces, embedding: np.ndarray) -> tuple[float, int]:
     summary="Compare two faces, or a face with an enrolled subject",
     dependencies=[require_scope("verify")],
 )
-async def verify(request: Request, state: State,
-                 entry: VerifyAudit,
-                 timings: bool = False) -> dict:
+async def verify(request: Request, state: State, entry: VerifyAudit, timings: bool = False) -> dict:
     """Compare the face in ``image1`` with the face in ``image2``, or with the enrolled
     subject ``gallery``/``subject_id``.
 
@@ -62,8 +62,9 @@ async def verify(request: Request, state: State,
     """
     settings = state.settings
     clock = Timings()
-    payload = await read_payload(request, ("image1", "image2"), (),
-                                 settings.max_image_bytes, timings=clock)
+    payload = await read_payload(
+        request, ("image1", "image2"), (), settings.max_image_bytes, timings=clock
+    )
     opts = payload.options(VerifyOptions)
     if opts.embedding is not None:
         if "image1" in payload.images:
@@ -77,8 +78,9 @@ async def verify(request: Request, state: State,
     async def first_face():
         if probe is not None:
             return probe
-        [found] = await analysis.analyze_labelled(state, {"image1": payload.images["image1"]},
-                                                  policy, clock)
+        [found] = await analysis.analyze_labelled(
+            state, {"image1": payload.images["image1"]}, policy, clock
+        )
         return found
 
     if opts.gallery:
@@ -93,30 +95,41 @@ async def verify(request: Request, state: State,
 
     if "image2" in payload.images:
         if opts.gallery or opts.subject_id:
-            raise bad_request("ambiguous_request",
-                              "send either image2 or gallery + subject_id, not both")
+            raise bad_request(
+                "ambiguous_request", "send either image2 or gallery + subject_id, not both"
+            )
         if probe is not None:
             first = probe
             [second] = await analysis.analyze_labelled(
-                state, {"image2": payload.images["image2"]}, policy, clock)
+                state, {"image2": payload.images["image2"]}, policy, clock
+            )
         else:
             first, second = await analysis.analyze_labelled(
-                state, {"image1": payload.images["image1"], "image2": payload.images["image2"]},
-                policy, clock)
+                state,
+                {"image1": payload.images["image1"], "image2": payload.images["image2"]},
+                policy,
+                clock,
+            )
         similarity = float(np.dot(first.embeddings[0], second.embeddings[0]))
         face2 = second.detections[0].to_dict()
     else:
         if not (opts.gallery and opts.subject_id):
-            raise ApiError(422, "missing_field",
-                           "send image2, or gallery and subject_id to compare with an enrolled "
-                           "subject")
+            raise ApiError(
+                422,
+                "missing_field",
+                "send image2, or gallery and subject_id to compare with an enrolled subject",
+            )
         # Unknown gallery/subject or a gallery of another model: refused before any image work.
         await analysis.gallery_for_model(state, opts.gallery, clock)
-        faces = await analysis.call(clock, "search", state.gallery.subject_faces, opts.gallery,
-                                    opts.subject_id, model_id)
+        faces = await analysis.call(
+            clock, "search", state.gallery.subject_faces, opts.gallery, opts.subject_id, model_id
+        )
         if not len(faces.face_ids):
-            raise ApiError(422, "no_enrolled_face",
-                           f"subject {opts.subject_id!r} has no enrolled face to compare with")
+            raise ApiError(
+                422,
+                "no_enrolled_face",
+                f"subject {opts.subject_id!r} has no enrolled face to compare with",
+            )
         first = await first_face()
         similarity, face_id = _best_face(faces, first.embeddings[0])
         entry.add(face_ids=[face_id])

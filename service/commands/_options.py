@@ -6,20 +6,33 @@ import argparse
 from pathlib import Path
 
 
-def add_model_options(parser: argparse.ArgumentParser, detector: bool = True,
-                      recognizer: bool = True) -> None:
-    parser.add_argument("--models-dir", type=Path, default=None,
-                        help="models directory (default: FACEGATE_MODELS_DIR or var/models)")
+def add_model_options(
+    parser: argparse.ArgumentParser, detector: bool = True, recognizer: bool = True
+) -> None:
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="models directory (default: FACEGATE_MODELS_DIR or var/models)",
+    )
     if detector:
-        parser.add_argument("--detector", default=None,
-                            help="detector: manifest name or .onnx path "
-                                 "(default: FACEGATE_DETECTOR)")
-        parser.add_argument("--det-size", type=int, default=None,
-                            help="largest detector input side (default: FACEGATE_DET_SIZE)")
+        parser.add_argument(
+            "--detector",
+            default=None,
+            help="detector: manifest name or .onnx path (default: FACEGATE_DETECTOR)",
+        )
+        parser.add_argument(
+            "--det-size",
+            type=int,
+            default=None,
+            help="largest detector input side (default: FACEGATE_DET_SIZE)",
+        )
     if recognizer:
-        parser.add_argument("--recognizer", default=None,
-                            help="recognizer: manifest name or .onnx path "
-                                 "(default: FACEGATE_RECOGNIZER)")
+        parser.add_argument(
+            "--recognizer",
+            default=None,
+            help="recognizer: manifest name or .onnx path (default: FACEGATE_RECOGNIZER)",
+        )
 
 
 def settings_from_args(args: argparse.Namespace, **extra):

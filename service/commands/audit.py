@@ -15,9 +15,7 @@ from service.helptext import summary
 def register(subparsers) -> None:
     from .gallery_transfer import add_store_options
 
-    parser = subparsers.add_parser(
-        "audit", help="read the audit log", description=summary(__doc__)
-    )
+    parser = subparsers.add_parser("audit", help="read the audit log", description=summary(__doc__))
     parser.add_argument("--gallery", default=None)
     parser.add_argument("--subject-id", default=None)
     parser.add_argument("--action", default=None)

@@ -16,8 +16,9 @@ from ._options import add_model_options, read_images, settings_from_args
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("detect", help="detect faces in an image (JSON)",
-                                   description=summary(__doc__))
+    parser = subparsers.add_parser(
+        "detect", help="detect faces in an image (JSON)", description=summary(__doc__)
+    )
     parser.add_argument("image", type=Path)
     add_model_options(parser, recognizer=False)
     parser.set_defaults(func=run)
@@ -47,12 +48,16 @@ def run(args) -> int:
     except PipelineError as exc:
         print(json.dumps({"error": {"code": exc.code, "message": exc.message}}))
         return 3
-    print(json.dumps({
-        "image": str(args.image),
-        "width": found.image_size[0],
-        "height": found.image_size[1],
-        "detector": card.name,
-        "detect_ms": round(timings.stages["detect"] * 1000, 2),
-        "faces": [face.to_dict() for face in found.detections],
-    }))
+    print(
+        json.dumps(
+            {
+                "image": str(args.image),
+                "width": found.image_size[0],
+                "height": found.image_size[1],
+                "detector": card.name,
+                "detect_ms": round(timings.stages["detect"] * 1000, 2),
+                "faces": [face.to_dict() for face in found.detections],
+            }
+        )
+    )
     return 0

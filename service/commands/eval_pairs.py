@@ -33,22 +33,34 @@ from ._options import add_model_options, load_pipeline, settings_from_args
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("eval-pairs", help="LFW-style pair verification accuracy",
-                                   description=summary(__doc__))
+    parser = subparsers.add_parser(
+        "eval-pairs", help="LFW-style pair verification accuracy", description=summary(__doc__)
+    )
     parser.add_argument("--pairs", type=Path, required=True, help="pairs.txt")
-    parser.add_argument("--images", type=Path, required=True,
-                        help="directory holding <Name>/<Name>_<nnnn>.jpg")
+    parser.add_argument(
+        "--images", type=Path, required=True, help="directory holding <Name>/<Name>_<nnnn>.jpg"
+    )
     add_model_options(parser)
     parser.add_argument("--flip", action="store_true", help="flip-augmented embeddings")
     parser.add_argument("--limit-folds", type=int, default=None, help="only the first K folds")
     parser.add_argument("--workers", type=int, default=1, help="images processed in parallel")
-    parser.add_argument("--letterbox", type=int, default=None, metavar="N",
-                        help="run a dynamic-input detector on an NxN letterbox for every image "
-                             "(as InsightFace's FaceAnalysis does with 640) instead of the "
-                             "image's own size")
-    parser.add_argument("--chips", type=Path, default=None, metavar="DIR",
-                        help="cache the aligned chips in DIR and reuse them for every model with "
-                             "the same detector and crop contract")
+    parser.add_argument(
+        "--letterbox",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run a dynamic-input detector on an NxN letterbox for every image "
+        "(as InsightFace's FaceAnalysis does with 640) instead of the "
+        "image's own size",
+    )
+    parser.add_argument(
+        "--chips",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="cache the aligned chips in DIR and reuse them for every model with "
+        "the same detector and crop contract",
+    )
     parser.add_argument("--json", action="store_true", help="print only the JSON report")
     parser.set_defaults(func=run)
 
@@ -78,14 +90,19 @@ def align_images(pipeline, paths: list[Path], workers: int) -> tuple[np.ndarray,
 
 def chips_key(pipeline, paths: list[Path]) -> str:
     """What the chips depend on: detector weights and input, crop template and size, images."""
-    parts = [pipeline.detector_card.id, str(getattr(pipeline.detector, "fixed_size", None)),
-             np.asarray(pipeline.template, np.float32).round(4).tobytes().hex(),
-             str(tuple(pipeline.crop_size)), *map(str, paths)]
+    parts = [
+        pipeline.detector_card.id,
+        str(getattr(pipeline.detector, "fixed_size", None)),
+        np.asarray(pipeline.template, np.float32).round(4).tobytes().hex(),
+        str(tuple(pipeline.crop_size)),
+        *map(str, paths),
+    ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def cached_chips(pipeline, paths: list[Path], workers: int, directory: Path | None
-                 ) -> tuple[np.ndarray, list[bool]]:
+def cached_chips(
+    pipeline, paths: list[Path], workers: int, directory: Path | None
+) -> tuple[np.ndarray, list[bool]]:
     """``align_images``, read from / written to ``directory`` when given."""
     if directory is None:
         return align_images(pipeline, paths, workers)
@@ -101,18 +118,24 @@ def cached_chips(pipeline, paths: list[Path], workers: int, directory: Path | No
     return chips, fallback
 
 
-def embed_images(pipeline, paths: list[Path], workers: int,
-                 chips_dir: Path | None = None) -> tuple[np.ndarray, list[bool]]:
+def embed_images(
+    pipeline, paths: list[Path], workers: int, chips_dir: Path | None = None
+) -> tuple[np.ndarray, list[bool]]:
     """(N, dim) embeddings of each image's main face, and whether the fallback was used."""
     chips, fallback = cached_chips(pipeline, paths, workers, chips_dir)
     batch = 64
-    vectors = [pipeline.embed(chips[i:i + batch])
-               for i in range(0, len(chips), batch)]
+    vectors = [pipeline.embed(chips[i : i + batch]) for i in range(0, len(chips), batch)]
     return np.concatenate(vectors), fallback
 
 
-def evaluate(pipeline, pairs_path: Path, images_dir: Path, limit_folds: int | None = None,
-             workers: int = 1, chips_dir: Path | None = None) -> dict:
+def evaluate(
+    pipeline,
+    pairs_path: Path,
+    images_dir: Path,
+    limit_folds: int | None = None,
+    workers: int = 1,
+    chips_dir: Path | None = None,
+) -> dict:
     """The full report as a dict (see the module docstring); flip-augmented when the
     pipeline's embedder is (``--flip``: ``FACEGATE_FLIP_AUGMENT``)."""
     from service.pipeline.pairs import (
@@ -129,8 +152,9 @@ def evaluate(pipeline, pairs_path: Path, images_dir: Path, limit_folds: int | No
     keys = sorted({p.a for p in pairs} | {p.b for p in pairs})
     index = {k: i for i, k in enumerate(keys)}
     start = time.perf_counter()
-    embeddings, fallback = embed_images(pipeline, [images_dir / k for k in keys], workers,
-                                        chips_dir)
+    embeddings, fallback = embed_images(
+        pipeline, [images_dir / k for k in keys], workers, chips_dir
+    )
     elapsed = time.perf_counter() - start
     scores = np.array([float(embeddings[index[p.a]] @ embeddings[index[p.b]]) for p in pairs])
     labels = np.array([p.same for p in pairs])
@@ -161,8 +185,11 @@ def evaluate(pipeline, pairs_path: Path, images_dir: Path, limit_folds: int | No
         "images_per_second": round(len(keys) / elapsed, 3),
         "seconds": round(elapsed, 2),
         "detector": pipeline.detector_card.name,
-        "detector_input": ("{}x{} letterbox".format(*pipeline.detector.fixed_size)
-                           if getattr(pipeline.detector, "fixed_size", None) else "per image"),
+        "detector_input": (
+            "{}x{} letterbox".format(*pipeline.detector.fixed_size)
+            if getattr(pipeline.detector, "fixed_size", None)
+            else "per image"
+        ),
         "recognizer": pipeline.recognizer_card.name,
         "model_id": pipeline.model_id,
         "flip": bool(pipeline.settings.flip_augment),
@@ -180,12 +207,21 @@ def run(args) -> int:
         return 2
     if args.letterbox:
         pipeline.detector.use_fixed_input((args.letterbox, args.letterbox))
-    report = evaluate(pipeline, args.pairs, args.images, limit_folds=args.limit_folds,
-                      workers=max(1, args.workers), chips_dir=args.chips)
+    report = evaluate(
+        pipeline,
+        args.pairs,
+        args.images,
+        limit_folds=args.limit_folds,
+        workers=max(1, args.workers),
+        chips_dir=args.chips,
+    )
     if not args.json:
-        print(f"{report['detector']} + {report['recognizer']}: accuracy "
-              f"{report['accuracy'] * 100:.2f}% ± {report['std'] * 100:.2f} over "
-              f"{report['pairs']} pairs, no_face {report['no_face']}, "
-              f"{report['images_per_second']:.1f} images/s", file=sys.stderr)
+        print(
+            f"{report['detector']} + {report['recognizer']}: accuracy "
+            f"{report['accuracy'] * 100:.2f}% ± {report['std'] * 100:.2f} over "
+            f"{report['pairs']} pairs, no_face {report['no_face']}, "
+            f"{report['images_per_second']:.1f} images/s",
+            file=sys.stderr,
+        )
     print(json.dumps(report))
     return 0

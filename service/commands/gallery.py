@@ -25,18 +25,25 @@ from ._options import add_model_options, load_pipeline, settings_from_args
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("gallery", help="gallery maintenance",
-                                   description="Gallery maintenance on the configured store.")
+    parser = subparsers.add_parser(
+        "gallery",
+        help="gallery maintenance",
+        description="Gallery maintenance on the configured store.",
+    )
     actions = parser.add_subparsers(dest="action", required=True)
-    p_reenrol = actions.add_parser("reenrol", help="re-enrol a gallery with the current models",
-                                   description=summary(__doc__))
+    p_reenrol = actions.add_parser(
+        "reenrol", help="re-enrol a gallery with the current models", description=summary(__doc__)
+    )
     p_reenrol.add_argument("--source", required=True, help="gallery to re-enrol from")
-    p_reenrol.add_argument("--target", required=True,
-                           help="gallery to enrol into (created for the current model)")
-    p_reenrol.add_argument("--data-dir", type=Path, default=None,
-                           help="data directory (default: FACEGATE_DATA_DIR)")
-    p_reenrol.add_argument("--store-url", default=None,
-                           help="gallery store URL (default: FACEGATE_STORE_URL)")
+    p_reenrol.add_argument(
+        "--target", required=True, help="gallery to enrol into (created for the current model)"
+    )
+    p_reenrol.add_argument(
+        "--data-dir", type=Path, default=None, help="data directory (default: FACEGATE_DATA_DIR)"
+    )
+    p_reenrol.add_argument(
+        "--store-url", default=None, help="gallery store URL (default: FACEGATE_STORE_URL)"
+    )
     add_model_options(p_reenrol)
     p_reenrol.set_defaults(func=run_reenrol)
     gallery_transfer.register(actions)
@@ -47,8 +54,11 @@ def run_reenrol(args) -> int:
     from service.gallery.errors import GalleryError
     from service.reenrol import Reenrolment
 
-    extra = {key: value for key, value in (("data_dir", args.data_dir),
-                                           ("store_url", args.store_url)) if value is not None}
+    extra = {
+        key: value
+        for key, value in (("data_dir", args.data_dir), ("store_url", args.store_url))
+        if value is not None
+    }
     settings = settings_from_args(args, **extra)
     pipeline = load_pipeline(settings)
     if pipeline is None:

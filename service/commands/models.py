@@ -37,8 +37,9 @@ class PullError(RuntimeError):
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("models", help="list, verify, pull and install models",
-                                   description=summary(__doc__))
+    parser = subparsers.add_parser(
+        "models", help="list, verify, pull and install models", description=summary(__doc__)
+    )
     actions = parser.add_subparsers(dest="action", required=True)
     p_list = actions.add_parser("list", help="known models and their state")
     add_model_options(p_list, detector=False, recognizer=False)
@@ -76,9 +77,16 @@ def model_state(registry, card) -> dict:
     sha_ok = None
     if path is not None:
         sha_ok = bool(card.sha256) and sha256_file(path) == card.sha256
-    return {"name": card.name, "task": card.task, "family": card.family,
-            "licence": card.licence, "commercial": card.commercial_use,
-            "found": path is not None, "sha_ok": sha_ok, "path": str(path) if path else None}
+    return {
+        "name": card.name,
+        "task": card.task,
+        "family": card.family,
+        "licence": card.licence,
+        "commercial": card.commercial_use,
+        "found": path is not None,
+        "sha_ok": sha_ok,
+        "path": str(path) if path else None,
+    }
 
 
 def run_list(args) -> int:
@@ -89,10 +97,21 @@ def run_list(args) -> int:
         return 0
     mark = {True: "yes", False: "NO", None: "-"}
     headers = ["name", "task", "commercial", "found", "sha ok", "licence"]
-    table = [[r["name"], r["task"], mark[r["commercial"]], mark[r["found"]], mark[r["sha_ok"]],
-              r["licence"]] for r in rows]
-    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h)
-              for i, h in enumerate(headers)]
+    table = [
+        [
+            r["name"],
+            r["task"],
+            mark[r["commercial"]],
+            mark[r["found"]],
+            mark[r["sha_ok"]],
+            r["licence"],
+        ]
+        for r in rows
+    ]
+    widths = [
+        max(len(h), *(len(row[i]) for row in table)) if table else len(h)
+        for i, h in enumerate(headers)
+    ]
     for row in [headers, *table]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
@@ -160,8 +179,10 @@ def pull(card, models_dir: Path) -> Path:
             candidate = _member_matching(fetched, card.sha256, Path(tmp))
         actual = _sha256(candidate)
         if actual != card.sha256:
-            raise PullError(f"checksum mismatch for {card.name!r} from {source}: expected "
-                            f"{card.sha256}, got {actual}; not installed")
+            raise PullError(
+                f"checksum mismatch for {card.name!r} from {source}: expected "
+                f"{card.sha256}, got {actual}; not installed"
+            )
         os.replace(candidate, final)
     return final
 
@@ -190,8 +211,10 @@ def _member_matching(archive: Path, sha256: str, workdir: Path) -> Path:
 def run_pull(args) -> int:
     settings, registry = _registry(args)
     if args.name not in registry.cards:
-        print(f"error: unknown model {args.name!r}; known: {', '.join(sorted(registry.cards))}",
-              file=sys.stderr)
+        print(
+            f"error: unknown model {args.name!r}; known: {', '.join(sorted(registry.cards))}",
+            file=sys.stderr,
+        )
         return 1
     try:
         path = pull(registry.cards[args.name], Path(settings.models_dir))
@@ -207,8 +230,7 @@ def run_install(args) -> int:
     try:
         from service.convert.install import install_defaults
     except ImportError as exc:
-        print(f"error: the model installer is not available in this build ({exc})",
-              file=sys.stderr)
+        print(f"error: the model installer is not available in this build ({exc})", file=sys.stderr)
         return 1
     from service.convert.install import InstallError
 

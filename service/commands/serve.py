@@ -7,14 +7,18 @@ import argparse
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "serve", help="run the REST service",
+        "serve",
+        help="run the REST service",
         description="Serve the REST API with uvicorn. Every other knob is a FACEGATE_* "
-                    "environment variable (see service/config.py).")
+        "environment variable (see service/config.py).",
+    )
     parser.add_argument("--host", help="bind address (default: FACEGATE_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: FACEGATE_PORT or 8000)")
-    parser.add_argument("--workers", type=int,
-                        help="worker processes, each loading its own models "
-                             "(default: FACEGATE_WORKERS or 1)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes, each loading its own models (default: FACEGATE_WORKERS or 1)",
+    )
     parser.add_argument("--log-level", help="uvicorn log level (default: FACEGATE_LOG_LEVEL)")
     parser.set_defaults(func=run)
 

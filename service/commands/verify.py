@@ -19,13 +19,17 @@ from ._options import add_model_options, load_pipeline, read_images, settings_fr
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("verify", help="compare the faces in two images (JSON)",
-                                   description=summary(__doc__))
+    parser = subparsers.add_parser(
+        "verify", help="compare the faces in two images (JSON)", description=summary(__doc__)
+    )
     parser.add_argument("image_a", type=Path)
     parser.add_argument("image_b", type=Path)
     add_model_options(parser)
-    parser.add_argument("--operating-point", default=None,
-                        help="threshold to use, e.g. fmr_1e-3 (default: FACEGATE_OPERATING_POINT)")
+    parser.add_argument(
+        "--operating-point",
+        default=None,
+        help="threshold to use, e.g. fmr_1e-3 (default: FACEGATE_OPERATING_POINT)",
+    )
     parser.add_argument("--flip", action="store_true", help="flip-augmented embeddings")
     parser.set_defaults(func=run)
 
@@ -48,8 +52,9 @@ def run(args) -> int:
     if pipeline is None:
         return 2
     try:
-        point = operating_point(pipeline.recognizer_card, args.operating_point,
-                                settings.operating_point)
+        point = operating_point(
+            pipeline.recognizer_card, args.operating_point, settings.operating_point
+        )
     except UnknownOperatingPoint as exc:
         print(json.dumps({"error": {"code": exc.code, "message": str(exc)}}))
         return 3
@@ -63,14 +68,18 @@ def run(args) -> int:
     pipeline.embed_faces(found)
     similarity = float(found[0].embeddings[0] @ found[1].embeddings[0])
     decision = decide(similarity, threshold_for(pipeline.recognizer_card, point))
-    print(json.dumps({
-        **decision.to_dict(),
-        "similarity": round(similarity, 6),
-        "faces": {"a": found[0].detected, "b": found[1].detected},
-        "face_a": found[0].detections[0].to_dict(),
-        "face_b": found[1].detections[0].to_dict(),
-        "detector": pipeline.detector_card.name,
-        "recognizer": pipeline.recognizer_card.name,
-        "model_id": pipeline.model_id,
-    }))
+    print(
+        json.dumps(
+            {
+                **decision.to_dict(),
+                "similarity": round(similarity, 6),
+                "faces": {"a": found[0].detected, "b": found[1].detected},
+                "face_a": found[0].detections[0].to_dict(),
+                "face_b": found[1].detections[0].to_dict(),
+                "detector": pipeline.detector_card.name,
+                "recognizer": pipeline.recognizer_card.name,
+                "model_id": pipeline.model_id,
+            }
+        )
+    )
     return 0

@@ -71,7 +71,7 @@ class DlibReader:
     def _take(self, n: int) -> memoryview:
         if self.pos + n > len(self.data):
             raise DlibFormatError(f"unexpected end of file at byte {self.pos} (wanted {n} bytes)")
-        chunk = self.data[self.pos:self.pos + n]
+        chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk
 
@@ -110,8 +110,7 @@ class DlibReader:
     def expect_int(self, expected: builtins.int, what: str) -> None:
         found = self.int()
         if found != expected:
-            raise DlibFormatError(f"{what}: expected {expected}, found {found} "
-                                  f"(byte {self.pos})")
+            raise DlibFormatError(f"{what}: expected {expected}, found {found} (byte {self.pos})")
 
     def expect_string(self, expected: str) -> None:
         found = self.string()
@@ -154,8 +153,13 @@ class Op:
 
 def _block(filters: int, stride: int) -> list[Op]:
     """dlib: ``affine<con<N,3,3,1,1,relu<affine<con<N,3,3,stride,stride,SUBNET>>>>>``."""
-    return [Op("con", filters, 3, stride), Op("affine"), Op("relu"),
-            Op("con", filters, 3, 1), Op("affine")]
+    return [
+        Op("con", filters, 3, stride),
+        Op("affine"),
+        Op("relu"),
+        Op("con", filters, 3, 1),
+        Op("affine"),
+    ]
 
 
 def _ares(filters: int) -> list[Op]:
@@ -165,8 +169,15 @@ def _ares(filters: int) -> list[Op]:
 
 def _ares_down(filters: int) -> list[Op]:
     """``relu<add_prev2<avg_pool<2,2,2,2,skip1<tag2<block<N,affine,2,tag1<SUBNET>>>>>>>``."""
-    return [Op("tag", tag=1), *_block(filters, 2), Op("tag", tag=2), Op("skip", tag=1),
-            Op("avg_pool", window=2, stride=2), Op("add_prev", tag=2), Op("relu")]
+    return [
+        Op("tag", tag=1),
+        *_block(filters, 2),
+        Op("tag", tag=2),
+        Op("skip", tag=1),
+        Op("avg_pool", window=2, stride=2),
+        Op("add_prev", tag=2),
+        Op("relu"),
+    ]
 
 
 def face_recognition_resnet_v1() -> list[Op]:
@@ -225,17 +236,24 @@ def _read_details(reader: DlibReader, op: Op, channels: int) -> tuple[dict, int]
         reader.expect_int(pad, "con padding_x")
         fshape = reader.alias_tensor()
         bshape = reader.alias_tensor()
-        if (fshape != (op.filters, channels, op.window, op.window)
-                or bshape != (1, op.filters, 1, 1)):
+        if fshape != (op.filters, channels, op.window, op.window) or bshape != (
+            1,
+            op.filters,
+            1,
+            1,
+        ):
             raise DlibFormatError(f"con: unexpected filter/bias shapes {fshape} {bshape}")
         for _ in range(4):  # learning-rate / weight-decay multipliers
             reader.float()
         nweights = int(np.prod(fshape))
         if params.size != nweights + op.filters:
             raise DlibFormatError(
-                f"con: {params.size} parameters, expected {nweights + op.filters}")
-        return {"weight": params[:nweights].reshape(fshape),
-                "bias": params[nweights:].copy()}, op.filters
+                f"con: {params.size} parameters, expected {nweights + op.filters}"
+            )
+        return {
+            "weight": params[:nweights].reshape(fshape),
+            "bias": params[nweights:].copy(),
+        }, op.filters
     if op.kind == "affine":
         reader.expect_string("affine_")
         params = reader.tensor().reshape(-1)
@@ -319,8 +337,9 @@ def parse_dlib_network(data: bytes, ops: list[Op] | None = None) -> DlibNetwork:
         for name, array in layer.items():
             if not np.all(np.isfinite(array)):
                 raise DlibFormatError(f"non-finite values in a layer's {name}")
-    return DlibNetwork(ops=ops, params=params, channel_means=means, input_size=INPUT_SIZE,
-                       loss=loss)
+    return DlibNetwork(
+        ops=ops, params=params, channel_means=means, input_size=INPUT_SIZE, loss=loss
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -356,9 +375,14 @@ def build_onnx(net: DlibNetwork, fold_affine: bool = True) -> onnx.ModelProto:
                 bias = (bias.astype(np.float64) * gamma + beta).astype(np.float32)
                 index += 1
             pad = 0 if op.stride != 1 else op.window // 2
-            current = g.node("Conv", [current, g.const("conv_w", weight), g.const("conv_b", bias)],
-                             "conv", kernel_shape=[op.window, op.window],
-                             strides=[op.stride, op.stride], pads=[pad] * 4)
+            current = g.node(
+                "Conv",
+                [current, g.const("conv_w", weight), g.const("conv_b", bias)],
+                "conv",
+                kernel_shape=[op.window, op.window],
+                strides=[op.stride, op.stride],
+                pads=[pad] * 4,
+            )
             side = _out_side(shape[1], op.window, op.stride, pad)
             shape = (op.filters, side, side)
         elif op.kind == "affine":
@@ -370,9 +394,14 @@ def build_onnx(net: DlibNetwork, fold_affine: bool = True) -> onnx.ModelProto:
             current = g.node("Relu", [current], "relu")
         elif op.kind in ("max_pool", "avg_pool") and op.window > 0:
             pad = 0 if op.stride != 1 else op.window // 2
-            current = g.node("MaxPool" if op.kind == "max_pool" else "AveragePool", [current],
-                             op.kind, kernel_shape=[op.window, op.window],
-                             strides=[op.stride, op.stride], pads=[pad] * 4)
+            current = g.node(
+                "MaxPool" if op.kind == "max_pool" else "AveragePool",
+                [current],
+                op.kind,
+                kernel_shape=[op.window, op.window],
+                strides=[op.stride, op.stride],
+                pads=[pad] * 4,
+            )
             side = _out_side(shape[1], op.window, op.stride, pad)
             shape = (shape[0], side, side)
         elif op.kind == "avg_pool":  # avg_pool_everything
@@ -391,15 +420,18 @@ def build_onnx(net: DlibNetwork, fold_affine: bool = True) -> onnx.ModelProto:
             terms = []
             for name, sh in ((current, shape), (other, other_shape)):
                 if sh != target:
-                    pads = np.array([0, 0, 0, 0, 0, target[0] - sh[0], target[1] - sh[1],
-                                     target[2] - sh[2]], dtype=np.int64)
+                    pads = np.array(
+                        [0, 0, 0, 0, 0, target[0] - sh[0], target[1] - sh[1], target[2] - sh[2]],
+                        dtype=np.int64,
+                    )
                     name = g.node("Pad", [name, g.const("pads", pads)], "pad", mode="constant")
                 terms.append(name)
             current = g.node("Add", terms, "add_prev")
             shape = target
         elif op.kind == "fc":
-            current = g.node("MatMul", [current, g.const("fc_w", p["weight"].astype(np.float32))],
-                             "fc")
+            current = g.node(
+                "MatMul", [current, g.const("fc_w", p["weight"].astype(np.float32))], "fc"
+            )
             shape = (op.filters, 1, 1)
         else:
             raise DlibFormatError(f"cannot translate layer kind {op.kind!r}")
@@ -407,19 +439,27 @@ def build_onnx(net: DlibNetwork, fold_affine: bool = True) -> onnx.ModelProto:
 
     g.nodes.append(helper.make_node("Identity", [current], ["embedding"], name="embedding"))
     graph = helper.make_graph(
-        g.nodes, "dlib_face_recognition_resnet_model_v1",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                       ["N", 3, net.input_size, net.input_size])],
+        g.nodes,
+        "dlib_face_recognition_resnet_model_v1",
+        [
+            helper.make_tensor_value_info(
+                "input", TensorProto.FLOAT, ["N", 3, net.input_size, net.input_size]
+            )
+        ],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", shape[0]])],
         initializer=g.initializers,
     )
     model = helper.make_model(
-        graph, producer_name=PRODUCER, producer_version=PRODUCER_VERSION,
+        graph,
+        producer_name=PRODUCER,
+        producer_version=PRODUCER_VERSION,
         opset_imports=[helper.make_opsetid("", OPSET)],
     )
     model.ir_version = IR_VERSION
-    model.doc_string = ("dlib face recognition ResNet v1 (CC0-1.0), converted from "
-                        "dlib_face_recognition_resnet_model_v1.dat; input RGB (x - mean) / 256")
+    model.doc_string = (
+        "dlib face recognition ResNet v1 (CC0-1.0), converted from "
+        "dlib_face_recognition_resnet_model_v1.dat; input RGB (x - mean) / 256"
+    )
     means = ",".join(f"{m:.6f}" for m in net.channel_means)
     helper.set_model_props(model, {"channel_means_rgb": means, "input_scale": "256"})
     onnx.checker.check_model(model)

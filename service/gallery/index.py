@@ -102,8 +102,14 @@ def nearest_others(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.where(found[:, 0] == rows, found[:, 1], found[:, 0])
 
 
-def tune_nprobe(index: faiss.IndexIVF, vectors: np.ndarray, ids: np.ndarray, target: float,
-                queries: int = TUNE_QUERIES, seed: int = 0) -> tuple[int, float]:
+def tune_nprobe(
+    index: faiss.IndexIVF,
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    target: float,
+    queries: int = TUNE_QUERIES,
+    seed: int = 0,
+) -> tuple[int, float]:
     """About the fewest probes (doubling, then bisecting) with which ``index`` finds, for a
     sample of the gallery's own vectors, each one's exact nearest *other* vector (the
     sample's own entry excluded) at a rate of at least ``target``; (nprobe, recall).
@@ -208,8 +214,9 @@ def _flat_vectors(index: faiss.Index) -> np.ndarray:
     """A copy of the vectors stored in an ``IndexFlat``."""
     flat = faiss.downcast_index(index)
     assert isinstance(flat, faiss.IndexFlat)
-    return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(
-        flat.ntotal, flat.d).copy()
+    return (
+        faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d).copy()
+    )
 
 
 def _ivf_contents(ivf: faiss.IndexIVFFlat) -> tuple[np.ndarray, np.ndarray]:
@@ -222,8 +229,9 @@ def _ivf_contents(ivf: faiss.IndexIVFFlat) -> tuple[np.ndarray, np.ndarray]:
         if size:
             ids.append(faiss.rev_swig_ptr(lists.get_ids(list_no), size).copy())
             codes = faiss.rev_swig_ptr(lists.get_codes(list_no), size * ivf.code_size)
-            vectors.append(np.frombuffer(codes.copy().tobytes(), dtype=np.float32)
-                           .reshape(size, ivf.d))
+            vectors.append(
+                np.frombuffer(codes.copy().tobytes(), dtype=np.float32).reshape(size, ivf.d)
+            )
     if not ids:
         return np.zeros(0, np.int64), np.zeros((0, ivf.d), np.float32)
     return np.concatenate(ids), np.concatenate(vectors)
@@ -244,9 +252,16 @@ def ivf_lists(n: int) -> int:
 class GalleryIndex:
     """The searchable, derived state of one gallery."""
 
-    def __init__(self, dim: int, model_id: str, kind: str = "flat", gpu: bool = False,
-                 nprobe: int = IVF_NPROBE, target_recall: float = 0.0,
-                 switch_faces: int = 0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        model_id: str,
+        kind: str = "flat",
+        gpu: bool = False,
+        nprobe: int = IVF_NPROBE,
+        target_recall: float = 0.0,
+        switch_faces: int = 0,
+    ) -> None:
         """``nprobe`` 0 (ivf) or ``kind="auto"``: the probe count is tuned for
         ``target_recall`` (default ``TARGET_RECALL``) whenever the index is trained;
         ``switch_faces`` (auto): the size where it leaves exact search (0: measured
@@ -303,8 +318,9 @@ class GalleryIndex:
         self._index = build_ivf(self.dim, ids, vectors)
         self._trained_at = len(ids)
         if self.target_recall > 0:
-            self.nprobe, self.tuned_recall = tune_nprobe(self._index, vectors, ids,
-                                                         self.target_recall)
+            self.nprobe, self.tuned_recall = tune_nprobe(
+                self._index, vectors, ids, self.target_recall
+            )
 
     def _train_in_background(self) -> None:
         """``auto``: build the ivf index off the lock, then catch up and swap it in."""
@@ -320,8 +336,10 @@ class GalleryIndex:
                     _remove_ids(index, np.fromiter(written, np.int64, len(written)))
                 added = [(f, v) for f, v in written.items() if v is not None]
                 if added:
-                    index.add_with_ids(np.stack([v for _, v in added]),
-                                       np.array([f for f, _ in added], dtype=np.int64))
+                    index.add_with_ids(
+                        np.stack([v for _, v in added]),
+                        np.array([f for f, _ in added], dtype=np.int64),
+                    )
                 self._index = index
                 self._trained_at = len(ids)
                 self.nprobe, self.tuned_recall = nprobe, recall
@@ -341,11 +359,15 @@ class GalleryIndex:
         active = "ivf" if ivf is not None else "hnsw" if self.kind == "hnsw" else "flat"
         out: dict = {"kind": self.kind, "active": active}
         if ivf is not None:
-            out.update(nlist=int(ivf.nlist), nprobe=min(self.nprobe, ivf.nlist),
-                       trained_at=self._trained_at)
+            out.update(
+                nlist=int(ivf.nlist),
+                nprobe=min(self.nprobe, ivf.nlist),
+                trained_at=self._trained_at,
+            )
             if self.tuned_recall is not None:
-                out.update(target_recall=self.target_recall,
-                           tuned_recall=round(self.tuned_recall, 4))
+                out.update(
+                    target_recall=self.target_recall, tuned_recall=round(self.tuned_recall, 4)
+                )
         if self.kind == "auto":
             out.update(switch_faces=self.switch_faces, training=self.training)
         return out
@@ -403,10 +425,14 @@ class GalleryIndex:
             if self.kind == "ivf":
                 if size >= max(IVF_MIN_TRAIN, IVF_RETRAIN_GROWTH * self._trained_at):
                     self._train_ivf()
-            elif self.kind == "auto" and self._trainer is None and size >= max(
-                    self.switch_faces, IVF_RETRAIN_GROWTH * self._trained_at):
-                self._trainer = threading.Thread(target=self._train_in_background,
-                                                 name="facegate-index-train", daemon=True)
+            elif (
+                self.kind == "auto"
+                and self._trainer is None
+                and size >= max(self.switch_faces, IVF_RETRAIN_GROWTH * self._trained_at)
+            ):
+                self._trainer = threading.Thread(
+                    target=self._train_in_background, name="facegate-index-train", daemon=True
+                )
                 self._trainer.start()
             self._gpu_index = None
             return int(fresh.sum())
@@ -463,8 +489,11 @@ class GalleryIndex:
             if isinstance(self._index, faiss.IndexIVFFlat):
                 lists = self._index.invlists
                 assert lists is not None  # an IndexIVF always owns its inverted lists
-                ids = [faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n)).copy()
-                       for n in range(self._index.nlist) if lists.list_size(n)]
+                ids = [
+                    faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n)).copy()
+                    for n in range(self._index.nlist)
+                    if lists.list_size(n)
+                ]
                 held = np.concatenate(ids) if ids else np.zeros(0, np.int64)
             else:
                 held = faiss.vector_to_array(self._index.id_map)
@@ -500,7 +529,8 @@ class GalleryIndex:
         if self.kind == "hnsw":
             # SearchParametersHNSW is missing from faiss's type stub (it is in the module)
             return faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
-                efSearch=max(self.ef_search, k))
+                efSearch=max(self.ef_search, k)
+            )
         return None
 
     def search(self, queries: np.ndarray, top_k: int) -> list[list[dict]]:
@@ -527,8 +557,9 @@ class GalleryIndex:
             if subject_id is None or subject_id in seen:
                 continue  # -1 padding, tombstone, or a worse face of a listed subject
             seen.add(subject_id)
-            hits.append({"subject_id": subject_id, "similarity": float(score),
-                         "face_id": int(face_id)})
+            hits.append(
+                {"subject_id": subject_id, "similarity": float(score), "face_id": int(face_id)}
+            )
             if len(hits) == top_k:
                 break
         return hits
@@ -571,8 +602,15 @@ class GalleryIndex:
             os.replace(tmp, prefix.with_suffix(suffix))
 
     @classmethod
-    def load(cls, prefix: Path, kind: str, gpu: bool = False, nprobe: int = IVF_NPROBE,
-             target_recall: float = 0.0, switch_faces: int = 0) -> tuple[GalleryIndex, dict]:
+    def load(
+        cls,
+        prefix: Path,
+        kind: str,
+        gpu: bool = False,
+        nprobe: int = IVF_NPROBE,
+        target_recall: float = 0.0,
+        switch_faces: int = 0,
+    ) -> tuple[GalleryIndex, dict]:
         """Read a snapshot; return (index, sidecar).  Raises :class:`SnapshotError`."""
         prefix = Path(prefix)
         try:
@@ -584,8 +622,9 @@ class GalleryIndex:
             raise SnapshotError(f"snapshot {prefix} has another format or index type")
         if hashlib.sha256(data).hexdigest() != sidecar.get("sha256"):
             raise SnapshotError(f"snapshot {prefix} does not match its checksum")
-        index = cls(sidecar["dim"], sidecar["model_id"], kind, gpu, nprobe, target_recall,
-                    switch_faces)
+        index = cls(
+            sidecar["dim"], sidecar["model_id"], kind, gpu, nprobe, target_recall, switch_faces
+        )
         restored = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         if not isinstance(restored, faiss.IndexIDMap2 | faiss.IndexIVFFlat):
             raise SnapshotError(f"snapshot {prefix} holds a {type(restored).__name__} index")
@@ -594,8 +633,11 @@ class GalleryIndex:
         if index.target_recall and sidecar.get("tuned_recall") is not None:
             index.nprobe, index.tuned_recall = int(sidecar["nprobe"]), sidecar["tuned_recall"]
         face_ids, subject_ids = sidecar["face_ids"], sidecar["subject_ids"]
-        if (len(face_ids) != len(subject_ids) or len(face_ids) != sidecar["count"]
-                or index._index.ntotal != len(face_ids) + len(sidecar["tombstones"])):
+        if (
+            len(face_ids) != len(subject_ids)
+            or len(face_ids) != sidecar["count"]
+            or index._index.ntotal != len(face_ids) + len(sidecar["tombstones"])
+        ):
             raise SnapshotError(f"snapshot {prefix} is inconsistent (counts differ)")
         for face_id, subject_id in zip(face_ids, subject_ids, strict=True):
             index._subject_of[int(face_id)] = subject_id

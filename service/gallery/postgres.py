@@ -49,8 +49,12 @@ class PostgresStore(SQLStore):
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ConnectionPool(
-                    self.url, min_size=1, max_size=self.pool_size,
-                    kwargs={"autocommit": True}, open=True, name="facegate-gallery",
+                    self.url,
+                    min_size=1,
+                    max_size=self.pool_size,
+                    kwargs={"autocommit": True},
+                    open=True,
+                    name="facegate-gallery",
                 )
                 self._pool.wait(timeout=30)
             return self._pool
@@ -79,8 +83,9 @@ class PostgresStore(SQLStore):
         """Return on a ``NOTIFY`` from any writer, after ``timeout``, or soon after ``stop``."""
         try:
             if self._listener is None or self._listener.closed:
-                self._listener = psycopg.connect(self.url, autocommit=True,
-                                                 connect_timeout=LISTEN_CONNECT_TIMEOUT_S)
+                self._listener = psycopg.connect(
+                    self.url, autocommit=True, connect_timeout=LISTEN_CONNECT_TIMEOUT_S
+                )
                 self._listener.execute(f"LISTEN {CHANNEL}")
             deadline = time.monotonic() + timeout
             while not stop.is_set():
@@ -88,8 +93,9 @@ class PostgresStore(SQLStore):
                 if remaining <= 0:
                     return
                 # Short slices, so that stop() is noticed even with a long poll interval.
-                for _ in self._listener.notifies(timeout=min(remaining, STOP_CHECK_S),
-                                                 stop_after=1):
+                for _ in self._listener.notifies(
+                    timeout=min(remaining, STOP_CHECK_S), stop_after=1
+                ):
                     return
         except psycopg.Error as exc:
             log.warning("gallery LISTEN connection failed (%s); polling", exc)

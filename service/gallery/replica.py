@@ -60,9 +60,15 @@ class Replica:
         return self._store()
 
     def new_index(self, dim: int, model_id: str) -> GalleryIndex:
-        return GalleryIndex(dim, model_id, self.settings.index_type, self.gpu,
-                            self.settings.ivf_nprobe, self.settings.target_recall,
-                            self.settings.auto_switch_faces)
+        return GalleryIndex(
+            dim,
+            model_id,
+            self.settings.index_type,
+            self.gpu,
+            self.settings.ivf_nprobe,
+            self.settings.target_recall,
+            self.settings.auto_switch_faces,
+        )
 
     # --- applying the change log ------------------------------------------------
     def apply(self, change: Change) -> None:
@@ -123,8 +129,9 @@ class Replica:
                 changes = self.store.changes_after(self.applied_seq, LOG_BATCH, upto)
                 for change in changes:
                     if change.seq != self.applied_seq + 1:
-                        raise LogGap(f"change log jumps from seq {self.applied_seq} "
-                                     f"to {change.seq}")
+                        raise LogGap(
+                            f"change log jumps from seq {self.applied_seq} to {change.seq}"
+                        )
                     self.apply(change)
                     self.applied_seq = change.seq
                 if len(changes) < LOG_BATCH:
@@ -146,8 +153,9 @@ class Replica:
             indexes[gallery.name] = index
         self.indexes = indexes
         self.applied_seq = head
-        log.info("gallery indexes built from the store at seq %d (%d galleries)",
-                 head, len(indexes))
+        log.info(
+            "gallery indexes built from the store at seq %d (%d galleries)", head, len(indexes)
+        )
 
     def record_sync(self, began: float, head: int) -> None:
         """A sync that began at ``began`` read ``head`` and has applied everything up to it."""
@@ -169,8 +177,9 @@ class Replica:
                 failing = False
             except Exception:
                 if failing:  # the first failure of a run has the traceback, the rest one line
-                    log.warning("gallery sync with the store failed again (%s); retrying",
-                                self.sync_error)
+                    log.warning(
+                        "gallery sync with the store failed again (%s); retrying", self.sync_error
+                    )
                 else:
                     log.exception("gallery change-log follower failed; retrying")
                 failing = True
@@ -187,8 +196,11 @@ class Replica:
         age = None if synced_at is None else round(time.monotonic() - synced_at, 3)
         limit = self.settings.sync_unready_after_s
         if not running:
-            reason = ("the change-log follower is not running" if self.synced_at is not None
-                      else "the gallery index is not built yet")
+            reason = (
+                "the change-log follower is not running"
+                if self.synced_at is not None
+                else "the gallery index is not built yet"
+            )
         elif error is not None:
             reason = f"the last sync with the store failed ({error})"
         elif age is None or age > limit:
@@ -196,20 +208,28 @@ class Replica:
         else:
             reason = None
         status: dict[str, object] = {
-            "ready": reason is None, "applied_seq": applied, "head_seq": head,
-            "lag": head - applied, "last_synced_age_s": age,
-            "fresh": age is not None and age <= self.settings.sync_bound_s}
+            "ready": reason is None,
+            "applied_seq": applied,
+            "head_seq": head,
+            "lag": head - applied,
+            "last_synced_age_s": age,
+            "fresh": age is not None and age <= self.settings.sync_bound_s,
+        }
         if reason is not None:
             status["reason"] = reason
         return status
 
-    def compare(self, stored: dict[str, tuple[np.ndarray, list[str]]],
-                examples: int = 5) -> list[dict]:
+    def compare(
+        self, stored: dict[str, tuple[np.ndarray, list[str]]], examples: int = 5
+    ) -> list[dict]:
         """:func:`compare_gallery` for every gallery of the store (``index_contents``) or of
         this replica (caller holds the lock)."""
         found = []
         for name in sorted(set(stored) | set(self.indexes)):
             face_ids, subject_ids = stored.get(name, (np.zeros(0, np.int64), []))
-            found.append(compare_gallery(name, self.indexes.get(name), face_ids, subject_ids,
-                                         examples=examples))
+            found.append(
+                compare_gallery(
+                    name, self.indexes.get(name), face_ids, subject_ids, examples=examples
+                )
+            )
         return found

@@ -131,22 +131,27 @@ def decode_cursor(gallery: str, cursor: str) -> str:
         raw = base64.b64decode(padded.encode("ascii"), altchars=b"-_", validate=True)
         bound, after = json.loads(raw)
     except (ValueError, TypeError, UnicodeError, binascii.Error):
-        raise InvalidCursor("invalid pagination cursor: pass back a next_cursor unchanged") \
-            from None
+        raise InvalidCursor(
+            "invalid pagination cursor: pass back a next_cursor unchanged"
+        ) from None
     if bound != gallery or not isinstance(after, str) or encode_cursor(gallery, after) != cursor:
-        raise InvalidCursor("invalid pagination cursor: it belongs to another gallery or was "
-                            "changed; pass back a next_cursor of this gallery unchanged")
+        raise InvalidCursor(
+            "invalid pagination cursor: it belongs to another gallery or was "
+            "changed; pass back a next_cursor of this gallery unchanged"
+        )
     return after
 
 
 class GalleryService:
     """The gallery API used by the REST layer (see ``service/gallery/__init__.py``)."""
 
-    def __init__(self, settings: Settings, store: GalleryStore | None = None, *,
-                 indexing: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, store: GalleryStore | None = None, *, indexing: bool = True
+    ) -> None:
         if settings.index_type not in INDEX_TYPES:
             raise ValueError(
-                f"index_type must be one of {INDEX_TYPES}, got {settings.index_type!r}")
+                f"index_type must be one of {INDEX_TYPES}, got {settings.index_type!r}"
+            )
         self.settings = settings
         self.store_url = settings.resolved_store_url
         self.indexing = indexing
@@ -158,9 +163,15 @@ class GalleryService:
         #: The indexes, their log position and the follower (``replica.py``).
         self.replica = Replica(settings, self._gpu, lambda: self.store)
         self.source = ""  # where the indexes came from at start: "snapshot" or "store"
-        self.snapshots = Snapshots(Path(settings.data_dir), self.store_url,
-                                   settings.index_type, self._gpu, settings.ivf_nprobe,
-                                   settings.target_recall, settings.auto_switch_faces)
+        self.snapshots = Snapshots(
+            Path(settings.data_dir),
+            self.store_url,
+            settings.index_type,
+            self._gpu,
+            settings.ivf_nprobe,
+            settings.target_recall,
+            settings.auto_switch_faces,
+        )
         self.snapshot_dir = self.snapshots.directory
 
     # --- lifecycle --------------------------------------------------------------
@@ -200,8 +211,9 @@ class GalleryService:
                 self.source = "store"
             replica.record_sync(began, replica.applied_seq)
         self._stop.clear()
-        self._thread = threading.Thread(target=replica.follow, args=(self._stop,),
-                                        name="gallery-follower", daemon=True)
+        self._thread = threading.Thread(
+            target=replica.follow, args=(self._stop,), name="gallery-follower", daemon=True
+        )
         self._thread.start()
         self._ready.set()
 
@@ -240,8 +252,9 @@ class GalleryService:
         """Create a gallery; idempotent for the same model id, else ``GalleryModelMismatch``.
         ``dim``: the model's embedding dimension (a new gallery reports it before its first
         face)."""
-        gallery, _ = self.store.create_gallery(check_gallery(name),
-                                               check_name(model_id, "model_id"), check_dim(dim))
+        gallery, _ = self.store.create_gallery(
+            check_gallery(name), check_name(model_id, "model_id"), check_dim(dim)
+        )
         return gallery
 
     def get_gallery(self, name: str) -> dict:
@@ -270,24 +283,28 @@ class GalleryService:
         go through :meth:`update_subject`).  ``metadata`` is still validated.
         """
         return self.store.upsert_subject(
-            check_gallery(gallery), check_subject_id(subject_id), metadata,
-            check_name(model_id, "model_id"), check_dim(dim),
+            check_gallery(gallery),
+            check_subject_id(subject_id),
+            metadata,
+            check_name(model_id, "model_id"),
+            check_dim(dim),
         )
 
     def get_subject(self, gallery: str, subject_id: str) -> dict:
-        return self.store.get_subject(check_gallery(gallery),
-                                      check_subject_id(subject_id))
+        return self.store.get_subject(check_gallery(gallery), check_subject_id(subject_id))
 
     def update_subject(self, gallery: str, subject_id: str, metadata: dict) -> dict:
         """Merge ``metadata`` into the subject's (top-level keys; a ``None`` value removes a
         key)."""
-        return self.store.update_subject(check_gallery(gallery),
-                                         check_subject_id(subject_id), metadata)
+        return self.store.update_subject(
+            check_gallery(gallery), check_subject_id(subject_id), metadata
+        )
 
     def delete_subject(self, gallery: str, subject_id: str) -> int:
         """Delete a subject and its faces; return how many faces were removed."""
-        removed, seq = self.store.delete_subject(check_gallery(gallery),
-                                                 check_subject_id(subject_id))
+        removed, seq = self.store.delete_subject(
+            check_gallery(gallery), check_subject_id(subject_id)
+        )
         self._apply_own(Change(seq, gallery, "delete_subject", None, subject_id))
         return removed
 
@@ -300,8 +317,9 @@ class GalleryService:
         gallery = check_gallery(gallery)
         after = None if cursor is None else decode_cursor(gallery, cursor)
         subjects, more = self.store.list_subjects(gallery, limit, after)
-        next_cursor = (encode_cursor(gallery, subjects[-1]["subject_id"]) if more and subjects
-                       else None)
+        next_cursor = (
+            encode_cursor(gallery, subjects[-1]["subject_id"]) if more and subjects else None
+        )
         return subjects, next_cursor
 
     # --- faces ------------------------------------------------------------------
@@ -321,17 +339,22 @@ class GalleryService:
         the face this one was re-enrolled from (see ``GalleryStore.add_face``).
         """
         vector = check_vectors(embedding, batch=False)
-        if source_face_id is not None and (isinstance(source_face_id, bool)
-                                           or not isinstance(source_face_id, (int, np.integer))):
+        if source_face_id is not None and (
+            isinstance(source_face_id, bool) or not isinstance(source_face_id, (int, np.integer))
+        ):
             raise InvalidInput("source_face_id must be an integer")
         face, seq = self.store.add_face(
-            check_gallery(gallery), check_subject_id(subject_id), vector,
-            check_name(model_id, "model_id"), quality,
+            check_gallery(gallery),
+            check_subject_id(subject_id),
+            vector,
+            check_name(model_id, "model_id"),
+            quality,
             image if self.settings.store_images else None,
             None if source_face_id is None else int(source_face_id),
         )
-        self._apply_own(Change(seq, gallery, "add", face["face_id"], subject_id, vector,
-                               model_id, vector.size))
+        self._apply_own(
+            Change(seq, gallery, "add", face["face_id"], subject_id, vector, model_id, vector.size)
+        )
         return face
 
     def delete_face(self, gallery: str, face_id: int) -> None:
@@ -346,8 +369,7 @@ class GalleryService:
         For comparing a probe with one subject exactly, whatever the index type (an
         approximate index may not return every face of a subject).
         """
-        faces = self.store.subject_faces(check_gallery(gallery),
-                                         check_subject_id(subject_id))
+        faces = self.store.subject_faces(check_gallery(gallery), check_subject_id(subject_id))
         check_model(gallery, faces.model_id, model_id)
         return faces
 
@@ -422,8 +444,12 @@ class GalleryService:
                 consistent = all(g["consistent"] for g in galleries)
                 if consistent or self.store.head_seq() == head:
                     break
-        return {"consistent": consistent, "seq": head, "applied_seq": self.replica.applied_seq,
-                "galleries": galleries}
+        return {
+            "consistent": consistent,
+            "seq": head,
+            "applied_seq": self.replica.applied_seq,
+            "galleries": galleries,
+        }
 
     # --- applying the change log (``Replica``) ------------------------------------
     def _apply_own(self, change: Change) -> None:
@@ -467,8 +493,11 @@ class GalleryService:
         replica.catch_up_to()
         for _ in range(3):
             if self._verify():
-                log.info("gallery indexes loaded from snapshot seq %d, caught up to %d",
-                         seq, replica.applied_seq)
+                log.info(
+                    "gallery indexes loaded from snapshot seq %d, caught up to %d",
+                    seq,
+                    replica.applied_seq,
+                )
                 return True
             replica.catch_up_to()  # the store may have moved on while we compared
         log.warning("gallery snapshot disagrees with the store; rebuilding")
@@ -480,8 +509,10 @@ class GalleryService:
         stored = {g["name"]: g for g in self.store.stats()}
         for name, index in self.replica.indexes.items():
             gallery = stored.get(name)
-            if gallery is None or (index.model_id, index.dim) != (gallery["model_id"],
-                                                                  gallery["dim"]):
+            if gallery is None or (index.model_id, index.dim) != (
+                gallery["model_id"],
+                gallery["dim"],
+            ):
                 return False
         _, contents = self.store.index_contents()
         return all(g["consistent"] for g in self.replica.compare(contents))

@@ -50,8 +50,13 @@ def json_depth(value: object) -> int:
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        children = (item.values() if isinstance(item, dict)
-                    else item if isinstance(item, list | tuple) else None)
+        children = (
+            item.values()
+            if isinstance(item, dict)
+            else item
+            if isinstance(item, list | tuple)
+            else None
+        )
         if children is None:
             continue
         deepest = max(deepest, depth)
@@ -72,8 +77,9 @@ def dump_json(value: object, what: str) -> str:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False)
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
-        raise InvalidMetadata(f"{what} holds text that is not valid Unicode (a lone "
-                              "surrogate such as \\ud800)") from None
+        raise InvalidMetadata(
+            f"{what} holds text that is not valid Unicode (a lone surrogate such as \\ud800)"
+        ) from None
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidMetadata(f"{what} is not JSON-serialisable: {exc}") from None
     if size > MAX_JSON_BYTES:
@@ -175,9 +181,11 @@ class SQLStore(GalleryStore):
     def _log(
         self, cur: Cursor, gallery: str, op: str, face_id: int | None, subject_id: str | None
     ) -> int:
-        seq = int(cur.execute(
-            "UPDATE log_head SET seq = seq + 1 WHERE id = 1 RETURNING seq"
-        ).fetchone()[0])
+        seq = int(
+            cur.execute("UPDATE log_head SET seq = seq + 1 WHERE id = 1 RETURNING seq").fetchone()[
+                0
+            ]
+        )
         cur.execute(
             "INSERT INTO changes (seq, gallery, op, face_id, subject_id, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
@@ -228,8 +236,11 @@ class SQLStore(GalleryStore):
             (gallery, *subject_ids),
         ).fetchall()
         for subject_id, face_id, created_at, quality, source_face_id in rows:
-            face = {"face_id": int(face_id), "created_at": iso(created_at),
-                    "quality": json.loads(quality)}
+            face = {
+                "face_id": int(face_id),
+                "created_at": iso(created_at),
+                "quality": json.loads(quality),
+            }
             if source_face_id is not None:
                 face["reenrolled_from"] = int(source_face_id)
             faces[subject_id].append(face)
@@ -261,9 +272,7 @@ class SQLStore(GalleryStore):
         return self._subject_dict(row, self._faces_of(cur, gallery, [subject_id])[subject_id])
 
     # --- galleries --------------------------------------------------------------
-    def create_gallery(
-        self, name: str, model_id: str, dim: int | None = None
-    ) -> tuple[dict, bool]:
+    def create_gallery(self, name: str, model_id: str, dim: int | None = None) -> tuple[dict, bool]:
         with self._write() as cur:
             row = self._gallery_row(cur, name)
             created = row is None
@@ -359,13 +368,13 @@ class SQLStore(GalleryStore):
             )
             return int(removed), self._log(cur, gallery, "delete_subject", None, subject_id)
 
-    def list_subjects(
-        self, gallery: str, limit: int, after: str | None
-    ) -> tuple[list[dict], bool]:
+    def list_subjects(self, gallery: str, limit: int, after: str | None) -> tuple[list[dict], bool]:
         with self._read() as cur:
             self._require_gallery(cur, gallery)
-            sql = ("SELECT subject_id, metadata, created_at, updated_at FROM subjects "
-                   "WHERE gallery = ?")
+            sql = (
+                "SELECT subject_id, metadata, created_at, updated_at FROM subjects "
+                "WHERE gallery = ?"
+            )
             params: list = [gallery]
             if after is not None:
                 sql += " AND subject_id > ?"
@@ -410,18 +419,34 @@ class SQLStore(GalleryStore):
                     (gallery, source),
                 ).fetchone()
                 if done is not None:
-                    raise Conflict(f"face {source} is already re-enrolled in gallery "
-                                   f"{gallery!r} as face {int(done[0])}")
+                    raise Conflict(
+                        f"face {source} is already re-enrolled in gallery "
+                        f"{gallery!r} as face {int(done[0])}"
+                    )
             now = time.time()
-            face_id = int(cur.execute(
-                "INSERT INTO faces (gallery, subject_id, embedding, model_id, quality, image, "
-                "created_at, source_face_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING face_id",
-                (gallery, subject_id, vector.tobytes(), model_id, quality_text, image, now,
-                 source),
-            ).fetchone()[0])
+            face_id = int(
+                cur.execute(
+                    "INSERT INTO faces (gallery, subject_id, embedding, model_id, quality, image, "
+                    "created_at, source_face_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING face_id",
+                    (
+                        gallery,
+                        subject_id,
+                        vector.tobytes(),
+                        model_id,
+                        quality_text,
+                        image,
+                        now,
+                        source,
+                    ),
+                ).fetchone()[0]
+            )
             seq = self._log(cur, gallery, "add", face_id, subject_id)
-        face = {"face_id": face_id, "subject_id": subject_id,
-                "quality": json.loads(quality_text), "created_at": iso(now)}
+        face = {
+            "face_id": face_id,
+            "subject_id": subject_id,
+            "quality": json.loads(quality_text),
+            "created_at": iso(now),
+        }
         if source is not None:
             face["reenrolled_from"] = source
         return face, seq
@@ -470,8 +495,11 @@ class SQLStore(GalleryStore):
             row = self._gallery_row(cur, gallery)
             now = time.time()
             if row is None:
-                cur.execute("INSERT INTO galleries (name, model_id, dim, created_at) "
-                            "VALUES (?, ?, NULL, ?)", (gallery, model_id, now))
+                cur.execute(
+                    "INSERT INTO galleries (name, model_id, dim, created_at) "
+                    "VALUES (?, ?, NULL, ?)",
+                    (gallery, model_id, now),
+                )
                 dim = None
             elif new_gallery:
                 raise Conflict(f"gallery {gallery!r} already exists; restore into a new gallery")
@@ -485,18 +513,29 @@ class SQLStore(GalleryStore):
                     cur.execute("UPDATE galleries SET dim = ? WHERE name = ?", (size, gallery))
                 elif dim != size:
                     raise InvalidEmbedding(
-                        f"gallery {gallery!r} holds {dim}-d embeddings, got {size}-d")
+                        f"gallery {gallery!r} holds {dim}-d embeddings, got {size}-d"
+                    )
             known = set()
             for subject in subjects:
                 known.add(subject.subject_id)
                 created = now if subject.created_at is None else float(subject.created_at)
-                if cur.execute("SELECT 1 FROM subjects WHERE gallery = ? AND subject_id = ?",
-                               (gallery, subject.subject_id)).fetchone() is None:
+                if (
+                    cur.execute(
+                        "SELECT 1 FROM subjects WHERE gallery = ? AND subject_id = ?",
+                        (gallery, subject.subject_id),
+                    ).fetchone()
+                    is None
+                ):
                     cur.execute(
                         "INSERT INTO subjects (gallery, subject_id, metadata, created_at, "
                         "updated_at) VALUES (?, ?, ?, ?, ?)",
-                        (gallery, subject.subject_id, metadata[subject.subject_id], created,
-                         created),
+                        (
+                            gallery,
+                            subject.subject_id,
+                            metadata[subject.subject_id],
+                            created,
+                            created,
+                        ),
                     )
             for face, vector, quality in zip(faces, vectors, qualities, strict=True):
                 if face.subject_id not in known:
@@ -509,20 +548,30 @@ class SQLStore(GalleryStore):
                         (gallery, face.content_sha256),
                     ).fetchone()
                     if done is not None:
-                        results.append({"face_id": int(done[0]), "subject_id": done[1],
-                                        "created": False})
+                        results.append(
+                            {"face_id": int(done[0]), "subject_id": done[1], "created": False}
+                        )
                         continue
                 created = now if face.created_at is None else float(face.created_at)
-                face_id = int(cur.execute(
-                    "INSERT INTO faces (gallery, subject_id, embedding, model_id, quality, image, "
-                    "created_at, content_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                    "RETURNING face_id",
-                    (gallery, face.subject_id, vector.tobytes(), model_id, quality, face.image,
-                     created, face.content_sha256),
-                ).fetchone()[0])
+                face_id = int(
+                    cur.execute(
+                        "INSERT INTO faces (gallery, subject_id, embedding, model_id, quality, "
+                        "image, created_at, content_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                        "RETURNING face_id",
+                        (
+                            gallery,
+                            face.subject_id,
+                            vector.tobytes(),
+                            model_id,
+                            quality,
+                            face.image,
+                            created,
+                            face.content_sha256,
+                        ),
+                    ).fetchone()[0]
+                )
                 seq = self._log(cur, gallery, "add", face_id, face.subject_id)
-                results.append({"face_id": face_id, "subject_id": face.subject_id,
-                                "created": True})
+                results.append({"face_id": face_id, "subject_id": face.subject_id, "created": True})
         return results, seq
 
     def content_hashes(self, gallery: str) -> set[str]:
@@ -536,16 +585,24 @@ class SQLStore(GalleryStore):
     def export_gallery(self, gallery: str) -> Iterator[tuple[str, dict]]:
         with self._read() as cur:
             name, model_id, dim, created_at = self._require_gallery(cur, gallery)
-            yield "gallery", {"name": name, "model_id": model_id, "dim": dim,
-                              "created_at": float(created_at)}
+            yield (
+                "gallery",
+                {"name": name, "model_id": model_id, "dim": dim, "created_at": float(created_at)},
+            )
             rows = cur.execute(
                 "SELECT subject_id, metadata, created_at FROM subjects WHERE gallery = ? "
                 "ORDER BY subject_id",
                 (gallery,),
             ).fetchall()
             for subject_id, metadata, created in rows:
-                yield "subject", {"subject_id": subject_id, "metadata": json.loads(metadata),
-                                  "created_at": float(created)}
+                yield (
+                    "subject",
+                    {
+                        "subject_id": subject_id,
+                        "metadata": json.loads(metadata),
+                        "created_at": float(created),
+                    },
+                )
             cur.execute(
                 "SELECT face_id, subject_id, embedding, quality, image, created_at, "
                 "content_sha256 FROM faces WHERE gallery = ? ORDER BY face_id",
@@ -553,15 +610,26 @@ class SQLStore(GalleryStore):
             )
             while rows := cur.fetchmany(EXPORT_CHUNK):
                 for face_id, subject_id, embedding, quality, image, created, digest in rows:
-                    yield "face", {"face_id": int(face_id), "subject_id": subject_id,
-                                   "embedding": bytes(embedding), "quality": json.loads(quality),
-                                   "image": None if image is None else bytes(image),
-                                   "created_at": float(created), "content_sha256": digest}
+                    yield (
+                        "face",
+                        {
+                            "face_id": int(face_id),
+                            "subject_id": subject_id,
+                            "embedding": bytes(embedding),
+                            "quality": json.loads(quality),
+                            "image": None if image is None else bytes(image),
+                            "created_at": float(created),
+                            "content_sha256": digest,
+                        },
+                    )
 
     # --- audit log ------------------------------------------------------------------
     @staticmethod
-    def _insert_audit(cur: Cursor, entries: list[AuditEntry],
-                      changes: list[tuple[int | None, str | None]] | None = None) -> None:
+    def _insert_audit(
+        cur: Cursor,
+        entries: list[AuditEntry],
+        changes: list[tuple[int | None, str | None]] | None = None,
+    ) -> None:
         for entry in entries:
             if changes is not None:  # this transaction's own changes
                 subjects = list(dict.fromkeys(s for _, s in changes if s is not None))
@@ -571,8 +639,16 @@ class SQLStore(GalleryStore):
             cur.execute(
                 "INSERT INTO audit (at, key_id, client, action, gallery, subject_ids, face_ids, "
                 "result) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (entry.at, entry.key_id, entry.client, entry.action, entry.gallery,
-                 json.dumps(subjects, ensure_ascii=False), json.dumps(faces), entry.result),
+                (
+                    entry.at,
+                    entry.key_id,
+                    entry.client,
+                    entry.action,
+                    entry.gallery,
+                    json.dumps(subjects, ensure_ascii=False),
+                    json.dumps(faces),
+                    entry.result,
+                ),
             )
 
     def append_audit(self, entries: list[AuditEntry]) -> None:
@@ -583,12 +659,21 @@ class SQLStore(GalleryStore):
         with self._write_tx() as cur:
             return int(cur.execute("DELETE FROM audit WHERE at < ?", (float(before),)).rowcount)
 
-    def audit_records(self, *, gallery: str | None = None, subject_id: str | None = None,
-                      action: str | None = None, since: float | None = None,
-                      until: float | None = None, after: int = 0,
-                      limit: int = 100) -> tuple[list[dict], bool]:
-        sql = ("SELECT id, at, key_id, client, action, gallery, subject_ids, face_ids, result "
-               "FROM audit WHERE id > ?")
+    def audit_records(
+        self,
+        *,
+        gallery: str | None = None,
+        subject_id: str | None = None,
+        action: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        after: int = 0,
+        limit: int = 100,
+    ) -> tuple[list[dict], bool]:
+        sql = (
+            "SELECT id, at, key_id, client, action, gallery, subject_ids, face_ids, result "
+            "FROM audit WHERE id > ?"
+        )
         params: list = [int(after)]
         for column, value in (("gallery", gallery), ("action", action)):
             if value is not None:
@@ -610,9 +695,20 @@ class SQLStore(GalleryStore):
         with self._read() as cur:
             rows = cur.execute(sql, params).fetchall()
         more = len(rows) > limit
-        return [{"id": int(r[0]), "at": iso(r[1]), "key_id": r[2], "client": r[3],
-                 "action": r[4], "gallery": r[5], "subject_ids": json.loads(r[6]),
-                 "face_ids": json.loads(r[7]), "result": r[8]} for r in rows[:limit]], more
+        return [
+            {
+                "id": int(r[0]),
+                "at": iso(r[1]),
+                "key_id": r[2],
+                "client": r[3],
+                "action": r[4],
+                "gallery": r[5],
+                "subject_ids": json.loads(r[6]),
+                "face_ids": json.loads(r[7]),
+                "result": r[8],
+            }
+            for r in rows[:limit]
+        ], more
 
     def image_counts(self, gallery: str) -> tuple[int, int]:
         with self._read() as cur:
@@ -667,24 +763,34 @@ class SQLStore(GalleryStore):
             rows = cur.execute(sql, params).fetchall()
         return [
             Change(
-                seq=int(s), gallery=g, op=op,
-                face_id=None if fid is None else int(fid), subject_id=sid,
+                seq=int(s),
+                gallery=g,
+                op=op,
+                face_id=None if fid is None else int(fid),
+                subject_id=sid,
                 embedding=None if emb is None else np.frombuffer(bytes(emb), dtype="<f4"),
-                model_id=model_id, dim=None if dim is None else int(dim),
+                model_id=model_id,
+                dim=None if dim is None else int(dim),
             )
             for s, g, op, fid, sid, emb, model_id, dim in rows
         ]
 
     @staticmethod
-    def _faces_with_embeddings(name: str, model_id: str, dim: int | None,
-                               rows: list) -> GalleryFaces:
+    def _faces_with_embeddings(
+        name: str, model_id: str, dim: int | None, rows: list
+    ) -> GalleryFaces:
         """``(face_id, subject_id, embedding)`` rows as one :class:`GalleryFaces`."""
         face_ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         blob = b"".join(bytes(r[2]) for r in rows)
         vectors = np.frombuffer(blob, dtype="<f4").astype(np.float32)
-        return GalleryFaces(name=name, model_id=model_id, dim=dim, face_ids=face_ids,
-                            subject_ids=[r[1] for r in rows],
-                            embeddings=vectors.reshape(len(rows), int(dim or 0)))
+        return GalleryFaces(
+            name=name,
+            model_id=model_id,
+            dim=dim,
+            face_ids=face_ids,
+            subject_ids=[r[1] for r in rows],
+            embeddings=vectors.reshape(len(rows), int(dim or 0)),
+        )
 
     def load_all(self) -> tuple[int, list[GalleryFaces]]:
         with self._read() as cur:
@@ -732,8 +838,10 @@ class SQLStore(GalleryStore):
             ids, subjects = grouped[gallery]
             ids.append(int(face_id))
             subjects.append(subject_id)
-        return head, {name: (np.array(ids, dtype=np.int64), subjects)
-                      for name, (ids, subjects) in grouped.items()}
+        return head, {
+            name: (np.array(ids, dtype=np.int64), subjects)
+            for name, (ids, subjects) in grouped.items()
+        }
 
     def stats(self) -> list[dict]:
         with self._read() as cur:

@@ -44,7 +44,9 @@ class SQLiteStore(SQLStore):
             raise RuntimeError("the gallery store is closed")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+            self.path,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
             check_same_thread=False,
         )
         conn.execute("PRAGMA journal_mode=WAL")

@@ -237,10 +237,17 @@ class GalleryStore(abc.ABC):
         """Delete audit rows older than ``before`` (epoch seconds); return how many."""
 
     @abc.abstractmethod
-    def audit_records(self, *, gallery: str | None = None, subject_id: str | None = None,
-                      action: str | None = None, since: float | None = None,
-                      until: float | None = None, after: int = 0,
-                      limit: int = 100) -> tuple[list[Record], bool]:
+    def audit_records(
+        self,
+        *,
+        gallery: str | None = None,
+        subject_id: str | None = None,
+        action: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        after: int = 0,
+        limit: int = 100,
+    ) -> tuple[list[Record], bool]:
         """Up to ``limit`` audit rows with ``id > after`` matching the filters (``since``
         inclusive, ``until`` exclusive, epoch seconds; ``subject_id``: rows naming it),
         oldest first; and whether more follow."""

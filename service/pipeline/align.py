@@ -29,7 +29,8 @@ def estimate_similarity(landmarks: np.ndarray, template: np.ndarray) -> np.ndarr
     dst = np.asarray(template, dtype=np.float64).reshape(-1, 2)
     if src.shape != dst.shape or src.shape[0] < 2:
         raise ValueError(
-            f"landmarks {src.shape} and template {dst.shape} must be matching (N>=2, 2)")
+            f"landmarks {src.shape} and template {dst.shape} must be matching (N>=2, 2)"
+        )
     if hasattr(SimilarityTransform, "from_estimate"):
         transform = SimilarityTransform.from_estimate(src, dst)
         if not transform:

@@ -62,15 +62,15 @@ def available_points(card: ModelCard) -> list[str]:
     return points or [card.default_operating_point or DEFAULT_POINT]
 
 
-def operating_point(card: ModelCard, requested: str | None, configured: str | None = None
-                    ) -> str:
+def operating_point(card: ModelCard, requested: str | None, configured: str | None = None) -> str:
     """The point to use: ``requested`` (refused if the card does not offer it), else the
     ``configured`` one (``FACEGATE_OPERATING_POINT``) if offered, else the card's default."""
     points = available_points(card)
     if requested is not None:
         if requested not in points:
             raise UnknownOperatingPoint(
-                f"unknown operating point {requested[:32]!r}; available: {', '.join(points)}")
+                f"unknown operating point {requested[:32]!r}; available: {', '.join(points)}"
+            )
         return requested
     for default in (configured, card.default_operating_point):
         if default in points:
@@ -89,6 +89,10 @@ def threshold_for(card: ModelCard, point: str) -> Threshold:
 def decide(similarity: float, threshold: Threshold) -> Decision:
     """Match when the cosine reaches the threshold."""
     similarity = float(similarity)
-    return Decision(similarity=similarity, threshold=threshold.value,
-                    operating_point=threshold.operating_point,
-                    match=similarity >= threshold.value, calibrated=threshold.calibrated)
+    return Decision(
+        similarity=similarity,
+        threshold=threshold.value,
+        operating_point=threshold.operating_point,
+        match=similarity >= threshold.value,
+        calibrated=threshold.calibrated,
+    )

@@ -147,8 +147,9 @@ def _orientation(img: Image.Image) -> int:
     return value if isinstance(value, int) else 1
 
 
-def read_header(data: bytes, max_bytes: int, max_pixels: int,
-                max_decode_bytes: int | None = None) -> Image.Image:
+def read_header(
+    data: bytes, max_bytes: int, max_pixels: int, max_decode_bytes: int | None = None
+) -> Image.Image:
     """Validate size, type, dimensions and decode cost; return the lazily opened (undecoded)
     image.  ``max_decode_bytes`` bounds :func:`decode_cost` (None: no bound)."""
     if not data:
@@ -166,8 +167,9 @@ def read_header(data: bytes, max_bytes: int, max_pixels: int,
     except Image.DecompressionBombError as exc:
         raise TooManyPixels(f"the image has too many pixels: {exc}") from None
     except UnidentifiedImageError:  # its message names only the in-memory file object
-        raise CorruptImage(f"the {fmt} image header cannot be read: not a valid {fmt} "
-                           "header") from None
+        raise CorruptImage(
+            f"the {fmt} image header cannot be read: not a valid {fmt} header"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise CorruptImage(f"the {fmt} image header cannot be read: {exc}") from None
     width, height = img.size
@@ -180,7 +182,8 @@ def read_header(data: bytes, max_bytes: int, max_pixels: int,
     if max_decode_bytes is not None and (cost := decode_cost(img)) > max_decode_bytes:
         raise DecodeTooLarge(
             f"decoding this {width}x{height} {fmt} image (mode {img.mode}) takes about {cost} "
-            f"bytes of memory; the limit is {max_decode_bytes}: send a smaller or 8-bit image")
+            f"bytes of memory; the limit is {max_decode_bytes}: send a smaller or 8-bit image"
+        )
     return img
 
 
@@ -202,8 +205,9 @@ def decode_opened(img: Image.Image) -> np.ndarray:
     return _orient(image, orientation)
 
 
-def decode_image(data: bytes, max_bytes: int, max_pixels: int,
-                 max_decode_bytes: int | None = None) -> np.ndarray:
+def decode_image(
+    data: bytes, max_bytes: int, max_pixels: int, max_decode_bytes: int | None = None
+) -> np.ndarray:
     """Decode image bytes into an (H, W, 3) uint8 BGR array, or raise a ``PipelineError``."""
     return decode_opened(read_header(data, max_bytes, max_pixels, max_decode_bytes))
 

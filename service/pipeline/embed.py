@@ -32,8 +32,9 @@ def l2_normalize(vectors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 class OnnxEmbedder:
     """``Embedder`` over an ONNX recognition model described by ``card``."""
 
-    def __init__(self, card: ModelCard, path: Path | str, settings: Settings,
-                 flip: bool | None = None) -> None:
+    def __init__(
+        self, card: ModelCard, path: Path | str, settings: Settings, flip: bool | None = None
+    ) -> None:
         if card.task != "recognition":
             raise ValueError(f"model {card.name!r} is a {card.task} model, not a recognizer")
         self.card = card
@@ -69,8 +70,9 @@ class OnnxEmbedder:
         """(N, h, w, 3) uint8 BGR -> model input (float32, card's colour/mean/std/layout)."""
         width, height = self.input_size
         if crops.shape[1:3] != (height, width):
-            crops = np.stack([cv2.resize(c, (width, height), interpolation=cv2.INTER_LINEAR)
-                              for c in crops])
+            crops = np.stack(
+                [cv2.resize(c, (width, height), interpolation=cv2.INTER_LINEAR) for c in crops]
+            )
         batch = crops[..., ::-1] if self.swap_rb else crops
         batch = (batch.astype(np.float32) - self.mean) * self.inv_std
         if self.layout == "NCHW":
@@ -81,7 +83,7 @@ class OnnxEmbedder:
         outputs = []
         step = self.max_batch
         for start in range(0, blob.shape[0], step):
-            chunk = blob[start:start + step]
+            chunk = blob[start : start + step]
             real = chunk.shape[0]
             if self.fixed_batch and real < self.fixed_batch:
                 pad = np.zeros((self.fixed_batch - real, *chunk.shape[1:]), dtype=chunk.dtype)

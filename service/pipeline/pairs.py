@@ -54,11 +54,13 @@ def parse_pairs(path: Path | str) -> list[Pair]:
     for i, fields in enumerate(body):
         fold = i // (2 * per_class)
         if len(fields) == 3:
-            pairs.append(Pair(image_key(fields[0], fields[1]), image_key(fields[0], fields[2]),
-                              True, fold))
+            pairs.append(
+                Pair(image_key(fields[0], fields[1]), image_key(fields[0], fields[2]), True, fold)
+            )
         elif len(fields) == 4:
-            pairs.append(Pair(image_key(fields[0], fields[1]), image_key(fields[2], fields[3]),
-                              False, fold))
+            pairs.append(
+                Pair(image_key(fields[0], fields[1]), image_key(fields[2], fields[3]), False, fold)
+            )
         else:
             raise ValueError(f"{path}: line {i + 2} is not a pair: {' '.join(fields)}")
     return pairs
@@ -80,8 +82,9 @@ def best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((s[k - 1] + s[k]) / 2)
 
 
-def kfold_accuracy(scores: np.ndarray, labels: np.ndarray, folds: np.ndarray
-                   ) -> tuple[float, float, list[float], list[float]]:
+def kfold_accuracy(
+    scores: np.ndarray, labels: np.ndarray, folds: np.ndarray
+) -> tuple[float, float, list[float], list[float]]:
     """(mean, std, per-fold accuracies, per-fold thresholds) of the k-fold protocol."""
     scores, labels, folds = np.asarray(scores), np.asarray(labels, bool), np.asarray(folds)
     accuracies, thresholds = [], []
@@ -107,8 +110,9 @@ def fmr_threshold(impostor_scores: np.ndarray, fmr: float) -> float:
     return float(np.nextafter(scores[allowed], np.inf))
 
 
-def operating_point(impostor_scores: np.ndarray, genuine_scores: np.ndarray, fmr: float
-                    ) -> dict[str, float]:
+def operating_point(
+    impostor_scores: np.ndarray, genuine_scores: np.ndarray, fmr: float
+) -> dict[str, float]:
     """Threshold, measured FMR and TMR at the target false-match rate ``fmr``.
 
     The threshold is :func:`fmr_threshold`'s, the lowest with a measured FMR <= ``fmr``; lowering
@@ -120,20 +124,27 @@ def operating_point(impostor_scores: np.ndarray, genuine_scores: np.ndarray, fmr
     if impostor.size == 0:
         raise ValueError("an operating point needs at least one impostor score")
     threshold = fmr_threshold(impostor, fmr)
-    return {"threshold": threshold, "fmr": float(np.mean(impostor >= threshold)),
-            "tmr": float(np.mean(genuine >= threshold)) if genuine.size else float("nan")}
+    return {
+        "threshold": threshold,
+        "fmr": float(np.mean(impostor >= threshold)),
+        "tmr": float(np.mean(genuine >= threshold)) if genuine.size else float("nan"),
+    }
 
 
-def fmr_thresholds(impostor_scores: np.ndarray, genuine_scores: np.ndarray | None = None
-                   ) -> dict[str, dict[str, float]]:
+def fmr_thresholds(
+    impostor_scores: np.ndarray, genuine_scores: np.ndarray | None = None
+) -> dict[str, dict[str, float]]:
     """For each operating point: threshold, measured FMR and (given genuine scores) TMR."""
     impostor = np.asarray(impostor_scores, dtype=np.float64)
     genuine = np.asarray([] if genuine_scores is None else genuine_scores, dtype=np.float64)
     report = {}
     for name, fmr in FMR_POINTS.items():
         point = operating_point(impostor, genuine, fmr)
-        entry = {"threshold": round(point["threshold"], 6), "fmr": point["fmr"],
-                 "impostors": int(len(impostor))}
+        entry = {
+            "threshold": round(point["threshold"], 6),
+            "fmr": point["fmr"],
+            "impostors": int(len(impostor)),
+        }
         if genuine.size:
             entry["tmr"] = point["tmr"]
         report[name] = entry
@@ -143,18 +154,21 @@ def fmr_thresholds(impostor_scores: np.ndarray, genuine_scores: np.ndarray | Non
 def tmr_at_fmr_points(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """TMR at FMR 1e-3 and 1e-2 over the pairs themselves (:func:`operating_point`)."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, bool)
-    return {f"tmr_at_fmr_{f:g}": operating_point(scores[~labels], scores[labels], f)["tmr"]
-            for f in (1e-3, 1e-2)}
+    return {
+        f"tmr_at_fmr_{f:g}": operating_point(scores[~labels], scores[labels], f)["tmr"]
+        for f in (1e-3, 1e-2)
+    }
 
 
-def impostor_scores_all(embeddings: np.ndarray, identities: list[str],
-                        chunk: int = 1024) -> np.ndarray:
+def impostor_scores_all(
+    embeddings: np.ndarray, identities: list[str], chunk: int = 1024
+) -> np.ndarray:
     """Cosine of every pair of embeddings with different identities (upper triangle)."""
     emb = np.asarray(embeddings, dtype=np.float32)
     ids = np.asarray(identities)
     parts = []
     for start in range(0, len(emb), chunk):
-        block = emb[start:start + chunk] @ emb.T
+        block = emb[start : start + chunk] @ emb.T
         rows = np.arange(start, min(start + chunk, len(emb)))
         upper = np.arange(len(emb))[None, :] > rows[:, None]
         different = ids[rows][:, None] != ids[None, :]
@@ -162,8 +176,9 @@ def impostor_scores_all(embeddings: np.ndarray, identities: list[str],
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
-def fallback_landmarks(shape: tuple[int, ...], template: np.ndarray,
-                       crop_size: tuple[int, int]) -> np.ndarray:
+def fallback_landmarks(
+    shape: tuple[int, ...], template: np.ndarray, crop_size: tuple[int, int]
+) -> np.ndarray:
     """Template landmarks placed in the image's central square: the protocol's stand-in
     for the face of an image where none was detected (``facegate eval-pairs``,
     ``facegate-train evaluate``)."""

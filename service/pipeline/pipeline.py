@@ -64,13 +64,19 @@ class Pipeline:
     ``template`` and ``crop_size`` say where to, e.g. for ``facegate-train prepare``).
     """
 
-    def __init__(self, detector: Detector, embedder: Embedder | None, settings: Settings,
-                 detector_card: ModelCard | None = None,
-                 recognizer_card: ModelCard | None = None,
-                 recognizer_selection: str = "configured", *,
-                 template: np.ndarray | None = None,
-                 crop_size: tuple[int, int] | None = None,
-                 decode_budget: MemoryBudget | None = None) -> None:
+    def __init__(
+        self,
+        detector: Detector,
+        embedder: Embedder | None,
+        settings: Settings,
+        detector_card: ModelCard | None = None,
+        recognizer_card: ModelCard | None = None,
+        recognizer_selection: str = "configured",
+        *,
+        template: np.ndarray | None = None,
+        crop_size: tuple[int, int] | None = None,
+        decode_budget: MemoryBudget | None = None,
+    ) -> None:
         self.detector = detector
         self.embedder = embedder
         self.settings = settings
@@ -85,30 +91,36 @@ class Pipeline:
         if template is not None:
             self.template = np.asarray(template, dtype=np.float32)
         else:
-            self.template = np.asarray(alignment.template if alignment else ARCFACE_TEMPLATE_112,
-                                       dtype=np.float32)
+            self.template = np.asarray(
+                alignment.template if alignment else ARCFACE_TEMPLATE_112, dtype=np.float32
+            )
         if crop_size is not None:
             self.crop_size = (int(crop_size[0]), int(crop_size[1]))
         else:
             size = alignment.size if alignment else (112, 112)
             self.crop_size = (int(size[0]), int(size[1]))
         #: The enrolment quality floor (policy ``enrol``).
-        self.floor = QualityFloor(float(settings.enroll_min_face_size),
-                                  float(settings.enroll_min_det_score))
+        self.floor = QualityFloor(
+            float(settings.enroll_min_face_size), float(settings.enroll_min_det_score)
+        )
         #: Bytes of decoded images in flight (``settings.decode_budget_bytes``), shared
         #: with the pipelines :meth:`with_embedder` derives from this one.
         self.decode_budget = decode_budget or MemoryBudget(settings.decode_budget_bytes)
 
     @classmethod
-    def from_settings(cls, settings: Settings, registry: Registry | None = None,
-                      flip: bool | None = None) -> Pipeline:
+    def from_settings(
+        cls, settings: Settings, registry: Registry | None = None, flip: bool | None = None
+    ) -> Pipeline:
         """Resolve, verify, build and warm up the configured detector and recognizer."""
         registry = registry or default_registry(settings)
         det_card, det_path = registry.resolve(settings.detector, task="detection")
         rec_ref, selection = select_recognizer(settings.recognizer, registry)
         if selection == "fallback":
-            log.warning("FACEGATE_RECOGNIZER is unset and the default recognizer is not "
-                        "installed; serving its installed fallback %s", rec_ref)
+            log.warning(
+                "FACEGATE_RECOGNIZER is unset and the default recognizer is not "
+                "installed; serving its installed fallback %s",
+                rec_ref,
+            )
         rec_card, rec_path = registry.resolve(rec_ref, task="recognition")
         detector = build_detector(det_card, det_path, settings)
         embedder = OnnxEmbedder(rec_card, rec_path, settings, flip=flip)
@@ -116,10 +128,17 @@ class Pipeline:
 
     def with_embedder(self, embedder: Embedder) -> Pipeline:
         """The same pipeline embedding through ``embedder`` (e.g. the micro-batcher)."""
-        return Pipeline(self.detector, embedder, self.settings, self.detector_card,
-                        self._recognizer_card, self.recognizer_selection,
-                        template=self.template, crop_size=self.crop_size,
-                        decode_budget=self.decode_budget)
+        return Pipeline(
+            self.detector,
+            embedder,
+            self.settings,
+            self.detector_card,
+            self._recognizer_card,
+            self.recognizer_selection,
+            template=self.template,
+            crop_size=self.crop_size,
+            decode_budget=self.decode_budget,
+        )
 
     @property
     def recognizer_card(self) -> ModelCard:
@@ -151,8 +170,9 @@ class Pipeline:
         """The decoded image, its estimated memory (:func:`decode_cost`) held from the
         decode budget until the block ends: waits while other decodes fill the budget."""
         settings = self.settings
-        img = read_header(data, settings.max_image_bytes, settings.max_image_pixels,
-                          settings.max_decode_bytes)
+        img = read_header(
+            data, settings.max_image_bytes, settings.max_image_pixels, settings.max_decode_bytes
+        )
         with self.decode_budget.reserve(decode_cost(img)):
             with _timed(timings, "decode"):
                 image = decode_opened(img)
@@ -162,16 +182,22 @@ class Pipeline:
         return self.detector.detect(image)
 
     def align(self, image: np.ndarray, detections: list[Detection]) -> np.ndarray:
-        return align_faces(image, [d.landmarks for d in detections], self.template,
-                           self.crop_size)
+        return align_faces(image, [d.landmarks for d in detections], self.template, self.crop_size)
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """(N, h, w, 3) aligned crops -> (N, dim) L2-normalised embeddings."""
         return self._embedder().embed(crops)
 
     # -- the analysis path ---------------------------------------------------------------
-    def locate(self, source: Source, policy: Policy = "all", timings: Timings | None = None,
-               *, allow_none: bool = False, limit: int | None = None) -> Faces:
+    def locate(
+        self,
+        source: Source,
+        policy: Policy = "all",
+        timings: Timings | None = None,
+        *,
+        allow_none: bool = False,
+        limit: int | None = None,
+    ) -> Faces:
         """Decode (bytes), detect, keep the faces ``policy`` asks for and align them.
 
         Raises ``PipelineError`` for an image that cannot be decoded or a policy refusal
@@ -188,9 +214,15 @@ class Pipeline:
             detections = self.detect(source)
         return self._choose(source, detections, policy, timings, allow_none, limit)
 
-    def locate_batch(self, sources: Sequence[Source], policy: Policy = "all",
-                     timings: Timings | None = None, *, allow_none: bool = False,
-                     limit: int | None = None) -> list[Faces | PipelineError]:
+    def locate_batch(
+        self,
+        sources: Sequence[Source],
+        policy: Policy = "all",
+        timings: Timings | None = None,
+        *,
+        allow_none: bool = False,
+        limit: int | None = None,
+    ) -> list[Faces | PipelineError]:
         """:meth:`locate` for several images, with one batched detection call; each
         image's result, or the ``PipelineError`` that refused it, in order. Each decode
         takes its memory from the decode budget only while it decodes (holding a whole
@@ -211,22 +243,30 @@ class Pipeline:
             if result is not None:
                 continue
             try:
-                results[k] = self._choose(next(pixels), next(found), policy, timings,
-                                          allow_none, limit)
+                results[k] = self._choose(
+                    next(pixels), next(found), policy, timings, allow_none, limit
+                )
             except PipelineError as exc:
                 results[k] = exc
         return [r for r in results if r is not None]
 
-    def _choose(self, image: np.ndarray, detections: list[Detection], policy: Policy,
-                timings: Timings | None, allow_none: bool, limit: int | None) -> Faces:
-        kept = select_faces(detections, policy, floor=self.floor, allow_none=allow_none,
-                            limit=limit)
+    def _choose(
+        self,
+        image: np.ndarray,
+        detections: list[Detection],
+        policy: Policy,
+        timings: Timings | None,
+        allow_none: bool,
+        limit: int | None,
+    ) -> Faces:
+        kept = select_faces(
+            detections, policy, floor=self.floor, allow_none=allow_none, limit=limit
+        )
         with _timed(timings, "align"):
             crops = np.asarray(self.align(image, kept))
         return Faces(kept, crops, (int(image.shape[1]), int(image.shape[0])), len(detections))
 
-    def embed_faces(self, found: Faces | Sequence[Faces], timings: Timings | None = None
-                    ) -> None:
+    def embed_faces(self, found: Faces | Sequence[Faces], timings: Timings | None = None) -> None:
         """Embed the kept faces of one or several images in one embedder call (sets each
         ``Faces.embeddings``)."""
         items = [found] if isinstance(found, Faces) else list(found)
@@ -238,13 +278,20 @@ class Pipeline:
         for faces in items:
             n = len(faces.detections)
             if n:
-                faces.embeddings = np.asarray(vectors[offset:offset + n], dtype=np.float32)
+                faces.embeddings = np.asarray(vectors[offset : offset + n], dtype=np.float32)
             else:
                 faces.embeddings = np.zeros((0, self.dim), dtype=np.float32)
             offset += n
 
-    def analyze(self, source: Source, policy: Policy = "all", timings: Timings | None = None,
-                *, allow_none: bool = False, limit: int | None = None) -> Faces:
+    def analyze(
+        self,
+        source: Source,
+        policy: Policy = "all",
+        timings: Timings | None = None,
+        *,
+        allow_none: bool = False,
+        limit: int | None = None,
+    ) -> Faces:
         """:meth:`locate` then :meth:`embed_faces`: the kept faces with their embeddings."""
         faces = self.locate(source, policy, timings, allow_none=allow_none, limit=limit)
         self.embed_faces(faces, timings)

@@ -86,8 +86,9 @@ def static_shape(shape, dynamic_side: int = DEFAULT_DYNAMIC_SIDE) -> list[int]:
 def warm_up(session: ort.InferenceSession, dynamic_side: int = DEFAULT_DYNAMIC_SIDE) -> None:
     """Run one inference on zeros so that the first real request does not pay start-up costs."""
     feed = {
-        inp.name: np.zeros(static_shape(inp.shape, dynamic_side),
-                           dtype=_ORT_DTYPES.get(inp.type, np.float32))
+        inp.name: np.zeros(
+            static_shape(inp.shape, dynamic_side), dtype=_ORT_DTYPES.get(inp.type, np.float32)
+        )
         for inp in session.get_inputs()
     }
     session.run(None, feed)

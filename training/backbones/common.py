@@ -5,8 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 
-def conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1,
-            act: str | None = "prelu") -> nn.Sequential:
+def conv_bn(
+    cin: int,
+    cout: int,
+    kernel: int = 3,
+    stride: int = 1,
+    groups: int = 1,
+    act: str | None = "prelu",
+) -> nn.Sequential:
     """Conv (no bias) → BatchNorm → PReLU / ReLU / nothing."""
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),

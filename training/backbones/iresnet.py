@@ -27,7 +27,8 @@ class IBasicBlock(nn.Module):
             nn.BatchNorm2d(cout),
         )
         self.shortcut = (
-            nn.Identity() if stride == 1 and cin == cout
+            nn.Identity()
+            if stride == 1 and cin == cout
             else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
         )
 
@@ -36,16 +37,23 @@ class IBasicBlock(nn.Module):
 
 
 class IResNet(nn.Module):
-    def __init__(self, depth: int = 50, embedding_dim: int = 512, input_size: int = 112,
-                 width: int = 64, dropout: float = 0.0):
+    def __init__(
+        self,
+        depth: int = 50,
+        embedding_dim: int = 512,
+        input_size: int = 112,
+        width: int = 64,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if depth not in LAYERS:
             raise ValueError(f"IResNet depth must be one of {sorted(LAYERS)}, got {depth}")
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
-                                  nn.PReLU(width))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.PReLU(width)
+        )
         blocks, cin = [], width
         for stage, count in enumerate(LAYERS[depth]):
-            cout = width * 2 ** stage
+            cout = width * 2**stage
             for i in range(count):
                 blocks.append(IBasicBlock(cin, cout, 2 if i == 0 else 1))
                 cin = cout

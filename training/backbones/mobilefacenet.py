@@ -50,8 +50,10 @@ class MobileFaceNet(nn.Module):
         self.features = nn.Sequential(*layers)
         side = downsampled(input_size, 4)
         self.gdc = nn.Sequential(  # linear global depthwise conv + linear 1×1 projection
-            nn.Conv2d(last, last, side, groups=last, bias=False), nn.BatchNorm2d(last),
-            nn.Conv2d(last, embedding_dim, 1, bias=False), nn.Flatten(1),
+            nn.Conv2d(last, last, side, groups=last, bias=False),
+            nn.BatchNorm2d(last),
+            nn.Conv2d(last, embedding_dim, 1, bias=False),
+            nn.Flatten(1),
         )
         self.bn = nn.BatchNorm1d(embedding_dim)
         for module in self.modules():

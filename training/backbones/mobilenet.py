@@ -13,13 +13,31 @@ from torch import nn
 from training.backbones.common import EmbeddingHead, conv_bn, downsampled
 
 # (output channels, stride) of each depthwise-separable block
-BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1),
-          (512, 1), (512, 1), (512, 1), (1024, 1), (1024, 1))
+BLOCKS = (
+    (64, 1),
+    (128, 2),
+    (128, 1),
+    (256, 2),
+    (256, 1),
+    (512, 2),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (1024, 1),
+    (1024, 1),
+)
 
 
 class MobileNetV1(nn.Module):
-    def __init__(self, embedding_dim: int = 512, input_size: int = 112, width: float = 1.0,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        embedding_dim: int = 512,
+        input_size: int = 112,
+        width: float = 1.0,
+        dropout: float = 0.0,
+    ):
         super().__init__()
 
         def ch(c: int) -> int:
@@ -28,8 +46,10 @@ class MobileNetV1(nn.Module):
         layers: list[nn.Module] = [conv_bn(3, ch(32), 3, 2, act="relu")]
         cin = ch(32)
         for cout, stride in BLOCKS:
-            layers += [conv_bn(cin, cin, 3, stride, groups=cin, act="relu"),
-                       conv_bn(cin, ch(cout), 1, act="relu")]
+            layers += [
+                conv_bn(cin, cin, 3, stride, groups=cin, act="relu"),
+                conv_bn(cin, ch(cout), 1, act="relu"),
+            ]
             cin = ch(cout)
         self.features = nn.Sequential(*layers)
         self.head = EmbeddingHead(cin, downsampled(input_size, 4), embedding_dim, dropout)

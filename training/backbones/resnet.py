@@ -20,13 +20,18 @@ class Bottleneck(nn.Module):
         super().__init__()
         cout = planes * self.expansion
         self.body = nn.Sequential(
-            nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
-            nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes),
+            nn.Conv2d(cin, planes, 1, bias=False),
+            nn.BatchNorm2d(planes),
             nn.ReLU(inplace=True),
-            nn.Conv2d(planes, cout, 1, bias=False), nn.BatchNorm2d(cout),
+            nn.Conv2d(planes, planes, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
         )
         self.shortcut = (
-            nn.Identity() if stride == 1 and cin == cout
+            nn.Identity()
+            if stride == 1 and cin == cout
             else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
         )
         self.act = nn.ReLU(inplace=True)
@@ -36,14 +41,21 @@ class Bottleneck(nn.Module):
 
 
 class ResNet50(nn.Module):
-    def __init__(self, embedding_dim: int = 512, input_size: int = 112, width: int = 64,
-                 layers: tuple[int, ...] = (3, 4, 6, 3), dropout: float = 0.0):
+    def __init__(
+        self,
+        embedding_dim: int = 512,
+        input_size: int = 112,
+        width: int = 64,
+        layers: tuple[int, ...] = (3, 4, 6, 3),
+        dropout: float = 0.0,
+    ):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width),
-                                  nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
         blocks, cin = [], width
         for stage, count in enumerate(layers):
-            planes = width * 2 ** stage
+            planes = width * 2**stage
             for i in range(count):
                 blocks.append(Bottleneck(cin, planes, 2 if i == 0 and stage > 0 else 1))
                 cin = planes * Bottleneck.expansion

@@ -60,14 +60,16 @@ def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, flo
     return canvas, scale
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, score_threshold: float,
-        iou_threshold: float) -> np.ndarray:
+def nms(
+    boxes: np.ndarray, scores: np.ndarray, score_threshold: float, iou_threshold: float
+) -> np.ndarray:
     """Indices kept by OpenCV's NMS, highest score first."""
     if len(scores) == 0:
         return np.zeros(0, dtype=np.int64)
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
-    keep = cv2.dnn.NMSBoxes(xywh.tolist(), scores.astype(float).tolist(),
-                            float(score_threshold), float(iou_threshold))
+    keep = cv2.dnn.NMSBoxes(
+        xywh.tolist(), scores.astype(float).tolist(), float(score_threshold), float(iou_threshold)
+    )
     kept = np.asarray(keep, dtype=np.int64).reshape(-1)
     return kept[np.argsort(-scores[kept], kind="stable")]
 
@@ -108,8 +110,9 @@ class OnnxDetector:
     def _setup(self) -> None:
         """Model-specific initialisation (output layout checks)."""
 
-    def decode(self, outputs: list[np.ndarray], index: int, input_size: tuple[int, int]
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def decode(
+        self, outputs: list[np.ndarray], index: int, input_size: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw outputs of image ``index`` -> boxes (N,4), scores (N,), landmarks (N,5,2).
 
         Coordinates in network-input pixels; only candidates at or above the score
@@ -147,25 +150,29 @@ class OnnxDetector:
         """Letterboxed uint8 images of one size -> NCHW float32, colour order and mean/std of
         the card."""
         if len(set(self.std)) == 1:  # size (0, 0): the images' own size
-            return cv2.dnn.blobFromImages(images, 1.0 / self.std[0], (0, 0), self.mean,
-                                          swapRB=self.swap_rb, crop=False)
+            return cv2.dnn.blobFromImages(
+                images, 1.0 / self.std[0], (0, 0), self.mean, swapRB=self.swap_rb, crop=False
+            )
         batch: np.ndarray = np.stack(images).astype(np.float32)
         if self.swap_rb:
             batch = batch[..., ::-1]
         batch = (batch - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
 
-    def _run(self, canvases: list[np.ndarray],
-             input_size: tuple[int, int]) -> list[list[np.ndarray]]:
+    def _run(
+        self, canvases: list[np.ndarray], input_size: tuple[int, int]
+    ) -> list[list[np.ndarray]]:
         """Per-image raw outputs; one batched run when the model allows it."""
         if self.dynamic_batch and len(canvases) > 1:
             outputs = self.session.run(self.output_names, {self.input_name: self.blob(canvases)})
-            return [[o[i:i + 1] for o in outputs] for i in range(len(canvases))]
-        return [self.session.run(self.output_names, {self.input_name: self.blob([c])})
-                for c in canvases]
+            return [[o[i : i + 1] for o in outputs] for i in range(len(canvases))]
+        return [
+            self.session.run(self.output_names, {self.input_name: self.blob([c])}) for c in canvases
+        ]
 
-    def postprocess(self, boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray,
-                    scale: float) -> list[Detection]:
+    def postprocess(
+        self, boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray, scale: float
+    ) -> list[Detection]:
         """Input pixels -> image pixels, NMS, size filter, ``max_faces``, sorted by score."""
         if len(scores) == 0:
             return []
@@ -177,8 +184,13 @@ class OnnxDetector:
             box = boxes[i]
             if min(box[2] - box[0], box[3] - box[1]) < self.min_face_size:
                 continue
-            result.append(Detection(box=box.astype(np.float32), score=float(scores[i]),
-                                    landmarks=landmarks[i].astype(np.float32)))
+            result.append(
+                Detection(
+                    box=box.astype(np.float32),
+                    score=float(scores[i]),
+                    landmarks=landmarks[i].astype(np.float32),
+                )
+            )
             if len(result) >= self.max_faces:
                 break
         return result

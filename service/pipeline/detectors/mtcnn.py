@@ -63,8 +63,11 @@ def split_networks(model: onnx.ModelProto) -> dict[str, bytes]:
     if missing:
         raise ValueError(f"not an MTCNN model: inputs {missing} missing")
     extractor = Extractor(model)
-    return {net: extractor.extract_model([inp], list(outs)).SerializeToString()
-            for net, (inp, outs) in NETWORKS.items()}
+    return {
+        net: extractor.extract_model([inp], list(outs)).SerializeToString()
+        for net, (inp, outs) in NETWORKS.items()
+    }
+
 
 DEFAULT_THRESHOLDS = (0.6, 0.7, 0.7)
 DEFAULT_FACTOR = 0.709
@@ -100,8 +103,13 @@ def nms_min(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarr
     return np.asarray(keep, dtype=np.int64)
 
 
-def _nms_per_image(boxes: np.ndarray, scores: np.ndarray, image_idx: np.ndarray,
-                   threshold: float, mode: str = "union") -> np.ndarray:
+def _nms_per_image(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    image_idx: np.ndarray,
+    threshold: float,
+    mode: str = "union",
+) -> np.ndarray:
     """NMS applied to each image's candidates separately; kept indices into the inputs."""
     kept = []
     for image in np.unique(image_idx):
@@ -218,8 +226,10 @@ class MTCNNDetector:
         # for no gain in throughput (bench/bench_mtcnn.py, BENCHMARKS.md), so they sleep.
         options = session_options(settings, spinning=False)
         providers = select_providers(list(settings.providers))
-        self.sessions = {net: ort.InferenceSession(blob, sess_options=options, providers=providers)
-                         for net, blob in split_networks(model).items()}
+        self.sessions = {
+            net: ort.InferenceSession(blob, sess_options=options, providers=providers)
+            for net, blob in split_networks(model).items()
+        }
         self._warm_up()
 
     # -- networks --------------------------------------------------------------------
@@ -227,8 +237,9 @@ class MTCNNDetector:
         """Raw outputs of ``net`` (pnet, rnet, onet) for a normalised NCHW float32 batch,
         in the order listed in ``NETWORKS``."""
         input_name, outputs = NETWORKS[net]
-        return self.sessions[net].run(list(outputs),
-                                      {input_name: np.ascontiguousarray(batch, np.float32)})
+        return self.sessions[net].run(
+            list(outputs), {input_name: np.ascontiguousarray(batch, np.float32)}
+        )
 
     def _warm_up(self) -> None:
         self.run_network("pnet", np.zeros((1, 3, 24, 24), np.float32))
@@ -264,8 +275,9 @@ class MTCNNDetector:
         h, w = image.shape[:2]
         return max(1, round(w * shrink)), max(1, round(h * shrink))
 
-    def _resized(self, integral: np.ndarray, regions: np.ndarray, out_h: int, out_w: int
-                 ) -> np.ndarray:
+    def _resized(
+        self, integral: np.ndarray, regions: np.ndarray, out_h: int, out_w: int
+    ) -> np.ndarray:
         """Normalised NHWC float32 crops of ``regions`` (N, 4: row, col, height, width)."""
         pooled = area_resize(integral, regions, out_h, out_w)
         return (pooled - self.mean) * self.scale
@@ -280,8 +292,9 @@ class MTCNNDetector:
         per_image: list[list[np.ndarray]] = [[] for _ in group]
         for scale in pyramid_scales(height, width, self.min_face_size, self.factor):
             out_h, out_w = int(height * scale + 1), int(width * scale + 1)
-            batch = np.concatenate([self._resized(integral, whole, out_h, out_w)
-                                    for integral in group]).transpose(0, 3, 1, 2)
+            batch = np.concatenate(
+                [self._resized(integral, whole, out_h, out_w) for integral in group]
+            ).transpose(0, 3, 1, 2)
             reg, prob = self.run_network("pnet", batch)
             b, ys, xs = np.nonzero(prob[:, 1] >= threshold)
             if b.size == 0:
@@ -326,12 +339,19 @@ class MTCNNDetector:
         t = np.trunc(boxes)
         heights = np.array([images[i].shape[0] - 1 for i in idx])
         widths = np.array([images[i].shape[1] - 1 for i in idx])
-        return ((t[:, 2] >= t[:, 0]) & (t[:, 3] >= t[:, 1]) & (t[:, 2] >= 1) & (t[:, 3] >= 1)
-                & (t[:, 0] <= widths) & (t[:, 1] <= heights)
-                & np.all(np.isfinite(boxes), axis=1))
+        return (
+            (t[:, 2] >= t[:, 0])
+            & (t[:, 3] >= t[:, 1])
+            & (t[:, 2] >= 1)
+            & (t[:, 3] >= 1)
+            & (t[:, 0] <= widths)
+            & (t[:, 1] <= heights)
+            & np.all(np.isfinite(boxes), axis=1)
+        )
 
-    def _run_crops(self, net: str, images: list[np.ndarray], boxes: np.ndarray,
-                   idx: np.ndarray, size: int) -> list[np.ndarray]:
+    def _run_crops(
+        self, net: str, images: list[np.ndarray], boxes: np.ndarray, idx: np.ndarray, size: int
+    ) -> list[np.ndarray]:
         """Run ``net`` on the ``size`` x ``size`` crops of all boxes, batched across images."""
         crops = np.empty((len(boxes), size, size, 3), np.float32)
         for image in np.unique(idx):
@@ -340,8 +360,10 @@ class MTCNNDetector:
             regions = self._regions(boxes[members], height, width)
             crops[members] = self._resized(images[image], regions, size, size)
         batch = crops.transpose(0, 3, 1, 2)
-        outputs = [self.run_network(net, batch[start:start + MAX_CROP_BATCH])
-                   for start in range(0, len(batch), MAX_CROP_BATCH)]
+        outputs = [
+            self.run_network(net, batch[start : start + MAX_CROP_BATCH])
+            for start in range(0, len(batch), MAX_CROP_BATCH)
+        ]
         return [np.concatenate(parts) for parts in zip(*outputs, strict=True)]
 
     # -- the cascade ---------------------------------------------------------------------
@@ -360,23 +382,32 @@ class MTCNNDetector:
             groups.setdefault(integral.shape[:2], []).append(i)
         proposals: list[np.ndarray] = [np.zeros((0, 5), np.float32)] * len(images)
         for members in groups.values():
-            for i, cand in zip(members, self._proposals([integrals[i] for i in members]),
-                                  strict=True):
+            for i, cand in zip(
+                members, self._proposals([integrals[i] for i in members]), strict=True
+            ):
                 proposals[i] = cand
         idx = np.concatenate([np.full(len(p), i, np.int64) for i, p in enumerate(proposals)])
         cand = np.concatenate(proposals).astype(np.float32)
         boxes, scores, landmarks, idx = self._refine_and_output(integrals, cand, idx)
         # back to the original pixels of shrunk photos (pixel centres map onto pixel centres)
-        grow = np.array([image.shape[1] / (integral.shape[1] - 1)
-                         for image, integral in zip(images, integrals, strict=True)],
-                        np.float32)[idx]
+        grow = np.array(
+            [
+                image.shape[1] / (integral.shape[1] - 1)
+                for image, integral in zip(images, integrals, strict=True)
+            ],
+            np.float32,
+        )[idx]
         boxes = (boxes + 0.5) * grow[:, None] - 0.5
         landmarks = (landmarks + 0.5) * grow[:, None, None] - 0.5
         return self._detections(len(images), boxes, scores, landmarks, idx)
 
     def _refine_and_output(self, images, cand, idx):
-        empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
-                 np.zeros((0, 5, 2), np.float32), np.zeros(0, np.int64))
+        empty = (
+            np.zeros((0, 4), np.float32),
+            np.zeros(0, np.float32),
+            np.zeros((0, 5, 2), np.float32),
+            np.zeros(0, np.int64),
+        )
         # Boxes are truncated to the integer pixels that are cropped before each stage, as
         # the original MTCNN does, so that the regression and the landmarks (relative to the
         # crop) land where the network saw them; facenet-pytorch keeps the fractions and
@@ -401,12 +432,18 @@ class MTCNNDetector:
             return empty
         reg, points, prob = self._run_crops("onet", images, boxes, idx, ONET_SIZE)
         passed = prob[:, 1] > self.thresholds[2]
-        boxes, scores, reg, points, idx = (boxes[passed], prob[passed, 1], reg[passed],
-                                           points[passed], idx[passed])
+        boxes, scores, reg, points, idx = (
+            boxes[passed],
+            prob[passed, 1],
+            reg[passed],
+            points[passed],
+            idx[passed],
+        )
         w = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
         h = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
-        landmarks = np.stack([w * points[:, :5] + boxes[:, :1] - 1,
-                              h * points[:, 5:] + boxes[:, 1:2] - 1], axis=2)
+        landmarks = np.stack(
+            [w * points[:, :5] + boxes[:, :1] - 1, h * points[:, 5:] + boxes[:, 1:2] - 1], axis=2
+        )
         boxes = regress(boxes, reg, inclusive=True)
         keep = _nms_per_image(boxes, scores, idx, self.nms_overlaps["onet_min"], mode="min")
         return boxes[keep], scores[keep], landmarks[keep], idx[keep]
@@ -416,7 +453,11 @@ class MTCNNDetector:
         for k in np.argsort(-scores, kind="stable"):
             if scores[k] < self.score_threshold or len(results[idx[k]]) >= self.max_faces:
                 continue
-            results[idx[k]].append(Detection(box=boxes[k].astype(np.float32),
-                                             score=float(scores[k]),
-                                             landmarks=landmarks[k].astype(np.float32)))
+            results[idx[k]].append(
+                Detection(
+                    box=boxes[k].astype(np.float32),
+                    score=float(scores[k]),
+                    landmarks=landmarks[k].astype(np.float32),
+                )
+            )
         return results

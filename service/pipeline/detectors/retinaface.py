@@ -29,8 +29,9 @@ def priors(width: int, height: int) -> np.ndarray:
         ys, xs = np.mgrid[:rows, :cols]
         cx = ((xs.reshape(-1) + 0.5) * stride).astype(np.float32)
         cy = ((ys.reshape(-1) + 0.5) * stride).astype(np.float32)
-        per_size = [np.stack([cx, cy, np.full_like(cx, s), np.full_like(cx, s)], axis=1)
-                    for s in sizes]
+        per_size = [
+            np.stack([cx, cy, np.full_like(cx, s), np.full_like(cx, s)], axis=1) for s in sizes
+        ]
         parts.append(np.stack(per_size, axis=1).reshape(-1, 4))
     table = np.concatenate(parts)
     table.setflags(write=False)
@@ -42,8 +43,11 @@ class RetinaFaceDetector(OnnxDetector):
         names = self.output_names
         if len(names) != 3:
             raise ValueError(f"{self.path}: expected RetinaFace with 3 outputs, got {len(names)}")
-        self.order = ([names.index("loc"), names.index("conf"), names.index("iou")]
-                      if {"loc", "conf", "iou"} <= set(names) else [0, 1, 2])
+        self.order = (
+            [names.index("loc"), names.index("conf"), names.index("iou")]
+            if {"loc", "conf", "iou"} <= set(names)
+            else [0, 1, 2]
+        )
 
     def decode(self, outputs, index, input_size):
         loc, conf, landmarks = (outputs[k][index] for k in self.order)
@@ -51,16 +55,23 @@ class RetinaFaceDetector(OnnxDetector):
         keep = np.flatnonzero(scores >= self.score_threshold)
         table = priors(*input_size)
         if table.shape[0] != scores.shape[0]:
-            raise ValueError(f"RetinaFace output has {scores.shape[0]} rows, expected "
-                             f"{table.shape[0]} priors for input {input_size}")
+            raise ValueError(
+                f"RetinaFace output has {scores.shape[0]} rows, expected "
+                f"{table.shape[0]} priors for input {input_size}"
+            )
         if keep.size == 0:
-            return (np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
-                    np.zeros((0, 5, 2), np.float32))
+            return (
+                np.zeros((0, 4), np.float32),
+                np.zeros(0, np.float32),
+                np.zeros((0, 5, 2), np.float32),
+            )
         prior = table[keep]
         loc = loc[keep]
         centre = prior[:, :2] + loc[:, :2] * VARIANCES[0] * prior[:, 2:]
         size = prior[:, 2:] * np.exp(loc[:, 2:] * VARIANCES[1])
         boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
-        kps = (prior[:, None, :2]
-               + landmarks[keep].reshape(-1, 5, 2) * VARIANCES[0] * prior[:, None, 2:])
+        kps = (
+            prior[:, None, :2]
+            + landmarks[keep].reshape(-1, 5, 2) * VARIANCES[0] * prior[:, None, 2:]
+        )
         return boxes, scores[keep], kps

@@ -17,8 +17,10 @@ STRIDES = (8, 16, 32)
 class SCRFDDetector(OnnxDetector):
     def _setup(self) -> None:
         if len(self.output_names) != 9:
-            raise ValueError(f"{self.path}: expected SCRFD with keypoints (9 outputs), "
-                             f"got {len(self.output_names)}")
+            raise ValueError(
+                f"{self.path}: expected SCRFD with keypoints (9 outputs), "
+                f"got {len(self.output_names)}"
+            )
         self.batched_outputs = len(self.session.get_outputs()[0].shape) == 3
 
     def decode(self, outputs, index, input_size):
@@ -42,6 +44,9 @@ class SCRFDDetector(OnnxDetector):
             all_kps.append(centers[:, None, :] + kps.reshape(-1, 5, 2)[keep] * stride)
             all_scores.append(scores[keep])
         if not all_scores:
-            return (np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
-                    np.zeros((0, 5, 2), np.float32))
+            return (
+                np.zeros((0, 4), np.float32),
+                np.zeros(0, np.float32),
+                np.zeros((0, 5, 2), np.float32),
+            )
         return np.concatenate(all_boxes), np.concatenate(all_scores), np.concatenate(all_kps)

@@ -19,12 +19,14 @@ class YuNetDetector(OnnxDetector):
     def _setup(self) -> None:
         if len(self.output_names) != 12:
             raise ValueError(
-                f"{self.path}: expected YuNet with 12 outputs, got {len(self.output_names)}")
+                f"{self.path}: expected YuNet with 12 outputs, got {len(self.output_names)}"
+            )
         # Outputs are addressed by name (cls_8 ... kps_32) when the export names them.
         names = self.output_names
         wanted = [f"{kind}_{s}" for kind in ("cls", "obj", "bbox", "kps") for s in STRIDES]
-        self.order = ([names.index(n) for n in wanted] if set(wanted) <= set(names)
-                      else list(range(12)))
+        self.order = (
+            [names.index(n) for n in wanted] if set(wanted) <= set(names) else list(range(12))
+        )
 
     def decode(self, outputs, index, input_size):
         width, height = input_size
@@ -46,6 +48,9 @@ class YuNetDetector(OnnxDetector):
             all_kps.append(cells[:, None, :] + kps * stride)
             all_scores.append(scores[keep])
         if not all_scores:
-            return (np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
-                    np.zeros((0, 5, 2), np.float32))
+            return (
+                np.zeros((0, 4), np.float32),
+                np.zeros(0, np.float32),
+                np.zeros((0, 5, 2), np.float32),
+            )
         return np.concatenate(all_boxes), np.concatenate(all_scores), np.concatenate(all_kps)
