@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from service.config import Settings  # noqa: E402
 from tests.conftest import LFW, SHARED_MODELS  # noqa: E402
-from tests.service_helpers import InProcessServer  # noqa: E402
+from tests.support.service import InProcessServer  # noqa: E402
 
 
 def people(n: int) -> list[Path]:

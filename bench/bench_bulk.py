@@ -38,7 +38,7 @@ from service.bulk import DirectoryImport  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.gallery import GalleryService  # noqa: E402
 from tests.conftest import LFW, SHARED_MODELS  # noqa: E402
-from tests.service_helpers import InProcessServer  # noqa: E402
+from tests.support.service import InProcessServer  # noqa: E402
 
 
 def lfw_photos(n: int) -> list[tuple[str, Path]]:

@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.conftest import LFW
-from tests.service_helpers import ServeProcess
+from tests.support.service import ServeProcess
 
 GALLERY = "bench"
 

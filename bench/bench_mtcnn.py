@@ -105,7 +105,7 @@ def main() -> None:
     references = {}
     if not args.no_reference:
         try:
-            from tests.facenet_reference import load_reference
+            from tests.support.facenet_reference import load_reference
 
             references = {
                 "facenet_pytorch": load_reference(wheel, scratch / "wheel", threads=None),

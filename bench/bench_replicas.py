@@ -1,7 +1,7 @@
 """Scale-out benchmark: ``/v1/identify`` throughput with 1, 2, 4 replicas on one PostgreSQL gallery,
 and how long an enrolment acknowledged by one replica takes to reach every other replica's index.
 
-Starts a throwaway PostgreSQL cluster (``tests/pg.py``) and the largest number
+Starts a throwaway PostgreSQL cluster (``tests/support/pg.py``) and the largest number
 of ``facegate serve`` replicas asked for (every replica its own process, port,
 data directory and FAISS index; one gallery of CelebA identities enrolled
 through the first), then measures
@@ -48,8 +48,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.pg import PostgresCluster  # noqa: E402
-from tests.replicas import (  # noqa: E402
+from tests.support.pg import PostgresCluster  # noqa: E402
+from tests.support.replicas import (  # noqa: E402
     Replica,
     celeba_photos,
     enrol,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pg import postgres_cluster, postgres_url  # noqa: F401  (PostgreSQL fixtures)
+from tests.support.pg import postgres_cluster, postgres_url  # noqa: F401  (PostgreSQL fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FACEGATE_SHARED", REPO.parent / "shared")).resolve()

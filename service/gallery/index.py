@@ -163,17 +163,23 @@ class SnapshotError(RuntimeError):
 
 
 class _RWLock:
-    """Many concurrent searches, or one mutation at a time."""
+    """Many concurrent searches, or one mutation at a time.
+
+    Writers go first: once a writer waits, new readers wait behind it. Otherwise a steady
+    stream of searches (each releasing and at once re-taking the read lock) would keep a
+    writer, such as the switch to a freshly trained index, waiting for ever. Reads do not
+    nest (a reader never takes the lock again), so this cannot deadlock."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
+        self._writers_waiting = 0
 
     @contextmanager
     def read(self):
         with self._cond:
-            while self._writer:
+            while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
         try:
@@ -187,8 +193,12 @@ class _RWLock:
     @contextmanager
     def write(self):
         with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
             self._writer = True
         try:
             yield
