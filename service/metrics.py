@@ -58,6 +58,10 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 FACE_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
 
+#: Why admission control drops a request unrun (``facegate_admission_refused_total``).
+ADMISSION_REFUSALS = ("overloaded", "deadline", "disconnected")
+
+
 class Metrics:
     """Every metric the service exports."""
 
@@ -115,6 +119,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for reason in ADMISSION_REFUSALS:  # exported at 0 from the start, for dashboards
+            self.admission_refused.labels(reason=reason)
         self.admission_in_flight = Gauge(
             "facegate_admission_in_flight", "requests holding a pipeline slot", registry=r
         )

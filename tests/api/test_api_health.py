@@ -205,3 +205,24 @@ def test_readiness_follows_the_store(tmp_path):
     finally:
         server.stop()
         cluster.stop()
+
+
+def test_dashboard_admission_refusals_are_exported_before_any_refusal():
+    """The Grafana dashboard's refusal panel reads ``facegate_admission_refused_total``; the
+    series must exist from the start (at 0 for every reason), not only after the first
+    refusal, or the panel (and the Docker smoke test's dashboard check) finds no data."""
+    import json
+
+    from service.metrics import Metrics
+    from tests.conftest import REPO
+
+    dashboard = (REPO / "docker/grafana/dashboards/facegate.json").read_text()
+    exprs = [
+        target.get("expr", "")
+        for panel in json.loads(dashboard)["panels"]
+        for target in panel.get("targets", [])
+    ]
+    assert any("facegate_admission_refused_total" in expr for expr in exprs)
+    text = Metrics().render()[0].decode()
+    for reason in ("overloaded", "deadline", "disconnected"):
+        assert f'facegate_admission_refused_total{{reason="{reason}"}} 0.0' in text, reason
