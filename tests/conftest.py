@@ -90,3 +90,16 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("recorded figures")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+def photo(name: str, number: int) -> bytes:
+    """The ``number``-th LFW photo of ``name`` (1-based, in file-name order)."""
+    return sorted((LFW / "images" / name).glob("*.jpg"))[number - 1].read_bytes()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """A gallery store URL on each backend: a SQLite file, then the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store' / 'gallery.sqlite3'}"
+    return request.getfixturevalue("postgres_url")

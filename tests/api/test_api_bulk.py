@@ -23,15 +23,11 @@ import pytest
 
 from service.config import Settings
 from service.gallery.backends import open_store
-from tests.conftest import LFW, SHARED_MODELS
+from tests.conftest import LFW, SHARED_MODELS, photo
 from tests.support.service import InProcessServer, ServeProcess
 
 PEOPLE = ["Abdoulaye_Wade", "Angela_Merkel", "Arianna_Huffington", "Alan_Greenspan"]
 MAX_ITEMS = 12
-
-
-def photo(name: str, number: int) -> bytes:
-    return sorted((LFW / "images" / name).glob("*.jpg"))[number - 1].read_bytes()
 
 
 def b64(data: bytes) -> str:
@@ -44,13 +40,6 @@ def two_faces() -> bytes:
         for name in PEOPLE[:2]
     ]
     return cv2.imencode(".png", np.hstack(images))[1].tobytes()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store' / 'gallery.sqlite3'}"
-    return request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture

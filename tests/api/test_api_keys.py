@@ -21,7 +21,7 @@ import pytest
 from service.api.keys import hash_key, read_keys_file
 from service.cli import main as cli_main
 from service.config import Settings
-from tests.conftest import LFW, SHARED_MODELS
+from tests.conftest import SHARED_MODELS, photo
 from tests.support.service import InProcessServer
 
 FLAT_KEY = "flat-key-for-tests-0123456789"
@@ -50,10 +50,6 @@ ROUTES = {
     ("POST", "/v1/galleries/{gallery}/reenrol"): ("enrol", "path"),
     ("GET", "/v1/galleries/{gallery}/export"): ("admin", "path"),
 }
-
-
-def photo(name: str, number: int) -> bytes:
-    return sorted((LFW / "images" / name).glob("*.jpg"))[number - 1].read_bytes()
 
 
 @pytest.fixture(scope="module")

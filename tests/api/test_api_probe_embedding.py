@@ -9,24 +9,12 @@ import base64
 
 import httpx
 import numpy as np
-import pytest
 
 from service.config import Settings
-from tests.conftest import LFW, SHARED_MODELS
+from tests.conftest import SHARED_MODELS, photo
 from tests.support.service import InProcessServer
 
 PEOPLE = ["Abdoulaye_Wade", "Angela_Merkel", "Arianna_Huffington"]
-
-
-def photo(name: str, number: int) -> bytes:
-    return sorted((LFW / "images" / name).glob("*.jpg"))[number - 1].read_bytes()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store' / 'gallery.sqlite3'}"
-    return request.getfixturevalue("postgres_url")
 
 
 def test_probe_embedding(tmp_path, store_url):

@@ -23,7 +23,7 @@ import pytest
 from service.cli import main as cli_main
 from service.gallery import GalleryService
 from service.gallery.backends import open_store
-from tests.conftest import LFW, SHARED_MODELS
+from tests.conftest import SHARED_MODELS, photo
 from tests.support.service import ServeProcess
 
 MODEL_A = "facegate_mfn_cosface"
@@ -32,11 +32,6 @@ MODEL_B = "mobilefacenet_peer_128d"
 PEOPLE = ["Abdoulaye_Wade", "Angela_Merkel", "Arianna_Huffington", "Alan_Greenspan"]
 SMALL_SCALE = 0.45  # the shrunk photo: face about 50 px
 B_MIN_FACE = 70  # B's enrolment floor (A keeps the default 40 px)
-
-
-def photo(name: str, number: int) -> bytes:
-    """The ``number``-th photo of ``name`` (1-based, in file-name order)."""
-    return sorted((LFW / "images" / name).glob("*.jpg"))[number - 1].read_bytes()
 
 
 def shrunk(data: bytes) -> bytes:

@@ -49,13 +49,6 @@ def pipeline() -> Pipeline:
     return Pipeline.from_settings(model_settings())
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store' / 'gallery.sqlite3'}"
-    return request.getfixturevalue("postgres_url")
-
-
 @pytest.fixture
 def photos(tmp_path):
     root = tmp_path / "photos"

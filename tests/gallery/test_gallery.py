@@ -50,13 +50,6 @@ def near(rng: np.random.Generator, v: np.ndarray, noise: float = 0.05) -> np.nda
     return (x / np.linalg.norm(x)).astype(np.float32)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store' / 'gallery.sqlite3'}"
-    return request.getfixturevalue("postgres_url")
-
-
 def make_settings(tmp_path: Path, store_url: str, name: str = "a", **overrides) -> Settings:
     values = {
         "data_dir": tmp_path / f"replica-{name}",

@@ -24,17 +24,13 @@ from service.config import Settings
 from service.gallery.backends import open_store
 from service.gallery.errors import InvalidExport
 from service.gallery.transfer import read_export
-from tests.conftest import LFW, SHARED_MODELS
+from tests.conftest import SHARED_MODELS, photo
 from tests.support.service import InProcessServer
 
 RECOGNIZER = "mobilefacenet_peer_128d"
 OTHER_RECOGNIZER = "facegate_mfn_cosface"
 PEOPLE = ["Abdoulaye_Wade", "Angela_Merkel", "Arianna_Huffington", "Alan_Greenspan"]
 STRANGER = "Alvaro_Uribe"  # never enrolled
-
-
-def photo(name: str, number: int) -> bytes:
-    return sorted((LFW / "images" / name).glob("*.jpg"))[number - 1].read_bytes()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -23,14 +23,9 @@ from service.gallery.backends import open_store
 from service.gallery.schema import LATEST, MIGRATIONS
 from service.pipeline.pipeline import Pipeline
 from service.reenrol import Reenrolment
-from tests.conftest import LFW, SHARED_MODELS
+from tests.conftest import SHARED_MODELS, photo
 
 PEOPLE = ["Abdoulaye_Wade", "Angela_Merkel", "Arianna_Huffington"]  # one face per photo
-
-
-def photo(name: str, number: int) -> bytes:
-    """The ``number``-th photo of ``name`` (1-based, in file-name order)."""
-    return sorted((LFW / "images" / name).glob("*.jpg"))[number - 1].read_bytes()
 
 
 def model_settings(recognizer: str, **overrides) -> Settings:
@@ -50,13 +45,6 @@ def pipelines():
         name: Pipeline.from_settings(model_settings(name))
         for name in ("facegate_mfn_cosface", "mobilefacenet_peer_128d")
     }
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store' / 'gallery.sqlite3'}"
-    return request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture
