@@ -184,7 +184,7 @@ def row_of(
     index: GalleryIndex, build_s: float, threads: int, latencies, cpu, recall: float
 ) -> dict:
     n = len(index)
-    size = faiss.serialize_index(index._index).nbytes
+    size = index.serialized_bytes()
     return {
         "kind": index.kind,
         "size": n,
@@ -238,9 +238,10 @@ def _params(index: GalleryIndex) -> dict:
     from service.gallery import index as module
 
     if index.kind == "ivf":
+        assert index._ivf is not None
         params = {
-            "nlist": int(index._index.nlist),
-            "nprobe": min(index.nprobe, int(index._index.nlist)),
+            "nlist": int(index._ivf.nlist),
+            "nprobe": min(index.nprobe, int(index._ivf.nlist)),
         }
         if index.tuned_recall is not None:
             params.update(
@@ -273,7 +274,12 @@ def celeba_photos(root: Path, identities: int, per_identity: int) -> list[tuple[
 
 
 def embed_photos(
-    root: Path, paths: list[str], detector: str, recognizer: str, cache: Path
+    root: Path,
+    paths: list[str],
+    detector: str,
+    recognizer: str,
+    cache: Path,
+    models_dirs: list[Path] | None = None,
 ) -> tuple[np.ndarray, float, int]:
     """Embedding of each photo's primary face (NaN row: no face), through the service
     pipeline; cached per photo in ``cache``.  Returns (embeddings, seconds, newly embedded)."""
@@ -291,7 +297,8 @@ def embed_photos(
         settings = Settings(
             detector=detector, recognizer=recognizer, providers=["CPUExecutionProvider"]
         )
-        pipeline = Pipeline.from_settings(settings, Registry(MANIFEST_PATH, [SHARED / "models"]))
+        dirs = [*(models_dirs or []), REPO / "models", SHARED / "models"]
+        pipeline = Pipeline.from_settings(settings, Registry(MANIFEST_PATH, dirs))
         dim = None
         for path in missing:
             faces = pipeline.analyze(
@@ -313,6 +320,26 @@ def embed_photos(
     return np.stack([stored[p] for p in paths]), time.perf_counter() - start, len(missing)
 
 
+def concatenated_embeddings(args, root: Path, paths: list[str]) -> tuple[np.ndarray, float, int]:
+    """Each photo's embedding by ``--recognizer`` (a comma-separated list: the models'
+    L2-normalised embeddings concatenated and scaled to unit length, so the cosine is
+    the mean of the models' cosines); NaN rows where a model found no face."""
+    parts, seconds, embedded = [], 0.0, 0
+    models_dirs = [Path(d).expanduser() for d in args.models_dir.split(",") if d]
+    for recognizer in args.recognizer.split(","):
+        name = Path(recognizer).stem
+        cache = Path(args.embed_cache or EMBED_CACHE / f"celeba-{args.detector}-{name}.npz")
+        if "," in args.recognizer and args.embed_cache:
+            cache = cache.with_name(f"{cache.stem}-{name}.npz")
+        vectors, spent, count = embed_photos(
+            root, paths, args.detector, recognizer, cache, models_dirs
+        )
+        parts.append(vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+        seconds, embedded = seconds + spent, embedded + count
+    joined = np.concatenate(parts, axis=1) / np.sqrt(len(parts))
+    return joined.astype(np.float32), seconds, embedded
+
+
 def fitted_distractors(rng: np.random.Generator, real: np.ndarray, n: int) -> np.ndarray:
     """``n`` unit vectors from a Gaussian with the mean and covariance of ``real``."""
     mean = real.mean(axis=0)
@@ -331,11 +358,8 @@ def real_faces(
 ) -> dict:
     root = Path(args.celeba)
     photos = celeba_photos(root, args.identities, args.photos_per_identity)
-    cache = Path(args.embed_cache or EMBED_CACHE / f"celeba-{args.detector}-{args.recognizer}.npz")
-    embeddings, embed_s, embedded = embed_photos(
-        root, [p for p, _ in photos], args.detector, args.recognizer, cache
-    )
-    found = ~np.isnan(embeddings[:, 0])
+    embeddings, embed_s, embedded = concatenated_embeddings(args, root, [p for p, _ in photos])
+    found = ~np.isnan(embeddings).any(axis=1)
     enrolled, queries, query_ids = {}, [], []
     for (_path, identity), vector, ok in zip(photos, embeddings, found, strict=True):
         if not ok:
@@ -512,7 +536,17 @@ def main(argv: list[str] | None = None) -> dict:
     real.add_argument("--identities", type=int, default=0, help="first N identities (0: all)")
     real.add_argument("--photos-per-identity", type=int, default=0, help="at most N (0: all)")
     real.add_argument("--detector", default="yunet_2023mar")
-    real.add_argument("--recognizer", default="mobilefacenet_peer_128d")
+    real.add_argument(
+        "--recognizer",
+        default="mobilefacenet_peer_128d",
+        help="a model, or a comma-separated list whose embeddings are concatenated "
+        "(e.g. four 128-d models for real 512-d embeddings)",
+    )
+    real.add_argument(
+        "--models-dir",
+        default=os.environ.get("FACEGATE_MODELS_DIR", ""),
+        help="extra model folders (comma-separated) besides models/ and ../shared/models",
+    )
     real.add_argument(
         "--embed-cache", default="", help=f"embedding cache file (default under {EMBED_CACHE})"
     )

@@ -107,11 +107,11 @@ class Settings(BaseSettings):
         "ivf tuned for target_recall, trained in the background)",
     )
     ivf_nprobe: int = Field(
-        32,
+        0,
         ge=0,
         description="ivf index: inverted lists probed per search (at most all of "
-        "them); more probes, higher recall and slower search; 0 = tuned "
-        "for target_recall whenever the index is trained",
+        "them); more probes, higher recall and slower search; 0 (default) = "
+        "tuned for target_recall whenever the index is trained",
     )
     target_recall: float = Field(
         0.99,

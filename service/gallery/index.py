@@ -11,18 +11,23 @@ Index types (``settings.index_type``):
     ``IndexIDMap2`` over ``IndexFlatIP``: exact search, recall 1.0; cost is
     linear in gallery size (see BENCHMARKS.md for measured latency).
 ``ivf``
-    ``IndexIVFFlat`` with ``nlist = 2·sqrt(n)`` lists, probing ``nprobe`` of
-    them (``settings.ivf_nprobe``, default ``IVF_NPROBE``): sub-linear search,
-    recall below 1.0 (a true match in an unprobed list is missed; more probes
-    raise recall and cost, see BENCHMARKS.md).  The gallery stays exact (flat) until it holds
-    ``IVF_MIN_TRAIN`` faces, is then trained on its own vectors, and is
-    re-trained whenever it has grown ``IVF_RETRAIN_GROWTH``-fold since.
-    Deletes are native (``remove_ids``).
+    The exact index above, plus an inverted-file *accelerator*: an
+    ``IndexIVFScalarQuantizer`` with ``nlist = 4·sqrt(n)`` lists and 8-bit codes
+    (one byte per dimension).  A search probes ``nprobe`` of the lists
+    (``settings.ivf_nprobe``, default ``IVF_NPROBE``; 0: tuned for
+    ``target_recall``) over the 8-bit codes for a short list of ``RERANK`` times
+    the faces wanted, then re-ranks that list by exact scores read from the exact
+    index, so every similarity returned is exact and only a true match in an
+    unprobed list (or pushed off the short list by quantisation) is missed:
+    sub-linear search, recall below 1.0 (see BENCHMARKS.md).  The gallery stays
+    exact until it holds ``IVF_MIN_TRAIN`` faces, is then trained on its own
+    vectors, and is re-trained whenever it has grown ``IVF_RETRAIN_GROWTH``-fold
+    since.  Deletes are native (``remove_ids``) in both.
 ``auto``
     Exact (as ``flat``) while the gallery is small; once it holds
     :func:`auto_switch_faces` faces (where exact search costs about
-    ``AUTO_EXACT_CPU_MS`` of CPU per query, measured: BENCHMARKS.md) it becomes an
-    ``ivf`` index whose probe count is chosen by :func:`tune_nprobe` for
+    ``AUTO_EXACT_CPU_MS`` of CPU per query, measured: BENCHMARKS.md) it gains the
+    ``ivf`` accelerator, with a probe count chosen by :func:`tune_nprobe` for
     ``target_recall``.  Training and every later re-training run in a background
     thread: the current index answers (and takes writes) meanwhile, and the new one
     replaces it once it has caught up with the writes made during its build.
@@ -53,6 +58,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeAlias
@@ -68,13 +74,16 @@ IVF_RETRAIN_GROWTH = 8
 IVF_NPROBE = 32
 IVF_TRAIN_PER_LIST = 64  # k-means sample: this many vectors per list (FAISS advises 30-256)
 IVF_TRAIN_ITERATIONS = 10
+IVF_LISTS_PER_SQRT = 4  # nlist = 4·sqrt(n): 4,000 lists at 1M faces (FAISS advises 4-16·sqrt)
+RERANK = 2  # ivf: the 8-bit short list holds RERANK x the faces asked for ...
+SHORTLIST_MIN = 32  # ... and at least this many, re-ranked by exact scores
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 HNSW_REBUILD_FRACTION = 0.2
 OVERFETCH = 4
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit; larger fetches run on the CPU index
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2: the exact index in .faiss, the ivf accelerator (if any) in .ivf
 #: ``auto``: exact search costs ~0.17 ns of CPU per face and dimension on the 2-core VM
 #: (84.7 ms at 1M x 512-d, 2.29 ms at 100k x 128-d: BENCHMARKS.md); it switches to IVF
 #: where an exact search would cost this much.
@@ -83,8 +92,12 @@ EXACT_NS_PER_FACE_DIM = 0.17
 TARGET_RECALL = 0.99
 TUNE_QUERIES = 400
 
-#: the FAISS index a gallery searches: an id map over a flat or HNSW index, or an IVF index
-FaissIndex: TypeAlias = "faiss.IndexIDMap2 | faiss.IndexIVFFlat"
+#: the FAISS index that holds a gallery's vectors: an id map over a flat or HNSW index
+FaissIndex: TypeAlias = "faiss.IndexIDMap2"
+#: the inverted-file accelerator of an ``ivf`` (or switched ``auto``) gallery
+Accelerator: TypeAlias = "faiss.IndexIVFScalarQuantizer"
+#: exact vectors of the given face ids (one row each)
+Lookup: TypeAlias = "Callable[[np.ndarray], np.ndarray]"
 
 
 def auto_switch_faces(dim: int) -> int:
@@ -102,17 +115,54 @@ def nearest_others(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.where(found[:, 0] == rows, found[:, 1], found[:, 0])
 
 
+def array_lookup(ids: np.ndarray, vectors: np.ndarray) -> Lookup:
+    """:data:`Lookup` over copies of a gallery's (ids, vectors)."""
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    return lambda wanted: vectors[order[np.searchsorted(sorted_ids, wanted)]]
+
+
+def rerank(
+    queries: np.ndarray, shortlist: np.ndarray, lookup: Lookup, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the ``k`` best of its short-listed face ids (``-1``: none) by exact inner
+    product with the vectors ``lookup`` returns: (scores, ids), best first, padded with
+    ``-inf`` / ``-1``."""
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    found = np.full((len(queries), k), -1, dtype=np.int64)
+    for row, (query, ids) in enumerate(zip(queries, shortlist, strict=True)):
+        ids = ids[ids >= 0]
+        if ids.size:
+            exact = lookup(ids) @ query
+            best = np.argsort(-exact, kind="stable")[:k]
+            scores[row, : best.size] = exact[best]
+            found[row, : best.size] = ids[best]
+    return scores, found
+
+
+def accelerated_search(
+    ivf: Accelerator, queries: np.ndarray, k: int, nprobe: int, lookup: Lookup
+) -> tuple[np.ndarray, np.ndarray]:
+    """``ivf``'s short list (``nprobe`` lists, 8-bit codes) re-ranked by exact scores."""
+    depth = min(int(ivf.ntotal), max(RERANK * k, SHORTLIST_MIN))
+    if depth == 0:
+        return rerank(queries, np.full((len(queries), 0), -1, np.int64), lookup, k)
+    _, shortlist = ivf.search(queries, depth, params=_ivf_params(min(nprobe, ivf.nlist)))
+    return rerank(queries, shortlist, lookup, k)
+
+
 def tune_nprobe(
-    index: faiss.IndexIVF,
+    index: Accelerator,
     vectors: np.ndarray,
     ids: np.ndarray,
     target: float,
     queries: int = TUNE_QUERIES,
     seed: int = 0,
 ) -> tuple[int, float]:
-    """About the fewest probes (doubling, then bisecting) with which ``index`` finds, for a
-    sample of the gallery's own vectors, each one's exact nearest *other* vector (the
-    sample's own entry excluded) at a rate of at least ``target``; (nprobe, recall).
+    """About the fewest probes (doubling, then bisecting) with which ``index`` (searched as
+    the gallery searches it, short list re-ranked) finds, for a sample of the gallery's
+    own vectors, each one's exact nearest *other* vector (the sample's own entry excluded)
+    at a rate of at least ``target``; (nprobe, recall).
 
     The nearest other face of an enrolled face is about as far from it as a new photo of
     a person is from the enrolled one, so this measures the search a real query needs
@@ -122,9 +172,10 @@ def tune_nprobe(
     rows = np.sort(rng.choice(n, min(queries, n), replace=False))
     truth = ids[nearest_others(vectors, rows)]
     sample = vectors[rows]
+    lookup = array_lookup(ids, vectors)
 
     def recall_at(nprobe: int) -> float:
-        _, found = index.search(sample, 2, params=_ivf_params(nprobe))
+        _, found = accelerated_search(index, sample, 2, nprobe, lookup)
         first_other = np.where(found[:, 0] == ids[rows], found[:, 1], found[:, 0])
         return float(np.mean(first_other == truth))
 
@@ -143,12 +194,13 @@ def tune_nprobe(
     return high, recall
 
 
-def build_ivf(dim: int, ids: np.ndarray, vectors: np.ndarray) -> faiss.IndexIVFFlat:
-    """An ``IndexIVFFlat`` trained on (a sample of) ``vectors`` and holding them all."""
+def build_ivf(dim: int, ids: np.ndarray, vectors: np.ndarray) -> Accelerator:
+    """The 8-bit ``IndexIVFScalarQuantizer`` accelerator, trained on (a sample of)
+    ``vectors`` and holding them all."""
     n = len(ids)
     nlist = ivf_lists(n)
-    index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-    assert isinstance(index, faiss.IndexIVFFlat)  # faiss returns the index downcast
+    index = faiss.index_factory(dim, f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
+    assert isinstance(index, faiss.IndexIVFScalarQuantizer)  # faiss returns it downcast
     index.cp.niter = IVF_TRAIN_ITERATIONS
     rng = np.random.default_rng(0)
     cap = IVF_TRAIN_PER_LIST * nlist
@@ -229,22 +281,16 @@ def _flat_vectors(index: faiss.Index) -> np.ndarray:
     )
 
 
-def _ivf_contents(ivf: faiss.IndexIVFFlat) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) held by an ``IndexIVFFlat``, read from its inverted lists."""
+def _ivf_ids(ivf: Accelerator) -> np.ndarray:
+    """The face ids an IVF index holds, read from its inverted lists (no order)."""
     lists = ivf.invlists
     assert lists is not None  # an IndexIVF always owns its inverted lists
-    ids, vectors = [], []
-    for list_no in range(ivf.nlist):
-        size = lists.list_size(list_no)
-        if size:
-            ids.append(faiss.rev_swig_ptr(lists.get_ids(list_no), size).copy())
-            codes = faiss.rev_swig_ptr(lists.get_codes(list_no), size * ivf.code_size)
-            vectors.append(
-                np.frombuffer(codes.copy().tobytes(), dtype=np.float32).reshape(size, ivf.d)
-            )
-    if not ids:
-        return np.zeros(0, np.int64), np.zeros((0, ivf.d), np.float32)
-    return np.concatenate(ids), np.concatenate(vectors)
+    ids = [
+        faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n)).copy()
+        for n in range(ivf.nlist)
+        if lists.list_size(n)
+    ]
+    return np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
 
 
 def _hnsw(index: faiss.IndexIDMap2) -> faiss.IndexHNSW:
@@ -255,8 +301,8 @@ def _hnsw(index: faiss.IndexIDMap2) -> faiss.IndexHNSW:
 
 
 def ivf_lists(n: int) -> int:
-    """IVF list count for ``n`` vectors: ``2·sqrt(n)``, at least 39 training points per list."""
-    return int(max(1, min(2 * math.sqrt(n), n / 39, 65536)))
+    """IVF list count for ``n`` vectors: ``4·sqrt(n)``, at least 39 training points per list."""
+    return int(max(1, min(IVF_LISTS_PER_SQRT * math.sqrt(n), n / 39, 65536)))
 
 
 class GalleryIndex:
@@ -296,6 +342,7 @@ class GalleryIndex:
         self._written: dict[int, np.ndarray | None] | None = None
         self.gpu = bool(gpu) and kind in ("flat", "auto") and faiss.get_num_gpus() > 0
         self._index: FaissIndex = self._empty()
+        self._ivf: Accelerator | None = None  # ivf / switched auto: the accelerator
         self._trained_at = 0  # ivf: gallery size when the coarse quantiser was trained
         self._subject_of: dict[int, str] = {}
         self._faces_of: dict[str, set[int]] = {}
@@ -316,24 +363,23 @@ class GalleryIndex:
         return index
 
     def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) the flat or ivf index holds (copies)."""
-        if isinstance(self._index, faiss.IndexIVFFlat):
-            return _ivf_contents(self._index)
+        """(ids, vectors) the exact index holds (copies)."""
         ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
         return ids, _flat_vectors(self._index.index)
 
     def _train_ivf(self) -> None:
-        """(Re)build the ivf index from the vectors it holds, training a new quantiser."""
+        """(Re)build the accelerator from the exact vectors, training a new quantiser."""
         ids, vectors = self._vectors()
-        self._index = build_ivf(self.dim, ids, vectors)
+        self._ivf = build_ivf(self.dim, ids, vectors)
         self._trained_at = len(ids)
         if self.target_recall > 0:
             self.nprobe, self.tuned_recall = tune_nprobe(
-                self._index, vectors, ids, self.target_recall
+                self._ivf, vectors, ids, self.target_recall
             )
 
     def _train_in_background(self) -> None:
-        """``auto``: build the ivf index off the lock, then catch up and swap it in."""
+        """``auto``: build the accelerator off the lock, then catch up and swap it in (the
+        exact index took every write meanwhile and keeps them)."""
         try:
             with self._lock.read():
                 ids, vectors = self._vectors()
@@ -350,7 +396,7 @@ class GalleryIndex:
                         np.stack([v for _, v in added]),
                         np.array([f for f, _ in added], dtype=np.int64),
                     )
-                self._index = index
+                self._ivf = index
                 self._trained_at = len(ids)
                 self.nprobe, self.tuned_recall = nprobe, recall
                 self._gpu_index = None
@@ -365,7 +411,7 @@ class GalleryIndex:
     def describe(self) -> dict:
         """The index's current form: what it searches with, and (auto) whether it is
         switching."""
-        ivf = self._index if isinstance(self._index, faiss.IndexIVF) else None
+        ivf = self._ivf
         active = "ivf" if ivf is not None else "hnsw" if self.kind == "hnsw" else "flat"
         out: dict = {"kind": self.kind, "active": active}
         if ivf is not None:
@@ -373,6 +419,8 @@ class GalleryIndex:
                 nlist=int(ivf.nlist),
                 nprobe=min(self.nprobe, ivf.nlist),
                 trained_at=self._trained_at,
+                codes="sq8",
+                rerank="exact",
             )
             if self.tuned_recall is not None:
                 out.update(
@@ -395,7 +443,6 @@ class GalleryIndex:
 
     def _rebuild_hnsw(self) -> None:
         """Rebuild the HNSW graph from its live vectors, dropping tombstones."""
-        assert isinstance(self._index, faiss.IndexIDMap2)  # hnsw is never ivf
         ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
         vectors = _flat_vectors(_hnsw(self._index).storage)
         keep = ~np.isin(ids, np.fromiter(self._tombstones, np.int64, len(self._tombstones)))
@@ -424,6 +471,8 @@ class GalleryIndex:
             if not fresh.any():
                 return 0
             self._index.add_with_ids(vectors[fresh], face_ids[fresh])
+            if self._ivf is not None:
+                self._ivf.add_with_ids(vectors[fresh], face_ids[fresh])
             for face_id, subject_id, new in zip(face_ids.tolist(), subject_ids, fresh, strict=True):
                 if new:
                     self._subject_of[face_id] = subject_id
@@ -475,6 +524,8 @@ class GalleryIndex:
                 self._rebuild_hnsw()
         else:
             _remove_ids(self._index, np.array(present, dtype=np.int64))
+            if self._ivf is not None:
+                _remove_ids(self._ivf, np.array(present, dtype=np.int64))
         self._gpu_index = None
         return len(present)
 
@@ -494,20 +545,21 @@ class GalleryIndex:
     def contents(self) -> tuple[np.ndarray, dict[int, str]]:
         """What FAISS itself holds and what the mapping says, for checking the index: the ids
         of the live vectors read from FAISS's own id lists (tombstones left out, duplicates
-        kept, in no particular order) and a copy of the face -> subject mapping."""
+        kept, in no particular order) and a copy of the face -> subject mapping.  With an
+        accelerator, a face counts as held only when both indexes hold it; what only the
+        accelerator holds, or holds twice, counts as extra."""
         with self._lock.read():
-            if isinstance(self._index, faiss.IndexIVFFlat):
-                lists = self._index.invlists
-                assert lists is not None  # an IndexIVF always owns its inverted lists
-                ids = [
-                    faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n)).copy()
-                    for n in range(self._index.nlist)
-                    if lists.list_size(n)
-                ]
-                held = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-            else:
-                held = faiss.vector_to_array(self._index.id_map)
-            held = held.astype(np.int64)
+            held = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            if self._ivf is not None:
+                fast = _ivf_ids(self._ivf)
+                unique, counts = np.unique(fast, return_counts=True)
+                held = np.concatenate(
+                    [
+                        held[np.isin(held, fast)],
+                        fast[~np.isin(fast, held)],
+                        np.repeat(unique[counts > 1], counts[counts > 1] - 1),
+                    ]
+                )
             if self._tombstones:
                 tombstones = np.fromiter(self._tombstones, np.int64, len(self._tombstones))
                 held = held[~np.isin(held, tombstones)]
@@ -517,9 +569,14 @@ class GalleryIndex:
         return self._subject_of.get(int(face_id))
 
     def _raw_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS search returning (scores, face ids); on the GPU mirror when there is one."""
+        """FAISS search returning (scores, face ids): through the accelerator when there is
+        one, else on the GPU mirror when there is one, else exact (or HNSW)."""
+        if self._ivf is not None:
+            return accelerated_search(
+                self._ivf, queries, k, self.nprobe, self._index.reconstruct_batch
+            )
         index = self._index
-        if self.gpu and k <= GPU_MAX_K and isinstance(index, faiss.IndexIDMap2):
+        if self.gpu and k <= GPU_MAX_K:
             with self._gpu_lock:
                 gpu_index, row_ids = self._gpu_index, self._gpu_ids
                 if gpu_index is None or row_ids is None:
@@ -534,8 +591,6 @@ class GalleryIndex:
         return index.search(queries, k, params=self._params(k))
 
     def _params(self, k: int) -> faiss.SearchParameters | None:
-        if isinstance(self._index, faiss.IndexIVFFlat):
-            return _ivf_params(min(self.nprobe, self._index.nlist))
         if self.kind == "hnsw":
             # SearchParametersHNSW is missing from faiss's type stub (it is in the module)
             return faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
@@ -574,18 +629,29 @@ class GalleryIndex:
                 break
         return hits
 
+    def serialized_bytes(self) -> int:
+        """Bytes of the FAISS index (and accelerator) as a snapshot stores them: about what
+        they occupy in memory."""
+        with self._lock.read():
+            size = faiss.serialize_index(self._index).nbytes
+            if self._ivf is not None:
+                size += faiss.serialize_index(self._ivf).nbytes
+            return int(size)
+
     # --- snapshots --------------------------------------------------------------
     def save(self, prefix: Path, seq: int, gallery: str) -> None:
-        """Write ``<prefix>.faiss`` and its sidecar ``<prefix>.json`` (tagged with ``seq``).
+        """Write ``<prefix>.faiss`` (the exact or HNSW index), ``<prefix>.ivf`` (the
+        accelerator, if any) and their sidecar ``<prefix>.json`` (tagged with ``seq``).
 
-        Both are written to temporary names and renamed; the sidecar, which
-        carries the index file's sha256, is renamed last and so marks a
+        Each is written to a temporary name and renamed; the sidecar, which
+        carries the index files' sha256, is renamed last and so marks a
         complete snapshot.
         """
         prefix = Path(prefix)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         with self._lock.read():
             data = faiss.serialize_index(self._index).tobytes()
+            accelerator = None if self._ivf is None else faiss.serialize_index(self._ivf).tobytes()
             sidecar = {
                 "format": SNAPSHOT_FORMAT,
                 "gallery": gallery,
@@ -599,11 +665,17 @@ class GalleryIndex:
                 "nprobe": self.nprobe,
                 "tuned_recall": self.tuned_recall,
                 "sha256": hashlib.sha256(data).hexdigest(),
+                "ivf_sha256": accelerator and hashlib.sha256(accelerator).hexdigest(),
                 "face_ids": list(self._subject_of),
                 "subject_ids": list(self._subject_of.values()),
                 "tombstones": sorted(self._tombstones),
             }
-        for suffix, payload in ((".faiss", data), (".json", json.dumps(sidecar).encode())):
+        files = [(".faiss", data), (".json", json.dumps(sidecar).encode())]
+        if accelerator is not None:
+            files.insert(1, (".ivf", accelerator))
+        else:
+            prefix.with_suffix(".ivf").unlink(missing_ok=True)
+        for suffix, payload in files:
             tmp = prefix.with_suffix(suffix + ".tmp")
             with open(tmp, "wb") as fh:
                 fh.write(payload)
@@ -626,19 +698,33 @@ class GalleryIndex:
         try:
             sidecar = json.loads(prefix.with_suffix(".json").read_text())
             data = prefix.with_suffix(".faiss").read_bytes()
-        except (OSError, ValueError) as exc:
+            accelerator = (
+                prefix.with_suffix(".ivf").read_bytes() if sidecar.get("ivf_sha256") else None
+            )
+        except (OSError, ValueError, AttributeError) as exc:
             raise SnapshotError(f"cannot read snapshot {prefix}: {exc}") from None
         if sidecar.get("format") != SNAPSHOT_FORMAT or sidecar.get("kind") != kind:
             raise SnapshotError(f"snapshot {prefix} has another format or index type")
-        if hashlib.sha256(data).hexdigest() != sidecar.get("sha256"):
+        if hashlib.sha256(data).hexdigest() != sidecar.get("sha256") or (
+            accelerator is not None
+            and hashlib.sha256(accelerator).hexdigest() != sidecar.get("ivf_sha256")
+        ):
             raise SnapshotError(f"snapshot {prefix} does not match its checksum")
         index = cls(
             sidecar["dim"], sidecar["model_id"], kind, gpu, nprobe, target_recall, switch_faces
         )
         restored = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        if not isinstance(restored, faiss.IndexIDMap2 | faiss.IndexIVFFlat):
+        if not isinstance(restored, faiss.IndexIDMap2):
             raise SnapshotError(f"snapshot {prefix} holds a {type(restored).__name__} index")
         index._index = restored
+        if accelerator is not None:
+            fast = faiss.deserialize_index(np.frombuffer(accelerator, dtype=np.uint8))
+            if (
+                not isinstance(fast, faiss.IndexIVFScalarQuantizer)
+                or fast.ntotal != restored.ntotal
+            ):
+                raise SnapshotError(f"snapshot {prefix} holds an unusable ivf accelerator")
+            index._ivf = fast
         index._trained_at = int(sidecar["trained_at"])
         if index.target_recall and sidecar.get("tuned_recall") is not None:
             index.nprobe, index.tuned_recall = int(sidecar["nprobe"]), sidecar["tuned_recall"]

@@ -75,10 +75,57 @@ def test_ivf_trains_once_large_enough_and_keeps_exact_matches(monkeypatch):
     rng = np.random.default_rng(1)
     more = unit(rng, 200)
     index.add(np.arange(5000, 5200), [f"t{i}" for i in range(200)], more)
-    assert index._trained_at == 600 and index._index.nlist == index_module.ivf_lists(600) > 1
+    assert index._trained_at == 600 and index._ivf.nlist == index_module.ivf_lists(600) > 1
     assert index.remove(ids[:5]) == 5
     hits = index.search(more[:20], 1)
     assert np.mean([h[0]["face_id"] for h in hits] == np.arange(5000, 5020)) >= 0.9
+
+
+def test_ivf_short_list_is_reranked_by_exact_scores():
+    """Through the 8-bit accelerator every similarity is the exact cosine (float32 dot
+    product of the stored vectors), and the order is by that score; the 8-bit codes
+    themselves are off by ~1e-3."""
+    index, ids, subjects, vectors = filled("ivf", n=2000, faces_per_subject=1)
+    assert index.describe()["active"] == "ivf" and index._ivf is not None
+    rng = np.random.default_rng(5)
+    queries = vectors[:40] + 0.6 * unit(rng, 40)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    row_of = {int(f): r for r, f in enumerate(ids)}
+    coded = index._ivf.search(queries, 1)[0][:, 0]
+    worst_code_error = 0.0
+    for query, hits, code_score in zip(queries, index.search(queries, 5), coded, strict=True):
+        exact = [float(vectors[row_of[h["face_id"]]] @ query) for h in hits]
+        assert [h["similarity"] for h in hits] == pytest.approx(exact, abs=1e-6)
+        assert exact == sorted(exact, reverse=True)
+        worst_code_error = max(worst_code_error, abs(code_score - exact[0]))
+    assert worst_code_error > 1e-5  # the codes alone are approximate: the re-rank matters
+
+
+def test_ivf_accelerator_is_checked_with_the_exact_index():
+    """A face the accelerator lost is missing and one it holds twice is extra, although the
+    exact index is intact (what /v1/info?check_index=true reports)."""
+    index, ids, _, vectors = filled("ivf")
+    held, _ = index.contents()
+    assert sorted(held.tolist()) == ids.tolist()
+    index._ivf.remove_ids(np.array([ids[3]], dtype=np.int64))
+    index._ivf.add_with_ids(vectors[7:8], ids[7:8])
+    held, _ = index.contents()
+    assert ids[3] not in held.tolist() and held.tolist().count(int(ids[7])) == 2
+
+
+def test_ivf_snapshot_holds_the_accelerator(tmp_path):
+    index, ids, _, vectors = filled("ivf")
+    index.save(tmp_path / "g", seq=1, gallery="g")
+    assert (tmp_path / "g.ivf").is_file()
+    loaded, _ = GalleryIndex.load(tmp_path / "g", "ivf")
+    assert loaded._ivf is not None and loaded._ivf.ntotal == len(ids)
+    assert loaded.describe() == index.describe()
+    (tmp_path / "g.ivf").write_bytes((tmp_path / "g.ivf").read_bytes()[:-8])
+    with pytest.raises(SnapshotError, match="checksum"):
+        GalleryIndex.load(tmp_path / "g", "ivf")
+    (tmp_path / "g.ivf").unlink()
+    with pytest.raises(SnapshotError, match="cannot read"):
+        GalleryIndex.load(tmp_path / "g", "ivf")
 
 
 def test_hnsw_rebuilds_once_tombstones_pile_up(monkeypatch):
@@ -141,7 +188,7 @@ def test_unknown_index_type_is_refused(tmp_path):
 
 def test_ivf_nprobe_setting_reaches_the_index_and_changes_recall(tmp_path, monkeypatch):
     """FACEGATE_IVF_NPROBE is what a service's ivf index probes, also after a snapshot load."""
-    assert Settings().ivf_nprobe == index_module.IVF_NPROBE
+    assert Settings().ivf_nprobe == 0  # default: tuned for target_recall
     monkeypatch.setenv("FACEGATE_IVF_NPROBE", "1")
     settings = Settings(data_dir=tmp_path, index_type="ivf", faiss_gpu=False, sync_interval_s=0.05)
     assert settings.ivf_nprobe == 1
@@ -156,7 +203,7 @@ def test_ivf_nprobe_setting_reaches_the_index_and_changes_recall(tmp_path, monke
             service.upsert_subject("g", f"s{i}", None, "m")
             service.add_face("g", f"s{i}", vector, "m", {})
         index = service.replica.indexes["g"]
-        assert index.nprobe == 1 and index._trained_at == 300 and index._index.nlist > 1
+        assert index.nprobe == 1 and index._trained_at == 300 and index._ivf.nlist > 1
         found = [h[0]["subject_id"] for h in service.search("g", queries, 1, "m")]
         recall_one = np.mean(np.array(found) == [f"s{i}" for i in range(400)])
     finally:

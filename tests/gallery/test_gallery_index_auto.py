@@ -140,7 +140,7 @@ def distractors(rng: np.random.Generator, real: np.ndarray, n: int) -> np.ndarra
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
-    "kind,nprobe", [("flat", 32), ("ivf", 0), ("ivf", 32), ("hnsw", 32), ("auto", 32)]
+    "kind,nprobe", [("flat", 32), ("ivf", 0), ("ivf", 64), ("hnsw", 32), ("auto", 32)]
 )
 def test_recall_of_each_index_kind_against_exact_search(celeba_faces, kind, nprobe):
     enrolled, names, queries, query_ids = celeba_faces
@@ -166,5 +166,5 @@ def test_recall_of_each_index_kind_against_exact_search(celeba_faces, kind, npro
     elif nprobe == 0 or kind == "auto":  # probes tuned for a 0.99 recall target
         assert state["tuned_recall"] >= 0.99
         assert recall >= exact_recall - 0.01 and agreement >= 0.97, (recall, exact_recall, state)
-    else:  # a fixed probe count (32 of ~280 lists) or HNSW: within a few points of exact
+    else:  # a fixed probe count (64 of 512 lists) or HNSW: within a few points of exact
         assert recall >= exact_recall - 0.05 and agreement >= 0.85, (recall, exact_recall, state)
