@@ -23,7 +23,8 @@ stays under 10 minutes: the levels with ``--soak-seconds 0``, then the soak with
 
 Latency percentiles and requests/s count accepted (200) requests, as the clients saw
 them; ``server_p50_ms`` / ``server_p99_ms`` are the same route's percentiles inside the
-server (from its ``/metrics`` histogram; admitted requests only when admission is on),
+server (from its ``/metrics`` histograms: with admission on, the admitted requests only,
+``facegate_admission_served_seconds``),
 free of the load generator's own delays on a busy machine; 503 ``overloaded``
 answers are counted apart (``overloaded``), and a client waits their ``Retry-After``,
 doubled per refusal in a row and jittered, before its next request (``--no-retry-after``:
@@ -38,6 +39,7 @@ import json
 import math
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -60,6 +62,18 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) a process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU time this load generator has used."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def lfw_photos(n: int) -> list[tuple[str, bytes, bytes]]:
@@ -86,16 +100,97 @@ def enrol(base_url: str, people) -> int:
     return ok
 
 
-def _request(client: httpx.AsyncClient, endpoint: str, rng: random.Random, people):
-    second = rng.choice(people)[2]
-    if endpoint == "verify":
-        other = rng.choice(people)[2]
-        return client.post(
-            "/v1/verify", files={"image1": ("a.jpg", second), "image2": ("b.jpg", other)}
+BOUNDARY = "facegate-bench-boundary"
+
+
+def multipart(fields: dict[str, str], files: dict[str, bytes]) -> bytes:
+    """A ``multipart/form-data`` body (boundary :data:`BOUNDARY`)."""
+    parts = [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
+    ]
+    for name, data in files.items():
+        head = (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; '
+            f'filename="{name}.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
         )
-    return client.post(
-        "/v1/identify", data={"gallery": GALLERY, "top_k": "5"}, files={"image": ("p.jpg", second)}
+        parts.append(head.encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def http_request(path: str, body: bytes) -> bytes:
+    """A whole HTTP/1.1 ``POST`` of a multipart ``body``, ready to write to a socket."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
     )
+    return head.encode() + body
+
+
+class Requests:
+    """Every request the clients send, encoded once: identify with each person's second
+    photo, verify with each ordered pair of them (so that the generator's own work per
+    request is writing bytes, not building them)."""
+
+    def __init__(self, people) -> None:
+        self.people = people
+        self._verify: dict[tuple[int, int], bytes] = {}
+        self._identify = [
+            http_request(
+                "/v1/identify", multipart({"gallery": GALLERY, "top_k": "5"}, {"image": p[2]})
+            )
+            for p in people
+        ]
+
+    def pick(self, endpoint: str, rng: random.Random) -> bytes:
+        first = rng.randrange(len(self.people))
+        if endpoint != "verify":
+            return self._identify[first]
+        pair = (first, rng.randrange(len(self.people)))
+        if pair not in self._verify:
+            images = {"image1": self.people[pair[0]][2], "image2": self.people[pair[1]][2]}
+            self._verify[pair] = http_request("/v1/verify", multipart({}, images))
+        return self._verify[pair]
+
+
+class Connection:
+    """One client's keep-alive HTTP/1.1 connection, on raw asyncio streams: microseconds of
+    the generator's CPU per request where httpx took milliseconds (its shared pool's
+    bookkeeping grows with the requests in flight), CPU that on a 2-core machine it took
+    from the server under test."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def send(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers with lower-case names, body); (re)connects as needed."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        try:
+            self.writer.write(request)
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {}
+            for line in lines[1:]:
+                if line:
+                    name, _, value = line.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+            body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        except BaseException:
+            await self.close()
+            raise
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return int(lines[0].split()[1]), headers, body
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 async def closed_loop(
@@ -115,39 +210,45 @@ async def closed_loop(
     latencies: list[float] = []
     errors: dict[str, int] = {}
     overloaded = 0
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
+    requests = people if isinstance(people, Requests) else Requests(people)
+    url = httpx.URL(base_url)
+    deadline = time.perf_counter() + seconds
 
-    async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as client:
-        deadline = time.perf_counter() + seconds
+    async def worker(n: int) -> None:
+        connection = Connection(url.host, url.port or 80)
+        try:
+            await client_loop(n, connection)
+        finally:
+            await connection.close()
 
-        async def worker(n: int) -> None:
-            nonlocal overloaded
-            rng = random.Random(n)
-            refusals = 0  # in a row
-            while time.perf_counter() < deadline:
-                endpoint = endpoints[rng.randrange(len(endpoints))]
-                start = time.perf_counter()
-                try:
-                    r = await _request(client, endpoint, rng, people)
-                    status = str(r.status_code)
-                except httpx.HTTPError as exc:
-                    r, status = None, type(exc).__name__
-                if status == "503" and r is not None and _code(r) == "overloaded":
-                    overloaded += 1
-                    refusals += 1
-                    if honour_retry_after:
-                        wait = backoff(float(r.headers.get("retry-after", "1")), refusals, rng)
-                        await asyncio.sleep(min(wait, max(0.0, deadline - time.perf_counter())))
-                    continue
-                refusals = 0
-                if status == "200":
-                    latencies.append(time.perf_counter() - start)
-                else:
-                    errors[status] = errors.get(status, 0) + 1
+    async def client_loop(n: int, connection: Connection) -> None:
+        nonlocal overloaded
+        rng = random.Random(n)
+        refusals = 0  # in a row
+        while time.perf_counter() < deadline:
+            endpoint = endpoints[rng.randrange(len(endpoints))]
+            start = time.perf_counter()
+            try:
+                code, headers, body = await connection.send(requests.pick(endpoint, rng))
+                status = str(code)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+                status, headers, body = type(exc).__name__, {}, b""
+            if status == "503" and _code(body) == "overloaded":
+                overloaded += 1
+                refusals += 1
+                if honour_retry_after:
+                    wait = backoff(float(headers.get("retry-after", "1")), refusals, rng)
+                    await asyncio.sleep(min(wait, max(0.0, deadline - time.perf_counter())))
+                continue
+            refusals = 0
+            if status == "200":
+                latencies.append(time.perf_counter() - start)
+            else:
+                errors[status] = errors.get(status, 0) + 1
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(n) for n in range(concurrency)))
-        elapsed = time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(n) for n in range(concurrency)))
+    elapsed = time.perf_counter() - started
     latencies.sort()
 
     def pct(q: float) -> float | None:
@@ -173,9 +274,9 @@ def backoff(retry_after: float, refusals: int, rng: random.Random, cap: float = 
     return min(cap, retry_after * 2 ** (refusals - 1)) * (0.5 + rng.random())
 
 
-def _code(response: httpx.Response) -> str | None:
+def _code(body: bytes) -> str | None:
     try:
-        return response.json()["error"]["code"]
+        return json.loads(body)["error"]["code"]
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -201,13 +302,18 @@ def run_variants(variants: list[str], args, people) -> dict:
             servers[name] = ServeProcess(Path(tmp.name), env={**base, **env}).start()
             modes[name] = {
                 "env": env,
+                "admission": {**base, **env}.get("FACEGATE_ADMISSION", "true").lower()
+                not in ("false", "0", "no", "off"),
                 "enrolled": enrol(servers[name].base_url, people),
                 "levels": {},
             }
         for endpoint in ("verify", "identify"):
             for level in args.concurrency:
                 for name, server in servers.items():
-                    before = server_histogram(server.base_url, endpoint)
+                    admission = modes[name]["admission"]
+                    before = server_histogram(server.base_url, endpoint, admission)
+                    assert server.proc is not None
+                    cpu_before, own_before = cpu_seconds(server.proc.pid), own_cpu_seconds()
                     result = asyncio.run(
                         closed_loop(
                             server.base_url,
@@ -218,15 +324,30 @@ def run_variants(variants: list[str], args, people) -> dict:
                             not args.no_retry_after,
                         )
                     )
+                    # share of the machine's cores each side used: an idle server under
+                    # load means the clients held back, a busy generator that it competed
+                    cores = os.cpu_count() or 1
                     result.update(
-                        server_quantiles(before, server_histogram(server.base_url, endpoint))
+                        server_cpu=round(
+                            (cpu_seconds(server.proc.pid) - cpu_before)
+                            / (result["seconds"] * cores),
+                            3,
+                        ),
+                        generator_cpu=round(
+                            (own_cpu_seconds() - own_before) / (result["seconds"] * cores), 3
+                        ),
+                        **server_quantiles(
+                            before, server_histogram(server.base_url, endpoint, admission)
+                        ),
                     )
                     modes[name]["levels"][f"{endpoint}@{level}"] = result
                     print(
                         f"{name:>6s} {endpoint:8s} c={level:<4d} {result['rps']:7.2f} req/s  "
                         f"p50 {result['p50_ms']:8.1f} ms  p99 {result['p99_ms']:8.1f} ms  "
                         f"server p50 {result['server_p50_ms']} p99 {result['server_p99_ms']}  "
-                        f"overloaded {result['overloaded']}  errors {result['errors']}",
+                        f"overloaded {result['overloaded']}  errors {result['errors']}  "
+                        f"cpu server {result['server_cpu']:.2f} generator "
+                        f"{result['generator_cpu']:.2f}",
                         flush=True,
                     )
         first = next(iter(servers))
@@ -261,14 +382,17 @@ def run_variants(variants: list[str], args, people) -> dict:
     return modes
 
 
-def server_histogram(base_url: str, endpoint: str) -> dict[float, float]:
-    """The server's own cumulative latency histogram of ``POST /v1/<endpoint>`` answered
-    200 or not (``facegate_http_request_seconds``): upper bound -> count."""
+def server_histogram(base_url: str, endpoint: str, admission: bool) -> dict[float, float]:
+    """The server's own cumulative latency histogram of ``POST /v1/<endpoint>``: upper
+    bound -> count.  With admission on, of the admitted requests only
+    (``facegate_admission_served_seconds``, arrival to answer); with it off, of every
+    request (``facegate_http_request_seconds``: all are admitted then)."""
     text = httpx.get(f"{base_url}/metrics", timeout=30).text
     label = f'route="/v1/{endpoint}"'
+    name = "facegate_admission_served_seconds" if admission else "facegate_http_request_seconds"
     buckets = {}
     for line in text.splitlines():
-        if line.startswith("facegate_http_request_seconds_bucket{") and label in line:
+        if line.startswith(f"{name}_bucket{{") and label in line:
             bound = line.split('le="', 1)[1].split('"', 1)[0]
             buckets[float(bound)] = float(line.split()[-1])
     return buckets

@@ -9,6 +9,7 @@ worker process builds its own app from the environment.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -41,7 +42,7 @@ from service.config import Settings, get_settings
 from service.gallery import open_gallery
 from service.gallery.audit import AuditWriter
 from service.gallery.errors import GalleryError
-from service.metrics import Metrics, MetricsMiddleware
+from service.metrics import Metrics, MetricsMiddleware, watch_event_loop
 from service.pipeline.errors import PipelineError
 from service.pipeline.pipeline import Pipeline
 
@@ -111,6 +112,7 @@ async def _start(state: AppState) -> None:
     # Warm the whole embedding path once (sessions were warmed when built).
     size = state.pipeline.crop_size
     await state.batcher.embed_async(np.zeros((1, size[1], size[0], 3), dtype=np.uint8))
+    state.loop_watch = asyncio.create_task(watch_event_loop(metrics))
     state.warmed = True
     log.info(
         "facegate ready: detector %s, recognizer %s (%s), startup %s",
@@ -123,6 +125,8 @@ async def _start(state: AppState) -> None:
 
 async def _stop(state: AppState) -> None:
     state.warmed = False
+    if state.loop_watch is not None:
+        state.loop_watch.cancel()
     if state.batcher is not None:
         await state.batcher.stop()
     if state.fetcher is not None:

@@ -7,6 +7,7 @@ workers every worker answers ``/metrics`` with its own counters.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from prometheus_client import (
@@ -56,6 +57,18 @@ STAGE_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 FACE_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+
+
+LOOP_LAG_INTERVAL_S = 0.1
+
+
+async def watch_event_loop(metrics: Metrics, interval: float = LOOP_LAG_INTERVAL_S) -> None:
+    """Observe, for ever, how much later than asked a sleep on the running loop wakes up
+    (``facegate_event_loop_lag_seconds``)."""
+    while True:
+        asked = time.perf_counter()
+        await asyncio.sleep(interval)
+        metrics.loop_lag.observe(max(0.0, time.perf_counter() - asked - interval))
 
 
 #: Why admission control drops a request unrun (``facegate_admission_refused_total``).
@@ -112,6 +125,14 @@ class Metrics:
             buckets=STAGE_BUCKETS,
             registry=r,
         )
+        self.admission_served = Histogram(
+            "facegate_admission_served_seconds",
+            "arrival to answer of admitted requests (wait for a slot included; refused "
+            "ones, answered at once, left out), by route",
+            ["route"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
         self.admission_refused = Counter(
             "facegate_admission_refused_total",
             "requests dropped by admission control unrun: "
@@ -131,6 +152,14 @@ class Metrics:
             "facegate_admission_limit",
             "admission bounds: in_flight slots, queue length",
             ["bound"],
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "facegate_event_loop_lag_seconds",
+            "how late the server's event loop ran a timer (sampled every "
+            f"{LOOP_LAG_INTERVAL_S} s): the wait every request sees before and between its "
+            "awaits; seconds here mean the loop is starved (CPU, or threads holding the GIL)",
+            buckets=STAGE_BUCKETS,
             registry=r,
         )
         self.gallery_subjects = Gauge(

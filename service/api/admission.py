@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
-from service.metrics import Metrics
+from service.metrics import Metrics, route_label
 
 from .errors import ApiError, deadline_exceeded, error_response, invalid_header, overloaded
 
@@ -195,6 +195,9 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.admission.release()
+            self.metrics.admission_served.labels(route=route_label(scope)).observe(
+                time.perf_counter() - arrived
+            )
             self._gauges()
             if watcher is not None and not watcher.done():
                 watcher.cancel()

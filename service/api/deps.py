@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -43,6 +44,7 @@ class AppState:
     cpu_limiter: anyio.CapacityLimiter = _UNSET  # images decoded/detected at once
     fetcher: UrlFetcher = _UNSET  # images by URL (shared HTTP client)
     audit: AuditWriter = _UNSET  # searches' and refusals' audit records
+    loop_watch: asyncio.Task | None = None  # facegate_event_loop_lag_seconds
     warmed: bool = False
     startup: dict[str, float] = field(default_factory=dict)
 

@@ -104,6 +104,10 @@ async def _warm_connections(client: httpx.AsyncClient, n: int) -> None:
 def test_overload_answers_503_overloaded_while_health_stays_up(tight):
     base = tight.base_url
     before = _embedded_faces(base)
+    served = '{route="/v1/embed"}'
+    served_before = _metric(
+        httpx.get(f"{base}/metrics").text, "facegate_admission_served_seconds_count", served
+    )
     burst = 24
 
     async def main():
@@ -136,6 +140,9 @@ def test_overload_answers_503_overloaded_while_health_stays_up(tight):
     assert _metric(text, "facegate_embed_batch_size_sum") - before == _faces(answers)
     assert _metric(text, "facegate_admission_limit", '{bound="in_flight"}') == 1
     assert _metric(text, "facegate_admission_limit", '{bound="queue"}') == 1
+    assert _metric(text, "facegate_event_loop_lag_seconds_count") > 0  # the loop is watched
+    # the admitted requests' latency histogram counts the answered ones, not the refused
+    assert _metric(text, "facegate_admission_served_seconds_count", served) - served_before == ok
 
 
 @pytest.mark.timeout(120)
