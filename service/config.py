@@ -118,8 +118,8 @@ class Settings(BaseSettings):
         gt=0,
         le=1,
         description="auto (and ivf with ivf_nprobe 0): fewest probes that "
-        "find this share of the gallery's own faces' nearest "
-        "other face, measured when the index is trained",
+        "visit the list holding the nearest other face of this share of the "
+        "gallery's own faces, measured when the index is trained",
     )
     auto_switch_faces: int = Field(
         0,

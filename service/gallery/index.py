@@ -11,11 +11,13 @@ Index types (``settings.index_type``):
     ``IndexIDMap2`` over ``IndexFlatIP``: exact search, recall 1.0; cost is
     linear in gallery size (see BENCHMARKS.md for measured latency).
 ``ivf``
-    The exact index above, plus an inverted-file *accelerator*: an
-    ``IndexIVFScalarQuantizer`` with ``nlist = 4·sqrt(n)`` lists and 8-bit codes
-    (one byte per dimension).  A search probes ``nprobe`` of the lists
-    (``settings.ivf_nprobe``, default ``IVF_NPROBE``; 0: tuned for
-    ``target_recall``) over the 8-bit codes for a short list of ``RERANK`` times
+    The exact index above, plus an inverted-file *accelerator* with ``nlist =
+    4·sqrt(n)`` lists of compressed codes (:func:`accelerator_codes`): 8-bit scalar
+    quantisation (one byte per dimension) up to ``SQ8_MAX_DIM`` dimensions, 4-bit
+    fast-scan product quantisation (half a byte per 4 dimensions, for L2 distance, which
+    on unit vectors orders as the inner product does) above.  A search probes ``nprobe``
+    of the lists (``settings.ivf_nprobe``; 0: tuned for ``target_recall``) over the
+    codes for a short list of ``RERANK`` times
     the faces wanted, then re-ranks that list by exact scores read from the exact
     index, so every similarity returned is exact and only a true match in an
     unprobed list (or pushed off the short list by quantisation) is missed:
@@ -75,8 +77,11 @@ IVF_NPROBE = 32
 IVF_TRAIN_PER_LIST = 64  # k-means sample: this many vectors per list (FAISS advises 30-256)
 IVF_TRAIN_ITERATIONS = 10
 IVF_LISTS_PER_SQRT = 4  # nlist = 4·sqrt(n): 4,000 lists at 1M faces (FAISS advises 4-16·sqrt)
-RERANK = 2  # ivf: the 8-bit short list holds RERANK x the faces asked for ...
-SHORTLIST_MIN = 32  # ... and at least this many, re-ranked by exact scores
+RERANK = 2  # ivf: the short list from the codes holds RERANK x the faces asked for ...
+SHORTLIST_MIN = 64  # ... and at least this many, re-ranked by exact scores
+#: ivf codes: 8-bit scalar quantisation up to this many dimensions, 4-bit fast-scan PQ above
+#: (at 1M real faces, 512-d: 3.1 vs 19.4 ms for the same recall; BENCHMARKS.md)
+SQ8_MAX_DIM = 256
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
@@ -95,7 +100,7 @@ TUNE_QUERIES = 400
 #: the FAISS index that holds a gallery's vectors: an id map over a flat or HNSW index
 FaissIndex: TypeAlias = "faiss.IndexIDMap2"
 #: the inverted-file accelerator of an ``ivf`` (or switched ``auto``) gallery
-Accelerator: TypeAlias = "faiss.IndexIVFScalarQuantizer"
+Accelerator: TypeAlias = "faiss.IndexIVF"
 #: exact vectors of the given face ids (one row each)
 Lookup: TypeAlias = "Callable[[np.ndarray], np.ndarray]"
 
@@ -113,13 +118,6 @@ def nearest_others(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
     exact.add(vectors)
     _, found = exact.search(vectors[rows], 2)
     return np.where(found[:, 0] == rows, found[:, 1], found[:, 0])
-
-
-def array_lookup(ids: np.ndarray, vectors: np.ndarray) -> Lookup:
-    """:data:`Lookup` over copies of a gallery's (ids, vectors)."""
-    order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order]
-    return lambda wanted: vectors[order[np.searchsorted(sorted_ids, wanted)]]
 
 
 def rerank(
@@ -143,7 +141,7 @@ def rerank(
 def accelerated_search(
     ivf: Accelerator, queries: np.ndarray, k: int, nprobe: int, lookup: Lookup
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``ivf``'s short list (``nprobe`` lists, 8-bit codes) re-ranked by exact scores."""
+    """``ivf``'s short list (``nprobe`` lists' codes) re-ranked by exact scores."""
     depth = min(int(ivf.ntotal), max(RERANK * k, SHORTLIST_MIN))
     if depth == 0:
         return rerank(queries, np.full((len(queries), 0), -1, np.int64), lookup, k)
@@ -159,48 +157,45 @@ def tune_nprobe(
     queries: int = TUNE_QUERIES,
     seed: int = 0,
 ) -> tuple[int, float]:
-    """About the fewest probes (doubling, then bisecting) with which ``index`` (searched as
-    the gallery searches it, short list re-ranked) finds, for a sample of the gallery's
-    own vectors, each one's exact nearest *other* vector (the sample's own entry excluded)
-    at a rate of at least ``target``; (nprobe, recall).
+    """The fewest probes with which ``index``'s search reaches, for at least a ``target``
+    share of a sample of the gallery's own vectors, the list holding each one's exact
+    nearest *other* vector; (nprobe, that share).
 
     The nearest other face of an enrolled face is about as far from it as a new photo of
-    a person is from the enrolled one, so this measures the search a real query needs
-    without any query photos."""
+    a person is from the enrolled one, so this measures the probing a real query needs
+    without any query photos.  It measures the inverted file alone (which lists a search
+    visits, from the coarse quantiser), not the codes: the short list's exact re-rank
+    answers for those, and coarse 4-bit codes would otherwise count as probing misses."""
     n = len(ids)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, min(queries, n), replace=False))
-    truth = ids[nearest_others(vectors, rows)]
-    sample = vectors[rows]
-    lookup = array_lookup(ids, vectors)
+    quantizer = index.quantizer
+    assert quantizer is not None  # a trained IVF index has its coarse quantiser
+    _, home = quantizer.search(vectors[nearest_others(vectors, rows)], 1)
+    _, visited = quantizer.search(vectors[rows], index.nlist)  # lists in probe order
+    needed = 1 + np.argmax(visited == home, axis=1)  # probes until the home list is visited
+    nprobe = int(np.sort(needed)[max(0, math.ceil(target * len(rows)) - 1)])
+    return nprobe, float(np.mean(needed <= nprobe))
 
-    def recall_at(nprobe: int) -> float:
-        _, found = accelerated_search(index, sample, 2, nprobe, lookup)
-        first_other = np.where(found[:, 0] == ids[rows], found[:, 1], found[:, 0])
-        return float(np.mean(first_other == truth))
 
-    low, high = 0, 1  # doubling until the target is met, then bisecting between the two
-    recall = recall_at(high)
-    while recall < target and high < index.nlist:
-        low, high = high, min(2 * high, index.nlist)
-        recall = recall_at(high)
-    while high - low > max(1, high // 8):  # within 1/8 of the fewest probes that suffice
-        middle = (low + high) // 2
-        found = recall_at(middle)
-        if found >= target:
-            high, recall = middle, found
-        else:
-            low = middle
-    return high, recall
+def accelerator_codes(dim: int) -> tuple[str, int]:
+    """(FAISS codes, metric) of the ``ivf`` accelerator for ``dim``-dimensional vectors:
+    ``SQ8`` (inner product) up to ``SQ8_MAX_DIM``, else ``PQ{dim/4}x4fs`` (4-bit fast
+    scan, L2: its look-up tables are built for it; on unit vectors the order is the
+    inner product's).  The re-rank computes exact inner products either way."""
+    if dim <= SQ8_MAX_DIM or dim % 4:
+        return "SQ8", faiss.METRIC_INNER_PRODUCT
+    return f"PQ{dim // 4}x4fs", faiss.METRIC_L2
 
 
 def build_ivf(dim: int, ids: np.ndarray, vectors: np.ndarray) -> Accelerator:
-    """The 8-bit ``IndexIVFScalarQuantizer`` accelerator, trained on (a sample of)
-    ``vectors`` and holding them all."""
+    """The accelerator (:func:`accelerator_codes`), trained on (a sample of) ``vectors``
+    and holding them all."""
     n = len(ids)
     nlist = ivf_lists(n)
-    index = faiss.index_factory(dim, f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
-    assert isinstance(index, faiss.IndexIVFScalarQuantizer)  # faiss returns it downcast
+    codes, metric = accelerator_codes(dim)
+    index = faiss.index_factory(dim, f"IVF{nlist},{codes}", metric)
+    assert isinstance(index, faiss.IndexIVF)  # faiss returns it downcast
     index.cp.niter = IVF_TRAIN_ITERATIONS
     rng = np.random.default_rng(0)
     cap = IVF_TRAIN_PER_LIST * nlist
@@ -419,7 +414,7 @@ class GalleryIndex:
                 nlist=int(ivf.nlist),
                 nprobe=min(self.nprobe, ivf.nlist),
                 trained_at=self._trained_at,
-                codes="sq8",
+                codes=accelerator_codes(self.dim)[0],
                 rerank="exact",
             )
             if self.tuned_recall is not None:
@@ -719,10 +714,7 @@ class GalleryIndex:
         index._index = restored
         if accelerator is not None:
             fast = faiss.deserialize_index(np.frombuffer(accelerator, dtype=np.uint8))
-            if (
-                not isinstance(fast, faiss.IndexIVFScalarQuantizer)
-                or fast.ntotal != restored.ntotal
-            ):
+            if not isinstance(fast, faiss.IndexIVF) or fast.ntotal != restored.ntotal:
                 raise SnapshotError(f"snapshot {prefix} holds an unusable ivf accelerator")
             index._ivf = fast
         index._trained_at = int(sidecar["trained_at"])

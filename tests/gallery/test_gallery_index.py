@@ -24,12 +24,12 @@ def unit(rng, n, dim=DIM):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def filled(kind: str, n: int = 600, faces_per_subject: int = 3, seed: int = 0):
+def filled(kind: str, n: int = 600, faces_per_subject: int = 3, seed: int = 0, dim: int = DIM):
     rng = np.random.default_rng(seed)
-    vectors = unit(rng, n)
+    vectors = unit(rng, n, dim)
     ids = np.arange(1000, 1000 + n, dtype=np.int64)
     subjects = [f"s{i // faces_per_subject}" for i in range(n)]
-    index = GalleryIndex(DIM, "m", kind)
+    index = GalleryIndex(dim, "m", kind)
     assert index.add(ids, subjects, vectors) == n
     return index, ids, subjects, vectors
 
@@ -81,23 +81,32 @@ def test_ivf_trains_once_large_enough_and_keeps_exact_matches(monkeypatch):
     assert np.mean([h[0]["face_id"] for h in hits] == np.arange(5000, 5020)) >= 0.9
 
 
-def test_ivf_short_list_is_reranked_by_exact_scores():
-    """Through the 8-bit accelerator every similarity is the exact cosine (float32 dot
-    product of the stored vectors), and the order is by that score; the 8-bit codes
-    themselves are off by ~1e-3."""
-    index, ids, subjects, vectors = filled("ivf", n=2000, faces_per_subject=1)
-    assert index.describe()["active"] == "ivf" and index._ivf is not None
+@pytest.mark.parametrize("dim,codes", [(DIM, "SQ8"), (512, "PQ128x4fs")])
+def test_ivf_short_list_is_reranked_by_exact_scores(dim, codes):
+    """Through the accelerator every similarity is the exact cosine (float32 dot product
+    of the stored vectors), in that order, and the exact nearest face is found when every
+    list is probed; the codes themselves (8-bit, or 4-bit PQ for L2 above 256-d) are
+    approximate."""
+    index, ids, subjects, vectors = filled("ivf", n=2000, faces_per_subject=1, dim=dim)
+    state = index.describe()
+    assert state["active"] == "ivf" and state["codes"] == codes and index._ivf is not None
     rng = np.random.default_rng(5)
-    queries = vectors[:40] + 0.6 * unit(rng, 40)
+    queries = vectors[:40] + 0.6 * unit(rng, 40, dim)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     row_of = {int(f): r for r, f in enumerate(ids)}
-    coded = index._ivf.search(queries, 1)[0][:, 0]
+    index.nprobe = state["nlist"]  # every list: only the codes can cost recall
+    coded_scores, coded = index._ivf.search(queries, 1)
+    if codes != "SQ8":  # L2 on unit vectors: |q - x|^2 = 2 - 2 q.x
+        coded_scores = 1 - coded_scores / 2
     worst_code_error = 0.0
-    for query, hits, code_score in zip(queries, index.search(queries, 5), coded, strict=True):
+    for query, hits, code_score in zip(
+        queries, index.search(queries, 5), coded_scores, strict=True
+    ):
         exact = [float(vectors[row_of[h["face_id"]]] @ query) for h in hits]
-        assert [h["similarity"] for h in hits] == pytest.approx(exact, abs=1e-6)
+        assert [h["similarity"] for h in hits] == pytest.approx(exact, abs=1e-5)
         assert exact == sorted(exact, reverse=True)
-        worst_code_error = max(worst_code_error, abs(code_score - exact[0]))
+        assert exact[0] == pytest.approx(float(np.max(vectors @ query)), abs=1e-5)
+        worst_code_error = max(worst_code_error, abs(code_score[0] - exact[0]))
     assert worst_code_error > 1e-5  # the codes alone are approximate: the re-rank matters
 
 
@@ -113,13 +122,15 @@ def test_ivf_accelerator_is_checked_with_the_exact_index():
     assert ids[3] not in held.tolist() and held.tolist().count(int(ids[7])) == 2
 
 
-def test_ivf_snapshot_holds_the_accelerator(tmp_path):
-    index, ids, _, vectors = filled("ivf")
+@pytest.mark.parametrize("dim", [DIM, 512])
+def test_ivf_snapshot_holds_the_accelerator(tmp_path, dim):
+    index, ids, _, vectors = filled("ivf", dim=dim)
     index.save(tmp_path / "g", seq=1, gallery="g")
     assert (tmp_path / "g.ivf").is_file()
     loaded, _ = GalleryIndex.load(tmp_path / "g", "ivf")
     assert loaded._ivf is not None and loaded._ivf.ntotal == len(ids)
     assert loaded.describe() == index.describe()
+    assert loaded.search(vectors[:20], 4) == index.search(vectors[:20], 4)
     (tmp_path / "g.ivf").write_bytes((tmp_path / "g.ivf").read_bytes()[:-8])
     with pytest.raises(SnapshotError, match="checksum"):
         GalleryIndex.load(tmp_path / "g", "ivf")
