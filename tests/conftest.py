@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -15,6 +16,10 @@ SHARED = Path(os.environ.get("FACEGATE_SHARED", REPO.parent / "shared")).resolve
 SHARED_MODELS = SHARED / "models"
 LFW = SHARED / "data" / "lfw"
 CELEBA = SHARED / "data" / "celeba"
+#: insightface's own group photo (several faces), shipped in its PyPI package: 128 KB
+_INSIGHTFACE = importlib.util.find_spec("insightface")
+assert _INSIGHTFACE is not None and _INSIGHTFACE.origin is not None  # a test dependency
+GROUP_PHOTO = Path(_INSIGHTFACE.origin).parent / "data" / "images" / "t1.jpg"
 #: Set to 1 to let tests whose reference library (dlib, torch: the dev and train extras)
 #: is not installed skip; otherwise a missing reference fails them.
 ALLOW_SKIP_REFERENCES = "FACEGATE_ALLOW_SKIP_REFERENCES"

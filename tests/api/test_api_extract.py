@@ -9,18 +9,15 @@ module, which also shows that images by URL are off by default.
 from __future__ import annotations
 
 import base64
-from pathlib import Path
 
 import cv2
 import httpx
-import insightface
 import numpy as np
 import pytest
 
-from tests.conftest import LFW
+from tests.conftest import GROUP_PHOTO, LFW
 from tests.support.service import ServeProcess
 
-GROUP_PHOTO = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 SAME = ("Abel_Pacheco/Abel_Pacheco_0001.jpg", "Abel_Pacheco/Abel_Pacheco_0004.jpg")  # pairs.txt
 OTHER = "Akhmed_Zakayev/Akhmed_Zakayev_0001.jpg"
 QUALITY_KEYS = {

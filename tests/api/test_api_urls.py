@@ -12,18 +12,15 @@ from __future__ import annotations
 import http.server
 import threading
 import time
-from pathlib import Path
 from typing import Self
 
 import httpx
-import insightface
 import pytest
 
 from service.api.urls import UrlFetcher, parse_host
-from tests.conftest import LFW
+from tests.conftest import GROUP_PHOTO, LFW
 from tests.support.service import ServeProcess
 
-GROUP_PHOTO = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"  # 128 KB
 MAX_IMAGE_BYTES = 50_000
 TIMEOUT_S = 1.0
 STALL_S = 4.0

@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import cv2
-import insightface
 import numpy as np
 import onnx
 import pytest
@@ -18,10 +17,8 @@ from service.pipeline.align import ARCFACE_TEMPLATE, align_faces, estimate_simil
 from service.pipeline.embed import OnnxEmbedder
 from service.pipeline.pipeline import Pipeline
 from service.registry import ModelCard, ModelError, Registry, sha256_file
-from tests.conftest import LFW, SHARED_MODELS
+from tests.conftest import GROUP_PHOTO, LFW, SHARED_MODELS
 from tests.pipeline.test_detectors import lfw_sample
-
-GROUP_PHOTO = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 
 
 @pytest.fixture(scope="module")

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
-import insightface
 import numpy as np
 import pytest
 
 from service.config import Settings
 from service.pipeline.detectors import build_detector, detector_class
 from service.pipeline.detectors.base import letterbox
-from tests.conftest import LFW, SHARED_MODELS
+from tests.conftest import GROUP_PHOTO, LFW, SHARED_MODELS
 
-GROUP_PHOTO = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 DETECTORS = ["yunet_2023mar", "scrfd_500m_bnkps_640", "scrfd_2.5g_bnkps", "retinaface_mnet025"]
 
 

@@ -10,16 +10,14 @@ import threading
 import zipfile
 from pathlib import Path
 
-import insightface
 import pytest
 
 from service.cli import main
 from service.commands.models import PullError, download
 from service.registry import sha256_file
-from tests.conftest import LFW, SHARED_MODELS
+from tests.conftest import GROUP_PHOTO, LFW, SHARED_MODELS
 from tests.pipeline.test_default_models import registries_unreachable
 
-GROUP_PHOTO = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 MODELS = ["--models-dir", str(SHARED_MODELS)]
 PEER = ["--detector", "scrfd_2.5g_bnkps", "--recognizer", "mobilefacenet_peer_128d"]
 
