@@ -40,23 +40,12 @@ import bench_search  # noqa: E402
 
 def gallery(args) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(vectors, subject of each vector, queries, query identities)."""
-    root = Path(args.celeba)
-    photos = bench_search.celeba_photos(root, args.identities, args.photos_per_identity)
-    embeddings, _, _ = bench_search.concatenated_embeddings(args, root, [p for p, _ in photos])
-    found = ~np.isnan(embeddings).any(axis=1)
-    enrolled: dict[str, np.ndarray] = {}
-    queries, query_ids = [], []
-    for (_path, identity), vector, ok in zip(photos, embeddings, found, strict=True):
-        if ok and identity not in enrolled:
-            enrolled[identity] = vector
-        elif ok:
-            queries.append(vector)
-            query_ids.append(identity)
+    split = bench_search.celeba_split(args)
     rng = np.random.default_rng(args.seed)
-    distractors = bench_search.fitted_distractors(rng, embeddings[found], args.size - len(enrolled))
-    vectors = np.ascontiguousarray(np.concatenate([np.stack(list(enrolled.values())), distractors]))
-    subjects = np.array(list(enrolled) + [""] * len(distractors))
-    return vectors, subjects, np.stack(queries), np.array(query_ids)
+    distractors = bench_search.fitted_distractors(rng, split.real, args.size - len(split.names))
+    vectors = np.ascontiguousarray(np.concatenate([split.gallery, distractors]))
+    subjects = np.array(split.names + [""] * len(distractors))
+    return vectors, subjects, split.queries, split.query_ids
 
 
 def main(argv: list[str] | None = None) -> dict:

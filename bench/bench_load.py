@@ -210,7 +210,7 @@ async def closed_loop(
     latencies: list[float] = []
     errors: dict[str, int] = {}
     overloaded = 0
-    requests = people if isinstance(people, Requests) else Requests(people)
+    requests = Requests(people)
     url = httpx.URL(base_url)
     deadline = time.perf_counter() + seconds
 

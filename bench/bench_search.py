@@ -61,6 +61,7 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -353,9 +354,23 @@ def fitted_distractors(rng: np.random.Generator, real: np.ndarray, n: int) -> np
     return out
 
 
-def real_faces(
-    args, sizes: list[int], kinds: list[str], threads: list[int], nprobes: list[int]
-) -> dict:
+@dataclass
+class CelebaSplit:
+    """CelebA photos embedded by ``--recognizer``: the first photo with a face of each
+    identity enrolled, every other photo with a face a query."""
+
+    photos: list[tuple[str, str]]
+    found: np.ndarray  # per photo: a face was found
+    real: np.ndarray  # the embeddings of the photos with a face
+    gallery: np.ndarray  # one enrolled face per identity
+    names: list[str]  # their identities
+    queries: np.ndarray
+    query_ids: np.ndarray
+    embed_s: float
+    embedded: int
+
+
+def celeba_split(args) -> CelebaSplit:
     root = Path(args.celeba)
     photos = celeba_photos(root, args.identities, args.photos_per_identity)
     embeddings, embed_s, embedded = concatenated_embeddings(args, root, [p for p, _ in photos])
@@ -369,9 +384,26 @@ def real_faces(
         else:
             queries.append(vector)
             query_ids.append(identity)
-    real = embeddings[found]
-    gallery, names = np.stack(list(enrolled.values())), list(enrolled)
-    queries, query_ids = np.stack(queries), np.array(query_ids)
+    return CelebaSplit(
+        photos,
+        found,
+        embeddings[found],
+        np.stack(list(enrolled.values())),
+        list(enrolled),
+        np.stack(queries),
+        np.array(query_ids),
+        embed_s,
+        embedded,
+    )
+
+
+def real_faces(
+    args, sizes: list[int], kinds: list[str], threads: list[int], nprobes: list[int]
+) -> dict:
+    split = celeba_split(args)
+    photos, found, real, names = split.photos, split.found, split.real, split.names
+    gallery, queries, query_ids = split.gallery, split.queries, split.query_ids
+    embed_s, embedded = split.embed_s, split.embedded
     print(
         f"{len(photos)} photos of {len({i for _, i in photos})} identities "
         f"({embedded} embedded in {embed_s:.1f}s, {int((~found).sum())} without a face): "

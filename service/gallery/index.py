@@ -143,8 +143,6 @@ def accelerated_search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``ivf``'s short list (``nprobe`` lists' codes) re-ranked by exact scores."""
     depth = min(int(ivf.ntotal), max(RERANK * k, SHORTLIST_MIN))
-    if depth == 0:
-        return rerank(queries, np.full((len(queries), 0), -1, np.int64), lookup, k)
     _, shortlist = ivf.search(queries, depth, params=_ivf_params(min(nprobe, ivf.nlist)))
     return rerank(queries, shortlist, lookup, k)
 

@@ -11,10 +11,10 @@ import pytest
 from tests.conftest import CELEBA, REPO
 
 
-@pytest.mark.timeout(300)
-def test_search_benchmark_quick_mode():
+def run_bench(script: str, *args: str) -> dict:
+    """Run ``bench/<script>`` with ``args``; its report, the last line of its output."""
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_search.py"), "--quick"],
+        [sys.executable, str(REPO / "bench" / script), *args],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -22,7 +22,12 @@ def test_search_benchmark_quick_mode():
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(300)
+def test_search_benchmark_quick_mode():
+    report = run_bench("bench_search.py", "--quick")
     rows = {(r["kind"], r["size"]): r for r in report["results"]}
     dim = report["dim"]
     n = max(size for _, size in rows)
@@ -43,24 +48,7 @@ def test_search_benchmark_quick_mode():
 
 @pytest.mark.timeout(300)
 def test_search_benchmark_nprobe_sweep_trades_recall_for_probes():
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "bench_search.py"),
-            "--quick",
-            "--kinds",
-            "ivf",
-            "--nprobe",
-            "1,32",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=280,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_bench("bench_search.py", "--quick", "--kinds", "ivf", "--nprobe", "1,32")
     rows = {(r["size"], r["params"]["nprobe"]): r for r in report["results"] if r["kind"] == "ivf"}
     assert {nprobe for _, nprobe in rows} == {1, 25, 32}  # 1000 faces: 25 lists, all probed
     one, many = rows[(4000, 1)], rows[(4000, 32)]
@@ -73,19 +61,8 @@ def test_search_benchmark_nprobe_sweep_trades_recall_for_probes():
 @pytest.mark.timeout(300)
 def test_search_benchmark_real_faces_quick_mode(tmp_path):
     cache = tmp_path / "embeddings.npz"
-    command = [
-        sys.executable,
-        str(REPO / "bench" / "bench_search.py"),
-        "--quick",
-        "--real-faces",
-        "--embed-cache",
-        str(cache),
-    ]
-    done = subprocess.run(
-        command, capture_output=True, text=True, cwd=REPO, timeout=280, check=False
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    command = ["--quick", "--real-faces", "--embed-cache", str(cache)]
+    report = run_bench("bench_search.py", *command)
     assert report["benchmark"] == "gallery_search_real_faces" and report["dim"] == 128
     counts: dict[str, int] = {}
     for line in (CELEBA / "identities.txt").read_text().splitlines()[1:]:
@@ -110,11 +87,7 @@ def test_search_benchmark_real_faces_quick_mode(tmp_path):
     check = report["distractor_check"]  # distractors score like other people's faces
     assert abs(check["distractor_mean"] - check["real_impostor_mean"]) < 0.1
     # A second run reads every embedding from the cache and gives the same figures.
-    again = subprocess.run(
-        command, capture_output=True, text=True, cwd=REPO, timeout=280, check=False
-    )
-    assert again.returncode == 0, again.stderr[-2000:]
-    second = json.loads(again.stdout.strip().splitlines()[-1])
+    second = run_bench("bench_search.py", *command)
     assert second["embedded_now"] == 0
     assert [r["recall_at_1"] for r in second["results"]] == [
         r["recall_at_1"] for r in report["results"]
@@ -125,9 +98,8 @@ def test_search_benchmark_real_faces_quick_mode(tmp_path):
 def test_ivf_codes_benchmark_on_concatenated_real_embeddings(tmp_path):
     """Two 128-d models' embeddings concatenated are 256-d; probing every list and
     re-ranking the short list by exact scores gives exact search's answers."""
-    command = [
-        sys.executable,
-        str(REPO / "bench" / "bench_ann_codes.py"),
+    report = run_bench(
+        "bench_ann_codes.py",
         "--size", "3000",
         "--identities", "20",
         "--photos-per-identity", "4",
@@ -137,12 +109,7 @@ def test_ivf_codes_benchmark_on_concatenated_real_embeddings(tmp_path):
         "--spec", "IVF16,SQ8",
         "--nprobe", "1,16",
         "--rerank", "1,16",
-    ]  # fmt: skip
-    done = subprocess.run(
-        command, capture_output=True, text=True, cwd=REPO, timeout=280, check=False
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    )  # fmt: skip
     assert report["dim"] == 256 and report["size"] == 3000 and report["queries"] >= 40
     # far above chance (1 in 3,000 faces), though the project's demonstration model
     # (facegate_mfn_arcface, 67-73 % LFW) drags the concatenation below the peer alone
