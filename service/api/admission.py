@@ -118,8 +118,9 @@ class Admission:
 
 
 def parse_timeout(scope: Scope, server_timeout_s: float) -> float | None:
-    """Seconds this request may wait: the client's ``X-Request-Timeout`` (never past the
-    server's own ``request_timeout_s``; 0 there means no server deadline), or ``None``."""
+    """Seconds this request may wait: the client's ``X-Request-Timeout`` (a positive number
+    of at most the server's own ``request_timeout_s``, else 400 ``invalid_header``; 0 there
+    means no server deadline), or ``None``."""
     limit = server_timeout_s if server_timeout_s > 0 else None
     for name, value in scope.get("headers", ()):
         if name == TIMEOUT_HEADER:
@@ -129,7 +130,11 @@ def parse_timeout(scope: Scope, server_timeout_s: float) -> float | None:
                 given = math.nan
             if not math.isfinite(given) or given <= 0:
                 raise invalid_header("X-Request-Timeout must be a positive number of seconds")
-            return given if limit is None else min(given, limit)
+            if limit is not None and given > limit:
+                raise invalid_header(
+                    f"X-Request-Timeout must be at most the server's request timeout ({limit:g} s)"
+                )
+            return given
     return limit
 
 

@@ -217,9 +217,17 @@ def test_bad_timeout_header_is_a_400_and_health_is_not_admitted(tight):
         headers={"X-Request-Timeout": "soon"},
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_header"
+    # above the server's FACEGATE_REQUEST_TIMEOUT_S (default 10 s): refused, as documented
     r = httpx.post(
         f"{tight.base_url}/v1/embed",
         files={"image": ("f.jpg", PHOTOS[0])},
         headers={"X-Request-Timeout": "30"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_header"
+    assert "at most" in r.json()["error"]["message"]
+    r = httpx.post(
+        f"{tight.base_url}/v1/embed",
+        files={"image": ("f.jpg", PHOTOS[0])},
+        headers={"X-Request-Timeout": "9.5"},
     )
     assert r.status_code == 200 and len(r.json()["faces"]) == 1
