@@ -28,7 +28,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service.gallery.bulk import write_many
-from service.gallery.errors import GalleryError, GalleryModelMismatch, GalleryNotFound
+from service.gallery.errors import (
+    GalleryError,
+    GalleryModelMismatch,
+    GalleryNotFound,
+    PhotoEnrolledElsewhere,
+)
 from service.gallery.names import check_gallery, check_subject_id
 from service.gallery.store import NewFace, NewSubject
 from service.pipeline.errors import PipelineError
@@ -128,8 +133,9 @@ def enrol_photos(
     accepted: list[Accepted],
 ) -> list[dict]:
     """Add ``accepted[i]`` for ``items[i] = (subject_id, metadata, photo)`` in one transaction;
-    subjects are created as needed (with ``metadata``; an existing subject is left as is).
-    Returns per item ``{face_id, subject_id, created}``."""
+    subjects are created as needed (with ``metadata``; an existing subject is left as is),
+    only for items that add a face.  Returns per item ``{face_id, subject_id, created}``, or
+    with ``error: "photo_enrolled_elsewhere"`` for a photo another subject holds."""
     subjects: dict[str, NewSubject] = {}
     for subject_id, metadata, _ in items:
         subjects.setdefault(subject_id, NewSubject(subject_id, metadata))
@@ -137,7 +143,7 @@ def enrol_photos(
         NewFace(subject_id, face.embedding, face.quality, data, content_sha256(data))
         for (subject_id, _, data), face in zip(items, accepted, strict=True)
     ]
-    return write_many(gallery, name, model_id, list(subjects.values()), faces)
+    return write_many(gallery, name, model_id, list(subjects.values()), faces, only_with_faces=True)
 
 
 # --- facegate gallery import -----------------------------------------------------------------
@@ -270,11 +276,12 @@ class DirectoryImport:
         results = analyse_photos(
             self.pipeline, self.settings, [data for _, _, data in todo], self.workers
         )
-        items, accepted = [], []
+        items, accepted, paths = [], [], []
         for (subject_id, path, data), result in zip(todo, results, strict=True):
             if isinstance(result, Accepted):
                 items.append((subject_id, None, data))
                 accepted.append(result)
+                paths.append(path)
             else:
                 self._refuse(
                     subject_id,
@@ -284,8 +291,12 @@ class DirectoryImport:
                 )
         if not items:
             return set()
-        for written in enrol_photos(self.gallery, self.name, self.model_id, items, accepted):
-            if written["created"]:
+        rows = enrol_photos(self.gallery, self.name, self.model_id, items, accepted)
+        for written, path in zip(rows, paths, strict=True):
+            if written.get("error"):  # the same photo under two subjects
+                refusal = PhotoEnrolledElsewhere(written["subject_id"])
+                self._refuse(written["subject_id"], path, refusal.code, refusal.message)
+            elif written["created"]:
                 self.report.enrolled += 1
                 self.report.subjects.add(written["subject_id"])
             else:  # the same photo twice in this batch

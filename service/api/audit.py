@@ -11,6 +11,7 @@ result), the entry is queued to the background :class:`~service.gallery.audit.Au
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Annotated
@@ -22,10 +23,12 @@ from starlette.concurrency import run_in_threadpool
 from service.gallery import audit
 from service.gallery.audit import ACTIONS, AuditEntry
 
+from . import refusals
 from .deps import State, require_api_key
 from .errors import ApiError, describe
+from .keys import ALL_GALLERIES
 from .openapi import ERROR_RESPONSES
-from .scopes import key_id, require_scope
+from .scopes import allow_gallery, caller, key_id, require_scope
 
 router = APIRouter(
     prefix="/v1", tags=["audit"], dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES
@@ -48,19 +51,24 @@ def audited(
                 gallery=request.path_params.get("gallery"),
             )
         )
+        refused = False
         try:
             yield current
         except Exception as exc:
-            current.result = describe(exc)[1]
+            status, current.result, _ = describe(exc)
+            refused = status in refusals.REFUSED  # recorded by the error handler
             raise
         finally:
             writer = getattr(getattr(request.app.state, "facegate", None), "audit", None)
-            wanted = current.gallery is not None or not only_with_gallery
+            wanted = not refused and (current.gallery is not None or not only_with_gallery)
             if writer is not None and wanted and (not current.written or current.result != "ok"):
                 writer.record(current)
 
     return entry
 
+
+_CURSOR = re.compile(r"[0-9]{1,19}")
+MAX_CURSOR = 2**63 - 1  # the largest record id either store can hold
 
 # the audited routes' parameter types (one entry per request)
 VerifyAudit = Annotated[AuditEntry, Depends(audited("verify", only_with_gallery=True))]
@@ -83,6 +91,8 @@ class AuditRecord(BaseModel):
     subject_ids: list[str]
     face_ids: list[int]
     result: str
+    route: str | None = None
+    reason: str | None = None
 
 
 class AuditPage(BaseModel):
@@ -97,6 +107,7 @@ class AuditPage(BaseModel):
     dependencies=[require_scope("admin")],
 )
 async def audit_records(
+    request: Request,
     state: State,
     gallery: Annotated[str | None, Query(max_length=128)] = None,
     subject_id: Annotated[str | None, Query(max_length=128)] = None,
@@ -109,11 +120,16 @@ async def audit_records(
     """Who enrolled, deleted, searched for or exported whom, and when: in the order the
     records were written (a write's record with it; a search's or export's within about
     half a second, in the background), so that following ``next_cursor`` never misses one.  A
-    subject's records stay after the subject is deleted (ids only)."""
+    subject's records stay after the subject is deleted (ids only).  A key limited to some
+    galleries sees only their records (403 for ``gallery`` naming another one)."""
     if action is not None and action not in ACTIONS:
         raise ApiError(422, "validation_error", f"action: must be one of {', '.join(ACTIONS)}")
-    if cursor is not None and not cursor.isdigit():
-        raise ApiError(422, "validation_error", "cursor: invalid pagination cursor")
+    if cursor is not None and (not _CURSOR.fullmatch(cursor) or int(cursor) > MAX_CURSOR):
+        raise ApiError(422, "invalid_cursor", "cursor: not a cursor this service handed out")
+    key = caller(request)
+    scoped = key is not None and ALL_GALLERIES not in key.galleries
+    if gallery is not None:
+        allow_gallery(request, gallery)
     filters = {
         "gallery": gallery,
         "subject_id": subject_id,
@@ -122,6 +138,7 @@ async def audit_records(
         "until": None if until is None else _epoch(until),
         "after": int(cursor or 0),
         "limit": limit,
+        "galleries": key.galleries if key is not None and scoped else None,
     }
     records, more = await run_in_threadpool(_query, state, filters)
     return {"records": records, "next_cursor": str(records[-1]["id"]) if more and records else None}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -89,8 +90,8 @@ def _guards_of(dependant) -> Iterable[Guard]:
         yield from _guards_of(dep)
 
 
-def _route_table(app) -> list[tuple[re.Pattern, set[str], list[Guard]]]:
-    """(path regex, methods, guards) of every route of ``app``; built once per app."""
+def _route_table(app) -> list[tuple[re.Pattern, set[str], list[Guard], str]]:
+    """(path regex, methods, guards, path template) of every route of ``app``; built once."""
     table = getattr(app.state, "route_guards", None)
     if table is None:
         table = []
@@ -100,22 +101,38 @@ def _route_table(app) -> list[tuple[re.Pattern, set[str], list[Guard]]]:
                 continue
             dependant = getattr(route, "dependant", None)
             guards = list(dict.fromkeys(_guards_of(dependant))) if dependant else []
-            table.append((compile_path(path)[0], set(route.methods or ()), guards))
+            table.append((compile_path(path)[0], set(route.methods or ()), guards, path))
         app.state.route_guards = table
     return table
 
 
-def route_guards(scope: Scope) -> list[Guard] | None:
-    """The guards of the route that ``scope`` reaches (empty: an open route), or None when
-    no route takes this method and path (the answer is a 404 or 405 that reads no body)."""
+@dataclass(frozen=True)
+class RouteMatch:
+    """The route a request reaches, as seen before the router runs."""
+
+    guards: list[Guard]  # empty: an open route
+    path: str  # its template, ``/v1/galleries/{gallery}``
+    params: dict[str, str]  # the path's parameters, unconverted
+
+
+def route_match(scope: Scope) -> RouteMatch | None:
+    """The route that ``scope`` reaches, or None when no route takes this method and path
+    (the answer is a 404 or 405 that reads no body)."""
     app = scope.get("app")
     if app is None:
-        return []
+        return RouteMatch([], str(scope.get("path", "")), {})
     path, root = scope.get("path", ""), scope.get("root_path", "")
     if root and path.startswith(root):  # as Starlette's router sees it
         path = path[len(root) :] or "/"
     method = scope.get("method")
-    for regex, methods, guards in _route_table(app):
-        if method in methods and regex.match(path):
-            return guards
+    for regex, methods, guards, template in _route_table(app):
+        if method in methods and (found := regex.match(path)):
+            return RouteMatch(guards, template, found.groupdict())
     return None
+
+
+def route_guards(scope: Scope) -> list[Guard] | None:
+    """The guards of the route that ``scope`` reaches (empty: an open route), or None when
+    no route takes this method and path."""
+    match = route_match(scope)
+    return None if match is None else match.guards

@@ -13,7 +13,10 @@ concurrently in the worker threads, then **one** embedding call), and the accept
 are committed **in one transaction** after every item was analysed: all of them or, if
 the server dies first, none.  A photo the gallery already holds (same sha256) is not
 enrolled again: its item answers with the existing ``face_id`` and ``created: false``, so
-a client that lost the answer (a crash, a timeout) simply sends the same request again.
+a client that lost the answer (a crash, a timeout) simply sends the same request again.  A
+photo the gallery holds for *another* subject is refused with its own code,
+``photo_enrolled_elsewhere``, naming neither that subject nor its face (an enrol-only key
+learns nothing of who holds it), and a subject whose every item is refused is not created.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +43,8 @@ from service.bulk import (
     merge_embedded,
 )
 from service.gallery.bulk import check_metadata
-from service.gallery.errors import GalleryNotFound, InvalidInput
+from service.gallery.errors import GalleryNotFound, InvalidInput, PhotoEnrolledElsewhere
+from service.gallery.names import check_subject_id
 from service.pipeline.errors import PipelineError
 from service.pipeline.types import Timings
 
@@ -62,7 +65,6 @@ router = APIRouter(
     responses=ERROR_RESPONSES,
 )
 
-_NAME = re.compile(NAME_PATTERN)
 _ITEM_KEYS = {"subject_id", "image", "image_url", "metadata"}
 
 
@@ -120,8 +122,7 @@ def _too_many(limit: int) -> ApiError:
 
 def _check_item(item: _Item) -> None:
     """Refuse an item (not the request) whose fields are wrong."""
-    if not isinstance(item.subject_id, str) or not _NAME.match(item.subject_id):
-        raise InvalidInput(f"items[{item.index}].subject_id must match {NAME_PATTERN}")
+    check_subject_id(item.subject_id, f"items[{item.index}].subject_id")
     if item.metadata is not None:
         check_metadata(item.metadata, f"items[{item.index}].metadata")
     if (item.image is None) == (item.image_url is None):
@@ -369,7 +370,10 @@ async def bulk_enrol(
             [face for _, face in accepted],
         )
         for (item, face), row in zip(accepted, rows, strict=True):
-            written[item.index] = {**row, "quality": face.quality}
+            if row.get("error"):  # enrolled under another subject: the item's own refusal
+                item.refuse(PhotoEnrolledElsewhere(item.subject_id))
+            else:
+                written[item.index] = {**row, "quality": face.quality}
     answers = []
     for item in items:
         if item.error is not None:

@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import refusals
+
 log = logging.getLogger("facegate.api")
 
 #: Status -> code for Starlette/FastAPI HTTP exceptions raised by the framework itself.
@@ -36,14 +38,23 @@ _HTTP_CODES = {
 
 
 class ApiError(Exception):
-    """An error raised by the REST layer itself (bad field, auth, limits, readiness)."""
+    """An error raised by the REST layer itself (bad field, auth, limits, readiness);
+    ``gallery``: the gallery a refusal is about (for its audit record)."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict | None = None,
+        gallery: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers
+        self.gallery = gallery
 
 
 def bad_request(code: str, message: str) -> ApiError:
@@ -138,6 +149,7 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None and 400 <= status < 500:
         metrics.rejects.labels(reason=code).inc()
+    refusals.record(request.scope, status, code, message, gallery=getattr(exc, "gallery", None))
     return error_response(status, code, message, getattr(exc, "headers", None))
 
 

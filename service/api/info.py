@@ -7,13 +7,14 @@ import os
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from service.pipeline.decision import available_points
 
 from .deps import State, require_api_key
-from .scopes import require_scope
+from .keys import authorise
+from .scopes import caller, may_touch, require_scope
 
 router = APIRouter(prefix="/v1", tags=["info"], dependencies=[Depends(require_api_key)])
 
@@ -52,22 +53,37 @@ def _providers(component) -> list[str]:
     return providers
 
 
+def _visible(request: Request, stats: dict) -> dict:
+    """The gallery statistics, limited to the galleries the caller's key may touch."""
+    galleries = [g for g in stats["galleries"] if may_touch(request, g["name"])]
+    return {
+        **stats,
+        "galleries": galleries,
+        "subjects": sum(g["subjects"] for g in galleries),
+        "faces": sum(g["faces"] for g in galleries),
+    }
+
+
 @router.get(
     "/info",
     summary="Served models, thresholds, providers, gallery sizes, batching",
     dependencies=[require_scope(None)],
 )
 async def info(
+    request: Request,
     state: State,
     check_index: Annotated[
         bool,
         Query(
             description="also compare this replica's index with the store, exactly (every face "
             "id and its subject, per gallery) in `index_check`; reads every face id "
-            "of the store"
+            "of the store; `admin` scope"
         ),
     ] = False,
 ) -> dict:
+    """What this instance serves; ``galleries`` lists only the galleries the caller's key
+    may touch, and ``check_index`` needs the ``admin`` scope (its answer is limited to
+    those galleries too)."""
     pipeline, settings = state.pipeline, state.settings
     detector = _card(pipeline.detector_card)
     detector["providers"] = _providers(pipeline.detector)
@@ -78,7 +94,11 @@ async def info(
     recognizer["selection"] = pipeline.recognizer_selection
     extra = {}
     if check_index:
-        extra["index_check"] = await run_in_threadpool(state.gallery.check_index)
+        authorise(caller(request), "admin")
+        check = await run_in_threadpool(state.gallery.check_index)
+        check["galleries"] = [g for g in check["galleries"] if may_touch(request, g["name"])]
+        check["consistent"] = all(g["consistent"] for g in check["galleries"])
+        extra["index_check"] = check
     return {
         "version": _version(),
         "worker_pid": os.getpid(),
@@ -88,7 +108,7 @@ async def info(
             "metric": "cosine",
             "index_type": settings.index_type,
         },
-        "galleries": await run_in_threadpool(state.gallery.stats),
+        "galleries": _visible(request, await run_in_threadpool(state.gallery.stats)),
         "sync": await run_in_threadpool(state.gallery.sync_status),
         "batching": {**state.batcher.config(), **state.batcher.stats()},
         "limits": {

@@ -7,7 +7,9 @@ Keys come from two places, both read once per app:
 * ``FACEGATE_API_KEYS_FILE``: a JSON or YAML file ``{"keys": [{"id", "hash", "scopes",
   "galleries"}]}`` holding, per key, only the key's hash (``sha256:<hex>``, written by
   ``facegate keys add``, which prints the key itself once), its scopes (:data:`SCOPES`) and
-  the galleries it may touch (``"*"``: all).
+  the galleries it may touch (``"*"``: all; else names under the gallery name rule of
+  :mod:`service.gallery.names`).  Its id may not be one the service writes in the audit
+  log itself (:data:`RESERVED_IDS`, ``key-N``).
 
 No key configured at all: the service is open (every request is allowed, as ``anonymous``).
 
@@ -27,12 +29,19 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.gallery.errors import InvalidInput
+from service.gallery.names import check_gallery
+
 from .errors import ApiError, forbidden, unauthorized
 
 SCOPES = ("verify", "identify", "enrol", "delete", "admin")
 ALL_GALLERIES = "*"
 _HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ID = re.compile(r"^[A-Za-z0-9_.:@+\-]{1,64}$")
+#: Key ids the service itself writes in the audit log: ``FACEGATE_API_KEYS``' keys
+#: (``key-1``, ...), the CLI, callers without a key and callers with an unknown key.
+RESERVED_IDS = ("cli", "anonymous", "invalid_key")
+_RESERVED_ID = re.compile(r"^key-[0-9]+$")
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,11 @@ def parse_record(entry: object, where: str) -> ApiKey:
     key_id, digest = entry.get("id"), entry.get("hash")
     if not isinstance(key_id, str) or not _ID.match(key_id):
         raise ValueError(f"{where}: id must be 1-64 characters of [A-Za-z0-9_.:@+-]")
+    if key_id in RESERVED_IDS or _RESERVED_ID.match(key_id):
+        raise ValueError(
+            f"{where}: id {key_id!r} is reserved (the audit log's ids for FACEGATE_API_KEYS "
+            f"keys, key-1, key-2, ..., and {', '.join(RESERVED_IDS)}); choose another"
+        )
     if not isinstance(digest, str) or not _HASH.match(digest):
         raise ValueError(
             f"{where} ({key_id}): hash must be 'sha256:' and 64 hex digits "
@@ -96,6 +110,12 @@ def parse_record(entry: object, where: str) -> ApiKey:
         raise ValueError(
             f"{where} ({key_id}): galleries must be a non-empty list of gallery names or '*'"
         )
+    for name in galleries:
+        if name != ALL_GALLERIES:
+            try:
+                check_gallery(name, f"{where} ({key_id}): gallery {name[:70]!r}")
+            except InvalidInput as exc:
+                raise ValueError(exc.message) from None
     return ApiKey(key_id, digest, frozenset(scopes), frozenset(galleries))
 
 
@@ -161,4 +181,10 @@ def authorise(key: ApiKey | None, scope: str | None, gallery: str | None = None)
             f"(it has: {', '.join(sorted(key.scopes))})",
         )
     if gallery is not None and not key.may_touch(gallery):
-        raise ApiError(403, "forbidden", f"API key {key.id!r} may not touch gallery {gallery!r}")
+        raise ApiError(
+            403,
+            "forbidden",
+            # the gallery is not echoed: a refusal repeats nothing of another gallery
+            f"API key {key.id!r} may not touch the gallery this request names",
+            gallery=gallery,
+        )

@@ -2,7 +2,7 @@
 
 In this order, before a byte of the body is read:
 
-1. the route's key checks (:func:`service.api.auth.route_guards`): a request without a
+1. the route's key checks (:func:`service.api.auth.route_match`): a request without a
    valid key is refused (401/403) from its headers alone; a request for no route goes
    straight to its 404/405, its body unread;
 2. ``Content-Length`` over ``max_bytes``: 413.
@@ -10,7 +10,8 @@ In this order, before a byte of the body is read:
 Then the body is read in full, up to the limit (chunked uploads, lying headers: 413
 as soon as it passes it), within ``body_timeout_s`` (slower: 408), before the app sees
 it, so a too-large or too-slow request never reaches a route.  Every refusal closes
-the connection (the rest of the body is never read).
+the connection (the rest of the body is never read).  A refused key check is audited
+(:mod:`service.api.refusals`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import anyio
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .auth import route_guards
+from . import refusals
+from .auth import route_match
 from .errors import ApiError, error_response, request_timeout, request_too_large
 
 if TYPE_CHECKING:
@@ -56,14 +58,17 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        guards = route_guards(scope)
-        if guards is None:  # no such route: a 404/405 that never reads the body
+        route = route_match(scope)
+        if route is None:  # no such route: a 404/405 that never reads the body
             await self.app(scope, receive, send)
             return
         try:
-            for check in guards:
+            for check in route.guards:
                 check(Request(scope))
         except ApiError as err:
+            refusals.record(
+                scope, err.status, err.code, err.message, route=route.path, path_params=route.params
+            )
             await self._refuse(err, scope, receive, send)
             return
         length = None

@@ -16,6 +16,15 @@ Two ways into the ``audit`` table:
   entry and a background thread appends queued entries in batches, so a search does not
   wait for a store write; the writer commits at most every ``FLUSH_S`` (one fsync per batch).
 
+A refusal (action ``refused``) names the ``route`` it was refused on and the ``reason``.
+Refusals of callers without a valid key (``anonymous``, ``invalid_key``) are throttled per
+client address (:meth:`AuditWriter.record` with ``throttle=``): the first ``THROTTLE_BURST``
+of a client in each ``THROTTLE_WINDOW_S`` are recorded one by one, the rest of that window
+are counted and written as **one** record when the window ends (its ``reason`` says how
+many and ends with the last one's reason), so a flood of bad keys costs at most
+``THROTTLE_BURST + 1`` records per client and window (and at most ``THROTTLE_CLIENTS``
+clients are told apart; beyond that they share one allowance).
+
 The writer thread also enforces the retention (``FACEGATE_AUDIT_RETENTION_DAYS``): rows
 older than that are deleted at start and then hourly.  Deleting a subject keeps its audit
 rows (they hold ids only).
@@ -49,10 +58,14 @@ ACTIONS = (
     "identify",
     "verify",
     "export",
+    "refused",
 )
 FLUSH_S = 0.5  # the writer commits at most this often (one fsync per batch)
 BATCH = 500
 PRUNE_EVERY_S = 3600.0
+THROTTLE_WINDOW_S = 60.0
+THROTTLE_BURST = 10
+THROTTLE_CLIENTS = 4096
 
 _current: contextvars.ContextVar[AuditEntry | None] = contextvars.ContextVar(
     "facegate_audit_entry", default=None
@@ -70,6 +83,8 @@ class AuditEntry:
     result: str = "ok"
     at: float = field(default_factory=time.time)
     written: bool = False  # a store transaction already wrote a row for it
+    route: str | None = None  # "METHOD /path/{template}" (refusals)
+    reason: str | None = None  # why it was refused
 
     def add(self, subject_ids=(), face_ids=()) -> None:
         for subject_id in subject_ids:
@@ -110,22 +125,57 @@ class AuditWriter:
         self.retention_s = float(retention_days) * 86400.0
         self._queue: queue.Queue[AuditEntry | _Marker | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
-        self._pruned_at = 0.0
+        self._pruned_at: float | None = None  # never yet: prune at start
         self._wake = threading.Event()  # flush() and close() cut the wait between batches
+        self._lock = threading.Lock()
+        self._windows: dict[str, _Window] = {}  # throttled clients' current windows
         self._thread.start()
 
-    def record(self, entry: AuditEntry) -> None:
-        """Queue ``entry`` (returns at once)."""
-        self._queue.put(entry)
+    def record(self, entry: AuditEntry, throttle: str | None = None) -> None:
+        """Queue ``entry`` (returns at once).  ``throttle``: the client it counts against
+        (see the module docstring); past its allowance it is only counted."""
+        if throttle is None:
+            self._queue.put(entry)
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._close_windows(now)
+            if throttle not in self._windows and len(self._windows) >= THROTTLE_CLIENTS:
+                throttle = "*"
+            window = self._windows.setdefault(throttle, _Window(now))
+            if window.recorded < THROTTLE_BURST:
+                window.recorded += 1
+                self._queue.put(entry)
+            else:
+                window.suppressed += 1
+                window.last = entry
+
+    def _close_windows(self, now: float, every: bool = False) -> None:
+        """Queue one summary record per ended window that counted refusals (lock held)."""
+        for client, window in list(self._windows.items()):
+            if every or now - window.start >= THROTTLE_WINDOW_S:
+                del self._windows[client]
+                if window.last is not None:
+                    last = window.last
+                    last.reason = (
+                        f"{window.suppressed} refusals from this client within "
+                        f"{THROTTLE_WINDOW_S:g} s past the first {THROTTLE_BURST}, "
+                        f"recorded as this one record; the last: {last.reason}"
+                    )
+                    self._queue.put(last)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every entry queued so far is in the store."""
+        with self._lock:
+            self._close_windows(time.monotonic())
         done = threading.Event()
         self._queue.put(_Marker(done))
         self._wake.set()
         done.wait(timeout)
 
     def close(self) -> None:
+        with self._lock:
+            self._close_windows(time.monotonic(), every=True)
         self._queue.put(None)
         self._wake.set()
         self._thread.join(timeout=15)
@@ -143,12 +193,14 @@ class AuditWriter:
         stop = False
         while not stop:
             try:
-                if time.monotonic() - self._pruned_at > PRUNE_EVERY_S:
+                if self._pruned_at is None or time.monotonic() - self._pruned_at > PRUNE_EVERY_S:
                     self.prune()
             except Exception:
                 log.exception("audit log pruning failed")
             batch: list[AuditEntry] = []
             markers = []
+            with self._lock:
+                self._close_windows(time.monotonic())
             try:
                 item = self._queue.get(timeout=FLUSH_S)
             except queue.Empty:
@@ -176,6 +228,14 @@ class AuditWriter:
             if batch and not stop:  # let the next batch gather: one commit per FLUSH_S
                 self._wake.wait(FLUSH_S)
                 self._wake.clear()
+
+
+@dataclass
+class _Window:
+    start: float
+    recorded: int = 0
+    suppressed: int = 0
+    last: AuditEntry | None = None
 
 
 @dataclass

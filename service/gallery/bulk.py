@@ -41,6 +41,7 @@ def write_many(
     faces: list[NewFace],
     *,
     new_gallery: bool = False,
+    only_with_faces: bool = False,
 ) -> list[dict]:
     """Create ``subjects`` and add ``faces`` to gallery ``name`` in one transaction; return,
     per face, ``{face_id, subject_id, created}`` (``created=False``: the same photo,
@@ -65,7 +66,7 @@ def write_many(
             )
         )
     results, seq = gallery.store.write_faces(
-        name, model_id, subjects, checked, new_gallery=new_gallery
+        name, model_id, subjects, checked, new_gallery=new_gallery, only_with_faces=only_with_faces
     )
     gallery.sync_to(seq)
     return results

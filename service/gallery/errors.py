@@ -59,6 +59,20 @@ class Conflict(GalleryError):
     status = 409
 
 
+class PhotoEnrolledElsewhere(GalleryError):
+    """A photo (by sha256) this gallery already holds for another subject: not enrolled
+    again, and the other subject is not named (the caller may not know it)."""
+
+    code = "photo_enrolled_elsewhere"
+    status = 409
+
+    def __init__(self, subject_id: str) -> None:
+        super().__init__(
+            f"this photo is already enrolled in this gallery under another subject, so it is "
+            f"not enrolled for {subject_id!r}; a photo belongs to one subject"
+        )
+
+
 class NoStoredImages(GalleryError):
     """Re-enrolment needs the enrolment photos, and the source gallery kept none."""
 

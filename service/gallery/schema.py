@@ -26,7 +26,8 @@ Tables:
 * ``changes``    (seq, gallery, op, face_id, subject_id, created_at) — the log
 * ``audit``      (since version 4: id, at, key_id, client, action, gallery, subject_ids and
   face_ids JSON lists, result) — who enrolled, deleted, searched, exported what, and when
-  (:mod:`service.gallery.audit`); ids only, never a photo or an embedding
+  (:mod:`service.gallery.audit`); ids only, never a photo or an embedding; since version 5
+  ``route`` (method and path template of the request) and ``reason`` (why it was refused)
 * ``log_head``   (one row: the newest seq; every write locks it first)
 
 PostgreSQL text keys use the "C" collation so that ordering (and keyset
@@ -98,6 +99,10 @@ SQLITE: dict[int, list[str]] = {
         "CREATE INDEX audit_by_time ON audit (at)",
         "CREATE INDEX audit_by_gallery ON audit (gallery, at)",
     ],
+    5: [
+        "ALTER TABLE audit ADD COLUMN route TEXT",
+        "ALTER TABLE audit ADD COLUMN reason TEXT",
+    ],
 }
 
 POSTGRES: dict[int, list[str]] = {
@@ -162,6 +167,10 @@ POSTGRES: dict[int, list[str]] = {
             result TEXT NOT NULL)""",
         "CREATE INDEX audit_by_time ON audit (at)",
         "CREATE INDEX audit_by_gallery ON audit (gallery, at)",
+    ],
+    5: [
+        "ALTER TABLE audit ADD COLUMN route TEXT",
+        "ALTER TABLE audit ADD COLUMN reason TEXT",
     ],
 }
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 
@@ -28,6 +28,7 @@ from service.gallery.errors import (
     GalleryNotFound,
     InvalidEmbedding,
     InvalidMetadata,
+    PhotoEnrolledElsewhere,
     SubjectNotFound,
 )
 from service.gallery.schema import LATEST, MIGRATIONS
@@ -482,6 +483,7 @@ class SQLStore(GalleryStore):
         faces: list[NewFace],
         *,
         new_gallery: bool = False,
+        only_with_faces: bool = False,
     ) -> tuple[list[dict], int | None]:
         metadata = {s.subject_id: dump_json(s.metadata or {}, "metadata") for s in subjects}
         qualities = [dump_json(f.quality or {}, "quality") for f in faces]
@@ -515,43 +517,55 @@ class SQLStore(GalleryStore):
                     raise InvalidEmbedding(
                         f"gallery {gallery!r} holds {dim}-d embeddings, got {size}-d"
                     )
-            known = set()
-            for subject in subjects:
-                known.add(subject.subject_id)
+            pending = {subject.subject_id: subject for subject in subjects}
+            known: set[str] = set()
+
+            def ensure(subject_id: str) -> None:
+                """Insert ``subject_id`` of ``subjects`` (unless present) before its first use."""
+                known.add(subject_id)
+                subject = pending.pop(subject_id, None)
+                if subject is None:
+                    self._require_subject(cur, gallery, subject_id)
+                    return
                 created = now if subject.created_at is None else float(subject.created_at)
                 if (
                     cur.execute(
                         "SELECT 1 FROM subjects WHERE gallery = ? AND subject_id = ?",
-                        (gallery, subject.subject_id),
+                        (gallery, subject_id),
                     ).fetchone()
                     is None
                 ):
                     cur.execute(
                         "INSERT INTO subjects (gallery, subject_id, metadata, created_at, "
                         "updated_at) VALUES (?, ?, ?, ?, ?)",
-                        (
-                            gallery,
-                            subject.subject_id,
-                            metadata[subject.subject_id],
-                            created,
-                            created,
-                        ),
+                        (gallery, subject_id, metadata[subject_id], created, created),
                     )
+
             for face, vector, quality in zip(faces, vectors, qualities, strict=True):
-                if face.subject_id not in known:
-                    self._require_subject(cur, gallery, face.subject_id)
-                    known.add(face.subject_id)
                 if face.content_sha256 is not None:
                     done = cur.execute(
                         "SELECT face_id, subject_id FROM faces "
                         "WHERE gallery = ? AND content_sha256 = ? ORDER BY face_id LIMIT 1",
                         (gallery, face.content_sha256),
                     ).fetchone()
+                    if done is not None and done[1] != face.subject_id:
+                        # enrolled under another subject: refused, naming neither it nor its face
+                        results.append(
+                            {
+                                "face_id": None,
+                                "subject_id": face.subject_id,
+                                "created": False,
+                                "error": PhotoEnrolledElsewhere.code,
+                            }
+                        )
+                        continue
                     if done is not None:
                         results.append(
                             {"face_id": int(done[0]), "subject_id": done[1], "created": False}
                         )
                         continue
+                if face.subject_id not in known:
+                    ensure(face.subject_id)
                 created = now if face.created_at is None else float(face.created_at)
                 face_id = int(
                     cur.execute(
@@ -572,6 +586,9 @@ class SQLStore(GalleryStore):
                 )
                 seq = self._log(cur, gallery, "add", face_id, face.subject_id)
                 results.append({"face_id": face_id, "subject_id": face.subject_id, "created": True})
+            if not only_with_faces:
+                for subject_id in list(pending):
+                    ensure(subject_id)
         return results, seq
 
     def content_hashes(self, gallery: str) -> set[str]:
@@ -638,7 +655,7 @@ class SQLStore(GalleryStore):
                 subjects, faces = entry.subject_ids, entry.face_ids
             cur.execute(
                 "INSERT INTO audit (at, key_id, client, action, gallery, subject_ids, face_ids, "
-                "result) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "result, route, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     entry.at,
                     entry.key_id,
@@ -648,6 +665,8 @@ class SQLStore(GalleryStore):
                     json.dumps(subjects, ensure_ascii=False),
                     json.dumps(faces),
                     entry.result,
+                    entry.route,
+                    entry.reason,
                 ),
             )
 
@@ -669,16 +688,21 @@ class SQLStore(GalleryStore):
         until: float | None = None,
         after: int = 0,
         limit: int = 100,
+        galleries: Collection[str] | None = None,
     ) -> tuple[list[dict], bool]:
         sql = (
-            "SELECT id, at, key_id, client, action, gallery, subject_ids, face_ids, result "
-            "FROM audit WHERE id > ?"
+            "SELECT id, at, key_id, client, action, gallery, subject_ids, face_ids, result, "
+            "route, reason FROM audit WHERE id > ?"
         )
         params: list = [int(after)]
         for column, value in (("gallery", gallery), ("action", action)):
             if value is not None:
                 sql += f" AND {column} = ?"
                 params.append(value)
+        if galleries is not None:  # only these galleries' records (none: an empty answer)
+            names = sorted(galleries)
+            sql += f" AND gallery IN ({', '.join('?' * len(names)) or 'NULL'})"
+            params += names
         if since is not None:
             sql += " AND at >= ?"
             params.append(float(since))
@@ -706,6 +730,8 @@ class SQLStore(GalleryStore):
                 "subject_ids": json.loads(r[6]),
                 "face_ids": json.loads(r[7]),
                 "result": r[8],
+                "route": r[9],
+                "reason": r[10],
             }
             for r in rows[:limit]
         ], more

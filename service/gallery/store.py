@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -204,6 +204,7 @@ class GalleryStore(abc.ABC):
         faces: list[NewFace],
         *,
         new_gallery: bool = False,
+        only_with_faces: bool = False,
     ) -> tuple[list[Record], int | None]:
         """Create ``subjects`` (those absent) and add ``faces`` in **one** transaction, each
         face with its own change-log entry; return (per face ``{face_id, subject_id,
@@ -211,8 +212,12 @@ class GalleryStore(abc.ABC):
 
         The gallery is created for ``model_id`` if absent; with ``new_gallery`` an existing
         gallery is refused (``Conflict``).  A face whose ``content_sha256`` is already in the
-        gallery is not added: its entry names the existing face with ``created=False``.
-        Every face's subject must be in ``subjects`` or exist already (``SubjectNotFound``).
+        gallery under the same subject is not added: its entry names the existing face with
+        ``created=False``; under another subject it is refused: its entry is ``{face_id:
+        None, subject_id, created: False, error: "photo_enrolled_elsewhere"}``, naming
+        neither that subject nor its face.  ``only_with_faces``: a subject of ``subjects``
+        none of whose faces is added is not created.  Every face's subject must be in
+        ``subjects`` or exist already (``SubjectNotFound``).
         """
 
     @abc.abstractmethod
@@ -247,10 +252,11 @@ class GalleryStore(abc.ABC):
         until: float | None = None,
         after: int = 0,
         limit: int = 100,
+        galleries: Collection[str] | None = None,
     ) -> tuple[list[Record], bool]:
         """Up to ``limit`` audit rows with ``id > after`` matching the filters (``since``
-        inclusive, ``until`` exclusive, epoch seconds; ``subject_id``: rows naming it),
-        oldest first; and whether more follow."""
+        inclusive, ``until`` exclusive, epoch seconds; ``subject_id``: rows naming it;
+        ``galleries``: only rows of these galleries), oldest first; and whether more follow."""
 
     # --- re-enrolment (see service.reenrol) -------------------------------------
     @abc.abstractmethod

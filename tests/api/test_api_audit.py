@@ -181,6 +181,7 @@ def test_rest_audit_log(tmp_path, store_url):
                 ("verify", "app", "a", "ok"),
                 ("export", "auditor", "a", "ok"),
                 ("delete_subject", "app", "a", "ok"),
+                ("refused", "app", None, "forbidden"),  # GET /v1/audit without admin
             ]  # the 40-day-old record was pruned
             assert records["next_cursor"] is None
             first = records["records"]
