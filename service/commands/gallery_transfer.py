@@ -150,7 +150,7 @@ def run_restore(args) -> int:
         return 2
     try:
         with open(args.file, "rb") as source:
-            export = read_export(source)
+            export = read_export(source, settings.max_image_bytes)
     except GalleryError as exc:
         return _fail(exc)
     gallery = GalleryService.offline(settings)

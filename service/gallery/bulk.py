@@ -1,5 +1,13 @@
 """Writing many faces at once through a :class:`GalleryService`: bulk enrolment and restore.
 
+The record checks here (with :mod:`service.gallery.names` and
+:func:`~service.gallery.service.check_vectors`) are the one set of rules for what a face or
+subject written in bulk may hold, whoever writes it (``POST /v1/galleries/{g}/faces``,
+``facegate gallery import``, ``facegate gallery restore``): :func:`write_many` runs every
+record through :func:`check_subject` and :func:`check_face`, and the restore's reader
+(:func:`service.gallery.transfer.read_export`) runs the same two on each line, so an export
+file can never hold what the API would refuse.
+
 :func:`write_many` checks every name and embedding first, then hands everything to
 :meth:`GalleryStore.write_faces`, which commits it in **one** transaction with one
 change-log entry per face (so replicas follow it like single enrolments), and
@@ -8,7 +16,10 @@ finally applies that log to this service's own indexes before returning.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
+import time
 from typing import Any, cast
 
 from service.gallery.errors import InvalidInput
@@ -33,6 +44,60 @@ def check_metadata(value: object, what: str = "metadata") -> dict[str, Any]:
     return cast(dict[str, Any], value)
 
 
+#: Clock skew allowed for a time in a written record (epoch seconds in the future).
+FUTURE_SKEW_S = 86400.0
+
+
+def check_time(value: object, what: str = "created_at") -> float:
+    """Epoch seconds: a finite number from 0 up to a day from now (anything later is no
+    real time and would not even print as a date)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInput(f"{what} must be a number (epoch seconds)")
+    number = float(value)
+    if not math.isfinite(number) or not 0 <= number <= time.time() + FUTURE_SKEW_S:
+        raise InvalidInput(f"{what} must be epoch seconds between 0 and now")
+    return number
+
+
+def check_photo(
+    image: bytes | None, digest: str | None, max_bytes: int, what: str = "image"
+) -> None:
+    """A stored photo: within the upload limit, and the bytes its ``content_sha256`` names."""
+    if image is None:
+        return
+    if len(image) > max_bytes:
+        raise InvalidInput(f"{what} is larger than the image limit of {max_bytes} bytes")
+    if digest is not None and hashlib.sha256(image).hexdigest() != digest:
+        raise InvalidInput(f"{what} does not match its content_sha256")
+
+
+def check_subject(subject: NewSubject) -> NewSubject:
+    """A subject record as the REST API would accept it (id, metadata, time)."""
+    check_subject_id(subject.subject_id)
+    if subject.metadata is not None:
+        check_metadata(subject.metadata)
+    if subject.created_at is not None:
+        check_time(subject.created_at)
+    return subject
+
+
+def check_face(face: NewFace, max_image_bytes: int, dim: int | None = None) -> NewFace:
+    """A face record as the REST API would accept it (subject id, embedding, quality
+    figures, photo and its sha256, time), its embedding as checked float32."""
+    check_subject_id(face.subject_id)
+    if face.content_sha256 is not None:
+        check_sha256(face.content_sha256)
+    vector = check_vectors(face.embedding, dim, batch=False)
+    if face.quality is not None:
+        check_metadata(face.quality, "quality")
+    check_photo(face.image, face.content_sha256, max_image_bytes)
+    if face.created_at is not None:
+        check_time(face.created_at)
+    return NewFace(
+        face.subject_id, vector, face.quality, face.image, face.content_sha256, face.created_at
+    )
+
+
 def write_many(
     gallery: GalleryService,
     name: str,
@@ -52,17 +117,19 @@ def write_many(
     check_gallery(name)
     check_name(model_id, "model_id")
     for subject in subjects:
-        check_subject_id(subject.subject_id)
+        check_subject(subject)
     checked = []
     for face in faces:
-        check_subject_id(face.subject_id)
-        if face.content_sha256 is not None:
-            check_sha256(face.content_sha256)
-        vector = check_vectors(face.embedding, batch=False)
+        face = check_face(face, gallery.settings.max_image_bytes)
         image = face.image if gallery.settings.store_images else None
         checked.append(
             NewFace(
-                face.subject_id, vector, face.quality, image, face.content_sha256, face.created_at
+                face.subject_id,
+                face.embedding,
+                face.quality,
+                image,
+                face.content_sha256,
+                face.created_at,
             )
         )
     results, seq = gallery.store.write_faces(

@@ -15,8 +15,10 @@ The format (``facegate-gallery``, version 1), one JSON object per line:
 
 Times are epoch seconds.  An export is read in one consistent snapshot of the store.
 
-:func:`read_export` validates a whole file (structure, counts, checksum, every name,
-embedding and JSON object) before anything is written; :func:`restore` then refuses a
+:func:`read_export` validates a whole file (structure, counts, checksum, line length, and
+every record by the same rules as a REST write: :func:`service.gallery.bulk.check_subject`
+and :func:`~service.gallery.bulk.check_face`; face ids and photos' ``content_sha256``
+unique) before anything is written; :func:`restore` then refuses a
 file of another model than the served one (``model_mismatch``) and writes the gallery,
 its subjects and faces in one transaction (:func:`service.gallery.bulk.write_many`),
 one change-log entry per face.  Restored faces get new face ids; the gallery name may
@@ -38,15 +40,18 @@ from typing import IO, BinaryIO
 
 import numpy as np
 
-from service.gallery.bulk import check_sha256, write_many
+from service.gallery.bulk import check_face, check_sha256, check_subject, check_time, write_many
 from service.gallery.errors import ExportModelMismatch, InvalidExport, InvalidInput
 from service.gallery.names import check_gallery, check_subject_id
-from service.gallery.service import GalleryService, check_name, check_vectors
+from service.gallery.service import GalleryService, check_name
 from service.gallery.store import GalleryStore, NewFace, NewSubject
 
 FORMAT = "facegate-gallery"
 VERSION = 1
 MEDIA_TYPE = "application/gzip"
+#: Bytes a line may hold beyond its photo's base64 (embedding, quality, ids, times).
+LINE_SLACK = 1024 * 1024
+DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024  # settings.max_image_bytes' default
 
 
 # --- writing ---------------------------------------------------------------------------
@@ -146,12 +151,6 @@ def _b64(value: object, what: str) -> bytes:
         raise InvalidInput(f"{what} is not valid base64") from None
 
 
-def _time(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise InvalidInput(f"{what} must be a non-negative number (epoch seconds)")
-    return float(value)
-
-
 def _object(value: object, what: str) -> dict:
     if not isinstance(value, dict):
         raise InvalidInput(f"{what} must be a JSON object")
@@ -170,6 +169,9 @@ def _header(record: dict) -> Export:
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
         raise InvalidInput("dim must be a positive integer or null")
     sha = record.get("model_sha256")
+    for what in ("created_at", "exported_at"):
+        if record.get(what) is not None:
+            check_time(record[what], what)
     return Export(
         check_gallery(record.get("gallery")),
         check_name(record.get("model_id"), "model_id"),
@@ -179,49 +181,89 @@ def _header(record: dict) -> Export:
 
 
 def _subject(record: dict) -> NewSubject:
-    return NewSubject(
-        check_subject_id(record.get("subject_id")),
-        _object(record.get("metadata"), "metadata"),
-        _time(record.get("created_at"), "created_at"),
+    return check_subject(
+        NewSubject(
+            check_subject_id(record.get("subject_id")),
+            _object(record.get("metadata"), "metadata"),
+            check_time(record.get("created_at")),
+        )
     )
 
 
-def _face(record: dict, export: Export, subjects: set[str]) -> NewFace:
+def _face(record: dict, export: Export, seen: _Seen, max_image_bytes: int) -> NewFace:
     subject_id = check_subject_id(record.get("subject_id"))
-    if subject_id not in subjects:
+    if subject_id not in seen.subjects:
         raise InvalidInput(f"face of subject {subject_id!r}, which the file does not list")
+    face_id = record.get("face_id")
+    if isinstance(face_id, bool) or not isinstance(face_id, int) or face_id < 1:
+        raise InvalidInput("face_id must be a positive integer")
+    if face_id in seen.face_ids:
+        raise InvalidInput(f"face {face_id} appears twice")
     raw = _b64(record.get("embedding"), "embedding")
     if export.dim is None or len(raw) != 4 * export.dim:
         raise InvalidInput(f"embedding has {len(raw)} bytes, not {export.dim} float32 values")
-    vector = check_vectors(np.frombuffer(raw, dtype="<f4"), export.dim, batch=False)
     image = record.get("image")
     digest = record.get("content_sha256")
-    return NewFace(
-        subject_id,
-        vector,
-        _object(record.get("quality"), "quality"),
-        None if image is None else _b64(image, "image"),
-        None if digest is None else check_sha256(digest),
-        _time(record.get("created_at"), "created_at"),
+    if digest is not None and check_sha256(digest) in seen.photos:
+        raise InvalidInput(f"face {face_id} has the photo (content_sha256) of another face")
+    face = check_face(
+        NewFace(
+            subject_id,
+            np.frombuffer(raw, dtype="<f4"),
+            _object(record.get("quality"), "quality"),
+            None if image is None else _b64(image, "image"),
+            digest,
+            check_time(record.get("created_at")),
+        ),
+        max_image_bytes,
+        export.dim,
     )
+    seen.face_ids.add(face_id)
+    if digest is not None:
+        seen.photos.add(digest)
+    return face
 
 
-def read_export(source: BinaryIO) -> Export:
+@dataclass
+class _Seen:
+    """What the lines read so far named: subjects, face ids, photos."""
+
+    subjects: set[str] = field(default_factory=set)
+    face_ids: set[int] = field(default_factory=set)
+    photos: set[str] = field(default_factory=set)
+
+
+def _lines(gz: gzip.GzipFile, limit: int) -> Iterator[bytes]:
+    """The lines of ``gz``, refusing one longer than ``limit`` bytes before holding more."""
+    number = 0
+    while data := gz.readline(limit + 1):
+        number += 1
+        if len(data) > limit:
+            raise _refuse(number, f"the line is longer than {limit} bytes")
+        yield data
+
+
+def read_export(source: BinaryIO, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Export:
     """Parse and check a whole export file (gzip, JSON lines); ``InvalidExport`` names the
-    first problem: not gzip, truncated, altered (checksum), malformed record."""
+    first problem: not gzip, truncated, altered (checksum), a line longer than a photo of
+    ``max_image_bytes`` needs, a malformed record or one the REST API would refuse."""
     digest = hashlib.sha256()
     export: Export | None = None
-    subjects: set[str] = set()
+    seen = _Seen()
+    subjects = seen.subjects
     end: dict | None = None
     number = 0
+    limit = 4 * (max_image_bytes // 3 + 1) + LINE_SLACK  # a base64 photo and the rest
     try:
         with gzip.GzipFile(fileobj=source, mode="rb") as gz:
-            for number, data in enumerate(gz, start=1):
+            for number, data in enumerate(_lines(gz, limit), start=1):
                 if end is not None:
                     raise _refuse(number, "data after the end record")
                 try:
                     record = json.loads(data)
-                except (json.JSONDecodeError, UnicodeDecodeError):
+                except (ValueError, RecursionError, UnicodeDecodeError):
+                    # ValueError: JSONDecodeError, or an integer of too many digits;
+                    # RecursionError: nested deeper than the parser goes
                     raise _refuse(number, "not a JSON object") from None
                 if not isinstance(record, dict) or not data.endswith(b"\n"):
                     raise _refuse(number, "not a complete JSON object line")
@@ -236,7 +278,7 @@ def read_export(source: BinaryIO) -> Export:
                         subjects.add(subject.subject_id)
                         export.subjects.append(subject)
                     elif kind == "face":
-                        export.faces.append(_face(record, export, subjects))
+                        export.faces.append(_face(record, export, seen, max_image_bytes))
                     elif kind == "end":
                         end = record
                         continue
