@@ -5,11 +5,15 @@ exported with ``git archive`` to compare), posts a small 16-bit 6300x6300 PNG (7
 under the default 40 Mpx limit: issue 17) to ``/v1/detect`` once, then ``--parallel``
 at once, and reports how far the server's peak RSS (``VmHWM``, reset through
 ``/proc/PID/clear_refs`` before each step) rose above its resident size, with the wall
-time of each step.  Models: ``FACEGATE_*`` from the environment, else YuNet and the
-MobileFaceNet peer from ../shared on CPU.  The last output line is one JSON object.
+time of each step; also the worker's resident size and absolute peak, its decode budget
+(``/v1/info``) and the README's peak-RSS formula ``WORKER_BASE_BYTES + DECODE_PEAK_FACTOR
+x budget`` (:mod:`service.config`) to compare with.  Models: ``FACEGATE_*`` from the
+environment, else YuNet and the MobileFaceNet peer from ../shared on CPU.  The last output
+line is one JSON object.
 
     python bench/bench_decode_server_memory.py
     python bench/bench_decode_server_memory.py --repo /tmp/old --parallel 8
+    FACEGATE_DECODE_BUDGET_BYTES=268435456 python bench/bench_decode_server_memory.py
 """
 
 from __future__ import annotations
@@ -64,11 +68,13 @@ def step(pid: int, url: str, data: bytes, count: int) -> dict:
         for thread in threads:
             thread.join()
     wall = time.perf_counter() - start
-    rise = memory(pid)[1] - base
+    peak = memory(pid)[1]
     return {
         "requests": count,
         "statuses": sorted(statuses),
-        "peak_rise_mib": round(rise / 2**20),
+        "resident_mib": round(base / 2**20),
+        "peak_mib": round(peak / 2**20),
+        "peak_rise_mib": round((peak - base) / 2**20),
         "wall_s": round(wall, 2),
     }
 
@@ -85,6 +91,7 @@ def main() -> int:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**MODELS, **os.environ, "FACEGATE_LOG_LEVEL": "warning"}
+    budget = None
     with tempfile.TemporaryDirectory(prefix="facegate-bomb-") as tmp:
         env["FACEGATE_DATA_DIR"] = tmp
         proc = subprocess.Popen(
@@ -116,11 +123,31 @@ def main() -> int:
                 f"{many['wall_s']} s {many['statuses']}",
                 flush=True,
             )
+            limits = httpx.get(f"{url}/v1/info", timeout=30).json()["limits"]
+            budget = limits.get("decode_budget_bytes")
         finally:
             proc.terminate()
             proc.wait(30)
+    formula = None
+    if budget:
+        from service.config import DECODE_PEAK_FACTOR, WORKER_BASE_BYTES
+
+        formula = round((WORKER_BASE_BYTES + DECODE_PEAK_FACTOR * budget) / 2**20)
+        print(
+            f"budget {budget / 2**20:.0f} MiB: peak {many['peak_mib']} MiB, formula {formula} MiB",
+            flush=True,
+        )
     print(
-        json.dumps({"repo": str(args.repo), "image_bytes": len(data), "one": one, "parallel": many})
+        json.dumps(
+            {
+                "repo": str(args.repo),
+                "image_bytes": len(data),
+                "decode_budget_bytes": budget,
+                "formula_peak_mib": formula,
+                "one": one,
+                "parallel": many,
+            }
+        )
     )
     return 0
 

@@ -6,6 +6,7 @@ app factory; nothing reads the environment anywhere else.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +20,66 @@ MANIFEST_PATH = REPO_ROOT / "models" / "manifest.json"
 #: The recognizer served when ``FACEGATE_RECOGNIZER`` is unset (or, when only its
 #: fallback is installed, that fallback: :func:`service.registry.select_recognizer`).
 DEFAULT_RECOGNIZER = "dlib_resnet_v1"
+
+
+#: The decode budget's bounds and the formula sizing it (README "Memory"): a worker's
+#: peak RSS is about ``WORKER_BASE_BYTES + DECODE_PEAK_FACTOR * budget`` (measured in
+#: BENCHMARKS.md, "Decode memory"), so the budget is what keeps that within its share.
+WORKER_BASE_BYTES = 512 * 1024 * 1024
+DECODE_PEAK_FACTOR = 1.25
+DECODE_BUDGET_MAX = 1024 * 1024 * 1024
+DECODE_BUDGET_MIN = 64 * 1024 * 1024
+_NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _read_limit(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.isdigit():  # "max": no limit (cgroup v2)
+        return None
+    value = int(text)
+    return value if 0 < value < _NO_LIMIT else None
+
+
+def memory_limit_bytes(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path | None = None) -> int:
+    """The memory this process may use: its cgroup's limit (v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``, at the root of the mount and at the process's own cgroup
+    path), the smallest found, else the host's physical memory."""
+    candidates = [cgroup_root / "memory.max", cgroup_root / "memory" / "memory.limit_in_bytes"]
+    try:
+        lines = (proc_cgroup or Path("/proc/self/cgroup")).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:  # "0::/path" (v2) or "4:memory:/path" (v1)
+        _, controllers, where = (line.split(":", 2) + ["", ""])[:3]
+        where = where.strip().lstrip("/")
+        if not where:
+            continue
+        if controllers == "":
+            candidates.append(cgroup_root / where / "memory.max")
+        elif "memory" in controllers.split(","):
+            candidates.append(cgroup_root / "memory" / where / "memory.limit_in_bytes")
+    limits = [v for v in (_read_limit(path) for path in candidates) if v is not None]
+    if limits:
+        return min(limits)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 * DECODE_BUDGET_MAX  # unknown: as a host with 8 GiB
+
+
+def default_decode_budget(workers: int, memory_bytes: int | None = None) -> int:
+    """The decode budget of one worker when none is set: its share of the memory the
+    process may use (``memory_bytes``, default :func:`memory_limit_bytes`), less
+    ``WORKER_BASE_BYTES``, over ``DECODE_PEAK_FACTOR``; between ``DECODE_BUDGET_MIN`` and
+    ``DECODE_BUDGET_MAX``."""
+    memory = memory_limit_bytes() if memory_bytes is None else memory_bytes
+    share = memory // max(1, workers)
+    budget = int((share - WORKER_BASE_BYTES) / DECODE_PEAK_FACTOR)
+    return max(DECODE_BUDGET_MIN, min(DECODE_BUDGET_MAX, budget))
 
 
 def _split_csv(value: object) -> object:
@@ -214,10 +275,11 @@ class Settings(BaseSettings):
         "bit depth x channels, decoder buffers); larger: 413 decode_too_large",
     )
     decode_budget_bytes: int = Field(
-        1024 * 1024 * 1024,
-        gt=0,
+        0,
+        ge=0,
         description="memory of all decoded images in flight per worker; a decode waits until "
-        "its estimate fits; at least max_decode_bytes",
+        "its estimate fits; at least max_decode_bytes; 0 = sized from the memory the process "
+        "may use (cgroup limit, else the host's) per worker (default_decode_budget)",
     )
     bulk_max_items: int = Field(
         64,
@@ -300,6 +362,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _decode_budget(self) -> Settings:
+        if self.decode_budget_bytes == 0:
+            self.decode_budget_bytes = default_decode_budget(self.workers)
+        if "max_decode_bytes" not in self.model_fields_set:  # one image fits the budget
+            self.max_decode_bytes = min(self.max_decode_bytes, self.decode_budget_bytes)
         if self.max_decode_bytes > self.decode_budget_bytes:
             raise ValueError(
                 f"need FACEGATE_MAX_DECODE_BYTES ({self.max_decode_bytes}) <= "

@@ -116,6 +116,7 @@ async def info(
             "max_image_pixels": settings.max_image_pixels,
             "max_request_bytes": settings.max_request_bytes,
             "max_decode_bytes": settings.max_decode_bytes,
+            "decode_budget_bytes": settings.decode_budget_bytes,
             "top_k_max": settings.top_k_max,
         },
         "image_urls": {

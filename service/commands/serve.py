@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(subparsers) -> None:
@@ -33,6 +34,9 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else settings.workers
     if workers < 1:
         raise SystemExit("--workers must be at least 1")
+    # every worker builds its settings from the environment: its share of the memory
+    # (the default decode budget) depends on how many there are
+    os.environ["FACEGATE_WORKERS"] = str(workers)
     uvicorn.run(
         "service.app:create_app",
         factory=True,
