@@ -160,6 +160,8 @@ def run_restore(args) -> int:
         )
         with recording(entry):
             report = restore(gallery, export, card.id, card.sha256, args.gallery)
+        if not entry.written:  # no face: no change-log entry carried the audit row
+            gallery.store.append_audit([entry])
     except GalleryError as exc:
         return _fail(exc)
     finally:
