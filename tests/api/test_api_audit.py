@@ -239,3 +239,46 @@ def test_rest_audit_log(tmp_path, store_url):
         assert cli_main(["audit", "--store-url", store_url, "--subject-id", PEOPLE[1]]) == 0
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert sorted(r["action"] for r in lines) == ["delete_subject", "enrol", "identify"]
+
+
+def test_refusals_without_a_key_are_throttled_per_client(tmp_path, monkeypatch):
+    from service.gallery import audit as gallery_audit
+    from service.gallery.audit import THROTTLE_BURST, AuditWriter
+
+    store = open_store(f"sqlite:///{tmp_path / 'audit.sqlite3'}")
+    store.migrate()
+    monkeypatch.setattr(gallery_audit, "THROTTLE_CLIENTS", 2)
+    writer = AuditWriter(store)
+    try:
+
+        def refuse(client: str, n: int) -> None:
+            for i in range(n):
+                entry = AuditEntry(
+                    "refused", key_id="invalid_key", client=client, result="forbidden"
+                )
+                entry.reason = f"try {i}"
+                writer.record(entry, throttle=client)
+
+        refuse("10.0.0.1", 25)
+        refuse("10.0.0.2", 3)
+        refuse("10.0.0.3", THROTTLE_BURST + 2)  # a third client: shares the "*" allowance
+        writer.flush()
+        rows = store.audit_records(limit=1000)[0]
+        by_client = [r["client"] for r in rows]
+        assert by_client.count("10.0.0.1") == THROTTLE_BURST
+        assert by_client.count("10.0.0.2") == 3
+        assert by_client.count("10.0.0.3") == THROTTLE_BURST
+        monkeypatch.setattr(gallery_audit, "THROTTLE_WINDOW_S", 0.0)  # the windows end
+        writer.flush()
+        summaries = store.audit_records(limit=1000, after=rows[-1]["id"])[0]
+        assert sorted((r["client"], r["reason"].split(" refusals")[0]) for r in summaries) == [
+            ("10.0.0.1", str(25 - THROTTLE_BURST)),
+            ("10.0.0.3", "2"),
+        ]
+        assert all(
+            r["reason"].endswith("try 24") or r["reason"].endswith(f"try {THROTTLE_BURST + 1}")
+            for r in summaries
+        )
+    finally:
+        writer.close()
+        store.close()
