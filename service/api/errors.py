@@ -149,7 +149,11 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None and 400 <= status < 500:
         metrics.rejects.labels(reason=code).inc()
-    refusals.record(request.scope, status, code, message, gallery=getattr(exc, "gallery", None))
+    if status in refusals.REFUSED:
+        gallery = getattr(exc, "gallery", None)
+        if gallery is None and "gallery" not in request.path_params:
+            gallery = await refusals.named_gallery(request.scope)
+        refusals.record(request.scope, status, code, message, gallery=gallery)
     return error_response(status, code, message, getattr(exc, "headers", None))
 
 

@@ -101,12 +101,14 @@ class BodyLimitMiddleware:
             await self._refuse(request_timeout(self.body_timeout_s), scope, receive, send)
             return
         replayed = False
+        body = b"".join(chunks)
+        scope["facegate.body"] = body  # the gallery a refusal is about (service.api.refusals)
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)

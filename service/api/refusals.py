@@ -10,7 +10,9 @@ read, :class:`~service.api.limits.BodyLimitMiddleware`), which queues an
 * ``route``: ``METHOD /path/{template}`` of the route refused;
 * ``gallery``: the gallery the refusal was about (named in the body, e.g. ``identify``'s
   ``gallery``, verify's ``gallery``, re-enrolment's ``source``), else the path's
-  ``{gallery}``;
+  ``{gallery}``, else the query's ``gallery`` or the body's ``gallery`` (or ``source``)
+  field when a scope was refused before the route read them (:func:`named_gallery`; not
+  for a key refused before the body is read at all);
 * ``result``: the error code; ``reason``: its message.
 
 Refusals without a valid key are throttled per client address (see
@@ -19,11 +21,14 @@ Refusals without a valid key are throttled per client address (see
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from starlette.types import Scope
+from starlette.requests import Request
+from starlette.types import Message, Scope
 
 from service.gallery.audit import AuditEntry
+from service.gallery.names import check_gallery
 
 REFUSED = (401, 403)
 _MAX = 256  # characters kept of a name or message taken from the request
@@ -74,3 +79,42 @@ def record(
     )
     unauthenticated = key_id in ("anonymous", "invalid_key")
     writer.record(entry, throttle=(entry.client or "?") if unauthenticated else None)
+
+
+async def named_gallery(scope: Scope) -> str | None:
+    """The valid gallery name in the query's ``gallery`` parameter, else in the body's
+    ``gallery`` (else ``source``) field, from the body
+    :class:`~service.api.limits.BodyLimitMiddleware` read (JSON, form or multipart); None
+    when there is none."""
+    values: list[object] = [Request(scope).query_params.get("gallery")]
+    body = scope.get("facegate.body")
+    content_type = Request(scope).headers.get("content-type", "").split(";")[0].strip().lower()
+    try:
+        if not body:
+            pass
+        elif content_type == "application/json" or content_type.endswith("+json"):
+            data = json.loads(body)
+            if isinstance(data, dict):
+                values += [data.get("gallery"), data.get("source")]
+        elif content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            sent = False
+
+            async def receive() -> Message:
+                nonlocal sent
+                if sent:
+                    return {"type": "http.disconnect"}
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            form_limits = {"max_files": 64, "max_fields": 256, "max_part_size": len(body)}
+            async with Request(scope, receive).form(**form_limits) as form:
+                values += [form.get("gallery"), form.get("source")]
+    except Exception:  # not a body this can read: no gallery named in it
+        pass
+    for value in values:
+        if isinstance(value, str):
+            try:
+                return check_gallery(value)
+            except ValueError:
+                continue
+    return None

@@ -6,9 +6,10 @@ calls **every route of the OpenAPI description** with every key shape (scoped to
 admin of ``a``, enrol-only on ``a``, and a global admin as the control that must see B),
 naming B wherever a gallery can be named (path, body, query), and asserts that B's name,
 subject id and face ids appear nowhere in any answer's body or headers, and that each
-refusal is in the audit log with its key, route and gallery.  The other tests pin the
-defects one by one: ``/v1/info``, ``/v1/audit``, refusals without a valid key and their
-throttle, cursors, bulk items.
+refusal is in the audit log with its key, route and the gallery named (path, body or
+query, also when the key's scope was refused before the route read the body).  The
+other tests pin the defects one by one: ``/v1/info``, ``/v1/audit``, refusals without a
+valid key and their throttle, cursors, bulk items.
 """
 
 from __future__ import annotations
@@ -198,8 +199,8 @@ def test_scope_canary_every_route_every_key(env):
             if _names_b(method, path) is not None:
                 assert r.status_code == 403, where  # every call naming B is refused
             if r.status_code in (401, 403):
-                about_b = "may not touch the gallery" in r.json()["error"]["message"]
-                gallery = B if about_b or _names_b(method, path) == "path" else None
+                # the gallery named, wherever it was named (path, body, query)
+                gallery = B if _names_b(method, path) is not None else None
                 expected.append((key_id, f"{method} {path}", gallery, r.json()["error"]["code"]))
     assert len(expected) > 3 * 15
     # the control: the global admin is allowed B, and B's name is in its answers
@@ -254,6 +255,21 @@ def test_refusals_without_a_valid_key_are_recorded(env):
         ("invalid_key", "GET /v1/galleries/{gallery}/export", B, "forbidden"),
         ("invalid_key", "POST /v1/identify", None, "forbidden"),  # the body is never read
     ]
+
+
+def test_a_scope_refusal_names_the_gallery_of_a_form_body(env):
+    _, client, made, _ = env
+    start = last_id(client, made)
+    for data in ({"gallery": B}, {"gallery": B, "image": b64(photo("Angela_Merkel", 3))}):
+        r = client.post(  # enrol-only: no identify scope, refused before the body is parsed
+            "/v1/identify",
+            headers=made["enrol-a"],
+            data=data,
+            files={"image2": ("p.jpg", photo("Angela_Merkel", 3))},
+        )
+        assert r.status_code == 403 and "'identify'" in r.json()["error"]["message"]
+    got = [(r["key_id"], r["route"], r["gallery"]) for r in refusals(client, made, start)]
+    assert got == [("enrol-a", "POST /v1/identify", B)] * 2
 
 
 def test_a_flood_of_bad_keys_is_aggregated(env, monkeypatch):
