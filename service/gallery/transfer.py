@@ -40,6 +40,7 @@ from typing import IO, BinaryIO
 
 import numpy as np
 
+from service.config import Settings
 from service.gallery.bulk import check_face, check_sha256, check_subject, check_time, write_many
 from service.gallery.errors import ExportModelMismatch, InvalidExport, InvalidInput
 from service.gallery.names import check_gallery, check_subject_id
@@ -51,7 +52,7 @@ VERSION = 1
 MEDIA_TYPE = "application/gzip"
 #: Bytes a line may hold beyond its photo's base64 (embedding, quality, ids, times).
 LINE_SLACK = 1024 * 1024
-DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024  # settings.max_image_bytes' default
+DEFAULT_MAX_IMAGE_BYTES: int = Settings.model_fields["max_image_bytes"].default
 
 
 # --- writing ---------------------------------------------------------------------------
