@@ -6,7 +6,10 @@ A route that must leave an audit record takes
 store writes record it in their own transaction (:mod:`service.gallery.audit`); the route
 adds the ids it returns (searches) and names the gallery when it comes in the body.  When
 no write recorded it (searches, exports) or the request failed (its error code is the
-result), the entry is queued to the background :class:`~service.gallery.audit.AuditWriter`.
+result), the entry is queued to the background :class:`~service.gallery.audit.AuditWriter`;
+a refused request (401/403) is recorded once, as ``refused``, by :mod:`service.api.refusals`
+(every route, audited or not), so its entry here is dropped.  ``GET /v1/audit`` shows a key
+limited to some galleries only their records.
 """
 
 from __future__ import annotations
