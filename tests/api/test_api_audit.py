@@ -282,3 +282,25 @@ def test_refusals_without_a_key_are_throttled_per_client(tmp_path, monkeypatch):
     finally:
         writer.close()
         store.close()
+
+
+def test_audit_records_of_some_galleries(store_url):
+    store = open_store(store_url)
+    store.migrate()
+    try:
+        store.append_audit(
+            [
+                AuditEntry("identify", key_id="k", gallery="a"),
+                AuditEntry("identify", key_id="k", gallery="b"),
+                AuditEntry("refused", key_id="anonymous", route="GET /v1/info", reason="no key"),
+                AuditEntry("enrol", key_id="k", gallery="c"),
+            ]
+        )
+        some = store.audit_records(galleries={"a", "b"})[0]
+        assert [r["gallery"] for r in some] == ["a", "b"]
+        assert store.audit_records(galleries=set())[0] == []  # none: no record, not every one
+        everything = store.audit_records()[0]
+        assert [r["gallery"] for r in everything] == ["a", "b", None, "c"]
+        assert (everything[2]["route"], everything[2]["reason"]) == ("GET /v1/info", "no key")
+    finally:
+        store.close()
