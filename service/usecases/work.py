@@ -42,7 +42,9 @@ class Worker:
     def model_id(self) -> str:
         return self.pipeline.model_id
 
-    async def _run(self, fn: Callable[[], T], *, limited: bool = True) -> T:
+    async def run(self, fn: Callable[[], T], *, limited: bool = True) -> T:
+        """Run blocking image work: in a worker thread under ``limiter`` (``limited``), or
+        inline."""
         if not self.threads:
             return fn()
         return await anyio.to_thread.run_sync(fn, limiter=self.limiter if limited else None)
@@ -61,7 +63,7 @@ class Worker:
         limit: int | None = None,
     ) -> Faces:
         """Find and align the faces of one image under ``policy``, without embedding them."""
-        found = await self._run(
+        found = await self.run(
             partial(self.pipeline.locate, data, policy, timings, allow_none=allow_none, limit=limit)
         )
         self._seen(found)
@@ -70,7 +72,7 @@ class Worker:
     async def embed(self, found: list[Faces], timings: Timings) -> None:
         """Embed the kept faces of ``found`` (one embedder call for them all)."""
         if any(len(f.detections) for f in found):
-            await self._run(partial(self.pipeline.embed_faces, found, timings), limited=False)
+            await self.run(partial(self.pipeline.embed_faces, found, timings), limited=False)
         else:
             self.pipeline.embed_faces(found, timings)  # nothing to embed: no model call
 
@@ -97,7 +99,7 @@ class Worker:
         labels = list(images)
         results: list[Faces | PipelineError]
         if self.threads:
-            results = await self._run(
+            results = await self.run(
                 partial(self.pipeline.locate_batch, [images[k] for k in labels], policy, timings)
             )
         else:

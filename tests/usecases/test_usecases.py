@@ -17,11 +17,17 @@ import pytest
 
 from service.config import Settings
 from service.gallery import open_gallery
-from service.gallery.errors import GalleryNotFound, SubjectNotFound
+from service.gallery.errors import (
+    Conflict,
+    GalleryModelMismatch,
+    GalleryNotFound,
+    SubjectNotFound,
+)
 from service.pipeline.decision import UnknownOperatingPoint
 from service.pipeline.errors import CorruptImage, MultipleFaces
 from service.pipeline.pipeline import Pipeline
 from service.pipeline.types import Timings
+from service.usecases import galleries
 from service.usecases.errors import RequestRefused
 from service.usecases.extract import extract_faces
 from service.usecases.identify import identify
@@ -257,3 +263,90 @@ def test_extract_keeps_the_faces_the_policy_asks_for(pipeline):
     )
     norms = [float(np.linalg.norm(face.embedding)) for face in embedded.faces]
     assert norms == pytest.approx([1.0, 1.0], abs=1e-4)
+
+
+def run_gallery(fn, pipeline, gallery, **kw):
+    return asyncio.run(
+        fn(work=Worker(pipeline, threads=False), gallery=gallery, timings=Timings(), **kw)
+    )
+
+
+def test_create_gallery_and_subject_say_whether_they_created(pipeline, gallery):
+    first = run_gallery(galleries.create_gallery, pipeline, gallery, name="fresh")
+    again = run_gallery(galleries.create_gallery, pipeline, gallery, name="fresh")
+    assert (first.created, again.created) == (True, False)
+    assert first.record["model_id"] == pipeline.model_id
+    made = run_gallery(
+        galleries.create_subject,
+        pipeline,
+        gallery,
+        name="fresh",
+        subject_id="ann",
+        metadata={"k": 1},
+    )
+    kept = run_gallery(
+        galleries.create_subject, pipeline, gallery, name="fresh", subject_id="ann", metadata={}
+    )
+    assert (made.created, kept.created) == (True, False)
+    assert kept.record["metadata"] == {"k": 1}  # an existing subject is left as it is
+
+
+def test_enrol_checks_gallery_and_subject_before_image_work(pipeline, gallery, settings):
+    gallery.create_gallery("other-model", "someone-else@0000", 128)
+    for name, subject_id, error in [
+        ("absent", "powell", GalleryNotFound),
+        ("people", "absent", SubjectNotFound),
+        ("other-model", "powell", GalleryModelMismatch),
+    ]:
+        with pytest.raises(error):
+            run_gallery(
+                galleries.enrol_face,
+                pipeline,
+                gallery,
+                settings=settings,
+                name=name,
+                subject_id=subject_id,
+                image=NOT_AN_IMAGE,
+            )
+    with pytest.raises(MultipleFaces):  # enrolment wants exactly one face
+        run_gallery(
+            galleries.enrol_face,
+            pipeline,
+            gallery,
+            settings=settings,
+            name="people",
+            subject_id="powell",
+            image=GROUP_PHOTO.read_bytes(),
+        )
+
+
+def test_enrol_stores_the_face_it_found(pipeline, gallery, settings):
+    before = gallery.subject_faces("people", "blair", pipeline.model_id)
+    face = run_gallery(
+        galleries.enrol_face,
+        pipeline,
+        gallery,
+        settings=settings,
+        name="people",
+        subject_id="blair",
+        image=lfw("Tony_Blair", 86),
+    )
+    after = gallery.subject_faces("people", "blair", pipeline.model_id)
+    assert face.record["face_id"] in set(after.face_ids) - set(before.face_ids)
+    assert face.model == pipeline.model_id and face.quality["det_score"] > 0.5
+    assert face.quality["face_size_px"] >= settings.enroll_min_face_size
+
+
+def test_reenrol_into_itself_is_refused(pipeline, gallery, settings):
+    refused: list[str] = []
+    with pytest.raises(Conflict):
+        run_gallery(
+            galleries.reenrol,
+            pipeline,
+            gallery,
+            settings=settings,
+            source="people",
+            target="people",
+            allow_gallery=refused.append,
+        )
+    assert refused == ["people"]  # the caller was asked about the source first
