@@ -45,6 +45,33 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
             "service.usecases",
         ),
     ),
+    # the typed records are shared by the store, the API and the client: they import no layer
+    (
+        "service.records",
+        (
+            "service.api",
+            "service.commands",
+            "service.cli",
+            "service.app",
+            "service.usecases",
+            "service.pipeline",
+            "service.gallery",
+            "service.registry",
+            "service.config",
+        ),
+    ),
+    # the client speaks HTTP only: the records, never the service's own layers
+    (
+        "service.client",
+        (
+            "service.api",
+            "service.commands",
+            "service.app",
+            "service.usecases",
+            "service.pipeline",
+            "service.gallery",
+        ),
+    ),
     # the use cases know no front end: routes and commands call them, never the reverse
     ("service.usecases", ("service.api", "service.commands", "service.cli", "service.app")),
     # the store interface knows no backend (they import it): no cycle, even a lazy one

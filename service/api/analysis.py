@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from service.pipeline.faces import Faces, Policy
 from service.pipeline.types import Timings
+from service.records import GalleryRecord
 from service.usecases.checks import gallery_for_model as _gallery_for_model
 from service.usecases.work import Worker
 
@@ -74,7 +75,7 @@ async def call(timings: Timings, stage: str, fn, *args):
     return await Worker.call_in_pool(timings, stage, fn, *args)
 
 
-async def gallery_for_model(state: AppState, name: str, timings: Timings) -> dict:
+async def gallery_for_model(state: AppState, name: str, timings: Timings) -> GalleryRecord:
     """The gallery's info; 404 if unknown, 409 if it holds another model's embeddings."""
     return await _gallery_for_model(
         work=worker(state), gallery=state.gallery, name=name, timings=timings

@@ -69,7 +69,7 @@ async def _call(fn, *args):
 async def list_galleries(request: Request, state: State) -> dict:
     """The galleries the caller's API key may touch."""
     galleries = await _call(state.gallery.list_galleries)
-    return {"galleries": [g for g in galleries if may_touch(request, g["name"])]}
+    return {"galleries": [g.to_dict() for g in galleries if may_touch(request, g.name)]}
 
 
 @router.put(
@@ -84,7 +84,7 @@ async def create_gallery(gallery: GalleryName, response: Response, state: State)
         work=analysis.worker(state), gallery=state.gallery, name=gallery, timings=Timings()
     )
     response.status_code = status.HTTP_201_CREATED if made.created else status.HTTP_200_OK
-    return made.record
+    return made.record.to_dict()
 
 
 @router.get(
@@ -94,7 +94,7 @@ async def create_gallery(gallery: GalleryName, response: Response, state: State)
     dependencies=[require_scope("identify")],
 )
 async def get_gallery(gallery: GalleryName, state: State) -> dict:
-    return await _call(state.gallery.get_gallery, gallery)
+    return (await _call(state.gallery.get_gallery, gallery)).to_dict()
 
 
 @router.delete(
@@ -130,7 +130,7 @@ async def create_subject(
     )
     if not made.created:
         response.status_code = status.HTTP_200_OK
-    return made.record
+    return made.record.to_dict()
 
 
 @router.get(
@@ -147,7 +147,7 @@ async def list_subjects(
 ) -> dict:
     """Subjects ordered by ``subject_id``; pass ``next_cursor`` as ``cursor`` for the next page."""
     subjects, next_cursor = await _call(state.gallery.list_subjects, gallery, limit, cursor)
-    return {"subjects": subjects, "next_cursor": next_cursor}
+    return {"subjects": [s.to_dict() for s in subjects], "next_cursor": next_cursor}
 
 
 @router.get(
@@ -157,7 +157,7 @@ async def list_subjects(
     dependencies=[require_scope("identify")],
 )
 async def get_subject(gallery: GalleryName, subject_id: SubjectId, state: State) -> dict:
-    return await _call(state.gallery.get_subject, gallery, subject_id)
+    return (await _call(state.gallery.get_subject, gallery, subject_id)).to_dict()
 
 
 @router.patch(
@@ -169,7 +169,7 @@ async def get_subject(gallery: GalleryName, subject_id: SubjectId, state: State)
 async def update_subject(
     gallery: GalleryName, subject_id: SubjectId, body: SubjectUpdate, state: State
 ) -> dict:
-    return await _call(state.gallery.update_subject, gallery, subject_id, body.metadata)
+    return (await _call(state.gallery.update_subject, gallery, subject_id, body.metadata)).to_dict()
 
 
 @router.delete(
@@ -218,7 +218,7 @@ async def enrol_face(
     )
     state.metrics.observe_stages(request.scope, clock.stages)
     return {
-        **face.record,
+        **face.record.to_dict(),
         "gallery": face.gallery,
         "subject_id": face.subject_id,
         "model": face.model,

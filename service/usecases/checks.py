@@ -11,14 +11,15 @@ from .work import Worker
 
 if TYPE_CHECKING:
     from service.gallery.service import GalleryService
+    from service.records import GalleryRecord
 
 
 async def gallery_for_model(
     *, work: Worker, gallery: GalleryService, name: str, timings: Timings
-) -> dict:
-    """The gallery's info; ``GalleryNotFound`` (404) if unknown, ``GalleryModelMismatch``
+) -> GalleryRecord:
+    """The gallery's record; ``GalleryNotFound`` (404) if unknown, ``GalleryModelMismatch``
     (409) if it holds another model's embeddings than the worker's pipeline makes."""
     info = await work.call(timings, "search", gallery.get_gallery, name)
-    if info.get("model_id") is not None:
-        check_model(name, info["model_id"], work.model_id)
+    if info.model_id is not None:
+        check_model(name, info.model_id, work.model_id)
     return info

@@ -22,13 +22,14 @@ from .work import Worker
 if TYPE_CHECKING:
     from service.config import Settings
     from service.gallery.service import GalleryService
+    from service.records import FaceRecord, GalleryRecord, SubjectRecord
 
 
 @dataclass(frozen=True)
 class Created:
     """A gallery or subject as stored, and whether this call created it."""
 
-    record: dict[str, Any]
+    record: GalleryRecord | SubjectRecord
     created: bool
 
 
@@ -36,7 +37,7 @@ class Created:
 class Enrolled:
     """One enrolled face: the store's record of it, the face found and its quality."""
 
-    record: dict[str, Any]  # face_id, created_at, quality as stored
+    record: FaceRecord  # face_id, created_at, quality as stored
     gallery: str
     subject_id: str
     model: str
@@ -149,9 +150,7 @@ async def enrol_face(
         quality,
         image if settings.store_images else None,
     )
-    return Enrolled(
-        face, name, subject_id, work.model_id, detection, face.get("quality") or quality
-    )
+    return Enrolled(face, name, subject_id, work.model_id, detection, face.quality or quality)
 
 
 async def reenrol(
