@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -19,6 +19,11 @@ MANIFEST_PATH = REPO_ROOT / "models" / "manifest.json"
 #: The recognizer served when ``FACEGATE_RECOGNIZER`` is unset (or, when only its
 #: fallback is installed, that fallback: :func:`service.registry.select_recognizer`).
 DEFAULT_RECOGNIZER = "dlib_resnet_v1"
+
+
+#: The gallery index kinds (``FACEGATE_INDEX_TYPE``), checked when the settings load.
+IndexType = Literal["flat", "ivf", "hnsw", "auto"]
+INDEX_TYPES: tuple[IndexType, ...] = get_args(IndexType)
 
 
 def _split_csv(value: object) -> object:
@@ -101,7 +106,7 @@ class Settings(BaseSettings):
         "than this (seconds), or whose last sync failed, is not ready "
         "(503 on /readyz); above sync_bound_s",
     )
-    index_type: str = Field(
+    index_type: IndexType = Field(
         "flat",
         description="flat | ivf | hnsw | auto (exact until auto_switch_faces, then "
         "ivf tuned for target_recall, trained in the background)",

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from service.files import replace_durably
 from training import losses as L
 from training.backbones import build_backbone
 from training.config import TrainConfig
@@ -454,7 +455,7 @@ def save_checkpoint(
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def _per_centre(value, clf: MarginClassifier) -> bool:

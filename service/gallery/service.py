@@ -149,7 +149,7 @@ class GalleryService:
     def __init__(
         self, settings: Settings, store: GalleryStore | None = None, *, indexing: bool = True
     ) -> None:
-        if settings.index_type not in INDEX_TYPES:
+        if settings.index_type not in INDEX_TYPES:  # Settings built without validation
             raise ValueError(
                 f"index_type must be one of {INDEX_TYPES}, got {settings.index_type!r}"
             )
@@ -165,13 +165,7 @@ class GalleryService:
         self.replica = Replica(settings, self._gpu, lambda: self.store)
         self.source = ""  # where the indexes came from at start: "snapshot" or "store"
         self.snapshots = Snapshots(
-            Path(settings.data_dir),
-            self.store_url,
-            settings.index_type,
-            self._gpu,
-            settings.ivf_nprobe,
-            settings.target_recall,
-            settings.auto_switch_faces,
+            Path(settings.data_dir), self.store_url, self.replica.index_settings
         )
         self.snapshot_dir = self.snapshots.directory
 
