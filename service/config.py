@@ -24,6 +24,8 @@ DEFAULT_RECOGNIZER = "dlib_resnet_v1"
 #: The gallery index kinds (``FACEGATE_INDEX_TYPE``), checked when the settings load.
 IndexType = Literal["flat", "ivf", "hnsw", "auto"]
 INDEX_TYPES: tuple[IndexType, ...] = get_args(IndexType)
+#: uvicorn's log levels (``FACEGATE_LOG_LEVEL``, any case).
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 
 def _split_csv(value: object) -> object:
@@ -65,7 +67,7 @@ class Settings(BaseSettings):
         1,
         description="uvicorn worker processes; each loads its own models",
     )
-    log_level: str = Field(
+    log_level: LogLevel = Field(
         "info",
         description="uvicorn / service log level",
     )
@@ -492,6 +494,11 @@ class Settings(BaseSettings):
         100,
         description="largest `top_k` accepted by `/v1/identify`",
     )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("api_keys", "providers", "url_allowlist", mode="before")
     @classmethod

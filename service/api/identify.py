@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from service.pipeline.types import Timings
+from service.usecases.identify import IdentifiedFace, IdentifyResult
 from service.usecases.identify import identify as identify_faces
 
 from . import analysis
@@ -62,28 +63,28 @@ async def identify(
         audit=entry,
     )
     state.metrics.observe_stages(request.scope, clock.stages)
-    faces = [
-        {
-            **(face.detection.to_dict() if face.detection is not None else {}),
-            "candidates": [
-                {
-                    "subject_id": c.subject_id,
-                    "similarity": round(c.similarity, 6),
-                    "face_id": c.face_id,
-                }
-                for c in face.candidates
-            ],
-            "match": face.match,
-        }
-        for face in result.faces
-    ]
-    body = {
+    body = _answer(result)
+    if timings:
+        body["timings"] = analysis.timings_ms(clock)
+    return body
+
+
+def _face(face: IdentifiedFace) -> dict:
+    return {
+        **(face.detection.to_dict() if face.detection is not None else {}),
+        "candidates": [
+            {"subject_id": c.subject_id, "similarity": round(c.similarity, 6), "face_id": c.face_id}
+            for c in face.candidates
+        ],
+        "match": face.match,
+    }
+
+
+def _answer(result: IdentifyResult) -> dict:
+    return {
         "gallery": result.gallery,
         "threshold": result.threshold.value,
         "operating_point": result.threshold.operating_point,
         "model": result.model,
-        "faces": faces,
+        "faces": [_face(face) for face in result.faces],
     }
-    if timings:
-        body["timings"] = analysis.timings_ms(clock)
-    return body
