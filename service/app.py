@@ -45,7 +45,6 @@ from service.gallery.errors import GalleryError
 from service.metrics import Metrics, MetricsMiddleware, watch_event_loop
 from service.pipeline.errors import PipelineError
 from service.pipeline.pipeline import Pipeline
-from service.usecases.errors import RequestRefused
 
 log = logging.getLogger("facegate.app")
 
@@ -167,7 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.keyring = build_keyring(settings.api_keys, settings.api_keys_file)
     app.state.metrics = metrics
-    errors.install(app, domain_errors=(PipelineError, GalleryError, RequestRefused))
+    errors.install(app, domain_errors=(PipelineError, GalleryError))
     for module in (health, info, verify, identify, extract, galleries, bulk, transfer, audit):
         app.include_router(module.router)
     app.add_middleware(AdmissionMiddleware, settings=settings, metrics=metrics)  # inside the limit

@@ -169,9 +169,12 @@ class AuditRecord(JsonRecord):
     subject_ids: tuple[str, ...]
     face_ids: tuple[int, ...]
     result: str
+    # columns a store may add (a refusal's route and reason): in the JSON object when set
+    route: str | None = None
+    reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        body = {
             "id": self.id,
             "at": self.at,
             "key_id": self.key_id,
@@ -182,6 +185,10 @@ class AuditRecord(JsonRecord):
             "face_ids": list(self.face_ids),
             "result": self.result,
         }
+        for key in ("route", "reason"):
+            if getattr(self, key) is not None:
+                body[key] = getattr(self, key)
+        return body
 
     @classmethod
     def from_row(
@@ -197,6 +204,8 @@ class AuditRecord(JsonRecord):
             subject_ids=tuple(subject_ids),
             face_ids=tuple(int(f) for f in face_ids),
             result=row["result"],
+            route=row.get("route"),
+            reason=row.get("reason"),
         )
 
     @classmethod
@@ -211,6 +220,8 @@ class AuditRecord(JsonRecord):
             subject_ids=tuple(data.get("subject_ids") or ()),
             face_ids=tuple(int(f) for f in data.get("face_ids") or ()),
             result=data["result"],
+            route=data.get("route"),
+            reason=data.get("reason"),
         )
 
 

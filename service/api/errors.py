@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.usecases.errors import RequestRefused
+
 log = logging.getLogger("facegate.api")
 
 #: Status -> code for Starlette/FastAPI HTTP exceptions raised by the framework itself.
@@ -146,6 +148,6 @@ def install(app: FastAPI, domain_errors: tuple[type[Exception], ...] = ()) -> No
     app.add_exception_handler(ApiError, _handle)
     app.add_exception_handler(StarletteHTTPException, _handle)
     app.add_exception_handler(RequestValidationError, _handle)
-    for cls in domain_errors:
+    for cls in (*domain_errors, RequestRefused):  # and the use cases' refusals
         app.add_exception_handler(cls, _handle)
     app.add_exception_handler(Exception, _handle)

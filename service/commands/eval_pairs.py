@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from service.files import replace_durably
 from service.helptext import summary
 
 from ._options import add_model_options, load_pipeline, settings_from_args
@@ -115,7 +114,7 @@ def cached_chips(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, chips=chips, fallback=np.asarray(fallback))
-    replace_durably(tmp, path)
+    tmp.replace(path)
     return chips, fallback
 
 

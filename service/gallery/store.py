@@ -36,8 +36,9 @@ from service.records import AuditRecord, FaceRecord, GalleryRecord, SubjectRecor
 if TYPE_CHECKING:
     from service.gallery.audit import AuditEntry
 
-#: A JSON object (subject metadata, face quality, an export's or a bulk write's items).
-JsonObject: TypeAlias = dict[str, Any]
+#: A JSON object (subject metadata, face quality, an export's or a bulk write's items);
+#: galleries, subjects, faces and audit rows are typed (:mod:`service.records`).
+Record: TypeAlias = dict[str, Any]
 
 OPS = ("add", "delete_face", "delete_subject", "delete_gallery")
 
@@ -94,7 +95,7 @@ class NewSubject:
     """A subject for :meth:`GalleryStore.write_faces` (created if absent, else left as is)."""
 
     subject_id: str
-    metadata: JsonObject | None = None
+    metadata: Record | None = None
     created_at: float | None = None  # epoch seconds; None: now
 
 
@@ -104,7 +105,7 @@ class NewFace:
 
     subject_id: str
     embedding: np.ndarray
-    quality: JsonObject
+    quality: Record
     image: bytes | None = None
     content_sha256: str | None = None  # the photo's hash: a second face of it is not added
     created_at: float | None = None  # epoch seconds; None: now
@@ -161,7 +162,7 @@ class GalleryStore(abc.ABC):
         self,
         gallery: str,
         subject_id: str,
-        metadata: JsonObject | None,
+        metadata: Record | None,
         model_id: str,
         dim: int | None = None,
     ) -> tuple[SubjectRecord, bool]:
@@ -173,7 +174,7 @@ class GalleryStore(abc.ABC):
         """The subject with its faces."""
 
     @abc.abstractmethod
-    def update_subject(self, gallery: str, subject_id: str, metadata: JsonObject) -> SubjectRecord:
+    def update_subject(self, gallery: str, subject_id: str, metadata: Record) -> SubjectRecord:
         """Merge ``metadata`` into the subject's metadata (``None`` values remove keys)."""
 
     @abc.abstractmethod
@@ -194,7 +195,7 @@ class GalleryStore(abc.ABC):
         subject_id: str,
         embedding: np.ndarray,
         model_id: str,
-        quality: JsonObject,
+        quality: Record,
         image: bytes | None,
         source_face_id: int | None = None,
     ) -> tuple[FaceRecord, int]:
@@ -223,7 +224,7 @@ class GalleryStore(abc.ABC):
         faces: list[NewFace],
         *,
         new_gallery: bool = False,
-    ) -> tuple[list[JsonObject], int | None]:
+    ) -> tuple[list[Record], int | None]:
         """Create ``subjects`` (those absent) and add ``faces`` in **one** transaction, each
         face with its own change-log entry; return (per face ``{face_id, subject_id,
         created}``, the last seq written or ``None``).
@@ -239,7 +240,7 @@ class GalleryStore(abc.ABC):
         """The ``content_sha256`` of every face of ``gallery`` (empty if it does not exist)."""
 
     @abc.abstractmethod
-    def export_gallery(self, gallery: str) -> Iterator[tuple[str, JsonObject]]:
+    def export_gallery(self, gallery: str) -> Iterator[tuple[str, Record]]:
         """One gallery in one consistent snapshot, as ``("gallery", {...})`` first, then
         ``("subject", {...})`` by subject id, then ``("face", {...})`` by face id (with
         ``embedding`` bytes, ``quality``, ``image`` or None, ``content_sha256``,
@@ -314,7 +315,7 @@ class GalleryStore(abc.ABC):
         read in one consistent snapshot: what every index should hold at that seq."""
 
     @abc.abstractmethod
-    def stats(self) -> list[JsonObject]:
+    def stats(self) -> list[Record]:
         """Per gallery: ``name``, ``model_id``, ``subjects``, ``faces``."""
 
     # --- waking the follower ----------------------------------------------------
