@@ -85,3 +85,23 @@ def test_store_returns_typed_records_that_read_as_their_json(tmp_path):
         assert audit.records[0].face_ids == (face.face_id,) and audit["next_cursor"] == "3"
     finally:
         store.close()
+
+
+def test_the_api_schemas_answer_every_field_of_the_records():
+    """The REST schemas of a gallery, a subject and a face are the records' fields (a field
+    added to a record and not to its schema would be dropped from the answer)."""
+    from dataclasses import fields
+
+    from service.api.audit import AuditRecord as AuditSchema
+    from service.api.schemas import FaceInfo, Gallery, Subject
+    from service.records import AuditRecord
+
+    assert set(Gallery.model_fields) == {f.name for f in fields(GalleryRecord)}
+    assert set(Subject.model_fields) == {f.name for f in fields(SubjectRecord)}
+    # a face read as part of its subject: face_id, created_at, quality (+ reenrolled_from,
+    # an extra field of the schema, present only on a re-enrolled face)
+    assert set(FaceInfo.model_fields) | {"subject_id", "reenrolled_from"} == {
+        f.name for f in fields(FaceRecord)
+    }
+    assert FaceInfo.model_config.get("extra") == "allow"
+    assert set(AuditSchema.model_fields) <= {f.name for f in fields(AuditRecord)}
