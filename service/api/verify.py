@@ -8,6 +8,7 @@ from functools import partial
 from fastapi import APIRouter, Depends, Request
 
 from service.pipeline.types import Timings
+from service.usecases.verify import VerifyResult
 from service.usecases.verify import verify as verify_faces
 
 from . import analysis
@@ -64,6 +65,10 @@ async def verify(request: Request, state: State, entry: VerifyAudit, timings: bo
         audit=entry,
     )
     state.metrics.observe_stages(request.scope, clock.stages)
+    return _answer(result, analysis.timings_ms(clock) if timings else None)
+
+
+def _answer(result: VerifyResult, timings: dict[str, float] | None) -> dict:
     decision, subject = result.decision, result.subject
     return VerifyResponse(
         match=decision.match,
@@ -75,5 +80,5 @@ async def verify(request: Request, state: State, entry: VerifyAudit, timings: bo
         face1=Face(**result.face1.to_dict()) if result.face1 else None,
         face2=Face(**result.face2.to_dict()) if result.face2 else None,
         subject=SubjectRef(**asdict(subject)) if subject else None,
-        timings=analysis.timings_ms(clock) if timings else None,
+        timings=timings,
     ).model_dump(exclude_none=True)
