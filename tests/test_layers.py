@@ -1,8 +1,10 @@
 """Layers point one way (DESIGN.md): checked on the source, import by import.
 
-Every ``import`` / ``from ... import`` statement of every module under ``service/`` and
-``training/`` is read with :mod:`ast` (relative imports resolved), wherever it sits: at the
-top, in a function, under ``TYPE_CHECKING``.  A module may not import from the layers
+Front ends (``service.api``, ``service.commands``) -> use cases (``service.usecases``)
+-> pipeline / gallery -> registry / config; never back.  Every ``import`` /
+``from ... import`` statement of every module under ``service/`` and ``training/`` is
+read with :mod:`ast` (relative imports resolved), wherever it sits: at the top, in a
+function, under ``TYPE_CHECKING``.  A module may not import from the layers
 above it; the module-level imports (those that run at import time) form no cycle.
 """
 
@@ -29,12 +31,64 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
             "service.convert",
             "service.reenrol",
             "service.gallery",
+            "service.usecases",
         ),
     ),
     (
         "service.gallery",
-        ("service.api", "service.commands", "service.cli", "service.app", "service.reenrol"),
+        (
+            "service.api",
+            "service.commands",
+            "service.cli",
+            "service.app",
+            "service.reenrol",
+            "service.usecases",
+        ),
     ),
+    # one atomic-write helper under every layer
+    (
+        "service.files",
+        (
+            "service.api",
+            "service.commands",
+            "service.cli",
+            "service.app",
+            "service.usecases",
+            "service.pipeline",
+            "service.gallery",
+            "service.registry",
+            "service.config",
+        ),
+    ),
+    # the typed records are shared by the store, the API and the client: they import no layer
+    (
+        "service.records",
+        (
+            "service.api",
+            "service.commands",
+            "service.cli",
+            "service.app",
+            "service.usecases",
+            "service.pipeline",
+            "service.gallery",
+            "service.registry",
+            "service.config",
+        ),
+    ),
+    # the client speaks HTTP only: the records, never the service's own layers
+    (
+        "service.client",
+        (
+            "service.api",
+            "service.commands",
+            "service.app",
+            "service.usecases",
+            "service.pipeline",
+            "service.gallery",
+        ),
+    ),
+    # the use cases know no front end: routes and commands call them, never the reverse
+    ("service.usecases", ("service.api", "service.commands", "service.cli", "service.app")),
     # the store interface knows no backend (they import it): no cycle, even a lazy one
     (
         "service.gallery.store",
@@ -45,14 +99,40 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
             "service.gallery.backends",
         ),
     ),
+    # the audit log names the store's part it needs (a Protocol): no cycle, even a typed one
+    (
+        "service.gallery.audit",
+        ("service.gallery.store", "service.gallery.sql", "service.gallery.backends"),
+    ),
     ("service.reenrol", ("service.api", "service.commands", "service.cli", "service.app")),
-    ("service.batching", ("service.api", "service.commands", "service.cli", "service.app")),
+    (
+        "service.batching",
+        ("service.api", "service.commands", "service.cli", "service.app", "service.usecases"),
+    ),
     (
         "service.registry",
-        ("service.api", "service.commands", "service.pipeline", "service.gallery"),
+        (
+            "service.api",
+            "service.commands",
+            "service.pipeline",
+            "service.gallery",
+            "service.usecases",
+        ),
     ),
-    ("service.config", ("service.api", "service.commands", "service.pipeline", "service.gallery")),
-    ("training", ("service.commands", "service.api", "service.cli", "service.app")),
+    (
+        "service.config",
+        (
+            "service.api",
+            "service.commands",
+            "service.pipeline",
+            "service.gallery",
+            "service.usecases",
+        ),
+    ),
+    (
+        "training",
+        ("service.commands", "service.api", "service.cli", "service.app", "service.usecases"),
+    ),
 ]
 
 
@@ -130,7 +210,7 @@ def test_the_import_reader_sees_every_kind_of_import():
     now = imports("service.pipeline.pipeline", probe, at_import_time=True)
     assert "service.config" not in now and "service.pipeline.faces" in now
     cli = imports("service.commands.verify", REPO / "service" / "commands" / "verify.py")
-    assert "service.pipeline.decision" in cli  # imported inside run()
+    assert "service.usecases.verify" in cli  # imported inside run()
 
 
 @pytest.mark.parametrize(("layer", "forbidden"), RULES, ids=[rule[0] for rule in RULES])

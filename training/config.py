@@ -1,4 +1,5 @@
-"""Training configuration: one dataclass tree, read from YAML (or JSON), overridable from the CLI.
+"""Training configuration: one pydantic model tree, read from YAML (or JSON), overridable from
+the CLI.
 
 Example (``configs/`` style)::
 
@@ -12,23 +13,30 @@ Example (``configs/`` style)::
     amp: bf16
 
 ``override(cfg, ["loss.params.m=0.4", "epochs=5"])`` applies dotted
-``key=value`` pairs (values parsed as YAML scalars).
+``key=value`` pairs (values parsed as YAML scalars).  Every key and every string option
+(``data.format``, ``optim.name``, ``optim.schedule``, ``amp``, ``log``, ...) is checked when
+the configuration is loaded: an unknown key or choice is a ``ValueError`` naming it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
-@dataclass
-class DataConfig:
+class _Section(BaseModel):
+    # unknown keys are refused; numbers are accepted where text is expected (a YAML
+    # override such as ``init=123`` parses as a number); assignments are checked too
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_assignment=True)
+
+
+class DataConfig(_Section):
     root: str = ""
-    format: str = "folder"  # folder | recordio
+    format: Literal["folder", "recordio"] = "folder"
     identities: list[str] | None = None  # restrict to these (folder format)
     split: str | None = None  # or a split file's "train" identities (training/splits/*.json)
     max_identities: int | None = None  # the first N identities (sorted), for small runs
@@ -41,46 +49,41 @@ class DataConfig:
     workers: int = 2
 
 
-@dataclass
-class BackboneConfig:
+class BackboneConfig(_Section):
     name: str = "mobilefacenet"
     embedding_dim: int = 512
-    params: dict[str, Any] = field(default_factory=dict)  # width, input_size, dropout
-    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes never trained
+    params: dict[str, Any] = Field(default_factory=dict)  # width, input_size, dropout
+    freeze: list[str] = Field(default_factory=list)  # parameter-name prefixes never trained
 
 
-@dataclass
-class AuxLossConfig:
-    name: str = "center"  # center | marginal (added to the classification loss)
+class AuxLossConfig(_Section):
+    name: Literal["center", "marginal"] = "center"  # added to the classification loss
     weight: float = 0.01
-    params: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass
-class LossConfig:
+class LossConfig(_Section):
     name: str = "arcface"  # a head of training.losses.HEADS, or "triplet"
-    params: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
     aux: AuxLossConfig | None = None
     sample_rate: float = 1.0  # Partial FC; 1.0 = full softmax
     pk: list[int] | None = None  # [P, K] identity-balanced batches (triplet, marginal)
 
 
-@dataclass
-class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
+class OptimConfig(_Section):
+    name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.0
-    schedule: str = "cosine"  # cosine | constant | step
-    milestones: list[float] = field(default_factory=list)  # step: epochs where lr *= 0.1
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    milestones: list[float] = Field(default_factory=list)  # step: epochs where lr *= 0.1
     grad_clip: float = 5.0  # max global grad norm; 0 = off
     backbone_lr_mult: float = 1.0  # backbone lr = lr * this (fine-tuning: < 1); centres get lr
     freeze_epochs: float = 0.0  # backbone frozen (only the centres train) for these epochs
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(_Section):
     pairs: str = ""  # pairs.txt
     aligned: str = ""  # aligned crops of the pair images
     raw: str = ""  # raw images (fallback for faces the detector missed)
@@ -90,24 +93,23 @@ class EvalConfig:
     max_pairs_per_fold: int | None = None
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     output: str = "runs/default"
-    data: DataConfig = field(default_factory=DataConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     epochs: int = 20
     max_steps: int | None = None  # stop early (tests, smoke runs)
     batch_size: int = 128  # per process
-    amp: str = "none"  # none | bf16 | fp16
+    amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
     seed: int = 0
     deterministic: bool = False
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda (or cuda:N)
     threads: int | None = None  # CPU threads (torch.set_num_threads)
-    log: str = "csv"  # csv | tensorboard | both
+    log: Literal["csv", "tensorboard", "both"] = "csv"
     progress: bool = True
     checkpoint_every: int = 1  # epochs
     resume: str | None = None  # checkpoint path, or "auto" = output/last.pt if present
@@ -115,38 +117,48 @@ class TrainConfig:
     # backbone dlib_resnet) or a checkpoint this package wrote (same backbone); a resumed run
     # ignores it
     init: str | None = None
-    init_centres: str = "mean"  # with init: mean | random (class centres at start)
+    init_centres: Literal["mean", "random"] = "mean"  # with init: class centres at start
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
-def _build(cls, data: dict):
-    if not isinstance(data, dict):
-        raise ValueError(f"{cls.__name__} expects a mapping, got {data!r}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = _NESTED.get((cls, name))
-        kwargs[name] = _build(sub, value) if sub is not None and value is not None else value
-    return cls(**kwargs)
+def _section(path: tuple) -> type[BaseModel]:
+    """The model class of the section at ``path`` (e.g. ``("loss", "aux")``)."""
+    model: type[BaseModel] = TrainConfig
+    for part in path:
+        annotation = model.model_fields[str(part)].annotation
+        model = next(
+            (a for a in (annotation, *getattr(annotation, "__args__", ())) if _is_model(a)), model
+        )
+    return model
 
 
-_NESTED = {
-    (TrainConfig, "data"): DataConfig,
-    (TrainConfig, "backbone"): BackboneConfig,
-    (TrainConfig, "loss"): LossConfig,
-    (TrainConfig, "optim"): OptimConfig,
-    (TrainConfig, "eval"): EvalConfig,
-    (LossConfig, "aux"): AuxLossConfig,
-}
+def _is_model(value: object) -> bool:
+    return isinstance(value, type) and issubclass(value, BaseModel)
 
 
 def from_dict(data: dict) -> TrainConfig:
-    return _build(TrainConfig, data)
+    """The configuration in ``data``.  A ``ValueError`` names the unknown keys of the
+    outermost section that has any (``unknown LossConfig keys: ['nope']``), else every bad
+    value (``bad training configuration: amp: ...``)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"TrainConfig expects a mapping, got {data!r}")
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+    unknown: dict[tuple, list[str]] = {}
+    for error in errors:
+        if error["type"] == "extra_forbidden":
+            unknown.setdefault(tuple(error["loc"][:-1]), []).append(str(error["loc"][-1]))
+    if unknown:
+        where = min(unknown, key=len)
+        raise ValueError(f"unknown {_section(where).__name__} keys: {sorted(unknown[where])}")
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in errors
+    )
+    raise ValueError(f"bad training configuration: {problems}")
 
 
 def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> TrainConfig:

@@ -30,6 +30,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from service.files import replace_durably
 from training import losses as L
 from training.backbones import build_backbone
 from training.config import TrainConfig
@@ -106,9 +108,7 @@ def build_dataset(cfg: TrainConfig):
     dataset: RecordIODataset | FaceImageFolder
     if cfg.data.format == "recordio":
         dataset = RecordIODataset(cfg.data.root, augment, cfg.data.size)
-    elif cfg.data.format != "folder":
-        raise ValueError(f"unknown data format {cfg.data.format!r}: use folder or recordio")
-    else:
+    else:  # folder (the configuration admits no other format)
         identities = cfg.data.identities
         if identities is None and cfg.data.split:
             identities = json.loads(Path(cfg.data.split).read_text())["train"]
@@ -227,12 +227,8 @@ class Objective(nn.Module):
                 raise ValueError("triplet loss takes no auxiliary loss")
             if loss.aux.name == "center":
                 self.metric = L.CenterLoss(num_classes, dim, **loss.aux.params)
-            elif loss.aux.name == "marginal":
+            else:  # marginal (the configuration admits no other)
                 self.metric = L.MarginalLoss(**loss.aux.params)
-            else:
-                raise ValueError(
-                    f"unknown auxiliary loss {loss.aux.name!r}: use center or marginal"
-                )
             self.aux_weight = float(loss.aux.weight)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -454,7 +450,7 @@ def save_checkpoint(
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def _per_centre(value, clf: MarginClassifier) -> bool:
@@ -558,6 +554,48 @@ def train(cfg: TrainConfig) -> dict:
         world.close()
 
 
+@dataclass
+class _Batches:
+    """The data side of a run: the dataset and its (resumable) loader."""
+
+    dataset: Any
+    sampler: ResumableSampler
+    generator: torch.Generator
+    loader: DataLoader
+    batch_size: int  # per process
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+
+@dataclass
+class _Model:
+    """What trains: the backbone (DDP-wrapped on several processes), the objective, the
+    optimizer and its loss scaler, and how batches are laid out in memory."""
+
+    backbone: nn.Module
+    objective: Objective
+    optimizer: Any
+    base_lrs: list[float]
+    scaler: Any
+    amp_dtype: Any
+    memory_format: torch.memory_format
+
+
+@dataclass
+class _Progress:
+    """Where the run is: steps taken, history, and the counters of the summary."""
+
+    start_epoch: int = 0
+    step: int = 0
+    history: list = field(default_factory=list)
+    skip_batches: int = 0  # batches of ``start_epoch`` already trained (a resumed run)
+    samples_seen: int = 0
+    skipped: int = 0  # optimizer steps skipped (non-finite gradients)
+    started: float = field(default_factory=time.perf_counter)
+
+
 def _train(cfg: TrainConfig, world: World) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -566,10 +604,47 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    device = world.device
+    batches = _build_batches(cfg, world)
+    resume = cfg.resume
+    if resume == "auto":
+        resume = str(out / "last.pt") if (out / "last.pt").exists() else None
+    model = _build_model(cfg, world, batches, bool(resume))
+    progress = _Progress()
+    if resume:
+        _resume(cfg, world, model, batches, progress, Path(resume))
+    log = MetricLog(out, cfg.log, world.main)
+    eval_cache: dict = {}
+    progress.started = time.perf_counter()
+    for epoch in range(progress.start_epoch, cfg.epochs):
+        first_batch = progress.skip_batches if epoch == progress.start_epoch else 0
+        entry, stop, batch_index = _run_epoch(
+            cfg, world, model, batches, progress, log, epoch, first_batch
+        )
+        _end_epoch(
+            cfg,
+            world,
+            model,
+            batches,
+            progress,
+            log,
+            out,
+            eval_cache,
+            epoch,
+            entry,
+            stop,
+            batch_index,
+        )
+        world.barrier()
+        if stop:
+            break
+    log.close()
+    return _summary(world, batches, progress, out)
 
+
+def _build_batches(cfg: TrainConfig, world: World) -> _Batches:
+    """The dataset, its sampler (identity-balanced for triplet/pk, else shuffled and split
+    over the processes) and the loader; refuses a dataset smaller than one batch."""
     dataset = build_dataset(cfg)
-    num_classes = dataset.num_classes
     base_sampler: PKSampler | DistributedSampler
     if cfg.loss.pk or cfg.loss.name == "triplet":
         p, k = cfg.loss.pk or [max(2, cfg.batch_size // 4), 4]
@@ -588,37 +663,43 @@ def _train(cfg: TrainConfig, world: World) -> dict:
         sampler=sampler,
         drop_last=True,
         num_workers=cfg.data.workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=world.device.type == "cuda",
         persistent_workers=cfg.data.workers > 0,
         generator=generator,
         worker_init_fn=_seed_worker,
     )
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
+    batches = _Batches(dataset, sampler, generator, loader, batch_size)
+    if batches.steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} images is less than one batch of {batch_size}")
+    return batches
 
+
+def _build_model(cfg: TrainConfig, world: World, batches: _Batches, resuming: bool) -> _Model:
+    """The backbone (pretrained weights unless resuming, frozen prefixes, on the device),
+    the objective (class centres from the mean embeddings with ``init``), the optimizer."""
+    device = world.device
     params = dict(cfg.backbone.params)
     if params.setdefault("input_size", cfg.data.size) != cfg.data.size:
         raise ValueError(f"backbone input_size {params['input_size']} != data.size {cfg.data.size}")
     backbone = build_backbone(cfg.backbone.name, cfg.backbone.embedding_dim, **params)
-    resume = cfg.resume
-    if resume == "auto":
-        resume = str(out / "last.pt") if (out / "last.pt").exists() else None
-    if not resume:
+    if not resuming:
         init_backbone(cfg, backbone)
     freeze_prefixes(backbone, cfg.backbone.freeze)
     backbone = backbone.to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     # Module.to takes memory_format at run time; torch's stubs omit it from the overloads
     backbone = backbone.to(memory_format=memory_format)  # type: ignore[call-overload]
+    num_classes = batches.dataset.num_classes
     objective = Objective(cfg, num_classes).to(device)
-    if cfg.init and not resume and objective.classifier is not None:
-        if cfg.init_centres == "mean":
-            objective.classifier.load_full_weight(
-                mean_embedding_centres(backbone, dataset, num_classes, device)
-            )
-        elif cfg.init_centres != "random":
-            raise ValueError(f"unknown init_centres {cfg.init_centres!r}: use mean or random")
+    if (
+        cfg.init
+        and not resuming
+        and objective.classifier is not None
+        and cfg.init_centres == "mean"
+    ):
+        objective.classifier.load_full_weight(
+            mean_embedding_centres(backbone, batches.dataset, num_classes, device)
+        )
     if world.world_size > 1:
         backbone = nn.parallel.DistributedDataParallel(
             backbone, device_ids=[device.index] if device.type == "cuda" else None
@@ -627,142 +708,183 @@ def _train(cfg: TrainConfig, world: World) -> dict:
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     amp_dtype = _amp_dtype(cfg)
     scaler = build_scaler(device, world.world_size) if amp_dtype == torch.float16 else None
+    return _Model(backbone, objective, optimizer, base_lrs, scaler, amp_dtype, memory_format)
 
-    start_epoch, step, history, skip_batches = 0, 0, [], 0
-    if resume:
-        state = load_checkpoint(Path(resume), world, backbone, objective, optimizer, scaler, cfg)
-        start_epoch, step, history = state["epoch"], state["step"], state["history"]
-        # a run stopped mid-epoch goes on with the batches of that epoch it has not seen (the
-        # samplers' global order does not depend on the world size: exact when the samples
-        # already seen are a whole number of this world's global batches)
-        skip_batches = state.get("epoch_samples", 0) // (batch_size * world.world_size)
-        if skip_batches >= steps_per_epoch:
-            start_epoch, skip_batches = start_epoch + 1, 0
-        # new DataLoader worker seeds, not those of the run's first epoch
-        generator.manual_seed(cfg.seed + world.rank + 1_000_003 * step)
 
-    log = MetricLog(out, cfg.log, world.main)
-    eval_cache: dict = {}
-    classes = getattr(dataset, "classes", None)
-    started = time.perf_counter()
-    samples_seen = 0
-    skipped = 0
+def _resume(
+    cfg: TrainConfig,
+    world: World,
+    model: _Model,
+    batches: _Batches,
+    progress: _Progress,
+    path: Path,
+) -> None:
+    """Load the checkpoint at ``path`` into the model and ``progress``."""
+    state = load_checkpoint(
+        path, world, model.backbone, model.objective, model.optimizer, model.scaler, cfg
+    )
+    progress.start_epoch, progress.step = state["epoch"], state["step"]
+    progress.history = state["history"]
+    # a run stopped mid-epoch goes on with the batches of that epoch it has not seen (the
+    # samplers' global order does not depend on the world size: exact when the samples
+    # already seen are a whole number of this world's global batches)
+    skip = state.get("epoch_samples", 0) // (batches.batch_size * world.world_size)
+    if skip >= batches.steps_per_epoch:
+        progress.start_epoch, skip = progress.start_epoch + 1, 0
+    progress.skip_batches = skip
+    # new DataLoader worker seeds, not those of the run's first epoch
+    batches.generator.manual_seed(cfg.seed + world.rank + 1_000_003 * progress.step)
+
+
+def _run_epoch(
+    cfg: TrainConfig,
+    world: World,
+    model: _Model,
+    batches: _Batches,
+    progress: _Progress,
+    log: MetricLog,
+    epoch: int,
+    first_batch: int,
+) -> tuple[dict, bool, int]:
+    """One epoch from batch ``first_batch`` (or until ``max_steps``): its history entry,
+    whether the run stops here, and the index of the next batch."""
+    device, steps_per_epoch, batch_size = world.device, batches.steps_per_epoch, batches.batch_size
+    backbone, objective, optimizer, scaler = (
+        model.backbone,
+        model.objective,
+        model.optimizer,
+        model.scaler,
+    )
+    batches.sampler.set_epoch(epoch)
+    batches.sampler.skip = first_batch * batch_size
+    backbone.train()
+    objective.train()
+    epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
+    batch_index = first_batch
     stop = False
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        first_batch = skip_batches if epoch == start_epoch else 0
-        sampler.skip = first_batch * batch_size
-        backbone.train()
-        objective.train()
-        epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
-        batch_index = first_batch
-        bar = None
-        if cfg.progress and world.main:
-            from tqdm import tqdm
+    bar = None
+    if cfg.progress and world.main:
+        from tqdm import tqdm
 
-            bar = tqdm(
-                total=steps_per_epoch,
-                initial=first_batch,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                unit="step",
-                dynamic_ncols=True,
-            )
-        for images, labels in loader:
-            factor = lr_factor(cfg, epoch * steps_per_epoch + batch_index, steps_per_epoch)
-            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base * factor
-            images = images.to(device, non_blocking=True).to(memory_format=memory_format)
-            labels = labels.to(device, non_blocking=True)
-            # frozen warm-up: only the centres train (no backbone gradients at all)
-            frozen = (
-                epoch * steps_per_epoch + batch_index < cfg.optim.freeze_epochs * steps_per_epoch
-            )
-            with (
-                torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
-                torch.set_grad_enabled(not frozen),
-            ):
-                embeddings = backbone(images)
-            loss, parts = objective(embeddings.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            grad_norm, stepped = clip_and_step(
-                optimizer, scaler, cfg.optim.grad_clip, world.world_size
-            )
-            skipped += not stepped
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss became {value} at step {step}")
-            step += 1
-            epoch_steps += 1
-            batch_index += 1
-            epoch_loss += value
-            samples_seen += batch_size * world.world_size
-            elapsed = time.perf_counter() - started
-            if world.main:
-                record = {"loss": value, "lr": optimizer.param_groups[0]["lr"], **parts}
-                record["grad_norm"] = grad_norm
-                if not stepped:
-                    record["skipped_step"] = 1.0
-                log.write(step, epoch + 1, record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{value:.3f}", samples_s=f"{samples_seen / elapsed:.1f}")
-                bar.update(1)
-            if cfg.max_steps and step >= cfg.max_steps:
-                stop = True
-                break
-        if bar is not None:
-            bar.close()
-        finished = batch_index >= steps_per_epoch
-        entry = {
-            "epoch": epoch + 1,
-            "step": step,
-            "loss": epoch_loss / max(1, epoch_steps),
-            "seconds": round(time.perf_counter() - epoch_start, 2),
-        }
-        if not finished:  # stopped by max_steps: a resumed run continues this epoch
-            entry["batches"] = batch_index
-        last = stop or epoch + 1 == cfg.epochs
-        if world.main and (last or (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0)):
-            report = evaluate_pairs(cfg, backbone, device, eval_cache)
-            if report is not None:
-                entry["eval_accuracy"], entry["eval_std"] = report["accuracy"], report["std"]
-                log.write(step, epoch + 1, {"eval/accuracy": report["accuracy"]})
-        history.append(entry)
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=first_batch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="step",
+            dynamic_ncols=True,
+        )
+    for images, labels in batches.loader:
+        factor = lr_factor(cfg, epoch * steps_per_epoch + batch_index, steps_per_epoch)
+        for group, base in zip(optimizer.param_groups, model.base_lrs, strict=True):
+            group["lr"] = base * factor
+        images = images.to(device, non_blocking=True).to(memory_format=model.memory_format)
+        labels = labels.to(device, non_blocking=True)
+        # frozen warm-up: only the centres train (no backbone gradients at all)
+        frozen = epoch * steps_per_epoch + batch_index < cfg.optim.freeze_epochs * steps_per_epoch
+        amp_dtype = model.amp_dtype
+        with (
+            torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
+            torch.set_grad_enabled(not frozen),
+        ):
+            embeddings = backbone(images)
+        loss, parts = objective(embeddings.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        grad_norm, stepped = clip_and_step(optimizer, scaler, cfg.optim.grad_clip, world.world_size)
+        progress.skipped += not stepped
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss became {value} at step {progress.step}")
+        progress.step += 1
+        epoch_steps += 1
+        batch_index += 1
+        epoch_loss += value
+        progress.samples_seen += batch_size * world.world_size
+        elapsed = time.perf_counter() - progress.started
         if world.main:
-            log.write(step, epoch + 1, {"epoch_loss": entry["loss"]})
-        if last or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0):
-            names = ["last.pt"] + ([f"epoch_{epoch + 1:03d}.pt"] if last and finished else [])
-            for name in names:
-                save_checkpoint(
-                    out / name,
-                    cfg,
-                    world,
-                    backbone,
-                    objective,
-                    optimizer,
-                    scaler,
-                    epoch + 1 if finished else epoch,
-                    step,
-                    history,
-                    classes,
-                    0 if finished else batch_index * batch_size * world.world_size,
-                )
-        world.barrier()
-        if stop:
+            record = {"loss": value, "lr": optimizer.param_groups[0]["lr"], **parts}
+            record["grad_norm"] = grad_norm
+            if not stepped:
+                record["skipped_step"] = 1.0
+            log.write(progress.step, epoch + 1, record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{value:.3f}", samples_s=f"{progress.samples_seen / elapsed:.1f}")
+            bar.update(1)
+        if cfg.max_steps and progress.step >= cfg.max_steps:
+            stop = True
             break
-    log.close()
+    if bar is not None:
+        bar.close()
+    entry = {
+        "epoch": epoch + 1,
+        "step": progress.step,
+        "loss": epoch_loss / max(1, epoch_steps),
+        "seconds": round(time.perf_counter() - epoch_start, 2),
+    }
+    if batch_index < steps_per_epoch:  # stopped by max_steps: a resumed run continues this epoch
+        entry["batches"] = batch_index
+    return entry, stop, batch_index
+
+
+def _end_epoch(
+    cfg: TrainConfig,
+    world: World,
+    model: _Model,
+    batches: _Batches,
+    progress: _Progress,
+    log: MetricLog,
+    out: Path,
+    eval_cache: dict,
+    epoch: int,
+    entry: dict,
+    stop: bool,
+    batch_index: int,
+) -> None:
+    """After an epoch: evaluate on the pairs when due, record it, write the checkpoints."""
+    finished = batch_index >= batches.steps_per_epoch
+    last = stop or epoch + 1 == cfg.epochs
+    if world.main and (last or (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0)):
+        report = evaluate_pairs(cfg, model.backbone, world.device, eval_cache)
+        if report is not None:
+            entry["eval_accuracy"], entry["eval_std"] = report["accuracy"], report["std"]
+            log.write(progress.step, epoch + 1, {"eval/accuracy": report["accuracy"]})
+    progress.history.append(entry)
+    if world.main:
+        log.write(progress.step, epoch + 1, {"epoch_loss": entry["loss"]})
+    if last or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0):
+        names = ["last.pt"] + ([f"epoch_{epoch + 1:03d}.pt"] if last and finished else [])
+        for name in names:
+            save_checkpoint(
+                out / name,
+                cfg,
+                world,
+                model.backbone,
+                model.objective,
+                model.optimizer,
+                model.scaler,
+                epoch + 1 if finished else epoch,
+                progress.step,
+                progress.history,
+                getattr(batches.dataset, "classes", None),
+                0 if finished else batch_index * batches.batch_size * world.world_size,
+            )
+
+
+def _summary(world: World, batches: _Batches, progress: _Progress, out: Path) -> dict:
+    """The run's summary (also ``summary.json`` in the output folder)."""
+    seconds = time.perf_counter() - progress.started
     summary = {
         "output": str(out),
         "checkpoint": str(out / "last.pt"),
-        "history": history,
-        "images": len(dataset),
-        "identities": num_classes,
-        "steps": step,
-        "skipped_steps": skipped,
+        "history": progress.history,
+        "images": len(batches.dataset),
+        "identities": batches.dataset.num_classes,
+        "steps": progress.step,
+        "skipped_steps": progress.skipped,
         "world_size": world.world_size,
-        "device": str(device),
-        "seconds": round(time.perf_counter() - started, 2),
-        "samples_per_second": round(samples_seen / max(1e-9, time.perf_counter() - started), 2),
+        "device": str(world.device),
+        "seconds": round(seconds, 2),
+        "samples_per_second": round(progress.samples_seen / max(1e-9, seconds), 2),
     }
     if world.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,29 +1,34 @@
-"""Per-request face analysis for the routes: the pipeline's analysis path, off the event loop.
+"""Per-request face analysis for the routes: the use cases' :class:`Worker`, off the event loop.
 
-The routes analyse images only through :meth:`Pipeline.locate` and
-:meth:`Pipeline.embed_faces` (:mod:`service.pipeline.faces` says which faces are kept).
-Decoding, detection and alignment run in worker threads, at most
-``settings.pipeline_threads`` images at a time (``AppState.cpu_limiter``; by default the
-thread pool's own bound); embedding runs through the pipeline's embedder, which in the
-app is the :class:`~service.batching.MicroBatcher`, so concurrent requests' faces share
-one model call without any route knowing.  Stage times are collected per request
-(reported with ``?timings=true``) and fed to the stage histograms.
+The routes analyse images only through :mod:`service.usecases` and the
+:class:`~service.usecases.work.Worker` built here from the app's state: decoding,
+detection and alignment run in worker threads, at most ``settings.pipeline_threads``
+images at a time (``AppState.cpu_limiter``; by default the thread pool's own bound);
+embedding runs through the pipeline's embedder, which in the app is the
+:class:`~service.batching.MicroBatcher`, so concurrent requests' faces share one model
+call without any route knowing.  Stage times are collected per request (reported with
+``?timings=true``) and fed to the stage histograms.
 """
 
 from __future__ import annotations
 
-import time
-from functools import partial
-
-import anyio.to_thread
-from starlette.concurrency import run_in_threadpool
-
-from service.gallery.service import check_model
-from service.pipeline.errors import PipelineError
 from service.pipeline.faces import Faces, Policy
 from service.pipeline.types import Timings
+from service.records import GalleryRecord
+from service.usecases.checks import gallery_for_model as _gallery_for_model
+from service.usecases.work import Worker
 
 from .deps import AppState
+
+
+def worker(state: AppState) -> Worker:
+    """The app's pipeline, run in worker threads under the app's CPU limiter."""
+    return Worker(
+        state.pipeline,
+        threads=True,
+        limiter=state.cpu_limiter,
+        on_faces=state.metrics.faces_per_image.observe,
+    )
 
 
 async def locate(
@@ -36,20 +41,12 @@ async def locate(
     limit: int | None = None,
 ) -> Faces:
     """Find and align the faces of one image under ``policy``, without embedding them."""
-    found = await anyio.to_thread.run_sync(
-        partial(state.pipeline.locate, data, policy, timings, allow_none=allow_none, limit=limit),
-        limiter=state.cpu_limiter,
-    )
-    state.metrics.faces_per_image.observe(found.detected)
-    return found
+    return await worker(state).locate(data, policy, timings, allow_none=allow_none, limit=limit)
 
 
 async def embed(state: AppState, found: list[Faces], timings: Timings) -> None:
     """Embed the kept faces of ``found`` (one embedder call for them all)."""
-    if any(len(f.detections) for f in found):
-        await anyio.to_thread.run_sync(state.pipeline.embed_faces, found, timings)
-    else:
-        state.pipeline.embed_faces(found, timings)  # nothing to embed: no model call
+    await worker(state).embed(found, timings)
 
 
 async def analyze(
@@ -62,9 +59,7 @@ async def analyze(
     limit: int | None = None,
 ) -> Faces:
     """Find the faces of one image under ``policy`` and embed them."""
-    found = await locate(state, data, policy, timings, allow_none=allow_none, limit=limit)
-    await embed(state, [found], timings)
-    return found
+    return await worker(state).analyze(data, policy, timings, allow_none=allow_none, limit=limit)
 
 
 async def analyze_labelled(
@@ -72,36 +67,19 @@ async def analyze_labelled(
 ) -> list[Faces]:
     """The faces of several images, one after another in one worker thread (batched
     detection), then embedded in one call; a refusal names its image's field."""
-    fields = list(images)
-    results = await anyio.to_thread.run_sync(
-        partial(state.pipeline.locate_batch, [images[f] for f in fields], policy, timings),
-        limiter=state.cpu_limiter,
-    )
-    found = []
-    for field, result in zip(fields, results, strict=True):
-        if isinstance(result, PipelineError):
-            raise type(result)(f"{field}: {result}") from None
-        state.metrics.faces_per_image.observe(result.detected)
-        found.append(result)
-    await embed(state, found, timings)
-    return found
+    return await worker(state).analyze_labelled(images, policy, timings)
 
 
 async def call(timings: Timings, stage: str, fn, *args):
     """Run a blocking call (gallery work) in the thread pool, timing it as ``stage``."""
-    start = time.perf_counter()
-    try:
-        return await run_in_threadpool(fn, *args)
-    finally:
-        timings.add(stage, time.perf_counter() - start)
+    return await Worker.call_in_pool(timings, stage, fn, *args)
 
 
-async def gallery_for_model(state: AppState, name: str, timings: Timings) -> dict:
+async def gallery_for_model(state: AppState, name: str, timings: Timings) -> GalleryRecord:
     """The gallery's info; 404 if unknown, 409 if it holds another model's embeddings."""
-    info = await call(timings, "search", state.gallery.get_gallery, name)
-    if info.get("model_id") is not None:
-        check_model(name, info["model_id"], state.model_id)
-    return info
+    return await _gallery_for_model(
+        work=worker(state), gallery=state.gallery, name=name, timings=timings
+    )
 
 
 def timings_ms(timings: Timings) -> dict[str, float]:

@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.usecases.errors import RequestRefused
+
 from . import refusals
 
 log = logging.getLogger("facegate.api")
@@ -162,6 +164,6 @@ def install(app: FastAPI, domain_errors: tuple[type[Exception], ...] = ()) -> No
     app.add_exception_handler(ApiError, _handle)
     app.add_exception_handler(StarletteHTTPException, _handle)
     app.add_exception_handler(RequestValidationError, _handle)
-    for cls in domain_errors:
+    for cls in (*domain_errors, RequestRefused):  # and the use cases' refusals
         app.add_exception_handler(cls, _handle)
     app.add_exception_handler(Exception, _handle)

@@ -16,6 +16,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 
 from service.pipeline.types import Timings
+from service.usecases.extract import Extraction, extract_faces
 
 from . import analysis
 from .deps import AppState, State, require_api_key
@@ -27,7 +28,7 @@ from .scopes import require_scope
 router = APIRouter(prefix="/v1", tags=["extract"], dependencies=[Depends(require_api_key)])
 
 
-def encode_embedding(vector: np.ndarray, fmt: str) -> list[float] | str:
+def encode_embedding(vector: np.ndarray | None, fmt: str) -> list[float] | str:
     """``float``: a list of the float32 values; ``base64``: little-endian float32 bytes."""
     vector = np.asarray(vector, dtype="<f4")
     if fmt == "base64":
@@ -35,24 +36,23 @@ def encode_embedding(vector: np.ndarray, fmt: str) -> list[float] | str:
     return vector.tolist()
 
 
-async def _faces(request: Request, state: AppState, clock: Timings, options, embed: bool):
-    settings = state.settings
+async def _extract(
+    request: Request, state: AppState, clock: Timings, options, embed: bool
+) -> tuple[DetectOptions, Extraction, dict]:
     payload = await read_payload(
-        request, ("image",), ("image",), settings.max_image_bytes, timings=clock
+        request, ("image",), ("image",), state.settings.max_image_bytes, timings=clock
     )
     opts = payload.options(options)
-    step = analysis.analyze if embed else analysis.locate
-    found = await step(
-        state,
-        payload.images["image"],
-        opts.multiple_faces,
-        clock,
-        allow_none=True,
+    found = await extract_faces(
+        work=analysis.worker(state),
+        image=payload.images["image"],
+        timings=clock,
+        policy=opts.multiple_faces,
         limit=opts.max_faces,
+        embed=embed,
     )
-    faces = await analysis.call(clock, "quality", found.describe)
-    image = {"width": found.image_size[0], "height": found.image_size[1]}
-    return opts, found, faces, image
+    state.metrics.observe_stages(request.scope, clock.stages)
+    return opts, found, {"width": found.width, "height": found.height}
 
 
 @router.post(
@@ -70,8 +70,8 @@ async def detect(request: Request, state: State, timings: bool = False) -> dict:
     No face: 200 with an empty ``faces`` list.  ``multiple_faces=refuse`` answers 422 when
     there are several faces."""
     clock = Timings()
-    _, _, faces, image = await _faces(request, state, clock, DetectOptions, embed=False)
-    state.metrics.observe_stages(request.scope, clock.stages)
+    _, found, image = await _extract(request, state, clock, DetectOptions, embed=False)
+    faces = [face.to_dict() for face in found.faces]
     body = {"image": image, "model": state.pipeline.detector_card.id, "faces": faces}
     if timings:
         body["timings"] = analysis.timings_ms(clock)
@@ -92,18 +92,19 @@ async def embed(request: Request, state: State, timings: bool = False) -> dict:
     dot product), as numbers or, with ``embedding_format=base64``, as the base64 of the
     little-endian float32 vector.  ``model`` is the recognizer's id as in ``/v1/verify``."""
     clock = Timings()
-    opts, found, faces, image = await _faces(request, state, clock, EmbedOptions, embed=True)
-    for face, vector in zip(faces, found.embeddings, strict=True):
-        face["embedding"] = encode_embedding(vector, opts.embedding_format)
-    state.metrics.observe_stages(request.scope, clock.stages)
-    card = state.pipeline.recognizer_card
+    opts, found, image = await _extract(request, state, clock, EmbedOptions, embed=True)
+    fmt = opts.embedding_format  # type: ignore[attr-defined]
+    faces = [
+        {**face.to_dict(), "embedding": encode_embedding(face.embedding, fmt)}
+        for face in found.faces
+    ]
     body = {
         "image": image,
         "model": state.model_id,
-        "model_sha256": card.sha256,
+        "model_sha256": state.pipeline.recognizer_card.sha256,
         "detector": state.pipeline.detector_card.id,
         "embedding_dim": state.pipeline.dim,
-        "embedding_format": opts.embedding_format,
+        "embedding_format": fmt,
         "faces": faces,
     }
     if timings:

@@ -8,17 +8,15 @@ before it is acknowledged and visible to searches on this replica at once.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
-import anyio.to_thread
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict
 
 from service.gallery.names import GalleryNameStr, SubjectIdStr
-from service.pipeline.faces import face_quality
-from service.pipeline.quality import check_enrol_quality
 from service.pipeline.types import Timings
-from service.reenrol import Reenrolment
+from service.usecases import galleries as usecases
 
 from . import analysis
 from .audit import DeleteFaceAudit, DeleteGalleryAudit, DeleteSubjectAudit, EnrolAudit, ReenrolAudit
@@ -71,7 +69,7 @@ async def _call(fn, *args):
 async def list_galleries(request: Request, state: State) -> dict:
     """The galleries the caller's API key may touch."""
     galleries = await _call(state.gallery.list_galleries)
-    return {"galleries": [g for g in galleries if may_touch(request, g["name"])]}
+    return {"galleries": [g.to_dict() for g in galleries if may_touch(request, g.name)]}
 
 
 @router.put(
@@ -82,10 +80,11 @@ async def list_galleries(request: Request, state: State) -> dict:
 )
 async def create_gallery(gallery: GalleryName, response: Response, state: State) -> dict:
     """Idempotent; 409 ``model_mismatch`` if the gallery exists for another model."""
-    existed = gallery in {g["name"] for g in await _call(state.gallery.list_galleries)}
-    info = await _call(state.gallery.create_gallery, gallery, state.model_id, state.pipeline.dim)
-    response.status_code = status.HTTP_200_OK if existed else status.HTTP_201_CREATED
-    return info
+    made = await usecases.create_gallery(
+        work=analysis.worker(state), gallery=state.gallery, name=gallery, timings=Timings()
+    )
+    response.status_code = status.HTTP_201_CREATED if made.created else status.HTTP_200_OK
+    return made.record.to_dict()
 
 
 @router.get(
@@ -95,7 +94,7 @@ async def create_gallery(gallery: GalleryName, response: Response, state: State)
     dependencies=[require_scope("identify")],
 )
 async def get_gallery(gallery: GalleryName, state: State) -> dict:
-    return await _call(state.gallery.get_gallery, gallery)
+    return (await _call(state.gallery.get_gallery, gallery)).to_dict()
 
 
 @router.delete(
@@ -121,17 +120,17 @@ async def create_subject(
     """Creates the gallery on first use (for the served model).  Posting an existing
     ``subject_id`` again returns it unchanged with 200 (its metadata is only changed
     by ``PATCH``)."""
-    subject, created = await _call(
-        state.gallery.upsert_subject,
-        gallery,
-        body.subject_id,
-        body.metadata,
-        state.model_id,
-        state.pipeline.dim,
+    made = await usecases.create_subject(
+        work=analysis.worker(state),
+        gallery=state.gallery,
+        name=gallery,
+        subject_id=body.subject_id,
+        metadata=body.metadata,
+        timings=Timings(),
     )
-    if not created:
+    if not made.created:
         response.status_code = status.HTTP_200_OK
-    return subject
+    return made.record.to_dict()
 
 
 @router.get(
@@ -148,7 +147,7 @@ async def list_subjects(
 ) -> dict:
     """Subjects ordered by ``subject_id``; pass ``next_cursor`` as ``cursor`` for the next page."""
     subjects, next_cursor = await _call(state.gallery.list_subjects, gallery, limit, cursor)
-    return {"subjects": subjects, "next_cursor": next_cursor}
+    return {"subjects": [s.to_dict() for s in subjects], "next_cursor": next_cursor}
 
 
 @router.get(
@@ -158,7 +157,7 @@ async def list_subjects(
     dependencies=[require_scope("identify")],
 )
 async def get_subject(gallery: GalleryName, subject_id: SubjectId, state: State) -> dict:
-    return await _call(state.gallery.get_subject, gallery, subject_id)
+    return (await _call(state.gallery.get_subject, gallery, subject_id)).to_dict()
 
 
 @router.patch(
@@ -170,7 +169,7 @@ async def get_subject(gallery: GalleryName, subject_id: SubjectId, state: State)
 async def update_subject(
     gallery: GalleryName, subject_id: SubjectId, body: SubjectUpdate, state: State
 ) -> dict:
-    return await _call(state.gallery.update_subject, gallery, subject_id, body.metadata)
+    return (await _call(state.gallery.update_subject, gallery, subject_id, body.metadata)).to_dict()
 
 
 @router.delete(
@@ -203,39 +202,28 @@ async def enrol_face(
     422 with code ``multiple_faces``, ``face_too_small``, ``low_quality_face``,
     ``blurred_face``, ``face_turned`` or ``face_tilted``.  The response gives
     the store-assigned ``face_id`` and the face's quality figures."""
-    settings = state.settings
     clock = Timings()
     payload = await read_payload(
-        request, ("image",), ("image",), settings.max_image_bytes, timings=clock
+        request, ("image",), ("image",), state.settings.max_image_bytes, timings=clock
     )
     payload.options(_NoOptions)
-    # Unknown gallery/subject or another model's gallery: refused before any image work.
-    await analysis.gallery_for_model(state, gallery, clock)
-    await analysis.call(clock, "gallery", state.gallery.get_subject, gallery, subject_id)
-    found = await analysis.analyze(state, payload.images["image"], "enrol", clock)
-    detection = found.detections[0]
-    quality = face_quality(detection, found.crops[0])
-    check_enrol_quality(quality, settings)
-    image = payload.images["image"] if settings.store_images else None
-    face = await analysis.call(
-        clock,
-        "gallery",
-        state.gallery.add_face,
-        gallery,
-        subject_id,
-        found.embeddings[0],
-        state.model_id,
-        quality,
-        image,
+    face = await usecases.enrol_face(
+        work=analysis.worker(state),
+        gallery=state.gallery,
+        settings=state.settings,
+        name=gallery,
+        subject_id=subject_id,
+        image=payload.images["image"],
+        timings=clock,
     )
     state.metrics.observe_stages(request.scope, clock.stages)
     return {
-        **face,
-        "gallery": gallery,
-        "subject_id": subject_id,
-        "model": state.model_id,
-        "quality": face.get("quality") or quality,
-        "face": detection.to_dict(),
+        **face.record.to_dict(),
+        "gallery": face.gallery,
+        "subject_id": face.subject_id,
+        "model": face.model,
+        "quality": face.quality,
+        "face": face.detection.to_dict(),
     }
 
 
@@ -256,13 +244,16 @@ async def reenrol(
     earlier call are not added again.  404 unknown ``source``; 409 ``conflict`` when
     ``source`` is ``{gallery}``, ``model_mismatch`` when ``{gallery}`` holds another model,
     ``no_stored_images`` when ``source`` kept no photos (``FACEGATE_STORE_IMAGES``)."""
-    allow_gallery(request, body.source)
-    job = Reenrolment(state.gallery, state.pipeline, state.settings, body.source, gallery)
-    await _call(job.prepare)
-    # One chunk of photos per thread-pool call, bounded like other image work.
-    while await anyio.to_thread.run_sync(job.step, limiter=state.cpu_limiter):
-        pass
-    return job.report.to_dict()
+    report = await usecases.reenrol(
+        work=analysis.worker(state),
+        gallery=state.gallery,
+        settings=state.settings,
+        source=body.source,
+        target=gallery,
+        timings=Timings(),
+        allow_gallery=partial(allow_gallery, request),
+    )
+    return report.to_dict()
 
 
 @router.delete(

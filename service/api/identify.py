@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from fastapi import APIRouter, Depends, Request
 
-from service.pipeline.decision import Threshold, decide, operating_point, threshold_for
-from service.pipeline.types import Detection, Timings
+from service.pipeline.types import Timings
+from service.usecases.identify import IdentifiedFace, IdentifyResult
+from service.usecases.identify import identify as identify_faces
 
 from . import analysis
 from .audit import IdentifyAudit
 from .deps import State, require_api_key
-from .errors import ApiError
 from .images import read_payload
 from .openapi import ERROR_RESPONSES, image_body
-from .probes import probe_analysis
 from .schemas import IdentifyOptions, IdentifyResponse
 from .scopes import allow_gallery, require_scope
 
@@ -50,65 +47,44 @@ async def identify(
     opts = payload.options(IdentifyOptions)
     allow_gallery(request, opts.gallery)
     entry.gallery = opts.gallery
-    if opts.top_k > settings.top_k_max:
-        raise ApiError(
-            422, "validation_error", f"top_k: must be between 1 and {settings.top_k_max}"
-        )
-    if opts.threshold is not None and opts.operating_point is not None:
-        raise ApiError(400, "ambiguous_request", "give threshold or operating_point, not both")
-    card = state.pipeline.recognizer_card
-    if opts.threshold is not None:
-        rule = Threshold.custom(opts.threshold)
-    else:
-        rule = threshold_for(
-            card, operating_point(card, opts.operating_point, settings.operating_point)
-        )
-    model_id = state.model_id
-    gallery = state.gallery
-    # Unknown gallery or another model's gallery: refused before any image work.
-    await analysis.gallery_for_model(state, opts.gallery, clock)
-
-    if opts.embedding is not None:
-        if "image" in payload.images:
-            raise ApiError(400, "ambiguous_request", "give image or embedding, not both")
-        found = probe_analysis(state, opts.embedding, opts.model)
-    elif "image" in payload.images:
-        found = await analysis.analyze(state, payload.images["image"], "all", clock)
-    else:
-        raise ApiError(422, "missing_field", "missing image field(s): image (or embedding)")
-    detections: Sequence[Detection | None] = found.detections or [None] * len(found.embeddings)
-    results = await analysis.call(
-        clock, "search", gallery.search, opts.gallery, found.embeddings, opts.top_k, model_id
+    result = await identify_faces(
+        work=analysis.worker(state),
+        gallery=state.gallery,
+        timings=clock,
+        gallery_name=opts.gallery,
+        image=payload.images.get("image"),
+        embedding=opts.embedding,
+        model=opts.model,
+        top_k=opts.top_k,
+        top_k_max=settings.top_k_max,
+        threshold=opts.threshold,
+        requested_point=opts.operating_point,
+        configured_point=settings.operating_point,
+        audit=entry,
     )
-    faces = []
-    for detection, candidates in zip(detections, results, strict=True):
-        best = candidates[0] if candidates else None
-        match = None
-        if best is not None and decide(best["similarity"], rule).match:
-            match = best["subject_id"]
-        entry.add([c["subject_id"] for c in candidates], [c.get("face_id") for c in candidates])
-        faces.append(
-            {
-                **(detection.to_dict() if detection is not None else {}),
-                "candidates": [
-                    {
-                        "subject_id": c["subject_id"],
-                        "similarity": round(float(c["similarity"]), 6),
-                        "face_id": c.get("face_id"),
-                    }
-                    for c in candidates
-                ],
-                "match": match,
-            }
-        )
     state.metrics.observe_stages(request.scope, clock.stages)
-    body = {
-        "gallery": opts.gallery,
-        "threshold": rule.value,
-        "operating_point": rule.operating_point,
-        "model": model_id,
-        "faces": faces,
-    }
+    body = _answer(result)
     if timings:
         body["timings"] = analysis.timings_ms(clock)
     return body
+
+
+def _face(face: IdentifiedFace) -> dict:
+    return {
+        **(face.detection.to_dict() if face.detection is not None else {}),
+        "candidates": [
+            {"subject_id": c.subject_id, "similarity": round(c.similarity, 6), "face_id": c.face_id}
+            for c in face.candidates
+        ],
+        "match": face.match,
+    }
+
+
+def _answer(result: IdentifyResult) -> dict:
+    return {
+        "gallery": result.gallery,
+        "threshold": result.threshold.value,
+        "operating_point": result.threshold.operating_point,
+        "model": result.model,
+        "faces": [_face(face) for face in result.faces],
+    }

@@ -242,26 +242,27 @@ class SubjectUpdate(_Options):
     )
 
 
-class FaceInfo(BaseModel):
+class FaceInfo(BaseModel):  # service.records.FaceRecord
     model_config = ConfigDict(extra="allow")
 
     face_id: int
-    created_at: Any = None
+    created_at: str | None = Field(None, description="ISO 8601, UTC")
     quality: dict[str, Any] | None = None
+    # and ``reenrolled_from`` (the source face) on a re-enrolled face, absent otherwise
 
 
-class Subject(BaseModel):
+class Subject(BaseModel):  # service.records.SubjectRecord
     model_config = ConfigDict(extra="allow")
 
     subject_id: str
     metadata: dict[str, Any] | None = None
     faces: list[FaceInfo] = Field(default_factory=list)
-    created_at: Any = None
-    updated_at: Any = None
+    created_at: str | None = Field(None, description="ISO 8601, UTC")
+    updated_at: str | None = Field(None, description="ISO 8601, UTC")
 
 
 class SubjectPage(BaseModel):
-    subjects: list[dict[str, Any]]
+    subjects: list[Subject]
     next_cursor: str | None = Field(
         description="pass as `cursor` for the next page; null at the end"
     )
@@ -276,7 +277,7 @@ class EnrolledFace(BaseModel):
     model: str
     quality: dict[str, Any]
     face: Face
-    created_at: Any = None
+    created_at: str | None = Field(None, description="ISO 8601, UTC")
 
 
 class SubjectDeleted(BaseModel):
@@ -285,7 +286,7 @@ class SubjectDeleted(BaseModel):
     faces_removed: int
 
 
-class Gallery(BaseModel):
+class Gallery(BaseModel):  # service.records.GalleryRecord
     model_config = ConfigDict(extra="allow")
 
     name: str
@@ -293,7 +294,7 @@ class Gallery(BaseModel):
     dim: int | None = Field(None, description="embedding dimension of the gallery's model")
     subjects: int = 0
     faces: int = 0
-    created_at: Any = None
+    created_at: str | None = Field(None, description="ISO 8601, UTC")
 
 
 class GalleryList(BaseModel):

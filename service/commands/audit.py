@@ -64,11 +64,11 @@ def run(args) -> int:
                 limit=min(left, 1000),
             )
             for record in records:
-                print(json.dumps(record, ensure_ascii=False))
+                print(json.dumps(record.to_dict(), ensure_ascii=False))
             left -= len(records)
             if not more or not records:
                 break
-            after = records[-1]["id"]
+            after = records[-1].id
     finally:
         store.close()
     return 0

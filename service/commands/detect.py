@@ -25,11 +25,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import asyncio
+
     from service.pipeline.detectors import build_detector
     from service.pipeline.errors import PipelineError
     from service.pipeline.pipeline import Pipeline
     from service.pipeline.types import Timings
     from service.registry import ModelError, default_registry
+    from service.usecases.extract import extract_faces
+    from service.usecases.work import Worker
 
     images = read_images([args.image])  # before the model loads
     if images is None:
@@ -43,8 +47,9 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     timings = Timings()
+    work = Worker(Pipeline(detector, None, settings), threads=False)
     try:
-        found = Pipeline(detector, None, settings).locate(data, "all", timings, allow_none=True)
+        found = asyncio.run(extract_faces(work=work, image=data, timings=timings, policy="all"))
     except PipelineError as exc:
         print(json.dumps({"error": {"code": exc.code, "message": exc.message}}))
         return 3
@@ -52,11 +57,11 @@ def run(args) -> int:
         json.dumps(
             {
                 "image": str(args.image),
-                "width": found.image_size[0],
-                "height": found.image_size[1],
+                "width": found.width,
+                "height": found.height,
                 "detector": card.name,
                 "detect_ms": round(timings.stages["detect"] * 1000, 2),
-                "faces": [face.to_dict() for face in found.detections],
+                "faces": [face.detection.to_dict() for face in found.faces],
             }
         )
     )

@@ -50,9 +50,13 @@ def register(subparsers) -> None:
 
 
 def run_reenrol(args) -> int:
+    import asyncio
+
     from service.gallery import GalleryService
     from service.gallery.errors import GalleryError
-    from service.reenrol import Reenrolment
+    from service.pipeline.types import Timings
+    from service.usecases.galleries import reenrol
+    from service.usecases.work import Worker
 
     extra = {
         key: value
@@ -65,11 +69,20 @@ def run_reenrol(args) -> int:
         return 2
     gallery = GalleryService.offline(settings)
     try:
-        report = Reenrolment(gallery, pipeline, settings, args.source, args.target).run()
+        report = asyncio.run(
+            reenrol(
+                work=Worker(pipeline, threads=False),
+                gallery=gallery,
+                settings=settings,
+                source=args.source,
+                target=args.target,
+                timings=Timings(),
+            )
+        )
     except GalleryError as exc:
         print(json.dumps({"error": {"code": exc.code, "message": exc.message}}))
         return 3
     finally:
         gallery.stop()
-    print(json.dumps(report))
+    print(json.dumps(report.to_dict()))
     return 0

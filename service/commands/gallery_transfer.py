@@ -16,7 +16,6 @@ imports leave audit records with key id ``cli``.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -99,6 +98,7 @@ def _fail(exc) -> int:
 
 
 def run_export(args) -> int:
+    from service.files import atomic_file
     from service.gallery import GalleryService
     from service.gallery.errors import GalleryError
     from service.gallery.transfer import write_export
@@ -107,15 +107,10 @@ def run_export(args) -> int:
     settings = store_settings(args)
     registry = default_registry(settings)
     gallery = GalleryService.offline(settings)
-    tmp = args.file.with_name(args.file.name + ".partial")
     try:
-        with open(tmp, "wb") as out:
+        with atomic_file(args.file, suffix=".partial") as out:
             end = write_export(gallery.store, args.gallery, out, registry.sha256_of)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, args.file)
     except GalleryError as exc:
-        tmp.unlink(missing_ok=True)
         return _fail(exc)
     finally:
         gallery.stop()

@@ -8,10 +8,10 @@ file when they start.  See :mod:`service.api.keys` for the format and the rules.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
+from service.files import atomic_write
 from service.helptext import summary
 
 
@@ -51,14 +51,8 @@ def _write(path: Path, data: dict) -> None:
         text = yaml.safe_dump(data, sort_keys=False)
     else:
         text = json.dumps(data, indent=2) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    atomic_write(path, text, mode=0o600)
 
 
 def run_add(args) -> int:

@@ -1,7 +1,8 @@
 """``facegate verify A B``: are the main faces of two images the same person? (JSON)
 
-The main face of each image is its largest (``service.pipeline.faces.main_face``, the
-rule ``POST /v1/verify`` follows). The decision uses the recognizer card's threshold at
+The same use case as ``POST /v1/verify`` (``service.usecases.verify.verify``), run
+in-process: the main face of each image is its largest (``service.pipeline.faces.main_face``).
+The decision uses the recognizer card's threshold at
 the operating point (``decision.decide``); an operating point the card does not offer is
 refused, as by the REST API. Exit status 0 with a JSON decision; 3 with a JSON error when
 an image is refused or has no face, or the operating point is unknown; 2 when an image
@@ -35,13 +36,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from service.pipeline.decision import (
-        UnknownOperatingPoint,
-        decide,
-        operating_point,
-        threshold_for,
-    )
+    import asyncio
+
     from service.pipeline.errors import PipelineError
+    from service.pipeline.types import Timings
+    from service.usecases.verify import verify
+    from service.usecases.work import Worker
 
     images = read_images([args.image_a, args.image_b])  # before the models load
     if images is None:
@@ -51,31 +51,31 @@ def run(args) -> int:
     pipeline = load_pipeline(settings)
     if pipeline is None:
         return 2
+    (path_a, data_a), (path_b, data_b) = images
     try:
-        point = operating_point(
-            pipeline.recognizer_card, args.operating_point, settings.operating_point
+        result = asyncio.run(
+            verify(
+                work=Worker(pipeline, threads=False),
+                timings=Timings(),
+                image1=data_a,
+                image2=data_b,
+                requested_point=args.operating_point,
+                configured_point=settings.operating_point,
+                labels=(str(path_a), str(path_b)),
+            )
         )
-    except UnknownOperatingPoint as exc:
-        print(json.dumps({"error": {"code": exc.code, "message": str(exc)}}))
+    except PipelineError as exc:  # an image refused, or an unknown operating point
+        print(json.dumps({"error": {"code": exc.code, "message": exc.message}}))
         return 3
-    found = []
-    for path, data in images:
-        try:
-            found.append(pipeline.locate(data, "largest"))
-        except PipelineError as exc:
-            print(json.dumps({"error": {"code": exc.code, "message": f"{path}: {exc.message}"}}))
-            return 3
-    pipeline.embed_faces(found)
-    similarity = float(found[0].embeddings[0] @ found[1].embeddings[0])
-    decision = decide(similarity, threshold_for(pipeline.recognizer_card, point))
+    assert result.face1 is not None and result.face2 is not None
     print(
         json.dumps(
             {
-                **decision.to_dict(),
-                "similarity": round(similarity, 6),
-                "faces": {"a": found[0].detected, "b": found[1].detected},
-                "face_a": found[0].detections[0].to_dict(),
-                "face_b": found[1].detections[0].to_dict(),
+                **result.decision.to_dict(),
+                "similarity": round(result.similarity, 6),
+                "faces": {"a": result.detected1, "b": result.detected2},
+                "face_a": result.face1.to_dict(),
+                "face_b": result.face2.to_dict(),
                 "detector": pipeline.detector_card.name,
                 "recognizer": pipeline.recognizer_card.name,
                 "model_id": pipeline.model_id,

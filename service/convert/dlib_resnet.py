@@ -41,6 +41,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from service.convert.onnx_graph import CountedGraph
+from service.files import atomic_write
 
 INPUT_SIZE = 150
 EMBEDDING_DIM = 128
@@ -475,9 +476,7 @@ def write_onnx(net: DlibNetwork, out_path: Path) -> Path:
     model = build_onnx(net)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_bytes(model.SerializeToString(deterministic=True))
-    tmp.replace(out_path)
+    atomic_write(out_path, model.SerializeToString(deterministic=True))
     return out_path
 
 

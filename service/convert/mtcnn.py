@@ -38,6 +38,7 @@ from onnx import TensorProto, helper
 
 from service.convert.onnx_graph import PrefixedGraph
 from service.convert.torch_pickle import load_state_dict
+from service.files import atomic_write
 
 WHEEL_DISTRIBUTION = "facenet-pytorch==2.6.0"
 WHEEL_MEMBERS = {
@@ -230,7 +231,5 @@ def convert_mtcnn(wheel_path: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / OUTPUT_NAME
-    tmp = target.with_suffix(".onnx.tmp")
-    tmp.write_bytes(model.SerializeToString(deterministic=True))
-    tmp.replace(target)
+    atomic_write(target, model.SerializeToString(deterministic=True))
     return target

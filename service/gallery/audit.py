@@ -40,10 +40,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from service.gallery.store import GalleryStore
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +63,17 @@ PRUNE_EVERY_S = 3600.0
 THROTTLE_WINDOW_S = 60.0
 THROTTLE_BURST = 10
 THROTTLE_CLIENTS = 4096
+
+
+class AuditLog(Protocol):
+    """Where the writer appends entries: the store (``GalleryStore.append_audit`` /
+    ``prune_audit``); named here so that the audit log and the store do not import each
+    other."""
+
+    def append_audit(self, entries: list[AuditEntry]) -> None: ...
+
+    def prune_audit(self, before: float) -> int: ...
+
 
 _current: contextvars.ContextVar[AuditEntry | None] = contextvars.ContextVar(
     "facegate_audit_entry", default=None
@@ -120,7 +128,7 @@ def recording(entry: AuditEntry) -> Iterator[AuditEntry]:
 class AuditWriter:
     """Appends entries to the store in the background, and prunes old rows."""
 
-    def __init__(self, store: GalleryStore, retention_days: float = 0.0) -> None:
+    def __init__(self, store: AuditLog, retention_days: float = 0.0) -> None:
         self.store = store
         self.retention_s = float(retention_days) * 86400.0
         self._queue: queue.Queue[AuditEntry | _Marker | None] = queue.Queue()

@@ -58,19 +58,22 @@ import hashlib
 import json
 import logging
 import math
-import os
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
 
 import faiss
 import numpy as np
 
+from service.config import INDEX_TYPES, IndexType, Settings
+from service.files import atomic_write
+
 log = logging.getLogger("facegate.gallery")
 
-INDEX_TYPES = ("flat", "ivf", "hnsw", "auto")
+__all__ = ["INDEX_TYPES", "GalleryIndex", "IndexSettings", "SnapshotError"]
 IVF_MIN_TRAIN = 10_000
 IVF_RETRAIN_GROWTH = 8
 IVF_NPROBE = 32
@@ -296,6 +299,36 @@ def _hnsw(index: faiss.IndexIDMap2) -> faiss.IndexHNSW:
 def ivf_lists(n: int) -> int:
     """IVF list count for ``n`` vectors: ``4·sqrt(n)``, at least 39 training points per list."""
     return int(max(1, min(IVF_LISTS_PER_SQRT * math.sqrt(n), n / 39, 65536)))
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How every index of a replica is built and loaded: the kind, the GPU mirror, the ivf
+    probes (0: tuned), the target recall of tuning and auto's switch size (0: measured)."""
+
+    kind: IndexType = "flat"
+    gpu: bool = False
+    nprobe: int = IVF_NPROBE
+    target_recall: float = 0.0
+    switch_faces: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, gpu: bool) -> IndexSettings:
+        return cls(
+            kind=settings.index_type,
+            gpu=gpu,
+            nprobe=settings.ivf_nprobe,
+            target_recall=settings.target_recall,
+            switch_faces=settings.auto_switch_faces,
+        )
+
+    def build(self, dim: int, model_id: str) -> GalleryIndex:
+        """An empty index for ``dim``-d embeddings of ``model_id``."""
+        return GalleryIndex(dim, model_id, **vars(self))
+
+    def load(self, prefix: Path) -> tuple[GalleryIndex, dict]:
+        """The snapshot at ``prefix`` (:meth:`GalleryIndex.load`)."""
+        return GalleryIndex.load(prefix, **vars(self))
 
 
 class GalleryIndex:
@@ -669,12 +702,7 @@ class GalleryIndex:
         else:
             prefix.with_suffix(".ivf").unlink(missing_ok=True)
         for suffix, payload in files:
-            tmp = prefix.with_suffix(suffix + ".tmp")
-            with open(tmp, "wb") as fh:
-                fh.write(payload)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, prefix.with_suffix(suffix))
+            atomic_write(prefix.with_suffix(suffix), payload)
 
     @classmethod
     def load(

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service.gallery.consistency import compare_gallery
-from service.gallery.index import GalleryIndex
+from service.gallery.index import GalleryIndex, IndexSettings
 from service.gallery.store import Change, GalleryStore
 
 if TYPE_CHECKING:
@@ -47,6 +47,8 @@ class Replica:
     def __init__(self, settings: Settings, gpu: bool, store: Callable[[], GalleryStore]) -> None:
         self.settings = settings
         self.gpu = gpu
+        #: How this replica's indexes are built and loaded.
+        self.index_settings = IndexSettings.from_settings(settings, gpu)
         self._store = store
         self.indexes: dict[str, GalleryIndex] = {}
         self.lock = threading.RLock()  # held while applying the log or reading it whole
@@ -60,15 +62,7 @@ class Replica:
         return self._store()
 
     def new_index(self, dim: int, model_id: str) -> GalleryIndex:
-        return GalleryIndex(
-            dim,
-            model_id,
-            self.settings.index_type,
-            self.gpu,
-            self.settings.ivf_nprobe,
-            self.settings.target_recall,
-            self.settings.auto_switch_faces,
-        )
+        return self.index_settings.build(dim, model_id)
 
     # --- applying the change log ------------------------------------------------
     def apply(self, change: Change) -> None:

@@ -55,6 +55,7 @@ from service.gallery.names import check_gallery, check_subject_id
 from service.gallery.replica import Replica
 from service.gallery.snapshots import Snapshots
 from service.gallery.store import Change, GalleryFaces, GalleryStore
+from service.records import FaceRecord, GalleryRecord, SubjectRecord
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -148,7 +149,7 @@ class GalleryService:
     def __init__(
         self, settings: Settings, store: GalleryStore | None = None, *, indexing: bool = True
     ) -> None:
-        if settings.index_type not in INDEX_TYPES:
+        if settings.index_type not in INDEX_TYPES:  # Settings built without validation
             raise ValueError(
                 f"index_type must be one of {INDEX_TYPES}, got {settings.index_type!r}"
             )
@@ -164,13 +165,7 @@ class GalleryService:
         self.replica = Replica(settings, self._gpu, lambda: self.store)
         self.source = ""  # where the indexes came from at start: "snapshot" or "store"
         self.snapshots = Snapshots(
-            Path(settings.data_dir),
-            self.store_url,
-            settings.index_type,
-            self._gpu,
-            settings.ivf_nprobe,
-            settings.target_recall,
-            settings.auto_switch_faces,
+            Path(settings.data_dir), self.store_url, self.replica.index_settings
         )
         self.snapshot_dir = self.snapshots.directory
 
@@ -248,7 +243,7 @@ class GalleryService:
         return self.replica.sync_status(self.ready())
 
     # --- galleries --------------------------------------------------------------
-    def create_gallery(self, name: str, model_id: str, dim: int | None = None) -> dict:
+    def create_gallery(self, name: str, model_id: str, dim: int | None = None) -> GalleryRecord:
         """Create a gallery; idempotent for the same model id, else ``GalleryModelMismatch``.
         ``dim``: the model's embedding dimension (a new gallery reports it before its first
         face)."""
@@ -257,10 +252,10 @@ class GalleryService:
         )
         return gallery
 
-    def get_gallery(self, name: str) -> dict:
+    def get_gallery(self, name: str) -> GalleryRecord:
         return self.store.get_gallery(check_gallery(name))
 
-    def list_galleries(self) -> list[dict]:
+    def list_galleries(self) -> list[GalleryRecord]:
         return self.store.list_galleries()
 
     def delete_gallery(self, name: str) -> None:
@@ -275,7 +270,7 @@ class GalleryService:
         metadata: dict | None,
         model_id: str,
         dim: int | None = None,
-    ) -> tuple[dict, bool]:
+    ) -> tuple[SubjectRecord, bool]:
         """Create a subject (and the gallery, with ``model_id`` and ``dim``, on first use).
 
         Idempotent: for an existing subject it returns that subject unchanged
@@ -290,10 +285,10 @@ class GalleryService:
             check_dim(dim),
         )
 
-    def get_subject(self, gallery: str, subject_id: str) -> dict:
+    def get_subject(self, gallery: str, subject_id: str) -> SubjectRecord:
         return self.store.get_subject(check_gallery(gallery), check_subject_id(subject_id))
 
-    def update_subject(self, gallery: str, subject_id: str, metadata: dict) -> dict:
+    def update_subject(self, gallery: str, subject_id: str, metadata: dict) -> SubjectRecord:
         """Merge ``metadata`` into the subject's (top-level keys; a ``None`` value removes a
         key)."""
         return self.store.update_subject(
@@ -310,16 +305,14 @@ class GalleryService:
 
     def list_subjects(
         self, gallery: str, limit: int = 100, cursor: str | None = None
-    ) -> tuple[list[dict], str | None]:
+    ) -> tuple[list[SubjectRecord], str | None]:
         """A page of subjects ordered by subject_id, and the cursor of the next page (or None)."""
         if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit must be an integer from 1 to {MAX_PAGE}")
         gallery = check_gallery(gallery)
         after = None if cursor is None else decode_cursor(gallery, cursor)
         subjects, more = self.store.list_subjects(gallery, limit, after)
-        next_cursor = (
-            encode_cursor(gallery, subjects[-1]["subject_id"]) if more and subjects else None
-        )
+        next_cursor = encode_cursor(gallery, subjects[-1].subject_id) if more and subjects else None
         return subjects, next_cursor
 
     # --- faces ------------------------------------------------------------------
@@ -332,7 +325,7 @@ class GalleryService:
         quality: dict,
         image: bytes | None = None,
         source_face_id: int | None = None,
-    ) -> dict:
+    ) -> FaceRecord:
         """Store one face (committed before this returns) and index it here at once.
 
         The image is kept only when ``settings.store_images`` is set.  ``source_face_id``:
@@ -353,7 +346,7 @@ class GalleryService:
             None if source_face_id is None else int(source_face_id),
         )
         self._apply_own(
-            Change(seq, gallery, "add", face["face_id"], subject_id, vector, model_id, vector.size)
+            Change(seq, gallery, "add", face.face_id, subject_id, vector, model_id, vector.size)
         )
         return face
 

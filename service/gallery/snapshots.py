@@ -15,12 +15,12 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from service.gallery.index import GalleryIndex, SnapshotError
+from service.files import atomic_write
+from service.gallery.index import GalleryIndex, IndexSettings, SnapshotError
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +40,11 @@ def exclusive(path: Path) -> Iterator[None]:
 class Snapshots:
     """The snapshot set of one store (by URL) under ``data_dir``."""
 
-    def __init__(
-        self,
-        data_dir: Path,
-        store_url: str,
-        index_type: str,
-        gpu: bool,
-        nprobe: int,
-        target_recall: float = 0.0,
-        switch_faces: int = 0,
-    ) -> None:
+    def __init__(self, data_dir: Path, store_url: str, index: IndexSettings) -> None:
         digest = hashlib.sha256(store_url.encode()).hexdigest()[:16]
         self.directory = Path(data_dir) / "snapshots" / digest
-        self.index_type = index_type
-        self.gpu = gpu
-        self.nprobe = nprobe
-        self.target_recall = target_recall
-        self.switch_faces = switch_faces
+        self.index = index
+        self.index_type = index.kind
 
     def _prefix(self, name: str) -> Path:
         return self.directory / hashlib.sha256(name.encode()).hexdigest()[:24]
@@ -70,12 +58,10 @@ class Snapshots:
                 index.save(self._prefix(name), seq, name)
                 files[name] = self._prefix(name).name
             self.directory.mkdir(parents=True, exist_ok=True)
-            manifest = self.directory / "manifest.json"
-            tmp = manifest.with_suffix(".tmp")
-            tmp.write_text(
-                json.dumps({"seq": seq, "index_type": self.index_type, "galleries": files})
+            atomic_write(
+                self.directory / "manifest.json",
+                json.dumps({"seq": seq, "index_type": self.index_type, "galleries": files}),
             )
-            os.replace(tmp, manifest)
 
     def read(self, head_seq: int) -> tuple[dict[str, GalleryIndex], int] | None:
         """The set's indexes and seq, or None (logged) when there is none or it cannot be
@@ -93,14 +79,7 @@ class Snapshots:
                 raise SnapshotError(f"snapshot seq {seq} is ahead of the store's log")
             indexes = {}
             for name, prefix in spec["galleries"].items():
-                index, sidecar = GalleryIndex.load(
-                    self.directory / prefix,
-                    self.index_type,
-                    self.gpu,
-                    self.nprobe,
-                    self.target_recall,
-                    self.switch_faces,
-                )
+                index, sidecar = self.index.load(self.directory / prefix)
                 if sidecar["seq"] != seq or sidecar["gallery"] != name:
                     raise SnapshotError(f"snapshot of {name!r} does not belong to this set")
                 indexes[name] = index

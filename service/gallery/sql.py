@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from service.gallery.errors import (
 )
 from service.gallery.schema import LATEST, MIGRATIONS
 from service.gallery.store import Change, GalleryFaces, GalleryStore, NewFace, NewSubject
+from service.records import AuditRecord, FaceRecord, GalleryRecord, SubjectRecord, iso
 
 #: Limits of stored JSON (subject metadata, face quality), checked before any write,
 #: for create and update alike, so that whatever is stored can be read back.
@@ -41,9 +42,10 @@ MAX_JSON_DEPTH = 16
 EXPORT_CHUNK = 256  # faces fetched at a time by export_gallery
 
 
-def iso(ts: float) -> str:
-    """Epoch seconds as an ISO-8601 UTC string."""
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat()
+#: A row as a dict of its columns by name (:meth:`Cursor.named` / :meth:`Cursor.all_named`).
+Row = dict[str, Any]
+
+__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "Row", "SQLStore", "dump_json", "iso"]
 
 
 def json_depth(value: object) -> int:
@@ -111,6 +113,19 @@ class Cursor:
 
     def fetchmany(self, size: int):
         return self._cursor.fetchmany(size)
+
+    def _names(self) -> list[str]:
+        return [column[0] for column in self._cursor.description]
+
+    def named(self) -> Row | None:
+        """The next row as a dict by column name (None when there is none)."""
+        row = self._cursor.fetchone()
+        return None if row is None else dict(zip(self._names(), row, strict=True))
+
+    def all_named(self) -> list[Row]:
+        """Every remaining row as a dict by column name."""
+        names = self._names()
+        return [dict(zip(names, row, strict=True)) for row in self._cursor.fetchall()]
 
     @property
     def rowcount(self) -> int:
@@ -198,36 +213,48 @@ class SQLStore(GalleryStore):
         return seq
 
     @staticmethod
-    def _gallery_row(cur: Cursor, name: str):
+    def _gallery_row(cur: Cursor, name: str) -> Row | None:
         return cur.execute(
             "SELECT name, model_id, dim, created_at FROM galleries WHERE name = ?", (name,)
-        ).fetchone()
+        ).named()
 
-    def _require_gallery(self, cur: Cursor, name: str):
+    def _require_gallery(self, cur: Cursor, name: str) -> Row:
         row = self._gallery_row(cur, name)
         if row is None:
             raise GalleryNotFound(f"gallery {name!r} does not exist")
         return row
 
+    def _gallery_for_model(
+        self, cur: Cursor, name: str, model_id: str, size: int | None = None
+    ) -> Row:
+        """The one check of a write: gallery ``name`` exists (``GalleryNotFound``), holds
+        ``model_id``'s embeddings (``GalleryModelMismatch``) and, with ``size``, vectors of
+        that dimension (``InvalidEmbedding``); a gallery without a dimension yet takes
+        ``size``."""
+        row = self._require_gallery(cur, name)
+        if row["model_id"] != model_id:
+            raise GalleryModelMismatch(name, row["model_id"], model_id)
+        if size is not None:
+            if row["dim"] is None:
+                cur.execute("UPDATE galleries SET dim = ? WHERE name = ?", (size, name))
+            elif row["dim"] != size:
+                raise InvalidEmbedding(
+                    f"gallery {name!r} holds {row['dim']}-d embeddings, got {size}-d"
+                )
+        return row
+
     @staticmethod
-    def _gallery_dict(cur: Cursor, row) -> dict:
+    def _gallery_record(cur: Cursor, row: Row) -> GalleryRecord:
         subjects, faces = cur.execute(
             "SELECT (SELECT COUNT(*) FROM subjects WHERE gallery = ?), "
             "(SELECT COUNT(*) FROM faces WHERE gallery = ?)",
-            (row[0], row[0]),
+            (row["name"], row["name"]),
         ).fetchone()
-        return {
-            "name": row[0],
-            "model_id": row[1],
-            "dim": row[2],
-            "subjects": int(subjects),
-            "faces": int(faces),
-            "created_at": iso(row[3]),
-        }
+        return GalleryRecord.from_row(row, subjects, faces)
 
     @staticmethod
-    def _faces_of(cur: Cursor, gallery: str, subject_ids: list[str]) -> dict[str, list[dict]]:
-        faces: dict[str, list[dict]] = {sid: [] for sid in subject_ids}
+    def _faces_of(cur: Cursor, gallery: str, subject_ids: list[str]) -> dict[str, list[FaceRecord]]:
+        faces: dict[str, list[FaceRecord]] = {sid: [] for sid in subject_ids}
         if not subject_ids:
             return faces
         marks = ", ".join("?" * len(subject_ids))
@@ -235,68 +262,62 @@ class SQLStore(GalleryStore):
             f"SELECT subject_id, face_id, created_at, quality, source_face_id FROM faces "
             f"WHERE gallery = ? AND subject_id IN ({marks}) ORDER BY face_id",
             (gallery, *subject_ids),
-        ).fetchall()
-        for subject_id, face_id, created_at, quality, source_face_id in rows:
-            face = {
-                "face_id": int(face_id),
-                "created_at": iso(created_at),
-                "quality": json.loads(quality),
-            }
-            if source_face_id is not None:
-                face["reenrolled_from"] = int(source_face_id)
-            faces[subject_id].append(face)
+        ).all_named()
+        for row in rows:
+            source = row["source_face_id"]
+            faces[row["subject_id"]].append(
+                FaceRecord(
+                    face_id=int(row["face_id"]),
+                    created_at=iso(row["created_at"]),
+                    quality=json.loads(row["quality"]),
+                    reenrolled_from=None if source is None else int(source),
+                )
+            )
         return faces
 
     @staticmethod
-    def _subject_dict(row, faces: list[dict]) -> dict:
-        return {
-            "subject_id": row[0],
-            "metadata": json.loads(row[1]),
-            "faces": faces,
-            "created_at": iso(row[2]),
-            "updated_at": iso(row[3]),
-        }
+    def _subject_record(row: Row, faces: list[FaceRecord]) -> SubjectRecord:
+        return SubjectRecord.from_row(row, json.loads(row["metadata"]), faces)
 
-    def _require_subject(self, cur: Cursor, gallery: str, subject_id: str):
+    def _require_subject(self, cur: Cursor, gallery: str, subject_id: str) -> Row:
         self._require_gallery(cur, gallery)
         row = cur.execute(
             "SELECT subject_id, metadata, created_at, updated_at FROM subjects "
             "WHERE gallery = ? AND subject_id = ?",
             (gallery, subject_id),
-        ).fetchone()
+        ).named()
         if row is None:
             raise SubjectNotFound(f"subject {subject_id!r} does not exist in gallery {gallery!r}")
         return row
 
-    def _load_subject(self, cur: Cursor, gallery: str, subject_id: str) -> dict:
+    def _load_subject(self, cur: Cursor, gallery: str, subject_id: str) -> SubjectRecord:
         row = self._require_subject(cur, gallery, subject_id)
-        return self._subject_dict(row, self._faces_of(cur, gallery, [subject_id])[subject_id])
+        return self._subject_record(row, self._faces_of(cur, gallery, [subject_id])[subject_id])
 
     # --- galleries --------------------------------------------------------------
-    def create_gallery(self, name: str, model_id: str, dim: int | None = None) -> tuple[dict, bool]:
+    def create_gallery(
+        self, name: str, model_id: str, dim: int | None = None
+    ) -> tuple[GalleryRecord, bool]:
         with self._write() as cur:
-            row = self._gallery_row(cur, name)
-            created = row is None
+            created = self._gallery_row(cur, name) is None
             if created:
                 cur.execute(
                     "INSERT INTO galleries (name, model_id, dim, created_at) VALUES (?, ?, ?, ?)",
                     (name, model_id, dim, time.time()),
                 )
-                row = self._gallery_row(cur, name)
-            elif row[1] != model_id:
-                raise GalleryModelMismatch(name, row[1], model_id)
-            return self._gallery_dict(cur, row), created
+            row = self._gallery_for_model(cur, name, model_id)
+            return self._gallery_record(cur, row), created
 
-    def get_gallery(self, name: str) -> dict:
+    def get_gallery(self, name: str) -> GalleryRecord:
         with self._read() as cur:
-            return self._gallery_dict(cur, self._require_gallery(cur, name))
+            return self._gallery_record(cur, self._require_gallery(cur, name))
 
-    def list_galleries(self) -> list[dict]:
+    def list_galleries(self) -> list[GalleryRecord]:
         with self._read() as cur:
             rows = cur.execute(
                 "SELECT name, model_id, dim, created_at FROM galleries ORDER BY name"
-            ).fetchall()
-            return [self._gallery_dict(cur, row) for row in rows]
+            ).all_named()
+            return [self._gallery_record(cur, row) for row in rows]
 
     def delete_gallery(self, name: str) -> int:
         with self._write() as cur:
@@ -314,18 +335,17 @@ class SQLStore(GalleryStore):
         metadata: dict | None,
         model_id: str,
         dim: int | None = None,
-    ) -> tuple[dict, bool]:
+    ) -> tuple[SubjectRecord, bool]:
         text = None if metadata is None else dump_json(metadata, "metadata")
         with self._write() as cur:
-            row = self._gallery_row(cur, gallery)
             now = time.time()
-            if row is None:
+            if self._gallery_row(cur, gallery) is None:
                 cur.execute(
                     "INSERT INTO galleries (name, model_id, dim, created_at) VALUES (?, ?, ?, ?)",
                     (gallery, model_id, dim, now),
                 )
-            elif row[1] != model_id:
-                raise GalleryModelMismatch(gallery, row[1], model_id)
+            else:
+                self._gallery_for_model(cur, gallery, model_id)
             exists = cur.execute(
                 "SELECT 1 FROM subjects WHERE gallery = ? AND subject_id = ?", (gallery, subject_id)
             ).fetchone()
@@ -337,15 +357,15 @@ class SQLStore(GalleryStore):
                 )
             return self._load_subject(cur, gallery, subject_id), exists is None
 
-    def get_subject(self, gallery: str, subject_id: str) -> dict:
+    def get_subject(self, gallery: str, subject_id: str) -> SubjectRecord:
         with self._read() as cur:
             return self._load_subject(cur, gallery, subject_id)
 
-    def update_subject(self, gallery: str, subject_id: str, metadata: dict) -> dict:
+    def update_subject(self, gallery: str, subject_id: str, metadata: dict) -> SubjectRecord:
         dump_json(metadata, "metadata")
         with self._write() as cur:
             row = self._require_subject(cur, gallery, subject_id)
-            merged = json.loads(row[1])
+            merged = json.loads(row["metadata"])
             for key, value in metadata.items():
                 if value is None:
                     merged.pop(key, None)
@@ -369,7 +389,9 @@ class SQLStore(GalleryStore):
             )
             return int(removed), self._log(cur, gallery, "delete_subject", None, subject_id)
 
-    def list_subjects(self, gallery: str, limit: int, after: str | None) -> tuple[list[dict], bool]:
+    def list_subjects(
+        self, gallery: str, limit: int, after: str | None
+    ) -> tuple[list[SubjectRecord], bool]:
         with self._read() as cur:
             self._require_gallery(cur, gallery)
             sql = (
@@ -382,11 +404,11 @@ class SQLStore(GalleryStore):
                 params.append(after)
             sql += " ORDER BY subject_id LIMIT ?"
             params.append(limit + 1)
-            rows = cur.execute(sql, params).fetchall()
+            rows = cur.execute(sql, params).all_named()
             more = len(rows) > limit
             rows = rows[:limit]
-            faces = self._faces_of(cur, gallery, [row[0] for row in rows])
-            return [self._subject_dict(row, faces[row[0]]) for row in rows], more
+            faces = self._faces_of(cur, gallery, [row["subject_id"] for row in rows])
+            return [self._subject_record(row, faces[row["subject_id"]]) for row in rows], more
 
     # --- faces ------------------------------------------------------------------
     def add_face(
@@ -398,20 +420,12 @@ class SQLStore(GalleryStore):
         quality: dict,
         image: bytes | None,
         source_face_id: int | None = None,
-    ) -> tuple[dict, int]:
+    ) -> tuple[FaceRecord, int]:
         quality_text = dump_json(quality or {}, "quality")
         vector = np.ascontiguousarray(embedding, dtype="<f4")
         source = None if source_face_id is None else int(source_face_id)
         with self._write() as cur:
-            row = self._require_gallery(cur, gallery)
-            if row[1] != model_id:
-                raise GalleryModelMismatch(gallery, row[1], model_id)
-            if row[2] is None:
-                cur.execute("UPDATE galleries SET dim = ? WHERE name = ?", (vector.size, gallery))
-            elif row[2] != vector.size:
-                raise InvalidEmbedding(
-                    f"gallery {gallery!r} holds {row[2]}-d embeddings, got {vector.size}-d"
-                )
+            self._gallery_for_model(cur, gallery, model_id, vector.size)
             self._require_subject(cur, gallery, subject_id)
             if source is not None:
                 # Writers are serialised, so this check cannot race another re-enrolment.
@@ -442,14 +456,13 @@ class SQLStore(GalleryStore):
                 ).fetchone()[0]
             )
             seq = self._log(cur, gallery, "add", face_id, subject_id)
-        face = {
-            "face_id": face_id,
-            "subject_id": subject_id,
-            "quality": json.loads(quality_text),
-            "created_at": iso(now),
-        }
-        if source is not None:
-            face["reenrolled_from"] = source
+        face = FaceRecord(
+            face_id=face_id,
+            created_at=iso(now),
+            quality=json.loads(quality_text),
+            subject_id=subject_id,
+            reenrolled_from=source,
+        )
         return face, seq
 
     def delete_face(self, gallery: str, face_id: int) -> tuple[str, int]:
@@ -494,29 +507,16 @@ class SQLStore(GalleryStore):
         results: list[dict] = []
         seq = None
         with self._write() as cur:
-            row = self._gallery_row(cur, gallery)
             now = time.time()
-            if row is None:
+            if self._gallery_row(cur, gallery) is None:
                 cur.execute(
                     "INSERT INTO galleries (name, model_id, dim, created_at) "
                     "VALUES (?, ?, NULL, ?)",
                     (gallery, model_id, now),
                 )
-                dim = None
             elif new_gallery:
                 raise Conflict(f"gallery {gallery!r} already exists; restore into a new gallery")
-            elif row[1] != model_id:
-                raise GalleryModelMismatch(gallery, row[1], model_id)
-            else:
-                dim = row[2]
-            if sizes:
-                size = sizes.pop()
-                if dim is None:
-                    cur.execute("UPDATE galleries SET dim = ? WHERE name = ?", (size, gallery))
-                elif dim != size:
-                    raise InvalidEmbedding(
-                        f"gallery {gallery!r} holds {dim}-d embeddings, got {size}-d"
-                    )
+            self._gallery_for_model(cur, gallery, model_id, sizes.pop() if sizes else None)
             pending = {subject.subject_id: subject for subject in subjects}
             known: set[str] = set()
 
@@ -601,10 +601,15 @@ class SQLStore(GalleryStore):
 
     def export_gallery(self, gallery: str) -> Iterator[tuple[str, dict]]:
         with self._read() as cur:
-            name, model_id, dim, created_at = self._require_gallery(cur, gallery)
+            row = self._require_gallery(cur, gallery)
             yield (
                 "gallery",
-                {"name": name, "model_id": model_id, "dim": dim, "created_at": float(created_at)},
+                {
+                    "name": row["name"],
+                    "model_id": row["model_id"],
+                    "dim": row["dim"],
+                    "created_at": float(row["created_at"]),
+                },
             )
             rows = cur.execute(
                 "SELECT subject_id, metadata, created_at FROM subjects WHERE gallery = ? "
@@ -689,7 +694,7 @@ class SQLStore(GalleryStore):
         after: int = 0,
         limit: int = 100,
         galleries: Collection[str] | None = None,
-    ) -> tuple[list[dict], bool]:
+    ) -> tuple[list[AuditRecord], bool]:
         sql = (
             "SELECT id, at, key_id, client, action, gallery, subject_ids, face_ids, result, "
             "route, reason FROM audit WHERE id > ?"
@@ -717,22 +722,10 @@ class SQLStore(GalleryStore):
         sql += " ORDER BY id LIMIT ?"
         params.append(int(limit) + 1)
         with self._read() as cur:
-            rows = cur.execute(sql, params).fetchall()
+            rows = cur.execute(sql, params).all_named()
         more = len(rows) > limit
         return [
-            {
-                "id": int(r[0]),
-                "at": iso(r[1]),
-                "key_id": r[2],
-                "client": r[3],
-                "action": r[4],
-                "gallery": r[5],
-                "subject_ids": json.loads(r[6]),
-                "face_ids": json.loads(r[7]),
-                "result": r[8],
-                "route": r[9],
-                "reason": r[10],
-            }
+            AuditRecord.from_row(r, json.loads(r["subject_ids"]), json.loads(r["face_ids"]))
             for r in rows[:limit]
         ], more
 
@@ -786,20 +779,8 @@ class SQLStore(GalleryStore):
         sql += " ORDER BY c.seq LIMIT ?"
         params.append(int(limit))
         with self._read() as cur:
-            rows = cur.execute(sql, params).fetchall()
-        return [
-            Change(
-                seq=int(s),
-                gallery=g,
-                op=op,
-                face_id=None if fid is None else int(fid),
-                subject_id=sid,
-                embedding=None if emb is None else np.frombuffer(bytes(emb), dtype="<f4"),
-                model_id=model_id,
-                dim=None if dim is None else int(dim),
-            )
-            for s, g, op, fid, sid, emb, model_id, dim in rows
-        ]
+            rows = cur.execute(sql, params).all_named()
+        return [Change.from_row(row) for row in rows]
 
     @staticmethod
     def _faces_with_embeddings(
@@ -836,14 +817,14 @@ class SQLStore(GalleryStore):
 
     def subject_faces(self, gallery: str, subject_id: str) -> GalleryFaces:
         with self._read() as cur:
-            name, model_id, dim, _ = self._require_gallery(cur, gallery)
+            row = self._require_gallery(cur, gallery)
             self._require_subject(cur, gallery, subject_id)
             rows = cur.execute(
                 "SELECT face_id, subject_id, embedding FROM faces "
                 "WHERE gallery = ? AND subject_id = ? ORDER BY face_id",
                 (gallery, subject_id),
             ).fetchall()
-        return self._faces_with_embeddings(name, model_id, dim, rows)
+        return self._faces_with_embeddings(row["name"], row["model_id"], row["dim"], rows)
 
     def face_ids(self, gallery: str) -> np.ndarray:
         with self._read() as cur:

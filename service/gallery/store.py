@@ -16,24 +16,28 @@ A follower can therefore apply the log strictly in order and treat any gap as
 an error rather than something to skip.
 
 Timestamps are seconds since the epoch (float) in the tables and ISO-8601 UTC
-strings in the dicts returned to callers.  Metadata and quality are JSON
-objects.
+strings in the records returned to callers (:mod:`service.records`: a
+gallery, subject, face or audit row, each mapped once from its named row).
+Metadata and quality are JSON objects.
 """
 
 from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
+from service.records import AuditRecord, FaceRecord, GalleryRecord, SubjectRecord
+
 if TYPE_CHECKING:
     from service.gallery.audit import AuditEntry
 
-#: A gallery, subject, face or audit row as returned to callers: a JSON object.
+#: A JSON object (subject metadata, face quality, an export's or a bulk write's items);
+#: galleries, subjects, faces and audit rows are typed (:mod:`service.records`).
 Record: TypeAlias = dict[str, Any]
 
 OPS = ("add", "delete_face", "delete_subject", "delete_gallery")
@@ -56,6 +60,22 @@ class Change:
     embedding: np.ndarray | None = None
     model_id: str | None = None
     dim: int | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Change:
+        """From the named columns ``seq, gallery, op, face_id, subject_id`` and, for an
+        ``add``, the face's ``embedding`` bytes and the gallery's ``model_id``, ``dim``."""
+        face_id, embedding, dim = row["face_id"], row.get("embedding"), row.get("dim")
+        return cls(
+            seq=int(row["seq"]),
+            gallery=row["gallery"],
+            op=row["op"],
+            face_id=None if face_id is None else int(face_id),
+            subject_id=row["subject_id"],
+            embedding=None if embedding is None else np.frombuffer(bytes(embedding), "<f4"),
+            model_id=row.get("model_id"),
+            dim=None if dim is None else int(dim),
+        )
 
 
 @dataclass
@@ -120,16 +140,16 @@ class GalleryStore(abc.ABC):
     @abc.abstractmethod
     def create_gallery(
         self, name: str, model_id: str, dim: int | None = None
-    ) -> tuple[Record, bool]:
+    ) -> tuple[GalleryRecord, bool]:
         """Create a gallery or return the existing one (model ids must agree).  ``dim``: the
         model's embedding dimension, when known before the first face."""
 
     @abc.abstractmethod
-    def get_gallery(self, name: str) -> Record:
+    def get_gallery(self, name: str) -> GalleryRecord:
         """``name``, ``model_id``, ``dim``, ``subjects``, ``faces``, ``created_at``."""
 
     @abc.abstractmethod
-    def list_galleries(self) -> list[Record]:
+    def list_galleries(self) -> list[GalleryRecord]:
         """Every gallery, by name."""
 
     @abc.abstractmethod
@@ -145,16 +165,16 @@ class GalleryStore(abc.ABC):
         metadata: Record | None,
         model_id: str,
         dim: int | None = None,
-    ) -> tuple[Record, bool]:
+    ) -> tuple[SubjectRecord, bool]:
         """Create (and the gallery, with ``dim`` as in :meth:`create_gallery`, if needed) or
         return the existing subject unchanged."""
 
     @abc.abstractmethod
-    def get_subject(self, gallery: str, subject_id: str) -> Record:
+    def get_subject(self, gallery: str, subject_id: str) -> SubjectRecord:
         """The subject with its faces."""
 
     @abc.abstractmethod
-    def update_subject(self, gallery: str, subject_id: str, metadata: Record) -> Record:
+    def update_subject(self, gallery: str, subject_id: str, metadata: Record) -> SubjectRecord:
         """Merge ``metadata`` into the subject's metadata (``None`` values remove keys)."""
 
     @abc.abstractmethod
@@ -164,7 +184,7 @@ class GalleryStore(abc.ABC):
     @abc.abstractmethod
     def list_subjects(
         self, gallery: str, limit: int, after: str | None
-    ) -> tuple[list[Record], bool]:
+    ) -> tuple[list[SubjectRecord], bool]:
         """Up to ``limit`` subjects with ``subject_id > after``; and whether more follow."""
 
     # --- faces ------------------------------------------------------------------
@@ -178,8 +198,8 @@ class GalleryStore(abc.ABC):
         quality: Record,
         image: bytes | None,
         source_face_id: int | None = None,
-    ) -> tuple[Record, int]:
-        """Insert one face; return (face dict, seq).
+    ) -> tuple[FaceRecord, int]:
+        """Insert one face; return (its record, seq).
 
         ``source_face_id`` records the face (of another gallery) this one was
         re-enrolled from; a second face of ``gallery`` with the same source is
@@ -253,7 +273,7 @@ class GalleryStore(abc.ABC):
         after: int = 0,
         limit: int = 100,
         galleries: Collection[str] | None = None,
-    ) -> tuple[list[Record], bool]:
+    ) -> tuple[list[AuditRecord], bool]:
         """Up to ``limit`` audit rows with ``id > after`` matching the filters (``since``
         inclusive, ``until`` exclusive, epoch seconds; ``subject_id``: rows naming it;
         ``galleries``: only rows of these galleries), oldest first; and whether more follow."""

@@ -1,4 +1,4 @@
-"""Probe embeddings: ``/v1/identify`` and ``/v1/verify`` for clients that embed elsewhere.
+"""Probe embeddings: identify and verify for clients that embed elsewhere.
 
 Instead of an image, a client may send ``embedding`` (base64 of the little-endian float32
 vector, as ``/v1/embed`` answers with ``embedding_format=base64``) together with ``model``,
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,26 +19,26 @@ from service.gallery.errors import InvalidEmbedding
 from service.gallery.service import check_vectors
 from service.pipeline.faces import Faces
 
-from .deps import AppState
-from .errors import ApiError
+from .errors import RequestRefused, missing_field
+
+if TYPE_CHECKING:
+    from service.pipeline.pipeline import Pipeline
 
 
-def probe_analysis(state: AppState, text: object, model: str | None) -> Faces:
+def probe_faces(*, pipeline: Pipeline, text: object, model: str | None) -> Faces:
     """The probe as :class:`Faces` with one embedding and no detected face."""
     if model is None:
-        raise ApiError(
-            422,
-            "missing_field",
-            "model: the id of the model that made the embedding is required with embedding",
+        raise missing_field(
+            "model: the id of the model that made the embedding is required with embedding"
         )
-    if model != state.model_id:
-        raise ApiError(
+    if model != pipeline.model_id:
+        raise RequestRefused(
             409,
             "model_mismatch",
             f"the embedding was made by model {model!r}, but this service serves "
-            f"{state.model_id!r}; embeddings of different models cannot be compared",
+            f"{pipeline.model_id!r}; embeddings of different models cannot be compared",
         )
-    dim = state.pipeline.dim
+    dim = pipeline.dim
     if not isinstance(text, str):
         raise InvalidEmbedding("embedding must be a base64 string")
     try:
@@ -49,6 +50,6 @@ def probe_analysis(state: AppState, text: object, model: str | None) -> Faces:
             f"embedding must be {dim} float32 values ({4 * dim} bytes), got {len(raw)} bytes"
         )
     vector = check_vectors(np.frombuffer(raw, dtype="<f4"), dim, batch=False)
-    size = state.pipeline.crop_size
+    size = pipeline.crop_size
     crops = np.zeros((0, size[1], size[0], 3), np.uint8)
     return Faces([], crops, (0, 0), 0, embeddings=vector[None, :])
