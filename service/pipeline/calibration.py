@@ -202,18 +202,23 @@ def tally(
         impostor = upper & ~same
         values = block[impostor]
         if values.size:
-            bins = ((values.astype(np.float64) + 1.0) * (HISTOGRAM_BINS / 2)).astype(np.int64)
-            histogram += np.bincount(np.clip(bins, 0, HISTOGRAM_BINS - 1), minlength=HISTOGRAM_BINS)
+            values += np.float32(1.0)
+            values *= np.float32(HISTOGRAM_BINS / 2)
+            bins = values.astype(np.int32)
+            del values
+            np.clip(bins, 0, HISTOGRAM_BINS - 1, out=bins)
+            histogram += np.bincount(bins, minlength=HISTOGRAM_BINS)
+            del bins
         candidates = impostor & (block >= cut)
         found = int(np.count_nonzero(candidates))
         if found > keep:  # only this block's ``keep`` highest can still be in the top
             kth = np.partition(block[candidates], found - keep)[found - keep]
             candidates &= block >= kth
         r, c = np.nonzero(candidates)
-        if r.size:
-            tail_scores.append(block[r, c].astype(np.float64))
-            tail_rows.append(r + start)
-            tail_cols.append(c + start)
+        if r.size:  # float32 scores, int32 photo indices: the tail's memory is 12 B a pair
+            tail_scores.append(block[r, c])
+            tail_rows.append((r + start).astype(np.int32))
+            tail_cols.append((c + start).astype(np.int32))
             buffered += r.size
         if buffered > 2 * keep:
             scores_all = np.concatenate(tail_scores)
@@ -228,12 +233,12 @@ def tally(
             if gr.size:
                 gen_scores.append(block[gr, gc].astype(np.float64))
                 gen_pairs.append(np.stack([gr + start, gc + start], axis=1))
-    scores = np.concatenate(tail_scores) if tail_scores else np.zeros(0)
+    scores = np.concatenate(tail_scores).astype(np.float64) if tail_scores else np.zeros(0)
     order = np.argsort(-scores, kind="stable")[:keep]
     pairs_tail = (
         np.stack([np.concatenate(tail_rows), np.concatenate(tail_cols)], axis=1)[order]
         if tail_scores
-        else np.zeros((0, 2), np.int64)
+        else np.zeros((0, 2), np.int32)
     )
     if genuine_pairs is not None:
         gp = np.asarray(genuine_pairs, dtype=np.int64).reshape(-1, 2)

@@ -124,6 +124,19 @@ class Pipeline:
         rec_card, rec_path = registry.resolve(rec_ref, task="recognition")
         detector = build_detector(det_card, det_path, settings)
         embedder = OnnxEmbedder(rec_card, rec_path, settings, flip=flip)
+        calibration = rec_card.calibration
+        if calibration is not None and (
+            calibration.flip != embedder.flip or calibration.detector != det_card.id
+        ):
+            log.warning(
+                "the deployment calibration of %s was made with detector %s, flip %s; "
+                "serving detector %s, flip %s: its thresholds may not hold",
+                rec_card.name,
+                calibration.detector,
+                calibration.flip,
+                det_card.id,
+                embedder.flip,
+            )
         return cls(detector, embedder, settings, det_card, rec_card, selection)
 
     def with_embedder(self, embedder: Embedder) -> Pipeline:
