@@ -174,7 +174,12 @@ class Settings(BaseSettings):
         "Runtime's own default); off (ours), idle threads sleep and leave "
         "the CPU to other work (measured in BENCHMARKS.md)",
     )
-    flip_augment: bool = False
+    flip_augment: bool | None = Field(
+        None,
+        description="also embed the mirrored face and sum the two embeddings; unset: as the "
+        "recognizer card's thresholds were calibrated (extra.flip_augment, e.g. true for "
+        "dlib_resnet_v1); the model id says which (`+flip`)",
+    )
 
     # --- detection / quality ----------------------------------------------------
     det_size: int = Field(640, description="detector input side for fixed-size detectors")

@@ -192,7 +192,8 @@ class Registry:
 
     def sha256_of(self, model_id: str) -> str | None:
         """The full sha256 of the card whose :attr:`ModelCard.id` is ``model_id`` (None: no
-        such card), e.g. for a gallery's model id."""
+        such card), e.g. for a gallery's model id (``+flip``: its flip-augmented embeddings)."""
+        model_id = model_id.removesuffix("+flip")
         for card in self.cards.values():
             if card.id == model_id:
                 return card.sha256

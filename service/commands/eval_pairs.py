@@ -36,7 +36,12 @@ def register(subparsers) -> None:
         "--images", type=Path, required=True, help="directory holding <Name>/<Name>_<nnnn>.jpg"
     )
     add_model_options(parser)
-    parser.add_argument("--flip", action="store_true", help="flip-augmented embeddings")
+    parser.add_argument(
+        "--flip",
+        action="store_true",
+        help="flip-augmented embeddings (default: FACEGATE_FLIP_AUGMENT, else as the card's "
+        "thresholds were calibrated)",
+    )
     parser.add_argument("--limit-folds", type=int, default=None, help="only the first K folds")
     parser.add_argument("--workers", type=int, default=1, help="images processed in parallel")
     parser.add_argument(

@@ -171,7 +171,7 @@ def _result(pipeline, source: dict, scores: Scores, photos, persons, refused, se
         model_sha256=str(card.sha256),
         model_id=card.id,
         detector=pipeline.detector_card.id,
-        flip=bool(getattr(pipeline.embedder, "flip", pipeline.settings.flip_augment)),
+        flip=bool(getattr(pipeline.embedder, "flip", False)),
         source={
             **source,
             "persons": scores.persons,

@@ -150,7 +150,7 @@ def evaluate(
         ),
         "recognizer": pipeline.recognizer_card.name,
         "model_id": pipeline.model_id,
-        "flip": bool(pipeline.settings.flip_augment),
+        "flip": bool(getattr(pipeline.embedder, "flip", False)),
         "workers": workers,
         "thresholds": calibrated,
         **tmr_at_fmr_points(scores, labels),

@@ -103,6 +103,7 @@ def test_fmr_1e3_threshold_holds_on_identities_outside_the_calibration(
     assert "fmr_1e-3" in points  # about 70,000 impostor pairs: 30/1e-3 supported
     threshold = points["fmr_1e-3"].threshold
     observed = held_out.fmr_at(threshold)
+    record_property("fmr_1e-3_threshold", threshold)
     record_property("held_out_fmr_at_fmr_1e-3_threshold", observed)
     assert held_out.impostors > 30_000
     assert 1e-3 / 2 <= observed <= 1e-3 * 2, (threshold, observed, held_out.impostors)

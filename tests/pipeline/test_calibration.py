@@ -166,3 +166,28 @@ def test_a_deployment_calibration_replaces_the_card_thresholds_and_another_files
     )
     with pytest.raises(ModelError, match="made for model file sha256 0{64}"):
         Registry(MANIFEST_PATH, [tmp_path]).resolve(name, task="recognition")
+
+
+def test_flip_follows_the_card_unless_configured_and_tags_the_model_id(default_models_dir):
+    """dlib_resnet_v1's thresholds are calibrated on flip-augmented embeddings (its card's
+    extra.flip_augment): served so by default, under a model id of its own; the peer's are
+    not. FACEGATE_FLIP_AUGMENT overrides either way."""
+    from service.config import MANIFEST_PATH, Settings
+    from service.pipeline.embed import OnnxEmbedder
+    from service.registry import Registry
+
+    registry = Registry(MANIFEST_PATH, [default_models_dir, SHARED_MODELS])
+    dlib = registry.resolve("dlib_resnet_v1", task="recognition")
+    peer = registry.resolve("mobilefacenet_peer_128d", task="recognition")
+    manifest = json.loads(MANIFEST_PATH.read_text())["models"]
+    [entry] = [m for m in manifest if m["name"] == "dlib_resnet_v1"]
+    assert entry["extra"]["flip_augment"] is True
+    assert "with flip" in entry["evaluation"]["lfw_grayscale"]["protocol"]
+    default = OnnxEmbedder(*dlib, Settings())
+    assert default.flip and default.model_id == f"{dlib[0].id}+flip"
+    plain = OnnxEmbedder(*dlib, Settings(flip_augment=False))
+    assert not plain.flip and plain.model_id == dlib[0].id
+    assert registry.sha256_of(default.model_id) == registry.sha256_of(plain.model_id)
+    assert registry.sha256_of(default.model_id) == dlib[0].sha256
+    assert not OnnxEmbedder(*peer, Settings()).flip
+    assert OnnxEmbedder(*peer, Settings(flip_augment=True)).model_id.endswith("+flip")
