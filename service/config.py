@@ -357,9 +357,16 @@ class Settings(BaseSettings):
             " MTCNN's short cascade runs always sleep)"
         ),
     )
-    flip_augment: bool = Field(
-        False,
-        description="also embed the mirrored face and combine the two embeddings",
+    flip_augment: bool | None = Field(
+        None,
+        description=(
+            "also embed the mirrored face and sum the two embeddings (rank-1 and TMR gains and "
+            'CPU cost in `BENCHMARKS.md`, "Mirrored-face embedding"); unset: the recognizer '
+            "card's setting (`extra.flip_augment`, `true` for the default `dlib_resnet_v1`), "
+            "for which its thresholds hold; flip-augmented embeddings carry the model id "
+            "`NAME@SHA+flip`, so a gallery enrolled the other way answers 409 `model_mismatch` "
+            "until re-enrolled"
+        ),
     )
 
     # --- detection / quality ----------------------------------------------------
@@ -445,9 +452,13 @@ class Settings(BaseSettings):
     decode_budget_bytes: int = Field(
         0,
         ge=0,
-        description="memory of all decoded images in flight per worker; a decode waits until "
-        "its estimate fits; at least max_decode_bytes; 0 = sized from the memory the process "
-        "may use (cgroup limit, else the host's) per worker (default_decode_budget)",
+        description=(
+            "memory of all decoded images in flight per worker (held until the faces are "
+            "aligned); a decode waits until its estimate fits; at least "
+            "`FACEGATE_MAX_DECODE_BYTES` (which, unset, is lowered to it). `0` (sized): from the "
+            "memory the process may use (its cgroup limit, else the host's), per worker: "
+            "(memory / workers - 512 MiB) / 1.25, between 64 MiB and 1 GiB (README, **Memory**)"
+        ),
     )
     bulk_max_items: int = Field(
         64,

@@ -11,6 +11,12 @@ outlive a recalibration of the manifest's thresholds).  A card in a directory ma
 describe a model the manifest knows (it then replaces the manifest's card) but not
 with another sha256: such a card is refused.  A model file is only ever handed out
 after its sha256 has been checked against its card.
+
+A *deployment calibration* (``<name>.calibration.json`` in the models directory, written
+by ``facegate models calibrate``) replaces a recognizer card's thresholds with ones
+calibrated on the operator's own photos; the shipped card stays as it is.  It is bound to
+the model file's sha256: one made for other bytes is refused when the model is resolved
+(at start-up), never silently applied.
 """
 
 from __future__ import annotations
@@ -57,6 +63,46 @@ class Alignment(BaseModel):
     size: tuple[int, int] = (112, 112)
 
 
+#: File name suffix of a deployment calibration in a models directory.
+CALIBRATION_SUFFIX = ".calibration.json"
+
+
+class DeploymentCalibration(BaseModel):
+    """Thresholds calibrated on a deployment's own photos (``facegate models calibrate``)."""
+
+    format: Literal["facegate-calibration"] = "facegate-calibration"
+    version: Literal[1] = 1
+    model: str = Field(description="card name of the recognizer")
+    model_sha256: str = Field(description="sha256 of the model file it was made with")
+    created_at: str = Field(description="ISO 8601 time of the calibration")
+    source: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what it was made on: kind (photos, pairs), path, persons, photos, "
+        "genuine and impostor pairs",
+    )
+    detector: str | None = Field(None, description="detector id the photos went through")
+    flip: bool = Field(False, description="whether embeddings were flip-augmented")
+    thresholds: dict[str, float] = Field(description="operating point -> cosine")
+    default_operating_point: str | None = None
+    operating_points: dict[str, Any] = Field(
+        default_factory=dict, description="per point: threshold, FMR, FNMR, 95% intervals"
+    )
+    unsupported: dict[str, Any] = Field(
+        default_factory=dict, description="points the pairs cannot support (rule of 30)"
+    )
+
+    def summary(self) -> dict[str, Any]:
+        """What ``/v1/info`` reports of it."""
+        keys = ("kind", "persons", "photos", "genuine_pairs", "impostor_pairs")
+        return {
+            "source": "deployment",
+            "created_at": self.created_at,
+            **{k: self.source[k] for k in keys if k in self.source},
+            "detector": self.detector,
+            "flip": self.flip,
+        }
+
+
 class ModelCard(BaseModel):
     name: str
     task: Literal["detection", "recognition"]
@@ -81,6 +127,12 @@ class ModelCard(BaseModel):
     evaluation: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
     extra: dict[str, Any] = Field(default_factory=dict, description="family-specific settings")
+    calibration: DeploymentCalibration | None = Field(
+        None,
+        exclude=True,
+        description="the deployment calibration whose thresholds are in force (set by "
+        "Registry.resolve; never part of a card file); None: the card's own",
+    )
 
     @property
     def fallback_for(self) -> str | None:
@@ -105,9 +157,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 class Registry:
     """Cards from the manifest, overlaid by cards found in the model directories."""
 
-    def __init__(self, manifest: Path, model_dirs: list[Path]):
+    def __init__(self, manifest: Path, model_dirs: list[Path], calibrations: bool = True):
         self.manifest = Path(manifest)
         self.model_dirs = [Path(d) for d in model_dirs]
+        #: Whether :meth:`resolve` applies deployment calibrations (off for the command
+        #: that makes one, so a stale calibration never stands in the way of a new one).
+        self.calibrations = calibrations
         self.cards: dict[str, ModelCard] = {}
         if self.manifest.exists():
             for entry in json.loads(self.manifest.read_text())["models"]:
@@ -137,7 +192,8 @@ class Registry:
 
     def sha256_of(self, model_id: str) -> str | None:
         """The full sha256 of the card whose :attr:`ModelCard.id` is ``model_id`` (None: no
-        such card), e.g. for a gallery's model id."""
+        such card), e.g. for a gallery's model id (``+flip``: its flip-augmented embeddings)."""
+        model_id = model_id.removesuffix("+flip")
         for card in self.cards.values():
             if card.id == model_id:
                 return card.sha256
@@ -194,7 +250,50 @@ class Registry:
         if task is not None and card.task != task:
             raise ModelError(f"model {card.name!r} is a {card.task} model, not {task}")
         verify(card, path)
+        if self.calibrations and card.task == "recognition":
+            card = self.calibrated(card)
         return card, path
+
+    def calibration_path(self, name: str) -> Path | None:
+        """The deployment calibration file of model ``name`` in a models directory, if any."""
+        for directory in self.model_dirs:
+            candidate = directory / f"{name}{CALIBRATION_SUFFIX}"
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def calibrated(self, card: ModelCard) -> ModelCard:
+        """``card`` with its deployment calibration's thresholds (the card itself when there is
+        none); ModelError for a calibration that cannot be read or was made for another file."""
+        path = self.calibration_path(card.name)
+        if path is None:
+            return card
+        try:
+            calibration = DeploymentCalibration.model_validate_json(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{path}: not a readable deployment calibration: {exc}") from None
+        if calibration.model_sha256 != card.sha256:
+            raise ModelError(
+                f"{path}: this deployment calibration was made for model file sha256 "
+                f"{calibration.model_sha256}, but {card.name!r} is now sha256 "
+                f"{card.sha256}; its thresholds do not hold for these weights. Run "
+                f"`facegate models calibrate {card.name}` again, or remove {path.name}"
+            )
+        if not calibration.thresholds:
+            raise ModelError(f"{path}: the deployment calibration holds no threshold")
+        points = calibration.thresholds
+        default = calibration.default_operating_point
+        if default not in points:  # the card's, else the strictest calibrated point
+            default = card.default_operating_point
+            if default not in points:
+                default = max(points, key=lambda p: points[p])
+        return card.model_copy(
+            update={
+                "thresholds": dict(points),
+                "default_operating_point": default,
+                "calibration": calibration,
+            }
+        )
 
 
 def verify(card: ModelCard, path: Path) -> None:

@@ -92,6 +92,10 @@ async def info(
     recognizer["operating_points"] = available_points(pipeline.recognizer_card)
     recognizer["default_operating_point"] = pipeline.recognizer_card.default_operating_point
     recognizer["selection"] = pipeline.recognizer_selection
+    calibration = pipeline.recognizer_card.calibration
+    recognizer["calibration"] = (
+        calibration.summary() if calibration is not None else {"source": "card"}
+    )
     extra = {}
     if check_index:
         authorise(caller(request), "admin")

@@ -65,7 +65,7 @@ async def export_gallery(
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (closed by _chunks)
 
     def sha256_of(model_id: str) -> str | None:
-        return card.sha256 if card.id == model_id else None
+        return card.sha256 if card.id == model_id.removesuffix("+flip") else None
 
     try:
         await anyio.to_thread.run_sync(write_export, state.gallery.store, gallery, spool, sha256_of)

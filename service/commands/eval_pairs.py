@@ -18,14 +18,9 @@ compared on the very same chips, and only the embedding is run again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import numpy as np
 
 from service.helptext import summary
 
@@ -41,7 +36,12 @@ def register(subparsers) -> None:
         "--images", type=Path, required=True, help="directory holding <Name>/<Name>_<nnnn>.jpg"
     )
     add_model_options(parser)
-    parser.add_argument("--flip", action="store_true", help="flip-augmented embeddings")
+    parser.add_argument(
+        "--flip",
+        action="store_true",
+        help="flip-augmented embeddings (default: FACEGATE_FLIP_AUGMENT, else as the card's "
+        "thresholds were calibrated)",
+    )
     parser.add_argument("--limit-folds", type=int, default=None, help="only the first K folds")
     parser.add_argument("--workers", type=int, default=1, help="images processed in parallel")
     parser.add_argument(
@@ -65,140 +65,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def align_images(pipeline, paths: list[Path], workers: int) -> tuple[np.ndarray, list[bool]]:
-    """(N, h, w, 3) aligned chips of each image's main face (the pipeline's analysis path,
-    policy ``largest``), and whether the no-face fallback was used."""
-    from service.pipeline.align import align_faces
-    from service.pipeline.pairs import fallback_landmarks
-
-    def one(path: Path) -> tuple[np.ndarray, bool]:
-        image = pipeline.decode(path.read_bytes())
-        faces = pipeline.locate(image, "largest", allow_none=True)
-        if not faces.detections:
-            landmarks = fallback_landmarks(image.shape, pipeline.template, pipeline.crop_size)
-            chip = align_faces(image, [landmarks], pipeline.template, pipeline.crop_size)[0]
-            return chip, True
-        return faces.crops[0], False
-
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(one, paths))
-    else:
-        results = [one(p) for p in paths]
-    return np.stack([r[0] for r in results]), [r[1] for r in results]
-
-
-def chips_key(pipeline, paths: list[Path]) -> str:
-    """What the chips depend on: detector weights and input, crop template and size, images."""
-    parts = [
-        pipeline.detector_card.id,
-        str(getattr(pipeline.detector, "fixed_size", None)),
-        np.asarray(pipeline.template, np.float32).round(4).tobytes().hex(),
-        str(tuple(pipeline.crop_size)),
-        *map(str, paths),
-    ]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def cached_chips(
-    pipeline, paths: list[Path], workers: int, directory: Path | None
-) -> tuple[np.ndarray, list[bool]]:
-    """``align_images``, read from / written to ``directory`` when given."""
-    if directory is None:
-        return align_images(pipeline, paths, workers)
-    path = Path(directory) / f"chips-{pipeline.detector_card.name}-{chips_key(pipeline, paths)}.npz"
-    if path.is_file():
-        with np.load(path) as data:
-            return data["chips"], [bool(f) for f in data["fallback"]]
-    chips, fallback = align_images(pipeline, paths, workers)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, chips=chips, fallback=np.asarray(fallback))
-    tmp.replace(path)
-    return chips, fallback
-
-
-def embed_images(
-    pipeline, paths: list[Path], workers: int, chips_dir: Path | None = None
-) -> tuple[np.ndarray, list[bool]]:
-    """(N, dim) embeddings of each image's main face, and whether the fallback was used."""
-    chips, fallback = cached_chips(pipeline, paths, workers, chips_dir)
-    batch = 64
-    vectors = [pipeline.embed(chips[i : i + batch]) for i in range(0, len(chips), batch)]
-    return np.concatenate(vectors), fallback
-
-
-def evaluate(
-    pipeline,
-    pairs_path: Path,
-    images_dir: Path,
-    limit_folds: int | None = None,
-    workers: int = 1,
-    chips_dir: Path | None = None,
-) -> dict:
-    """The full report as a dict (see the module docstring); flip-augmented when the
-    pipeline's embedder is (``--flip``: ``FACEGATE_FLIP_AUGMENT``)."""
-    from service.pipeline.pairs import (
-        fmr_thresholds,
-        impostor_scores_all,
-        kfold_accuracy,
-        parse_pairs,
-        tmr_at_fmr_points,
-    )
-
-    pairs = parse_pairs(pairs_path)
-    if limit_folds:
-        pairs = [p for p in pairs if p.fold < limit_folds]
-    keys = sorted({p.a for p in pairs} | {p.b for p in pairs})
-    index = {k: i for i, k in enumerate(keys)}
-    start = time.perf_counter()
-    embeddings, fallback = embed_images(
-        pipeline, [images_dir / k for k in keys], workers, chips_dir
-    )
-    elapsed = time.perf_counter() - start
-    scores = np.array([float(embeddings[index[p.a]] @ embeddings[index[p.b]]) for p in pairs])
-    labels = np.array([p.same for p in pairs])
-    folds = np.array([p.fold for p in pairs])
-    n_folds = len(np.unique(folds))
-    if n_folds > 1:
-        accuracy, std, per_fold, thresholds = kfold_accuracy(scores, labels, folds)
-        protocol = f"{n_folds}-fold, threshold from the other folds"
-    else:
-        from service.pipeline.pairs import best_threshold
-
-        threshold = best_threshold(scores, labels)
-        accuracy = float(np.mean((scores >= threshold) == labels))
-        std, per_fold, thresholds = 0.0, [accuracy], [threshold]
-        protocol = "single fold, threshold fitted on the same fold"
-    identities = [k.split("/")[0] for k in keys]
-    impostors = impostor_scores_all(embeddings, identities)
-    return {
-        "accuracy": round(accuracy, 6),
-        "std": round(std, 6),
-        "pairs": len(pairs),
-        "folds": n_folds,
-        "protocol": protocol,
-        "fold_accuracies": [round(a, 6) for a in per_fold],
-        "fold_thresholds": [round(t, 6) for t in thresholds],
-        "images": len(keys),
-        "no_face": int(sum(fallback)),
-        "images_per_second": round(len(keys) / elapsed, 3),
-        "seconds": round(elapsed, 2),
-        "detector": pipeline.detector_card.name,
-        "detector_input": (
-            "{}x{} letterbox".format(*pipeline.detector.fixed_size)
-            if getattr(pipeline.detector, "fixed_size", None)
-            else "per image"
-        ),
-        "recognizer": pipeline.recognizer_card.name,
-        "model_id": pipeline.model_id,
-        "flip": bool(pipeline.settings.flip_augment),
-        "workers": workers,
-        "thresholds": fmr_thresholds(impostors, scores[labels]),
-        **tmr_at_fmr_points(scores, labels),
-    }
-
-
 def run(args) -> int:
 
     settings = settings_from_args(args, **({"flip_augment": True} if args.flip else {}))
@@ -207,6 +73,8 @@ def run(args) -> int:
         return 2
     if args.letterbox:
         pipeline.detector.use_fixed_input((args.letterbox, args.letterbox))
+    from service.usecases.eval_pairs import evaluate
+
     report = evaluate(
         pipeline,
         args.pairs,

@@ -7,6 +7,8 @@
   directory, check its sha256 (a ``.zip`` source: the member whose sha256 matches the
   card), then move it into place atomically. Nothing is left behind on failure.
 - ``install``: fetch and convert the project's default permissive models.
+- ``calibrate NAME --photos DIR``: thresholds from the operator's photos
+  (:mod:`service.commands.calibrate`).
 
 The models directory is ``--models-dir`` or ``FACEGATE_MODELS_DIR``.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 from service.fetch import download_to
 from service.helptext import summary
 
+from . import calibrate
 from ._options import add_model_options, settings_from_args
 
 DOWNLOAD_TIMEOUT_S = 60
@@ -56,6 +59,7 @@ def register(subparsers) -> None:
     p_install = actions.add_parser("install", help="fetch and convert the default models")
     add_model_options(p_install, detector=False, recognizer=False)
     p_install.set_defaults(func=run_install)
+    calibrate.register(actions)
 
 
 def _registry(args):

@@ -4,7 +4,10 @@ Preprocessing (colour order, mean/std, layout, input size) comes from the card.
 Models with a symbolic batch dimension get the crops in batches of up to
 ``settings.max_batch``; fixed-batch models get fixed-size chunks. Optional flip
 augmentation sums the embeddings of each crop and its mirror image before
-normalising.
+normalising: on when the card's thresholds were calibrated so (``extra.flip_augment``),
+unless ``settings.flip_augment`` (``FACEGATE_FLIP_AUGMENT``) or the caller says otherwise.
+Flip-augmented embeddings are not those of the plain model: their model id carries
+``+flip`` (:func:`embedding_model_id`), so a gallery never mixes the two.
 """
 
 from __future__ import annotations
@@ -29,6 +32,16 @@ def l2_normalize(vectors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return vectors / np.maximum(norms, eps)
 
 
+def card_flip(card: ModelCard) -> bool:
+    """Whether the card's thresholds were calibrated on flip-augmented embeddings."""
+    return bool((card.extra or {}).get("flip_augment", False))
+
+
+def embedding_model_id(card: ModelCard, flip: bool) -> str:
+    """The id embeddings are tagged with: the card's, ``+flip`` when flip-augmented."""
+    return f"{card.id}+flip" if flip else card.id
+
+
 class OnnxEmbedder:
     """``Embedder`` over an ONNX recognition model described by ``card``."""
 
@@ -38,8 +51,10 @@ class OnnxEmbedder:
         if card.task != "recognition":
             raise ValueError(f"model {card.name!r} is a {card.task} model, not a recognizer")
         self.card = card
-        self.model_id = card.id
-        self.flip = settings.flip_augment if flip is None else bool(flip)
+        if flip is None:
+            flip = card_flip(card) if settings.flip_augment is None else settings.flip_augment
+        self.flip = bool(flip)
+        self.model_id = embedding_model_id(card, self.flip)
         self.session = create_session(path, settings)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name

@@ -15,12 +15,12 @@ the training package's TAR@FAR) comes from :func:`operating_point`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+from .calibration import threshold_at
 
 #: Side of the no-face fallback square, as a fraction of the image's shorter side.
 NO_FACE_FRACTION = 0.56
@@ -104,10 +104,7 @@ def fmr_threshold(impostor_scores: np.ndarray, fmr: float) -> float:
     binary floating point); when it allows every impostor the threshold is −inf.
     """
     scores = np.sort(np.asarray(impostor_scores, dtype=np.float64))[::-1]
-    allowed = math.floor(Fraction(repr(float(fmr))) * len(scores))
-    if allowed >= len(scores):
-        return -math.inf
-    return float(np.nextafter(scores[allowed], np.inf))
+    return threshold_at(scores, len(scores), fmr)
 
 
 def operating_point(

@@ -33,7 +33,7 @@ from service.registry import (
 from .align import align_faces
 from .decode import MemoryBudget, decode_cost, decode_opened, read_header
 from .detectors import build_detector
-from .embed import OnnxEmbedder
+from .embed import OnnxEmbedder, card_flip
 from .errors import PipelineError
 from .faces import Faces, Policy, QualityFloor, select_faces
 from .types import Detection, Detector, Embedder, Timings
@@ -124,6 +124,27 @@ class Pipeline:
         rec_card, rec_path = registry.resolve(rec_ref, task="recognition")
         detector = build_detector(det_card, det_path, settings)
         embedder = OnnxEmbedder(rec_card, rec_path, settings, flip=flip)
+        calibration = rec_card.calibration
+        if calibration is None and embedder.flip != card_flip(rec_card):
+            log.warning(
+                "%s's card thresholds were calibrated with flip %s; serving flip %s "
+                "(FACEGATE_FLIP_AUGMENT): they may not hold (`facegate models calibrate`)",
+                rec_card.name,
+                card_flip(rec_card),
+                embedder.flip,
+            )
+        if calibration is not None and (
+            calibration.flip != embedder.flip or calibration.detector != det_card.id
+        ):
+            log.warning(
+                "the deployment calibration of %s was made with detector %s, flip %s; "
+                "serving detector %s, flip %s: its thresholds may not hold",
+                rec_card.name,
+                calibration.detector,
+                calibration.flip,
+                det_card.id,
+                embedder.flip,
+            )
         return cls(detector, embedder, settings, det_card, rec_card, selection)
 
     def with_embedder(self, embedder: Embedder) -> Pipeline:

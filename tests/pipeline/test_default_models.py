@@ -423,7 +423,9 @@ def test_default_pair_separates_lfw_pairs_at_the_card_thresholds(default_models_
 
     settings = Settings(models_dir=default_models_dir, intra_op_threads=1)
     assert (settings.detector, settings.recognizer) == ("mtcnn", None)
-    pipeline = Pipeline.from_settings(settings, flip=False)
+    pipeline = Pipeline.from_settings(settings)
+    # the card's thresholds are for flip-augmented embeddings, and so is the default
+    assert pipeline.embedder.flip and pipeline.model_id.endswith("+flip")
     assert (pipeline.recognizer_card.name, pipeline.recognizer_selection) == (
         "dlib_resnet_v1",
         "default",
