@@ -1,0 +1,691 @@
+"""``facegate models add PATH``: turn an ONNX file, or an InsightFace-style pack folder of
+them, into model cards in the models directory, so that ``FACEGATE_DETECTOR`` /
+``FACEGATE_RECOGNIZER`` can serve them by name.
+
+1. Each ``.onnx`` file is classified by its graph (:mod:`service.convert.classify`); in a
+   folder, landmark, attribute and swapper models are skipped with the reason, and at most
+   one detector and one recognizer are added.
+2. A file whose sha256 the catalogue (``models/catalogue.json``) lists takes its name,
+   publisher, licence, commercial use and preprocessing from there, each with where it was
+   published. A file the manifest itself lists is installed under its manifest name (no card
+   is written: the manifest's card is the one).
+3. An unknown detector takes its family's published preprocessing (:data:`FAMILY_PREPROCESSING`).
+   An unknown recognizer's preprocessing is *measured* when a labelled sample is given
+   (:func:`search_preprocessing`): every candidate's figure is reported, and the best one
+   (highest ROC AUC over every same-person and different-person pair of the sample) is kept.
+   Without a sample the ArcFace convention is written, marked as not measured.
+4. Thresholds: only those measured on the labelled sample (the search's, at the false-match
+   rates its impostor pairs support: at least 30/FMR of them), marked as such; else none,
+   and the service reports its decisions as uncalibrated until the model is calibrated.
+5. Nothing is written until every file has been checked; then the model files are copied
+   (``<name>.onnx``) and the cards written (``<name>.card.json``) into the models directory.
+   The repository's manifest is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from service.config import REPO_ROOT
+from service.convert.classify import Classified, ClassifyError, classify
+from service.pipeline.align import align_faces
+from service.pipeline.detectors import build_detector
+from service.pipeline.embed import OnnxEmbedder
+from service.pipeline.pairs import FMR_POINTS, operating_point, parse_pairs
+from service.pipeline.pipeline import Pipeline
+from service.registry import (
+    ARCFACE_TEMPLATE_112,
+    Alignment,
+    ModelCard,
+    ModelError,
+    Preprocessing,
+    Registry,
+    sha256_file,
+)
+
+if TYPE_CHECKING:
+    from service.config import Settings
+    from service.pipeline.types import Detector
+
+#: Well-known public files by sha256 (name, publisher, licence, preprocessing, each sourced).
+CATALOGUE_PATH = REPO_ROOT / "models" / "catalogue.json"
+#: A model name: what ``FACEGATE_DETECTOR`` / ``FACEGATE_RECOGNIZER`` and file names carry.
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+#: Doddington's rule of 30: an FMR is measured only with at least 30/FMR impostor pairs.
+RULE_OF_30 = 30
+#: The ArcFace template shrunk towards the crop centre by this factor: the looser crop.
+LOOSE_CROP_FACTOR = 0.8
+
+#: The published input convention of each detector family the pipeline decodes.
+FAMILY_PREPROCESSING: dict[str, tuple[Preprocessing, str]] = {
+    "scrfd": (
+        Preprocessing(color="RGB", mean=(127.5, 127.5, 127.5), std=(128.0, 128.0, 128.0)),
+        "InsightFace SCRFD convention: RGB, (x-127.5)/128 (insightface/model_zoo/scrfd.py)",
+    ),
+    "yunet": (
+        Preprocessing(color="BGR", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
+        "YuNet convention: BGR 0-255, no normalisation (OpenCV FaceDetectorYN)",
+    ),
+    "retinaface": (
+        Preprocessing(color="BGR", mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0)),
+        "RetinaFace PyTorch convention: BGR minus (104, 117, 123) (Pytorch_Retinaface detect.py)",
+    ),
+}
+
+#: Colour/normalisation candidates of the recognizer search: (label, colour, mean, std).
+NORMALISATIONS: list[tuple[str, tuple[float, float, float], tuple[float, float, float]]] = [
+    ("(x-127.5)/128", (127.5, 127.5, 127.5), (128.0, 128.0, 128.0)),
+    ("x/255", (0.0, 0.0, 0.0), (255.0, 255.0, 255.0)),
+    ("raw 0-255", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    ("Caffe means", (104.0, 117.0, 123.0), (1.0, 1.0, 1.0)),  # B, G, R order
+]
+
+
+class AddError(ValueError):
+    """The path cannot be added; nothing was written."""
+
+
+@dataclass(frozen=True)
+class LabelledSample:
+    """Photos with the identity of the person in each (``images[i]`` shows ``labels[i]``)."""
+
+    images: tuple[Path, ...]
+    labels: tuple[str, ...]
+    description: str
+
+
+@dataclass(frozen=True)
+class CandidateFigure:
+    """One preprocessing candidate and how well it separates same from different people."""
+
+    label: str
+    color: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop: str
+    auc: float
+    tmr_at_fmr_1e_2: float | None
+
+
+@dataclass(frozen=True)
+class SearchReport:
+    metric: str
+    candidates: tuple[CandidateFigure, ...]
+    chosen: int
+    images: int
+    persons: int
+    no_face: int
+    genuine_pairs: int
+    impostor_pairs: int
+    seconds: float
+    thresholds: dict[str, float]
+    threshold_notes: tuple[str, ...]
+    warnings: tuple[str, ...]
+    sample: str
+
+    @property
+    def best(self) -> CandidateFigure:
+        return self.candidates[self.chosen]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: Path
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Added:
+    card: ModelCard
+    card_path: Path | None  # None: the manifest's own card serves it
+    model_path: Path
+    classified: Classified
+    catalogue: dict[str, Any] | None
+    search: SearchReport | None
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AddResult:
+    added: tuple[Added, ...]
+    skipped: tuple[Skipped, ...]
+    seconds: float
+
+
+# -- labelled samples ------------------------------------------------------------------------
+#: Photos of each person a limited sample takes from a folder per person.
+PHOTOS_PER_PERSON = 4
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def sample_from_dir(directory: Path, limit: int | None = None) -> LabelledSample:
+    """One sub-folder per person. With ``limit``: at most that many images, up to
+    :data:`PHOTOS_PER_PERSON` of each person, persons in folder order."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AddError(f"--calibrate {directory}: not a directory")
+    people = {
+        p.name: sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        for p in sorted(directory.iterdir())
+        if p.is_dir()
+    }
+    people = {k: v for k, v in people.items() if v}
+    if len(people) < 2:
+        raise AddError(f"--calibrate {directory}: needs sub-folders of photos for two persons")
+    images: list[Path] = []
+    labels: list[str] = []
+    for person, files in people.items():
+        for file in files if limit is None else files[:PHOTOS_PER_PERSON]:
+            if limit is not None and len(images) >= limit:
+                break
+            images.append(file)
+            labels.append(person)
+    return LabelledSample(
+        tuple(images),
+        tuple(labels),
+        f"{directory} ({len(images)} images, {len(set(labels))} persons)",
+    )
+
+
+def sample_from_pairs(pairs: Path, images_dir: Path, limit: int | None = None) -> LabelledSample:
+    """The images of an LFW-format ``pairs.txt`` (same and different pairs in turn), up to
+    ``limit`` images; the identity of an image is its folder."""
+    try:
+        listed = parse_pairs(pairs)
+    except (OSError, ValueError) as exc:
+        raise AddError(f"--pairs {pairs}: {exc}") from None
+    same = [p for p in listed if p.same]
+    different = [p for p in listed if not p.same]
+    ordered = [p for two in zip(same, different, strict=False) for p in two]
+    keys: dict[str, None] = {}
+    for pair in ordered:
+        if limit is not None and len(keys) >= limit:
+            break
+        keys.setdefault(pair.a)
+        keys.setdefault(pair.b)
+    missing = [k for k in keys if not (Path(images_dir) / k).is_file()]
+    if missing:
+        raise AddError(f"--images {images_dir}: {len(missing)} images missing, e.g. {missing[0]}")
+    return LabelledSample(
+        tuple(Path(images_dir) / k for k in keys),
+        tuple(k.split("/")[0] for k in keys),
+        f"{pairs} ({len(keys)} images)",
+    )
+
+
+# -- the preprocessing search ----------------------------------------------------------------
+def arcface_template(size: tuple[int, int], factor: float = 1.0) -> list[tuple[float, float]]:
+    """The ArcFace 112×112 template scaled to a crop of ``size`` (w, h); ``factor`` < 1
+    shrinks it towards the crop centre (a looser crop: more context around the face)."""
+    width, height = size
+    points = np.asarray(ARCFACE_TEMPLATE_112, np.float64) * [width / 112.0, height / 112.0]
+    centre = np.asarray([width / 2.0, height / 2.0])
+    points = centre + (points - centre) * factor
+    return [(round(float(x), 4), round(float(y), 4)) for x, y in points]
+
+
+def _is_gray(image: np.ndarray) -> bool:
+    """Whether the three channels of a BGR image are equal (a grayscale photo)."""
+    return bool(
+        np.array_equal(image[..., 0], image[..., 1])
+        and np.array_equal(image[..., 1], image[..., 2])
+    )
+
+
+def _pair_scores(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(genuine, impostor) cosines of every pair of the sample (upper triangle)."""
+    sims = embeddings @ embeddings.T
+    upper = np.triu(np.ones(sims.shape, bool), k=1)
+    same = labels[:, None] == labels[None, :]
+    return sims[upper & same], sims[upper & ~same]
+
+
+def _auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    scores = np.concatenate([genuine, impostor])
+    truth = np.concatenate([np.ones(len(genuine)), np.zeros(len(impostor))])
+    return float(roc_auc_score(truth, scores))
+
+
+def sample_thresholds(
+    genuine: np.ndarray, impostor: np.ndarray
+) -> tuple[dict[str, float], list[str]]:
+    """Thresholds at the FMRs the impostor pairs support (rule of 30), and why others are not
+    given."""
+    thresholds: dict[str, float] = {}
+    notes: list[str] = []
+    for point, fmr in FMR_POINTS.items():
+        needed = int(np.ceil(RULE_OF_30 / fmr))
+        if len(impostor) < needed:
+            notes.append(f"{point}: not measured ({len(impostor)} impostor pairs; {needed} needed)")
+            continue
+        measured = operating_point(impostor, genuine, fmr)
+        thresholds[point] = round(float(measured["threshold"]), 6)
+    return thresholds, notes
+
+
+def search_preprocessing(
+    path: Path,
+    classified: Classified,
+    detector: Detector,
+    settings: Settings,
+    sample: LabelledSample,
+    progress=None,
+) -> SearchReport:
+    """Embed the sample's main faces (the served detector, the largest face, the pipeline's
+    alignment) under every candidate and keep the one with the highest ROC AUC."""
+    start = time.perf_counter()
+    size = classified.input_size or (112, 112)
+    crops_by_template = {
+        "ArcFace template": arcface_template(size),
+        f"looser crop (ArcFace x{LOOSE_CROP_FACTOR})": arcface_template(size, LOOSE_CROP_FACTOR),
+    }
+    locator = Pipeline(
+        detector,
+        None,
+        settings,
+        template=np.asarray(crops_by_template["ArcFace template"]),
+        crop_size=size,
+    )
+    landmarks: list[np.ndarray] = []
+    images: list[np.ndarray] = []
+    labels: list[str] = []
+    no_face = 0
+    for image_path, label in zip(sample.images, sample.labels, strict=True):
+        image = locator.decode(image_path.read_bytes())
+        faces = locator.locate(image, "largest", allow_none=True)
+        if not faces.detections:
+            no_face += 1
+            continue
+        landmarks.append(faces.detections[0].landmarks)
+        images.append(image)
+        labels.append(label)
+    truth = np.asarray(labels)
+    grayscale = all(_is_gray(img) for img in images)
+    genuine_n = int(sum(np.sum(truth[i + 1 :] == truth[i]) for i in range(len(truth))))
+    if genuine_n == 0 or len(set(labels)) < 2:
+        raise AddError(
+            f"the sample {sample.description} gives {genuine_n} same-person pairs over "
+            f"{len(set(labels))} persons with a detected face: the search needs both same-person "
+            "and different-person pairs"
+        )
+    base = ModelCard(
+        name=path.stem,
+        task="recognition",
+        family="onnx",
+        file=path.name,
+        preprocessing=Preprocessing(input_size=size, layout=classified.layout),
+        embedding_dim=classified.embedding_dim,
+    )
+    embedder = OnnxEmbedder(base, path, settings, flip=False)
+    figures: list[CandidateFigure] = []
+    scored: list[tuple[np.ndarray, np.ndarray]] = []
+    for crop_label, template in crops_by_template.items():
+        crops = np.concatenate(
+            [
+                align_faces(img, [lm], np.asarray(template, np.float32), size)
+                for img, lm in zip(images, landmarks, strict=True)
+            ]
+        )
+        for color in ("RGB",) if grayscale else ("RGB", "BGR"):
+            for norm_label, mean, std in NORMALISATIONS:
+                if color == "RGB" and norm_label == "Caffe means":
+                    mean = (mean[2], mean[1], mean[0])  # the Caffe means in R, G, B order
+                pre = Preprocessing(input_size=size, color=color, mean=mean, std=std)
+                vectors = embedder.with_preprocessing(pre).embed(crops)
+                genuine, impostor = _pair_scores(vectors, truth)
+                tmr = (
+                    operating_point(impostor, genuine, 1e-2)["tmr"]
+                    if len(impostor) >= RULE_OF_30 / 1e-2
+                    else None
+                )
+                figures.append(
+                    CandidateFigure(
+                        f"{color} {norm_label}, {crop_label}",
+                        color,
+                        mean,
+                        std,
+                        crop_label,
+                        _auc(genuine, impostor),
+                        tmr,
+                    )
+                )
+                scored.append((genuine, impostor))
+                if progress is not None:
+                    progress(figures[-1])
+    chosen = int(np.argmax([f.auc for f in figures]))  # the first of equals: list order
+    best = figures[chosen].auc
+    warnings: list[str] = []
+    if grayscale:
+        warnings.append(
+            "every photo of the sample is grayscale: the colour order cannot be measured "
+            "(RGB and BGR give the same input); RGB, the ArcFace convention, is kept"
+        )
+    others = [f for i, f in enumerate(figures) if i != chosen]
+    runner = max(others, key=lambda f: f.auc) if others else None
+    if runner is not None and best - runner.auc < 0.002:
+        warnings.append(
+            f"the best candidate ({figures[chosen].label}, AUC {best:.4f}) is within 0.002 of "
+            f"the next ({runner.label}, AUC {runner.auc:.4f}): the sample does not tell them "
+            "apart; check the choice with a larger sample"
+        )
+    if best < 0.9:
+        warnings.append(
+            f"the best candidate separates same from different people poorly (AUC "
+            f"{best:.4f}): the model may need a preprocessing outside the candidates, "
+            "another alignment, or it is not a face recognizer"
+        )
+    genuine, impostor = scored[chosen]
+    thresholds, notes = sample_thresholds(genuine, impostor)
+    return SearchReport(
+        metric="ROC AUC over every same-person / different-person pair of the sample",
+        candidates=tuple(figures),
+        chosen=chosen,
+        images=len(sample.images),
+        persons=len(set(labels)),
+        no_face=no_face,
+        genuine_pairs=int(len(genuine)),
+        impostor_pairs=int(len(impostor)),
+        seconds=round(time.perf_counter() - start, 2),
+        thresholds=thresholds,
+        threshold_notes=tuple(notes),
+        warnings=tuple(warnings),
+        sample=sample.description,
+    )
+
+
+# -- the catalogue ---------------------------------------------------------------------------
+def load_catalogue(path: Path = CATALOGUE_PATH) -> dict[str, dict[str, Any]]:
+    """Catalogue entries by sha256."""
+    if not path.is_file():
+        return {}
+    return {entry["sha256"]: entry for entry in json.loads(path.read_text())["models"]}
+
+
+# -- add -------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    classified: Classified
+    sha256: str
+    name: str
+    card: ModelCard | None = None
+    catalogue: dict[str, Any] | None = None
+    search: SearchReport | None = None
+    notes: list[str] = field(default_factory=list)
+    manifest_name: str | None = None
+
+
+def _onnx_files(path: Path) -> tuple[list[Path], bool]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".onnx" and p.is_file())
+        if not files:
+            raise AddError(f"{path}: the folder holds no .onnx file")
+        return files, True
+    if not path.is_file():
+        raise AddError(f"{path}: no such file or folder")
+    return [path], False
+
+
+def _check_name(name: str, registry: Registry, models_dir: Path, replace: bool) -> None:
+    if not NAME_RE.match(name) or name in (".", ".."):
+        raise AddError(
+            f"model name {name!r}: 1-64 characters of A-Z a-z 0-9 _ . -, not starting with . or -"
+        )
+    if name in registry.manifest_cards:
+        raise AddError(f"name {name!r} is taken by the repository's manifest; choose --name")
+    card_path = models_dir / f"{name}.card.json"
+    if name in registry.cards and not card_path.is_file():
+        raise AddError(f"name {name!r} is taken by a shipped model card; choose --name")
+    if not replace and (card_path.is_file() or (models_dir / f"{name}.onnx").exists()):
+        raise AddError(
+            f"name {name!r} is taken in {models_dir} (a card or file of that name is there); "
+            "choose --name, or --replace to overwrite it"
+        )
+
+
+def add_models(
+    path: Path,
+    settings: Settings,
+    registry: Registry,
+    *,
+    name: str | None = None,
+    licence: str | None = None,
+    sample: LabelledSample | None = None,
+    replace: bool = False,
+    catalogue: bool = True,
+    progress=None,
+) -> AddResult:
+    """Classify, identify, measure and write (see the module docstring)."""
+    start = time.perf_counter()
+    path = Path(path)
+    models_dir = Path(settings.models_dir)
+    files, is_pack = _onnx_files(path)
+    known = load_catalogue() if catalogue else {}
+    skipped: list[Skipped] = []
+    plans: list[_Plan] = []
+    for file in files:
+        try:
+            found = classify(file)
+        except ClassifyError as exc:
+            if not is_pack:
+                raise AddError(str(exc)) from None
+            skipped.append(Skipped(file, "unknown", str(exc)))
+            continue
+        if not found.servable:
+            if not is_pack:
+                raise AddError(
+                    f"{file}: {found.reason}, not a face detector or recognizer the pipeline serves"
+                )
+            skipped.append(
+                Skipped(
+                    file,
+                    found.kind,
+                    f"{found.reason}; the pipeline serves detectors and recognizers only",
+                )
+            )
+            continue
+        plans.append(_Plan(found, sha256_file(file), ""))
+    for kind in ("detection", "recognition"):
+        of_kind = [p for p in plans if p.classified.kind == kind]
+        if len(of_kind) > 1:
+            listed = ", ".join(p.classified.path.name for p in of_kind)
+            raise AddError(f"{path}: {len(of_kind)} {kind} models ({listed}); add them one by one")
+    if not plans:
+        raise AddError(f"{path}: no face detector or recognizer in it")
+
+    for plan in plans:
+        entry = known.get(plan.sha256)
+        plan.catalogue = entry
+        manifest = [c for c in registry.manifest_cards.values() if c.sha256 == plan.sha256]
+        if is_pack:
+            base = name or path.name
+            plan.name = f"{base}_{'det' if plan.classified.kind == 'detection' else 'rec'}"
+        else:
+            plan.name = name or (entry or {}).get("name") or plan.classified.path.stem
+        if manifest and catalogue and name is None and not is_pack:
+            plan.manifest_name = manifest[0].name
+            continue
+        _check_name(plan.name, registry, models_dir, replace)
+    names = [p.name for p in plans]
+    if len(set(names)) != len(names):
+        raise AddError(f"two models would be named {names[0]!r}; give --name")
+
+    pack_detector: Detector | None = None
+    for plan in sorted(plans, key=lambda p: p.classified.kind != "detection"):
+        if plan.manifest_name is not None:
+            continue
+        plan.card = _card(plan, licence, path)
+        if plan.classified.kind == "detection":
+            try:
+                pack_detector = build_detector(plan.card, plan.classified.path, settings)
+            except Exception as exc:
+                raise AddError(
+                    f"{plan.classified.path}: the {plan.card.family} decoder cannot run it: {exc}"
+                ) from None
+            continue
+        if plan.catalogue is None and sample is not None:
+            detector = pack_detector or _served_detector(settings, registry)
+            plan.search = search_preprocessing(
+                plan.classified.path, plan.classified, detector, settings, sample, progress
+            )
+            plan.card = _measured_card(plan.card, plan.search)
+        elif plan.catalogue is None:
+            plan.notes.append(
+                "preprocessing NOT measured (no labelled sample): the ArcFace convention "
+                "(RGB, (x-127.5)/128, ArcFace template) is assumed; give --pairs/--images or "
+                "--calibrate to measure it"
+            )
+        if not plan.card.thresholds:
+            plan.notes.append(
+                "no thresholds: decisions are uncalibrated (threshold 0.5, calibrated: false) "
+                "until the model is calibrated on labelled photos"
+            )
+
+    return AddResult(
+        tuple(_write(plans, models_dir, list(registry.manifest_cards.values()))),
+        tuple(skipped),
+        round(time.perf_counter() - start, 2),
+    )
+
+
+def _served_detector(settings: Settings, registry: Registry) -> Detector:
+    try:
+        card, det_path = registry.resolve(settings.detector, task="detection")
+    except ModelError as exc:
+        raise AddError(f"the detector for the preprocessing search: {exc}") from None
+    return build_detector(card, det_path, settings)
+
+
+def _card(plan: _Plan, licence: str | None, source: Path) -> ModelCard:
+    found = plan.classified
+    entry = plan.catalogue
+    provenance: dict[str, Any] = {
+        "added_by": "facegate models add",
+        "classified": found.reason,
+        "input_shape": list(found.input_shape),
+    }
+    if entry is not None:
+        pre = Preprocessing.model_validate(entry["preprocessing"])
+        provenance["catalogue"] = {
+            k: entry[k] for k in ("name", "publisher", "published") if k in entry
+        }
+        provenance["preprocessing_from"] = "catalogue"
+    elif found.kind == "detection":
+        pre, why = FAMILY_PREPROCESSING[found.family]
+        provenance["preprocessing_from"] = f"family convention: {why}"
+    else:
+        pre = Preprocessing(color="RGB")
+        provenance["preprocessing_from"] = "assumed (ArcFace convention), not measured"
+    pre = pre.model_copy(update={"input_size": found.input_size, "layout": found.layout})
+    alignment = None
+    if found.kind == "recognition":
+        size = found.input_size or (112, 112)
+        alignment = Alignment(template=arcface_template(size), size=size)
+    return ModelCard(
+        name=plan.name,
+        task=found.kind,
+        family=(entry or {}).get("family") or found.family,
+        file=f"{plan.name}.onnx",
+        sha256=plan.sha256,
+        source=str(found.path.resolve()) if source else "",
+        licence=licence or (entry or {}).get("licence") or "unknown",
+        commercial_use=bool((entry or {}).get("commercial_use", False)) if not licence else False,
+        description=(entry or {}).get("publisher") or f"added from {found.path.name}",
+        preprocessing=pre,
+        alignment=alignment,
+        embedding_dim=found.embedding_dim,
+        evaluation={"models_add": provenance},
+    )
+
+
+def _measured_card(card: ModelCard, report: SearchReport) -> ModelCard:
+    best = report.best
+    size = card.preprocessing.input_size or (112, 112)
+    factor = 1.0 if best.crop == "ArcFace template" else LOOSE_CROP_FACTOR
+    pre = card.preprocessing.model_copy(
+        update={"color": best.color, "mean": best.mean, "std": best.std}
+    )
+    evaluation = dict(card.evaluation)
+    evaluation["models_add"] = {
+        **evaluation["models_add"],
+        "preprocessing_from": f"measured: {report.metric}",
+        "preprocessing_search": {
+            "sample": report.sample,
+            "chosen": best.label,
+            "candidates": {f.label: round(f.auc, 6) for f in report.candidates},
+        },
+    }
+    if report.thresholds:
+        evaluation["thresholds_source"] = (
+            f"measured on the preprocessing search's sample ({report.sample}: "
+            f"{report.persons} persons, {report.genuine_pairs} same-person and "
+            f"{report.impostor_pairs} different-person pairs); not a deployment calibration"
+        )
+    default = "fmr_1e-3" if "fmr_1e-3" in report.thresholds else next(iter(report.thresholds), None)
+    return card.model_copy(
+        update={
+            "preprocessing": pre,
+            "alignment": Alignment(template=arcface_template(size, factor), size=size),
+            "thresholds": dict(report.thresholds),
+            "default_operating_point": default,
+            "evaluation": evaluation,
+        }
+    )
+
+
+def _write(
+    plans: Sequence[_Plan], models_dir: Path, registry_cards: Sequence[ModelCard]
+) -> list[Added]:
+    """Copy every file and write every card into place, each atomically (temp + rename)."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    added: list[Added] = []
+    for plan in plans:
+        if plan.manifest_name is not None:
+            card = next(c for c in registry_cards if c.name == plan.manifest_name)
+            target = models_dir / card.file
+            _copy(plan.classified.path, target)
+            note = (
+                f"this file is the manifest's model {card.name}: its file is installed and "
+                "the manifest's card serves it"
+            )
+            added.append(Added(card, None, target, plan.classified, plan.catalogue, None, (note,)))
+            continue
+        assert plan.card is not None
+        target = models_dir / plan.card.file
+        card_path = models_dir / f"{plan.card.name}.card.json"
+        _copy(plan.classified.path, target)
+        tmp = card_path.with_name(f".{card_path.name}.tmp")
+        tmp.write_text(plan.card.model_dump_json(indent=2, exclude_none=True) + "\n")
+        os.replace(tmp, card_path)
+        added.append(
+            Added(
+                plan.card,
+                card_path,
+                target,
+                plan.classified,
+                plan.catalogue,
+                plan.search,
+                tuple(plan.notes),
+            )
+        )
+    return added
+
+
+def _copy(source: Path, target: Path) -> None:
+    if target.resolve() == source.resolve():
+        return
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
