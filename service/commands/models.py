@@ -335,6 +335,12 @@ def run_add(args) -> int:
             f"  preprocessing: {pre.color}, mean {list(pre.mean)}, std {list(pre.std)}, "
             f"input {pre.input_size or 'dynamic'}; licence: {card.licence}"
         )
+        check = added.detector_check
+        if check is not None:
+            print(
+                f"  detector check: a face in {check.with_face} of {check.images} photos of "
+                f"the sample (mean top score {check.mean_score}), {check.seconds} s"
+            )
         if added.search is not None:
             report = added.search
             print(
@@ -380,6 +386,7 @@ def add_report(result) -> dict:
                 "thresholds": a.card.thresholds,
                 "licence": a.card.licence,
                 "search": asdict(a.search) if a.search else None,
+                "detector_check": asdict(a.detector_check) if a.detector_check else None,
                 "notes": list(a.notes),
             }
             for a in result.added

@@ -63,6 +63,8 @@ CATALOGUE_PATH = REPO_ROOT / "models" / "catalogue.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 #: Doddington's rule of 30: an FMR is measured only with at least 30/FMR impostor pairs.
 RULE_OF_30 = 30
+#: A detector that finds a face in fewer of the sample's photos is reported as suspect.
+MIN_DETECTION_RATE = 0.9
 #: The ArcFace template shrunk towards the crop centre by this factor: the looser crop.
 LOOSE_CROP_FACTOR = 0.8
 
@@ -139,6 +141,20 @@ class SearchReport:
 
 
 @dataclass(frozen=True)
+class DetectorCheck:
+    """How often a detector finds a face in the sample's photos (each holds one person)."""
+
+    images: int
+    with_face: int
+    mean_score: float
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.with_face / max(1, self.images)
+
+
+@dataclass(frozen=True)
 class Skipped:
     path: Path
     kind: str
@@ -154,6 +170,7 @@ class Added:
     catalogue: dict[str, Any] | None
     search: SearchReport | None
     notes: tuple[str, ...]
+    detector_check: DetectorCheck | None = None
 
 
 @dataclass(frozen=True)
@@ -220,7 +237,7 @@ def sample_from_pairs(pairs: Path, images_dir: Path, limit: int | None = None) -
     return LabelledSample(
         tuple(Path(images_dir) / k for k in keys),
         tuple(k.split("/")[0] for k in keys),
-        f"{pairs} ({len(keys)} images)",
+        f"{Path(pairs).resolve()} ({len(keys)} images)",
     )
 
 
@@ -425,6 +442,7 @@ class _Plan:
     search: SearchReport | None = None
     notes: list[str] = field(default_factory=list)
     manifest_name: str | None = None
+    detector_check: DetectorCheck | None = None
 
 
 def _onnx_files(path: Path) -> tuple[list[Path], bool]:
@@ -526,7 +544,7 @@ def add_models(
     for plan in sorted(plans, key=lambda p: p.classified.kind != "detection"):
         if plan.manifest_name is not None:
             continue
-        plan.card = _card(plan, licence, path)
+        plan.card = _card(plan, licence)
         if plan.classified.kind == "detection":
             try:
                 pack_detector = build_detector(plan.card, plan.classified.path, settings)
@@ -534,6 +552,15 @@ def add_models(
                 raise AddError(
                     f"{plan.classified.path}: the {plan.card.family} decoder cannot run it: {exc}"
                 ) from None
+            if sample is not None:
+                plan.detector_check = check_detector(pack_detector, settings, sample)
+                plan.card = _checked_card(plan.card, plan.detector_check)
+                if plan.detector_check.rate < MIN_DETECTION_RATE:
+                    plan.notes.append(
+                        f"WARNING: the detector finds a face in only "
+                        f"{plan.detector_check.with_face} of {plan.detector_check.images} "
+                        "photos of the sample: its preprocessing or decoding may be wrong"
+                    )
             continue
         if plan.catalogue is None and sample is not None:
             detector = pack_detector or _served_detector(settings, registry)
@@ -568,7 +595,7 @@ def _served_detector(settings: Settings, registry: Registry) -> Detector:
     return build_detector(card, det_path, settings)
 
 
-def _card(plan: _Plan, licence: str | None, source: Path) -> ModelCard:
+def _card(plan: _Plan, licence: str | None) -> ModelCard:
     found = plan.classified
     entry = plan.catalogue
     provenance: dict[str, Any] = {
@@ -590,7 +617,9 @@ def _card(plan: _Plan, licence: str | None, source: Path) -> ModelCard:
         provenance["preprocessing_from"] = "assumed (ArcFace convention), not measured"
     pre = pre.model_copy(update={"input_size": found.input_size, "layout": found.layout})
     alignment = None
-    if found.kind == "recognition":
+    if found.kind == "recognition" and entry is not None and "alignment" in entry:
+        alignment = Alignment.model_validate(entry["alignment"])
+    elif found.kind == "recognition":
         size = found.input_size or (112, 112)
         alignment = Alignment(template=arcface_template(size), size=size)
     return ModelCard(
@@ -599,7 +628,7 @@ def _card(plan: _Plan, licence: str | None, source: Path) -> ModelCard:
         family=(entry or {}).get("family") or found.family,
         file=f"{plan.name}.onnx",
         sha256=plan.sha256,
-        source=str(found.path.resolve()) if source else "",
+        source=str(found.path.resolve()),
         licence=licence or (entry or {}).get("licence") or "unknown",
         commercial_use=bool((entry or {}).get("commercial_use", False)) if not licence else False,
         description=(entry or {}).get("publisher") or f"added from {found.path.name}",
@@ -608,6 +637,39 @@ def _card(plan: _Plan, licence: str | None, source: Path) -> ModelCard:
         embedding_dim=found.embedding_dim,
         evaluation={"models_add": provenance},
     )
+
+
+def check_detector(
+    detector: Detector, settings: Settings, sample: LabelledSample, limit: int = 100
+) -> DetectorCheck:
+    """Detect the first ``limit`` photos of the sample: how many have a face, at what score."""
+    start = time.perf_counter()
+    locator = Pipeline(detector, None, settings)
+    scores = []
+    images = sample.images[:limit]
+    for image_path in images:
+        found = locator.detect(locator.decode(image_path.read_bytes()))
+        if found:
+            scores.append(max(d.score for d in found))
+    return DetectorCheck(
+        len(images),
+        len(scores),
+        round(float(np.mean(scores)) if scores else 0.0, 4),
+        round(time.perf_counter() - start, 2),
+    )
+
+
+def _checked_card(card: ModelCard, check: DetectorCheck) -> ModelCard:
+    evaluation = dict(card.evaluation)
+    evaluation["models_add"] = {
+        **evaluation["models_add"],
+        "detector_check": {
+            "images": check.images,
+            "with_face": check.with_face,
+            "mean_top_score": check.mean_score,
+        },
+    }
+    return card.model_copy(update={"evaluation": evaluation})
 
 
 def _measured_card(card: ModelCard, report: SearchReport) -> ModelCard:
@@ -678,6 +740,7 @@ def _write(
                 plan.catalogue,
                 plan.search,
                 tuple(plan.notes),
+                plan.detector_check,
             )
         )
     return added
