@@ -8,7 +8,8 @@ repository's manifest records for that sha256 (``models/manifest.json``, the car
 reference file ``../shared/models/MANIFEST.md`` describes), every preprocessing candidate's
 figure for a recognizer (ROC AUC over every same-person / different-person pair of the
 sample, and TMR at FMR 1e-2), the detector check for a detector (photos of the sample with a
-face) and the time of each add.
+face, mean top score) under the family convention the add writes and, for comparison, under
+each other colour/normalisation candidate, and the time of each add.
 
     python bench/bench_models_add.py                          # CelebA sample, 200 photos
     python bench/bench_models_add.py --sample lfw --images 300  # grayscale LFW pairs
@@ -35,8 +36,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from service.config import MANIFEST_PATH, Settings
-from service.registry import Registry, sha256_file
-from service.usecases.models_add import add_models, sample_from_dir, sample_from_pairs
+from service.pipeline.detectors import build_detector
+from service.registry import Preprocessing, Registry, sha256_file
+from service.usecases.models_add import (
+    NORMALISATIONS,
+    add_models,
+    check_detector,
+    sample_from_dir,
+    sample_from_pairs,
+)
 
 SHARED = Path(os.environ.get("FACEGATE_SHARED", REPO.parent / "shared")).resolve()
 
@@ -68,6 +76,27 @@ def found_vs_recorded(added, recorded) -> dict:
         and row.get("template_max_diff_px", 0.0) < 1e-3
     )
     return row
+
+
+def detector_alternatives(added, settings, sample) -> list[list]:
+    """The detector check under every colour/normalisation candidate (the add itself takes
+    the family's published convention): [label, photos with a face, mean top score]."""
+    rows = []
+    for color in ("RGB", "BGR"):
+        for label, mean, std in NORMALISATIONS:
+            if color == "RGB" and label == "Caffe means":
+                mean = (mean[2], mean[1], mean[0])
+            pre = added.card.preprocessing.model_copy(
+                update={"color": color, "mean": mean, "std": std}
+            )
+            card = added.card.model_copy(
+                update={"preprocessing": Preprocessing(**pre.model_dump())}
+            )
+            check = check_detector(
+                build_detector(card, added.model_path, settings), settings, sample
+            )
+            rows.append([f"{color} {label}", check.with_face, check.images, check.mean_score])
+    return rows
 
 
 def main() -> int:
@@ -126,6 +155,7 @@ def main() -> int:
             if added.detector_check is not None:
                 c = added.detector_check
                 row["detector_check"] = [c.with_face, c.images, c.mean_score]
+                row["detector_alternatives"] = detector_alternatives(added, settings, sample)
             report["files"].append(row)
             print(
                 f"{path.name}: {row['kind'][0]} {row['family'][0]} in {seconds} s; "
@@ -133,6 +163,8 @@ def main() -> int:
                 file=sys.stderr,
                 flush=True,
             )
+            for label, with_face, images, score in row.get("detector_alternatives", []):
+                print(f"    {label:<30} {with_face}/{images} mean score {score}", file=sys.stderr)
             if "search" in row:
                 for label, auc, tmr in row["search"]["candidates"]:
                     print(f"    {label:<50} AUC {auc:.4f}  TMR@1e-2 {tmr}", file=sys.stderr)
