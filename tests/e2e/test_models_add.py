@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from service.config import MANIFEST_PATH, Settings
 from service.registry import ModelError, Registry
 from service.usecases.models_add import AddError, add_models, sample_from_dir
-from tests.conftest import CELEBA, REPO, SHARED_MODELS, photo
+from tests.conftest import CELEBA, LFW, REPO, SHARED_MODELS, photo
 from tests.support.service import InProcessServer, ServeProcess
 
 #: shared file -> (new name, family the manifest records)
@@ -235,11 +235,18 @@ def test_pack_folder_adds_detector_and_recognizer_and_skips_the_rest(tmp_path):
     _tiny_model(pack / "2d106det.onnx", [1, 3, 192, 192], 212)
     _tiny_model(pack / "genderage.onnx", [1, 3, 96, 96], 3)
     models_dir = tmp_path / "models"
-    done = cli("add", str(pack), "--models-dir", str(models_dir), "--no-catalogue")
+    lfw = LFW / "pairs.txt", LFW / "images"
+    done = cli(
+        *("add", str(pack), "--models-dir", str(models_dir), "--no-catalogue"),
+        *("--pairs", str(lfw[0]), "--images", str(lfw[1]), "--sample-images", "40"),
+    )
     assert done.returncode == 0, done.stderr
     assert "skipped 2d106det.onnx: landmark" in done.stdout
     assert "skipped genderage.onnx: attribute" in done.stdout
-    assert "NOT measured" in done.stdout
+    # the pack's own detector checked on the sample and used for the recognizer's search;
+    # the shared LFW copy is grayscale: only the 8 colour-free candidates, and it says so
+    assert "detector check: a face in" in done.stdout
+    assert done.stdout.count("TMR@FMR1e-2") == 8 and "grayscale" in done.stdout
     assert files_in(models_dir) == [
         "buffalo_test_det.card.json",
         "buffalo_test_det.onnx",
@@ -327,6 +334,12 @@ def test_bad_inputs_each_refused_with_nothing_written(tmp_path):
         replace=True,
     )
     assert replaced.added[0].card.family == "scrfd"
+    # a recognizer added without a labelled sample: written, its guess and lack of
+    # thresholds said
+    [guessed] = add_models(
+        SHARED_MODELS / PEER, settings, registry, name="guessed", catalogue=False
+    ).added
+    assert guessed.card.thresholds == {} and any("NOT measured" in n for n in guessed.notes)
     # a labelled sample of one person cannot drive a search
     one_person = tmp_path / "one"
     (one_person / "ada").mkdir(parents=True)
