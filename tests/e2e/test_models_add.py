@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from service.config import MANIFEST_PATH, Settings
 from service.registry import ModelError, Registry
-from service.usecases.models_add import AddError, add_models, sample_from_dir
+from service.usecases.models_add import AddError, add_models, sample_from_dir, sample_from_pairs
 from tests.conftest import CELEBA, LFW, REPO, SHARED_MODELS, photo
 from tests.support.service import InProcessServer, ServeProcess
 
@@ -365,6 +365,25 @@ def test_catalogue_names_a_known_file_with_its_sources(tmp_path):
     assert card.licence == "MIT" and card.commercial_use is True
     assert card.preprocessing.color == "BGR"
     assert "catalogue" in card.evaluation["models_add"]
+
+
+def test_a_model_no_candidate_suits_is_reported_not_hidden(tmp_path):
+    """A graph that is shaped like a recognizer but embeds nothing of the face (mean colour
+    through random weights): the search still picks a candidate, and says it is poor."""
+    fake = tmp_path / "fake_recognizer.onnx"
+    _tiny_model(fake, [1, 3, 112, 112], 128)
+    settings = Settings(
+        models_dir=tmp_path / "models",
+        detector=str(SHARED_MODELS / "yunet_2023mar.onnx"),
+        providers=CPU,
+    )
+    sample = sample_from_pairs(LFW / "pairs.txt", LFW / "images", 40)
+    [model] = add_models(
+        fake, settings, Registry(MANIFEST_PATH, []), sample=sample, catalogue=False
+    ).added
+    assert model.search is not None and len(model.search.candidates) == 8
+    assert model.search.best.auc < 0.9
+    assert any("separates same from different people poorly" in w for w in model.search.warnings)
 
 
 def test_a_broken_card_in_the_models_directory_is_named_at_start_up(tmp_path):
