@@ -316,21 +316,27 @@ def search_preprocessing(
         template=np.asarray(crops_by_template["ArcFace template"]),
         crop_size=size,
     )
-    landmarks: list[np.ndarray] = []
-    images: list[np.ndarray] = []
+    # each photo is aligned at once under every crop candidate and let go: only the small
+    # crops are kept, whatever the size of the photos
+    crops_of: dict[str, list[np.ndarray]] = {label: [] for label in crops_by_template}
     labels: list[str] = []
     no_face = 0
+    grayscale = True
     for image_path, label in zip(sample.images, sample.labels, strict=True):
         image = locator.decode(image_path.read_bytes())
         faces = locator.locate(image, "largest", allow_none=True)
         if not faces.detections:
             no_face += 1
             continue
-        landmarks.append(faces.detections[0].landmarks)
-        images.append(image)
+        for crop_label, template in crops_by_template.items():
+            crops_of[crop_label].append(
+                align_faces(
+                    image, [faces.detections[0].landmarks], np.asarray(template, np.float32), size
+                )
+            )
+        grayscale = grayscale and _is_gray(image)
         labels.append(label)
     truth = np.asarray(labels)
-    grayscale = all(_is_gray(img) for img in images)
     genuine_n = int(sum(np.sum(truth[i + 1 :] == truth[i]) for i in range(len(truth))))
     if genuine_n == 0 or len(set(labels)) < 2:
         raise AddError(
@@ -349,13 +355,8 @@ def search_preprocessing(
     embedder = OnnxEmbedder(base, path, settings, flip=False)
     figures: list[CandidateFigure] = []
     scored: list[tuple[np.ndarray, np.ndarray]] = []
-    for crop_label, template in crops_by_template.items():
-        crops = np.concatenate(
-            [
-                align_faces(img, [lm], np.asarray(template, np.float32), size)
-                for img, lm in zip(images, landmarks, strict=True)
-            ]
-        )
+    for crop_label in crops_by_template:
+        crops = np.concatenate(crops_of[crop_label])
         for color in ("RGB",) if grayscale else ("RGB", "BGR"):
             for norm_label, mean, std in NORMALISATIONS:
                 if color == "RGB" and norm_label == "Caffe means":
