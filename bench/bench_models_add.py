@@ -38,9 +38,9 @@ sys.path.insert(0, str(REPO))
 from service.config import MANIFEST_PATH, Settings
 from service.pipeline.detectors import build_detector
 from service.registry import Preprocessing, Registry, sha256_file
-from service.usecases.models_add import (
+from service.usecases.models_add import add_models
+from service.usecases.preprocessing_search import (
     NORMALISATIONS,
-    add_models,
     check_detector,
     sample_from_dir,
     sample_from_pairs,

@@ -279,9 +279,9 @@ def run_install(args) -> int:
 
 
 def run_add(args) -> int:
-    from service.usecases.models_add import (
-        AddError,
-        add_models,
+    from service.usecases.models_add import AddError, add_models
+    from service.usecases.preprocessing_search import (
+        SampleError,
         sample_from_dir,
         sample_from_pairs,
     )
@@ -315,7 +315,7 @@ def run_add(args) -> int:
             catalogue=not args.no_catalogue,
             progress=progress,
         )
-    except AddError as exc:
+    except (AddError, SampleError) as exc:
         print(f"error: {exc}; nothing was written", file=sys.stderr)
         return 1
     if args.json:

@@ -23,7 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from service.config import MANIFEST_PATH, Settings
 from service.registry import ModelError, Registry
-from service.usecases.models_add import AddError, add_models, sample_from_dir, sample_from_pairs
+from service.usecases.models_add import AddError, add_models
+from service.usecases.preprocessing_search import SampleError, sample_from_dir, sample_from_pairs
 from tests.conftest import CELEBA, LFW, REPO, SHARED_MODELS, photo
 from tests.support.service import InProcessServer, ServeProcess
 
@@ -343,7 +344,7 @@ def test_bad_inputs_each_refused_with_nothing_written(tmp_path):
     # a labelled sample of one person cannot drive a search
     one_person = tmp_path / "one"
     (one_person / "ada").mkdir(parents=True)
-    with pytest.raises(AddError, match="two persons"):
+    with pytest.raises(SampleError, match="two persons"):
         sample_from_dir(one_person)
 
 
@@ -384,6 +385,22 @@ def test_a_model_no_candidate_suits_is_reported_not_hidden(tmp_path):
     assert model.search is not None and len(model.search.candidates) == 8
     assert model.search.best.auc < 0.9
     assert any("separates same from different people poorly" in w for w in model.search.warnings)
+    # a sample photo that cannot be decoded is named, and nothing is written
+    photos = tmp_path / "photos"
+    for person in ("ada", "bob"):
+        (photos / person).mkdir(parents=True)
+        (photos / person / "1.jpg").write_bytes(photo("Colin_Powell", 1))
+    (photos / "bob" / "2.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SampleError, match="sample photo .*2.jpg"):
+        add_models(
+            fake,
+            settings,
+            Registry(MANIFEST_PATH, []),
+            name="other",
+            sample=sample_from_dir(photos),
+            catalogue=False,
+        )
+    assert files_in(tmp_path / "models") == ["fake_recognizer.card.json", "fake_recognizer.onnx"]
 
 
 def test_a_broken_card_in_the_models_directory_is_named_at_start_up(tmp_path):
