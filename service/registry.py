@@ -179,7 +179,13 @@ class Registry:
         """A ``*.card.json`` from a directory; refused (ModelError) when the manifest lists
         the same model with another sha256: a card beside the files cannot re-declare the
         weights of a known model."""
-        card = ModelCard.model_validate_json(path.read_text())
+        try:
+            card = ModelCard.model_validate_json(path.read_text())
+        except ValueError as exc:  # pydantic's ValidationError, bad JSON
+            raise ModelError(
+                f"{path}: not a valid model card ({exc}); fix or remove it (cards in a models "
+                "directory are written by `facegate models add`)"
+            ) from None
         listed = self.manifest_cards.get(card.name)
         if listed is not None and card.sha256 != listed.sha256:
             raise ModelError(

@@ -9,6 +9,9 @@
 - ``install``: fetch and convert the project's default permissive models.
 - ``calibrate NAME --photos DIR``: thresholds from the operator's photos
   (:mod:`service.commands.calibrate`).
+- ``add PATH``: an ``.onnx`` file or an InsightFace-style pack folder -> model cards in the
+  models directory (classified by graph, identified by the catalogue, an unknown
+  recognizer's preprocessing measured on a labelled sample; ``service.usecases.models_add``).
 
 The models directory is ``--models-dir`` or ``FACEGATE_MODELS_DIR``.
 """
@@ -60,6 +63,37 @@ def register(subparsers) -> None:
     add_model_options(p_install, detector=False, recognizer=False)
     p_install.set_defaults(func=run_install)
     calibrate.register(actions)
+    p_add = actions.add_parser(
+        "add", help="add an .onnx file or a model pack folder to the models directory"
+    )
+    add_model_options(p_add, recognizer=False)
+    p_add.add_argument("path", type=Path, help=".onnx file, or a folder of them (a model pack)")
+    p_add.add_argument("--name", default=None, help="model name (a pack: NAME_det, NAME_rec)")
+    p_add.add_argument("--licence", default=None, help="licence to record (default: unknown)")
+    p_add.add_argument(
+        "--calibrate",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="labelled photos, one sub-folder per person: measure the preprocessing on them",
+    )
+    p_add.add_argument("--pairs", type=Path, default=None, help="LFW-format pairs.txt")
+    p_add.add_argument("--images", type=Path, default=None, help="images of --pairs")
+    p_add.add_argument(
+        "--sample-images",
+        type=int,
+        default=600,
+        metavar="N",
+        help="at most N images of the labelled sample (default 600)",
+    )
+    p_add.add_argument("--replace", action="store_true", help="overwrite a model of that name")
+    p_add.add_argument(
+        "--no-catalogue",
+        action="store_true",
+        help="ignore the catalogue of well-known files (treat every file as unknown)",
+    )
+    p_add.add_argument("--json", action="store_true", help="print the result as JSON")
+    p_add.set_defaults(func=run_add)
 
 
 def _registry(args):
@@ -246,3 +280,123 @@ def run_install(args) -> int:
     for path in paths:
         print(f"installed {path}")
     return 0
+
+
+def run_add(args) -> int:
+    from service.usecases.models_add import AddError, add_models
+    from service.usecases.preprocessing_search import (
+        SampleError,
+        sample_from_dir,
+        sample_from_pairs,
+    )
+
+    settings, registry = _registry(args)
+    if (args.pairs is None) != (args.images is None):
+        print("error: --pairs and --images go together", file=sys.stderr)
+        return 1
+    if args.calibrate is not None and args.pairs is not None:
+        print("error: give --calibrate or --pairs/--images, not both", file=sys.stderr)
+        return 1
+
+    def progress(figure) -> None:
+        if not args.json:
+            print(f"  {figure.label:<50} AUC {figure.auc:.4f}", file=sys.stderr, flush=True)
+
+    try:
+        sample = None
+        if args.calibrate is not None:
+            sample = sample_from_dir(args.calibrate, args.sample_images)
+        elif args.pairs is not None:
+            sample = sample_from_pairs(args.pairs, args.images, args.sample_images)
+        result = add_models(
+            args.path,
+            settings,
+            registry,
+            name=args.name,
+            licence=args.licence,
+            sample=sample,
+            replace=args.replace,
+            catalogue=not args.no_catalogue,
+            progress=progress,
+        )
+    except (AddError, SampleError) as exc:
+        print(f"error: {exc}; nothing was written", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(add_report(result), indent=2))
+        return 0
+    for skipped in result.skipped:
+        print(f"skipped {skipped.path.name}: {skipped.kind}: {skipped.reason}")
+    for added in result.added:
+        card = added.card
+        where = added.card_path or "the manifest's card"
+        print(f"{card.name}: {card.task} ({card.family}) from {added.classified.path.name}")
+        print(f"  card: {where}; file: {added.model_path}; sha256 {card.sha256}")
+        if added.catalogue:
+            print(f"  catalogue: {added.catalogue['name']} ({added.catalogue['publisher']})")
+        pre = card.preprocessing
+        print(
+            f"  preprocessing: {pre.color}, mean {list(pre.mean)}, std {list(pre.std)}, "
+            f"input {pre.input_size or 'dynamic'}; licence: {card.licence}"
+        )
+        check = added.detector_check
+        if check is not None:
+            print(
+                f"  detector check: a face in {check.with_face} of {check.images} photos of "
+                f"the sample (mean top score {check.mean_score}), {check.seconds} s"
+            )
+        if added.search is not None:
+            report = added.search
+            print(
+                f"  search: {report.images} images, {report.persons} persons, "
+                f"{report.no_face} without a face, {report.genuine_pairs} same / "
+                f"{report.impostor_pairs} different pairs, {report.seconds} s; "
+                f"{report.metric}:"
+            )
+            for i, f in enumerate(report.candidates):
+                tmr = "-" if f.tmr_at_fmr_1e_2 is None else f"{f.tmr_at_fmr_1e_2:.4f}"
+                mark = "<- chosen" if i == report.chosen else ""
+                print(f"    {f.label:<50} AUC {f.auc:.4f}  TMR@FMR1e-2 {tmr} {mark}")
+            for warning in report.warnings:
+                print(f"  WARNING: {warning}")
+            if card.thresholds:
+                print(f"  thresholds (measured on the sample): {card.thresholds}")
+            for note in report.threshold_notes:
+                print(f"  {note}")
+        for note in added.notes:
+            print(f"  note: {note}")
+        variable = "FACEGATE_DETECTOR" if card.task == "detection" else "FACEGATE_RECOGNIZER"
+        print(f"  serve it with {variable}={card.name}")
+    print(f"done in {result.seconds} s")
+    return 0
+
+
+def add_report(result) -> dict:
+    """``models add --json``: what was added, skipped and measured."""
+    from dataclasses import asdict
+
+    return {
+        "added": [
+            {
+                "name": a.card.name,
+                "task": a.card.task,
+                "family": a.card.family,
+                "card": str(a.card_path) if a.card_path else None,
+                "file": str(a.model_path),
+                "sha256": a.card.sha256,
+                "catalogue": a.catalogue.get("name") if a.catalogue else None,
+                "preprocessing": a.card.preprocessing.model_dump(),
+                "alignment": a.card.alignment.model_dump() if a.card.alignment else None,
+                "thresholds": a.card.thresholds,
+                "licence": a.card.licence,
+                "search": asdict(a.search) if a.search else None,
+                "detector_check": asdict(a.detector_check) if a.detector_check else None,
+                "notes": list(a.notes),
+            }
+            for a in result.added
+        ],
+        "skipped": [
+            {"file": str(s.path), "kind": s.kind, "reason": s.reason} for s in result.skipped
+        ],
+        "seconds": result.seconds,
+    }

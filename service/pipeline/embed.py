@@ -12,6 +12,7 @@ Flip-augmented embeddings are not those of the plain model: their model id carri
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ from .runtime import create_session, warm_up
 
 if TYPE_CHECKING:
     from service.config import Settings
-    from service.registry import ModelCard
+    from service.registry import ModelCard, Preprocessing
 
 
 def l2_normalize(vectors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -80,6 +81,15 @@ class OnnxEmbedder:
         if isinstance(out_dim, int) and out_dim != self.dim:
             raise ValueError(f"{card.name}: card says dim {self.dim}, model outputs {out_dim}")
         warm_up(self.session, dynamic_side=self.input_size[0])
+
+    def with_preprocessing(self, pre: Preprocessing) -> OnnxEmbedder:
+        """The same model (one session, shared) under another colour order and mean/std:
+        how ``facegate models add`` tries preprocessing candidates without reloading it."""
+        other = copy.copy(self)
+        other.swap_rb = pre.color == "RGB"
+        other.mean = np.asarray(pre.mean, dtype=np.float32)
+        other.inv_std = 1.0 / np.asarray(pre.std, dtype=np.float32)
+        return other
 
     def preprocess(self, crops: np.ndarray) -> np.ndarray:
         """(N, h, w, 3) uint8 BGR -> model input (float32, card's colour/mean/std/layout)."""
