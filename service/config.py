@@ -282,7 +282,9 @@ class Settings(BaseSettings):
         "matching subject automatically (a strict one: a wrong assignment is worse than none)",
     )
     people_link_point: str = Field(
-        "fmr_1e-4", description="clustering: the least cosine of a k-NN graph edge, by point"
+        "fmr_1e-2",
+        description="clustering: the chance that a face has any false link in its gallery "
+        "(the per-pair rate is this over the number of faces, read off the card's tail)",
     )
     people_average_point: str = Field(
         "fmr_1e-3",

@@ -15,13 +15,15 @@ The algorithm (:func:`cluster`), precision first:
    hold an existing cluster never merge (merging clusters is a person's decision); a face
    a person removed from a cluster never joins a group holding that cluster again.
 
-Both thresholds are recognizer-card thresholds at named operating points (see
-:func:`params_from_card`), so they follow the model: no cosine is written here.
+Both thresholds come from the recognizer card's calibrated thresholds at named operating
+points (see :func:`params_from_card`: the link threshold is corrected for the number of
+faces each face is compared with), so they follow the model: no cosine is written here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import faiss
 import numpy as np
@@ -55,19 +57,57 @@ class ClusterParams:
         }
 
 
+def fmr_of(point: str) -> float:
+    """``fmr_1e-3`` -> 0.001 (``ValueError`` for a name that is not a false-match rate)."""
+    if not point.startswith("fmr_"):
+        raise ValueError(f"{point!r} is not a false-match-rate operating point")
+    return float(point[len("fmr_") :])
+
+
+def impostor_tail(thresholds: dict[str, float]) -> tuple[float, float] | None:
+    """(mean, std) of the Gaussian whose upper tail passes through the card's calibrated
+    thresholds (least squares on ``threshold = mean + std * z(1 - fmr)``); None with fewer
+    than two points.  The cards' points fit it closely (their z-spacing is even)."""
+    points = [(NormalDist().inv_cdf(1.0 - fmr_of(p)), t) for p, t in thresholds.items()]
+    if len(points) < 2:
+        return None
+    z = np.array([p[0] for p in points])
+    t = np.array([p[1] for p in points])
+    std, mean = np.polyfit(z, t, 1)
+    return float(mean), float(std)
+
+
 def params_from_card(
-    thresholds: dict[str, float], link_point: str, average_point: str, neighbours: int
+    thresholds: dict[str, float],
+    link_point: str,
+    average_point: str,
+    neighbours: int,
+    faces: int,
 ) -> ClusterParams:
-    """Parameters from a recognizer card's calibrated thresholds (``fmr_1e-3`` -> cosine):
-    ``KeyError`` names a point the card lacks."""
+    """Parameters from a recognizer card's calibrated thresholds (``fmr_1e-3`` -> cosine).
+
+    ``average``: the card's threshold at ``average_point``.  ``link``: a face of a gallery
+    of ``faces`` faces is compared with all the others, so a per-pair rate would let false
+    links grow with the gallery; the link threshold is instead the cosine at which the
+    chance that a face has **any** false link is the rate of ``link_point``: the per-pair
+    rate ``fmr / faces``, read off the card's impostor tail (:func:`impostor_tail`) beyond
+    its last calibrated point (never below the card's threshold at ``link_point``).
+    ``KeyError`` names a point the card lacks.
+    """
     for point in (link_point, average_point):
         if point not in thresholds:
             raise KeyError(
                 f"the recognizer card has no threshold at {point!r} "
                 f"(it has {', '.join(sorted(thresholds)) or 'none'})"
             )
+    link = float(thresholds[link_point])
+    tail = impostor_tail(thresholds)
+    if tail is not None and faces > 1:
+        mean, std = tail
+        per_pair = fmr_of(link_point) / faces
+        link = max(link, mean + std * NormalDist().inv_cdf(1.0 - per_pair))
     return ClusterParams(
-        link=float(thresholds[link_point]),
+        link=min(link, 1.0),
         average=float(thresholds[average_point]),
         neighbours=int(neighbours),
         link_point=link_point,

@@ -110,16 +110,15 @@ def gate(quality: dict[str, float], settings: Settings) -> list[str]:
     return reasons
 
 
-def cluster_params(card: ModelCard, settings: Settings) -> ClusterParams:
-    """Clustering thresholds from the card at the configured operating points."""
+def cluster_params(card: ModelCard, settings: Settings, faces: int) -> ClusterParams:
+    """Clustering thresholds from the card at the configured operating points, for
+    ``faces`` faces clustered together."""
     link = operating_point(card, settings.people_link_point)
     average = operating_point(card, settings.people_average_point)
-    return params_from_card(
-        {p: threshold_for(card, p).value for p in {link, average}},
-        link,
-        average,
-        settings.people_neighbours,
-    )
+    thresholds = dict(card.thresholds or {})
+    for point in (link, average):  # a card without calibration: its fallback threshold
+        thresholds.setdefault(point, threshold_for(card, point).value)
+    return params_from_card(thresholds, link, average, settings.people_neighbours, faces)
 
 
 def _face_answer(face: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -203,7 +202,6 @@ def run_clustering(
     began = time.perf_counter()
     name = check_gallery(name)
     store = people_store(gallery)
-    params = cluster_params(card, settings)
     snapshot = store.people_faces(name)
     check_model(name, snapshot.model_id, model_id)
     assigned_alone = np.array([s is not None for s in snapshot.subject_ids], bool) & (
@@ -216,6 +214,7 @@ def run_clustering(
             f"{len(index)} faces take part, more than one request clusters "
             f"({max_faces}, FACEGATE_PEOPLE_MAX_CLUSTER_FACES); run `facegate people cluster`"
         )
+    params = cluster_params(card, settings, len(index))
     joins: dict[int, list[int]] = {}
     groups: list[list[int]] = []
     outliers = 0
