@@ -12,7 +12,17 @@ import sys
 
 from service.helptext import summary
 
-COMMANDS = ["models", "serve", "verify", "eval_pairs", "detect", "gallery", "keys", "audit"]
+COMMANDS = [
+    "models",
+    "serve",
+    "verify",
+    "eval_pairs",
+    "detect",
+    "gallery",
+    "keys",
+    "audit",
+    "people",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
