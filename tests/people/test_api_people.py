@@ -38,17 +38,19 @@ def side_by_side(left: bytes, right: bytes) -> bytes:
 
 
 def _keys_file(path) -> str:
-    def entry(key_id, key, galleries):
+    def entry(key_id, key, galleries, scopes=("identify", "enrol", "delete")):
         digest = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-        return {
-            "id": key_id,
-            "hash": digest,
-            "scopes": ["identify", "enrol", "delete"],
-            "galleries": galleries,
-        }
+        return {"id": key_id, "hash": digest, "scopes": list(scopes), "galleries": galleries}
 
     path.write_text(
-        json.dumps({"keys": [entry("lib", KEY, ["*"]), entry("other", OTHER_KEY, ["other"])]})
+        json.dumps(
+            {
+                "keys": [
+                    entry("lib", KEY, ["*"], ("identify", "enrol", "delete", "admin")),
+                    entry("other", OTHER_KEY, ["other"]),
+                ]
+            }
+        )
     )
     return str(path)
 
@@ -223,6 +225,9 @@ def test_corrections_survive_a_rerun(api, servers, library):
     assert r.json()["subject_id"] == "bush" and r.json()["origin"] == "manual"
     face = api.get(f"/v1/galleries/lib/photo-faces/{bush['face_ids'][0]}").json()
     assert face["subject_id"] == "bush" and face["assignment"] == "manual"
+    (record,) = api.get("/v1/audit", params={"action": "name_cluster"}).json()["records"]
+    assert record["key_id"] == "lib" and record["subject_ids"] == ["bush"]
+    assert len(record["face_ids"]) == bush["size"]  # the enrolled faces it added
     with httpx.Client(
         base_url=servers[1].base_url, timeout=60, headers={"X-API-Key": KEY}
     ) as other:
@@ -252,6 +257,9 @@ def test_corrections_survive_a_rerun(api, servers, library):
     assert r.status_code == 200, r.text
     split_off = r.json()
     assert split_off["face_ids"] == part
+    # no enrolled face changed, and still its audit record, written with the split
+    (record,) = api.get("/v1/audit", params={"action": "split_cluster"}).json()["records"]
+    assert record["face_ids"] == part and record["result"] == "ok"
     r = api.post(
         f"/v1/galleries/lib/clusters/{powell['cluster_id']}/merge",
         json={"source": split_off["cluster_id"]},
