@@ -691,6 +691,118 @@ class PeopleSQL(PeopleStore):
             cluster = self._cluster_dicts(cur, gallery, [self._cluster_row(cur, gallery, fresh)])[0]
         return cluster, seq
 
+    # --- export and restore (service.gallery.transfer) ----------------------------------
+    def _export_people(self, cur, gallery: str) -> Iterator[tuple[str, dict]]:
+        """The people records of ``gallery`` in the export's snapshot: photos, clusters,
+        photo faces, cannot-link rules (each by id)."""
+        for photo_id, width, height, created in cur.execute(
+            "SELECT photo_id, width, height, created_at FROM photos WHERE gallery = ? "
+            "ORDER BY photo_id",
+            (gallery,),
+        ).fetchall():
+            yield (
+                "photo",
+                {
+                    "photo_id": photo_id,
+                    "width": int(width),
+                    "height": int(height),
+                    "created_at": float(created),
+                },
+            )
+        for number, subject_id, origin in cur.execute(
+            "SELECT cluster_no, subject_id, origin FROM clusters WHERE gallery = ? "
+            "ORDER BY cluster_no",
+            (gallery,),
+        ).fetchall():
+            yield ("cluster", {"cluster": int(number), "subject_id": subject_id, "origin": origin})
+        cur.execute(
+            f"SELECT {_FACE_COLUMNS}, embedding, thumbnail, created_at FROM photo_faces "
+            "WHERE gallery = ? ORDER BY face_id",
+            (gallery,),
+        )
+        while rows := cur.fetchmany(256):
+            for row in rows:
+                face = _face_dict(row)
+                face["cluster"] = None if row[6] is None else int(row[6])
+                del face["cluster_id"]
+                face["embedding"] = bytes(row[10])
+                face["thumbnail"] = None if row[11] is None else bytes(row[11])
+                face["created_at"] = float(row[12])
+                yield ("photo_face", face)
+        for face_id, number, subject_id in cur.execute(
+            "SELECT face_id, cluster_no, subject_id FROM cannot_link WHERE gallery = ? "
+            "ORDER BY face_id, cluster_no, subject_id",
+            (gallery,),
+        ).fetchall():
+            yield (
+                "cannot_link",
+                {
+                    "face_id": int(face_id),
+                    "cluster": None if number is None else int(number),
+                    "subject_id": subject_id,
+                },
+            )
+
+    def restore_people(
+        self, gallery: str, people: dict[str, list[dict]], enrolled: dict[int, int]
+    ) -> None:
+        """Write exported people records (validated) into ``gallery``, restored just before;
+        ``enrolled``: exported enrolled face id -> its restored id.  One transaction; new
+        face and cluster numbers."""
+        with self._people_write() as cur:
+            self._require_gallery(cur, gallery)
+            for photo in people["photo"]:
+                cur.execute(
+                    "INSERT INTO photos (gallery, photo_id, width, height, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (
+                        gallery,
+                        photo["photo_id"],
+                        photo["width"],
+                        photo["height"],
+                        photo["created_at"],
+                    ),
+                )
+            clusters: dict[int, int] = {}
+            for record in people["cluster"]:
+                clusters[record["cluster"]] = self._new_cluster(
+                    cur, gallery, record["origin"], record["subject_id"]
+                )
+            faces: dict[int, int] = {}
+            for face in people["photo_face"]:
+                old = face["enrolled_face_id"]
+                faces[face["face_id"]] = int(
+                    cur.execute(
+                        "INSERT INTO photo_faces (gallery, photo_id, embedding, box, landmarks, "
+                        "quality, clusterable, thumbnail, cluster_no, subject_id, assignment, "
+                        "enrolled_face_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                        "?, ?) RETURNING face_id",
+                        (
+                            gallery,
+                            face["photo_id"],
+                            face["embedding"],
+                            json.dumps(face["box"]),
+                            json.dumps(face["landmarks"]),
+                            json.dumps(face["quality"]),
+                            int(bool(face["clusterable"])),
+                            face["thumbnail"],
+                            None if face["cluster"] is None else clusters[face["cluster"]],
+                            face["subject_id"] if old is not None else None,
+                            face["assignment"] if old is not None else None,
+                            None if old is None else enrolled[old],
+                            face["created_at"],
+                        ),
+                    ).fetchone()[0]
+                )
+            for rule in people["cannot_link"]:
+                self._forbid(
+                    cur,
+                    gallery,
+                    faces[rule["face_id"]],
+                    None if rule["cluster"] is None else clusters[rule["cluster"]],
+                    rule["subject_id"],
+                )
+
     # --- hooks for the rest of the store ---------------------------------------------
     @staticmethod
     def _people_forget(

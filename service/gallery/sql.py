@@ -625,6 +625,7 @@ class SQLStore(PeopleSQL, GalleryStore):
                             "content_sha256": digest,
                         },
                     )
+            yield from self._export_people(cur, gallery)
 
     # --- audit log ------------------------------------------------------------------
     @staticmethod

@@ -224,7 +224,8 @@ class GalleryStore(abc.ABC):
         """One gallery in one consistent snapshot, as ``("gallery", {...})`` first, then
         ``("subject", {...})`` by subject id, then ``("face", {...})`` by face id (with
         ``embedding`` bytes, ``quality``, ``image`` or None, ``content_sha256``,
-        ``created_at`` epoch seconds).  The snapshot stays open until the iterator is
+        ``created_at`` epoch seconds), then the people records of
+        :meth:`PeopleStore.restore_people`.  The snapshot stays open until the iterator is
         exhausted or closed: consume it in one thread."""
 
     # --- audit log (see service.gallery.audit) -------------------------------------
@@ -428,3 +429,12 @@ class PeopleStore(abc.ABC):
         self, gallery: str, cluster_no: int, face_ids: list[int]
     ) -> tuple[Record, int | None]:
         """Move ``face_ids`` of a cluster into a new cluster (unnamed); return it."""
+
+    @abc.abstractmethod
+    def restore_people(
+        self, gallery: str, people: dict[str, list[Record]], enrolled: dict[int, int]
+    ) -> None:
+        """Write the people records of an export (``photo``, ``cluster``, ``photo_face``,
+        ``cannot_link`` lists, as :meth:`GalleryStore.export_gallery` yields them after the
+        faces) into ``gallery``, restored just before; ``enrolled`` maps the exported
+        enrolled face ids to the restored ones."""

@@ -306,6 +306,53 @@ def test_corrections_survive_a_rerun(api, servers, library):
         assert now["cluster_id"] == bush["cluster_id"]
 
 
+def test_export_and_restore_keep_photos_and_clusters(api, servers, library, tmp_path):
+    import contextlib
+    import io
+
+    from service.cli import main as cli_main
+    from tests.support.service import TEST_MODELS
+
+    r = api.get("/v1/galleries/lib/export")
+    assert r.status_code == 200, r.text
+    (tmp_path / "lib.gz").write_bytes(r.content)
+    out = io.StringIO()
+    argv = ["gallery", "restore", str(tmp_path / "lib.gz"), "--gallery", "copy"]
+    argv += ["--store-url", servers[0].state.settings.resolved_store_url]
+    argv += ["--models-dir", TEST_MODELS["FACEGATE_MODELS_DIR"]]
+    argv += ["--recognizer", TEST_MODELS["FACEGATE_RECOGNIZER"]]
+    with contextlib.redirect_stdout(out):
+        assert cli_main(argv) == 0, out.getvalue()
+    summary = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert summary["people"]["photo_face"] > 0 and summary["people"]["cluster"] > 0
+
+    def shape(gallery):
+        found = []
+        for cluster in clusters(api, gallery):
+            faces = [
+                api.get(f"/v1/galleries/{gallery}/photo-faces/{f}").json()
+                for f in cluster["face_ids"]
+            ]
+            found.append(
+                (
+                    cluster["size"],
+                    cluster["subject_id"],
+                    cluster["origin"],
+                    sorted((f["photo_id"], f["subject_id"], f["assignment"]) for f in faces),
+                )
+            )
+        return sorted(found, key=repr)
+
+    deadline = time.monotonic() + 2.0  # the server follows the restore's change log
+    while api.get("/v1/galleries/copy").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert shape("copy") == shape("lib")
+    r = api.post(
+        "/v1/identify", data={"gallery": "copy"}, files={"image": ("q.jpg", photo(PEOPLE[0], 1))}
+    )
+    assert r.json()["faces"][0]["match"] == "bush"
+
+
 def test_bad_input_changes_nothing(api, library):
     api.post("/v1/galleries/lib/clusters/run")
     before = clusters(api, "lib")
