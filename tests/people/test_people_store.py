@@ -61,6 +61,8 @@ def test_photos_clusters_and_corrections(store):
     (cluster,), more = store.list_clusters("g", 10, None)
     assert not more and cluster["face_ids"] == [a, c]
     number = int(cluster["cluster_id"][1:])
+    assert store.list_clusters("g", 10, (cluster["size"], number)) == ([], False)
+    assert store.list_clusters("g", 10, (cluster["size"] + 1, 0))[0] == [cluster]
 
     head = store.head_seq()
     named, seq = store.name_cluster("g", number, "ann", {"k": 1}, MODEL)
