@@ -809,7 +809,8 @@ class PeopleSQL(PeopleStore):
         cur, gallery: str, subject_id: str | None = None, face_id: int | None = None
     ) -> None:
         """Called when a subject or an enrolled face is deleted: its photo faces are no
-        longer assigned (and a cluster naming the subject is unnamed)."""
+        longer assigned (a cluster naming the subject is unnamed; a photo face whose
+        enrolled face was deleted leaves its cluster)."""
         if subject_id is not None:
             cur.execute(
                 "UPDATE photo_faces SET subject_id = NULL, assignment = NULL, "
@@ -820,10 +821,11 @@ class PeopleSQL(PeopleStore):
                 "UPDATE clusters SET subject_id = NULL WHERE gallery = ? AND subject_id = ?",
                 (gallery, subject_id),
             )
-        if face_id is not None:
+        if face_id is not None:  # it leaves its subject's cluster too
             cur.execute(
                 "UPDATE photo_faces SET subject_id = NULL, assignment = NULL, "
-                "enrolled_face_id = NULL WHERE gallery = ? AND enrolled_face_id = ?",
+                "enrolled_face_id = NULL, cluster_no = NULL "
+                "WHERE gallery = ? AND enrolled_face_id = ?",
                 (gallery, int(face_id)),
             )
 

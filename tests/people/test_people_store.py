@@ -118,6 +118,10 @@ def test_deleting_a_subject_unassigns_its_photo_faces(store):
     assigned = photo["faces"][0]
     assert assigned["subject_id"] == "bob" and assigned["assignment"] == "automatic"
     assert store.get_subject("g", "bob")["faces"][0]["face_id"] == assigned["enrolled_face_id"]
+    other, _, _ = store.add_photo("g", MODEL, "q", 10, 10, [face(3, "bob")])
+    store.delete_face("g", other["faces"][0]["enrolled_face_id"])  # the classic delete
+    gone = store.get_photo_face("g", other["faces"][0]["face_id"])
+    assert gone["subject_id"] is None and gone["enrolled_face_id"] is None
     store.delete_subject("g", "bob")
     assert store.get_photo_face("g", assigned["face_id"])["subject_id"] is None
     store.delete_gallery("g")
