@@ -7,6 +7,9 @@ people discovery on the configured store, without a running server.
   a photo the gallery holds (same sha256) is skipped.  Then it clusters, without the
   request bound (``--no-cluster`` skips that).  A JSON summary is the last line on stdout.
 * ``cluster`` runs the clustering alone (``POST .../clusters/run`` without its bound).
+* ``name``, ``merge``, ``split``, ``move``, ``remove``: the corrections of
+  ``POST .../clusters/{c}/name`` and the rest, one store transaction each, audited as the
+  key ``cli``; they print the changed cluster or face as JSON.
 * ``report --out DIR`` writes an HTML contact sheet, ``DIR/index.html``: one row of face
   thumbnails per cluster, largest first (needs ``FACEGATE_PEOPLE_THUMBNAILS=true`` while the
   photos were added).
@@ -42,11 +45,30 @@ def register(subparsers) -> None:
     cluster = actions.add_parser("cluster", help="cluster the gallery's faces")
     report = actions.add_parser("report", help="write an HTML contact sheet of the clusters")
     report.add_argument("--out", type=Path, required=True, help="directory to write it to")
-    for action in (scan, cluster, report):
+    name = actions.add_parser("name", help="name a cluster: its faces become a subject's")
+    name.add_argument("cluster_id")
+    name.add_argument("--subject", required=True, help="subject id (created if absent)")
+    merge = actions.add_parser("merge", help="merge cluster SOURCE into cluster CLUSTER_ID")
+    merge.add_argument("cluster_id")
+    merge.add_argument("source")
+    split = actions.add_parser("split", help="move faces of a cluster into a new cluster")
+    split.add_argument("cluster_id")
+    split.add_argument("face_ids", type=int, nargs="+")
+    move = actions.add_parser("move", help="move a face to a cluster or a subject")
+    move.add_argument("face_id", type=int)
+    target = move.add_mutually_exclusive_group(required=True)
+    target.add_argument("--cluster", dest="to_cluster")
+    target.add_argument("--subject", dest="to_subject")
+    remove = actions.add_parser("remove", help="take a face out of its cluster and subject")
+    remove.add_argument("face_id", type=int)
+    corrections = (name, merge, split, move, remove)
+    for action in (scan, cluster, report, *corrections):
         action.add_argument("--gallery", required=True)
         action.add_argument("--data-dir", type=Path, default=None)
         action.add_argument("--store-url", default=None)
         add_model_options(action)
+    for action in corrections:
+        action.set_defaults(func=run_correction)
     scan.set_defaults(func=run_scan)
     cluster.set_defaults(func=run_cluster)
     report.set_defaults(func=run_report)
@@ -212,4 +234,56 @@ def run_report(args) -> int:
             }
         )
     )
+    return 0
+
+
+def run_correction(args) -> int:
+    from service.gallery import GalleryService
+    from service.gallery.audit import AuditEntry, recording
+    from service.gallery.errors import GalleryError
+    from service.registry import ModelError, default_registry, select_recognizer
+    from service.usecases import people
+
+    settings = _settings(args)
+    try:
+        registry = default_registry(settings)
+        ref, _ = select_recognizer(settings.recognizer, registry)
+        card, _ = registry.resolve(ref, task="recognition")
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    actions = {
+        "name": (
+            "name_cluster",
+            lambda g: people.name_cluster(
+                g, args.gallery, args.cluster_id, args.subject, None, card.id
+            ),
+        ),
+        "merge": (
+            "merge_clusters",
+            lambda g: people.merge_clusters(g, args.gallery, args.cluster_id, args.source, card.id),
+        ),
+        "split": (
+            "split_cluster",
+            lambda g: people.split_cluster(g, args.gallery, args.cluster_id, list(args.face_ids)),
+        ),
+        "move": (
+            "move_face",
+            lambda g: people.move_face(
+                g, args.gallery, args.face_id, card.id, args.to_cluster, args.to_subject
+            ),
+        ),
+        "remove": ("remove_face", lambda g: people.remove_face(g, args.gallery, args.face_id)),
+    }
+    audit_action, change = actions[args.action]
+    gallery = GalleryService.offline(settings)
+    try:
+        entry = AuditEntry(audit_action, key_id="cli", client="local", gallery=args.gallery)
+        with recording(entry):
+            result = change(gallery)
+    except GalleryError as exc:
+        return _refused(exc)
+    finally:
+        gallery.stop()
+    print(json.dumps(result))
     return 0

@@ -30,6 +30,17 @@ def run(argv: list[str]) -> tuple[int, dict]:
     return code, json.loads(out.getvalue().strip().splitlines()[-1])
 
 
+def report_clusters(tmp_path) -> list[list[str]]:
+    """Per row of the contact sheet: the cluster id, then its face ids."""
+    import re
+
+    page = (tmp_path / "sheet" / "index.html").read_text()
+    rows = []
+    for row in page.split("<tr>")[1:]:
+        rows.append([re.search(r"<th>(c\d+)", row).group(1), *re.findall(r"faces/(\d+)", row)])
+    return rows
+
+
 def test_scan_cluster_report(tmp_path, monkeypatch):
     monkeypatch.setenv("FACEGATE_PEOPLE_THUMBNAILS", "true")
     monkeypatch.setenv("FACEGATE_PROVIDERS", "CPUExecutionProvider")
@@ -61,6 +72,15 @@ def test_scan_cluster_report(tmp_path, monkeypatch):
     assert report["thumbnails"] >= 2 and report["without_thumbnail"] == 0
     page = (tmp_path / "sheet" / "index.html").read_text()
     assert page.count("<tr>") == report["clusters"] and 'src="faces/' in page
+
+    # corrections from the command line
+    biggest = max(report_clusters(tmp_path), key=len)
+    code, named = run(["people", "name", biggest[0], "--subject", "tony", *where])
+    assert code == 0 and named["subject_id"] == "tony" and named["origin"] == "manual"
+    code, removed = run(["people", "remove", str(named["face_ids"][-1]), *where])
+    assert code == 0 and removed["cluster_id"] is None and removed["subject_id"] is None
+    code, refused = run(["people", "merge", biggest[0], biggest[0], *where])
+    assert code == 3 and refused["error"]["code"] == "invalid_input"
 
     code, refused = run(["people", "cluster", *[w if w != "lib" else "none" for w in where]])
     assert code == 3 and refused["error"]["code"] == "gallery_not_found"
