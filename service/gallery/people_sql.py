@@ -34,7 +34,7 @@ from service.gallery.errors import (
     InvalidInput,
     SubjectNotFound,
 )
-from service.gallery.store import NewPhotoFace, PeopleFaces, PeopleStore
+from service.gallery.store import NewPhoto, NewPhotoFace, PeopleFaces, PeopleStore
 
 if TYPE_CHECKING:
     from service.gallery.audit import AuditEntry
@@ -432,65 +432,86 @@ class PeopleSQL(PeopleStore):
         height: int,
         faces: list[NewPhotoFace],
     ) -> tuple[dict, bool, int | None]:
+        results, seq = self.add_photos(
+            gallery, model_id, [NewPhoto(photo_id, width, height, faces)]
+        )
+        found, created = results[0]
+        return found, created, seq
+
+    def add_photos(
+        self, gallery: str, model_id: str, photos: list[NewPhoto]
+    ) -> tuple[list[tuple[dict, bool]], int | None]:
         from service.gallery.sql import dump_json
 
-        qualities = [dump_json(f.quality or {}, "quality") for f in faces]
-        vectors = [np.ascontiguousarray(f.embedding, dtype="<f4").reshape(-1) for f in faces]
-        subjects = [f.subject_id for f in faces if f.subject_id is not None]
-        if len(subjects) != len(set(subjects)):
-            raise Conflict("two faces of one photo cannot be assigned to one subject")
-        seq = None
+        checked = []
+        for photo in photos:
+            qualities = [dump_json(f.quality or {}, "quality") for f in photo.faces]
+            vectors = [
+                np.ascontiguousarray(f.embedding, dtype="<f4").reshape(-1) for f in photo.faces
+            ]
+            subjects = [f.subject_id for f in photo.faces if f.subject_id is not None]
+            if len(subjects) != len(set(subjects)):
+                raise Conflict("two faces of one photo cannot be assigned to one subject")
+            checked.append((photo, qualities, vectors, subjects))
+        results: list[tuple[dict, bool]] = []
         with self._people_write() as cur:
             row = self._check_model(cur, gallery, model_id)
-            known = self._photo_dict(cur, gallery, photo_id)
-            if known is not None:
-                return known, False, None
-            sizes = {v.size for v in vectors}
-            if len(sizes) > 1 or (sizes and row[2] is not None and row[2] not in sizes):
-                raise InvalidEmbedding(f"gallery {gallery!r} holds {row[2]}-d embeddings")
-            if sizes and row[2] is None:
-                cur.execute("UPDATE galleries SET dim = ? WHERE name = ?", (sizes.pop(), gallery))
-            for subject_id in subjects:
-                self._require_subject(cur, gallery, subject_id)
-            now = time.time()
-            cur.execute(
-                "INSERT INTO photos (gallery, photo_id, width, height, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (gallery, photo_id, int(width), int(height), now),
+            dim = row[2]
+            for photo, qualities, vectors, subjects in checked:
+                known = self._photo_dict(cur, gallery, photo.photo_id)
+                if known is not None:
+                    results.append((known, False))
+                    continue
+                sizes = {v.size for v in vectors}
+                if len(sizes) > 1 or (sizes and dim is not None and dim not in sizes):
+                    raise InvalidEmbedding(f"gallery {gallery!r} holds {dim}-d embeddings")
+                if sizes and dim is None:
+                    dim = sizes.pop()
+                    cur.execute("UPDATE galleries SET dim = ? WHERE name = ?", (dim, gallery))
+                for subject_id in subjects:
+                    self._require_subject(cur, gallery, subject_id)
+                self._insert_photo(cur, gallery, photo, qualities, vectors)
+                found = self._photo_dict(cur, gallery, photo.photo_id)
+                assert found is not None
+                results.append((found, True))
+            seq = self._head(cur)
+        return results, seq
+
+    def _insert_photo(self, cur, gallery: str, photo: NewPhoto, qualities, vectors) -> None:
+        now = time.time()
+        cur.execute(
+            "INSERT INTO photos (gallery, photo_id, width, height, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (gallery, photo.photo_id, int(photo.width), int(photo.height), now),
+        )
+        for face, vector, quality in zip(photo.faces, vectors, qualities, strict=True):
+            face_id = int(
+                cur.execute(
+                    "INSERT INTO photo_faces (gallery, photo_id, embedding, box, landmarks, "
+                    "quality, clusterable, thumbnail, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING face_id",
+                    (
+                        gallery,
+                        photo.photo_id,
+                        vector.tobytes(),
+                        json.dumps([round(float(v), 2) for v in face.box]),
+                        json.dumps([[round(float(v), 2) for v in p] for p in face.landmarks]),
+                        quality,
+                        int(bool(face.clusterable)),
+                        face.thumbnail,
+                        now,
+                    ),
+                ).fetchone()[0]
             )
-            for face, vector, quality in zip(faces, vectors, qualities, strict=True):
-                face_id = int(
+            self._audit_ids([face_id])
+            if face.subject_id is not None:
+                self._assign(cur, gallery, face_id, face.subject_id, "automatic")
+                home = self._subject_cluster(cur, gallery, face.subject_id)
+                if home is not None:
                     cur.execute(
-                        "INSERT INTO photo_faces (gallery, photo_id, embedding, box, landmarks, "
-                        "quality, clusterable, thumbnail, created_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING face_id",
-                        (
-                            gallery,
-                            photo_id,
-                            vector.tobytes(),
-                            json.dumps([round(float(v), 2) for v in face.box]),
-                            json.dumps([[round(float(v), 2) for v in p] for p in face.landmarks]),
-                            quality,
-                            int(bool(face.clusterable)),
-                            face.thumbnail,
-                            now,
-                        ),
-                    ).fetchone()[0]
-                )
-                self._audit_ids([face_id])
-                if face.subject_id is not None:
-                    self._assign(cur, gallery, face_id, face.subject_id, "automatic")
-                    home = self._subject_cluster(cur, gallery, face.subject_id)
-                    if home is not None:
-                        cur.execute(
-                            "UPDATE photo_faces SET cluster_no = ? WHERE face_id = ?",
-                            (home, face_id),
-                        )
-            if cur.changes:
-                seq = int(cur.execute("SELECT seq FROM log_head WHERE id = 1").fetchone()[0])
-            photo = self._photo_dict(cur, gallery, photo_id)
-        assert photo is not None
-        return photo, True, seq
+                        "UPDATE photo_faces SET cluster_no = ? WHERE face_id = ?",
+                        (home, face_id),
+                    )
 
     def _head(self, cur) -> int | None:
         if not cur.changes:

@@ -323,6 +323,16 @@ class NewPhotoFace:
     subject_id: str | None = None  # an automatic assignment to this subject
 
 
+@dataclass(frozen=True)
+class NewPhoto:
+    """A photo with its faces, for :meth:`PeopleStore.add_photos`."""
+
+    photo_id: str
+    width: int
+    height: int
+    faces: list[NewPhotoFace]
+
+
 @dataclass
 class PeopleFaces:
     """Every photo face of one gallery, as read in one snapshot, for clustering."""
@@ -364,6 +374,13 @@ class PeopleStore(abc.ABC):
         """Store a photo and its faces (assigning those with a ``subject_id``); return
         (the photo as :meth:`get_photo`, created, last seq).  A photo already held is
         returned unchanged with ``created=False``."""
+
+    @abc.abstractmethod
+    def add_photos(
+        self, gallery: str, model_id: str, photos: list[NewPhoto]
+    ) -> tuple[list[tuple[Record, bool]], int | None]:
+        """:meth:`add_photo` for many photos in **one** transaction: per photo (the photo,
+        created), and the last seq."""
 
     @abc.abstractmethod
     def people_faces(self, gallery: str) -> PeopleFaces:
