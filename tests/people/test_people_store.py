@@ -15,7 +15,7 @@ from service.gallery.errors import (
     GalleryNotFound,
     InvalidInput,
 )
-from service.gallery.store import NewPhotoFace
+from service.gallery.store import NewPhoto, NewPhotoFace
 
 MODEL = "m"
 
@@ -51,7 +51,13 @@ def test_photos_clusters_and_corrections(store):
     assert created and seq is None and len(one["faces"]) == 2
     again, created, _ = store.add_photo("g", MODEL, "p1", 100, 80, [face(1)])
     assert not created and again == one
-    two, _, _ = store.add_photo("g", MODEL, "p2", 100, 80, [face(3)])
+    added, _ = store.add_photos(  # several photos in one transaction, one of them known
+        "g",
+        MODEL,
+        [NewPhoto("p1", 100, 80, [face(1)]), NewPhoto("p2", 100, 80, [face(3)])],
+    )
+    assert [created for _, created in added] == [False, True] and added[0][0] == one
+    two = added[1][0]
     three, _, _ = store.add_photo("g", MODEL, "p3", 100, 80, [face(4)])
     a, b = (f["face_id"] for f in one["faces"])
     c, d = two["faces"][0]["face_id"], three["faces"][0]["face_id"]
