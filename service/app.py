@@ -29,6 +29,7 @@ from service.api import (
     health,
     identify,
     info,
+    people,
     transfer,
     verify,
 )
@@ -167,7 +168,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keyring = build_keyring(settings.api_keys, settings.api_keys_file)
     app.state.metrics = metrics
     errors.install(app, domain_errors=(PipelineError, GalleryError))
-    for module in (health, info, verify, identify, extract, galleries, bulk, transfer, audit):
+    for module in (
+        health,
+        info,
+        verify,
+        identify,
+        extract,
+        galleries,
+        bulk,
+        transfer,
+        audit,
+        people,
+    ):
         app.include_router(module.router)
     app.add_middleware(AdmissionMiddleware, settings=settings, metrics=metrics)  # inside the limit
     app.add_middleware(

@@ -22,6 +22,7 @@ COMMANDS = [
     "keys",
     "audit",
     "config",
+    "people",
 ]
 
 

@@ -570,6 +570,41 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
+    # --- people discovery (photos, clusters: service.usecases.people) -------------
+    people_assign_point: str = Field(
+        "fmr_1e-4",
+        description="operating point at which a photo's face is assigned to its best "
+        "matching subject automatically (a strict one: a wrong assignment is worse than none)",
+    )
+    people_link_point: str = Field(
+        "fmr_1e-2",
+        description="clustering: the chance that a face has any false link in its gallery "
+        "(the per-pair rate is this over the number of faces, read off the card's tail)",
+    )
+    people_average_point: str = Field(
+        "fmr_1e-3",
+        description="clustering: the least mean cosine between every pair of faces of two "
+        "groups that merge (average linkage), by point",
+    )
+    people_neighbours: int = Field(16, ge=1, le=256, description="clustering: k of the k-NN graph")
+    people_min_face_size: float = Field(
+        30.0, ge=0, description="clustering gate: shorter side of the face box, px"
+    )
+    people_min_det_score: float = Field(
+        0.7, ge=0, le=1, description="clustering gate: detection score"
+    )
+    people_min_sharpness: float = Field(
+        0.0, ge=0, description="clustering gate: sharpness of the aligned face; 0 = off"
+    )
+    people_thumbnails: bool = Field(
+        False, description="keep a small JPEG of every photo face (for looking at clusters)"
+    )
+    people_max_cluster_faces: int = Field(
+        200_000,
+        ge=1,
+        description="most faces one POST .../clusters/run may cluster (the CLI has no bound)",
+    )
+
     @field_validator("api_keys", "providers", "url_allowlist", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:

@@ -56,6 +56,13 @@ ACTIONS = (
     "verify",
     "export",
     "refused",
+    "add_photo",
+    "cluster",
+    "name_cluster",
+    "merge_clusters",
+    "move_face",
+    "remove_face",
+    "split_cluster",
 )
 FLUSH_S = 0.5  # the writer commits at most this often (one fsync per batch)
 BATCH = 500

@@ -140,3 +140,8 @@ class ExportModelMismatch(GalleryModelMismatch):
         self.gallery = gallery
         self.gallery_model = file_model
         self.model_id = model_id
+
+
+class ClusterNotFound(GalleryError):
+    code = "cluster_not_found"
+    status = 404

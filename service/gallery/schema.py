@@ -28,6 +28,11 @@ Tables:
   face_ids JSON lists, result) — who enrolled, deleted, searched, exported what, and when
   (:mod:`service.gallery.audit`); ids only, never a photo or an embedding; since version 5
   ``route`` (method and path template of the request) and ``reason`` (why it was refused)
+* ``photos``, ``photo_faces``, ``clusters``, ``cannot_link`` (since version 6: people
+  discovery, :mod:`service.gallery.people_sql`): every photo of a library by its sha256,
+  every face found in it (box, landmarks, quality, embedding, optional thumbnail) whether
+  or not it belongs to a subject, the clusters faces were grouped into (a named cluster
+  links a subject) and the "not this person" rules people gave
 * ``log_head``   (one row: the newest seq; every write locks it first)
 
 PostgreSQL text keys use the "C" collation so that ordering (and keyset
@@ -103,6 +108,50 @@ SQLITE: dict[int, list[str]] = {
         "ALTER TABLE audit ADD COLUMN route TEXT",
         "ALTER TABLE audit ADD COLUMN reason TEXT",
     ],
+    6: [
+        """CREATE TABLE photos (
+            gallery TEXT NOT NULL REFERENCES galleries(name) ON DELETE CASCADE,
+            photo_id TEXT NOT NULL,
+            width INTEGER NOT NULL,
+            height INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (gallery, photo_id))""",
+        """CREATE TABLE clusters (
+            cluster_no INTEGER PRIMARY KEY AUTOINCREMENT,
+            gallery TEXT NOT NULL REFERENCES galleries(name) ON DELETE CASCADE,
+            subject_id TEXT,
+            origin TEXT NOT NULL CHECK (origin IN ('automatic', 'manual')),
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL)""",
+        "CREATE INDEX clusters_by_gallery ON clusters (gallery, subject_id)",
+        """CREATE TABLE photo_faces (
+            face_id INTEGER PRIMARY KEY AUTOINCREMENT,
+            gallery TEXT NOT NULL,
+            photo_id TEXT NOT NULL,
+            embedding BLOB NOT NULL,
+            box TEXT NOT NULL,
+            landmarks TEXT NOT NULL,
+            quality TEXT NOT NULL DEFAULT '{}',
+            clusterable INTEGER NOT NULL,
+            thumbnail BLOB,
+            cluster_no BIGINT REFERENCES clusters(cluster_no) ON DELETE SET NULL,
+            subject_id TEXT,
+            assignment TEXT CHECK (assignment IN ('automatic', 'manual')),
+            enrolled_face_id BIGINT,
+            created_at REAL NOT NULL,
+            FOREIGN KEY (gallery, photo_id) REFERENCES photos(gallery, photo_id)
+                ON DELETE CASCADE)""",
+        "CREATE INDEX photo_faces_by_photo ON photo_faces (gallery, photo_id)",
+        "CREATE INDEX photo_faces_by_cluster ON photo_faces (gallery, cluster_no)",
+        "CREATE INDEX photo_faces_by_subject ON photo_faces (gallery, subject_id)",
+        """CREATE TABLE cannot_link (
+            gallery TEXT NOT NULL,
+            face_id BIGINT NOT NULL REFERENCES photo_faces(face_id) ON DELETE CASCADE,
+            cluster_no BIGINT,
+            subject_id TEXT,
+            created_at REAL NOT NULL)""",
+        "CREATE INDEX cannot_link_by_face ON cannot_link (gallery, face_id)",
+    ],
 }
 
 POSTGRES: dict[int, list[str]] = {
@@ -171,6 +220,50 @@ POSTGRES: dict[int, list[str]] = {
     5: [
         "ALTER TABLE audit ADD COLUMN route TEXT",
         "ALTER TABLE audit ADD COLUMN reason TEXT",
+    ],
+    6: [
+        """CREATE TABLE photos (
+            gallery TEXT COLLATE "C" NOT NULL REFERENCES galleries(name) ON DELETE CASCADE,
+            photo_id TEXT COLLATE "C" NOT NULL,
+            width INTEGER NOT NULL,
+            height INTEGER NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (gallery, photo_id))""",
+        """CREATE TABLE clusters (
+            cluster_no BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            gallery TEXT COLLATE "C" NOT NULL REFERENCES galleries(name) ON DELETE CASCADE,
+            subject_id TEXT COLLATE "C",
+            origin TEXT NOT NULL CHECK (origin IN ('automatic', 'manual')),
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL)""",
+        "CREATE INDEX clusters_by_gallery ON clusters (gallery, subject_id)",
+        """CREATE TABLE photo_faces (
+            face_id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            gallery TEXT COLLATE "C" NOT NULL,
+            photo_id TEXT COLLATE "C" NOT NULL,
+            embedding BYTEA NOT NULL,
+            box TEXT NOT NULL,
+            landmarks TEXT NOT NULL,
+            quality TEXT NOT NULL DEFAULT '{}',
+            clusterable INTEGER NOT NULL,
+            thumbnail BYTEA,
+            cluster_no BIGINT REFERENCES clusters(cluster_no) ON DELETE SET NULL,
+            subject_id TEXT COLLATE "C",
+            assignment TEXT CHECK (assignment IN ('automatic', 'manual')),
+            enrolled_face_id BIGINT,
+            created_at DOUBLE PRECISION NOT NULL,
+            FOREIGN KEY (gallery, photo_id) REFERENCES photos(gallery, photo_id)
+                ON DELETE CASCADE)""",
+        "CREATE INDEX photo_faces_by_photo ON photo_faces (gallery, photo_id)",
+        "CREATE INDEX photo_faces_by_cluster ON photo_faces (gallery, cluster_no)",
+        "CREATE INDEX photo_faces_by_subject ON photo_faces (gallery, subject_id)",
+        """CREATE TABLE cannot_link (
+            gallery TEXT COLLATE "C" NOT NULL,
+            face_id BIGINT NOT NULL REFERENCES photo_faces(face_id) ON DELETE CASCADE,
+            cluster_no BIGINT,
+            subject_id TEXT COLLATE "C",
+            created_at DOUBLE PRECISION NOT NULL)""",
+        "CREATE INDEX cannot_link_by_face ON cannot_link (gallery, face_id)",
     ],
 }
 

@@ -31,6 +31,7 @@ from service.gallery.errors import (
     PhotoEnrolledElsewhere,
     SubjectNotFound,
 )
+from service.gallery.people_sql import PeopleSQL
 from service.gallery.schema import LATEST, MIGRATIONS
 from service.gallery.store import Change, GalleryFaces, GalleryStore, NewFace, NewSubject
 from service.records import AuditRecord, FaceRecord, GalleryRecord, SubjectRecord, iso
@@ -132,7 +133,7 @@ class Cursor:
         return self._cursor.rowcount
 
 
-class SQLStore(GalleryStore):
+class SQLStore(PeopleSQL, GalleryStore):
     """The shared implementation of :class:`GalleryStore` over a SQL connection."""
 
     dialect: str = ""
@@ -387,6 +388,7 @@ class SQLStore(GalleryStore):
             cur.execute(
                 "DELETE FROM subjects WHERE gallery = ? AND subject_id = ?", (gallery, subject_id)
             )
+            self._people_forget(cur, gallery, subject_id=subject_id)
             return int(removed), self._log(cur, gallery, "delete_subject", None, subject_id)
 
     def list_subjects(
@@ -475,6 +477,7 @@ class SQLStore(GalleryStore):
             if row is None:
                 raise FaceNotFound(f"face {face_id} does not exist in gallery {gallery!r}")
             cur.execute("DELETE FROM faces WHERE face_id = ?", (int(face_id),))
+            self._people_forget(cur, gallery, face_id=int(face_id))
             return row[0], self._log(cur, gallery, "delete_face", int(face_id), row[0])
 
     def get_face_image(self, gallery: str, face_id: int) -> bytes | None:
@@ -644,6 +647,7 @@ class SQLStore(GalleryStore):
                             "content_sha256": digest,
                         },
                     )
+            yield from self._export_people(cur, gallery)
 
     # --- audit log ------------------------------------------------------------------
     @staticmethod

@@ -249,7 +249,8 @@ class GalleryStore(abc.ABC):
         """One gallery in one consistent snapshot, as ``("gallery", {...})`` first, then
         ``("subject", {...})`` by subject id, then ``("face", {...})`` by face id (with
         ``embedding`` bytes, ``quality``, ``image`` or None, ``content_sha256``,
-        ``created_at`` epoch seconds).  The snapshot stays open until the iterator is
+        ``created_at`` epoch seconds), then the people records of
+        :meth:`PeopleStore.restore_people`.  The snapshot stays open until the iterator is
         exhausted or closed: consume it in one thread."""
 
     # --- audit log (see service.gallery.audit) -------------------------------------
@@ -332,3 +333,151 @@ class GalleryStore(abc.ABC):
         early on ``NOTIFY``.
         """
         stop.wait(timeout)
+
+
+# --- people discovery (photos, their faces, clusters; see service.gallery.people_sql) ---
+@dataclass(frozen=True)
+class NewPhotoFace:
+    """A face found in a photo, for :meth:`PeopleStore.add_photo`."""
+
+    embedding: np.ndarray
+    box: list[float]
+    landmarks: list[list[float]]
+    quality: Record
+    clusterable: bool  # passed the clustering quality gate
+    thumbnail: bytes | None = None
+    subject_id: str | None = None  # an automatic assignment to this subject
+
+
+@dataclass(frozen=True)
+class NewPhoto:
+    """A photo with its faces, for :meth:`PeopleStore.add_photos`."""
+
+    photo_id: str
+    width: int
+    height: int
+    faces: list[NewPhotoFace]
+
+
+@dataclass
+class PeopleFaces:
+    """Every photo face of one gallery, as read in one snapshot, for clustering."""
+
+    model_id: str
+    face_ids: np.ndarray  # (n,) int64
+    photo_ids: list[str]
+    embeddings: np.ndarray  # (n, dim) float32
+    clusterable: np.ndarray  # (n,) bool
+    cluster_nos: np.ndarray  # (n,) int64, 0: in no cluster
+    subject_ids: list[str | None]
+    cluster_subjects: dict[int, str | None]  # every cluster -> the subject it names
+    cannot_link: list[tuple[int, int | None, str | None]]  # (face, cluster, subject)
+
+
+class PeopleStore(abc.ABC):
+    """What people discovery needs from the store (one transaction per method, each with
+    the change-log entries of the enrolled faces it adds or deletes, and its audit row).
+
+    Photo faces (``face_id``) are their own rows; a face assigned to a subject also has an
+    enrolled face (``enrolled_face_id``) of that subject, which the index searches.
+    Clusters are named ``c<number>`` to callers and by their number here.
+    """
+
+    @abc.abstractmethod
+    def get_photo(self, gallery: str, photo_id: str) -> Record | None:
+        """A photo with its faces, or None if the gallery does not hold it."""
+
+    @abc.abstractmethod
+    def add_photo(
+        self,
+        gallery: str,
+        model_id: str,
+        photo_id: str,
+        width: int,
+        height: int,
+        faces: list[NewPhotoFace],
+    ) -> tuple[Record, bool, int | None]:
+        """Store a photo and its faces (assigning those with a ``subject_id``); return
+        (the photo as :meth:`get_photo`, created, last seq).  A photo already held is
+        returned unchanged with ``created=False``."""
+
+    @abc.abstractmethod
+    def add_photos(
+        self, gallery: str, model_id: str, photos: list[NewPhoto]
+    ) -> tuple[list[tuple[Record, bool]], int | None]:
+        """:meth:`add_photo` for many photos in **one** transaction: per photo (the photo,
+        created), and the last seq."""
+
+    @abc.abstractmethod
+    def people_faces(self, gallery: str) -> PeopleFaces:
+        """Every photo face of ``gallery`` with what clustering needs."""
+
+    @abc.abstractmethod
+    def apply_clusters(
+        self, gallery: str, joins: dict[int, list[int]], groups: list[list[int]]
+    ) -> tuple[Record, int | None]:
+        """Put faces in no cluster and no subject into existing clusters (``joins``) and
+        into new clusters (``groups``), skipping any face a constraint now forbids there;
+        a face joining a named cluster becomes its subject's (automatically).  Returns
+        counts and the last seq."""
+
+    @abc.abstractmethod
+    def list_clusters(
+        self, gallery: str, limit: int, after: tuple[int, int] | None
+    ) -> tuple[list[Record], bool]:
+        """Clusters largest first (then by number), after ``(size, number)``; more?"""
+
+    @abc.abstractmethod
+    def get_cluster(self, gallery: str, cluster_no: int) -> Record:
+        """One cluster with its faces (``ClusterNotFound``)."""
+
+    @abc.abstractmethod
+    def get_photo_face(self, gallery: str, face_id: int) -> Record:
+        """One photo face (``FaceNotFound``)."""
+
+    @abc.abstractmethod
+    def face_thumbnail(self, gallery: str, face_id: int) -> bytes | None:
+        """The stored thumbnail of a photo face (None: thumbnails were off)."""
+
+    @abc.abstractmethod
+    def name_cluster(
+        self, gallery: str, cluster_no: int, subject_id: str, metadata: Record | None, model_id: str
+    ) -> tuple[Record, int | None]:
+        """Link a cluster to a subject (created if absent); its faces become the subject's.
+        A subject another cluster already names takes this cluster in (a merge)."""
+
+    @abc.abstractmethod
+    def merge_clusters(
+        self, gallery: str, target: int, source: int, model_id: str
+    ) -> tuple[Record, int | None]:
+        """Move every face of ``source`` into ``target`` and delete ``source``."""
+
+    @abc.abstractmethod
+    def move_face(
+        self,
+        gallery: str,
+        face_id: int,
+        model_id: str,
+        cluster_no: int | None = None,
+        subject_id: str | None = None,
+    ) -> tuple[Record, int | None]:
+        """Move a face to another cluster or subject; it never goes back automatically."""
+
+    @abc.abstractmethod
+    def remove_face(self, gallery: str, face_id: int) -> tuple[Record, int | None]:
+        """Take a face out of its cluster and subject ("not this person", which sticks)."""
+
+    @abc.abstractmethod
+    def split_cluster(
+        self, gallery: str, cluster_no: int, face_ids: list[int]
+    ) -> tuple[Record, int | None]:
+        """Move ``face_ids`` of a cluster into a new cluster (unnamed); return it."""
+
+    @abc.abstractmethod
+    def restore_people(
+        self, gallery: str, people: dict[str, list[Record]], enrolled: dict[int, int]
+    ) -> None:
+        """Write the people records of an export (``photo``, ``cluster``, ``photo_face``,
+        ``cannot_link`` lists, as :meth:`GalleryStore.export_gallery` yields them after the
+        faces) into ``gallery``, restored just before; ``enrolled`` maps the exported
+        enrolled face ids to the restored ones."""

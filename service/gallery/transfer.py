@@ -9,9 +9,15 @@ The format (``facegate-gallery``, version 1), one JSON object per line:
 3. ``{"type": "face", "face_id", "subject_id", "embedding" (base64 of the little-endian
    float32 vector, exact), "quality" (the enrolment quality figures), "created_at",
    "content_sha256" (or null), "image" (base64 of the stored photo, or null)}`` by face id
-4. ``{"type": "end", "subjects": n, "faces": m, "sha256": ...}``: the counts and the
-   sha256 of every preceding line's bytes (newlines included), so that a truncated or
-   altered file is refused.
+4. people discovery (:mod:`service.gallery.people_sql`), each by id: ``{"type": "photo",
+   "photo_id", "width", "height", "created_at"}``, ``{"type": "cluster", "cluster",
+   "subject_id", "origin"}``, ``{"type": "photo_face", "face_id", "photo_id", "embedding",
+   "box", "landmarks", "quality", "clusterable", "thumbnail" (base64 or null), "cluster",
+   "subject_id", "assignment", "enrolled_face_id" (the face line of its subject, or null),
+   "created_at"}``, ``{"type": "cannot_link", "face_id", "cluster", "subject_id"}``
+5. ``{"type": "end", "subjects": n, "faces": m, "people": {kind: count}, "sha256": ...}``:
+   the counts and the sha256 of every preceding line's bytes (newlines included), so that
+   a truncated or altered file is refused.
 
 Times are epoch seconds.  An export is read in one consistent snapshot of the store.
 
@@ -44,11 +50,13 @@ from service.config import Settings
 from service.gallery.bulk import check_face, check_sha256, check_subject, check_time, write_many
 from service.gallery.errors import ExportModelMismatch, InvalidExport, InvalidInput
 from service.gallery.names import check_gallery, check_subject_id
-from service.gallery.service import GalleryService, check_name
-from service.gallery.store import GalleryStore, NewFace, NewSubject
+from service.gallery.service import GalleryService, check_name, check_vectors
+from service.gallery.store import GalleryStore, NewFace, NewSubject, PeopleStore
 
 FORMAT = "facegate-gallery"
 VERSION = 1
+#: people discovery's records, in the order they are written
+PEOPLE_KINDS = ("photo", "cluster", "photo_face", "cannot_link")
 MEDIA_TYPE = "application/gzip"
 #: Bytes a line may hold beyond its photo's base64 (embedding, quality, ids, times).
 LINE_SLACK = 1024 * 1024
@@ -62,7 +70,7 @@ def export_lines(
     """The uncompressed lines of ``gallery``'s export (consume in one thread);
     ``model_sha256(model_id)`` gives the header's model file sha256 (None: unknown)."""
     digest = hashlib.sha256()
-    counts = {"subject": 0, "face": 0}
+    counts = {"subject": 0, "face": 0, **dict.fromkeys(PEOPLE_KINDS, 0)}
 
     def line(record: dict) -> bytes:
         data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
@@ -88,6 +96,8 @@ def export_lines(
         counts[kind] += 1
         if kind == "subject":
             yield line({"type": "subject", **row})
+        elif kind in PEOPLE_KINDS:
+            yield line({"type": kind, **_people_out(row)})
         else:
             image = row["image"]
             yield line(
@@ -106,6 +116,7 @@ def export_lines(
         "type": "end",
         "subjects": counts["subject"],
         "faces": counts["face"],
+        "people": {kind: counts[kind] for kind in PEOPLE_KINDS},
         "sha256": digest.hexdigest(),
     }
     yield json.dumps(end, separators=(",", ":")).encode() + b"\n"
@@ -137,6 +148,10 @@ class Export:
     dim: int | None
     subjects: list[NewSubject] = field(default_factory=list)
     faces: list[NewFace] = field(default_factory=list)
+    face_ids: list[int] = field(default_factory=list)  # as exported, per face
+    people: dict[str, list[dict]] = field(
+        default_factory=lambda: {kind: [] for kind in PEOPLE_KINDS}
+    )
 
 
 def _refuse(number: int, message: str) -> InvalidExport:
@@ -244,6 +259,86 @@ def _lines(gz: gzip.GzipFile, limit: int) -> Iterator[bytes]:
         yield data
 
 
+def _int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInput(f"{what} must be a positive integer")
+    return value
+
+
+def _people_out(row: dict) -> dict:
+    """A people record as an export line (bytes as base64)."""
+    out = dict(row)
+    for key in ("embedding", "thumbnail"):
+        if key in out:
+            out[key] = None if out[key] is None else base64.b64encode(out[key]).decode()
+    return out
+
+
+def _people_in(kind: str, record: dict, export: Export) -> dict:
+    """A checked people record: references to photos, clusters, subjects and faces must
+    point at records earlier in the file."""
+    people = export.people
+    if kind == "photo":
+        check_sha256(record.get("photo_id"), "photo_id")
+        return {
+            "photo_id": record["photo_id"],
+            "width": _int(record.get("width"), "width"),
+            "height": _int(record.get("height"), "height"),
+            "created_at": check_time(record.get("created_at"), "created_at"),
+        }
+    subjects = {s.subject_id for s in export.subjects}
+    subject_id = record.get("subject_id")
+    if subject_id is not None and check_subject_id(subject_id) not in subjects:
+        raise InvalidInput(f"{kind} of subject {subject_id!r}, which the file does not list")
+    clusters = {c["cluster"] for c in people["cluster"]}
+    cluster = record.get("cluster")
+    if kind == "cluster":
+        if record.get("origin") not in ("automatic", "manual"):
+            raise InvalidInput("cluster origin must be automatic or manual")
+        return {
+            "cluster": _int(cluster, "cluster"),
+            "subject_id": subject_id,
+            "origin": record["origin"],
+        }
+    if cluster is not None and _int(cluster, "cluster") not in clusters:
+        raise InvalidInput(f"{kind} of cluster {cluster}, which the file does not list")
+    if kind == "cannot_link":
+        known = {f["face_id"] for f in people["photo_face"]}
+        if record.get("face_id") not in known:
+            raise InvalidInput("cannot_link of a face the file does not list")
+        return {"face_id": record["face_id"], "cluster": cluster, "subject_id": subject_id}
+    if record.get("photo_id") not in {p["photo_id"] for p in people["photo"]}:
+        raise InvalidInput("photo_face of a photo the file does not list")
+    raw = _b64(record.get("embedding"), "embedding")
+    if export.dim is None or len(raw) != 4 * export.dim:
+        raise InvalidInput(f"embedding has {len(raw)} bytes, not {export.dim} float32 values")
+    vector = check_vectors(np.frombuffer(raw, dtype="<f4"), export.dim, batch=False)
+    enrolled = record.get("enrolled_face_id")
+    if enrolled is not None and _int(enrolled, "enrolled_face_id") not in export.face_ids:
+        raise InvalidInput("photo_face enrolled as a face the file does not list")
+    if record.get("assignment") not in (None, "automatic", "manual"):
+        raise InvalidInput("assignment must be automatic, manual or null")
+    thumbnail = record.get("thumbnail")
+    for key in ("box", "landmarks"):
+        if not isinstance(record.get(key), list):
+            raise InvalidInput(f"{key} must be a list")
+    return {
+        "face_id": _int(record.get("face_id"), "face_id"),
+        "photo_id": record["photo_id"],
+        "embedding": vector.astype("<f4").tobytes(),
+        "box": record["box"],
+        "landmarks": record["landmarks"],
+        "quality": _object(record.get("quality"), "quality"),
+        "clusterable": bool(record.get("clusterable")),
+        "thumbnail": None if thumbnail is None else _b64(thumbnail, "thumbnail"),
+        "cluster": cluster,
+        "subject_id": subject_id,
+        "assignment": record.get("assignment"),
+        "enrolled_face_id": enrolled,
+        "created_at": check_time(record.get("created_at"), "created_at"),
+    }
+
+
 def read_export(source: BinaryIO, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Export:
     """Parse and check a whole export file (gzip, JSON lines); ``InvalidExport`` names the
     first problem: not gzip, truncated, altered (checksum), a line longer than a photo of
@@ -280,6 +375,9 @@ def read_export(source: BinaryIO, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
                         export.subjects.append(subject)
                     elif kind == "face":
                         export.faces.append(_face(record, export, seen, max_image_bytes))
+                        export.face_ids.append(_int(record.get("face_id"), "face_id"))
+                    elif kind in PEOPLE_KINDS:
+                        export.people[kind].append(_people_in(kind, record, export))
                     elif kind == "end":
                         end = record
                         continue
@@ -303,6 +401,12 @@ def read_export(source: BinaryIO, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
             f"not a valid gallery export: the end record counts {end.get('subjects')} subjects "
             f"and {end.get('faces')} faces, the file holds {len(export.subjects)} and "
             f"{len(export.faces)}"
+        )
+    held = {kind: len(records) for kind, records in export.people.items()}
+    if end.get("people", dict.fromkeys(PEOPLE_KINDS, 0)) != held:
+        raise InvalidExport(
+            f"not a valid gallery export: the end record counts {end.get('people')} people "
+            f"records, the file holds {held}"
         )
     if end.get("sha256") != digest.hexdigest():
         raise InvalidExport(
@@ -330,6 +434,16 @@ def restore(
     ):
         raise ExportModelMismatch(export.gallery, export.model_id, model_id)
     results = write_many(gallery, name, model_id, export.subjects, export.faces, new_gallery=True)
+    if any(export.people.values()):
+        enrolled = {old: r["face_id"] for old, r in zip(export.face_ids, results, strict=True)}
+        store = gallery.store
+        try:
+            if not isinstance(store, PeopleStore):
+                raise InvalidExport(f"the {store.backend} store cannot hold photos and clusters")
+            store.restore_people(name, export.people, enrolled)
+        except BaseException:
+            gallery.delete_gallery(name)  # all of the file or none of it
+            raise
     photos = sum(face.image is not None for face in export.faces)
     return {
         "gallery": name,
@@ -339,4 +453,5 @@ def restore(
         "faces": len(results),
         "photos": photos if gallery.settings.store_images else 0,
         "photos_dropped": 0 if gallery.settings.store_images else photos,
+        "people": {kind: len(records) for kind, records in export.people.items()},
     }

@@ -50,6 +50,17 @@ ROUTES = {
     ("DELETE", "/v1/galleries/{gallery}/faces/{face_id}"): ("delete", "path"),
     ("POST", "/v1/galleries/{gallery}/reenrol"): ("enrol", "path"),
     ("GET", "/v1/galleries/{gallery}/export"): ("admin", "path"),
+    ("POST", "/v1/galleries/{gallery}/photos"): ("enrol", "path"),
+    ("POST", "/v1/galleries/{gallery}/clusters/run"): ("enrol", "path"),
+    ("GET", "/v1/galleries/{gallery}/clusters"): ("identify", "path"),
+    ("GET", "/v1/galleries/{gallery}/clusters/{cluster_id}"): ("identify", "path"),
+    ("POST", "/v1/galleries/{gallery}/clusters/{cluster_id}/name"): ("enrol", "path"),
+    ("POST", "/v1/galleries/{gallery}/clusters/{cluster_id}/merge"): ("enrol", "path"),
+    ("POST", "/v1/galleries/{gallery}/clusters/{cluster_id}/split"): ("enrol", "path"),
+    ("GET", "/v1/galleries/{gallery}/photo-faces/{face_id}"): ("identify", "path"),
+    ("GET", "/v1/galleries/{gallery}/photo-faces/{face_id}/thumbnail"): ("identify", "path"),
+    ("POST", "/v1/galleries/{gallery}/photo-faces/{face_id}/move"): ("enrol", "path"),
+    ("POST", "/v1/galleries/{gallery}/photo-faces/{face_id}/remove"): ("enrol", "path"),
 }
 
 
@@ -125,7 +136,7 @@ def test_keys_file_holds_hashes_only(keys):
 
 
 def request(client: httpx.Client, method: str, path: str, gallery: str, key: str | None):
-    url = path.format(gallery=gallery, subject_id="s1", face_id=1)
+    url = path.format(gallery=gallery, subject_id="s1", face_id=1, cluster_id="c1")
     headers = {} if key is None else {"X-API-Key": key}
     image = base64.b64encode(photo("Angela_Merkel", 1)).decode()
     body = None
@@ -139,7 +150,7 @@ def request(client: httpx.Client, method: str, path: str, gallery: str, key: str
         body = {"metadata": {"k": 1}}
     elif path.endswith("/reenrol"):
         body = {"source": gallery + "-old"}
-    elif path.endswith("/{subject_id}/faces"):
+    elif path.endswith(("/{subject_id}/faces", "/photos")):
         body = {"image": image}
     elif path.endswith("/{gallery}/faces"):
         body = {"items": [{"subject_id": "s1", "image": image}]}

@@ -104,6 +104,42 @@ ROUTES = [
     Route("POST", "/v1/galleries/{gallery}/faces", "/v1/galleries/victim/faces", body="json"),
     Route("GET", "/v1/galleries/{gallery}/export", "/v1/galleries/victim/export"),
     Route("GET", "/v1/audit", "/v1/audit"),
+    Route("POST", "/v1/galleries/{gallery}/photos", "/v1/galleries/victim/photos", body="image"),
+    Route("POST", "/v1/galleries/{gallery}/clusters/run", "/v1/galleries/victim/clusters/run"),
+    Route("GET", "/v1/galleries/{gallery}/clusters", "/v1/galleries/victim/clusters"),
+    Route(
+        "GET", "/v1/galleries/{gallery}/clusters/{cluster_id}", "/v1/galleries/victim/clusters/c1"
+    ),
+    *(
+        Route(
+            "POST",
+            f"/v1/galleries/{{gallery}}/clusters/{{cluster_id}}/{action}",
+            f"/v1/galleries/victim/clusters/c1/{action}",
+            body="json",
+        )
+        for action in ("name", "merge", "split")
+    ),
+    Route(
+        "GET",
+        "/v1/galleries/{gallery}/photo-faces/{face_id}",
+        "/v1/galleries/victim/photo-faces/1",
+    ),
+    Route(
+        "GET",
+        "/v1/galleries/{gallery}/photo-faces/{face_id}/thumbnail",
+        "/v1/galleries/victim/photo-faces/1/thumbnail",
+    ),
+    Route(
+        "POST",
+        "/v1/galleries/{gallery}/photo-faces/{face_id}/move",
+        "/v1/galleries/victim/photo-faces/1/move",
+        body="json",
+    ),
+    Route(
+        "POST",
+        "/v1/galleries/{gallery}/photo-faces/{face_id}/remove",
+        "/v1/galleries/victim/photo-faces/1/remove",
+    ),
 ]
 KEYED = [r for r in ROUTES if r.keyed]
 WITH_BODY = [r for r in ROUTES if r.body]
