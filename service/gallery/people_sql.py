@@ -231,7 +231,8 @@ class PeopleSQL(PeopleStore):
 
     def people_faces(self, gallery: str) -> PeopleFaces:
         with self._read() as cur:
-            _, model_id, dim, _ = self._require_gallery(cur, gallery)
+            gallery_row = self._require_gallery(cur, gallery)
+            model_id, dim = gallery_row["model_id"], gallery_row["dim"]
             rows = cur.execute(
                 "SELECT face_id, photo_id, embedding, clusterable, cluster_no, subject_id "
                 "FROM photo_faces WHERE gallery = ? ORDER BY face_id",
@@ -262,8 +263,8 @@ class PeopleSQL(PeopleStore):
     # --- write helpers ----------------------------------------------------------------
     def _check_model(self, cur, gallery: str, model_id: str):
         row = self._require_gallery(cur, gallery)
-        if row[1] != model_id:
-            raise GalleryModelMismatch(gallery, row[1], model_id)
+        if row["model_id"] != model_id:
+            raise GalleryModelMismatch(gallery, row["model_id"], model_id)
         return row
 
     def _subject_cluster(self, cur, gallery: str, subject_id: str | None) -> int | None:
@@ -456,7 +457,7 @@ class PeopleSQL(PeopleStore):
         results: list[tuple[dict, bool]] = []
         with self._people_write() as cur:
             row = self._check_model(cur, gallery, model_id)
-            dim = row[2]
+            dim = row["dim"]
             for photo, qualities, vectors, subjects in checked:
                 known = self._photo_dict(cur, gallery, photo.photo_id)
                 if known is not None:

@@ -25,7 +25,7 @@ import pytest
 from service.cli import main as cli_main
 from service.config import Settings
 from service.gallery import audit as gallery_audit
-from tests.conftest import SHARED_MODELS, photo
+from tests.conftest import GROUP_PHOTO, SHARED_MODELS, photo
 from tests.support.service import InProcessServer
 
 A = "a"
@@ -41,6 +41,11 @@ KEYS = {
     "enrol-a": ("enrol", A),
     "root": ("admin", "*"),
 }
+
+
+#: B's people-discovery records, filled by the ``env`` fixture
+B_PEOPLE: dict = {}
+GROUP_PHOTO_BYTES = GROUP_PHOTO.read_bytes()
 
 
 def b64(data: bytes) -> str:
@@ -84,6 +89,15 @@ def env(tmp_path_factory):
         assert r.status_code == 200 and r.json()["enrolled"] == len(people), r.text
         if gallery == B:
             b_faces = [item["face_id"] for item in r.json()["items"]]
+    # B's people discovery: a photo (its sha256 is B's photo id, a canary string), its faces
+    # and a cluster, so that the cluster and photo-face routes name real records of B
+    r = client.post(f"/v1/galleries/{B}/photos", headers=root, files={"image": GROUP_PHOTO_BYTES})
+    assert r.status_code == 201, r.text
+    B_PEOPLE["photo_id"] = r.json()["photo_id"]
+    B_PEOPLE["photo_face"] = r.json()["faces"][0]["face_id"]
+    assert client.post(f"/v1/galleries/{B}/clusters/run", headers=root).status_code == 200
+    clusters = client.get(f"/v1/galleries/{B}/clusters", headers=root).json()["clusters"]
+    B_PEOPLE["cluster_id"] = clusters[0]["cluster_id"] if clusters else "1"
     try:
         yield server, client, made, b_faces
     finally:
@@ -134,7 +148,10 @@ def _face_ids(value) -> set[int]:
 
 def call_naming_b(client, method: str, path: str, key: dict, b_face: int) -> httpx.Response:
     """``method path`` naming gallery B wherever the route takes a gallery."""
-    url = path.format(gallery=B, subject_id=B_SUBJECT, face_id=b_face)
+    face = B_PEOPLE["photo_face"] if "/photo-faces/" in path else b_face
+    url = path.format(
+        gallery=B, subject_id=B_SUBJECT, face_id=face, cluster_id=B_PEOPLE["cluster_id"]
+    )
     image = b64(photo("Angela_Merkel", 3))
     body, params = None, {}
     if path == "/v1/verify":
@@ -159,6 +176,16 @@ def call_naming_b(client, method: str, path: str, key: dict, b_face: int) -> htt
         body = {"image": image}
     elif path.endswith("/{gallery}/faces"):
         body = {"items": [{"subject_id": B_SUBJECT, "image": image}]}
+    elif path.endswith("/{gallery}/photos"):
+        body = {"image": image}
+    elif path.endswith("/name"):
+        body = {"subject_id": B_SUBJECT}
+    elif path.endswith("/merge"):
+        body = {"source": B_PEOPLE["cluster_id"]}
+    elif path.endswith("/split"):
+        body = {"face_ids": [B_PEOPLE["photo_face"]]}
+    elif path.endswith("/move"):
+        body = {"subject_id": B_SUBJECT}
     return client.request(method, url, json=body, params=params, headers=key)
 
 
@@ -194,6 +221,7 @@ def test_scope_canary_every_route_every_key(env):
             assert r.status_code < 500, where
             seen = r.text + "\n" + "\n".join(f"{k}: {v}" for k, v in r.headers.items())
             assert B not in seen and B_SUBJECT not in seen, where
+            assert B_PEOPLE["photo_id"] not in seen, where
             if r.headers.get("content-type", "").startswith("application/json"):
                 assert not _face_ids(r.json()) & set(b_faces), where
             if _names_b(method, path) is not None:
