@@ -174,7 +174,7 @@ class Settings(BaseSettings):
         None,
         description=(
             "JSON or YAML file of scoped keys (id, key hash, scopes, galleries), written by "
-            "`facegate keys add`; see [API keys and scopes](../README.md#api-keys-and-scopes)"
+            "`facegate keys add`; see [API keys and scopes](security.md#api-keys-and-scopes)"
         ),
     )
 
@@ -457,7 +457,7 @@ class Settings(BaseSettings):
             "aligned); a decode waits until its estimate fits; at least "
             "`FACEGATE_MAX_DECODE_BYTES` (which, unset, is lowered to it). `0` (sized): from the "
             "memory the process may use (its cgroup limit, else the host's), per worker: "
-            "(memory / workers - 512 MiB) / 1.25, between 64 MiB and 1 GiB (README, **Memory**)"
+            "(memory / workers - 512 MiB) / 1.25, between 64 MiB and 1 GiB (docs/operations.md, **Memory**)"
         ),
     )
     bulk_max_items: int = Field(
