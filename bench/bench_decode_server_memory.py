@@ -6,10 +6,10 @@ under the default 40 Mpx limit: issue 17) to ``/v1/detect`` once, then ``--paral
 at once, and reports how far the server's peak RSS (``VmHWM``, reset through
 ``/proc/PID/clear_refs`` before each step) rose above its resident size, with the wall
 time of each step; also the worker's resident size and absolute peak, its decode budget
-(``/v1/info``) and the README's peak-RSS formula ``WORKER_BASE_BYTES + DECODE_PEAK_FACTOR
-x budget`` (:mod:`service.config`) to compare with.  Models: ``FACEGATE_*`` from the
-environment, else YuNet and the MobileFaceNet peer from ../shared on CPU.  The last output
-line is one JSON object.
+(``/v1/info``) and the peak-RSS formula of docs/operations.md
+``WORKER_BASE_BYTES + DECODE_PEAK_FACTOR x budget`` (:mod:`service.config`) to compare
+with.  Models: ``FACEGATE_*`` from the environment, else YuNet and the MobileFaceNet peer
+from ../shared on CPU.  The last output line is one JSON object.
 
     python bench/bench_decode_server_memory.py
     python bench/bench_decode_server_memory.py --repo /tmp/old --parallel 8

@@ -15,7 +15,7 @@ failures are httpx's own exceptions.  Galleries, subjects, their faces and audit
 come back as the frozen records of :mod:`service.records` (``GalleryRecord``,
 ``SubjectRecord``, ``FaceRecord``, ``AuditRecord`` and the pages ``SubjectPage``,
 ``AuditPage``), which also read as the server's JSON objects; the other answers are the
-server's JSON objects (see the README and ``/docs``).
+server's JSON objects (see docs/api.md and ``/docs``).
 """
 
 from __future__ import annotations

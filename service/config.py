@@ -22,7 +22,7 @@ MANIFEST_PATH = REPO_ROOT / "models" / "manifest.json"
 DEFAULT_RECOGNIZER = "dlib_resnet_v1"
 
 
-#: The decode budget's bounds and the formula sizing it (README "Memory"): a worker's
+#: The decode budget's bounds and the formula sizing it (docs/operations.md, "Memory"): a worker's
 #: peak RSS is about ``WORKER_BASE_BYTES + DECODE_PEAK_FACTOR * budget`` (measured in
 #: BENCHMARKS.md, "Decode memory"), so the budget is what keeps that within its share.
 WORKER_BASE_BYTES = 512 * 1024 * 1024
@@ -457,7 +457,8 @@ class Settings(BaseSettings):
             "aligned); a decode waits until its estimate fits; at least "
             "`FACEGATE_MAX_DECODE_BYTES` (which, unset, is lowered to it). `0` (sized): from the "
             "memory the process may use (its cgroup limit, else the host's), per worker: "
-            "(memory / workers - 512 MiB) / 1.25, between 64 MiB and 1 GiB (docs/operations.md, **Memory**)"
+            "(memory / workers - 512 MiB) / 1.25, between 64 MiB and 1 GiB "
+            "(docs/operations.md, **Memory**)"
         ),
     )
     bulk_max_items: int = Field(
