@@ -16,7 +16,6 @@ model file's sha256; the service then uses its thresholds (``/v1/info`` says so)
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.files import atomic_write
 from service.pipeline.calibration import (
     CALIBRATION_POINTS,
     REPLICATES,
@@ -287,7 +287,5 @@ def write_calibration(result: CalibrationResult, models_dir: Path, default_point
     )
     path = calibration_file(models_dir, result.model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record.model_dump(mode="json"), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(record.model_dump(mode="json"), indent=2) + "\n")
     return path

@@ -25,7 +25,6 @@ them, into model cards in the models directory, so that ``FACEGATE_DETECTOR`` /
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.config import REPO_ROOT
 from service.convert.classify import Classified, ClassifyError, classify
+from service.files import atomic_write, replace_durably
 from service.pipeline.detectors import build_detector
 from service.registry import (
     Alignment,
@@ -398,9 +398,7 @@ def _write(
         target = models_dir / plan.card.file
         card_path = models_dir / f"{plan.card.name}.card.json"
         _copy(plan.classified.path, target)
-        tmp = card_path.with_name(f".{card_path.name}.tmp")
-        tmp.write_text(plan.card.model_dump_json(indent=2, exclude_none=True) + "\n")
-        os.replace(tmp, card_path)
+        atomic_write(card_path, plan.card.model_dump_json(indent=2, exclude_none=True) + "\n")
         added.append(
             Added(
                 plan.card,
@@ -421,4 +419,4 @@ def _copy(source: Path, target: Path) -> None:
         return
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    replace_durably(tmp, target)
