@@ -14,9 +14,9 @@ limited to some galleries only their records.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -25,10 +25,11 @@ from starlette.concurrency import run_in_threadpool
 
 from service.gallery import audit
 from service.gallery.audit import ACTIONS, AuditEntry
+from service.usecases.audit import audit_query, read_audit
 
 from . import refusals
 from .deps import State, require_api_key
-from .errors import ApiError, describe
+from .errors import describe
 from .keys import ALL_GALLERIES
 from .openapi import ERROR_RESPONSES
 from .scopes import allow_gallery, caller, key_id, require_scope
@@ -69,9 +70,6 @@ def audited(
 
     return entry
 
-
-_CURSOR = re.compile(r"[0-9]{1,19}")
-MAX_CURSOR = 2**63 - 1  # the largest record id either store can hold
 
 # the audited routes' parameter types (one entry per request)
 VerifyAudit = Annotated[AuditEntry, Depends(audited("verify", only_with_gallery=True))]
@@ -125,34 +123,20 @@ async def audit_records(
     half a second, in the background), so that following ``next_cursor`` never misses one.  A
     subject's records stay after the subject is deleted (ids only).  A key limited to some
     galleries sees only their records (403 for ``gallery`` naming another one)."""
-    if action is not None and action not in ACTIONS:
-        raise ApiError(422, "validation_error", f"action: must be one of {', '.join(ACTIONS)}")
-    if cursor is not None and (not _CURSOR.fullmatch(cursor) or int(cursor) > MAX_CURSOR):
-        raise ApiError(422, "invalid_cursor", "cursor: not a cursor this service handed out")
     key = caller(request)
     scoped = key is not None and ALL_GALLERIES not in key.galleries
-    if gallery is not None:
-        allow_gallery(request, gallery)
-    filters = {
-        "gallery": gallery,
-        "subject_id": subject_id,
-        "action": action,
-        "since": None if since is None else _epoch(since),
-        "until": None if until is None else _epoch(until),
-        "after": int(cursor or 0),
-        "limit": limit,
-        "galleries": key.galleries if key is not None and scoped else None,
-    }
-    records, more = await run_in_threadpool(_query, state, filters)
-    return {"records": records, "next_cursor": str(records[-1]["id"]) if more and records else None}
-
-
-def _query(state, filters: dict) -> tuple[list[dict], bool]:
-    state.audit.flush()  # the records queued so far are in the answer
-    return state.gallery.store.audit_records(**filters)
-
-
-def _epoch(value: datetime) -> float:
-    if value.tzinfo is None:
-        raise ApiError(422, "validation_error", "since/until: give a time zone (e.g. Z)")
-    return value.timestamp()
+    query = audit_query(
+        gallery=gallery,
+        subject_id=subject_id,
+        action=action,
+        since=since,
+        until=until,
+        cursor=cursor,
+        limit=limit,
+        galleries=key.galleries if key is not None and scoped else None,
+        allow_gallery=lambda name: allow_gallery(request, name),
+    )
+    page = await run_in_threadpool(
+        partial(read_audit, store=state.gallery.store, query=query, flush=state.audit.flush)
+    )
+    return {"records": list(page.records), "next_cursor": page.next_cursor}

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
+from functools import partial
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
-from service.gallery.transfer import MEDIA_TYPE, write_export
+from service.gallery.transfer import MEDIA_TYPE
+from service.usecases.transfer import export_gallery as export_to
 
 from .audit import ExportAudit
 from .deps import State, require_api_key
@@ -68,7 +70,15 @@ async def export_gallery(
         return card.sha256 if card.id == model_id.removesuffix("+flip") else None
 
     try:
-        await anyio.to_thread.run_sync(write_export, state.gallery.store, gallery, spool, sha256_of)
+        await anyio.to_thread.run_sync(
+            partial(
+                export_to,
+                store=state.gallery.store,
+                gallery=gallery,
+                out=spool,
+                sha256_of=sha256_of,
+            )
+        )
     except BaseException:
         spool.close()
         raise

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from datetime import datetime
 
 from service.helptext import summary
@@ -26,22 +27,25 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _epoch(text: str | None) -> float | None:
-    if text is None:
-        return None
-    value = datetime.fromisoformat(text)
-    if value.tzinfo is None:
-        raise ValueError(f"{text!r}: give a time zone (e.g. Z)")
-    return value.timestamp()
+def _time(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
 
 
 def run(args) -> int:
     from service.config import Settings
     from service.gallery.backends import open_store
+    from service.usecases.audit import MAX_PAGE, audit_query, read_audit
+    from service.usecases.errors import RequestRefused
 
     try:
-        since, until = _epoch(args.since), _epoch(args.until)
-    except ValueError as exc:
+        query = audit_query(
+            gallery=args.gallery,
+            subject_id=args.subject_id,
+            action=args.action,
+            since=_time(args.since),
+            until=_time(args.until),
+        )
+    except (ValueError, RequestRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     overrides = {
@@ -52,23 +56,16 @@ def run(args) -> int:
     store = open_store(Settings(**overrides).resolved_store_url)
     try:
         store.migrate()
-        after, left = 0, max(0, args.limit)
+        left = max(0, args.limit)
         while left:
-            records, more = store.audit_records(
-                gallery=args.gallery,
-                subject_id=args.subject_id,
-                action=args.action,
-                since=since,
-                until=until,
-                after=after,
-                limit=min(left, 1000),
-            )
-            for record in records:
+            query = replace(query, limit=min(left, MAX_PAGE))
+            page = read_audit(store=store, query=query)
+            for record in page.records:
                 print(json.dumps(record.to_dict(), ensure_ascii=False))
-            left -= len(records)
-            if not more or not records:
+            left -= len(page.records)
+            if not page.more or not page.records:
                 break
-            after = records[-1].id
+            query = replace(query, after=page.records[-1].id)
     finally:
         store.close()
     return 0

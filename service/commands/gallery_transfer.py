@@ -101,15 +101,17 @@ def run_export(args) -> int:
     from service.files import atomic_file
     from service.gallery import GalleryService
     from service.gallery.errors import GalleryError
-    from service.gallery.transfer import write_export
     from service.registry import default_registry
+    from service.usecases.transfer import export_gallery
 
     settings = store_settings(args)
     registry = default_registry(settings)
     gallery = GalleryService.offline(settings)
     try:
         with atomic_file(args.file, suffix=".partial") as out:
-            end = write_export(gallery.store, args.gallery, out, registry.sha256_of)
+            end = export_gallery(
+                store=gallery.store, gallery=args.gallery, out=out, sha256_of=registry.sha256_of
+            )
     except GalleryError as exc:
         return _fail(exc)
     finally:
@@ -119,9 +121,9 @@ def run_export(args) -> int:
             {
                 "gallery": args.gallery,
                 "file": str(args.file),
-                "subjects": end["subjects"],
-                "faces": end["faces"],
-                "sha256": end["sha256"],
+                "subjects": end.subjects,
+                "faces": end.faces,
+                "sha256": end.sha256,
             }
         )
     )
@@ -130,10 +132,11 @@ def run_export(args) -> int:
 
 def run_restore(args) -> int:
     from service.gallery import GalleryService
-    from service.gallery.audit import AuditEntry, recording
+    from service.gallery.audit import AuditEntry
     from service.gallery.errors import GalleryError
-    from service.gallery.transfer import read_export, restore
+    from service.gallery.transfer import read_export
     from service.registry import ModelError, default_registry, select_recognizer
+    from service.usecases.transfer import restore_gallery
 
     settings = store_settings(args)
     try:
@@ -153,15 +156,19 @@ def run_restore(args) -> int:
         entry = AuditEntry(
             "restore", key_id=CLI_KEY_ID, client="local", gallery=args.gallery or export.gallery
         )
-        with recording(entry):
-            report = restore(gallery, export, card.id, card.sha256, args.gallery)
-        if not entry.written:  # no face: no change-log entry carried the audit row
-            gallery.store.append_audit([entry])
+        report = restore_gallery(
+            gallery=gallery,
+            export=export,
+            model_id=card.id,
+            model_sha256=card.sha256,
+            target=args.gallery,
+            audit=entry,
+        )
     except GalleryError as exc:
         return _fail(exc)
     finally:
         gallery.stop()
-    print(json.dumps(report))
+    print(json.dumps(report.to_dict()))
     return 0
 
 
