@@ -8,8 +8,9 @@ into a fresh gallery:
   client (subjects created beforehand, outside the timing);
 * ``single-4``: the same with 4 concurrent clients;
 * ``bulk``: ``POST /v1/galleries/{g}/faces`` with ``--items`` photos per request, one client;
-* ``import``: ``facegate gallery import``'s :class:`service.bulk.DirectoryImport` in this
-  process on a second store (no HTTP), batches of ``--items``.
+* ``import``: ``facegate gallery import``'s
+  :class:`service.usecases.enrol_many.DirectoryImport` in this process on a second store
+  (no HTTP), batches of ``--items``.
 
 Prints one line per run and, last, one JSON object with the medians per way.
 
@@ -34,9 +35,9 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.bulk import DirectoryImport  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.gallery import GalleryService  # noqa: E402
+from service.usecases.enrol_many import DirectoryImport  # noqa: E402
 from tests.conftest import LFW, SHARED_MODELS  # noqa: E402
 from tests.support.service import InProcessServer  # noqa: E402
 

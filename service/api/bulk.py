@@ -21,32 +21,18 @@ learns nothing of who holds it), and a subject whose every item is refused is no
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
-import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.bulk import (
-    Accepted,
-    Located,
-    embed_located,
-    enrol_photos,
-    locate_photo,
-    merge_embedded,
-)
-from service.gallery.bulk import check_metadata
-from service.gallery.errors import GalleryNotFound, InvalidInput, PhotoEnrolledElsewhere
-from service.gallery.names import check_subject_id
-from service.pipeline.errors import PipelineError
+from service.gallery.errors import InvalidInput
 from service.pipeline.types import Timings
+from service.usecases.enrol_many import BulkItem, enrol_many
 
 from . import analysis
 from .audit import EnrolAudit
@@ -98,12 +84,10 @@ class _Item:
     image_url: Any = None
     error: tuple[str, str] | None = None  # (code, message)
 
-    @property
-    def photo(self) -> bytes:
-        """The photo's bytes, once read or fetched (every item without an error has them)."""
-        if self.image is None:
-            raise RuntimeError(f"items[{self.index}]: no photo read")
-        return self.image
+    def frozen(self) -> BulkItem:
+        return BulkItem(
+            self.index, self.subject_id, self.metadata, self.image, self.image_url, self.error
+        )
 
     def refuse(self, exc: BaseException) -> None:
         if self.error is None:
@@ -118,15 +102,6 @@ def _too_many(limit: int) -> ApiError:
         f"a bulk request takes at most {limit} items (FACEGATE_BULK_MAX_ITEMS); "
         "split it into several requests",
     )
-
-
-def _check_item(item: _Item) -> None:
-    """Refuse an item (not the request) whose fields are wrong."""
-    check_subject_id(item.subject_id, f"items[{item.index}].subject_id")
-    if item.metadata is not None:
-        check_metadata(item.metadata, f"items[{item.index}].metadata")
-    if (item.image is None) == (item.image_url is None):
-        raise InvalidInput(f"items[{item.index}]: give image or image_url (exactly one)")
 
 
 async def _json_items(request: Request, limit: int, max_image_bytes: int) -> list[_Item]:
@@ -212,42 +187,21 @@ async def _multipart_items(request: Request, limit: int, max_image_bytes: int) -
     return items
 
 
-async def _fetch(request: Request, item: _Item, max_image_bytes: int, clock: Timings) -> None:
-    try:
-        images = await _fetch_urls(
-            request, {"image": ("image_url", item.image_url)}, max_image_bytes, clock
-        )
-        item.image = images["image"]
-    except Exception as exc:  # the item's answer
-        item.refuse(exc)
+def _fetcher(request: Request, max_image_bytes: int, clock: Timings):
+    """The use case's ``fetch``: an item's ``image_url`` through the allow-listed fetcher,
+    or the item's refusal."""
 
-
-async def _analyse(state, photos: list[bytes], clock: Timings) -> list:
-    """Locate the photos' faces concurrently (each photo one worker-thread call, bounded like
-    every image of the service), then embed all accepted faces in one model call."""
-    found: list = [None] * len(photos)
-    pipeline, settings = state.pipeline, state.settings
-
-    async def locate(i: int) -> None:
+    async def fetch(index: int, url: Any) -> bytes | tuple[str, str]:
         try:
-            found[i] = await anyio.to_thread.run_sync(
-                locate_photo, pipeline, settings, photos[i], limiter=state.cpu_limiter
+            images = await _fetch_urls(
+                request, {"image": ("image_url", url)}, max_image_bytes, clock
             )
-        except PipelineError as exc:
-            found[i] = exc
+            return images["image"]
+        except Exception as exc:  # the item's answer
+            _, code, message = describe(exc)
+            return code, message
 
-    start = time.perf_counter()
-    async with anyio.create_task_group() as group:
-        for i in range(len(photos)):
-            group.start_soon(locate, i)
-    clock.add("detect", time.perf_counter() - start)
-    start = time.perf_counter()
-    located = [item for item in found if isinstance(item, Located)]
-    accepted = await anyio.to_thread.run_sync(
-        embed_located, pipeline, located, limiter=state.cpu_limiter
-    )
-    clock.add("embed", time.perf_counter() - start)
-    return merge_embedded(found, accepted)
+    return fetch
 
 
 _ITEM_SCHEMA = {
@@ -333,66 +287,14 @@ async def bulk_enrol(
         )
     if not items:
         raise ApiError(422, "validation_error", "items: at least one item is required")
-    # A gallery of another model is refused before any image work; an absent one is created.
-    with contextlib.suppress(GalleryNotFound):
-        await analysis.gallery_for_model(state, gallery, clock)
-    for item in items:
-        if item.error is None:
-            try:
-                _check_item(item)
-            except InvalidInput as exc:
-                item.refuse(exc)
-    fetches = [
-        _fetch(request, item, max_bytes, clock)
-        for item in items
-        if item.error is None and item.image_url is not None
-    ]
-    if fetches:
-        await asyncio.gather(*fetches)
-    todo = [item for item in items if item.error is None]
-    results = await _analyse(state, [item.photo for item in todo], clock)
-    accepted: list[tuple[_Item, Accepted]] = []
-    for item, result in zip(todo, results, strict=True):
-        if isinstance(result, Accepted):
-            accepted.append((item, result))
-        else:
-            item.refuse(result)
-    written: dict[int, dict] = {}
-    if accepted:
-        rows = await analysis.call(
-            clock,
-            "gallery",
-            enrol_photos,
-            state.gallery,
-            gallery,
-            state.model_id,
-            [(item.subject_id, item.metadata, item.image) for item, _ in accepted],
-            [face for _, face in accepted],
-        )
-        for (item, face), row in zip(accepted, rows, strict=True):
-            if row.get("error"):  # enrolled under another subject: the item's own refusal
-                item.refuse(PhotoEnrolledElsewhere(item.subject_id))
-            else:
-                written[item.index] = {**row, "quality": face.quality}
-    answers = []
-    for item in items:
-        if item.error is not None:
-            answers.append(
-                {
-                    "index": item.index,
-                    "subject_id": item.subject_id,
-                    "error": {"code": item.error[0], "message": item.error[1]},
-                }
-            )
-        else:
-            answers.append({"index": item.index, **written[item.index]})
+    result = await enrol_many(
+        work=analysis.worker(state),
+        settings=settings,
+        gallery=state.gallery,
+        name=gallery,
+        items=[item.frozen() for item in items],
+        timings=clock,
+        fetch=_fetcher(request, max_bytes, clock),
+    )
     state.metrics.observe_stages(request.scope, clock.stages)
-    created = sum(1 for row in written.values() if row["created"])
-    return {
-        "gallery": gallery,
-        "model": state.model_id,
-        "enrolled": created,
-        "already_enrolled": len(written) - created,
-        "refused": sum(1 for item in items if item.error is not None),
-        "items": answers,
-    }
+    return result.to_dict()

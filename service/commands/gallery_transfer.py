@@ -5,8 +5,8 @@ see a restore or an import through the store's change log).  The file format is 
 :mod:`service.gallery.transfer`.  ``restore`` checks the whole file first and refuses one
 of another model than the configured recognizer (``model_mismatch``).
 
-``import`` is :class:`service.bulk.DirectoryImport`, with a progress bar (photos/s, ETA) on
-stderr and every refused photo listed before the JSON summary.
+``import`` is :class:`service.usecases.enrol_many.DirectoryImport`, with a progress bar
+(photos/s, ETA) on stderr and every refused photo listed before the JSON summary.
 
 Each prints a JSON summary as its last line; exit status 0 on success, 3 with a JSON error
 when the gallery or the file is refused, 2 when the models cannot be resolved.  Restores and
@@ -175,10 +175,10 @@ def run_restore(args) -> int:
 def run_import(args) -> int:
     from tqdm import tqdm
 
-    from service.bulk import DirectoryImport
     from service.gallery import GalleryService
     from service.gallery.audit import AuditEntry, recording
     from service.gallery.errors import GalleryError
+    from service.usecases.enrol_many import DirectoryImport
 
     from ._options import load_pipeline
 
