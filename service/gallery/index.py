@@ -5,7 +5,10 @@ face -> subject mapping (owned here, next to the index, not in a parallel
 global).  Scores are inner products of L2-normalised vectors, i.e. cosine
 similarities.
 
-Index types (``settings.index_type``):
+Index types (``settings.index_type``), each one strategy object in
+:mod:`service.gallery.index_kinds` chosen once when the index is built (from
+:class:`IndexSettings`); snapshot files are read and written by
+:mod:`service.gallery.snapshots`:
 
 ``flat`` (default)
     ``IndexIDMap2`` over ``IndexFlatIP``: exact search, recall 1.0; cost is
@@ -54,8 +57,6 @@ of FAISS and is not exercised by the CPU test-suite.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import threading
@@ -69,13 +70,34 @@ import faiss
 import numpy as np
 
 from service.config import INDEX_TYPES, IndexType, Settings
-from service.files import atomic_write
+from service.gallery.index_kinds import (
+    HNSW_EF_CONSTRUCTION,
+    HNSW_M,
+    IVF_RETRAIN_GROWTH,
+    IndexKind,
+    hnsw_of,
+    index_kind,
+)
+from service.gallery.snapshots import (
+    SNAPSHOT_FORMAT,
+    SnapshotError,
+    read_index_files,
+    write_index_files,
+)
 
 log = logging.getLogger("facegate.gallery")
 
-__all__ = ["INDEX_TYPES", "GalleryIndex", "IndexSettings", "SnapshotError"]
-IVF_MIN_TRAIN = 10_000
-IVF_RETRAIN_GROWTH = 8
+__all__ = [
+    "HNSW_EF_CONSTRUCTION",
+    "HNSW_M",
+    "INDEX_TYPES",
+    "IVF_RETRAIN_GROWTH",
+    "SNAPSHOT_FORMAT",
+    "GalleryIndex",
+    "IndexSettings",
+    "SnapshotError",
+]
+IVF_MIN_TRAIN = 10_000  # ivf: the size of the first training
 IVF_NPROBE = 32
 IVF_TRAIN_PER_LIST = 64  # k-means sample: this many vectors per list (FAISS advises 30-256)
 IVF_TRAIN_ITERATIONS = 10
@@ -85,13 +107,10 @@ SHORTLIST_MIN = 64  # ... and at least this many, re-ranked by exact scores
 #: ivf codes: 8-bit scalar quantisation up to this many dimensions, 4-bit fast-scan PQ above
 #: (at 1M real faces, 512-d: 3.1 vs 19.4 ms for the same recall; BENCHMARKS.md)
 SQ8_MAX_DIM = 256
-HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 HNSW_REBUILD_FRACTION = 0.2
 OVERFETCH = 4
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit; larger fetches run on the CPU index
-SNAPSHOT_FORMAT = 2  # 2: the exact index in .faiss, the ivf accelerator (if any) in .ivf
 #: ``auto``: exact search costs ~0.17 ns of CPU per face and dimension on the 2-core VM
 #: (84.7 ms at 1M x 512-d, 2.29 ms at 100k x 128-d: BENCHMARKS.md); it switches to IVF
 #: where an exact search would cost this much.
@@ -206,10 +225,6 @@ def build_ivf(dim: int, ids: np.ndarray, vectors: np.ndarray) -> Accelerator:
     return index
 
 
-class SnapshotError(RuntimeError):
-    """A snapshot is missing, corrupt, or does not fit this configuration."""
-
-
 class _RWLock:
     """Many concurrent searches, or one mutation at a time.
 
@@ -289,13 +304,6 @@ def _ivf_ids(ivf: Accelerator) -> np.ndarray:
     return np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
 
 
-def _hnsw(index: faiss.IndexIDMap2) -> faiss.IndexHNSW:
-    """The HNSW index inside an ``hnsw`` gallery's id map."""
-    hnsw = faiss.downcast_index(index.index)
-    assert isinstance(hnsw, faiss.IndexHNSW)
-    return hnsw
-
-
 def ivf_lists(n: int) -> int:
     """IVF list count for ``n`` vectors: ``4·sqrt(n)``, at least 39 training points per list."""
     return int(max(1, min(IVF_LISTS_PER_SQRT * math.sqrt(n), n / 39, 65536)))
@@ -348,16 +356,15 @@ class GalleryIndex:
         ``target_recall`` (default ``TARGET_RECALL``) whenever the index is trained;
         ``switch_faces`` (auto): the size where it leaves exact search (0: measured
         default, :func:`auto_switch_faces`)."""
-        if kind not in INDEX_TYPES:
-            raise ValueError(f"unknown index type {kind!r}; expected one of {INDEX_TYPES}")
+        self._kind: IndexKind = index_kind(kind)
         if int(nprobe) < 0:
             raise ValueError(f"nprobe must be at least 1 (0: tuned), got {nprobe!r}")
         if not 0.0 <= target_recall <= 1.0:
             raise ValueError(f"target recall must lie in [0, 1], got {target_recall!r}")
         self.dim = int(dim)
         self.model_id = model_id
-        self.kind = kind
-        tuned = kind == "auto" or int(nprobe) == 0
+        self.kind: IndexType = self._kind.name
+        tuned = self._kind.always_tuned or int(nprobe) == 0
         self.target_recall = (target_recall or TARGET_RECALL) if tuned else 0.0
         self.nprobe = int(nprobe) or IVF_NPROBE  # ivf: lists probed per search (capped at nlist)
         self.tuned_recall: float | None = None  # recall measured when nprobe was tuned
@@ -366,8 +373,8 @@ class GalleryIndex:
         self.ef_search = HNSW_EF_SEARCH  # hnsw: candidates kept while searching the graph
         self._trainer: threading.Thread | None = None
         self._written: dict[int, np.ndarray | None] | None = None
-        self.gpu = bool(gpu) and kind in ("flat", "auto") and faiss.get_num_gpus() > 0
-        self._index: FaissIndex = self._empty()
+        self.gpu = bool(gpu) and self._kind.gpu_mirror and faiss.get_num_gpus() > 0
+        self._index: FaissIndex = self._kind.empty(self.dim)
         self._ivf: Accelerator | None = None  # ivf / switched auto: the accelerator
         self._trained_at = 0  # ivf: gallery size when the coarse quantiser was trained
         self._subject_of: dict[int, str] = {}
@@ -380,14 +387,6 @@ class GalleryIndex:
         self._gpu_lock = threading.Lock()
 
     # --- construction -----------------------------------------------------------
-    def _empty(self) -> faiss.IndexIDMap2:
-        inner = f"HNSW{HNSW_M},Flat" if self.kind == "hnsw" else "Flat"
-        index = faiss.index_factory(self.dim, f"IDMap2,{inner}", faiss.METRIC_INNER_PRODUCT)
-        assert isinstance(index, faiss.IndexIDMap2)  # faiss returns the index downcast
-        if self.kind == "hnsw":
-            _hnsw(index).hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        return index
-
     def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) the exact index holds (copies)."""
         ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
@@ -438,7 +437,7 @@ class GalleryIndex:
         """The index's current form: what it searches with, and (auto) whether it is
         switching."""
         ivf = self._ivf
-        active = "ivf" if ivf is not None else "hnsw" if self.kind == "hnsw" else "flat"
+        active = "ivf" if ivf is not None else self._kind.exact_form
         out: dict = {"kind": self.kind, "active": active}
         if ivf is not None:
             out.update(
@@ -452,7 +451,7 @@ class GalleryIndex:
                 out.update(
                     target_recall=self.target_recall, tuned_recall=round(self.tuned_recall, 4)
                 )
-        if self.kind == "auto":
+        if self._kind.background_training:
             out.update(switch_faces=self.switch_faces, training=self.training)
         return out
 
@@ -470,9 +469,9 @@ class GalleryIndex:
     def _rebuild_hnsw(self) -> None:
         """Rebuild the HNSW graph from its live vectors, dropping tombstones."""
         ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-        vectors = _flat_vectors(_hnsw(self._index).storage)
+        vectors = _flat_vectors(hnsw_of(self._index).storage)
         keep = ~np.isin(ids, np.fromiter(self._tombstones, np.int64, len(self._tombstones)))
-        index = self._empty()
+        index = self._kind.empty(self.dim)
         if keep.any():
             index.add_with_ids(vectors[keep], ids[keep])
         self._index = index
@@ -480,7 +479,7 @@ class GalleryIndex:
 
     def train(self) -> None:
         """ivf only: train (or re-train) the coarse quantiser now, whatever the gallery size."""
-        if self.kind != "ivf":
+        if not self._kind.trainable:
             raise ValueError(f"a {self.kind} index needs no training")
         with self._lock.write():
             if self._subject_of:
@@ -506,15 +505,12 @@ class GalleryIndex:
             if self._written is not None:
                 for face_id, vector in zip(face_ids[fresh].tolist(), vectors[fresh], strict=True):
                     self._written[face_id] = vector
-            size = len(self._subject_of)
-            if self.kind == "ivf":
-                if size >= max(IVF_MIN_TRAIN, IVF_RETRAIN_GROWTH * self._trained_at):
-                    self._train_ivf()
-            elif (
-                self.kind == "auto"
-                and self._trainer is None
-                and size >= max(self.switch_faces, IVF_RETRAIN_GROWTH * self._trained_at)
-            ):
+            growth = self._kind.growth(
+                len(self._subject_of), self._trained_at, IVF_MIN_TRAIN, self.switch_faces
+            )
+            if growth == "train":
+                self._train_ivf()
+            elif growth == "background" and self._trainer is None:
                 self._trainer = threading.Thread(
                     target=self._train_in_background, name="facegate-index-train", daemon=True
                 )
@@ -544,7 +540,7 @@ class GalleryIndex:
                 del self._faces_of[subject_id]
         if self._written is not None:
             self._written.update(dict.fromkeys(present))
-        if self.kind == "hnsw":
+        if self._kind.tombstones:
             self._tombstones.update(present)
             if len(self._tombstones) > HNSW_REBUILD_FRACTION * self._index.ntotal:
                 self._rebuild_hnsw()
@@ -614,15 +610,7 @@ class GalleryIndex:
                     self._gpu_index, self._gpu_ids = gpu_index, row_ids
             scores, rows = gpu_index.search(queries, k)
             return scores, np.where(rows >= 0, row_ids[np.maximum(rows, 0)], -1)
-        return index.search(queries, k, params=self._params(k))
-
-    def _params(self, k: int) -> faiss.SearchParameters | None:
-        if self.kind == "hnsw":
-            # SearchParametersHNSW is missing from faiss's type stub (it is in the module)
-            return faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
-                efSearch=max(self.ef_search, k)
-            )
-        return None
+        return index.search(queries, k, params=self._kind.search_params(k, self.ef_search))
 
     def search(self, queries: np.ndarray, top_k: int) -> list[list[dict]]:
         """Per query, up to ``top_k`` subjects ``{subject_id, similarity, face_id}``, best first."""
@@ -673,13 +661,10 @@ class GalleryIndex:
         carries the index files' sha256, is renamed last and so marks a
         complete snapshot.
         """
-        prefix = Path(prefix)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
         with self._lock.read():
             data = faiss.serialize_index(self._index).tobytes()
             accelerator = None if self._ivf is None else faiss.serialize_index(self._ivf).tobytes()
-            sidecar = {
-                "format": SNAPSHOT_FORMAT,
+            fields = {
                 "gallery": gallery,
                 "seq": int(seq),
                 "kind": self.kind,
@@ -690,19 +675,11 @@ class GalleryIndex:
                 "trained_at": self._trained_at,
                 "nprobe": self.nprobe,
                 "tuned_recall": self.tuned_recall,
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "ivf_sha256": accelerator and hashlib.sha256(accelerator).hexdigest(),
                 "face_ids": list(self._subject_of),
                 "subject_ids": list(self._subject_of.values()),
                 "tombstones": sorted(self._tombstones),
             }
-        files = [(".faiss", data), (".json", json.dumps(sidecar).encode())]
-        if accelerator is not None:
-            files.insert(1, (".ivf", accelerator))
-        else:
-            prefix.with_suffix(".ivf").unlink(missing_ok=True)
-        for suffix, payload in files:
-            atomic_write(prefix.with_suffix(suffix), payload)
+        write_index_files(Path(prefix), data, accelerator, fields)
 
     @classmethod
     def load(
@@ -716,21 +693,7 @@ class GalleryIndex:
     ) -> tuple[GalleryIndex, dict]:
         """Read a snapshot; return (index, sidecar).  Raises :class:`SnapshotError`."""
         prefix = Path(prefix)
-        try:
-            sidecar = json.loads(prefix.with_suffix(".json").read_text())
-            data = prefix.with_suffix(".faiss").read_bytes()
-            accelerator = (
-                prefix.with_suffix(".ivf").read_bytes() if sidecar.get("ivf_sha256") else None
-            )
-        except (OSError, ValueError, AttributeError) as exc:
-            raise SnapshotError(f"cannot read snapshot {prefix}: {exc}") from None
-        if sidecar.get("format") != SNAPSHOT_FORMAT or sidecar.get("kind") != kind:
-            raise SnapshotError(f"snapshot {prefix} has another format or index type")
-        if hashlib.sha256(data).hexdigest() != sidecar.get("sha256") or (
-            accelerator is not None
-            and hashlib.sha256(accelerator).hexdigest() != sidecar.get("ivf_sha256")
-        ):
-            raise SnapshotError(f"snapshot {prefix} does not match its checksum")
+        sidecar, data, accelerator = read_index_files(prefix, kind)
         index = cls(
             sidecar["dim"], sidecar["model_id"], kind, gpu, nprobe, target_recall, switch_faces
         )

@@ -29,7 +29,6 @@ from service.gallery.errors import (
     ClusterNotFound,
     Conflict,
     FaceNotFound,
-    GalleryModelMismatch,
     InvalidEmbedding,
     InvalidInput,
     SubjectNotFound,
@@ -88,6 +87,9 @@ class PeopleSQL(PeopleStore):
             self, cur: Cursor, gallery: str, op: str, face_id: int | None, subject_id: str | None
         ) -> int: ...
         def _require_gallery(self, cur: Cursor, name: str) -> Any: ...
+        def _gallery_for_model(
+            self, cur: Cursor, name: str, model_id: str, size: int | None = None
+        ) -> Any: ...
         def _require_subject(self, cur: Cursor, gallery: str, subject_id: str) -> Any: ...
         @staticmethod
         def _insert_audit(
@@ -262,10 +264,7 @@ class PeopleSQL(PeopleStore):
 
     # --- write helpers ----------------------------------------------------------------
     def _check_model(self, cur, gallery: str, model_id: str):
-        row = self._require_gallery(cur, gallery)
-        if row["model_id"] != model_id:
-            raise GalleryModelMismatch(gallery, row["model_id"], model_id)
-        return row
+        return self._gallery_for_model(cur, gallery, model_id)
 
     def _subject_cluster(self, cur, gallery: str, subject_id: str | None) -> int | None:
         if subject_id is None:

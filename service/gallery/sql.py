@@ -13,13 +13,11 @@ from __future__ import annotations
 import abc
 import json
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any
 
 import numpy as np
 
-from service.gallery.audit import AuditEntry
 from service.gallery.audit import current as current_audit
 from service.gallery.errors import (
     Conflict,
@@ -27,114 +25,38 @@ from service.gallery.errors import (
     GalleryModelMismatch,
     GalleryNotFound,
     InvalidEmbedding,
-    InvalidMetadata,
     PhotoEnrolledElsewhere,
     SubjectNotFound,
 )
 from service.gallery.people_sql import PeopleSQL
 from service.gallery.schema import LATEST, MIGRATIONS
-from service.gallery.store import Change, GalleryFaces, GalleryStore, NewFace, NewSubject
-from service.records import AuditRecord, FaceRecord, GalleryRecord, SubjectRecord, iso
+from service.gallery.sql_audit import AuditSQL
+from service.gallery.sql_changes import ChangeLogSQL
+from service.gallery.sql_dialect import Cursor, Row
+from service.gallery.sql_export import EXPORT_CHUNK, ExportSQL
+from service.gallery.sql_json import MAX_JSON_BYTES, MAX_JSON_DEPTH, dump_json, json_depth
+from service.gallery.store import GalleryFaces, GalleryStore, NewFace, NewSubject
+from service.records import FaceRecord, GalleryRecord, SubjectRecord, iso
 
-#: Limits of stored JSON (subject metadata, face quality), checked before any write,
-#: for create and update alike, so that whatever is stored can be read back.
-MAX_JSON_BYTES = 64 * 1024
-MAX_JSON_DEPTH = 16
-EXPORT_CHUNK = 256  # faces fetched at a time by export_gallery
-
-
-#: A row as a dict of its columns by name (:meth:`Cursor.named` / :meth:`Cursor.all_named`).
-Row = dict[str, Any]
-
-__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "Row", "SQLStore", "dump_json", "iso"]
-
-
-def json_depth(value: object) -> int:
-    """Nesting depth of a JSON value (a scalar is 0, ``{}`` is 1), without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = (
-            item.values()
-            if isinstance(item, dict)
-            else item
-            if isinstance(item, list | tuple)
-            else None
-        )
-        if children is None:
-            continue
-        deepest = max(deepest, depth)
-        if depth > MAX_JSON_DEPTH:
-            break
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
+__all__ = [
+    "EXPORT_CHUNK",
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
+    "Cursor",
+    "Row",
+    "SQLStore",
+    "dump_json",
+    "iso",
+    "json_depth",
+]
 
 
-def dump_json(value: object, what: str) -> str:
-    """A JSON object as text, refusing anything that could not be read back as it was:
-    not an object, too deep, too large, not serialisable, or not valid Unicode."""
-    if not isinstance(value, dict):
-        raise InvalidMetadata(f"{what} must be a JSON object")
-    if json_depth(value) > MAX_JSON_DEPTH:
-        raise InvalidMetadata(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise InvalidMetadata(
-            f"{what} holds text that is not valid Unicode (a lone surrogate such as \\ud800)"
-        ) from None
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidMetadata(f"{what} is not JSON-serialisable: {exc}") from None
-    if size > MAX_JSON_BYTES:
-        raise InvalidMetadata(f"{what} is larger than {MAX_JSON_BYTES} bytes")
-    return text
-
-
-class Cursor:
-    """A DB-API cursor that takes ``?`` placeholders on every backend."""
-
-    def __init__(self, cursor, qmark: bool) -> None:
-        self._cursor = cursor
-        self._qmark = qmark
-        #: (face_id, subject_id) of the change-log entries of this write transaction
-        self.changes: list[tuple[int | None, str | None]] | None = None
-
-    def execute(self, sql: str, params: tuple | list = ()) -> Cursor:
-        if not self._qmark:
-            sql = sql.replace("?", "%s")
-        self._cursor.execute(sql, tuple(params))
-        return self
-
-    def fetchone(self):
-        return self._cursor.fetchone()
-
-    def fetchall(self):
-        return self._cursor.fetchall()
-
-    def fetchmany(self, size: int):
-        return self._cursor.fetchmany(size)
-
-    def _names(self) -> list[str]:
-        return [column[0] for column in self._cursor.description]
-
-    def named(self) -> Row | None:
-        """The next row as a dict by column name (None when there is none)."""
-        row = self._cursor.fetchone()
-        return None if row is None else dict(zip(self._names(), row, strict=True))
-
-    def all_named(self) -> list[Row]:
-        """Every remaining row as a dict by column name."""
-        names = self._names()
-        return [dict(zip(names, row, strict=True)) for row in self._cursor.fetchall()]
-
-    @property
-    def rowcount(self) -> int:
-        return self._cursor.rowcount
-
-
-class SQLStore(PeopleSQL, GalleryStore):
-    """The shared implementation of :class:`GalleryStore` over a SQL connection."""
+class SQLStore(ChangeLogSQL, AuditSQL, ExportSQL, PeopleSQL, GalleryStore):
+    """The shared implementation of :class:`GalleryStore` over a SQL connection: CRUD of
+    galleries, subjects and faces here; the change log (:mod:`~service.gallery.sql_changes`),
+    the audit log (:mod:`~service.gallery.sql_audit`), export reads
+    (:mod:`~service.gallery.sql_export`), JSON limits (:mod:`~service.gallery.sql_json`) and
+    the placeholder shim (:mod:`~service.gallery.sql_dialect`) in modules of their own."""
 
     dialect: str = ""
 
@@ -195,24 +117,6 @@ class SQLStore(PeopleSQL, GalleryStore):
         return int(row[0]) if row else 0
 
     # --- helpers ----------------------------------------------------------------
-    def _log(
-        self, cur: Cursor, gallery: str, op: str, face_id: int | None, subject_id: str | None
-    ) -> int:
-        seq = int(
-            cur.execute("UPDATE log_head SET seq = seq + 1 WHERE id = 1 RETURNING seq").fetchone()[
-                0
-            ]
-        )
-        cur.execute(
-            "INSERT INTO changes (seq, gallery, op, face_id, subject_id, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (seq, gallery, op, face_id, subject_id, time.time()),
-        )
-        self._notify(cur, seq)
-        if cur.changes is not None:
-            cur.changes.append((face_id, subject_id))
-        return seq
-
     @staticmethod
     def _gallery_row(cur: Cursor, name: str) -> Row | None:
         return cur.execute(
@@ -601,190 +505,6 @@ class SQLStore(PeopleSQL, GalleryStore):
                 (gallery,),
             ).fetchall()
         return {r[0] for r in rows}
-
-    def export_gallery(self, gallery: str) -> Iterator[tuple[str, dict]]:
-        with self._read() as cur:
-            row = self._require_gallery(cur, gallery)
-            yield (
-                "gallery",
-                {
-                    "name": row["name"],
-                    "model_id": row["model_id"],
-                    "dim": row["dim"],
-                    "created_at": float(row["created_at"]),
-                },
-            )
-            rows = cur.execute(
-                "SELECT subject_id, metadata, created_at FROM subjects WHERE gallery = ? "
-                "ORDER BY subject_id",
-                (gallery,),
-            ).fetchall()
-            for subject_id, metadata, created in rows:
-                yield (
-                    "subject",
-                    {
-                        "subject_id": subject_id,
-                        "metadata": json.loads(metadata),
-                        "created_at": float(created),
-                    },
-                )
-            cur.execute(
-                "SELECT face_id, subject_id, embedding, quality, image, created_at, "
-                "content_sha256 FROM faces WHERE gallery = ? ORDER BY face_id",
-                (gallery,),
-            )
-            while rows := cur.fetchmany(EXPORT_CHUNK):
-                for face_id, subject_id, embedding, quality, image, created, digest in rows:
-                    yield (
-                        "face",
-                        {
-                            "face_id": int(face_id),
-                            "subject_id": subject_id,
-                            "embedding": bytes(embedding),
-                            "quality": json.loads(quality),
-                            "image": None if image is None else bytes(image),
-                            "created_at": float(created),
-                            "content_sha256": digest,
-                        },
-                    )
-            yield from self._export_people(cur, gallery)
-
-    # --- audit log ------------------------------------------------------------------
-    @staticmethod
-    def _insert_audit(
-        cur: Cursor,
-        entries: list[AuditEntry],
-        changes: list[tuple[int | None, str | None]] | None = None,
-    ) -> None:
-        for entry in entries:
-            if changes is not None:  # this transaction's own changes
-                subjects = list(dict.fromkeys(s for _, s in changes if s is not None))
-                faces = list(dict.fromkeys(int(f) for f, _ in changes if f is not None))
-            else:
-                subjects, faces = entry.subject_ids, entry.face_ids
-            cur.execute(
-                "INSERT INTO audit (at, key_id, client, action, gallery, subject_ids, face_ids, "
-                "result, route, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    entry.at,
-                    entry.key_id,
-                    entry.client,
-                    entry.action,
-                    entry.gallery,
-                    json.dumps(subjects, ensure_ascii=False),
-                    json.dumps(faces),
-                    entry.result,
-                    entry.route,
-                    entry.reason,
-                ),
-            )
-
-    def append_audit(self, entries: list[AuditEntry]) -> None:
-        with self._write_tx() as cur:
-            self._insert_audit(cur, entries)
-
-    def prune_audit(self, before: float) -> int:
-        with self._write_tx() as cur:
-            return int(cur.execute("DELETE FROM audit WHERE at < ?", (float(before),)).rowcount)
-
-    def audit_records(
-        self,
-        *,
-        gallery: str | None = None,
-        subject_id: str | None = None,
-        action: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        after: int = 0,
-        limit: int = 100,
-        galleries: Collection[str] | None = None,
-    ) -> tuple[list[AuditRecord], bool]:
-        sql = (
-            "SELECT id, at, key_id, client, action, gallery, subject_ids, face_ids, result, "
-            "route, reason FROM audit WHERE id > ?"
-        )
-        params: list = [int(after)]
-        for column, value in (("gallery", gallery), ("action", action)):
-            if value is not None:
-                sql += f" AND {column} = ?"
-                params.append(value)
-        if galleries is not None:  # only these galleries' records (none: an empty answer)
-            names = sorted(galleries)
-            sql += f" AND gallery IN ({', '.join('?' * len(names)) or 'NULL'})"
-            params += names
-        if since is not None:
-            sql += " AND at >= ?"
-            params.append(float(since))
-        if until is not None:
-            sql += " AND at < ?"
-            params.append(float(until))
-        if subject_id is not None:
-            needle = json.dumps(subject_id, ensure_ascii=False)
-            needle = needle.replace("!", "!!").replace("%", "!%").replace("_", "!_")
-            sql += " AND subject_ids LIKE ? ESCAPE '!'"
-            params.append(f"%{needle}%")
-        sql += " ORDER BY id LIMIT ?"
-        params.append(int(limit) + 1)
-        with self._read() as cur:
-            rows = cur.execute(sql, params).all_named()
-        more = len(rows) > limit
-        return [
-            AuditRecord.from_row(r, json.loads(r["subject_ids"]), json.loads(r["face_ids"]))
-            for r in rows[:limit]
-        ], more
-
-    def image_counts(self, gallery: str) -> tuple[int, int]:
-        with self._read() as cur:
-            self._require_gallery(cur, gallery)
-            faces, images = cur.execute(
-                "SELECT COUNT(*), COUNT(image) FROM faces WHERE gallery = ?", (gallery,)
-            ).fetchone()
-        return int(faces), int(images)
-
-    def face_images(
-        self, gallery: str, after: int, limit: int
-    ) -> list[tuple[int, str, bytes | None]]:
-        with self._read() as cur:
-            self._require_gallery(cur, gallery)
-            rows = cur.execute(
-                "SELECT face_id, subject_id, image FROM faces WHERE gallery = ? AND face_id > ? "
-                "ORDER BY face_id LIMIT ?",
-                (gallery, int(after), int(limit)),
-            ).fetchall()
-        return [(int(f), s, None if img is None else bytes(img)) for f, s, img in rows]
-
-    def reenrolled_sources(self, gallery: str) -> set[int]:
-        with self._read() as cur:
-            self._require_gallery(cur, gallery)
-            rows = cur.execute(
-                "SELECT source_face_id FROM faces WHERE gallery = ? AND source_face_id IS NOT NULL",
-                (gallery,),
-            ).fetchall()
-        return {int(r[0]) for r in rows}
-
-    # --- change log and index building -----------------------------------------
-    def head_seq(self) -> int:
-        with self._read() as cur:
-            return int(cur.execute("SELECT seq FROM log_head WHERE id = 1").fetchone()[0])
-
-    def changes_after(self, seq: int, limit: int = 1000, upto: int | None = None) -> list[Change]:
-        sql = (
-            "SELECT c.seq, c.gallery, c.op, c.face_id, c.subject_id, f.embedding, g.model_id, "
-            "g.dim "
-            "FROM changes c "
-            "LEFT JOIN faces f ON c.op = 'add' AND f.face_id = c.face_id "
-            "LEFT JOIN galleries g ON c.op = 'add' AND g.name = c.gallery "
-            "WHERE c.seq > ?"
-        )
-        params: list = [int(seq)]
-        if upto is not None:
-            sql += " AND c.seq <= ?"
-            params.append(int(upto))
-        sql += " ORDER BY c.seq LIMIT ?"
-        params.append(int(limit))
-        with self._read() as cur:
-            rows = cur.execute(sql, params).all_named()
-        return [Change.from_row(row) for row in rows]
 
     @staticmethod
     def _faces_with_embeddings(
