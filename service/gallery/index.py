@@ -78,7 +78,7 @@ from service.gallery.index_kinds import (
     hnsw_of,
     index_kind,
 )
-from service.gallery.snapshots import (
+from service.gallery.snapshot_files import (
     SNAPSHOT_FORMAT,
     SnapshotError,
     read_index_files,
