@@ -61,6 +61,25 @@ def load_pipeline(settings):
         return None
 
 
+def served_recognizer(settings):
+    """(card, model id) of the recognizer ``settings`` serve, without loading it: the id its
+    galleries hold (``+flip`` when flip-augmented, as ``FACEGATE_FLIP_AUGMENT`` or its card
+    says), or None after printing why the card cannot be resolved."""
+    import sys
+
+    from service.pipeline.embed import served_model_id
+    from service.registry import ModelError, default_registry, select_recognizer
+
+    try:
+        registry = default_registry(settings)
+        ref, _ = select_recognizer(settings.recognizer, registry)
+        card, _ = registry.resolve(ref, task="recognition")
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    return card, served_model_id(card, settings)
+
+
 def read_images(paths: list[Path]) -> list[tuple[Path, bytes]] | None:
     """Each file's bytes, or None after printing why one cannot be read (checked before any
     model is loaded, so a wrong path is reported at once)."""

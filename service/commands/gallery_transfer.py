@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from ._options import add_model_options, settings_from_args
+from ._options import add_model_options, served_recognizer, settings_from_args
 
 #: The key id of the audit records of commands run on the store.
 CLI_KEY_ID = "cli"
@@ -135,17 +135,13 @@ def run_restore(args) -> int:
     from service.gallery.audit import AuditEntry
     from service.gallery.errors import GalleryError
     from service.gallery.transfer import read_export
-    from service.registry import ModelError, default_registry, select_recognizer
     from service.usecases.transfer import restore_gallery
 
     settings = store_settings(args)
-    try:
-        registry = default_registry(settings)
-        ref, _ = select_recognizer(settings.recognizer, registry)
-        card, _ = registry.resolve(ref, task="recognition")
-    except ModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    served = served_recognizer(settings)
+    if served is None:
         return 2
+    card, model_id = served
     try:
         with open(args.file, "rb") as source:
             export = read_export(source, settings.max_image_bytes)
@@ -159,7 +155,7 @@ def run_restore(args) -> int:
         report = restore_gallery(
             gallery=gallery,
             export=export,
-            model_id=card.id,
+            model_id=model_id,
             model_sha256=card.sha256,
             target=args.gallery,
             audit=entry,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from service.helptext import summary
 
-from ._options import add_model_options, load_pipeline, settings_from_args
+from ._options import add_model_options, load_pipeline, served_recognizer, settings_from_args
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 REPORT_FACES = 40  # thumbnails shown per cluster row
@@ -241,27 +241,25 @@ def run_correction(args) -> int:
     from service.gallery import GalleryService
     from service.gallery.audit import AuditEntry, recording
     from service.gallery.errors import GalleryError
-    from service.registry import ModelError, default_registry, select_recognizer
     from service.usecases import people
 
     settings = _settings(args)
-    try:
-        registry = default_registry(settings)
-        ref, _ = select_recognizer(settings.recognizer, registry)
-        card, _ = registry.resolve(ref, task="recognition")
-    except ModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    served = served_recognizer(settings)
+    if served is None:
         return 2
+    _, model_id = served
     actions = {
         "name": (
             "name_cluster",
             lambda g: people.name_cluster(
-                g, args.gallery, args.cluster_id, args.subject, None, card.id
+                g, args.gallery, args.cluster_id, args.subject, None, model_id
             ),
         ),
         "merge": (
             "merge_clusters",
-            lambda g: people.merge_clusters(g, args.gallery, args.cluster_id, args.source, card.id),
+            lambda g: people.merge_clusters(
+                g, args.gallery, args.cluster_id, args.source, model_id
+            ),
         ),
         "split": (
             "split_cluster",
@@ -270,7 +268,7 @@ def run_correction(args) -> int:
         "move": (
             "move_face",
             lambda g: people.move_face(
-                g, args.gallery, args.face_id, card.id, args.to_cluster, args.to_subject
+                g, args.gallery, args.face_id, model_id, args.to_cluster, args.to_subject
             ),
         ),
         "remove": ("remove_face", lambda g: people.remove_face(g, args.gallery, args.face_id)),

@@ -43,6 +43,18 @@ def embedding_model_id(card: ModelCard, flip: bool) -> str:
     return f"{card.id}+flip" if flip else card.id
 
 
+def served_flip(card: ModelCard, settings: Settings) -> bool:
+    """Whether ``settings`` embed with ``card`` flip-augmented: ``FACEGATE_FLIP_AUGMENT``
+    when set, else as the card's thresholds were calibrated."""
+    return card_flip(card) if settings.flip_augment is None else settings.flip_augment
+
+
+def served_model_id(card: ModelCard, settings: Settings) -> str:
+    """The model id a service with ``settings`` tags ``card``'s embeddings with (what its
+    galleries hold), without loading the model."""
+    return embedding_model_id(card, served_flip(card, settings))
+
+
 class OnnxEmbedder:
     """``Embedder`` over an ONNX recognition model described by ``card``."""
 
@@ -53,7 +65,7 @@ class OnnxEmbedder:
             raise ValueError(f"model {card.name!r} is a {card.task} model, not a recognizer")
         self.card = card
         if flip is None:
-            flip = card_flip(card) if settings.flip_augment is None else settings.flip_augment
+            flip = served_flip(card, settings)
         self.flip = bool(flip)
         self.model_id = embedding_model_id(card, self.flip)
         self.session = create_session(path, settings)

@@ -201,3 +201,49 @@ def test_export_restore_round_trip(tmp_path, store_urls, capsys, monkeypatch):
     finally:
         one.stop()
         two.stop()
+
+
+def test_cli_restore_of_a_flip_augmented_gallery(tmp_path, capsys, monkeypatch):
+    """A gallery served with mirrored-face embedding carries the model id ``NAME@SHA+flip``
+    (the default recognizer's card asks for it): ``facegate gallery restore`` run with the
+    same settings restores it under that id, and refuses it where flip is off."""
+    monkeypatch.setenv("FACEGATE_FLIP_AUGMENT", "true")
+    settings = Settings(
+        models_dir=SHARED_MODELS,
+        detector="yunet_2023mar",
+        recognizer=RECOGNIZER,
+        providers=["CPUExecutionProvider"],
+        faiss_gpu=False,
+        data_dir=tmp_path / "data-one",
+        store_url=f"sqlite:///{tmp_path / 'one.sqlite3'}",
+    )
+    one = InProcessServer(settings).start()
+    try:
+        with httpx.Client(base_url=one.base_url, timeout=60) as client:
+            r = client.post(
+                "/v1/galleries/flipped/subjects/ada/faces",
+                files={"image": ("p.jpg", photo(PEOPLE[0], 1))},
+            )
+            if r.status_code == 404:  # subjects are created first
+                client.post("/v1/galleries/flipped/subjects", json={"subject_id": "ada"})
+                r = client.post(
+                    "/v1/galleries/flipped/subjects/ada/faces",
+                    files={"image": ("p.jpg", photo(PEOPLE[0], 1))},
+                )
+            assert r.status_code == 201, r.text
+            model_id = client.get("/v1/galleries/flipped").json()["model_id"]
+            assert model_id.endswith("+flip")
+            exported = client.get("/v1/galleries/flipped/export")
+            assert exported.status_code == 200
+    finally:
+        one.stop()
+    path = tmp_path / "flipped.jsonl.gz"
+    path.write_bytes(exported.content)
+    two = f"sqlite:///{tmp_path / 'two.sqlite3'}"
+    code, report = cli(capsys, "restore", str(path), "--store-url", two)
+    assert code == 0, report
+    assert open_store(two).get_gallery("flipped")["model_id"] == model_id
+    monkeypatch.setenv("FACEGATE_FLIP_AUGMENT", "false")
+    three = f"sqlite:///{tmp_path / 'three.sqlite3'}"
+    code, answer = cli(capsys, "restore", str(path), "--store-url", three)
+    assert code != 0 and answer["error"]["code"] == "model_mismatch", answer
