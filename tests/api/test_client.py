@@ -149,6 +149,11 @@ def test_sync_client(server):
             "staff", embedding=embedded["faces"][0]["embedding"], model=embedded["model"], top_k=2
         )
         assert by_vector["faces"][0]["candidates"] == answer["faces"][0]["candidates"]
+        vector_probe = by_vector.faces[0]  # an embedding probe: no box, no landmarks
+        assert (vector_probe.face.box, vector_probe.face.landmarks) == (None, None)
+        assert [c.subject_id for c in vector_probe.candidates] == [
+            c.subject_id for c in probe.candidates
+        ]
         detected = fg.detect(photo_path(PEOPLE[0], 1))
         assert len(detected["faces"]) >= 1
         assert isinstance(detected, DetectAnswer)
