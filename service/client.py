@@ -6,7 +6,7 @@
     with Client("http://127.0.0.1:8000", api_key="...") as fg:
         fg.create_subject("staff", "ada", {"team": "x"})
         fg.enrol("staff", "ada", "ada.jpg")
-        fg.identify("staff", "probe.jpg")["faces"][0]["match"]
+        fg.identify("staff", "probe.jpg").faces[0].match
 
 Images are ``bytes`` or a path.  Every error answer of the server is raised as a
 :class:`FacegateError` subclass chosen by its status (:class:`NotFound`, :class:`Conflict`,
@@ -14,8 +14,11 @@ Images are ``bytes`` or a path.  Every error answer of the server is raised as a
 failures are httpx's own exceptions.  Galleries, subjects, their faces and audit records
 come back as the frozen records of :mod:`service.records` (``GalleryRecord``,
 ``SubjectRecord``, ``FaceRecord``, ``AuditRecord`` and the pages ``SubjectPage``,
-``AuditPage``), which also read as the server's JSON objects; the other answers are the
-server's JSON objects (see docs/api.md and ``/docs``).
+``AuditPage``); the other answers as the frozen answers of :mod:`service.answers`
+(``VerifyAnswer``, ``IdentifyAnswer``, ``DetectAnswer``, ``EmbedAnswer`` with float32
+embeddings, ``EnrolAnswer``, ``BulkAnswer``, ``ReenrolReport``, ``Deleted``,
+``InfoAnswer``).  Both also read as the server's JSON objects (see docs/api.md and
+``/docs``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,17 @@ from typing import Any
 
 import httpx
 
+from service.answers import (
+    BulkAnswer,
+    Deleted,
+    DetectAnswer,
+    EmbedAnswer,
+    EnrolAnswer,
+    IdentifyAnswer,
+    InfoAnswer,
+    ReenrolReport,
+    VerifyAnswer,
+)
 from service.records import (
     AuditPage,
     GalleryRecord,
@@ -148,8 +162,10 @@ class _Endpoints:
             operating_point=operating_point,
         )
         if not files:
-            return _Call("POST", "/v1/verify", {"json": data})
-        return _Call("POST", "/v1/verify", {"data": data, "files": files})
+            return _Call("POST", "/v1/verify", {"json": data}, typed=VerifyAnswer.from_json)
+        return _Call(
+            "POST", "/v1/verify", {"data": data, "files": files}, typed=VerifyAnswer.from_json
+        )
 
     @staticmethod
     def identify(
@@ -173,19 +189,29 @@ class _Endpoints:
         body = {k: v for k, v in options.items() if v is not None}
         if image is not None:
             body["image"] = _b64(image)
-        return _Call("POST", "/v1/identify", {"json": body})
+        return _Call("POST", "/v1/identify", {"json": body}, typed=IdentifyAnswer.from_json)
 
     @staticmethod
     def detect(image: Image, **options: Any) -> _Call:
-        return _Call("POST", "/v1/detect", {"json": {"image": _b64(image), **options}})
+        return _Call(
+            "POST",
+            "/v1/detect",
+            {"json": {"image": _b64(image), **options}},
+            typed=DetectAnswer.from_json,
+        )
 
     @staticmethod
     def embed(image: Image, **options: Any) -> _Call:
-        return _Call("POST", "/v1/embed", {"json": {"image": _b64(image), **options}})
+        return _Call(
+            "POST",
+            "/v1/embed",
+            {"json": {"image": _b64(image), **options}},
+            typed=EmbedAnswer.from_json,
+        )
 
     @staticmethod
     def info() -> _Call:
-        return _Call("GET", "/v1/info")
+        return _Call("GET", "/v1/info", typed=InfoAnswer.from_json)
 
     @staticmethod
     def galleries() -> _Call:
@@ -201,7 +227,7 @@ class _Endpoints:
 
     @staticmethod
     def delete_gallery(gallery: str) -> _Call:
-        return _Call("DELETE", f"/v1/galleries/{gallery}")
+        return _Call("DELETE", f"/v1/galleries/{gallery}", typed=Deleted.from_json)
 
     @staticmethod
     def create_subject(gallery: str, subject_id: str, metadata: JSON | None = None) -> _Call:
@@ -239,7 +265,9 @@ class _Endpoints:
 
     @staticmethod
     def delete_subject(gallery: str, subject_id: str) -> _Call:
-        return _Call("DELETE", f"/v1/galleries/{gallery}/subjects/{subject_id}")
+        return _Call(
+            "DELETE", f"/v1/galleries/{gallery}/subjects/{subject_id}", typed=Deleted.from_json
+        )
 
     @staticmethod
     def enrol(gallery: str, subject_id: str, image: Image) -> _Call:
@@ -247,6 +275,7 @@ class _Endpoints:
             "POST",
             f"/v1/galleries/{gallery}/subjects/{subject_id}/faces",
             {"files": {"image": ("image", _bytes(image))}},
+            typed=EnrolAnswer.from_json,
         )
 
     @staticmethod
@@ -259,11 +288,27 @@ class _Endpoints:
             if len(item) > 2:
                 entry["metadata"] = item[2]
             body.append(entry)
-        return _Call("POST", f"/v1/galleries/{gallery}/faces", {"json": {"items": body}})
+        return _Call(
+            "POST",
+            f"/v1/galleries/{gallery}/faces",
+            {"json": {"items": body}},
+            typed=BulkAnswer.from_json,
+        )
+
+    @staticmethod
+    def reenrol(gallery: str, source: str) -> _Call:
+        return _Call(
+            "POST",
+            f"/v1/galleries/{gallery}/reenrol",
+            {"json": {"source": source}},
+            typed=ReenrolReport.from_json,
+        )
 
     @staticmethod
     def delete_face(gallery: str, face_id: int) -> _Call:
-        return _Call("DELETE", f"/v1/galleries/{gallery}/faces/{int(face_id)}")
+        return _Call(
+            "DELETE", f"/v1/galleries/{gallery}/faces/{int(face_id)}", typed=Deleted.from_json
+        )
 
     @staticmethod
     def export(gallery: str) -> _Call:
@@ -324,7 +369,7 @@ class Client:
         embedding: str | None = None,
         model: str | None = None,
         operating_point: str | None = None,
-    ) -> JSON:
+    ) -> VerifyAnswer:
         return self._send(
             _Endpoints.verify(
                 image1,
@@ -347,7 +392,7 @@ class Client:
         operating_point: str | None = None,
         embedding: str | None = None,
         model: str | None = None,
-    ) -> JSON:
+    ) -> IdentifyAnswer:
         return self._send(
             _Endpoints.identify(
                 gallery,
@@ -360,13 +405,13 @@ class Client:
             )
         )
 
-    def detect(self, image: Image, **options: Any) -> JSON:
+    def detect(self, image: Image, **options: Any) -> DetectAnswer:
         return self._send(_Endpoints.detect(image, **options))
 
-    def embed(self, image: Image, **options: Any) -> JSON:
+    def embed(self, image: Image, **options: Any) -> EmbedAnswer:
         return self._send(_Endpoints.embed(image, **options))
 
-    def info(self) -> JSON:
+    def info(self) -> InfoAnswer:
         return self._send(_Endpoints.info())
 
     def galleries(self) -> list[GalleryRecord]:
@@ -378,7 +423,7 @@ class Client:
     def gallery(self, gallery: str) -> GalleryRecord:
         return self._send(_Endpoints.gallery(gallery))
 
-    def delete_gallery(self, gallery: str) -> JSON:
+    def delete_gallery(self, gallery: str) -> Deleted:
         return self._send(_Endpoints.delete_gallery(gallery))
 
     def create_subject(
@@ -395,20 +440,25 @@ class Client:
     def update_subject(self, gallery: str, subject_id: str, metadata: JSON) -> SubjectRecord:
         return self._send(_Endpoints.update_subject(gallery, subject_id, metadata))
 
-    def delete_subject(self, gallery: str, subject_id: str) -> JSON:
+    def delete_subject(self, gallery: str, subject_id: str) -> Deleted:
         return self._send(_Endpoints.delete_subject(gallery, subject_id))
 
-    def enrol(self, gallery: str, subject_id: str, image: Image) -> JSON:
+    def enrol(self, gallery: str, subject_id: str, image: Image) -> EnrolAnswer:
         return self._send(_Endpoints.enrol(gallery, subject_id, image))
 
     def enrol_many(
         self, gallery: str, items: Iterable[tuple[str, Image] | tuple[str, Image, JSON]]
-    ) -> JSON:
+    ) -> BulkAnswer:
         """Bulk enrolment: ``(subject_id, image[, metadata])`` items, answered per item."""
         return self._send(_Endpoints.enrol_many(gallery, items))
 
-    def delete_face(self, gallery: str, face_id: int) -> JSON:
+    def delete_face(self, gallery: str, face_id: int) -> Deleted:
         return self._send(_Endpoints.delete_face(gallery, face_id))
+
+    def reenrol(self, gallery: str, source: str) -> ReenrolReport:
+        """Re-enrol ``source``'s subjects and stored photos into ``gallery`` with the served
+        models (after a model upgrade)."""
+        return self._send(_Endpoints.reenrol(gallery, source))
 
     def export(self, gallery: str) -> bytes:
         """The gallery's export file (``facegate gallery restore`` reads it)."""
@@ -455,7 +505,7 @@ class AsyncClient:
         embedding: str | None = None,
         model: str | None = None,
         operating_point: str | None = None,
-    ) -> JSON:
+    ) -> VerifyAnswer:
         return await self._send(
             _Endpoints.verify(
                 image1,
@@ -478,7 +528,7 @@ class AsyncClient:
         operating_point: str | None = None,
         embedding: str | None = None,
         model: str | None = None,
-    ) -> JSON:
+    ) -> IdentifyAnswer:
         return await self._send(
             _Endpoints.identify(
                 gallery,
@@ -491,13 +541,13 @@ class AsyncClient:
             )
         )
 
-    async def detect(self, image: Image, **options: Any) -> JSON:
+    async def detect(self, image: Image, **options: Any) -> DetectAnswer:
         return await self._send(_Endpoints.detect(image, **options))
 
-    async def embed(self, image: Image, **options: Any) -> JSON:
+    async def embed(self, image: Image, **options: Any) -> EmbedAnswer:
         return await self._send(_Endpoints.embed(image, **options))
 
-    async def info(self) -> JSON:
+    async def info(self) -> InfoAnswer:
         return await self._send(_Endpoints.info())
 
     async def galleries(self) -> list[GalleryRecord]:
@@ -509,7 +559,7 @@ class AsyncClient:
     async def gallery(self, gallery: str) -> GalleryRecord:
         return await self._send(_Endpoints.gallery(gallery))
 
-    async def delete_gallery(self, gallery: str) -> JSON:
+    async def delete_gallery(self, gallery: str) -> Deleted:
         return await self._send(_Endpoints.delete_gallery(gallery))
 
     async def create_subject(
@@ -528,19 +578,22 @@ class AsyncClient:
     async def update_subject(self, gallery: str, subject_id: str, metadata: JSON) -> SubjectRecord:
         return await self._send(_Endpoints.update_subject(gallery, subject_id, metadata))
 
-    async def delete_subject(self, gallery: str, subject_id: str) -> JSON:
+    async def delete_subject(self, gallery: str, subject_id: str) -> Deleted:
         return await self._send(_Endpoints.delete_subject(gallery, subject_id))
 
-    async def enrol(self, gallery: str, subject_id: str, image: Image) -> JSON:
+    async def enrol(self, gallery: str, subject_id: str, image: Image) -> EnrolAnswer:
         return await self._send(_Endpoints.enrol(gallery, subject_id, image))
 
     async def enrol_many(
         self, gallery: str, items: Iterable[tuple[str, Image] | tuple[str, Image, JSON]]
-    ) -> JSON:
+    ) -> BulkAnswer:
         return await self._send(_Endpoints.enrol_many(gallery, items))
 
-    async def delete_face(self, gallery: str, face_id: int) -> JSON:
+    async def delete_face(self, gallery: str, face_id: int) -> Deleted:
         return await self._send(_Endpoints.delete_face(gallery, face_id))
+
+    async def reenrol(self, gallery: str, source: str) -> ReenrolReport:
+        return await self._send(_Endpoints.reenrol(gallery, source))
 
     async def export(self, gallery: str) -> bytes:
         return await self._send(_Endpoints.export(gallery))

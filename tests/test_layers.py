@@ -75,6 +75,21 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
             "service.config",
         ),
     ),
+    # the client's typed answers: the records only, no layer
+    (
+        "service.answers",
+        (
+            "service.api",
+            "service.commands",
+            "service.cli",
+            "service.app",
+            "service.usecases",
+            "service.pipeline",
+            "service.gallery",
+            "service.registry",
+            "service.config",
+        ),
+    ),
     # the client speaks HTTP only: the records, never the service's own layers
     (
         "service.client",
@@ -257,3 +272,17 @@ def test_module_level_imports_have_no_cycle():
         if name not in state:
             cycle = walk(name)
             assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_client_imports_only_records_and_answers():
+    """The client and its answers speak HTTP and JSON: of the service, only the records and
+    the answers."""
+    found = modules()
+    allowed = ("service.records", "service.answers")
+    wrong = sorted(
+        f"{name} imports {target}"
+        for name in ("service.client", "service.answers")
+        for target in imports(name, found[name])
+        if _within(target, "service") and not any(_within(target, ok) for ok in allowed)
+    )
+    assert not wrong, "\n".join(wrong)
