@@ -114,6 +114,23 @@ def write_many(
 
     Photos are kept only when ``settings.store_images`` is set, as for single enrolments.
     """
+    checked = checked_faces(gallery, name, model_id, subjects, faces)
+    results, seq = gallery.store.write_faces(
+        name, model_id, subjects, checked, new_gallery=new_gallery, only_with_faces=only_with_faces
+    )
+    gallery.sync_to(seq)
+    return results
+
+
+def checked_faces(
+    gallery: GalleryService,
+    name: str,
+    model_id: str,
+    subjects: list[NewSubject],
+    faces: list[NewFace],
+) -> list[NewFace]:
+    """:func:`write_many`'s checks of its input; the faces to write (photos kept only when
+    ``settings.store_images`` is set)."""
     check_gallery(name)
     check_name(model_id, "model_id")
     for subject in subjects:
@@ -132,8 +149,4 @@ def write_many(
                 face.created_at,
             )
         )
-    results, seq = gallery.store.write_faces(
-        name, model_id, subjects, checked, new_gallery=new_gallery, only_with_faces=only_with_faces
-    )
-    gallery.sync_to(seq)
-    return results
+    return checked

@@ -10,15 +10,17 @@ Invariants every method keeps, inside its one write transaction:
 * the faces of a named cluster are its subject's; a face a person took out of a cluster
   or subject has a ``cannot_link`` row for it, and nothing automatic puts it back.
 
-Writes without change-log entries (pure cluster changes touch no index) still leave
-their audit row in the same transaction.
+Every write ends with a ``people`` change-log entry of its gallery (after the ``add`` and
+``delete_face`` entries of any enrolled faces it changed), in the same transaction, so
+replicas and the log see pure cluster changes too; a write that changed no index still
+leaves its audit row (with the photo faces and subjects it touched) in that transaction.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +35,14 @@ from service.gallery.errors import (
     InvalidInput,
     SubjectNotFound,
 )
-from service.gallery.store import NewPhoto, NewPhotoFace, PeopleFaces, PeopleStore
+from service.gallery.store import (
+    NewFace,
+    NewPhoto,
+    NewPhotoFace,
+    NewSubject,
+    PeopleFaces,
+    PeopleStore,
+)
 
 if TYPE_CHECKING:
     from service.gallery.audit import AuditEntry
@@ -86,6 +95,18 @@ class PeopleSQL(PeopleStore):
         def _log(
             self, cur: Cursor, gallery: str, op: str, face_id: int | None, subject_id: str | None
         ) -> int: ...
+        def _append(
+            self, cur: Cursor, gallery: str, op: str, face_id: int | None, subject_id: str | None
+        ) -> int: ...
+        def _faces_writer(
+            self,
+            gallery: str,
+            model_id: str,
+            subjects: list[NewSubject],
+            faces: list[NewFace],
+            new_gallery: bool,
+            only_with_faces: bool,
+        ) -> Callable[[Cursor], tuple[list[dict], int | None]]: ...
         def _require_gallery(self, cur: Cursor, name: str) -> Any: ...
         def _gallery_for_model(
             self, cur: Cursor, name: str, model_id: str, size: int | None = None
@@ -474,7 +495,7 @@ class PeopleSQL(PeopleStore):
                 found = self._photo_dict(cur, gallery, photo.photo_id)
                 assert found is not None
                 results.append((found, True))
-            seq = self._head(cur)
+            seq = self._head(cur, gallery, any(created for _, created in results))
         return results, seq
 
     def _insert_photo(self, cur, gallery: str, photo: NewPhoto, qualities, vectors) -> None:
@@ -513,7 +534,12 @@ class PeopleSQL(PeopleStore):
                         (home, face_id),
                     )
 
-    def _head(self, cur) -> int | None:
+    def _head(self, cur, gallery: str, changed: bool = True) -> int | None:
+        """End a people write of ``gallery``: append its ``people`` change-log entry (after
+        any index entries of the transaction; none when ``changed`` is false and no index
+        changed) and return the newest seq, for the caller's replica to apply."""
+        if changed:
+            return self._append(cur, gallery, "people", None, None)
         if not cur.changes:
             return None
         return int(cur.execute("SELECT seq FROM log_head WHERE id = 1").fetchone()[0])
@@ -564,7 +590,7 @@ class PeopleSQL(PeopleStore):
                 if subject_id is not None:
                     for face_id in moved:
                         self._assign(cur, gallery, face_id, subject_id, "automatic")
-            seq = self._head(cur)
+            seq = self._head(cur, gallery, bool(created or joined))
         return {"clusters_created": created, "faces_joined": joined}, seq
 
     def name_cluster(
@@ -592,7 +618,7 @@ class PeopleSQL(PeopleStore):
                 cur.execute("DELETE FROM clusters WHERE cluster_no = ?", (int(row[0]),))
             self._touch(cur, home, subject_id)
             self._audit_ids([f for f, _, _ in faces], [subject_id])
-            seq = self._head(cur)
+            seq = self._head(cur, gallery)
             cluster = self._cluster_dicts(cur, gallery, [self._cluster_row(cur, gallery, home)])[0]
         return cluster, seq
 
@@ -623,7 +649,7 @@ class PeopleSQL(PeopleStore):
             cur.execute("DELETE FROM clusters WHERE cluster_no = ?", (int(source),))
             self._touch(cur, int(target), subject_id)
             self._audit_ids([f for f, _, _ in faces], [subject_id] if subject_id else [])
-            seq = self._head(cur)
+            seq = self._head(cur, gallery)
             cluster = self._cluster_dicts(cur, gallery, [self._cluster_row(cur, gallery, target)])[
                 0
             ]
@@ -665,7 +691,7 @@ class PeopleSQL(PeopleStore):
             if old_cluster != to_cluster:
                 self._drop_if_empty(cur, old_cluster)
             self._audit_ids([face_id], [s for s in (old_subject, to_subject) if s])
-            seq = self._head(cur)
+            seq = self._head(cur, gallery)
             face = _face_dict(self._face_row(cur, gallery, face_id))
         return face, seq
 
@@ -681,7 +707,7 @@ class PeopleSQL(PeopleStore):
             cur.execute("UPDATE photo_faces SET cluster_no = NULL WHERE face_id = ?", (face_id,))
             self._drop_if_empty(cur, old_cluster)
             self._audit_ids([face_id], [old_subject] if old_subject else [])
-            seq = self._head(cur)
+            seq = self._head(cur, gallery)
             face = _face_dict(self._face_row(cur, gallery, face_id))
         return face, seq
 
@@ -708,7 +734,7 @@ class PeopleSQL(PeopleStore):
                 )
             self._touch(cur, int(row[0]), row[1])
             self._audit_ids(chosen, [row[1]] if row[1] else [])
-            seq = self._head(cur)
+            seq = self._head(cur, gallery)
             cluster = self._cluster_dicts(cur, gallery, [self._cluster_row(cur, gallery, fresh)])[0]
         return cluster, seq
 
@@ -750,9 +776,13 @@ class PeopleSQL(PeopleStore):
                 face["thumbnail"] = None if row[11] is None else bytes(row[11])
                 face["created_at"] = float(row[12])
                 yield ("photo_face", face)
+        # a rule's cluster may be gone since (emptied, merged away; its number is never
+        # reused): such a reference says nothing any more and is left out
         for face_id, number, subject_id in cur.execute(
-            "SELECT face_id, cluster_no, subject_id FROM cannot_link WHERE gallery = ? "
-            "ORDER BY face_id, cluster_no, subject_id",
+            "SELECT DISTINCT l.face_id, c.cluster_no, l.subject_id FROM cannot_link l "
+            "LEFT JOIN clusters c ON c.cluster_no = l.cluster_no AND c.gallery = l.gallery "
+            "WHERE l.gallery = ? AND (c.cluster_no IS NOT NULL OR l.subject_id IS NOT NULL) "
+            "ORDER BY l.face_id, c.cluster_no, l.subject_id",
             (gallery,),
         ).fetchall():
             yield (
@@ -764,65 +794,81 @@ class PeopleSQL(PeopleStore):
                 },
             )
 
-    def restore_people(
-        self, gallery: str, people: dict[str, list[dict]], enrolled: dict[int, int]
-    ) -> None:
-        """Write exported people records (validated) into ``gallery``, restored just before;
-        ``enrolled``: exported enrolled face id -> its restored id.  One transaction; new
-        face and cluster numbers."""
+    def restore_gallery(
+        self,
+        gallery: str,
+        model_id: str,
+        subjects: list[NewSubject],
+        faces: list[NewFace],
+        face_ids: list[int],
+        people: dict[str, list[dict]],
+    ) -> tuple[list[dict], int | None]:
+        insert = self._faces_writer(gallery, model_id, subjects, faces, True, False)
         with self._people_write() as cur:
-            self._require_gallery(cur, gallery)
-            for photo in people["photo"]:
+            results, seq = insert(cur)
+            if any(people.values()):
+                enrolled = {old: r["face_id"] for old, r in zip(face_ids, results, strict=True)}
+                self._restore_people(cur, gallery, people, enrolled)
+                seq = self._head(cur, gallery)
+        return results, seq
+
+    def _restore_people(
+        self, cur, gallery: str, people: dict[str, list[dict]], enrolled: dict[int, int]
+    ) -> None:
+        """Write exported people records (validated) into ``gallery``, whose faces were
+        written just before in this transaction; ``enrolled``: exported enrolled face id ->
+        its restored id.  New face and cluster numbers."""
+        for photo in people["photo"]:
+            cur.execute(
+                "INSERT INTO photos (gallery, photo_id, width, height, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (
+                    gallery,
+                    photo["photo_id"],
+                    photo["width"],
+                    photo["height"],
+                    photo["created_at"],
+                ),
+            )
+        clusters: dict[int, int] = {}
+        for record in people["cluster"]:
+            clusters[record["cluster"]] = self._new_cluster(
+                cur, gallery, record["origin"], record["subject_id"]
+            )
+        faces: dict[int, int] = {}
+        for face in people["photo_face"]:
+            old = face["enrolled_face_id"]
+            faces[face["face_id"]] = int(
                 cur.execute(
-                    "INSERT INTO photos (gallery, photo_id, width, height, created_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO photo_faces (gallery, photo_id, embedding, box, landmarks, "
+                    "quality, clusterable, thumbnail, cluster_no, subject_id, assignment, "
+                    "enrolled_face_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                    "?, ?) RETURNING face_id",
                     (
                         gallery,
-                        photo["photo_id"],
-                        photo["width"],
-                        photo["height"],
-                        photo["created_at"],
+                        face["photo_id"],
+                        face["embedding"],
+                        json.dumps(face["box"]),
+                        json.dumps(face["landmarks"]),
+                        json.dumps(face["quality"]),
+                        int(bool(face["clusterable"])),
+                        face["thumbnail"],
+                        None if face["cluster"] is None else clusters[face["cluster"]],
+                        face["subject_id"] if old is not None else None,
+                        face["assignment"] if old is not None else None,
+                        None if old is None else enrolled[old],
+                        face["created_at"],
                     ),
-                )
-            clusters: dict[int, int] = {}
-            for record in people["cluster"]:
-                clusters[record["cluster"]] = self._new_cluster(
-                    cur, gallery, record["origin"], record["subject_id"]
-                )
-            faces: dict[int, int] = {}
-            for face in people["photo_face"]:
-                old = face["enrolled_face_id"]
-                faces[face["face_id"]] = int(
-                    cur.execute(
-                        "INSERT INTO photo_faces (gallery, photo_id, embedding, box, landmarks, "
-                        "quality, clusterable, thumbnail, cluster_no, subject_id, assignment, "
-                        "enrolled_face_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                        "?, ?) RETURNING face_id",
-                        (
-                            gallery,
-                            face["photo_id"],
-                            face["embedding"],
-                            json.dumps(face["box"]),
-                            json.dumps(face["landmarks"]),
-                            json.dumps(face["quality"]),
-                            int(bool(face["clusterable"])),
-                            face["thumbnail"],
-                            None if face["cluster"] is None else clusters[face["cluster"]],
-                            face["subject_id"] if old is not None else None,
-                            face["assignment"] if old is not None else None,
-                            None if old is None else enrolled[old],
-                            face["created_at"],
-                        ),
-                    ).fetchone()[0]
-                )
-            for rule in people["cannot_link"]:
-                self._forbid(
-                    cur,
-                    gallery,
-                    faces[rule["face_id"]],
-                    None if rule["cluster"] is None else clusters[rule["cluster"]],
-                    rule["subject_id"],
-                )
+                ).fetchone()[0]
+            )
+        for rule in people["cannot_link"]:
+            self._forbid(
+                cur,
+                gallery,
+                faces[rule["face_id"]],
+                None if rule["cluster"] is None else clusters[rule["cluster"]],
+                rule["subject_id"],
+            )
 
     # --- hooks for the rest of the store ---------------------------------------------
     @staticmethod

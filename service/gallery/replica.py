@@ -85,6 +85,8 @@ class Replica:
                 self.indexes[name].remove_subject(change.subject_id)
         elif change.op == "delete_gallery":
             self.indexes.pop(name, None)
+        elif change.op == "people":
+            pass  # a people-discovery write: photos and clusters are read from the store
         else:
             raise ValueError(f"unknown change-log op {change.op!r} at seq {change.seq}")
 

@@ -23,7 +23,9 @@ Tables:
   ``content_sha256``: the sha256 of the photo a face was enrolled from by a bulk
   import (``facegate gallery import``, ``POST /v1/galleries/{g}/faces``) or a restore,
   so that the same photo is not enrolled twice into a gallery
-* ``changes``    (seq, gallery, op, face_id, subject_id, created_at) — the log
+* ``changes``    (seq, gallery, op, face_id, subject_id, created_at) — the log; since
+  version 7 ``op`` may also be ``people``: a people-discovery write of the gallery (photos,
+  photo faces, clusters, cannot-link rules) that changes no index by itself
 * ``audit``      (since version 4: id, at, key_id, client, action, gallery, subject_ids and
   face_ids JSON lists, result) — who enrolled, deleted, searched, exported what, and when
   (:mod:`service.gallery.audit`); ids only, never a photo or an embedding; since version 5
@@ -152,6 +154,20 @@ SQLITE: dict[int, list[str]] = {
             created_at REAL NOT NULL)""",
         "CREATE INDEX cannot_link_by_face ON cannot_link (gallery, face_id)",
     ],
+    7: [
+        """CREATE TABLE changes_v7 (
+            seq INTEGER PRIMARY KEY,
+            gallery TEXT NOT NULL,
+            op TEXT NOT NULL CHECK (op IN ('add', 'delete_face', 'delete_subject',
+                                           'delete_gallery', 'people')),
+            face_id INTEGER,
+            subject_id TEXT,
+            created_at REAL NOT NULL)""",
+        "INSERT INTO changes_v7 SELECT seq, gallery, op, face_id, subject_id, created_at "
+        "FROM changes",
+        "DROP TABLE changes",
+        "ALTER TABLE changes_v7 RENAME TO changes",
+    ],
 }
 
 POSTGRES: dict[int, list[str]] = {
@@ -264,6 +280,11 @@ POSTGRES: dict[int, list[str]] = {
             subject_id TEXT COLLATE "C",
             created_at DOUBLE PRECISION NOT NULL)""",
         "CREATE INDEX cannot_link_by_face ON cannot_link (gallery, face_id)",
+    ],
+    7: [
+        "ALTER TABLE changes DROP CONSTRAINT changes_op_check",
+        """ALTER TABLE changes ADD CONSTRAINT changes_op_check CHECK (op IN ('add',
+            'delete_face', 'delete_subject', 'delete_gallery', 'people'))""",
     ],
 }
 

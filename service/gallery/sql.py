@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import numpy as np
@@ -405,15 +405,33 @@ class SQLStore(ChangeLogSQL, AuditSQL, ExportSQL, PeopleSQL, GalleryStore):
         new_gallery: bool = False,
         only_with_faces: bool = False,
     ) -> tuple[list[dict], int | None]:
+        insert = self._faces_writer(
+            gallery, model_id, subjects, faces, new_gallery, only_with_faces
+        )
+        with self._write() as cur:
+            return insert(cur)
+
+    def _faces_writer(
+        self,
+        gallery: str,
+        model_id: str,
+        subjects: list[NewSubject],
+        faces: list[NewFace],
+        new_gallery: bool,
+        only_with_faces: bool,
+    ) -> Callable[[Cursor], tuple[list[dict], int | None]]:
+        """:meth:`write_faces`, its input checked now, its writes to run in a transaction
+        of the caller's (the returned function; the restore adds its people records to it)."""
         metadata = {s.subject_id: dump_json(s.metadata or {}, "metadata") for s in subjects}
         qualities = [dump_json(f.quality or {}, "quality") for f in faces]
         vectors = [np.ascontiguousarray(f.embedding, dtype="<f4").reshape(-1) for f in faces]
         sizes = {v.size for v in vectors}
         if len(sizes) > 1:
             raise InvalidEmbedding(f"embeddings of one write differ in size: {sorted(sizes)}")
-        results: list[dict] = []
-        seq = None
-        with self._write() as cur:
+
+        def insert(cur: Cursor) -> tuple[list[dict], int | None]:
+            results: list[dict] = []
+            seq = None
             now = time.time()
             if self._gallery_row(cur, gallery) is None:
                 cur.execute(
@@ -496,7 +514,9 @@ class SQLStore(ChangeLogSQL, AuditSQL, ExportSQL, PeopleSQL, GalleryStore):
             if not only_with_faces:
                 for subject_id in list(pending):
                     ensure(subject_id)
-        return results, seq
+            return results, seq
+
+        return insert
 
     def content_hashes(self, gallery: str) -> set[str]:
         with self._read() as cur:

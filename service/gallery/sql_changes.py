@@ -25,6 +25,16 @@ class ChangeLogSQL:
     def _log(
         self, cur: Cursor, gallery: str, op: str, face_id: int | None, subject_id: str | None
     ) -> int:
+        seq = self._append(cur, gallery, op, face_id, subject_id)
+        if cur.changes is not None:
+            cur.changes.append((face_id, subject_id))
+        return seq
+
+    def _append(
+        self, cur: Cursor, gallery: str, op: str, face_id: int | None, subject_id: str | None
+    ) -> int:
+        """Append one entry (and announce it); :meth:`_log` also counts it among the
+        transaction's index changes (``cur.changes``, which its audit row lists)."""
         seq = int(
             cur.execute("UPDATE log_head SET seq = seq + 1 WHERE id = 1 RETURNING seq").fetchone()[
                 0
@@ -36,8 +46,6 @@ class ChangeLogSQL:
             (seq, gallery, op, face_id, subject_id, time.time()),
         )
         self._notify(cur, seq)
-        if cur.changes is not None:
-            cur.changes.append((face_id, subject_id))
         return seq
 
     def head_seq(self) -> int:

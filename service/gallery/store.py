@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 #: galleries, subjects, faces and audit rows are typed (:mod:`service.records`).
 Record: TypeAlias = dict[str, Any]
 
-OPS = ("add", "delete_face", "delete_subject", "delete_gallery")
+OPS = ("add", "delete_face", "delete_subject", "delete_gallery", "people")
 
 
 @dataclass(frozen=True)
@@ -250,7 +250,7 @@ class GalleryStore(abc.ABC):
         ``("subject", {...})`` by subject id, then ``("face", {...})`` by face id (with
         ``embedding`` bytes, ``quality``, ``image`` or None, ``content_sha256``,
         ``created_at`` epoch seconds), then the people records of
-        :meth:`PeopleStore.restore_people`.  The snapshot stays open until the iterator is
+        :meth:`PeopleStore.restore_gallery`.  The snapshot stays open until the iterator is
         exhausted or closed: consume it in one thread."""
 
     # --- audit log (see service.gallery.audit) -------------------------------------
@@ -474,10 +474,19 @@ class PeopleStore(abc.ABC):
         """Move ``face_ids`` of a cluster into a new cluster (unnamed); return it."""
 
     @abc.abstractmethod
-    def restore_people(
-        self, gallery: str, people: dict[str, list[Record]], enrolled: dict[int, int]
-    ) -> None:
-        """Write the people records of an export (``photo``, ``cluster``, ``photo_face``,
-        ``cannot_link`` lists, as :meth:`GalleryStore.export_gallery` yields them after the
-        faces) into ``gallery``, restored just before; ``enrolled`` maps the exported
-        enrolled face ids to the restored ones."""
+    def restore_gallery(
+        self,
+        gallery: str,
+        model_id: str,
+        subjects: list[NewSubject],
+        faces: list[NewFace],
+        face_ids: list[int],
+        people: dict[str, list[Record]],
+    ) -> tuple[list[Record], int | None]:
+        """Create gallery ``gallery`` (``Conflict`` if it exists) with ``subjects`` and
+        ``faces`` as :meth:`GalleryStore.write_faces` does and the people records of an
+        export (``photo``, ``cluster``, ``photo_face``, ``cannot_link`` lists, as
+        :meth:`GalleryStore.export_gallery` yields them after the faces), in **one**
+        transaction: all of it or, on any failure, nothing.  ``face_ids``: the exported id
+        of each face (the people records' ``enrolled_face_id`` refer to them).  Returns
+        ``write_faces``'s results and the last seq written."""

@@ -27,8 +27,10 @@ and :func:`~service.gallery.bulk.check_face`; face ids and photos' ``content_sha
 unique) before anything is written; :func:`restore` then refuses a
 file of another model than the served one (``model_mismatch``) and writes the gallery,
 its subjects and faces in one transaction (:func:`service.gallery.bulk.write_many`),
-one change-log entry per face.  Restored faces get new face ids; the gallery name may
-be changed, and must not exist yet.
+one change-log entry per face, and its people records (photos, clusters, photo faces,
+cannot-link rules) in that same transaction
+(:meth:`~service.gallery.store.PeopleStore.restore_gallery`) with a ``people`` entry.
+Restored faces get new face ids; the gallery name may be changed, and must not exist yet.
 """
 
 from __future__ import annotations
@@ -47,7 +49,14 @@ from typing import IO, BinaryIO
 import numpy as np
 
 from service.config import Settings
-from service.gallery.bulk import check_face, check_sha256, check_subject, check_time, write_many
+from service.gallery.bulk import (
+    check_face,
+    check_sha256,
+    check_subject,
+    check_time,
+    checked_faces,
+    write_many,
+)
 from service.gallery.errors import ExportModelMismatch, InvalidExport, InvalidInput
 from service.gallery.names import check_gallery, check_subject_id
 from service.gallery.service import GalleryService, check_name, check_vectors
@@ -433,17 +442,20 @@ def restore(
         and export.model_sha256 != model_sha256
     ):
         raise ExportModelMismatch(export.gallery, export.model_id, model_id)
-    results = write_many(gallery, name, model_id, export.subjects, export.faces, new_gallery=True)
     if any(export.people.values()):
-        enrolled = {old: r["face_id"] for old, r in zip(export.face_ids, results, strict=True)}
         store = gallery.store
-        try:
-            if not isinstance(store, PeopleStore):
-                raise InvalidExport(f"the {store.backend} store cannot hold photos and clusters")
-            store.restore_people(name, export.people, enrolled)
-        except BaseException:
-            gallery.delete_gallery(name)  # all of the file or none of it
-            raise
+        if not isinstance(store, PeopleStore):
+            raise InvalidExport(f"the {store.backend} store cannot hold photos and clusters")
+        faces = checked_faces(gallery, name, model_id, export.subjects, export.faces)
+        # all of the file or none of it: one transaction
+        results, seq = store.restore_gallery(
+            name, model_id, export.subjects, faces, export.face_ids, export.people
+        )
+        gallery.sync_to(seq)
+    else:
+        results = write_many(
+            gallery, name, model_id, export.subjects, export.faces, new_gallery=True
+        )
     photos = sum(face.image is not None for face in export.faces)
     return {
         "gallery": name,

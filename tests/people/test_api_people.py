@@ -131,6 +131,23 @@ def library(api):
     return {"truth": truth, "auto": auto}
 
 
+def log_since(servers, seq: int) -> list[tuple[str, str]]:
+    """The store's change-log entries after ``seq``: (op, gallery)."""
+    return [(c.op, c.gallery) for c in servers[0].state.gallery.store.changes_after(seq)]
+
+
+def second_applies(servers, seq: int) -> None:
+    """The second replica's follower applies the log up to ``seq`` (within 2 s) and stays
+    ready (an entry it could not apply would fail its sync)."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        sync = httpx.get(f"{servers[1].base_url}/readyz", timeout=10).json()["sync"]
+        if sync["applied_seq"] >= seq or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert sync["applied_seq"] >= seq and sync["ready"], sync
+
+
 def test_group_photo_every_face_and_the_same_photo_twice(api):
     assert api.put("/v1/galleries/group").status_code == 201
     data = GROUP_PHOTO.read_bytes()
@@ -178,10 +195,15 @@ def test_automatic_assignment_to_an_enrolled_subject(api, library):
     assert best["candidates"][0]["face_id"] in {f["enrolled_face_id"] for f in assigned}
 
 
-def test_clustering_is_precise_and_respects_photos(api, library):
+def test_clustering_is_precise_and_respects_photos(api, servers, library):
     truth = library["truth"]
+    head = servers[0].state.gallery.store.head_seq()
     run = api.post("/v1/galleries/lib/clusters/run")
     assert run.status_code == 200, run.text
+    # creating clusters changes no index, yet it is logged, and the other replica follows
+    assert run.json()["clusters_created"] > 0
+    assert log_since(servers, head) == [("people", "lib")]
+    second_applies(servers, head + 1)
     params = run.json()["params"]
     assert params["link_point"] == "fmr_1e-2"
     assert params["link"] >= 0.267542  # never under the card's fmr_1e-2 threshold
@@ -247,16 +269,24 @@ def test_corrections_survive_a_rerun(api, servers, library):
         }
         assert listed[bush["cluster_id"]]["subject_id"] == "bush"
 
-    # split a cluster and merge it back
+    # split a cluster and merge it back (unnamed clusters: pure cluster changes)
     powell = _cluster_of(api, PEOPLE[1], truth)
-    assert powell["size"] >= 3
+    assert powell["size"] >= 3 and powell["subject_id"] is None
     part = powell["face_ids"][:1]
+    head = servers[0].state.gallery.store.head_seq()
     r = api.post(
         f"/v1/galleries/lib/clusters/{powell['cluster_id']}/split", json={"face_ids": part}
     )
     assert r.status_code == 200, r.text
     split_off = r.json()
     assert split_off["face_ids"] == part
+    assert log_since(servers, head) == [("people", "lib")]  # logged with the split
+    second_applies(servers, head + 1)
+    with httpx.Client(
+        base_url=servers[1].base_url, timeout=60, headers={"X-API-Key": KEY}
+    ) as other:
+        seen = other.get(f"/v1/galleries/lib/clusters/{split_off['cluster_id']}")
+        assert seen.status_code == 200 and seen.json()["face_ids"] == part
     # no enrolled face changed, and still its audit record, written with the split
     (record,) = api.get("/v1/audit", params={"action": "split_cluster"}).json()["records"]
     assert record["face_ids"] == part and record["result"] == "ok"
@@ -267,6 +297,20 @@ def test_corrections_survive_a_rerun(api, servers, library):
     assert r.status_code == 200, r.text
     assert sorted(r.json()["face_ids"]) == sorted(powell["face_ids"])
     assert api.get(f"/v1/galleries/lib/clusters/{split_off['cluster_id']}").status_code == 404
+    assert log_since(servers, head + 1) == [("people", "lib")]
+    # split again, and move the face back between the two unnamed clusters
+    r = api.post(
+        f"/v1/galleries/lib/clusters/{powell['cluster_id']}/split", json={"face_ids": part}
+    )
+    assert r.status_code == 200, r.text
+    r = api.post(
+        f"/v1/galleries/lib/photo-faces/{part[0]}/move",
+        json={"cluster_id": powell["cluster_id"]},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["cluster_id"] == powell["cluster_id"]
+    assert log_since(servers, head + 2) == [("people", "lib")] * 2
+    second_applies(servers, head + 4)
 
     # "not this person" sticks: remove a face of the named cluster
     removed = bush["face_ids"][-1]
