@@ -14,37 +14,13 @@ import asyncio
 
 import pytest
 
-from service.config import Settings
 from service.gallery import open_gallery
 from service.gallery.errors import GalleryModelMismatch, SubjectNotFound
-from service.pipeline.pipeline import Pipeline
 from service.pipeline.types import Timings
 from service.usecases.enrol_many import BulkItem, enrol_many
 from service.usecases.work import Worker
-from tests.conftest import GROUP_PHOTO, LFW, SHARED_MODELS
-
-NOT_AN_IMAGE = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
-
-
-def lfw(name: str, number: int) -> bytes:
-    return (LFW / "images" / name / f"{name}_{number:04d}.jpg").read_bytes()
-
-
-@pytest.fixture(scope="module")
-def settings(tmp_path_factory) -> Settings:
-    return Settings(
-        models_dir=SHARED_MODELS,
-        detector="yunet_2023mar",
-        recognizer="mobilefacenet_peer_128d",
-        providers=["CPUExecutionProvider"],
-        data_dir=tmp_path_factory.mktemp("bulk"),
-        faiss_gpu=False,
-    )
-
-
-@pytest.fixture(scope="module")
-def pipeline(settings) -> Pipeline:
-    return Pipeline.from_settings(settings)
+from tests.conftest import GROUP_PHOTO
+from tests.usecases.conftest import NOT_AN_IMAGE, lfw
 
 
 @pytest.fixture(scope="module")

@@ -13,38 +13,19 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from service.config import Settings
 from service.gallery import open_gallery
 from service.gallery.audit import AuditEntry
 from service.gallery.errors import Conflict, ExportModelMismatch, GalleryNotFound
 from service.gallery.transfer import read_export
-from service.pipeline.pipeline import Pipeline
 from service.pipeline.types import Timings
 from service.usecases.audit import AuditQuery, audit_query, read_audit
 from service.usecases.errors import RequestRefused
 from service.usecases.extract import extract_faces
 from service.usecases.transfer import export_gallery, restore_gallery
 from service.usecases.work import Worker
-from tests.conftest import LFW, SHARED_MODELS
+from tests.conftest import LFW
 
 ENROLLED = {"powell": ("Colin_Powell", (40, 71)), "blair": ("Tony_Blair", (18,))}
-
-
-@pytest.fixture(scope="module")
-def settings(tmp_path_factory) -> Settings:
-    return Settings(
-        models_dir=SHARED_MODELS,
-        detector="yunet_2023mar",
-        recognizer="mobilefacenet_peer_128d",
-        providers=["CPUExecutionProvider"],
-        data_dir=tmp_path_factory.mktemp("transfer"),
-        faiss_gpu=False,
-    )
-
-
-@pytest.fixture(scope="module")
-def pipeline(settings) -> Pipeline:
-    return Pipeline.from_settings(settings)
 
 
 @pytest.fixture(scope="module")
