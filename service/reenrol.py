@@ -31,7 +31,7 @@ faces are embedded in one call.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -60,6 +60,43 @@ class _Photo:
     data: bytes
 
 
+@dataclass(frozen=True)
+class SkippedPhoto:
+    face_id: int
+    subject_id: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Reenrolled:
+    """What a re-enrolment did (:class:`Report`, frozen): the use case's answer."""
+
+    source: str
+    target: str
+    model: str
+    subjects_copied: int
+    subjects_existing: int
+    faces_reenrolled: int
+    faces_already_reenrolled: int
+    faces_without_image: int
+    skipped: tuple[SkippedPhoto, ...]  # by face id
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "target": self.target,
+            "model": self.model,
+            "subjects_copied": self.subjects_copied,
+            "subjects_existing": self.subjects_existing,
+            "faces_reenrolled": self.faces_reenrolled,
+            "faces_already_reenrolled": self.faces_already_reenrolled,
+            "faces_skipped": len(self.skipped),
+            "faces_without_image": self.faces_without_image,
+            "skipped": [vars(s) for s in self.skipped],
+        }
+
+
 @dataclass
 class Report:
     source: str
@@ -72,19 +109,24 @@ class Report:
     faces_without_image: int = 0
     skipped: list[dict] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
-        return {
-            "source": self.source,
-            "target": self.target,
-            "model": self.model,
-            "subjects_copied": self.subjects_copied,
-            "subjects_existing": self.subjects_existing,
-            "faces_reenrolled": self.faces_reenrolled,
-            "faces_already_reenrolled": self.faces_already_reenrolled,
-            "faces_skipped": len(self.skipped),
-            "faces_without_image": self.faces_without_image,
-            "skipped": sorted(self.skipped, key=lambda face: face["face_id"]),
-        }
+    def frozen(self) -> Reenrolled:
+        """The report as it stands, frozen (skipped photos by face id)."""
+        return Reenrolled(
+            source=self.source,
+            target=self.target,
+            model=self.model,
+            subjects_copied=self.subjects_copied,
+            subjects_existing=self.subjects_existing,
+            faces_reenrolled=self.faces_reenrolled,
+            faces_already_reenrolled=self.faces_already_reenrolled,
+            faces_without_image=self.faces_without_image,
+            skipped=tuple(
+                SkippedPhoto(**face) for face in sorted(self.skipped, key=lambda f: f["face_id"])
+            ),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.frozen().to_dict()
 
 
 class Reenrolment:

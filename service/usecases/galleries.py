@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from service.pipeline.faces import face_quality
 from service.pipeline.quality import check_enrol_quality
 from service.pipeline.types import Detection, Timings
-from service.reenrol import Reenrolment
+from service.reenrol import Reenrolled, Reenrolment
 
 from .checks import gallery_for_model
 from .work import Worker
@@ -43,43 +43,6 @@ class Enrolled:
     model: str
     detection: Detection
     quality: dict[str, Any]  # the stored quality figures, else those computed
-
-
-@dataclass(frozen=True)
-class SkippedPhoto:
-    face_id: int
-    subject_id: str
-    code: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Reenrolled:
-    """What a re-enrolment did (``service.reenrol.Report``, frozen)."""
-
-    source: str
-    target: str
-    model: str
-    subjects_copied: int
-    subjects_existing: int
-    faces_reenrolled: int
-    faces_already_reenrolled: int
-    faces_without_image: int
-    skipped: tuple[SkippedPhoto, ...]  # by face id
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "target": self.target,
-            "model": self.model,
-            "subjects_copied": self.subjects_copied,
-            "subjects_existing": self.subjects_existing,
-            "faces_reenrolled": self.faces_reenrolled,
-            "faces_already_reenrolled": self.faces_already_reenrolled,
-            "faces_skipped": len(self.skipped),
-            "faces_without_image": self.faces_without_image,
-            "skipped": [vars(s) for s in self.skipped],
-        }
 
 
 async def create_gallery(
@@ -173,15 +136,4 @@ async def reenrol(
     await work.call(timings, "gallery", job.prepare)
     while await work.run(job.step):
         pass
-    report = job.report.to_dict()
-    return Reenrolled(
-        source=report["source"],
-        target=report["target"],
-        model=report["model"],
-        subjects_copied=report["subjects_copied"],
-        subjects_existing=report["subjects_existing"],
-        faces_reenrolled=report["faces_reenrolled"],
-        faces_already_reenrolled=report["faces_already_reenrolled"],
-        faces_without_image=report["faces_without_image"],
-        skipped=tuple(SkippedPhoto(**s) for s in report["skipped"]),
-    )
+    return job.report.frozen()
